@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file capacity.hpp
+/// \brief Expert capacity and dropping (SPEC.md section 2).
+
+#include <kmoe/error.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+namespace kmoe {
+
+/// \brief Which assignments an over-full expert keeps.
+enum class DropPolicy {
+  by_probability,  ///< the C assignments with the highest routing weight (ties: earlier token)
+  by_position      ///< the first C assignments in token order
+};
+
+/// \brief Capacity rule. factor = 0 means dropless: nothing is dropped and per-expert
+/// segments have whatever size routing gives them.
+struct Capacity {
+  double factor = 0.0;  ///< capacity factor cf; C = ceil(k * T * cf / E)
+  int minimum = 0;      ///< C is at least this
+  DropPolicy drop = DropPolicy::by_probability;
+  int alignment = 1;    ///< pad every expert segment to a multiple of this (GEMM tiles)
+
+  bool dropless() const { return factor == 0.0; }
+
+  /// C for T local tokens with k slots each over E experts; -1 when dropless.
+  long long per_expert(long long tokens, int k, int experts) const {
+    if (dropless()) return -1;
+    const double c = std::ceil(double(k) * double(tokens) * factor / double(experts));
+    return std::max<long long>(static_cast<long long>(c), minimum);
+  }
+
+  void validate(const char* where) const {
+    require(factor >= 0 && std::isfinite(factor), where, "capacity.factor", factor,
+            "must be finite and >= 0 (0 means dropless)");
+    require(minimum >= 0, where, "capacity.minimum", minimum, "must be >= 0");
+    require(alignment >= 1, where, "capacity.alignment", alignment, "must be >= 1");
+  }
+};
+
+}  // namespace kmoe

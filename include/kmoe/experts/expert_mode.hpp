@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file expert_mode.hpp
+/// \brief What an expert keeps between forward and backward.
+
+#include <kmoe/parameters.hpp>
+#include <kmoe/types.hpp>
+
+#include <string>
+
+namespace kmoe {
+
+/// \brief Memory/time trade-off of an expert's forward pass.
+enum class ExpertMode {
+  inference,  ///< no backward follows; workspace is kept for reuse across calls
+  store,      ///< keep the pre-activations [rows, F] for backward (fastest backward)
+  recompute   ///< free them after forward and recompute them in backward (one more
+              ///< GEMM per projection, no [rows, F] buffers held between the passes)
+};
+
+/// \brief A stacked per-expert weight [E, out, in] (torch.nn.Linear layout) with its gradient.
+template <class ExecSpace, class Scalar>
+struct StackedWeight {
+  Tensor3<Scalar, ExecSpace> value;
+  Tensor3<Scalar, ExecSpace> grad;
+  std::string name;
+
+  StackedWeight() = default;
+  StackedWeight(const std::string& n, int experts, int out, int in)
+      : value(Kokkos::view_alloc(n), experts, out, in),
+        grad(Kokkos::view_alloc(n + ".grad"), experts, out, in),
+        name(n) {}
+  void collect(ParameterList<ExecSpace, Scalar>& list) const {
+    list.push_back(make_parameter<ExecSpace>(name, value, grad));
+  }
+};
+
+/// \brief A stacked per-expert bias [E, n] with its gradient; empty when disabled.
+template <class ExecSpace, class Scalar>
+struct StackedBias {
+  Matrix<Scalar, ExecSpace> value;
+  Matrix<Scalar, ExecSpace> grad;
+  std::string name;
+
+  StackedBias() = default;
+  StackedBias(const std::string& n, int experts, int width, bool enabled)
+      : value(Kokkos::view_alloc(n), enabled ? experts : 0, width),
+        grad(Kokkos::view_alloc(n + ".grad"), enabled ? experts : 0, width),
+        name(n) {}
+  bool enabled() const { return value.extent(0) > 0; }
+  void collect(ParameterList<ExecSpace, Scalar>& list) const {
+    if (enabled()) list.push_back(make_parameter<ExecSpace>(name, value, grad));
+  }
+};
+
+}  // namespace kmoe

@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file ffn.hpp
+/// \brief Plain FFN experts y = act(x W1^T + b1) W2^T + b2 with optional biases
+/// (Switch, GShard, DeepSpeed-MoE experts).
+
+#include <kmoe/activation.hpp>
+#include <kmoe/error.hpp>
+#include <kmoe/experts/expert_mode.hpp>
+#include <kmoe/experts/glu.hpp>
+#include <kmoe/experts/grouped_gemm.hpp>
+#include <kmoe/gemm.hpp>
+
+namespace kmoe {
+
+/// \brief E FFN experts with w1 [E, F, H], w2 [E, H, F] and, if shape.bias, b1 [E, F], b2 [E, H].
+template <class ExecSpace, class Scalar, class Activation = activation::GeluErf,
+          class Gemm = DefaultGemm>
+class FFNExperts {
+ public:
+  using execution_space = ExecSpace;
+  using scalar_type = Scalar;
+  using activation_type = Activation;
+
+  explicit FFNExperts(const ExpertShape& shape, const std::string& name = "experts")
+      : shape_(detail::validated_expert_shape("kmoe::FFNExperts", shape)),
+        w1_(name + ".w1", shape.experts, shape.ffn, shape.hidden),
+        w2_(name + ".w2", shape.experts, shape.hidden, shape.ffn),
+        b1_(name + ".b1", shape.experts, shape.ffn, shape.bias),
+        b2_(name + ".b2", shape.experts, shape.hidden, shape.bias) {}
+
+  int num_experts() const { return shape_.experts; }
+  int hidden_size() const { return shape_.hidden; }
+  int ffn_size() const { return shape_.ffn; }
+  const StackedWeight<ExecSpace, Scalar>& w1() const { return w1_; }
+  const StackedWeight<ExecSpace, Scalar>& w2() const { return w2_; }
+  const StackedBias<ExecSpace, Scalar>& b1() const { return b1_; }
+  const StackedBias<ExecSpace, Scalar>& b2() const { return b2_; }
+
+  void forward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
+               const Matrix<Scalar, ExecSpace>& y, ExpertMode mode) {
+    project(x, segments);
+    const auto pre = pre_, hidden = hidden_;
+    Kokkos::parallel_for(
+        "kmoe::FFNExperts::activation",
+        Kokkos::RangePolicy<ExecSpace>(0, std::size_t(segments.rows()) * shape_.ffn),
+        KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
+    detail::segment_times_weight<Gemm>(segments, hidden_, w2_.value, true, Scalar(1), Scalar(0), y);
+    add_bias(segments, b2_, y);
+    if (mode == ExpertMode::recompute) {
+      pre_ = {};
+      hidden_ = {};
+    }
+  }
+
+  void backward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
+                const ConstMatrix<Scalar, ExecSpace>& grad_y,
+                const Matrix<Scalar, ExecSpace>& grad_x) {
+    if (pre_.extent(0) != std::size_t(segments.rows())) project(x, segments);
+    const std::size_t elements = std::size_t(segments.rows()) * shape_.ffn;
+    const auto pre = pre_, hidden = hidden_;
+    Kokkos::parallel_for(
+        "kmoe::FFNExperts::recompute_hidden", Kokkos::RangePolicy<ExecSpace>(0, elements),
+        KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
+    detail::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w2_.grad);
+    if (b2_.enabled()) detail::segment_bias_gradient(segments, grad_y, b2_.grad);
+    detail::segment_times_weight<Gemm>(segments, grad_y, w2_.value, false, Scalar(1), Scalar(0),
+                                       hidden_);
+    Kokkos::parallel_for(
+        "kmoe::FFNExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
+        KOKKOS_LAMBDA(std::size_t i) {
+          pre.data()[i] = hidden.data()[i] * Activation::derivative(pre.data()[i]);
+        });
+    detail::segment_weight_gradient<Gemm>(segments, pre_, x, w1_.grad);
+    if (b1_.enabled()) detail::segment_bias_gradient(segments, pre_, b1_.grad);
+    detail::segment_times_weight<Gemm>(segments, pre_, w1_.value, false, Scalar(1), Scalar(0),
+                                       grad_x);
+  }
+
+  void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
+    w1_.collect(list);
+    b1_.collect(list);
+    w2_.collect(list);
+    b2_.collect(list);
+  }
+
+ private:
+  void project(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments) {
+    const std::size_t rows = std::size_t(segments.rows());
+    detail::ensure_extents(pre_, "kmoe::FFNExperts::pre", rows, shape_.ffn);
+    detail::ensure_extents(hidden_, "kmoe::FFNExperts::hidden", rows, shape_.ffn);
+    detail::segment_times_weight<Gemm>(segments, x, w1_.value, true, Scalar(1), Scalar(0), pre_);
+    add_bias(segments, b1_, pre_);
+  }
+
+  static void add_bias(const Segments<ExecSpace>& segments,
+                       const StackedBias<ExecSpace, Scalar>& bias,
+                       const Matrix<Scalar, ExecSpace>& out) {
+    if (!bias.enabled()) return;
+    const auto b = bias.value;
+    const auto owner = segments.expert_of_row;
+    Kokkos::parallel_for(
+        "kmoe::FFNExperts::add_bias",
+        Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
+            {0, 0}, {std::int64_t(segments.rows()), std::int64_t(out.extent(1))}),
+        KOKKOS_LAMBDA(std::int64_t r, std::int64_t j) { out(r, j) += b(owner(r), j); });
+  }
+
+  ExpertShape shape_;
+  StackedWeight<ExecSpace, Scalar> w1_, w2_;
+  StackedBias<ExecSpace, Scalar> b1_, b2_;
+  // Saved pre-activation (kept in store/inference mode) and the hidden workspace.
+  Matrix<Scalar, ExecSpace> pre_, hidden_;
+};
+
+}  // namespace kmoe

@@ -1,0 +1,614 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file layer.hpp
+/// \brief kmoe::MoELayer: a Router, an Expert policy, a Combiner and a Communicator composed
+/// at compile time into one Mixture-of-Experts layer with forward and backward.
+
+#include <kmoe/capacity.hpp>
+#include <kmoe/combiner.hpp>
+#include <kmoe/communicator.hpp>
+#include <kmoe/dispatch.hpp>
+#include <kmoe/expert.hpp>
+#include <kmoe/losses.hpp>
+#include <kmoe/parallel.hpp>
+#include <kmoe/router.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <optional>
+#include <typeinfo>
+#include <vector>
+
+namespace kmoe {
+
+/// \brief What to do with non-finite router logits or weights.
+enum class NonFinitePolicy {
+  raise,     ///< throw kmoe::runtime_error naming the first bad token and expert (default)
+  propagate  ///< let NaN/Inf flow to the output, as the PyTorch systems do
+};
+
+/// \brief Run-time options of a layer.
+struct LayerOptions {
+  Capacity capacity = {};
+  BalanceLossConfig losses = {};
+  /// What experts keep for backward in training (ExpertMode::store or ExpertMode::recompute).
+  ExpertMode training_mode = ExpertMode::store;
+  NonFinitePolicy non_finite = NonFinitePolicy::raise;
+};
+
+/// \brief Per-call report of a forward pass.
+struct ForwardStats {
+  BalanceLosses losses;
+  /// Router assignments per global expert before capacity, summed over the ranks that route
+  /// distinct tokens.
+  std::vector<std::int64_t> tokens_per_expert;
+  std::int64_t assignments = 0;  ///< this rank's router assignments (T * k for token choice)
+  std::int64_t dropped = 0;      ///< this rank's assignments dropped by capacity
+  long long capacity = -1;       ///< tokens per expert per rank, -1 when dropless
+  /// max / mean of tokens_per_expert (1 = perfectly balanced).
+  double imbalance() const {
+    if (tokens_per_expert.empty()) return 0.0;
+    double total = 0, largest = 0;
+    for (auto c : tokens_per_expert) {
+      total += double(c);
+      largest = std::max(largest, double(c));
+    }
+    return total == 0 ? 0.0 : largest * double(tokens_per_expert.size()) / total;
+  }
+};
+
+namespace detail {
+template <class R>
+using has_update_bias = decltype(std::declval<R&>().update_bias(
+    std::declval<const std::vector<std::int64_t>&>(), 0.0));
+}  // namespace detail
+
+/// \brief Mixture-of-Experts layer y = sum_{kept e} w_{t,e} Expert_e(x_t) (+ shared(x_t)).
+///
+/// \tparam Router       chooses experts and weights (kmoe/router.hpp)
+/// \tparam Expert       the routed experts held by this rank (kmoe/expert.hpp); the optional
+///                      shared experts are another object of the same type with one expert
+/// \tparam Combiner     returns expert outputs to their tokens (kmoe/combiner.hpp)
+/// \tparam Communicator moves tokens between ranks (kmoe/communicator.hpp)
+///
+/// The execution space and scalar come from the Router; every policy must agree.
+template <class Router, class Expert,
+          class Combiner = WeightedSumCombiner<typename Router::execution_space,
+                                               typename Router::scalar_type>,
+          class Communicator = SingleProcessCommunicator>
+class MoELayer {
+  static_assert(check_valid_router<Router>());
+  static_assert(check_valid_expert<Expert>());
+  static_assert(check_valid_combiner<Combiner>());
+
+ public:
+  using execution_space = typename Router::execution_space;
+  using scalar_type = typename Router::scalar_type;
+  using route_type = routing_t<scalar_type>;
+  using X = execution_space;
+  using S = scalar_type;
+
+  static_assert(std::is_same_v<typename Expert::execution_space, X>,
+                "kmoe::MoELayer: Expert::execution_space must equal Router::execution_space");
+  static_assert(std::is_same_v<typename Expert::scalar_type, S>,
+                "kmoe::MoELayer: Expert::scalar_type must equal Router::scalar_type");
+  static_assert(std::is_same_v<typename Combiner::execution_space, X>,
+                "kmoe::MoELayer: Combiner::execution_space must equal Router::execution_space");
+  static_assert(std::is_same_v<typename Combiner::scalar_type, S>,
+                "kmoe::MoELayer: Combiner::scalar_type must equal Router::scalar_type");
+
+  /// \param router   [in] the router (its expert count E is the global one)
+  /// \param experts  [in] the routed experts this rank holds (all E on one rank)
+  /// \param options  [in] capacity, balance losses, training memory mode, NaN policy
+  /// \param shared   [in] optional shared experts (one expert applied to every token)
+  /// \param groups   [in] parallel layout; defaults to a single rank
+  MoELayer(Router router, Expert experts, const LayerOptions& options = {},
+           std::optional<Expert> shared = std::nullopt,
+           ParallelGroups<Communicator> groups = ParallelGroups<Communicator>{})
+      : router_(std::move(router)),
+        experts_(std::move(experts)),
+        shared_(std::move(shared)),
+        options_(options),
+        groups_(std::move(groups)),
+        losses_(options.losses) {
+    constexpr const char* where = "kmoe::MoELayer";
+    options_.capacity.validate(where);
+    require(options_.training_mode != ExpertMode::inference, where, "options.training_mode",
+            "inference", "must be store or recompute");
+    const int experts_global = router_.num_experts();
+    const auto owned = groups_.layout.local_experts(experts_global, groups_.ep_rank);
+    require(experts_.num_experts() == int(owned.size()), where, "experts.num_experts()",
+            experts_.num_experts(),
+            "must equal the experts placed on this rank (" + std::to_string(owned.size()) + ")");
+    require(experts_.hidden_size() == router_.hidden_size(), where, "experts.hidden_size()",
+            experts_.hidden_size(), "must equal router.hidden_size()");
+    if (shared_) {
+      require(shared_->num_experts() == 1, where, "shared.num_experts()", shared_->num_experts(),
+              "shared experts are one dense expert (fold n shared experts into its F)");
+      require(shared_->hidden_size() == router_.hidden_size(), where, "shared.hidden_size()",
+              shared_->hidden_size(), "must equal router.hidden_size()");
+      shared_segments_ = Segments<X>::single(0);
+    }
+    build_placement();
+    check_configuration_agrees();
+  }
+
+  int num_experts() const { return router_.num_experts(); }
+  int hidden_size() const { return router_.hidden_size(); }
+  Router& router() { return router_; }
+  Expert& experts() { return experts_; }
+  std::optional<Expert>& shared_experts() { return shared_; }
+  const LayerOptions& options() const { return options_; }
+  const ParallelGroups<Communicator>& groups() const { return groups_; }
+  /// The routing decision of the last forward (expert indices, weights, logits).
+  const RoutingPlan<X, S>& routing() const { return plan_; }
+  /// Row of each (token, slot) in the permuted buffer of the last forward, -1 if dropped.
+  const Matrix<int, X>& positions() const { return dispatch_.position; }
+
+  /// \brief y = MoE(x).
+  /// \param x       [in] hidden states [T, H]; must stay unchanged until backward
+  /// \param y       [out] output [T, H]
+  /// \param context [in] training flag, token ids (hash routing), step (noise)
+  ForwardStats forward(const ConstMatrix<S, X>& x, const Matrix<S, X>& y,
+                       const RouteContext<X>& context = {}) {
+    constexpr const char* where = "kmoe::MoELayer::forward";
+    ForwardStats stats;
+    agree_or_throw([&] {
+      require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
+              "must equal the hidden size " + std::to_string(hidden_size()));
+      require(y.extent(0) == x.extent(0) && y.extent(1) == x.extent(1), where, "y extents",
+              std::to_string(y.extent(0)) + "x" + std::to_string(y.extent(1)),
+              "must equal x's extents");
+      x_ = x;
+      training_ = context.training;
+      router_.forward(x, plan_, context);
+      if (options_.non_finite == NonFinitePolicy::raise) check_finite();
+    });
+    const int tokens = int(x.extent(0));
+    const int slots = int(plan_.slots());
+    const int experts = num_experts();
+
+    stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
+    if (stats.capacity >= 0) stats.capacity = all_reduce_max(groups_.ep, stats.capacity);
+    dispatch_.build(plan_, expert_key_, experts, stats.capacity, options_.capacity.drop);
+
+    stats.tokens_per_expert.assign(experts, 0);
+    for (int e = 0; e < experts; ++e) stats.tokens_per_expert[e] = dispatch_.routed_per_key[key_host_[e]];
+    all_reduce_sum(groups_.tokens, stats.tokens_per_expert);
+    for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
+    for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
+    stats.dropped = stats.assignments - dispatch_.kept_total;
+    stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
+                                   std::int64_t(tokens) * groups_.tokens.size());
+
+    // Gather kept rows in key order, send them to their experts' ranks, and compute the
+    // shared experts while the exchange is in flight.
+    detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch_.kept_total, hidden_size());
+    gather_rows(x, send_x_);
+    exchange_counts();
+    auto request = start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
+    const ExpertMode mode = training_ ? options_.training_mode : ExpertMode::inference;
+    if (shared_) {
+      detail::ensure_extents(shared_y_, "kmoe::MoELayer::shared_y", tokens, hidden_size());
+      shared_segments_ = Segments<X>::single(tokens);
+      shared_->forward(x, shared_segments_, shared_y_, mode);
+    }
+    request.wait();
+    arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
+    detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
+    experts_.forward(expert_x_, segments_, expert_y_, mode);
+    if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
+    arrange_from_experts(expert_y_, recv_y_, "kmoe::MoELayer::recv_y");
+    start_exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y").wait();
+    combiner_.combine(send_y_, dispatch_.position, plan_.weight,
+                      shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
+    has_forward_ = true;
+    return stats;
+  }
+
+  /// \brief Backward of the last training forward: overwrites grad_x and accumulates every
+  /// parameter's gradient (call zero_gradients() between steps). The balance losses enabled
+  /// in the options are part of the differentiated loss.
+  /// \param grad_y [in] dLoss/dy [T, H]
+  /// \param grad_x [out] dLoss/dx [T, H]
+  void backward(const ConstMatrix<S, X>& grad_y, const Matrix<S, X>& grad_x) {
+    constexpr const char* where = "kmoe::MoELayer::backward";
+    agree_or_throw([&] {
+      require(has_forward_ && training_, where, "state", has_forward_ ? "inference" : "none",
+              "backward needs a preceding forward with context.training = true");
+      require(grad_y.extent(0) == x_.extent(0) && grad_y.extent(1) == x_.extent(1), where,
+              "grad_y extents", std::to_string(grad_y.extent(0)) + "x" + std::to_string(grad_y.extent(1)),
+              "must equal x's extents");
+      require(grad_x.extent(0) == x_.extent(0) && grad_x.extent(1) == x_.extent(1), where,
+              "grad_x extents", std::to_string(grad_x.extent(0)) + "x" + std::to_string(grad_x.extent(1)),
+              "must equal x's extents");
+    });
+    const int tokens = int(x_.extent(0)), slots = int(plan_.slots());
+    detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
+    detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
+    combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
+
+    start_exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y").wait();
+    arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
+    detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
+    experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
+    if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
+    arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
+    start_exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x").wait();
+    scatter_add_rows(grad_send_x_, grad_x);
+
+    if (shared_) {
+      detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
+      shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
+      add_into(shared_grad_x_, grad_x);
+    }
+    detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
+                           std::size_t(num_experts()));
+    losses_.backward(plan_, Router::probability_kind, grad_logits_);
+    router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
+  }
+
+  /// \brief Every trainable tensor: router, routed experts, shared experts.
+  ParameterList<X, S> parameters() const {
+    ParameterList<X, S> list;
+    router_.collect_parameters(list);
+    experts_.collect_parameters(list);
+    if (shared_) shared_->collect_parameters(list);
+    return list;
+  }
+
+  void zero_gradients() const { kmoe::zero_gradients(parameters()); }
+
+  /// \brief Averages gradients over the ranks that hold each tensor (SPEC.md section 5):
+  /// router and shared experts over the world, routed experts over the data-parallel
+  /// group, both scaled so that the result is the gradient of the mean loss over every
+  /// rank's tokens.
+  void synchronize_gradients() {
+    ParameterList<X, S> replicated, expert;
+    router_.collect_parameters(replicated);
+    if (shared_) shared_->collect_parameters(replicated);
+    experts_.collect_parameters(expert);
+    for (auto& p : replicated) reduce_mean(groups_.world, p.grad, groups_.world.size());
+    for (auto& p : expert) reduce_mean(groups_.dp, p.grad, groups_.tokens.size());
+  }
+
+  /// \brief Aux-loss-free balance step (DeepSeek-V3): moves the router's selection bias
+  /// by `rate` toward balance using the assignment counts accumulated since the last call
+  /// (already summed over the ranks that route), then clears them.
+  template <class R = Router>
+  void apply_bias_update(double rate) {
+    static_assert(detail::is_detected_v<detail::has_update_bias, R>,
+                  "kmoe::MoELayer::apply_bias_update: the Router has no selection bias "
+                  "(it needs update_bias(counts, rate), e.g. kmoe::SigmoidBiasRouter)");
+    require(rate >= 0 && std::isfinite(rate), "kmoe::MoELayer::apply_bias_update", "rate", rate,
+            "must be finite and >= 0");
+    router_.update_bias(bias_counts_, rate);
+    std::fill(bias_counts_.begin(), bias_counts_.end(), 0);
+  }
+
+  /// Assignment counts accumulated for the next bias update.
+  const std::vector<std::int64_t>& pending_bias_counts() const { return bias_counts_; }
+
+ private:
+  using FlatView = Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+
+  template <class View>
+  static FlatView flat(const View& v) {
+    return FlatView(v.data(), v.size());
+  }
+
+  /// Runs a local phase; if it throws on any rank, every rank throws before the next
+  /// collective, so no rank is left waiting in an exchange.
+  template <class Phase>
+  void agree_or_throw(const Phase& phase) {
+    std::exception_ptr failure;
+    try {
+      phase();
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    const bool any = groups_.world.any_error(failure != nullptr);
+    if (failure) std::rethrow_exception(failure);
+    if (any)
+      throw runtime_error("kmoe::MoELayer: another rank failed in the same step; see its error");
+  }
+
+  void check_finite() const {
+    const auto logits = plan_.logits;
+    const auto weight = plan_.weight;
+    const int experts = int(logits.extent(1)), slots = int(weight.extent(1));
+    const std::int64_t n_logits = std::int64_t(logits.size()), n_weights = std::int64_t(weight.size());
+    std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
+    Kokkos::parallel_reduce(
+        "kmoe::MoELayer::check_finite", Kokkos::RangePolicy<X>(0, n_logits + n_weights),
+        KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
+          const route_type v = i < n_logits ? logits.data()[i] : weight.data()[i - n_logits];
+          if (!detail::isfinite(v) && i < found) found = i;
+        },
+        Kokkos::Min<std::int64_t>(first));
+    if (first >= n_logits + n_weights) return;
+    std::string what;
+    if (first < n_logits) {
+      auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), logits);
+      const auto t = first / experts, e = first % experts;
+      what = "non-finite router logit " + detail::to_display(host(t, e)) + " at token " +
+             std::to_string(t) + ", expert " + std::to_string(e);
+    } else {
+      auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), weight);
+      const auto t = (first - n_logits) / slots, s = (first - n_logits) % slots;
+      what = "non-finite routing weight " + detail::to_display(host(t, s)) + " at token " +
+             std::to_string(t) + ", slot " + std::to_string(s);
+    }
+    throw runtime_error("kmoe::MoELayer::forward: " + what +
+                        " (set LayerOptions::non_finite = propagate to let it through)");
+  }
+
+  /// Keys sort experts by (owner EP rank, local index): the send buffer is then grouped by
+  /// destination rank and, within it, by the destination's local expert order.
+  void build_placement() {
+    const int experts = num_experts(), ranks = groups_.layout.ep;
+    key_host_.assign(experts, -1);
+    local_count_.assign(ranks, 0);
+    int key = 0;
+    for (int r = 0; r < ranks; ++r) {
+      const auto owned = groups_.layout.local_experts(experts, r);
+      local_count_[r] = std::int64_t(owned.size());
+      for (int e : owned) key_host_[e] = key++;
+    }
+    expert_key_ = Vector<int, X>("kmoe::MoELayer::expert_key", experts);
+    auto mirror = Kokkos::create_mirror_view(expert_key_);
+    for (int e = 0; e < experts; ++e) mirror(e) = key_host_[e];
+    Kokkos::deep_copy(expert_key_, mirror);
+    bias_counts_.assign(experts, 0);
+  }
+
+  /// Ranks must agree on the configuration before the first collective of a step; every
+  /// rank sees every fingerprint, so they all raise the same error together.
+  void check_configuration_agrees() {
+    const std::int64_t mine[] = {
+        num_experts(), hidden_size(), router_.slots_per_token(),
+        std::int64_t(options_.capacity.factor * 1e6), options_.capacity.minimum,
+        options_.capacity.alignment, int(options_.capacity.drop), groups_.layout.tp,
+        groups_.layout.ep, groups_.layout.dp, int(groups_.layout.placement),
+        std::int64_t(typeid(Router).hash_code() & 0x7fffffff),
+        std::int64_t(typeid(Expert).hash_code() & 0x7fffffff), shared_ ? 1 : 0};
+    constexpr int n = sizeof(mine) / sizeof(mine[0]);
+    static const char* names[n] = {"experts", "hidden", "top_k", "capacity.factor",
+                                   "capacity.minimum", "capacity.alignment", "capacity.drop",
+                                   "layout.tp", "layout.ep", "layout.dp", "layout.placement",
+                                   "Router type", "Expert type", "shared experts"};
+    const int ranks = groups_.world.size();
+    Vector<std::int64_t, X> send("kmoe::MoELayer::fingerprint", n);
+    Vector<std::int64_t, X> all("kmoe::MoELayer::fingerprints", std::size_t(n) * ranks);
+    auto send_host = Kokkos::create_mirror_view(send);
+    for (int i = 0; i < n; ++i) send_host(i) = mine[i];
+    Kokkos::deep_copy(send, send_host);
+    groups_.world.all_gather(send, all);
+    auto all_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), all);
+    for (int r = 0; r < ranks; ++r)
+      for (int i = 0; i < n; ++i)
+        if (all_host(r * n + i) != all_host(i))
+          throw invalid_argument("kmoe::MoELayer", names[i],
+                                 std::to_string(all_host(r * n + i)) + " on rank " +
+                                     std::to_string(r),
+                                 "differs from " + std::to_string(all_host(i)) +
+                                     " on rank 0; every rank must build the same layer");
+  }
+
+  template <class Comm>
+  static long long all_reduce_max(const Comm& comm, long long value) {
+    if (comm.size() == 1) return value;
+    Vector<long long, X> v("kmoe::MoELayer::max", 1);
+    Kokkos::deep_copy(v, value);
+    comm.all_reduce_max(v);
+    auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+    return host(0);
+  }
+
+  template <class Comm>
+  static void all_reduce_sum(const Comm& comm, std::vector<std::int64_t>& values) {
+    if (comm.size() == 1) return;
+    Vector<std::int64_t, X> v("kmoe::MoELayer::sum", values.size());
+    auto host = Kokkos::create_mirror_view(v);
+    for (std::size_t i = 0; i < values.size(); ++i) host(i) = values[i];
+    Kokkos::deep_copy(v, host);
+    comm.all_reduce_sum(v);
+    Kokkos::deep_copy(host, v);
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] = host(i);
+  }
+
+  template <class Comm, class Flat>
+  static void reduce_mean(const Comm& comm, const Flat& grad, int divisor) {
+    if (comm.size() > 1) comm.all_reduce_sum(grad);
+    if (divisor == 1) return;
+    const S scale = S(1) / S(divisor);
+    Kokkos::parallel_for(
+        "kmoe::MoELayer::scale_gradient", Kokkos::RangePolicy<X>(0, grad.size()),
+        KOKKOS_LAMBDA(std::size_t i) { grad(i) *= scale; });
+  }
+
+  /// Per-peer row counts of the dispatch exchange: send counts from the dispatch, receive
+  /// counts (and each source's per-expert counts, which lay out the expert segments) from
+  /// the peers. Builds the expert segments, padded to the capacity alignment.
+  void exchange_counts() {
+    const int ranks = groups_.layout.ep;
+    const int local = experts_.num_experts();
+    send_rows_.assign(ranks, 0);
+    std::vector<std::int64_t> send_counts(ranks), recv_counts(ranks, local);
+    for (int r = 0, key = 0; r < ranks; ++r) {
+      send_counts[r] = local_count_[r];
+      for (int j = 0; j < local_count_[r]; ++j, ++key) send_rows_[r] += dispatch_.kept_per_key[key];
+    }
+    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send", std::size_t(num_experts()));
+    detail::ensure_extents(count_recv_, "kmoe::MoELayer::count_recv", std::size_t(ranks) * local);
+    auto send_host = Kokkos::create_mirror_view(count_send_);
+    for (int key = 0; key < num_experts(); ++key) send_host(key) = dispatch_.kept_per_key[key];
+    Kokkos::deep_copy(count_send_, send_host);
+    groups_.ep.all_to_all_v(count_send_, send_counts, count_recv_, recv_counts);
+    auto recv_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), count_recv_);
+
+    // Blocks (source p, local expert j): rows recv_offset in the receive buffer, moved to
+    // expert_offset in the expert buffer, where expert j's segment is padded to alignment.
+    const int alignment = options_.capacity.alignment;
+    recv_rows_.assign(ranks, 0);
+    segments_.offsets_host = Kokkos::View<int*, Kokkos::HostSpace>("kmoe::MoELayer::segments", local + 1);
+    auto blocks = Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace>(
+        "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
+    std::vector<std::int64_t> recv_begin(ranks + 1, 0);
+    for (int p = 0; p < ranks; ++p) {
+      for (int j = 0; j < local; ++j) recv_rows_[p] += recv_host(p * local + j);
+      recv_begin[p + 1] = recv_begin[p] + recv_rows_[p];
+    }
+    int expert_row = 0;
+    for (int j = 0; j < local; ++j) {
+      segments_.offsets_host(j) = expert_row;
+      for (int p = 0; p < ranks; ++p) {
+        std::int64_t before = 0;
+        for (int i = 0; i < j; ++i) before += recv_host(p * local + i);
+        const int b = p * local + j;
+        blocks(b, 0) = int(recv_begin[p] + before);
+        blocks(b, 1) = expert_row;
+        blocks(b, 2) = int(recv_host(p * local + j));
+        expert_row += blocks(b, 2);
+      }
+      expert_row = (expert_row + alignment - 1) / alignment * alignment;
+    }
+    segments_.offsets_host(local) = expert_row;
+    segments_.sync_from_host();
+    identity_arrangement_ = ranks == 1 && alignment == 1;
+    detail::ensure_extents(blocks_, "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
+    Kokkos::deep_copy(blocks_, blocks);
+    recv_total_ = recv_begin[ranks];
+  }
+
+  /// Sends rows per peer and receives rows per peer (EP group); on one EP rank the
+  /// receive buffer is the send buffer itself.
+  typename Communicator::Request start_exchange(const Matrix<S, X>& send,
+                                                const std::vector<std::int64_t>& send_rows,
+                                                Matrix<S, X>& recv,
+                                                const std::vector<std::int64_t>& recv_rows,
+                                                const char* label) {
+    if (groups_.layout.ep == 1) {
+      recv = send;
+      return {};
+    }
+    std::int64_t total = 0;
+    for (auto r : recv_rows) total += r;
+    detail::ensure_extents(recv, label, std::size_t(total), std::size_t(hidden_size()));
+    std::vector<std::int64_t> send_elements(send_rows), recv_elements(recv_rows);
+    for (auto& c : send_elements) c *= hidden_size();
+    for (auto& c : recv_elements) c *= hidden_size();
+    return groups_.ep.all_to_all_v_start(flat(send), send_elements, flat(recv), recv_elements);
+  }
+
+  /// Receive order (source rank, local expert, token) -> expert order (local expert, source
+  /// rank, token) with zero padding rows; the identity on one rank without padding.
+  void arrange_to_experts(const Matrix<S, X>& in, Matrix<S, X>& out, const char* label) {
+    if (identity_arrangement_) {
+      out = in;
+      return;
+    }
+    detail::ensure_extents(out, label, std::size_t(segments_.rows()), std::size_t(hidden_size()));
+    if (options_.capacity.alignment > 1) Kokkos::deep_copy(out, S(0));
+    move_blocks(in, out, false);
+  }
+
+  /// Inverse of arrange_to_experts (padding rows are dropped).
+  void arrange_from_experts(const Matrix<S, X>& in, Matrix<S, X>& out, const char* label) {
+    if (identity_arrangement_) {
+      out = in;
+      return;
+    }
+    detail::ensure_extents(out, label, std::size_t(recv_total_), std::size_t(hidden_size()));
+    move_blocks(in, out, true);
+  }
+
+  void move_blocks(const Matrix<S, X>& in, const Matrix<S, X>& out, bool to_receive_order) const {
+    const auto blocks = blocks_;
+    const int width = hidden_size();
+    using Team = typename Kokkos::TeamPolicy<X>::member_type;
+    Kokkos::parallel_for(
+        "kmoe::MoELayer::arrange", Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO),
+        KOKKOS_LAMBDA(const Team& team) {
+          const int b = team.league_rank();
+          const int recv_row = blocks(b, 0), expert_row = blocks(b, 1), rows = blocks(b, 2);
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows * width), [&](int i) {
+            const int r = i / width, h = i % width;
+            if (to_receive_order)
+              out(recv_row + r, h) = in(expert_row + r, h);
+            else
+              out(expert_row + r, h) = in(recv_row + r, h);
+          });
+        });
+  }
+
+  /// send(row) = x(token of row): the kept assignments in key order.
+  void gather_rows(const ConstMatrix<S, X>& x, const Matrix<S, X>& send) const {
+    const auto source = dispatch_.source;
+    const int slots = int(plan_.slots());
+    Kokkos::parallel_for(
+        "kmoe::MoELayer::gather",
+        Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(send.extent(0)),
+                                                           std::int64_t(send.extent(1))}),
+        KOKKOS_LAMBDA(std::int64_t r, std::int64_t h) { send(r, h) = x(source(r) / slots, h); });
+  }
+
+  /// grad_x(t) = sum over kept slots s, in slot order, of rows(position(t, s)).
+  void scatter_add_rows(const Matrix<S, X>& rows, const Matrix<S, X>& grad_x) const {
+    const auto position = dispatch_.position;
+    const int slots = int(position.extent(1));
+    Kokkos::parallel_for(
+        "kmoe::MoELayer::scatter_add",
+        Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(grad_x.extent(0)),
+                                                           std::int64_t(grad_x.extent(1))}),
+        KOKKOS_LAMBDA(std::int64_t t, std::int64_t h) {
+          S sum = 0;
+          for (int s = 0; s < slots; ++s)
+            if (position(t, s) >= 0) sum += rows(position(t, s), h);
+          grad_x(t, h) = sum;
+        });
+  }
+
+  static void add_into(const Matrix<S, X>& from, const Matrix<S, X>& to) {
+    Kokkos::parallel_for(
+        "kmoe::MoELayer::add", Kokkos::RangePolicy<X>(0, to.size()),
+        KOKKOS_LAMBDA(std::size_t i) { to.data()[i] += from.data()[i]; });
+  }
+
+  Router router_;
+  Expert experts_;
+  std::optional<Expert> shared_;
+  Combiner combiner_;
+  LayerOptions options_;
+  ParallelGroups<Communicator> groups_;
+  BalanceLoss<X, S> losses_;
+  RoutingPlan<X, S> plan_;
+  Dispatch<X> dispatch_;
+
+  // Placement: sort key of each global expert, experts per EP rank.
+  std::vector<int> key_host_;
+  std::vector<std::int64_t> local_count_;
+  Vector<int, X> expert_key_;
+  std::vector<std::int64_t> bias_counts_;
+
+  // Exchange layout of the last forward.
+  std::vector<std::int64_t> send_rows_, recv_rows_;
+  std::int64_t recv_total_ = 0;
+  Vector<std::int64_t, X> count_send_, count_recv_;
+  Kokkos::View<int**, Kokkos::LayoutRight, typename X::memory_space> blocks_;
+  bool identity_arrangement_ = true;
+  Segments<X> segments_, shared_segments_;
+
+  // Saved for backward: x_, plan_, dispatch_, expert_x_ (expert inputs), send_y_ (expert
+  // outputs per kept assignment, for the weight gradient), and what the experts keep.
+  ConstMatrix<S, X> x_;
+  bool training_ = false, has_forward_ = false;
+  Matrix<S, X> send_x_, recv_x_, expert_x_, expert_y_, recv_y_, send_y_, shared_y_;
+  // Backward buffers; on one rank without padding the exchange/arrange steps alias them.
+  Matrix<S, X> grad_send_y_, grad_recv_y_, grad_expert_y_, grad_expert_x_, grad_recv_x_,
+      grad_send_x_, shared_grad_x_;
+  Matrix<route_type, X> grad_weight_, grad_logits_;
+};
+
+}  // namespace kmoe

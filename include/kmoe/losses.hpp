@@ -1,0 +1,215 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file losses.hpp
+/// \brief Load-balance terms (SPEC.md section 4): Switch/GShard aux loss, DeepSeek-V3
+/// sequence-wise aux loss and the ST-MoE router z-loss, with their gradients into the
+/// router logits. f (the assignment fractions) is a constant for the gradient.
+
+#include <kmoe/error.hpp>
+#include <kmoe/routing_plan.hpp>
+
+#include <vector>
+
+namespace kmoe {
+
+/// \brief Coefficients of the balance terms; a zero coefficient switches a term off.
+struct BalanceLossConfig {
+  double switch_aux = 0.0;    ///< alpha of L_aux = alpha * E * sum_i f_i P_i (typ. 1e-2)
+  double sequence_aux = 0.0;  ///< alpha of the sequence-wise L_aux (typ. 1e-4)
+  int sequence_length = 0;    ///< tokens per sequence for the sequence-wise term (0: all)
+  double z_loss = 0.0;        ///< beta of L_z = beta * mean_t logsumexp(l_t)^2 (typ. 1e-3)
+};
+
+/// \brief Values of the balance terms for one forward pass, coefficients applied.
+struct BalanceLosses {
+  double switch_aux = 0.0;
+  double sequence_aux = 0.0;
+  double z_loss = 0.0;
+  /// E * sum_i f_i P_i without the coefficient: 1 under perfectly uniform routing.
+  double switch_aux_unscaled = 0.0;
+  double total() const { return switch_aux + sequence_aux + z_loss; }
+};
+
+/// \brief Computes the balance terms of a routing plan and their logit gradients.
+///
+/// f_i counts the router's assignments before capacity dropping, divided by T * k (the
+/// Switch/Megatron convention, equal to 1 under uniform routing; HF Mixtral's
+/// load_balancing_loss_func omits the 1/k). Under data or expert parallelism f_i uses the
+/// counts summed over every rank that routes distinct tokens (`global_counts`,
+/// `global_tokens`), while P_i is this rank's mean, so the mean of the ranks' losses equals
+/// the loss of the whole global batch.
+template <class ExecSpace, class Scalar>
+class BalanceLoss {
+ public:
+  using route_type = routing_t<Scalar>;
+
+  explicit BalanceLoss(const BalanceLossConfig& config = {}) : config_(validated(config)) {}
+  const BalanceLossConfig& config() const { return config_; }
+
+  /// Values for `plan` given the assignment counts per expert summed over the token group.
+  BalanceLosses forward(const RoutingPlan<ExecSpace, Scalar>& plan, ProbabilityKind kind,
+                        const std::vector<std::int64_t>& global_counts, std::int64_t global_tokens) {
+    const int tokens = int(plan.tokens()), experts = int(global_counts.size());
+    const int slots = int(plan.slots());
+    BalanceLosses out;
+    prepare(tokens, experts, global_counts, global_tokens, slots);
+    if (tokens == 0) return out;
+    if (kind != ProbabilityKind::none) {
+      const auto probs = plan.probs;
+      const auto mean_prob = mean_prob_;
+      Kokkos::parallel_for(
+          "kmoe::BalanceLoss::mean_prob", Kokkos::RangePolicy<ExecSpace>(0, experts),
+          KOKKOS_LAMBDA(int e) {
+            route_type sum = 0;
+            for (int t = 0; t < tokens; ++t) sum += probs(t, e);
+            mean_prob(e) = sum / route_type(tokens);
+          });
+      auto mean_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), mean_prob_);
+      double sum = 0;
+      for (int e = 0; e < experts; ++e) sum += fraction_host_(e) * double(mean_host(e));
+      out.switch_aux_unscaled = experts * sum;
+      out.switch_aux = config_.switch_aux * out.switch_aux_unscaled;
+      if (config_.sequence_aux != 0) out.sequence_aux = config_.sequence_aux * sequence_term(plan);
+    }
+    if (config_.z_loss != 0 && plan.logits.extent(0) > 0) {
+      const auto logits = plan.logits;
+      const auto lse = lse_;
+      Kokkos::parallel_for(
+          "kmoe::BalanceLoss::logsumexp", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+          KOKKOS_LAMBDA(int t) {
+            route_type m = logits(t, 0);
+            for (int e = 1; e < experts; ++e) m = logits(t, e) > m ? logits(t, e) : m;
+            route_type s = 0;
+            for (int e = 0; e < experts; ++e) s += detail::exp(logits(t, e) - m);
+            lse(t) = m + detail::log(s);
+          });
+      auto lse_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), lse_);
+      double sum = 0;
+      for (int t = 0; t < tokens; ++t) sum += double(lse_host(t)) * double(lse_host(t));
+      out.z_loss = config_.z_loss * sum / tokens;
+    }
+    return out;
+  }
+
+  /// Overwrites grad_logits [T, E] with the gradient of the enabled terms (of the last
+  /// forward) with respect to the router logits.
+  void backward(const RoutingPlan<ExecSpace, Scalar>& plan, ProbabilityKind kind,
+                const Matrix<route_type, ExecSpace>& grad_logits) const {
+    const int tokens = int(plan.tokens()), experts = int(grad_logits.extent(1));
+    Kokkos::deep_copy(grad_logits, route_type(0));
+    if (tokens == 0 || kind == ProbabilityKind::none) return;
+    const bool aux = config_.switch_aux != 0 || config_.sequence_aux != 0;
+    const bool z = config_.z_loss != 0 && plan.logits.extent(0) > 0;
+    if (!aux && !z) return;
+    const auto probs = plan.probs;
+    const auto logits = plan.logits;
+    const auto fraction = fraction_;
+    const auto seq_fraction = sequence_fraction_;
+    const route_type switch_scale = route_type(config_.switch_aux * experts / tokens);
+    const int seq_len = sequence_length(tokens);
+    const bool use_seq = config_.sequence_aux != 0;
+    const route_type seq_scale =
+        use_seq ? route_type(config_.sequence_aux * experts / (double(seq_len) * (tokens / seq_len)))
+                : route_type(0);
+    const route_type z_scale = route_type(2 * config_.z_loss / tokens);
+    const auto lse = lse_;
+    const bool sigmoid = kind == ProbabilityKind::normalized_sigmoid;
+    Kokkos::parallel_for(
+        "kmoe::BalanceLoss::backward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+        KOKKOS_LAMBDA(int t) {
+          if (aux) {
+            // dL/dp(t, e), then through p = softmax(l) or p = s / sum(s), s = sigmoid(l).
+            const auto grad_p = [&](int e) {
+              route_type g = switch_scale * fraction(e);
+              if (use_seq) g += seq_scale * seq_fraction(t / seq_len, e);
+              return g;
+            };
+            route_type dot = 0;
+            for (int e = 0; e < experts; ++e) dot += grad_p(e) * probs(t, e);
+            if (!sigmoid) {
+              for (int e = 0; e < experts; ++e) grad_logits(t, e) = probs(t, e) * (grad_p(e) - dot);
+            } else {
+              route_type total = 0;
+              for (int e = 0; e < experts; ++e) total += detail::sigmoid(logits(t, e));
+              for (int e = 0; e < experts; ++e) {
+                const route_type s = detail::sigmoid(logits(t, e));
+                grad_logits(t, e) = (grad_p(e) - dot) / total * s * (1 - s);
+              }
+            }
+          }
+          if (z) {
+            for (int e = 0; e < experts; ++e)
+              grad_logits(t, e) += z_scale * lse(t) * detail::exp(logits(t, e) - lse(t));
+          }
+        });
+  }
+
+ private:
+  static BalanceLossConfig validated(const BalanceLossConfig& c) {
+    constexpr const char* where = "kmoe::BalanceLoss";
+    require(c.switch_aux >= 0, where, "switch_aux", c.switch_aux, "must be >= 0");
+    require(c.sequence_aux >= 0, where, "sequence_aux", c.sequence_aux, "must be >= 0");
+    require(c.sequence_length >= 0, where, "sequence_length", c.sequence_length, "must be >= 0");
+    require(c.z_loss >= 0, where, "z_loss", c.z_loss, "must be >= 0");
+    return c;
+  }
+
+  int sequence_length(int tokens) const {
+    return config_.sequence_length == 0 ? tokens : config_.sequence_length;
+  }
+
+  void prepare(int tokens, int experts, const std::vector<std::int64_t>& counts,
+               std::int64_t global_tokens, int slots) {
+    detail::ensure_extents(fraction_, "kmoe::BalanceLoss::fraction", experts);
+    detail::ensure_extents(mean_prob_, "kmoe::BalanceLoss::mean_prob", experts);
+    detail::ensure_extents(lse_, "kmoe::BalanceLoss::lse", tokens);
+    fraction_host_ = Kokkos::create_mirror_view(fraction_);
+    const double denominator = double(global_tokens) * slots;
+    for (int e = 0; e < experts; ++e)
+      fraction_host_(e) = route_type(denominator > 0 ? double(counts[e]) / denominator : 0.0);
+    Kokkos::deep_copy(fraction_, fraction_host_);
+  }
+
+  /// (1/n_seq) sum over sequences of E * sum_i f_i^seq P_i^seq; fills sequence_fraction_.
+  double sequence_term(const RoutingPlan<ExecSpace, Scalar>& plan) {
+    const int tokens = int(plan.tokens()), experts = int(fraction_.extent(0));
+    const int slots = int(plan.slots());
+    const int seq_len = sequence_length(tokens);
+    require(tokens % seq_len == 0, "kmoe::BalanceLoss::forward", "sequence_length", seq_len,
+            "must divide the number of local tokens");
+    const int sequences = tokens / seq_len;
+    detail::ensure_extents(sequence_fraction_, "kmoe::BalanceLoss::sequence_fraction", sequences,
+                           experts);
+    detail::ensure_extents(sequence_prob_, "kmoe::BalanceLoss::sequence_prob", sequences, experts);
+    const auto expert = plan.expert;
+    const auto probs = plan.probs;
+    const auto frac = sequence_fraction_;
+    const auto prob = sequence_prob_;
+    Kokkos::parallel_for(
+        "kmoe::BalanceLoss::sequence",
+        Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {sequences, experts}),
+        KOKKOS_LAMBDA(int q, int e) {
+          int count = 0;
+          route_type p = 0;
+          for (int t = q * seq_len; t < (q + 1) * seq_len; ++t) {
+            for (int s = 0; s < slots; ++s) count += expert(t, s) == e;
+            p += probs(t, e);
+          }
+          frac(q, e) = route_type(count) / route_type(seq_len * slots);
+          prob(q, e) = p / route_type(seq_len);
+        });
+    auto frac_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), frac);
+    auto prob_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), prob);
+    double sum = 0;
+    for (int q = 0; q < sequences; ++q)
+      for (int e = 0; e < experts; ++e) sum += double(frac_host(q, e)) * double(prob_host(q, e));
+    return experts * sum / sequences;
+  }
+
+  BalanceLossConfig config_;
+  Vector<route_type, ExecSpace> fraction_, mean_prob_, lse_;
+  typename Vector<route_type, ExecSpace>::HostMirror fraction_host_;
+  Matrix<route_type, ExecSpace> sequence_fraction_, sequence_prob_;
+};
+
+}  // namespace kmoe

@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file parallel.hpp
+/// \brief Parallel layout (SPEC.md section 5): the world split into TP x EP x DP ranks, the
+/// groups each kind of state is synchronised over, and where experts live.
+
+#include <kmoe/error.hpp>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace kmoe {
+
+/// \brief Order in which ranks are laid out, fastest-varying dimension first.
+/// tp_ep_dp: world rank = tp + TP * (ep + EP * dp) (Megatron's default: TP ranks adjacent).
+enum class RankOrder { tp_ep_dp, ep_tp_dp, tp_dp_ep, dp_tp_ep };
+
+/// \brief How the E experts are spread over the EP ranks.
+enum class Placement {
+  block,       ///< contiguous blocks; E % EP extra experts go one each to the first ranks
+  round_robin  ///< expert e on EP rank e % EP
+};
+
+struct ParallelLayout {
+  int tp = 1;  ///< expert tensor parallel: each expert's F split over tp ranks
+  int ep = 1;  ///< expert parallel: experts split over ep ranks (which also hold distinct tokens)
+  int dp = 1;  ///< data parallel replicas
+  RankOrder order = RankOrder::tp_ep_dp;
+  Placement placement = Placement::block;
+
+  int world_size() const { return tp * ep * dp; }
+
+  /// (tp, ep, dp) coordinates of a world rank.
+  void coordinates(int rank, int& tp_rank, int& ep_rank, int& dp_rank) const {
+    // orders[o][i]: which dimension (0 tp, 1 ep, 2 dp) varies i-th fastest.
+    static const int orders[4][3] = {{0, 1, 2}, {1, 0, 2}, {0, 2, 1}, {2, 0, 1}};
+    const int* order_index = orders[int(order)];
+    int dims[3], sizes[3];
+    const int all_sizes[3] = {tp, ep, dp};
+    for (int i = 0; i < 3; ++i) sizes[i] = all_sizes[order_index[i]];
+    int r = rank;
+    for (int i = 0; i < 3; ++i) {
+      dims[order_index[i]] = r % sizes[i];
+      r /= sizes[i];
+    }
+    tp_rank = dims[0];
+    ep_rank = dims[1];
+    dp_rank = dims[2];
+  }
+
+  /// Experts owned by EP rank `ep_rank` out of `experts`, in local order.
+  std::vector<int> local_experts(int experts, int ep_rank) const {
+    std::vector<int> owned;
+    if (placement == Placement::round_robin) {
+      for (int e = ep_rank; e < experts; e += ep) owned.push_back(e);
+    } else {
+      const int base = experts / ep, extra = experts % ep;
+      const int first = ep_rank * base + std::min(ep_rank, extra);
+      for (int e = first; e < first + base + (ep_rank < extra ? 1 : 0); ++e) owned.push_back(e);
+    }
+    return owned;
+  }
+
+  void validate(const char* where, int world) const {
+    require(tp >= 1, where, "layout.tp", tp, "must be >= 1");
+    require(ep >= 1, where, "layout.ep", ep, "must be >= 1");
+    require(dp >= 1, where, "layout.dp", dp, "must be >= 1");
+    require(world_size() == world, where, "layout.tp*ep*dp", world_size(),
+            "must equal the world size " + std::to_string(world));
+  }
+};
+
+/// \brief Communicators of one rank for every role it plays.
+template <class Communicator>
+struct ParallelGroups {
+  ParallelLayout layout;
+  Communicator world;
+  Communicator tp;         ///< same tokens, different F shards of the same experts
+  Communicator ep;         ///< exchange tokens by all-to-all-v
+  Communicator dp;         ///< replicas of the same experts on different tokens
+  Communicator tokens;     ///< every rank with distinct tokens (EP x DP): counts are summed here
+  int tp_rank = 0, ep_rank = 0, dp_rank = 0;
+
+  /// Splits `world` according to `layout`.
+  static ParallelGroups create(const Communicator& world, const ParallelLayout& layout) {
+    layout.validate("kmoe::ParallelGroups::create", world.size());
+    ParallelGroups g;
+    g.layout = layout;
+    g.world = world;
+    layout.coordinates(world.rank(), g.tp_rank, g.ep_rank, g.dp_rank);
+    g.tp = world.split(g.ep_rank + layout.ep * g.dp_rank, g.tp_rank);
+    g.ep = world.split(g.tp_rank + layout.tp * g.dp_rank, g.ep_rank);
+    g.dp = world.split(g.tp_rank + layout.tp * g.ep_rank, g.dp_rank);
+    g.tokens = world.split(g.tp_rank, g.ep_rank + layout.ep * g.dp_rank);
+    return g;
+  }
+};
+
+}  // namespace kmoe

@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file row_ops.hpp
+/// \brief Per-token softmax and its backward, shared by the softmax-based routers.
+
+#include <kmoe/detail/math.hpp>
+
+namespace kmoe::detail {
+
+/// probs(t, :) = softmax(logits(t, :)) over E experts, max-shifted.
+template <class Logits, class Probs>
+KOKKOS_INLINE_FUNCTION void softmax_row(int t, int experts, const Logits& logits,
+                                        const Probs& probs) {
+  using Real = typename Probs::non_const_value_type;
+  Real max_logit = logits(t, 0);
+  for (int e = 1; e < experts; ++e) max_logit = logits(t, e) > max_logit ? logits(t, e) : max_logit;
+  Real sum = 0;
+  for (int e = 0; e < experts; ++e) {
+    probs(t, e) = exp(Real(logits(t, e) - max_logit));
+    sum += probs(t, e);
+  }
+  for (int e = 0; e < experts; ++e) probs(t, e) /= sum;
+}
+
+/// Adds to grad_logits(t, :) the softmax backward of a gradient that is non-zero only on
+/// the chosen slots: grad_probs(j) on expert(t, j) for j < slots (expert -1 is empty).
+template <class Probs, class Experts, class GradProb, class GradLogits>
+KOKKOS_INLINE_FUNCTION void softmax_backward_sparse(int t, int experts, int slots,
+                                                    const Probs& probs, const Experts& expert,
+                                                    const GradProb& grad_probs,
+                                                    const GradLogits& grad_logits) {
+  using Real = typename Probs::non_const_value_type;
+  Real dot = 0;
+  for (int j = 0; j < slots; ++j)
+    if (expert(t, j) >= 0) dot += grad_probs(j) * probs(t, expert(t, j));
+  for (int e = 0; e < experts; ++e) grad_logits(t, e) -= probs(t, e) * dot;
+  for (int j = 0; j < slots; ++j)
+    if (expert(t, j) >= 0) grad_logits(t, expert(t, j)) += probs(t, expert(t, j)) * grad_probs(j);
+}
+
+/// Gradient of w_j = scale * v_j / (sum_r v_r + eps) (or scale * v_j when not normalised)
+/// with respect to the chosen values v_j, given dLoss/dw_j.
+template <class Real, class Value, class GradWeight>
+KOKKOS_INLINE_FUNCTION Real normalized_weight_backward(int j, int slots, bool normalize,
+                                                       Real scale, Real eps, const Value& value,
+                                                       const GradWeight& grad_weight) {
+  if (!normalize) return scale * grad_weight(j);
+  Real z = eps, dot = 0;
+  for (int r = 0; r < slots; ++r) {
+    z += value(r);
+    dot += grad_weight(r) * value(r);
+  }
+  return scale * (grad_weight(j) / z - dot / (z * z));
+}
+
+}  // namespace kmoe::detail

@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file sigmoid_bias.hpp
+/// \brief DeepSeek-V3 routing: s = sigmoid(l), experts chosen by top-k of s + b with a
+/// per-expert bias b that gradients never touch (the aux-loss-free balance term), weights
+/// s_e, optionally / (sum of chosen s + 1e-20), times routed_scaling_factor; optionally
+/// group-limited (n_group / topk_group).
+
+#include <kmoe/detail/topk.hpp>
+#include <kmoe/routers/linear_gate.hpp>
+#include <kmoe/routers/row_ops.hpp>
+#include <kmoe/routers/validation.hpp>
+#include <kmoe/routing_plan.hpp>
+
+#include <vector>
+
+namespace kmoe {
+
+struct SigmoidBiasConfig {
+  int hidden = 0;
+  int experts = 0;
+  int top_k = 1;
+  /// DeepSeek-V3 norm_topk_prob.
+  bool normalize = true;
+  /// DeepSeek-V3 routed_scaling_factor.
+  double scaling_factor = 1.0;
+  GroupLimit group = {};
+};
+
+/// \brief DeepSeek-V3 sigmoid router with selection bias (e_score_correction_bias).
+template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+class SigmoidBiasRouter {
+ public:
+  using execution_space = ExecSpace;
+  using scalar_type = Scalar;
+  using route_type = routing_t<Scalar>;
+  static constexpr ProbabilityKind probability_kind = ProbabilityKind::normalized_sigmoid;
+  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
+
+  explicit SigmoidBiasRouter(const SigmoidBiasConfig& config)
+      : config_(validated(config)),
+        gate_("router", config.hidden, config.experts),
+        bias_("router.expert_bias", config.experts) {}
+
+  int num_experts() const { return config_.experts; }
+  int hidden_size() const { return config_.hidden; }
+  int slots_per_token() const { return config_.top_k; }
+  const SigmoidBiasConfig& config() const { return config_; }
+  const LinearGate<ExecSpace, Scalar, Gemm>& gate() const { return gate_; }
+  /// Selection bias b [E]; set it directly or move it with update_bias().
+  const Vector<route_type, ExecSpace>& bias() const { return bias_; }
+
+  /// Aux-loss-free balance step (SPEC.md section 4): b_i += rate * sign(mean(c) - c_i) for
+  /// the assignment counts c of the last global batch.
+  void update_bias(const std::vector<std::int64_t>& counts, double rate) {
+    require(counts.size() == std::size_t(config_.experts), "kmoe::SigmoidBiasRouter::update_bias",
+            "counts.size()", counts.size(), "must equal the number of experts");
+    auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), bias_);
+    double mean = 0;
+    for (auto c : counts) mean += double(c);
+    mean /= double(counts.size());
+    for (std::size_t e = 0; e < counts.size(); ++e) {
+      const double gap = mean - double(counts[e]);
+      host(e) += route_type(rate * double((gap > 0) - (gap < 0)));
+    }
+    Kokkos::deep_copy(bias_, host);
+  }
+
+  void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
+               const RouteContext<ExecSpace>&) {
+    const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
+    plan.resize(tokens, experts, k, true);
+    gate_.forward(x, plan.logits);
+    const auto logits = plan.logits;
+    const auto probs = plan.probs;
+    const auto expert = plan.expert;
+    const auto weight = plan.weight;
+    const auto bias = bias_;
+    const GroupLimit group = config_.group;
+    const bool normalize = config_.normalize;
+    const route_type scale = route_type(config_.scaling_factor);
+    Kokkos::parallel_for(
+        "kmoe::SigmoidBiasRouter::forward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+        KOKKOS_LAMBDA(int t) {
+          // probs holds s = sigmoid(l) until the weights are formed, then s / sum(s).
+          route_type total = 0;
+          for (int e = 0; e < experts; ++e) {
+            probs(t, e) = detail::sigmoid(logits(t, e));
+            total += probs(t, e);
+          }
+          const auto score = [&](int e) { return probs(t, e) + bias(e); };
+          const std::uint64_t groups =
+              group.enabled() ? detail::select_groups(experts, group.n_group, group.topk_group,
+                                                      group.score_terms, score)
+                              : ~std::uint64_t(0);
+          const int group_size = experts / group.n_group;
+          const auto eligible = [&](int e) { return ((groups >> (e / group_size)) & 1) != 0; };
+          auto row = [&](int j) -> int& { return expert(t, j); };
+          detail::select_top_k(0, experts, k, score, eligible, row);
+          route_type z = route_type(1e-20);
+          for (int j = 0; j < k; ++j) z += probs(t, expert(t, j));
+          for (int j = 0; j < k; ++j)
+            weight(t, j) = (normalize ? probs(t, expert(t, j)) / z : probs(t, expert(t, j))) * scale;
+          for (int e = 0; e < experts; ++e) probs(t, e) /= total;
+        });
+  }
+
+  void backward(const ConstMatrix<Scalar, ExecSpace>& x, const RoutingPlan<ExecSpace, Scalar>& plan,
+                const ConstMatrix<route_type, ExecSpace>& grad_weight,
+                const Matrix<route_type, ExecSpace>& grad_logits,
+                const Matrix<Scalar, ExecSpace>& grad_x) const {
+    const int tokens = int(x.extent(0)), k = config_.top_k;
+    const auto logits = plan.logits;
+    const auto expert = plan.expert;
+    const bool normalize = config_.normalize;
+    const route_type scale = route_type(config_.scaling_factor);
+    Kokkos::parallel_for(
+        "kmoe::SigmoidBiasRouter::backward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+        KOKKOS_LAMBDA(int t) {
+          const auto chosen = [&](int j) { return detail::sigmoid(logits(t, expert(t, j))); };
+          const auto grad_w = [&](int j) { return grad_weight(t, j); };
+          for (int j = 0; j < k; ++j) {
+            const route_type s = chosen(j);
+            grad_logits(t, expert(t, j)) +=
+                detail::normalized_weight_backward(j, k, normalize, scale, route_type(1e-20),
+                                                   chosen, grad_w) *
+                s * (1 - s);
+          }
+        });
+    gate_.backward(x, grad_logits, grad_x);
+  }
+
+  void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
+    gate_.collect_parameters(list);
+  }
+
+ private:
+  static SigmoidBiasConfig validated(const SigmoidBiasConfig& c) {
+    constexpr const char* where = "kmoe::SigmoidBiasRouter";
+    detail::validate_router_shape(where, c.hidden, c.experts);
+    detail::validate_top_k(where, c.experts, c.top_k, c.group);
+    return c;
+  }
+
+  SigmoidBiasConfig config_;
+  LinearGate<ExecSpace, Scalar, Gemm> gate_;
+  Vector<route_type, ExecSpace> bias_;
+};
+
+}  // namespace kmoe

@@ -1,0 +1,117 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file softmax_topk.hpp
+/// \brief Softmax-then-top-k routing (Mixtral, Qwen-MoE, Switch, DeepSpeed, Tutel,
+/// MegaBlocks): p = softmax(l), choose the k largest p, weight p_e (optionally
+/// renormalised over the chosen), optionally group-limited and scaled.
+
+#include <kmoe/detail/topk.hpp>
+#include <kmoe/routers/linear_gate.hpp>
+#include <kmoe/routers/row_ops.hpp>
+#include <kmoe/routers/validation.hpp>
+#include <kmoe/routing_plan.hpp>
+
+namespace kmoe {
+
+struct SoftmaxTopKConfig {
+  int hidden = 0;
+  int experts = 0;
+  int top_k = 1;
+  /// Divide the chosen weights by their sum (Mixtral, Qwen3 norm_topk_prob).
+  bool normalize = false;
+  /// Multiplies every weight (DeepSeek-V2 routed_scaling_factor); 1 leaves them as is.
+  double scaling_factor = 1.0;
+  GroupLimit group = {};
+};
+
+/// \brief Softmax-then-top-k router with a learned gate weight [E, H].
+template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+class SoftmaxTopKRouter {
+ public:
+  using execution_space = ExecSpace;
+  using scalar_type = Scalar;
+  using route_type = routing_t<Scalar>;
+  static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
+  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
+
+  explicit SoftmaxTopKRouter(const SoftmaxTopKConfig& config)
+      : config_(validated(config)), gate_("router", config.hidden, config.experts) {}
+
+  int num_experts() const { return config_.experts; }
+  int hidden_size() const { return config_.hidden; }
+  int slots_per_token() const { return config_.top_k; }
+  const SoftmaxTopKConfig& config() const { return config_; }
+  const LinearGate<ExecSpace, Scalar, Gemm>& gate() const { return gate_; }
+
+  void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
+               const RouteContext<ExecSpace>&) {
+    const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
+    plan.resize(tokens, experts, k, true);
+    gate_.forward(x, plan.logits);
+    const auto logits = plan.logits;
+    const auto probs = plan.probs;
+    const auto expert = plan.expert;
+    const auto weight = plan.weight;
+    const GroupLimit group = config_.group;
+    const bool normalize = config_.normalize;
+    const route_type scale = route_type(config_.scaling_factor);
+    Kokkos::parallel_for(
+        "kmoe::SoftmaxTopKRouter::forward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+        KOKKOS_LAMBDA(int t) {
+          detail::softmax_row(t, experts, logits, probs);
+          const auto score = [&](int e) { return probs(t, e); };
+          const std::uint64_t groups =
+              group.enabled() ? detail::select_groups(experts, group.n_group, group.topk_group,
+                                                      group.score_terms, score)
+                              : ~std::uint64_t(0);
+          const int group_size = experts / group.n_group;
+          const auto eligible = [&](int e) { return ((groups >> (e / group_size)) & 1) != 0; };
+          auto row = [&](int j) -> int& { return expert(t, j); };
+          detail::select_top_k(0, experts, k, score, eligible, row);
+          route_type z = 0;
+          for (int j = 0; j < k; ++j) z += probs(t, expert(t, j));
+          for (int j = 0; j < k; ++j)
+            weight(t, j) = scale * (normalize ? probs(t, expert(t, j)) / z : probs(t, expert(t, j)));
+        });
+  }
+
+  void backward(const ConstMatrix<Scalar, ExecSpace>& x, const RoutingPlan<ExecSpace, Scalar>& plan,
+                const ConstMatrix<route_type, ExecSpace>& grad_weight,
+                const Matrix<route_type, ExecSpace>& grad_logits,
+                const Matrix<Scalar, ExecSpace>& grad_x) const {
+    const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
+    const auto probs = plan.probs;
+    const auto expert = plan.expert;
+    const bool normalize = config_.normalize;
+    const route_type scale = route_type(config_.scaling_factor);
+    Kokkos::parallel_for(
+        "kmoe::SoftmaxTopKRouter::backward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+        KOKKOS_LAMBDA(int t) {
+          const auto chosen = [&](int j) { return probs(t, expert(t, j)); };
+          const auto grad_w = [&](int j) { return grad_weight(t, j); };
+          const auto grad_p = [&](int j) {
+            return detail::normalized_weight_backward(j, k, normalize, scale, route_type(0),
+                                                      chosen, grad_w);
+          };
+          detail::softmax_backward_sparse(t, experts, k, probs, expert, grad_p, grad_logits);
+        });
+    gate_.backward(x, grad_logits, grad_x);
+  }
+
+  void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
+    gate_.collect_parameters(list);
+  }
+
+ private:
+  static SoftmaxTopKConfig validated(const SoftmaxTopKConfig& c) {
+    constexpr const char* where = "kmoe::SoftmaxTopKRouter";
+    detail::validate_router_shape(where, c.hidden, c.experts);
+    detail::validate_top_k(where, c.experts, c.top_k, c.group);
+    return c;
+  }
+
+  SoftmaxTopKConfig config_;
+  LinearGate<ExecSpace, Scalar, Gemm> gate_;
+};
+
+}  // namespace kmoe

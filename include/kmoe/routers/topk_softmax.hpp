@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file topk_softmax.hpp
+/// \brief Top-k-then-softmax routing (Megatron-Core default, FastMoE NaiveGate): the k
+/// largest logits are chosen and their weights are the softmax over those k logits only.
+
+#include <kmoe/detail/topk.hpp>
+#include <kmoe/routers/linear_gate.hpp>
+#include <kmoe/routers/row_ops.hpp>
+#include <kmoe/routers/validation.hpp>
+#include <kmoe/routing_plan.hpp>
+
+namespace kmoe {
+
+struct TopKSoftmaxConfig {
+  int hidden = 0;
+  int experts = 0;
+  int top_k = 1;
+};
+
+namespace detail {
+
+/// weight(t, j) = softmax over the chosen slots of value(j).
+template <class Value, class Weight>
+KOKKOS_INLINE_FUNCTION void softmax_over_chosen(int t, int slots, const Value& value,
+                                                const Weight& weight) {
+  using Real = typename Weight::non_const_value_type;
+  Real max_value = value(0);
+  for (int j = 1; j < slots; ++j) max_value = value(j) > max_value ? value(j) : max_value;
+  Real sum = 0;
+  for (int j = 0; j < slots; ++j) {
+    weight(t, j) = exp(Real(value(j) - max_value));
+    sum += weight(t, j);
+  }
+  for (int j = 0; j < slots; ++j) weight(t, j) /= sum;
+}
+
+/// dLoss/dvalue_j for weight = softmax over the chosen values: w_j (g_j - sum_r g_r w_r).
+template <class Weight, class GradWeight>
+KOKKOS_INLINE_FUNCTION typename Weight::non_const_value_type softmax_over_chosen_backward(
+    int t, int j, int slots, const Weight& weight, const GradWeight& grad_weight) {
+  typename Weight::non_const_value_type dot = 0;
+  for (int r = 0; r < slots; ++r) dot += grad_weight(t, r) * weight(t, r);
+  return weight(t, j) * (grad_weight(t, j) - dot);
+}
+
+}  // namespace detail
+
+/// \brief Top-k-then-softmax router with a learned gate weight [E, H].
+template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+class TopKSoftmaxRouter {
+ public:
+  using execution_space = ExecSpace;
+  using scalar_type = Scalar;
+  using route_type = routing_t<Scalar>;
+  static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
+  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
+
+  explicit TopKSoftmaxRouter(const TopKSoftmaxConfig& config)
+      : config_(validated(config)), gate_("router", config.hidden, config.experts) {}
+
+  int num_experts() const { return config_.experts; }
+  int hidden_size() const { return config_.hidden; }
+  int slots_per_token() const { return config_.top_k; }
+  const LinearGate<ExecSpace, Scalar, Gemm>& gate() const { return gate_; }
+
+  void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
+               const RouteContext<ExecSpace>&) {
+    const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
+    plan.resize(tokens, experts, k, true);
+    gate_.forward(x, plan.logits);
+    const auto logits = plan.logits;
+    const auto probs = plan.probs;
+    const auto expert = plan.expert;
+    const auto weight = plan.weight;
+    Kokkos::parallel_for(
+        "kmoe::TopKSoftmaxRouter::forward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+        KOKKOS_LAMBDA(int t) {
+          detail::softmax_row(t, experts, logits, probs);
+          auto row = [&](int j) -> int& { return expert(t, j); };
+          detail::select_top_k(
+              0, experts, k, [&](int e) { return logits(t, e); }, [](int) { return true; }, row);
+          detail::softmax_over_chosen(t, k, [&](int j) { return logits(t, expert(t, j)); }, weight);
+        });
+  }
+
+  void backward(const ConstMatrix<Scalar, ExecSpace>& x, const RoutingPlan<ExecSpace, Scalar>& plan,
+                const ConstMatrix<route_type, ExecSpace>& grad_weight,
+                const Matrix<route_type, ExecSpace>& grad_logits,
+                const Matrix<Scalar, ExecSpace>& grad_x) const {
+    const int tokens = int(x.extent(0)), k = config_.top_k;
+    const auto expert = plan.expert;
+    const auto weight = plan.weight;
+    Kokkos::parallel_for(
+        "kmoe::TopKSoftmaxRouter::backward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+        KOKKOS_LAMBDA(int t) {
+          for (int j = 0; j < k; ++j)
+            grad_logits(t, expert(t, j)) +=
+                detail::softmax_over_chosen_backward(t, j, k, weight, grad_weight);
+        });
+    gate_.backward(x, grad_logits, grad_x);
+  }
+
+  void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
+    gate_.collect_parameters(list);
+  }
+
+ private:
+  static TopKSoftmaxConfig validated(const TopKSoftmaxConfig& c) {
+    constexpr const char* where = "kmoe::TopKSoftmaxRouter";
+    detail::validate_router_shape(where, c.hidden, c.experts);
+    detail::validate_top_k(where, c.experts, c.top_k, GroupLimit{});
+    return c;
+  }
+
+  TopKSoftmaxConfig config_;
+  LinearGate<ExecSpace, Scalar, Gemm> gate_;
+};
+
+}  // namespace kmoe

@@ -1,0 +1,62 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file types.hpp
+/// \brief View aliases shared by every policy, and the routing precision rule.
+
+#include <Kokkos_Core.hpp>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+namespace kmoe {
+
+/// \brief Row-major [rows, cols] matrix in the memory space of `ExecSpace`. Every activation,
+/// weight slice and routing table in kmoe is row-major, so a row (token) is contiguous.
+template <class T, class ExecSpace>
+using Matrix = Kokkos::View<T**, Kokkos::LayoutRight, typename ExecSpace::memory_space>;
+
+/// \brief Read-only row-major matrix.
+template <class T, class ExecSpace>
+using ConstMatrix = Kokkos::View<const T**, Kokkos::LayoutRight, typename ExecSpace::memory_space>;
+
+/// \brief Row-major [n0, n1, n2] tensor (stacked per-expert weights).
+template <class T, class ExecSpace>
+using Tensor3 = Kokkos::View<T***, Kokkos::LayoutRight, typename ExecSpace::memory_space>;
+
+/// \brief Contiguous vector in the memory space of `ExecSpace`.
+template <class T, class ExecSpace>
+using Vector = Kokkos::View<T*, typename ExecSpace::memory_space>;
+
+/// \brief Precision in which routing decisions (softmax, sigmoid, top-k, losses) are made:
+/// SPEC.md asks for fp32 or wider whatever the storage type, so float and double route in
+/// their own type and anything narrower routes in float.
+template <class Scalar>
+using routing_t = std::conditional_t<(sizeof(Scalar) < sizeof(float)), float, Scalar>;
+
+/// \brief Scalars the shipped policies are instantiated for.
+template <class Scalar>
+inline constexpr bool is_supported_scalar_v =
+    std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
+
+namespace detail {
+
+/// Reallocates `view` only when its extents differ, so that a layer called repeatedly with
+/// the same batch shape allocates nothing after the first call.
+template <class View>
+void ensure_extents(View& view, const char* label, std::size_t n0, std::size_t n1 = 0,
+                    std::size_t n2 = 0) {
+  constexpr unsigned rank = View::rank;
+  // A default-constructed view has an empty label, so the first call always allocates.
+  bool same = view.label() == label && view.extent(0) == n0;
+  if constexpr (rank >= 2) same = same && view.extent(1) == n1;
+  if constexpr (rank >= 3) same = same && view.extent(2) == n2;
+  if (same) return;
+  if constexpr (rank == 1) view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0);
+  if constexpr (rank == 2) view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1);
+  if constexpr (rank == 3)
+    view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1, n2);
+}
+
+}  // namespace detail
+}  // namespace kmoe
