@@ -241,7 +241,6 @@ CXX_ID="$(${CXX:-g++} --version | head -1); $(cmake --version | head -1)"
 hash_of() { printf '%s\n' "$@" | sha256sum | cut -c1-16; }
 stamp_ok() { [ -f "$STAMPS/$1.stamp" ] && [ "$(cat "$STAMPS/$1.stamp")" = "$2" ]; }
 stamp_set() { printf '%s\n' "$2" > "$STAMPS/$1.stamp"; }
-stamp_get() { cat "$STAMPS/$1.stamp" 2>/dev/null || echo none; }
 
 cmake_build_install() {  # <srcdir> <builddir> <logname> cmake-args...
   local src="$1" bld="$2" name="$3"; shift 3

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# The main job from nothing: installs/caches the dependencies, builds kmoe's examples and
+# runs examples/mixtral_layer (a Mixtral-shaped layer on a batch) with both CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+build="${KMOE_BUILD_DIR:-build}"
+export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
+cmake --build "$build" --target mixtral_layer
+OMP_PROC_BIND=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$build/examples/mixtral_layer" "$@"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# Runs the whole test suite from nothing: installs/caches the dependencies, configures,
+# builds every test, example and benchmark, and runs ctest (Serial and OpenMP, MPI at 2
+# and 4 ranks). Set KMOE_BUILD_DIR to choose the build folder (default build/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+build="${KMOE_BUILD_DIR:-build}"
+export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
+echo "[test] configuring $build"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DKMOE_ENABLE_MPI=ON -DKMOE_ENABLE_NCCL=ON
+echo "[test] building"
+cmake --build "$build" -j "$(nproc)"
+echo "[test] running ctest"
+cd "$build" && ctest --output-on-failure -j 1 "$@"
