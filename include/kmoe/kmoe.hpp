@@ -12,6 +12,7 @@
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
 #include <kmoe/losses.hpp>
+#include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/router.hpp>
 #include <kmoe/routers/expert_choice.hpp>

@@ -1,0 +1,141 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file optimizer.hpp
+/// \brief Optimizers over a ParameterList: SGD with momentum, AdamW (decoupled weight
+/// decay, Loshchilov & Hutter) and clipping by global gradient norm. They only read
+/// `value`/`grad` of each Parameter, so a user's optimizer can drive the same list.
+
+#include <kmoe/error.hpp>
+#include <kmoe/detail/math.hpp>
+#include <kmoe/parameters.hpp>
+
+#include <cmath>
+#include <vector>
+
+namespace kmoe {
+
+/// \brief Scales every gradient so that the global L2 norm is at most `max_norm`; returns
+/// the norm before clipping (as torch.nn.utils.clip_grad_norm_).
+template <class ExecSpace, class Scalar>
+double clip_grad_norm(const ParameterList<ExecSpace, Scalar>& list, double max_norm) {
+  require(max_norm > 0 && std::isfinite(max_norm), "kmoe::clip_grad_norm", "max_norm", max_norm,
+          "must be positive and finite");
+  double total = 0;
+  for (const auto& p : list) {
+    const auto g = p.grad;
+    double sum = 0;
+    Kokkos::parallel_reduce(
+        "kmoe::clip_grad_norm::norm", Kokkos::RangePolicy<ExecSpace>(0, g.size()),
+        KOKKOS_LAMBDA(std::size_t i, double& s) { s += double(g(i)) * double(g(i)); }, sum);
+    total += sum;
+  }
+  const double norm = std::sqrt(total);
+  if (norm > max_norm) {
+    const Scalar scale = Scalar(max_norm / (norm + 1e-6));
+    for (const auto& p : list) {
+      const auto g = p.grad;
+      Kokkos::parallel_for(
+          "kmoe::clip_grad_norm::scale", Kokkos::RangePolicy<ExecSpace>(0, g.size()),
+          KOKKOS_LAMBDA(std::size_t i) { g(i) *= scale; });
+    }
+  }
+  return norm;
+}
+
+/// \brief SGD with momentum (torch.optim.SGD): v = mu v + g (+ wd w); w -= lr v.
+template <class ExecSpace, class Scalar>
+class SGD {
+ public:
+  struct Config {
+    double learning_rate = 1e-2;
+    double momentum = 0.0;
+    double weight_decay = 0.0;
+  };
+
+  SGD(ParameterList<ExecSpace, Scalar> list, const Config& config)
+      : list_(std::move(list)), config_(config) {
+    require(config.learning_rate > 0, "kmoe::SGD", "learning_rate", config.learning_rate, "must be > 0");
+    require(config.momentum >= 0 && config.momentum < 1, "kmoe::SGD", "momentum", config.momentum,
+            "must be in [0, 1)");
+    for (const auto& p : list_)
+      velocity_.emplace_back("kmoe::SGD::velocity(" + p.name + ")", p.value.size());
+  }
+
+  void step() {
+    const Scalar lr = Scalar(config_.learning_rate), mu = Scalar(config_.momentum);
+    const Scalar wd = Scalar(config_.weight_decay);
+    for (std::size_t i = 0; i < list_.size(); ++i) {
+      const auto w = list_[i].value, g = list_[i].grad;
+      const auto v = velocity_[i];
+      const bool first = steps_ == 0;
+      Kokkos::parallel_for(
+          "kmoe::SGD::step", Kokkos::RangePolicy<ExecSpace>(0, w.size()), KOKKOS_LAMBDA(std::size_t j) {
+            const Scalar d = g(j) + wd * w(j);
+            v(j) = first ? d : mu * v(j) + d;
+            w(j) -= lr * v(j);
+          });
+    }
+    ++steps_;
+  }
+
+ private:
+  ParameterList<ExecSpace, Scalar> list_;
+  Config config_;
+  std::vector<Vector<Scalar, ExecSpace>> velocity_;
+  long long steps_ = 0;
+};
+
+/// \brief AdamW (torch.optim.AdamW): w -= lr wd w; m, v moments with bias correction;
+/// w -= lr m_hat / (sqrt(v_hat) + eps).
+template <class ExecSpace, class Scalar>
+class AdamW {
+ public:
+  struct Config {
+    double learning_rate = 1e-3;
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double epsilon = 1e-8;
+    double weight_decay = 1e-2;
+  };
+
+  AdamW(ParameterList<ExecSpace, Scalar> list, const Config& config)
+      : list_(std::move(list)), config_(config) {
+    require(config.learning_rate > 0, "kmoe::AdamW", "learning_rate", config.learning_rate, "must be > 0");
+    require(config.beta1 >= 0 && config.beta1 < 1, "kmoe::AdamW", "beta1", config.beta1, "must be in [0, 1)");
+    require(config.beta2 >= 0 && config.beta2 < 1, "kmoe::AdamW", "beta2", config.beta2, "must be in [0, 1)");
+    require(config.epsilon > 0, "kmoe::AdamW", "epsilon", config.epsilon, "must be > 0");
+    for (const auto& p : list_) {
+      first_.emplace_back("kmoe::AdamW::m(" + p.name + ")", p.value.size());
+      second_.emplace_back("kmoe::AdamW::v(" + p.name + ")", p.value.size());
+    }
+  }
+
+  void step() {
+    ++steps_;
+    const double b1 = config_.beta1, b2 = config_.beta2;
+    const Scalar lr = Scalar(config_.learning_rate), wd = Scalar(config_.weight_decay);
+    const Scalar eps = Scalar(config_.epsilon);
+    const Scalar c1 = Scalar(1 - std::pow(b1, double(steps_)));
+    const Scalar c2 = Scalar(1 - std::pow(b2, double(steps_)));
+    const Scalar beta1 = Scalar(b1), beta2 = Scalar(b2);
+    for (std::size_t i = 0; i < list_.size(); ++i) {
+      const auto w = list_[i].value, g = list_[i].grad;
+      const auto m = first_[i], v = second_[i];
+      Kokkos::parallel_for(
+          "kmoe::AdamW::step", Kokkos::RangePolicy<ExecSpace>(0, w.size()), KOKKOS_LAMBDA(std::size_t j) {
+            w(j) -= lr * wd * w(j);
+            m(j) = beta1 * m(j) + (1 - beta1) * g(j);
+            v(j) = beta2 * v(j) + (1 - beta2) * g(j) * g(j);
+            w(j) -= lr * (m(j) / c1) / (detail::sqrt(v(j) / c2) + eps);
+          });
+    }
+  }
+
+ private:
+  ParameterList<ExecSpace, Scalar> list_;
+  Config config_;
+  std::vector<Vector<Scalar, ExecSpace>> first_, second_;
+  long long steps_ = 0;
+};
+
+}  // namespace kmoe
