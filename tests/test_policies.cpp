@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: BSD-3-Clause
+// Policy checks of the shipped types (compile time), argument validation, tie-breaking,
+// experts without tokens, the empty batch, the bias update and the optimizers.
+#include <catch2/catch_template_test_macros.hpp>
+#include <catch2/catch_approx.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include "support/layer_check.hpp"
+#include "support/spaces.hpp"
+
+using namespace kmoe;
+using namespace kmoe::test;
+using Catch::Matchers::ContainsSubstring;
+
+namespace {
+using H = Kokkos::DefaultHostExecutionSpace;
+static_assert(check_valid_router<SoftmaxTopKRouter<H, float>>());
+static_assert(check_valid_router<TopKSoftmaxRouter<H, double>>());
+static_assert(check_valid_router<SigmoidBiasRouter<H, float>>());
+static_assert(check_valid_router<NoisyTopKRouter<H, double>>());
+static_assert(check_valid_router<ExpertChoiceRouter<H, float>>());
+static_assert(check_valid_router<HashRouter<H, double>>());
+static_assert(check_valid_expert<SwiGLUExperts<H, float>>());
+static_assert(check_valid_expert<GeGLUExperts<H, double>>());
+static_assert(check_valid_expert<FFNExperts<H, float, activation::Relu>>());
+static_assert(check_valid_expert<FFNExperts<H, double, activation::GeluTanh>>());
+static_assert(check_valid_combiner<WeightedSumCombiner<H, float>>());
+}  // namespace
+
+TEST_CASE("bad arguments raise an exception naming the parameter and value", "[validation]") {
+  using R = SoftmaxTopKRouter<H, float>;
+  using E = SwiGLUExperts<H, float>;
+  CHECK_THROWS_WITH(R({8, 4, 0}), ContainsSubstring("top_k = 0"));
+  CHECK_THROWS_WITH(R({8, 4, 5}), ContainsSubstring("top_k = 5"));
+  CHECK_THROWS_WITH(R({8, 6, 2, false, 1.0, {4, 2, 2}}), ContainsSubstring("n_group = 4"));
+  CHECK_THROWS_WITH(R({8, 8, 2, false, 1.0, {4, 5, 2}}), ContainsSubstring("topk_group = 5"));
+  CHECK_THROWS_WITH(R({0, 4, 1}), ContainsSubstring("hidden = 0"));
+  CHECK_THROWS_AS((SigmoidBiasRouter<H, float>(SigmoidBiasConfig{8, 6, 7})), kmoe::invalid_argument);
+  CHECK_THROWS_WITH((ExpertChoiceRouter<H, float>(ExpertChoiceConfig{8, 4, -1.0})), ContainsSubstring("capacity_factor = -1"));
+  CHECK_THROWS_WITH(E({4, 8, 0}), ContainsSubstring("ffn = 0"));
+  LayerOptions bad;
+  bad.capacity.factor = -0.5;
+  CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({4, 8, 6}), bad)),
+                    ContainsSubstring("capacity.factor = -0.5"));
+  CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({3, 8, 6}))), ContainsSubstring("experts.num_experts() = 3"));
+  CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({4, 6, 6}))), ContainsSubstring("experts.hidden_size() = 6"));
+
+  MoELayer<R, E> layer(R({8, 4, 2}), E({4, 8, 6}));
+  fill_normal(layer.parameters(), 0.1, 1);
+  Matrix<float, H> x("x", 5, 8), y("y", 5, 8), wrong("wrong", 5, 7);
+  CHECK_THROWS_WITH(layer.forward(x, wrong), ContainsSubstring("y extents = 5x7"));
+  CHECK_THROWS_WITH(layer.forward(wrong, y), ContainsSubstring("x.extent(1) = 7"));
+  CHECK_THROWS_WITH(layer.backward(y, x), ContainsSubstring("backward needs a preceding forward"));
+  x(3, 2) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(layer.forward(x, y), ContainsSubstring("non-finite router logit") &&
+                                             ContainsSubstring("at token 3"));
+  LayerOptions propagate;
+  propagate.non_finite = NonFinitePolicy::propagate;
+  MoELayer<R, E> lenient(R({8, 4, 2}), E({4, 8, 6}), propagate);
+  CHECK_NOTHROW(lenient.forward(x, y));
+
+  using Hash = HashRouter<H, float>;
+  MoELayer<Hash, E> hashed(Hash({8, 4}), E({4, 8, 6}));
+  Matrix<float, H> clean("clean", 5, 8);
+  CHECK_THROWS_WITH(hashed.forward(clean, y), ContainsSubstring("token_ids.extent(0) = 0"));
+}
+
+TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are no-ops", "[routing]",
+                        ExecutionSpaces) {
+  using X = TestType;
+  using R = SoftmaxTopKRouter<X, double>;
+  using E = SwiGLUExperts<X, double>;
+  MoELayer<R, E> layer(R({4, 6, 3}), E({6, 4, 5}));
+  // A zero gate makes every logit equal: the choice must be experts 0, 1, 2.
+  Matrix<double, X> x("x", 9, 4), y("y", 9, 4);
+  fill_normal(x, 1.0, 3);
+  layer.forward(x, y);
+  const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+  for (int t = 0; t < 9; ++t)
+    for (int j = 0; j < 3; ++j) CHECK(expert(t, j) == j);
+
+  Matrix<double, X> x0("x0", 0, 4), y0("y0", 0, 4), g0("g0", 0, 4);
+  RouteContext<X> context;
+  context.training = true;
+  const auto stats = layer.forward(x0, y0, context);
+  CHECK(stats.assignments == 0);
+  CHECK_NOTHROW(layer.backward(y0, g0));
+}
+
+TEMPLATE_LIST_TEST_CASE("an expert without tokens, capacity that drops, and the bias update", "[routing]",
+                        ExecutionSpaces) {
+  using X = TestType;
+  using R = SigmoidBiasRouter<X, double>;
+  using E = SwiGLUExperts<X, double>;
+  LayerOptions options;
+  options.capacity = {0.5, 0, DropPolicy::by_probability, 1};
+  MoELayer<R, E> layer(R({6, 4, 2, true, 1.0, {}}), E({4, 6, 5}), options);
+  fill_normal(layer.parameters(), 0.3, 8);
+  auto bias = Kokkos::create_mirror_view(layer.router().bias());
+  const double skew[4] = {0.5, 0.2, -10.0, 0.0};  // expert 2 never chosen, expert 0 favoured
+  for (int e = 0; e < 4; ++e) bias(e) = skew[e];
+  Kokkos::deep_copy(layer.router().bias(), bias);
+  const int tokens = 40;
+  Matrix<double, X> x("x", tokens, 6), y("y", tokens, 6);
+  fill_normal(x, 1.0, 9);
+  const auto stats = layer.forward(x, y);
+  CHECK(stats.tokens_per_expert[2] == 0);
+  CHECK(stats.capacity == 10);  // ceil(2 * 40 * 0.5 / 4)
+  std::int64_t over = 0;
+  for (auto c : stats.tokens_per_expert) over += std::max<std::int64_t>(0, c - 10);
+  CHECK(over > 0);
+  CHECK(stats.dropped == over);
+  RefRouterConfig rc;
+  rc.kind = RouterKind::sigmoid_bias;
+  rc.experts = 4;
+  rc.top_k = 2;
+  rc.normalize = true;
+  rc.bias.assign(skew, skew + 4);
+  RefMatrix gate = to_ref(layer.router().gate().weight());
+  CHECK(compare_forward(layer, rc, x, y, stats, &gate).output_error < 1e-6);
+
+  // The aux-loss-free update moves load toward balance on a skewed router.
+  const double mild[4] = {0.4, 0.1, -0.4, 0.0};
+  for (int e = 0; e < 4; ++e) bias(e) = mild[e];
+  Kokkos::deep_copy(layer.router().bias(), bias);
+  const double before = layer.forward(x, y).imbalance();
+  double after = before;
+  for (int step = 0; step < 200; ++step) {
+    layer.apply_bias_update(0.01);
+    after = layer.forward(x, y).imbalance();
+  }
+  CAPTURE(before, after);
+  CHECK(after < before);
+  CHECK(after < 1.3);
+}
+
+TEST_CASE("SGD with momentum and AdamW match hand-computed steps", "[optimizer]") {
+  Vector<double, H> w("w", 2), g("g", 2);
+  ParameterList<H, double> list{make_parameter<H>("w", w, g)};
+  w(0) = 1.0, w(1) = -2.0;
+  g(0) = 0.5, g(1) = 0.25;
+  SGD<H, double> sgd(list, {0.1, 0.9, 0.0});
+  sgd.step();  // v = g, w -= 0.1 v
+  CHECK(w(0) == Catch::Approx(0.95).epsilon(1e-14));
+  g(0) = 1.0;
+  sgd.step();  // v = 0.9 * 0.5 + 1.0 = 1.45, w = 0.95 - 0.145
+  CHECK(w(0) == Catch::Approx(0.805).epsilon(1e-14));
+
+  w(0) = 1.0, w(1) = -2.0;
+  g(0) = 0.5, g(1) = 0.25;
+  AdamW<H, double> adam(list, {0.01, 0.9, 0.999, 1e-8, 0.1});
+  adam.step();
+  // Step 1: w *= (1 - lr wd); m_hat = g, v_hat = g^2, so w -= lr * g / (|g| + eps).
+  CHECK(w(0) == Catch::Approx(1.0 * (1 - 0.001) - 0.01 * 0.5 / (0.5 + 1e-8)).epsilon(1e-14));
+  CHECK(w(1) == Catch::Approx(-2.0 * (1 - 0.001) - 0.01 * 0.25 / (0.25 + 1e-8)).epsilon(1e-14));
+  g(0) = 3.0, g(1) = 4.0;
+  CHECK(clip_grad_norm(list, 1.0) == Catch::Approx(5.0));
+  CHECK(g(0) == Catch::Approx(0.6).epsilon(1e-6));
+  CHECK(g(1) == Catch::Approx(0.8).epsilon(1e-6));
+}
