@@ -21,15 +21,101 @@
 ///    ordered by key;
 ///  - `bool any_error(bool local_error)`: true on every rank if any rank passed true (the
 ///    agreement step that keeps a failing rank from leaving the others blocked).
+/// `kmoe::check_valid_communicator<C>()` asserts each rule with its own message.
 
 #include <kmoe/detail/detect.hpp>
 #include <kmoe/error.hpp>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace kmoe {
+namespace detail {
+
+// The rules are checked with a plain rank-1 view of double; every Communicator takes any
+// rank-1 view of its memory space, and the layer's views are of this shape.
+using communicator_probe_view = Kokkos::View<double*>;
+using communicator_counts = std::vector<std::int64_t>;
+
+template <class C> using comm_rank = decltype(int(std::declval<const C&>().rank()));
+template <class C> using comm_size = decltype(int(std::declval<const C&>().size()));
+template <class C>
+using comm_exchange_counts = std::enable_if_t<std::is_same_v<
+    decltype(std::declval<C&>().exchange_counts(std::declval<const communicator_counts&>())),
+    communicator_counts>>;
+template <class C>
+using comm_all_to_all_v = decltype(std::declval<C&>().all_to_all_v(
+    std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>(),
+    std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>()));
+template <class C> using comm_request = typename C::Request;
+template <class C>
+using comm_request_wait = decltype(std::declval<typename C::Request&>().wait());
+template <class C>
+using comm_all_to_all_v_start = std::enable_if_t<std::is_same_v<
+    decltype(std::declval<C&>().all_to_all_v_start(
+        std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>(),
+        std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>())),
+    typename C::Request>>;
+template <class C>
+using comm_all_reduce_sum =
+    decltype(std::declval<C&>().all_reduce_sum(std::declval<const communicator_probe_view&>()));
+template <class C>
+using comm_all_reduce_max =
+    decltype(std::declval<C&>().all_reduce_max(std::declval<const communicator_probe_view&>()));
+template <class C>
+using comm_all_gather = decltype(std::declval<C&>().all_gather(
+    std::declval<const communicator_probe_view&>(), std::declval<const communicator_probe_view&>()));
+template <class C>
+using comm_split = std::enable_if_t<
+    std::is_same_v<decltype(std::declval<const C&>().split(0, 0)), C>>;
+template <class C>
+using comm_any_error = std::enable_if_t<
+    std::is_same_v<decltype(std::declval<C&>().any_error(true)), bool>>;
+
+}  // namespace detail
+
+/// \brief Compile-time check that C is a Communicator; each missing piece gets its own message.
+template <class C>
+constexpr bool check_valid_communicator() {
+  static_assert(std::is_copy_constructible_v<C> && std::is_copy_assignable_v<C>,
+                "kmoe Communicator: must be copyable (copies share the group)");
+  static_assert(std::is_default_constructible_v<C>,
+                "kmoe Communicator: must be default-constructible (a group of this rank alone)");
+  static_assert(detail::is_detected_v<detail::comm_rank, C>,
+                "kmoe Communicator: missing 'int rank() const'");
+  static_assert(detail::is_detected_v<detail::comm_size, C>,
+                "kmoe Communicator: missing 'int size() const'");
+  static_assert(detail::is_detected_v<detail::comm_exchange_counts, C>,
+                "kmoe Communicator: missing 'std::vector<std::int64_t> exchange_counts(const "
+                "std::vector<std::int64_t>& send)'");
+  static_assert(detail::is_detected_v<detail::comm_all_to_all_v, C>,
+                "kmoe Communicator: missing 'void all_to_all_v(send, send_counts, recv, "
+                "recv_counts)' taking rank-1 views and std::vector<std::int64_t> counts");
+  static_assert(detail::is_detected_v<detail::comm_request, C>,
+                "kmoe Communicator: missing member type 'Request'");
+  static_assert(std::is_default_constructible_v<detail::detected_or_t<int, detail::comm_request, C>>,
+                "kmoe Communicator: 'Request' must be default-constructible (an exchange that "
+                "needs no communication returns Request{})");
+  static_assert(detail::is_detected_v<detail::comm_request_wait, C>,
+                "kmoe Communicator: missing 'void Request::wait()'");
+  static_assert(detail::is_detected_v<detail::comm_all_to_all_v_start, C>,
+                "kmoe Communicator: missing 'Request all_to_all_v_start(send, send_counts, "
+                "recv, recv_counts)'");
+  static_assert(detail::is_detected_v<detail::comm_all_reduce_sum, C>,
+                "kmoe Communicator: missing 'void all_reduce_sum(const View& data)'");
+  static_assert(detail::is_detected_v<detail::comm_all_reduce_max, C>,
+                "kmoe Communicator: missing 'void all_reduce_max(const View& data)'");
+  static_assert(detail::is_detected_v<detail::comm_all_gather, C>,
+                "kmoe Communicator: missing 'void all_gather(const SendView& send, const "
+                "RecvView& recv)'");
+  static_assert(detail::is_detected_v<detail::comm_split, C>,
+                "kmoe Communicator: missing 'C split(int color, int key) const'");
+  static_assert(detail::is_detected_v<detail::comm_any_error, C>,
+                "kmoe Communicator: missing 'bool any_error(bool local_error)'");
+  return true;
+}
 
 /// \brief The group of one rank: every collective is a local copy (or nothing).
 class SingleProcessCommunicator {

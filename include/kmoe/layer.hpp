@@ -59,6 +59,9 @@ struct ForwardStats {
 };
 
 namespace detail {
+/// Experts with an output bias b2 [E, H] (FFNExperts): not split by expert tensor parallelism.
+template <class E>
+using expert_output_bias = decltype(std::declval<const E&>().b2().value);
 template <class R>
 using has_update_bias = decltype(std::declval<R&>().update_bias(
     std::declval<const std::vector<std::int64_t>&>(), 0.0));
@@ -81,6 +84,7 @@ class MoELayer {
   static_assert(check_valid_router<Router>());
   static_assert(check_valid_expert<Expert>());
   static_assert(check_valid_combiner<Combiner>());
+  static_assert(check_valid_communicator<Communicator>());
 
  public:
   using execution_space = typename Router::execution_space;
@@ -197,7 +201,7 @@ class MoELayer {
     request.wait();
     arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
     detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
-    experts_.forward(expert_x_, segments_, expert_y_, mode);
+    forward_experts(mode);
     if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
     arrange_from_experts(expert_y_, recv_y_, "kmoe::MoELayer::recv_y");
     start_exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y").wait();
@@ -342,6 +346,31 @@ class MoELayer {
     }
     throw runtime_error("kmoe::MoELayer::forward: " + what +
                         " (set LayerOptions::non_finite = propagate to let it through)");
+  }
+
+  /// Expert forward on this rank's F shard. The TP all-reduce sums the shards' partial
+  /// outputs, so an output bias (replicated on every TP rank, since it is not over F) would
+  /// be added TP times: only TP rank 0 adds it; the others hold it at zero for the call.
+  /// Its gradient is still the full one on every TP rank, which keeps the replicas equal.
+  void forward_experts(ExpertMode mode) {
+    if constexpr (detail::is_detected_v<detail::expert_output_bias, Expert>) {
+      const auto bias = experts_.b2().value;
+      if (groups_.tp_rank != 0 && bias.size() > 0) {
+        detail::ensure_extents(held_bias_, "kmoe::MoELayer::held_bias", bias.extent(0),
+                               bias.extent(1));
+        Kokkos::deep_copy(held_bias_, bias);
+        Kokkos::deep_copy(bias, S(0));
+        try {
+          experts_.forward(expert_x_, segments_, expert_y_, mode);
+        } catch (...) {
+          Kokkos::deep_copy(bias, held_bias_);
+          throw;
+        }
+        Kokkos::deep_copy(bias, held_bias_);
+        return;
+      }
+    }
+    experts_.forward(expert_x_, segments_, expert_y_, mode);
   }
 
   /// Keys sort experts by (owner EP rank, local index): the send buffer is then grouped by
@@ -605,6 +634,7 @@ class MoELayer {
   ConstMatrix<S, X> x_;
   bool training_ = false, has_forward_ = false;
   Matrix<S, X> send_x_, recv_x_, expert_x_, expert_y_, recv_y_, send_y_, shared_y_;
+  Matrix<S, X> held_bias_;  // TP ranks != 0: b2 set aside during the expert forward
   // Backward buffers; on one rank without padding the exchange/arrange steps alias them.
   Matrix<S, X> grad_send_y_, grad_recv_y_, grad_expert_y_, grad_expert_x_, grad_recv_x_,
       grad_send_x_, shared_grad_x_;

@@ -5,6 +5,7 @@
 /// sequence-wise aux loss and the ST-MoE router z-loss, with their gradients into the
 /// router logits. f (the assignment fractions) is a constant for the gradient.
 
+#include <kmoe/detail/math.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/routing_plan.hpp>
 

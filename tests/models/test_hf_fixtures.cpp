@@ -1,0 +1,275 @@
+// SPDX-License-Identifier: BSD-3-Clause
+// The Hugging Face adapters (kmoe/models/hf.hpp) against the reference fixtures made with
+// transformers (tests/fixtures/README.md): forward output, router logits, top-k, input and
+// parameter gradients under checkpoint names; and the loaders' errors on broken model dirs.
+
+#include <kmoe/kmoe.hpp>
+#include <kmoe/models/hf.hpp>
+
+#include <algorithm>
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_exception.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+namespace fs = std::filesystem;
+namespace models = kmoe::models;
+using Catch::Matchers::ContainsSubstring;
+using Catch::Matchers::MessageMatches;
+using X = Kokkos::DefaultExecutionSpace;
+
+namespace {
+
+const fs::path fixtures = KMOE_FIXTURES_DIR;
+constexpr int fixture_layer = 1;
+
+/// max |a - b| / max |b|: the fixtures' tolerance is relative to the reference's scale.
+double relative_error(const std::vector<double>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(a[i] - b[i]));
+    scale = std::max(scale, std::abs(b[i]));
+  }
+  return scale == 0 ? diff : diff / scale;
+}
+
+template <class View>
+std::vector<double> to_vector(const View& v) {
+  const auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  return std::vector<double>(host.data(), host.data() + host.size());
+}
+
+kmoe::Matrix<float, X> read_matrix(const fs::path& file) {
+  const kmoe::io::SafetensorsFile f(file.string());
+  const auto& shape = f.info("hidden_states").shape;
+  kmoe::Matrix<float, X> m("hidden_states", shape.at(0), shape.at(1));
+  auto host = Kokkos::create_mirror_view(m);
+  f.read_into(std::string("hidden_states"), host.data(), host.size());
+  Kokkos::deep_copy(m, host);
+  return m;
+}
+
+template <class Layer>
+void check_against_fixture(Layer& layer, const std::string& family) {
+  const fs::path dir = fixtures / family;
+  const auto block = models::read_block_config((dir / "model").string(), fixture_layer);
+  const auto x = read_matrix(dir / "input.safetensors");
+  const auto grad_y = read_matrix(dir / "grad_output.safetensors");
+  const int tokens = int(x.extent(0)), hidden = int(x.extent(1));
+  kmoe::Matrix<float, X> y("y", tokens, hidden), grad_x("grad_x", tokens, hidden);
+  kmoe::RouteContext<X> context;
+  context.training = true;
+  layer.zero_gradients();
+  layer.forward(x, y, context);
+  layer.backward(grad_y, grad_x);
+
+  const kmoe::io::SafetensorsFile output((dir / "output.safetensors").string());
+  const kmoe::io::SafetensorsFile grads((dir / "grads.safetensors").string());
+  CHECK(relative_error(to_vector(y), output.read<double>("hidden_states")) < 1e-5);
+  CHECK(relative_error(to_vector(layer.routing().logits), output.read<double>("router_logits")) <
+        1e-5);
+
+  // Top-k: the same expert set per token, and the same rows once ordered as the fixture is
+  // (decreasing weight, ties by index), with the same weights.
+  const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+  const auto weight = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().weight);
+  const auto ref_index = output.read<std::int64_t>("topk_indices");
+  const auto ref_weight = output.read<double>("topk_weights");
+  const int k = int(expert.extent(1));
+  REQUIRE(ref_index.size() == std::size_t(tokens) * k);
+  for (int t = 0; t < tokens; ++t) {
+    std::vector<std::pair<double, int>> row;
+    for (int j = 0; j < k; ++j) row.push_back({weight(t, j), expert(t, j)});
+    std::set<std::int64_t> mine, ref;
+    for (const auto& [w, e] : row) mine.insert(e);
+    for (int j = 0; j < k; ++j) ref.insert(ref_index[t * k + j]);
+    CHECK(mine == ref);
+    std::sort(row.begin(), row.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    for (int j = 0; j < k; ++j) {
+      CHECK(row[j].second == ref_index[t * k + j]);
+      CHECK(std::abs(row[j].first - ref_weight[t * k + j]) < 1e-5 * std::abs(ref_weight[t * k + j]) + 1e-6);
+    }
+  }
+
+  CHECK(relative_error(to_vector(grad_x), grads.read<double>("hidden_states")) < 1e-4);
+  std::set<std::string> seen;
+  models::visit_checkpoint_tensors(
+      layer, block, true,
+      [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape,
+          const float* data) {
+        INFO(t.checkpoint);
+        REQUIRE(grads.contains(t.checkpoint));
+        CHECK(grads.info(t.checkpoint).shape == shape);
+        const auto ref = grads.read<double>(t.checkpoint);
+        const std::vector<double> mine(data, data + ref.size());
+        CHECK(relative_error(mine, ref) < 1e-4);
+        seen.insert(t.checkpoint);
+      });
+  // Every gradient in the reference is mapped; only the input gradient is not a parameter.
+  for (const auto& name : grads.names())
+    if (name != "hidden_states") CHECK(seen.count(name) == 1);
+}
+
+/// A scratch copy of a fixture's model directory: `edit` may change config.json, and the
+/// checkpoint tensor named `drop` (if any) is left out.
+struct BrokenCopy {
+  fs::path dir;
+  BrokenCopy(const std::string& family, const std::function<void(nlohmann::json&)>& edit,
+             const std::string& drop = "") {
+    dir = fs::temp_directory_path() /
+          ("kmoe_hf_" + family + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    const fs::path source = fixtures / family / "model";
+    const kmoe::io::SafetensorsFile weights((source / "model.safetensors").string());
+    kmoe::io::SafetensorsWriter writer;
+    for (const auto& name : weights.names()) {
+      if (name == drop) continue;
+      const auto& info = weights.info(name);
+      writer.add(name, info.dtype, info.shape, weights.read<double>(name));
+    }
+    writer.write((dir / "model.safetensors").string());
+    std::ifstream in(source / "config.json");
+    nlohmann::json config = nlohmann::json::parse(in);
+    edit(config);
+    std::ofstream(dir / "config.json") << config.dump(2);
+  }
+  ~BrokenCopy() { fs::remove_all(dir); }
+  std::string path() const { return dir.string(); }
+  static int& counter() {
+    static int n = 0;
+    return n;
+  }
+};
+
+// Float loaders without template commas, which Catch2's assertion macros would split.
+void load_mixtral(const std::string& dir, int layer) { models::load_mixtral<X, float>(dir, layer); }
+void load_qwen3_moe(const std::string& dir, int layer) {
+  models::load_qwen3_moe<X, float>(dir, layer);
+}
+void load_deepseek_v3(const std::string& dir, int layer) {
+  models::load_deepseek_v3<X, float>(dir, layer);
+}
+
+}  // namespace
+
+TEST_CASE("Mixtral adapter reproduces the transformers fixture", "[models][hf][mixtral]") {
+  const auto dir = (fixtures / "mixtral" / "model").string();
+  CHECK(models::load_model_type(dir) == "mixtral");
+  auto layer = models::load_mixtral<X, float>(dir, fixture_layer);
+  check_against_fixture(layer, "mixtral");
+}
+
+TEST_CASE("DeepSeek-V3 adapter reproduces the transformers fixture", "[models][hf][deepseek]") {
+  const auto dir = (fixtures / "deepseek_v3" / "model").string();
+  CHECK(models::load_model_type(dir) == "deepseek_v3");
+  auto layer = models::load_deepseek_v3<X, float>(dir, fixture_layer);
+  REQUIRE(layer.shared_experts().has_value());
+  check_against_fixture(layer, "deepseek_v3");
+}
+
+TEST_CASE("Qwen3-MoE adapter reproduces the transformers fixture", "[models][hf][qwen3]") {
+  const auto dir = (fixtures / "qwen3_moe" / "model").string();
+  CHECK(models::load_model_type(dir) == "qwen3_moe");
+  auto layer = models::load_qwen3_moe<X, float>(dir, fixture_layer);
+  check_against_fixture(layer, "qwen3_moe");
+}
+
+TEST_CASE("Checkpoint names cover every parameter slice", "[models][hf]") {
+  const auto block = models::read_block_config((fixtures / "deepseek_v3" / "model").string(), 1);
+  const auto names = models::checkpoint_tensors(block);
+  // gate + 3 projections x 16 experts + 3 shared projections.
+  REQUIRE(names.size() == 1 + 3 * 16 + 3);
+  CHECK(names[0].parameter == "router.weight");
+  CHECK(names[0].checkpoint == "model.layers.1.mlp.gate.weight");
+  const auto it = std::find_if(names.begin(), names.end(), [](const auto& t) {
+    return t.parameter == "experts.w_down" && t.expert == 5;
+  });
+  REQUIRE(it != names.end());
+  CHECK(it->checkpoint == "model.layers.1.mlp.experts.5.down_proj.weight");
+  CHECK(names.back().checkpoint == "model.layers.1.mlp.shared_experts.down_proj.weight");
+}
+
+TEST_CASE("Loaders reject broken model directories with clear messages", "[models][hf][errors]") {
+  SECTION("unknown model_type") {
+    BrokenCopy copy("mixtral", [](nlohmann::json& c) { c["model_type"] = "llama"; });
+    CHECK_THROWS_MATCHES(models::read_block_config(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"model_type\" = \"llama\"") &&
+                                        ContainsSubstring("config.json")));
+  }
+  SECTION("missing config field") {
+    BrokenCopy copy("mixtral", [](nlohmann::json& c) { c.erase("num_experts_per_tok"); });
+    CHECK_THROWS_MATCHES(load_mixtral(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("missing field \"num_experts_per_tok\"") &&
+                                        ContainsSubstring(copy.path())));
+  }
+  SECTION("mistyped config field") {
+    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["norm_topk_prob"] = "yes"; });
+    CHECK_THROWS_MATCHES(load_qwen3_moe(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"norm_topk_prob\"") &&
+                                        ContainsSubstring("true or false")));
+  }
+  SECTION("hidden_act other than silu") {
+    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["hidden_act"] = "gelu"; });
+    CHECK_THROWS_MATCHES(load_qwen3_moe(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"hidden_act\" = \"gelu\"") &&
+                                        ContainsSubstring("silu")));
+  }
+  SECTION("DeepSeek-V3 dense layer") {
+    BrokenCopy copy("deepseek_v3", [](nlohmann::json& c) { c["first_k_dense_replace"] = 1; });
+    CHECK_THROWS_MATCHES(load_deepseek_v3(copy.path(), 0), kmoe::invalid_argument,
+                         MessageMatches(ContainsSubstring("invalid layer = 0") &&
+                                        ContainsSubstring("dense") &&
+                                        ContainsSubstring("first_k_dense_replace")));
+    // Layer 1 is still an MoE block.
+    CHECK_NOTHROW(load_deepseek_v3(copy.path(), 1));
+  }
+  SECTION("DeepSeek-V3 selection bias missing") {
+    const std::string name = "model.layers.1.mlp.gate.e_score_correction_bias";
+    BrokenCopy copy("deepseek_v3", [](nlohmann::json&) {}, name);
+    CHECK_THROWS_MATCHES(load_deepseek_v3(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("no tensor \"" + name + "\"")));
+  }
+  SECTION("DeepSeek-V3 scoring other than sigmoid") {
+    BrokenCopy copy("deepseek_v3", [](nlohmann::json& c) { c["scoring_func"] = "softmax"; });
+    CHECK_THROWS_MATCHES(load_deepseek_v3(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"scoring_func\" = \"softmax\"")));
+  }
+  SECTION("layer out of range") {
+    CHECK_THROWS_MATCHES(
+        load_mixtral((fixtures / "mixtral" / "model").string(), 2),
+        kmoe::invalid_argument,
+        MessageMatches(ContainsSubstring("invalid layer = 2") &&
+                       ContainsSubstring("num_hidden_layers")));
+  }
+  SECTION("loader of another family") {
+    CHECK_THROWS_MATCHES(
+        load_qwen3_moe((fixtures / "mixtral" / "model").string(), 1),
+        kmoe::invalid_argument, MessageMatches(ContainsSubstring("model_type \"mixtral\"")));
+  }
+  SECTION("missing tensor") {
+    const std::string name = "model.layers.1.block_sparse_moe.experts.5.w3.weight";
+    BrokenCopy copy("mixtral", [](nlohmann::json&) {}, name);
+    CHECK_THROWS_MATCHES(load_mixtral(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("no tensor \"" + name + "\"") &&
+                                        ContainsSubstring(copy.path())));
+  }
+  SECTION("tensor shape disagrees with config.json") {
+    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["moe_intermediate_size"] = 40; });
+    CHECK_THROWS_MATCHES(load_qwen3_moe(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("has shape [48, 64]") &&
+                                        ContainsSubstring("[40, 64]")));
+  }
+}

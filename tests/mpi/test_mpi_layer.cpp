@@ -1,0 +1,377 @@
+// SPDX-License-Identifier: BSD-3-Clause
+// Distributed MoELayer against a single-rank reference computed on every rank (SPEC.md
+// section 5): output, input gradient and every parameter gradient after
+// synchronize_gradients(), for each layout whose world size equals the mpiexec rank count.
+//
+// Global batch: token group g = ep_rank + EP * dp_rank (the `tokens` communicator's order)
+// holds rows [g*T, (g+1)*T) of the global x. Each rank's loss is L_g = sum_t <U_t, y_t> / T
+// over its T tokens (U a fixed upstream matrix), and the global loss is the mean of the
+// L_g, i.e. the mean over all tokens. The reference is fed the same per-token dL_g/dy
+// (U/T), so its grad_x equals each rank's rows exactly and its parameter gradients are the
+// sum over g of dL_g/dθ: the distributed result after synchronize_gradients() is that
+// divided by the number of token groups.
+#include <kmoe/combiner.hpp>
+#include <kmoe/communicators/mpi.hpp>
+#include <kmoe/expert.hpp>
+#include <kmoe/init.hpp>
+#include <kmoe/layer.hpp>
+#include <kmoe/parallel.hpp>
+#include <kmoe/routers/sigmoid_bias.hpp>
+#include <kmoe/routers/softmax_topk.hpp>
+
+#include <catch2/catch_test_macros.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+using namespace kmoe;
+
+namespace {
+
+using X = Kokkos::DefaultHostExecutionSpace;
+using S = double;
+using SoftmaxRouter = SoftmaxTopKRouter<X, S>;
+using SigmoidRouter = SigmoidBiasRouter<X, S>;
+using GLU = SwiGLUExperts<X, S>;
+using FFN = FFNExperts<X, S>;
+template <class R, class E>
+using DistLayer = MoELayer<R, E, WeightedSumCombiner<X, S>, MpiCommunicator>;
+template <class R, class E>
+using RefLayer = MoELayer<R, E>;
+
+constexpr int hidden = 8, ffn = 12, tokens_per_rank = 11;
+constexpr double tolerance = 1e-10;
+
+struct Case {
+  std::string name;
+  int experts = 6, top_k = 2;
+  double capacity_factor = 0.0;  // 0: dropless
+  bool shared = false;
+  bool bias = false;    // FFN experts with b1, b2
+  bool starve = false;  // sigmoid router: no token goes to the last EP rank's experts
+  Placement placement = Placement::block;
+};
+
+std::vector<ParallelLayout> layouts_of_world(int world) {
+  std::vector<ParallelLayout> all;
+  auto add = [&](int tp, int ep, int dp, RankOrder order) {
+    ParallelLayout l;
+    l.tp = tp;
+    l.ep = ep;
+    l.dp = dp;
+    l.order = order;
+    if (l.world_size() == world) all.push_back(l);
+  };
+  add(1, 2, 1, RankOrder::tp_ep_dp);
+  add(2, 1, 1, RankOrder::tp_ep_dp);
+  add(1, 1, 2, RankOrder::tp_ep_dp);
+  add(1, 4, 1, RankOrder::tp_ep_dp);
+  add(1, 2, 2, RankOrder::tp_ep_dp);
+  add(2, 2, 1, RankOrder::tp_ep_dp);
+  add(2, 2, 1, RankOrder::ep_tp_dp);
+  add(1, 1, 4, RankOrder::tp_ep_dp);
+  return all;
+}
+
+std::string describe(const ParallelLayout& l) {
+  return "TP" + std::to_string(l.tp) + " EP" + std::to_string(l.ep) + " DP" +
+         std::to_string(l.dp) + " order " + std::to_string(int(l.order)) + " placement " +
+         std::to_string(int(l.placement));
+}
+
+Matrix<S, X> rows_of(const Matrix<S, X>& full, int first, int count) {
+  Matrix<S, X> part("part", count, full.extent(1));
+  Kokkos::deep_copy(part, Kokkos::subview(full, std::make_pair(first, first + count), Kokkos::ALL));
+  return part;
+}
+
+double max_abs(const Parameter<X, S>::flat_view& v) {
+  double m = 0;
+  for (std::size_t i = 0; i < v.size(); ++i) m = std::max(m, std::abs(double(v(i))));
+  return m;
+}
+
+/// Flat index in a full tensor of element `i` of this rank's shard: for expert tensors
+/// (`owned` not empty) axis 0 maps through the owned expert list; an axis narrower in the
+/// shard is this TP rank's slice. Replicated tensors (empty `owned`) map to themselves.
+std::size_t full_index(const Parameter<X, S>& full, const Parameter<X, S>& shard, std::size_t i,
+                       const std::vector<int>& owned, int tp_rank) {
+  const auto& fs = full.shape;
+  const auto& ss = shard.shape;
+  std::vector<std::int64_t> index(ss.size());
+  for (int a = int(ss.size()) - 1; a >= 0; --a) {
+    index[a] = std::int64_t(i % std::size_t(ss[a]));
+    i /= std::size_t(ss[a]);
+  }
+  if (!owned.empty()) index[0] = owned[index[0]];
+  for (std::size_t a = 1; a < ss.size(); ++a)
+    if (ss[a] != fs[a]) index[a] += tp_rank * ss[a];
+  std::size_t flat = 0;
+  for (std::size_t a = 0; a < fs.size(); ++a) flat = flat * std::size_t(fs[a]) + std::size_t(index[a]);
+  return flat;
+}
+
+void copy_shard(const ParameterList<X, S>& full, const ParameterList<X, S>& shard,
+                const std::vector<int>& owned, int tp_rank) {
+  REQUIRE(full.size() == shard.size());
+  for (std::size_t p = 0; p < full.size(); ++p)
+    for (std::size_t i = 0; i < shard[p].value.size(); ++i)
+      shard[p].value(i) = full[p].value(full_index(full[p], shard[p], i, owned, tp_rank));
+}
+
+/// Largest |distributed - reference / groups| over a list, relative to the reference scale.
+double gradient_error(const ParameterList<X, S>& full, const ParameterList<X, S>& shard,
+                      const std::vector<int>& owned, int tp_rank, int groups) {
+  double error = 0;
+  for (std::size_t p = 0; p < full.size(); ++p) {
+    const double scale = std::max(1e-30, max_abs(full[p].grad) / groups);
+    for (std::size_t i = 0; i < shard[p].grad.size(); ++i) {
+      const double want = full[p].grad(full_index(full[p], shard[p], i, owned, tp_rank)) / groups;
+      error = std::max(error, std::abs(shard[p].grad(i) - want) / scale);
+    }
+  }
+  return error;
+}
+
+double matrix_error(const Matrix<S, X>& got, const Matrix<S, X>& full, int first) {
+  double error = 0, scale = 1e-30;
+  for (std::size_t t = 0; t < got.extent(0); ++t)
+    for (std::size_t h = 0; h < got.extent(1); ++h) {
+      scale = std::max(scale, std::abs(full(first + t, h)));
+      error = std::max(error, std::abs(got(t, h) - full(first + t, h)));
+    }
+  return error / scale;
+}
+
+SoftmaxRouter make_router(const Case& c, SoftmaxRouter*) {
+  return SoftmaxRouter({hidden, c.experts, c.top_k, true, 1.0});
+}
+SigmoidRouter make_router(const Case& c, SigmoidRouter*) {
+  return SigmoidRouter(SigmoidBiasConfig{hidden, c.experts, c.top_k, true, 2.5, {4, 2, 2}});
+}
+template <class E>
+E make_experts(int experts, int f, const Case& c) {
+  if constexpr (std::is_same_v<E, FFN>)
+    return E({experts, hidden, f, c.bias});
+  else
+    return E({experts, hidden, f});
+}
+
+/// Sets the sigmoid router's selection bias: a spread of small values, or a large negative
+/// one on the experts that must receive nothing.
+template <class R>
+void set_selection_bias(R& router, const Case& c, const ParallelLayout& layout) {
+  if constexpr (std::is_same_v<R, SigmoidRouter>) {
+    std::vector<int> starved;
+    // With one EP rank it owns every expert, so there is no other rank to starve.
+    if (c.starve && layout.ep > 1) starved = layout.local_experts(c.experts, layout.ep - 1);
+    auto bias = Kokkos::create_mirror_view(router.bias());
+    for (int e = 0; e < c.experts; ++e)
+      bias(e) = std::count(starved.begin(), starved.end(), e) ? -1e3 : 0.01 * (e % 3);
+    Kokkos::deep_copy(router.bias(), bias);
+  }
+}
+
+template <class R, class E>
+void run_case(const Case& c, ParallelLayout layout) {
+  const MpiCommunicator world = MpiCommunicator::world();
+  layout.placement = c.placement;
+  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const int token_groups = layout.ep * layout.dp;
+  const int g = groups.ep_rank + layout.ep * groups.dp_rank;
+  const int global_tokens = tokens_per_rank * token_groups;
+  const auto owned = layout.local_experts(c.experts, groups.ep_rank);
+  CAPTURE(c.name, describe(layout), world.rank());
+
+  LayerOptions options;
+  options.capacity.factor = c.capacity_factor;
+
+  // Reference: every expert, the whole F, all tokens; deterministic weights.
+  std::optional<E> ref_shared, shared;
+  if (c.shared) {
+    ref_shared = make_experts<E>(1, ffn, c);
+    shared = make_experts<E>(1, ffn, c);
+  }
+  RefLayer<R, E> ref(make_router(c, (R*)nullptr), make_experts<E>(c.experts, ffn, c), options,
+                     ref_shared);
+  fill_normal(ref.parameters(), 0.3, 1234);
+  set_selection_bias(ref.router(), c, layout);
+
+  DistLayer<R, E> layer(make_router(c, (R*)nullptr),
+                        make_experts<E>(int(owned.size()), ffn / layout.tp, c), options, shared,
+                        groups);
+  set_selection_bias(layer.router(), c, layout);
+  {
+    ParameterList<X, S> from, to;
+    ref.router().collect_parameters(from);
+    layer.router().collect_parameters(to);
+    copy_shard(from, to, {}, 0);
+    from.clear(), to.clear();
+    ref.experts().collect_parameters(from);
+    layer.experts().collect_parameters(to);
+    copy_shard(from, to, owned, groups.tp_rank);
+    if (c.shared) {
+      from.clear(), to.clear();
+      ref.shared_experts()->collect_parameters(from);
+      layer.shared_experts()->collect_parameters(to);
+      copy_shard(from, to, {}, 0);
+    }
+  }
+
+  Matrix<S, X> x("x", global_tokens, hidden), upstream("upstream", global_tokens, hidden);
+  fill_normal(x, 1.0, 77);
+  fill_normal(upstream, 1.0, 78);
+  Matrix<S, X> grad_y("grad_y", global_tokens, hidden);
+  Kokkos::deep_copy(grad_y, upstream);
+  Kokkos::parallel_for(Kokkos::RangePolicy<X>(0, grad_y.size()),
+                       KOKKOS_LAMBDA(std::size_t i) { grad_y.data()[i] /= tokens_per_rank; });
+  RouteContext<X> context;
+  context.training = true;
+
+  // Reference: one pass over the global batch when dropless; with a capacity, one pass per
+  // token group so that each group's capacity applies to its own tokens (SPEC.md section 5).
+  Matrix<S, X> ref_y("ref_y", global_tokens, hidden), ref_gx("ref_gx", global_tokens, hidden);
+  ref.zero_gradients();
+  const int passes = c.capacity_factor > 0 ? token_groups : 1;
+  const int pass_tokens = global_tokens / passes;
+  std::int64_t ref_dropped = 0;
+  for (int p = 0; p < passes; ++p) {
+    const auto xp = rows_of(x, p * pass_tokens, pass_tokens);
+    const auto gp = rows_of(grad_y, p * pass_tokens, pass_tokens);
+    Matrix<S, X> yp("yp", pass_tokens, hidden), gxp("gxp", pass_tokens, hidden);
+    ref_dropped += ref.forward(xp, yp, context).dropped;
+    ref.backward(gp, gxp);
+    const auto rows = std::make_pair(p * pass_tokens, (p + 1) * pass_tokens);
+    Kokkos::deep_copy(Kokkos::subview(ref_y, rows, Kokkos::ALL), yp);
+    Kokkos::deep_copy(Kokkos::subview(ref_gx, rows, Kokkos::ALL), gxp);
+  }
+
+  // Distributed.
+  const auto x_local = rows_of(x, g * tokens_per_rank, tokens_per_rank);
+  const auto grad_local = rows_of(grad_y, g * tokens_per_rank, tokens_per_rank);
+  Matrix<S, X> y("y", tokens_per_rank, hidden), gx("gx", tokens_per_rank, hidden);
+  layer.zero_gradients();
+  const auto stats = layer.forward(x_local, y, context);
+  layer.backward(grad_local, gx);
+  layer.synchronize_gradients();
+
+  CHECK(matrix_error(y, ref_y, g * tokens_per_rank) < tolerance);
+  CHECK(matrix_error(gx, ref_gx, g * tokens_per_rank) < tolerance);
+  {
+    ParameterList<X, S> full, mine;
+    ref.router().collect_parameters(full);
+    layer.router().collect_parameters(mine);
+    CHECK(gradient_error(full, mine, {}, 0, token_groups) < tolerance);
+    full.clear(), mine.clear();
+    ref.experts().collect_parameters(full);
+    layer.experts().collect_parameters(mine);
+    CHECK(gradient_error(full, mine, owned, groups.tp_rank, token_groups) < tolerance);
+    if (c.shared) {
+      full.clear(), mine.clear();
+      ref.shared_experts()->collect_parameters(full);
+      layer.shared_experts()->collect_parameters(mine);
+      CHECK(gradient_error(full, mine, {}, 0, token_groups) < tolerance);
+    }
+  }
+
+  // Drops summed over token groups (one TP rank each) equal the reference's.
+  Kokkos::View<std::int64_t*, Kokkos::HostSpace> dropped("dropped", 1);
+  dropped(0) = groups.tp_rank == 0 ? stats.dropped : 0;
+  world.all_reduce_sum(dropped);
+  CHECK(dropped(0) == ref_dropped);
+  if (c.capacity_factor > 0) CHECK(ref_dropped > 0);
+  if (c.starve && layout.ep > 1) {
+    const auto last = layout.local_experts(c.experts, layout.ep - 1);
+    for (int e : last) CHECK(stats.tokens_per_expert[e] == 0);
+  }
+}
+
+template <class R, class E>
+void run_all_layouts(const Case& c) {
+  for (const auto& layout : layouts_of_world(MpiCommunicator::world().size()))
+    run_case<R, E>(c, layout);
+}
+
+}  // namespace
+
+TEST_CASE("softmax top-k, SwiGLU, shared expert, dropless, block placement", "[mpi]") {
+  Case c;
+  c.name = "softmax dropless block";
+  c.experts = 5;  // E % EP != 0 for EP = 2 and 4
+  c.shared = true;
+  run_all_layouts<SoftmaxRouter, GLU>(c);
+}
+
+TEST_CASE("softmax top-k, SwiGLU, round-robin placement", "[mpi]") {
+  Case c;
+  c.name = "softmax dropless round robin";
+  c.experts = 6;
+  c.placement = Placement::round_robin;
+  run_all_layouts<SoftmaxRouter, GLU>(c);
+}
+
+TEST_CASE("softmax top-k with a capacity drops per token group", "[mpi]") {
+  Case c;
+  c.name = "softmax capacity";
+  c.experts = 6;
+  c.capacity_factor = 0.75;
+  run_all_layouts<SoftmaxRouter, GLU>(c);
+}
+
+TEST_CASE("DeepSeek-V3 sigmoid router with groups, FFN experts with biases", "[mpi]") {
+  Case c;
+  c.name = "sigmoid ffn bias";
+  c.experts = 8;
+  c.bias = true;
+  c.shared = true;
+  SECTION("dropless") { run_all_layouts<SigmoidRouter, FFN>(c); }
+  SECTION("capacity, round robin") {
+    c.capacity_factor = 1.0;
+    c.placement = Placement::round_robin;
+    run_all_layouts<SigmoidRouter, FFN>(c);
+  }
+}
+
+TEST_CASE("uneven load: no token reaches the last EP rank's experts", "[mpi]") {
+  Case c;
+  c.name = "starved rank";
+  c.experts = 8;
+  c.starve = true;
+  run_all_layouts<SigmoidRouter, GLU>(c);
+}
+
+TEST_CASE("a configuration that differs across ranks raises on every rank", "[mpi]") {
+  const auto world = MpiCommunicator::world();
+  ParallelLayout layout;
+  layout.ep = world.size();
+  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const int experts = 2 * world.size();
+  const int top_k = world.rank() == 1 ? 2 : 1;
+  using Layer = DistLayer<SoftmaxRouter, GLU>;
+  CHECK_THROWS_AS(Layer(SoftmaxRouter({hidden, experts, top_k}),
+                        GLU({2, hidden, ffn}), {}, std::nullopt, groups),
+                  kmoe::invalid_argument);
+}
+
+TEST_CASE("a rank that fails in forward makes every rank throw, without a hang", "[mpi]") {
+  const auto world = MpiCommunicator::world();
+  ParallelLayout layout;
+  layout.ep = world.size();
+  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const int experts = 2 * world.size();
+  DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, experts, 2}), GLU({2, hidden, ffn}),
+                                      {}, std::nullopt, groups);
+  fill_normal(layer.parameters(), 0.3, 5);
+  const int width = world.rank() == 1 ? hidden + 1 : hidden;
+  Matrix<S, X> bad("x", tokens_per_rank, width), y("y", tokens_per_rank, width);
+  if (world.rank() == 1)
+    CHECK_THROWS_AS(layer.forward(bad, y), kmoe::invalid_argument);
+  else
+    CHECK_THROWS_AS(layer.forward(bad, y), kmoe::runtime_error);
+  // The group is still usable: a correct step afterwards completes on every rank.
+  Matrix<S, X> x("x", tokens_per_rank, hidden), out("out", tokens_per_rank, hidden);
+  fill_normal(x, 1.0, 6);
+  CHECK_NOTHROW(layer.forward(x, out));
+}

@@ -1,0 +1,297 @@
+// SPDX-License-Identifier: BSD-3-Clause
+// kmoe-run: runs the MoE block of one decoder layer of a Hugging Face checkpoint (Mixtral,
+// DeepSeek-V3, Qwen3-MoE) on hidden states read from a safetensors file, writes the output
+// and the routing, and optionally the backward pass's gradients under checkpoint names.
+// docs/models.md shows a run.
+
+#include <kmoe/kmoe.hpp>
+#include <kmoe/models/hf.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <iostream>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace io = kmoe::io;
+namespace models = kmoe::models;
+
+const char* const usage_text =
+    R"(usage: kmoe-run --model DIR --layer L --input X --output Y
+                [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
+                [--double]
+
+Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
+model.safetensors or model.safetensors.index.json; model_type mixtral, deepseek_v3 or
+qwen3_moe) on the hidden states in X.
+
+  --model DIR        model directory
+  --layer L          decoder layer index (must be an MoE layer)
+  --input X          safetensors file with "hidden_states" [T, H] (F16, BF16, F32 or F64)
+  --output Y         written: "hidden_states" [T, H], "router_logits" [T, E] (F32),
+                     "topk_indices" [T, k] (I64), "topk_weights" [T, k] (F32); each top-k
+                     row is ordered by decreasing weight, ties by increasing index (the
+                     Hugging Face fixtures' order; for DeepSeek-V3 the biased selection
+                     order can differ from the weight order)
+  --grad-output G    safetensors file with "hidden_states" [T, H] = dLoss/dOutput; runs a
+                     training forward and the backward pass (needs --grads)
+  --grads GRADS      written: "hidden_states" = dLoss/dInput and the gradient of every
+                     trainable block tensor under its checkpoint name (one tensor per
+                     expert, e.g. model.layers.1.block_sparse_moe.experts.3.w1.weight), F32
+  --threads N        host threads for Kokkos (default: Kokkos' own choice)
+  --bench            also time forward (and forward + backward with --grad-output) and
+                     print the median over the repeats
+  --repeats R        repeats for --bench (default 20)
+  --double           compute in double instead of float
+  --help             this text
+
+Exit status: 0 on success, 1 if the run fails (the message says why), 2 for bad arguments.
+)";
+
+struct Options {
+  std::string model, input, output, grad_output, grads;
+  int layer = -1;
+  int threads = -1;
+  int repeats = 20;
+  bool bench = false;
+  bool use_double = false;
+};
+
+struct UsageError {
+  std::string message;
+};
+
+int parse_int(const std::string& flag, const std::string& text, int minimum) {
+  std::size_t used = 0;
+  long value = 0;
+  try {
+    value = std::stol(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || text.empty() || value < minimum || value > 0x7fffffff)
+    throw UsageError{flag + " needs an integer >= " + std::to_string(minimum) + ", got '" + text + "'"};
+  return int(value);
+}
+
+/// Returns false when --help was asked for.
+bool parse(int argc, char** argv, Options& o) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") return false;
+    if (flag == "--bench") {
+      o.bench = true;
+      continue;
+    }
+    if (flag == "--double") {
+      o.use_double = true;
+      continue;
+    }
+    if (i + 1 >= argc) throw UsageError{flag + " needs a value"};
+    const std::string value = argv[++i];
+    if (flag == "--model") o.model = value;
+    else if (flag == "--layer") o.layer = parse_int(flag, value, 0);
+    else if (flag == "--input") o.input = value;
+    else if (flag == "--output") o.output = value;
+    else if (flag == "--grad-output") o.grad_output = value;
+    else if (flag == "--grads") o.grads = value;
+    else if (flag == "--threads") o.threads = parse_int(flag, value, 1);
+    else if (flag == "--repeats") o.repeats = parse_int(flag, value, 1);
+    else throw UsageError{"unknown argument '" + flag + "'"};
+  }
+  if (o.model.empty()) throw UsageError{"--model is required"};
+  if (o.layer < 0) throw UsageError{"--layer is required"};
+  if (o.input.empty()) throw UsageError{"--input is required"};
+  if (o.output.empty()) throw UsageError{"--output is required"};
+  if (o.grad_output.empty() != o.grads.empty())
+    throw UsageError{"--grad-output and --grads go together"};
+  return true;
+}
+
+/// Reads "hidden_states" [T, H] from `path` into a new device matrix.
+template <class S, class X>
+kmoe::Matrix<S, X> read_hidden(const std::string& path, int hidden) {
+  const io::SafetensorsFile file(path);
+  const auto& shape = file.info("hidden_states").shape;
+  if (shape.size() != 2 || shape[1] != hidden)
+    throw kmoe::runtime_error("kmoe-run: " + path + ": \"hidden_states\" must be [T, " +
+                              std::to_string(hidden) + "] for this model");
+  kmoe::Matrix<S, X> m("hidden_states", shape[0], shape[1]);
+  auto host = Kokkos::create_mirror_view(m);
+  file.read_into(std::string("hidden_states"), host.data(), host.size());
+  Kokkos::deep_copy(m, host);
+  return m;
+}
+
+template <class View>
+std::vector<std::int64_t> shape_of(const View& v) {
+  return {std::int64_t(v.extent(0)), std::int64_t(v.extent(1))};
+}
+
+template <class View>
+void add_f32(io::SafetensorsWriter& writer, const std::string& name, const View& v) {
+  const auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  writer.add(name, io::DType::F32, shape_of(v), host.data());
+}
+
+/// The plan's slots are in selection order (decreasing selection score); the files use the
+/// Hugging Face fixtures' order, decreasing weight with ties by increasing index, which
+/// differs from selection order when DeepSeek-V3's bias reorders the experts.
+template <class Plan>
+void add_topk(io::SafetensorsWriter& writer, const Plan& plan) {
+  const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), plan.expert);
+  const auto weight = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), plan.weight);
+  const std::size_t tokens = expert.extent(0), k = expert.extent(1);
+  std::vector<std::int64_t> indices(tokens * k);
+  std::vector<float> weights(tokens * k);
+  std::vector<std::size_t> order(k);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    std::iota(order.begin(), order.end(), std::size_t(0));
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      if (weight(t, a) != weight(t, b)) return weight(t, a) > weight(t, b);
+      return expert(t, a) < expert(t, b);
+    });
+    for (std::size_t j = 0; j < k; ++j) {
+      indices[t * k + j] = expert(t, order[j]);
+      weights[t * k + j] = float(weight(t, order[j]));
+    }
+  }
+  const std::vector<std::int64_t> shape{std::int64_t(tokens), std::int64_t(k)};
+  writer.add("topk_indices", io::DType::I64, shape, indices);
+  writer.add("topk_weights", io::DType::F32, shape, weights);
+}
+
+template <class Step>
+double median_ms(int repeats, const Step& step) {
+  std::vector<double> ms;
+  step();  // warm-up: first-call allocations are not part of the steady state
+  for (int r = 0; r < repeats; ++r) {
+    Kokkos::fence();
+    const auto start = std::chrono::steady_clock::now();
+    step();
+    Kokkos::fence();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                     .count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
+}
+
+template <class Layer>
+void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
+  using X = typename Layer::execution_space;
+  using S = typename Layer::scalar_type;
+  const auto x = read_hidden<S, X>(o.input, b.hidden);
+  const int tokens = int(x.extent(0));
+  kmoe::Matrix<S, X> y("output", tokens, b.hidden);
+  const bool training = !o.grad_output.empty();
+  kmoe::RouteContext<X> context;
+  context.training = training;
+
+  layer.zero_gradients();
+  const kmoe::ForwardStats stats = layer.forward(x, y, context);
+  {
+    io::SafetensorsWriter writer;
+    writer.set_metadata("source", "kmoe-run " + b.model_type + " layer " + std::to_string(b.layer));
+    add_f32(writer, "hidden_states", y);
+    add_f32(writer, "router_logits", layer.routing().logits);
+    add_topk(writer, layer.routing());
+    writer.write(o.output);
+  }
+  std::printf("model %s, layer %d: T=%d H=%d experts=%d top-k=%d%s, %s\n", b.model_type.c_str(),
+              b.layer, tokens, b.hidden, b.experts, b.top_k,
+              b.shared_ffn > 0 ? " +shared" : "", o.use_double ? "double" : "float");
+  std::printf("tokens per expert:");
+  for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
+  std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());
+
+  kmoe::Matrix<S, X> grad_y, grad_x;
+  if (training) {
+    grad_y = read_hidden<S, X>(o.grad_output, b.hidden);
+    if (int(grad_y.extent(0)) != tokens)
+      throw kmoe::runtime_error("kmoe-run: " + o.grad_output + ": \"hidden_states\" has " +
+                                std::to_string(grad_y.extent(0)) + " rows, the input " +
+                                std::to_string(tokens));
+    grad_x = kmoe::Matrix<S, X>("grad_input", tokens, b.hidden);
+    layer.backward(grad_y, grad_x);
+    io::SafetensorsWriter writer;
+    writer.set_metadata("source", "kmoe-run " + b.model_type + " layer " + std::to_string(b.layer));
+    add_f32(writer, "hidden_states", grad_x);
+    models::visit_checkpoint_tensors(
+        layer, b, true,
+        [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape, const S* data) {
+          writer.add(t.checkpoint, io::DType::F32, shape, data);
+        });
+    writer.write(o.grads);
+    std::printf("wrote %s\n", o.grads.c_str());
+  }
+
+  if (o.bench) {
+    kmoe::RouteContext<X> inference;
+    const double fwd = median_ms(o.repeats, [&] { layer.forward(x, y, inference); });
+    std::printf("forward: median %.3f ms over %d repeats\n", fwd, o.repeats);
+    if (training) {
+      const double step = median_ms(o.repeats, [&] {
+        layer.forward(x, y, context);
+        layer.backward(grad_y, grad_x);
+      });
+      std::printf("training forward + backward: median %.3f ms over %d repeats\n", step, o.repeats);
+    }
+  }
+}
+
+template <class S>
+void dispatch(const Options& o) {
+  using X = Kokkos::DefaultExecutionSpace;
+  const models::MoEBlockConfig b = models::read_block_config(o.model, o.layer);
+  if (b.model_type == "mixtral") {
+    auto layer = models::load_mixtral<X, S>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.model_type == "qwen3_moe") {
+    auto layer = models::load_qwen3_moe<X, S>(o.model, o.layer);
+    run(layer, b, o);
+  } else {
+    auto layer = models::load_deepseek_v3<X, S>(o.model, o.layer);
+    run(layer, b, o);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  try {
+    if (!parse(argc, argv, o)) {
+      std::cout << usage_text;
+      return 0;
+    }
+  } catch (const UsageError& e) {
+    std::cerr << "kmoe-run: " << e.message << "\n\n" << usage_text;
+    return 2;
+  }
+#if KOKKOS_VERSION >= 40000
+  Kokkos::InitializationSettings settings;
+  if (o.threads > 0) settings.set_num_threads(o.threads);
+  Kokkos::ScopeGuard kokkos(settings);
+#else
+  Kokkos::InitArguments settings;
+  settings.num_threads = o.threads;  // -1 lets Kokkos choose
+  Kokkos::ScopeGuard kokkos(settings);
+#endif
+  try {
+    if (o.use_double)
+      dispatch<double>(o);
+    else
+      dispatch<float>(o);
+  } catch (const std::exception& e) {
+    std::cerr << "kmoe-run: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
