@@ -10,8 +10,55 @@
 #include <KokkosBlas3_gemm.hpp>
 
 #include <string>
+#include <type_traits>
 
 namespace kmoe::gemm {
+
+namespace detail {
+
+/// Rows of C up to which a host GEMM C = A B^T goes to the streaming kernel below.
+inline constexpr std::size_t skinny_rows = 8;
+
+/// C = alpha A B^T + beta C for M rows of A (M small, as in decode): each output column j
+/// is the dot product of the M rows of A with the contiguous row j of B, so B (the
+/// [out, in] weight) is read exactly once, with no packing copy, and A stays in cache.
+/// Vendor BLAS packs B first, which for a few rows costs more than the product itself.
+template <int M, class ExecSpace, class Scalar>
+void skinny_times_transposed(const ExecSpace& space, std::size_t n, std::size_t k, Scalar alpha,
+                             const Scalar* a, const Scalar* b, Scalar beta, Scalar* c) {
+  Kokkos::parallel_for(
+      "kmoe::gemm::skinny", Kokkos::RangePolicy<ExecSpace>(space, 0, n),
+      KOKKOS_LAMBDA(std::size_t j) {
+        // Independent lanes let the compiler vectorise the k loop without reassociating.
+        constexpr std::size_t lanes = 16;
+        Scalar acc[M][lanes] = {};
+        const Scalar* w = b + j * k;
+        const std::size_t body = k / lanes * lanes;
+        for (std::size_t p = 0; p < body; p += lanes)
+          for (int r = 0; r < M; ++r)
+            for (std::size_t l = 0; l < lanes; ++l) acc[r][l] += a[r * k + p + l] * w[p + l];
+        for (int r = 0; r < M; ++r) {
+          Scalar sum = 0;
+          for (std::size_t l = 0; l < lanes; ++l) sum += acc[r][l];
+          for (std::size_t p = body; p < k; ++p) sum += a[r * k + p] * w[p];
+          Scalar& out = c[r * n + j];
+          out = alpha * sum + (beta == Scalar(0) ? Scalar(0) : beta * out);
+        }
+      });
+}
+
+template <class ExecSpace, class Scalar, int M = 1>
+void skinny_dispatch(const ExecSpace& space, std::size_t m, std::size_t n, std::size_t k,
+                     Scalar alpha, const Scalar* a, const Scalar* b, Scalar beta, Scalar* c) {
+  if constexpr (M <= int(skinny_rows)) {
+    if (m == std::size_t(M))
+      skinny_times_transposed<M>(space, n, k, alpha, a, b, beta, c);
+    else
+      skinny_dispatch<ExecSpace, Scalar, M + 1>(space, m, n, k, alpha, a, b, beta, c);
+  }
+}
+
+}  // namespace detail
 
 /// \brief GEMM policy: row-major C = alpha * op(A) * op(B) + beta * C via Kokkos Kernels.
 ///
@@ -24,7 +71,7 @@ struct KokkosKernels {
   static constexpr const char* name = "kokkos-kernels";
 
   template <class ExecSpace, class AView, class BView, class CView>
-  static void gemm(const ExecSpace& /*space*/, bool transpose_a, bool transpose_b,
+  static void gemm(const ExecSpace& space, bool transpose_a, bool transpose_b,
                    typename CView::const_value_type alpha, const AView& a, const BView& b,
                    typename CView::const_value_type beta, const CView& c) {
     using Scalar = typename CView::non_const_value_type;
@@ -57,6 +104,16 @@ struct KokkosKernels {
           "kmoe::gemm::scale", Kokkos::RangePolicy<ExecSpace>(0, m * n),
           KOKKOS_LAMBDA(std::size_t i) { c_data[i] = beta == Scalar(0) ? Scalar(0) : c_data[i] * beta; });
       return;
+    }
+    // A few rows times a transposed weight (decode, small expert segments): stream the
+    // weight once on host spaces; device BLAS handles skinny shapes itself.
+    constexpr bool host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, Memory>::accessible;
+    if constexpr (host) {
+      if (!transpose_a && transpose_b && m <= detail::skinny_rows) {
+        detail::skinny_dispatch(space, m, n, k, Scalar(alpha), a.data(), b.data(), Scalar(beta),
+                                c.data());
+        return;
+      }
     }
     KokkosBlas::gemm(transpose_b ? "T" : "N", transpose_a ? "T" : "N", alpha, b_t, a_t, beta,
                      c_t);

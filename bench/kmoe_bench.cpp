@@ -1,0 +1,484 @@
+// SPDX-License-Identifier: BSD-3-Clause
+// kmoe_bench: times MoELayer forward / backward against the dense equivalent (the same
+// expert GEMMs and activation on one weight set for all T*k assignments, through the same
+// GEMM backend), with a phase breakdown and, for decode, the weight-streaming floor.
+// Usage: kmoe_bench [--config NAME]... [--repeats N] [--quick] [--json FILE]
+#include <kmoe/kmoe.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using X = Kokkos::DefaultExecutionSpace;
+using S = float;
+using Experts = kmoe::SwiGLUExperts<X, S>;
+using MixtralLayer = kmoe::MoELayer<kmoe::SoftmaxTopKRouter<X, S>, Experts>;
+using DeepSeekLayer = kmoe::MoELayer<kmoe::SigmoidBiasRouter<X, S>, Experts>;
+
+enum class Kind { mixtral, deepseek };
+
+struct Config {
+  std::string name;
+  Kind kind = Kind::mixtral;
+  int T = 0, H = 0, F = 0, E = 0, k = 0;
+  int shared_F = 0;              // 0: no shared expert
+  int n_group = 1, topk_group = 1;
+  bool backward = true;          // also time backward and fwd+bwd
+  bool decode_floor = false;     // also time the weight-streaming floor
+  int repeats = 3;
+};
+
+// Unset figures print as null in the JSON and "-" in the table.
+constexpr double none = -1.0;
+
+struct Record {
+  Config c;
+  double layer_ms = none, layer_fwdbwd_ms = none, backward_ms = none;
+  double dense_ms = none, dense_fwdbwd_ms = none;
+  double route_ms = none, experts_ms = none, shared_ms = none, permute_combine_ms = none;
+  double floor_ms = none, floor_bytes = none;
+  int active_experts = 0;
+  double imbalance = 0;
+  double gflop = 0;  // expert (+ shared) GEMM FLOPs of one forward
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// One warm-up call (allocations, first-touch, BLAS thread start-up), then the median of
+// `repeats` timed calls, each fenced so that asynchronous backends are measured fully.
+double time_ms(int repeats, const std::function<void()>& f) {
+  f();
+  Kokkos::fence();
+  std::vector<double> t;
+  for (int i = 0; i < repeats; ++i) {
+    const double start = now_ms();
+    f();
+    Kokkos::fence();
+    t.push_back(now_ms() - start);
+  }
+  return median(t);
+}
+
+std::string machine_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) {
+      const auto colon = line.find(':');
+      return colon == std::string::npos ? line : line.substr(colon + 2);
+    }
+  return "unknown";
+}
+
+kmoe::Segments<X> segments_from_counts(const std::vector<std::int64_t>& counts) {
+  kmoe::Segments<X> s;
+  s.offsets_host = Kokkos::View<int*, Kokkos::HostSpace>("bench::offsets", counts.size() + 1);
+  for (std::size_t e = 0; e < counts.size(); ++e)
+    s.offsets_host(e + 1) = s.offsets_host(e) + int(counts[e]);
+  s.sync_from_host();
+  return s;
+}
+
+// Reads the given contiguous weight blocks once (a sum, so nothing is optimised away): the
+// time no decode step can beat, since every activated expert's weights must be read.
+double stream_ms(int repeats, const std::vector<const S*>& blocks, std::size_t block_elements) {
+  constexpr std::size_t lanes = 16, chunk = 256;
+  const std::size_t chunks = block_elements / chunk;
+  volatile double sink = 0;
+  const double ms = time_ms(repeats, [&] {
+    double total = 0;
+    for (const S* p : blocks) {
+      S sum = 0;
+      Kokkos::parallel_reduce(
+          "bench::stream", Kokkos::RangePolicy<X>(0, chunks),
+          KOKKOS_LAMBDA(std::size_t i, S & acc) {
+            // Independent lanes let the compiler vectorise without reassociating.
+            S lane[lanes] = {};
+            const S* q = p + i * chunk;
+            for (std::size_t j = 0; j < chunk; j += lanes)
+              for (std::size_t l = 0; l < lanes; ++l) lane[l] += q[j + l];
+            for (std::size_t l = 0; l < lanes; ++l) acc += lane[l];
+          },
+          sum);
+      total += sum;
+    }
+    sink = sink + total;
+  });
+  return ms;
+}
+
+template <class Layer>
+void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x) {
+  const Config& c = r.c;
+  kmoe::fill_normal(layer.parameters(), 0.02, 11);
+  kmoe::Matrix<S, X> y("bench::y", c.T, c.H), gy("bench::grad_y", c.T, c.H),
+      gx("bench::grad_x", c.T, c.H);
+  kmoe::fill_normal(gy, 1.0, 13);
+  kmoe::RouteContext<X> infer, train;
+  train.training = true;
+
+  kmoe::ForwardStats stats;
+  r.layer_ms = time_ms(c.repeats, [&] { stats = layer.forward(x, y, infer); });
+  r.imbalance = stats.imbalance();
+  if (c.backward) {
+    std::vector<double> fwd, bwd, both;
+    for (int i = 0; i <= c.repeats; ++i) {  // iteration 0 warms up
+      const double t0 = now_ms();
+      layer.forward(x, y, train);
+      Kokkos::fence();
+      const double t1 = now_ms();
+      layer.backward(gy, gx);
+      Kokkos::fence();
+      const double t2 = now_ms();
+      if (i == 0) continue;
+      fwd.push_back(t1 - t0);
+      bwd.push_back(t2 - t1);
+      both.push_back(t2 - t0);
+    }
+    r.backward_ms = median(bwd);
+    r.layer_fwdbwd_ms = median(both);
+  }
+
+  // Breakdown: the router alone on the same x, the routed experts alone on the segment
+  // layout of the layer's last forward, the shared expert alone; the rest of the layer
+  // time is gather (permute) + combine + dispatch bookkeeping.
+  kmoe::RoutingPlan<X, S> plan;
+  r.route_ms = time_ms(c.repeats, [&] { layer.router().forward(x, plan, infer); });
+  std::int64_t rows = 0;
+  for (auto n : stats.tokens_per_expert) rows += n;
+  for (auto n : stats.tokens_per_expert) r.active_experts += n > 0;
+  const auto segments = segments_from_counts(stats.tokens_per_expert);
+  kmoe::Matrix<S, X> ex("bench::expert_x", rows, c.H), ey("bench::expert_y", rows, c.H);
+  kmoe::fill_normal(ex, 1.0, 17);
+  r.experts_ms = time_ms(c.repeats, [&] {
+    layer.experts().forward(ex, segments, ey, kmoe::ExpertMode::inference);
+  });
+  r.shared_ms = 0;
+  if (layer.shared_experts()) {
+    const auto one = kmoe::Segments<X>::single(c.T);
+    kmoe::Matrix<S, X> sy("bench::shared_y", c.T, c.H);
+    r.shared_ms = time_ms(c.repeats, [&] {
+      layer.shared_experts()->forward(x, one, sy, kmoe::ExpertMode::inference);
+    });
+  }
+  r.permute_combine_ms = std::max(0.0, r.layer_ms - r.route_ms - r.experts_ms - r.shared_ms);
+
+  if (c.decode_floor) {
+    std::vector<const S*> blocks;
+    const std::size_t block = std::size_t(c.F) * c.H;
+    const auto& ex_ = layer.experts();
+    for (int e = 0; e < c.E; ++e)
+      if (stats.tokens_per_expert[e] > 0)
+        for (const auto* w : {&ex_.w_gate(), &ex_.w_up(), &ex_.w_down()})
+          blocks.push_back(w->value.data() + e * block);
+    r.floor_bytes = double(blocks.size()) * double(block) * sizeof(S);
+    r.floor_ms = stream_ms(std::max(c.repeats, 5), blocks, block);
+  }
+}
+
+// Dense equivalent: one SwiGLU weight set applied to all T*k assignment rows (plus the
+// shared expert on T rows where the layer has one): the layer's expert FLOPs, no routing.
+void measure_dense(Record& r) {
+  const Config& c = r.c;
+  const int rows = c.T * c.k;
+  Experts dense({1, c.H, c.F});
+  kmoe::fill_normal(dense.w_gate().value, 0.02, 21);
+  kmoe::fill_normal(dense.w_up().value, 0.02, 22);
+  kmoe::fill_normal(dense.w_down().value, 0.02, 23);
+  const auto seg = kmoe::Segments<X>::single(rows);
+  kmoe::Matrix<S, X> x("bench::dense_x", rows, c.H), y("bench::dense_y", rows, c.H),
+      gy("bench::dense_gy", rows, c.H), gx("bench::dense_gx", rows, c.H);
+  kmoe::fill_normal(x, 1.0, 24);
+  kmoe::fill_normal(gy, 1.0, 25);
+
+  std::optional<Experts> shared;
+  kmoe::Segments<X> shared_seg;
+  kmoe::Matrix<S, X> sx, sy, sgy, sgx;
+  if (c.shared_F > 0) {
+    shared.emplace(kmoe::ExpertShape{1, c.H, c.shared_F});
+    kmoe::fill_normal(shared->w_gate().value, 0.02, 26);
+    kmoe::fill_normal(shared->w_up().value, 0.02, 27);
+    kmoe::fill_normal(shared->w_down().value, 0.02, 28);
+    shared_seg = kmoe::Segments<X>::single(c.T);
+    sx = kmoe::Matrix<S, X>("bench::shared_x", c.T, c.H);
+    sy = kmoe::Matrix<S, X>("bench::shared_y", c.T, c.H);
+    sgy = kmoe::Matrix<S, X>("bench::shared_gy", c.T, c.H);
+    sgx = kmoe::Matrix<S, X>("bench::shared_gx", c.T, c.H);
+    kmoe::fill_normal(sx, 1.0, 29);
+  }
+  const auto forward = [&](kmoe::ExpertMode mode) {
+    dense.forward(x, seg, y, mode);
+    if (shared) shared->forward(sx, shared_seg, sy, mode);
+  };
+  r.dense_ms = time_ms(c.repeats, [&] { forward(kmoe::ExpertMode::inference); });
+  if (c.backward)
+    r.dense_fwdbwd_ms = time_ms(c.repeats, [&] {
+      forward(kmoe::ExpertMode::store);
+      dense.backward(x, seg, gy, gx);
+      if (shared) shared->backward(sx, shared_seg, sgy, sgx);
+    });
+}
+
+Record run(const Config& c) {
+  Record r;
+  r.c = c;
+  r.gflop = 6.0 * c.H * (double(c.T) * c.k * c.F + double(c.T) * c.shared_F) * 1e-9;
+  kmoe::Matrix<S, X> x("bench::x", c.T, c.H);
+  kmoe::fill_normal(x, 1.0, 7);
+  {
+    Experts experts({c.E, c.H, c.F});
+    if (c.kind == Kind::mixtral) {
+      kmoe::SoftmaxTopKConfig rc;
+      rc.hidden = c.H;
+      rc.experts = c.E;
+      rc.top_k = c.k;
+      rc.normalize = true;
+      MixtralLayer layer(kmoe::SoftmaxTopKRouter<X, S>(rc), std::move(experts));
+      measure_layer(layer, r, x);
+    } else {
+      kmoe::SigmoidBiasConfig rc;
+      rc.hidden = c.H;
+      rc.experts = c.E;
+      rc.top_k = c.k;
+      rc.normalize = true;
+      rc.scaling_factor = 2.5;
+      rc.group = {c.n_group, c.topk_group, 2};
+      std::optional<Experts> shared;
+      if (c.shared_F > 0) shared.emplace(kmoe::ExpertShape{1, c.H, c.shared_F}, "shared");
+      DeepSeekLayer layer(kmoe::SigmoidBiasRouter<X, S>(rc), std::move(experts), {},
+                          std::move(shared));
+      measure_layer(layer, r, x);
+    }
+  }  // the layer's weights are freed before the dense equivalent allocates its own
+  measure_dense(r);
+  return r;
+}
+
+Config mixtral(const std::string& name, int T, int repeats) {
+  Config c;
+  c.name = name;
+  c.T = T;
+  c.H = 1024;
+  c.F = 3584;
+  c.E = 8;
+  c.k = 2;
+  c.repeats = repeats;
+  return c;
+}
+
+Config deepseek(const std::string& name, int T, int H, int F, int E, int shared_F, int repeats) {
+  Config c;
+  c.name = name;
+  c.kind = Kind::deepseek;
+  c.T = T;
+  c.H = H;
+  c.F = F;
+  c.E = E;
+  c.k = 6;
+  c.shared_F = shared_F;
+  c.n_group = 8;
+  c.topk_group = 3;
+  c.repeats = repeats;
+  return c;
+}
+
+std::vector<Config> all_configs() {
+  std::vector<Config> list;
+  list.push_back(mixtral("mixtral-prefill", 4096, 3));
+  list.push_back(deepseek("deepseek-prefill", 4096, 1024, 256, 64, 512, 3));
+  Config decode = mixtral("decode", 8, 20);
+  decode.decode_floor = true;
+  list.push_back(decode);
+  // Token sweep on Mixtral shapes, forward only (fwd+bwd at T = 16384 would take minutes).
+  for (int T : {64, 256, 1024, 4096, 16384}) {
+    Config c = mixtral("sweep-T-" + std::to_string(T), T, T >= 16384 ? 2 : 3);
+    c.backward = false;
+    list.push_back(c);
+  }
+  // Expert sweep at fixed active FLOPs: T, H, F and k = 2 fixed, so every token does the
+  // same GEMM work whatever E; only the rows per expert (T*k/E) shrink. F = 512 keeps
+  // E = 256 (weights + gradients 3.2 GB) in memory.
+  for (int E : {8, 32, 64, 128, 256}) {
+    Config c = mixtral("sweep-E-" + std::to_string(E), 4096, 3);
+    c.F = 512;
+    c.E = E;
+    c.backward = false;
+    list.push_back(c);
+  }
+  return list;
+}
+
+// Tiny shapes for CI: every code path of the full run, in seconds.
+std::vector<Config> quick_configs() {
+  std::vector<Config> list;
+  Config m = mixtral("mixtral-quick", 64, 2);
+  m.H = 64;
+  m.F = 96;
+  list.push_back(m);
+  list.push_back(deepseek("deepseek-quick", 64, 64, 32, 16, 64, 2));
+  Config d = m;
+  d.name = "decode-quick";
+  d.T = 4;
+  d.decode_floor = true;
+  list.push_back(d);
+  return list;
+}
+
+void json_number(FILE* f, const char* key, double v, bool comma = true) {
+  if (v == none)
+    std::fprintf(f, "\"%s\": null", key);
+  else
+    std::fprintf(f, "\"%s\": %.6g", key, v);
+  if (comma) std::fprintf(f, ", ");
+}
+
+double ratio(double a, double b) { return a == none || b == none || b <= 0 ? none : a / b; }
+
+void write_json(const std::string& path, const std::vector<Record>& records,
+                const std::string& machine, const std::string& backend, int threads) {
+  FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) {
+    std::fprintf(stderr, "kmoe_bench: cannot write %s\n", path.c_str());
+    std::exit(1);
+  }
+  std::fprintf(f, "[\n");
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    const Record& r = records[i];
+    const Config& c = r.c;
+    std::fprintf(f,
+                 "  {\"name\": \"%s\", \"implementation\": \"kmoe\", \"T\": %d, \"H\": %d, "
+                 "\"F\": %d, \"E\": %d, \"k\": %d, \"shared_F\": %d, \"threads\": %d, "
+                 "\"backend\": \"%s\", \"machine\": \"%s\", \"repeats\": %d, ",
+                 c.name.c_str(), c.T, c.H, c.F, c.E, c.k, c.shared_F, threads, backend.c_str(),
+                 machine.c_str(), c.repeats);
+    json_number(f, "gflop", r.gflop);
+    json_number(f, "layer_ms", r.layer_ms);
+    json_number(f, "layer_fwdbwd_ms", r.layer_fwdbwd_ms);
+    json_number(f, "backward_ms", r.backward_ms);
+    json_number(f, "dense_equivalent_ms", r.dense_ms);
+    json_number(f, "dense_fwdbwd_ms", r.dense_fwdbwd_ms);
+    json_number(f, "ratio", ratio(r.layer_ms, r.dense_ms));
+    json_number(f, "ratio_fwdbwd", ratio(r.layer_fwdbwd_ms, r.dense_fwdbwd_ms));
+    json_number(f, "imbalance", r.imbalance);
+    json_number(f, "active_experts", r.active_experts);
+    json_number(f, "floor_bytes", r.floor_bytes);
+    json_number(f, "floor_ms", r.floor_ms);
+    json_number(f, "decode_floor_ratio", ratio(r.layer_ms, r.floor_ms));
+    std::fprintf(f, "\"breakdown\": {");
+    json_number(f, "route_ms", r.route_ms);
+    json_number(f, "permute_combine_ms", r.permute_combine_ms);
+    json_number(f, "experts_ms", r.experts_ms);
+    json_number(f, "shared_ms", r.shared_ms);
+    json_number(f, "comm_ms", 0.0);
+    json_number(f, "route_permute_combine_fraction",
+                ratio(r.route_ms + r.permute_combine_ms, r.layer_ms), false);
+    std::fprintf(f,
+                 "}, \"breakdown_method\": \"route: router.forward alone on the same x; "
+                 "experts: experts.forward alone on the segment layout of the layer's forward; "
+                 "shared: shared expert alone; permute_combine = layer - route - experts - "
+                 "shared (gather, dispatch, combine); comm = 0 (single process, the exchange "
+                 "aliases its buffers)\"}%s\n",
+                 i + 1 < records.size() ? "," : "");
+  }
+  std::fprintf(f, "]\n");
+  std::fclose(f);
+}
+
+std::string cell(double v, const char* fmt = "%.2f") {
+  if (v == none) return "-";
+  char b[32];
+  std::snprintf(b, sizeof b, fmt, v);
+  return b;
+}
+
+void usage() {
+  std::fprintf(stderr,
+               "usage: kmoe_bench [--config NAME]... [--repeats N] [--quick] [--json FILE]\n"
+               "  NAME: a configuration, or a prefix of several (sweep-T, sweep-E)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Kokkos::ScopeGuard kokkos(argc, argv);
+  std::vector<std::string> wanted;
+  std::string json;
+  int repeats = 0;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (a == "--config" && has_value)
+      wanted.push_back(argv[++i]);
+    else if (a == "--repeats" && has_value)
+      repeats = std::atoi(argv[++i]);
+    else if (a == "--json" && has_value)
+      json = argv[++i];
+    else if (a == "--quick")
+      quick = true;
+    else if (a == "--help" || a == "-h") {
+      usage();
+      return 0;
+    } else if (a.rfind("--kokkos", 0) != 0) {
+      usage();
+      return 2;
+    }
+  }
+
+  std::vector<Config> configs;
+  for (const auto& c : quick ? quick_configs() : all_configs()) {
+    bool take = wanted.empty();
+    for (const auto& w : wanted) take = take || c.name == w || c.name.rfind(w + "-", 0) == 0;
+    if (take) configs.push_back(c);
+  }
+  if (configs.empty()) {
+    std::fprintf(stderr, "kmoe_bench: no configuration matches\n");
+    return 2;
+  }
+  if (repeats > 0)
+    for (auto& c : configs) c.repeats = repeats;
+
+  const std::string machine = machine_name();
+  const int threads = X().concurrency();
+  const std::string backend = std::string(kmoe::DefaultGemm::name) + " / " + X::name();
+  std::printf("machine: %s\nkokkos: %s, %d threads; gemm: %s\n\n", machine.c_str(), X::name(),
+              threads, kmoe::DefaultGemm::name);
+  std::printf("%-18s %6s %5s %5s %4s %2s | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s | %6s\n",
+              "config", "T", "H", "F", "E", "k", "fwd_ms", "bwd_ms", "fb_ms", "dense", "dense_fb",
+              "ratio", "r_fb", "route", "perm+c", "experts", "shared", "floor");
+  std::vector<Record> records;
+  for (const auto& c : configs) {
+    const Record r = run(c);
+    records.push_back(r);
+    std::printf(
+        "%-18s %6d %5d %5d %4d %2d | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s | %6s\n",
+        c.name.c_str(), c.T, c.H, c.F, c.E, c.k, cell(r.layer_ms).c_str(),
+        cell(r.backward_ms).c_str(), cell(r.layer_fwdbwd_ms).c_str(), cell(r.dense_ms).c_str(),
+        cell(r.dense_fwdbwd_ms).c_str(), cell(ratio(r.layer_ms, r.dense_ms), "%.3f").c_str(),
+        cell(ratio(r.layer_fwdbwd_ms, r.dense_fwdbwd_ms), "%.3f").c_str(),
+        cell(r.route_ms).c_str(), cell(r.permute_combine_ms).c_str(),
+        cell(r.experts_ms).c_str(), cell(r.shared_ms).c_str(),
+        cell(r.floor_ms).c_str());
+    std::fflush(stdout);
+    if (!json.empty()) write_json(json, records, machine, backend, threads);
+  }
+  return 0;
+}
