@@ -43,7 +43,8 @@ struct Record {
   Config c;
   double layer_ms = none, layer_fwdbwd_ms = none, backward_ms = none;
   double dense_ms = none, dense_fwdbwd_ms = none;
-  double route_ms = none, experts_ms = none, shared_ms = none, permute_combine_ms = none;
+  double route_ms = none, permute_ms = none, comm_ms = none, experts_ms = none, shared_ms = none,
+         combine_ms = none;
   double floor_ms = none, floor_bytes = none;
   int active_experts = 0;
   double imbalance = 0;
@@ -86,15 +87,6 @@ std::string machine_name() {
       return colon == std::string::npos ? line : line.substr(colon + 2);
     }
   return "unknown";
-}
-
-kmoe::Segments<X> segments_from_counts(const std::vector<std::int64_t>& counts) {
-  kmoe::Segments<X> s;
-  s.offsets_host = Kokkos::View<int*, Kokkos::HostSpace>("bench::offsets", counts.size() + 1);
-  for (std::size_t e = 0; e < counts.size(); ++e)
-    s.offsets_host(e + 1) = s.offsets_host(e) + int(counts[e]);
-  s.sync_from_host();
-  return s;
 }
 
 // Reads the given contiguous weight blocks once (a sum, so nothing is optimised away): the
@@ -157,29 +149,24 @@ void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x) {
     r.layer_fwdbwd_ms = median(both);
   }
 
-  // Breakdown: the router alone on the same x, the routed experts alone on the segment
-  // layout of the layer's last forward, the shared expert alone; the rest of the layer
-  // time is gather (permute) + combine + dispatch bookkeeping.
-  kmoe::RoutingPlan<X, S> plan;
-  r.route_ms = time_ms(c.repeats, [&] { layer.router().forward(x, plan, infer); });
-  std::int64_t rows = 0;
-  for (auto n : stats.tokens_per_expert) rows += n;
+  // Breakdown: the layer's own fenced phase timers (LayerOptions::time_phases), medians
+  // over separate timed calls so that the fences do not slow the runs above.
+  layer.set_phase_timing(true);
+  std::vector<kmoe::PhaseTimes> phases;
+  for (int i = 0; i < c.repeats; ++i) phases.push_back(layer.forward(x, y, infer).phase_ms);
+  layer.set_phase_timing(false);
+  const auto phase_median = [&](double kmoe::PhaseTimes::*field) {
+    std::vector<double> v;
+    for (const auto& p : phases) v.push_back(p.*field);
+    return median(v);
+  };
+  r.route_ms = phase_median(&kmoe::PhaseTimes::route);
+  r.permute_ms = phase_median(&kmoe::PhaseTimes::dispatch);
+  r.comm_ms = phase_median(&kmoe::PhaseTimes::exchange);
+  r.shared_ms = phase_median(&kmoe::PhaseTimes::shared);
+  r.experts_ms = phase_median(&kmoe::PhaseTimes::experts);
+  r.combine_ms = phase_median(&kmoe::PhaseTimes::combine);
   for (auto n : stats.tokens_per_expert) r.active_experts += n > 0;
-  const auto segments = segments_from_counts(stats.tokens_per_expert);
-  kmoe::Matrix<S, X> ex("bench::expert_x", rows, c.H), ey("bench::expert_y", rows, c.H);
-  kmoe::fill_normal(ex, 1.0, 17);
-  r.experts_ms = time_ms(c.repeats, [&] {
-    layer.experts().forward(ex, segments, ey, kmoe::ExpertMode::inference);
-  });
-  r.shared_ms = 0;
-  if (layer.shared_experts()) {
-    const auto one = kmoe::Segments<X>::single(c.T);
-    kmoe::Matrix<S, X> sy("bench::shared_y", c.T, c.H);
-    r.shared_ms = time_ms(c.repeats, [&] {
-      layer.shared_experts()->forward(x, one, sy, kmoe::ExpertMode::inference);
-    });
-  }
-  r.permute_combine_ms = std::max(0.0, r.layer_ms - r.route_ms - r.experts_ms - r.shared_ms);
 
   if (c.decode_floor) {
     std::vector<const S*> blocks;
@@ -384,18 +371,22 @@ void write_json(const std::string& path, const std::vector<Record>& records,
     json_number(f, "decode_floor_ratio", ratio(r.layer_ms, r.floor_ms));
     std::fprintf(f, "\"breakdown\": {");
     json_number(f, "route_ms", r.route_ms);
-    json_number(f, "permute_combine_ms", r.permute_combine_ms);
+    json_number(f, "permute_ms", r.permute_ms);
     json_number(f, "experts_ms", r.experts_ms);
     json_number(f, "shared_ms", r.shared_ms);
-    json_number(f, "comm_ms", 0.0);
+    json_number(f, "combine_ms", r.combine_ms);
+    json_number(f, "comm_ms", r.comm_ms);
     json_number(f, "route_permute_combine_fraction",
-                ratio(r.route_ms + r.permute_combine_ms, r.layer_ms), false);
+                ratio(r.route_ms + r.permute_ms + r.combine_ms,
+                      r.route_ms + r.permute_ms + r.comm_ms + r.shared_ms + r.experts_ms +
+                          r.combine_ms),
+                false);
     std::fprintf(f,
-                 "}, \"breakdown_method\": \"route: router.forward alone on the same x; "
-                 "experts: experts.forward alone on the segment layout of the layer's forward; "
-                 "shared: shared expert alone; permute_combine = layer - route - experts - "
-                 "shared (gather, dispatch, combine); comm = 0 (single process, the exchange "
-                 "aliases its buffers)\"}%s\n",
+                 "}, \"breakdown_method\": \"kmoe::LayerOptions::time_phases: fenced phase "
+                 "timers inside forward (route: router + non-finite check; permute: counting "
+                 "sort, capacity, counts, losses, gather; comm: exchanges; experts: "
+                 "arrangement + expert GEMMs; combine: weighted sum), medians of separate "
+                 "calls\"}%s\n",
                  i + 1 < records.size() ? "," : "");
   }
   std::fprintf(f, "]\n");
@@ -461,21 +452,21 @@ int main(int argc, char** argv) {
   const std::string backend = std::string(kmoe::DefaultGemm::name) + " / " + X::name();
   std::printf("machine: %s\nkokkos: %s, %d threads; gemm: %s\n\n", machine.c_str(), X::name(),
               threads, kmoe::DefaultGemm::name);
-  std::printf("%-18s %6s %5s %5s %4s %2s | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s | %6s\n",
+  std::printf("%-18s %6s %5s %5s %4s %2s | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s %7s | %6s\n",
               "config", "T", "H", "F", "E", "k", "fwd_ms", "bwd_ms", "fb_ms", "dense", "dense_fb",
-              "ratio", "r_fb", "route", "perm+c", "experts", "shared", "floor");
+              "ratio", "r_fb", "route", "permute", "experts", "shared", "combine", "floor");
   std::vector<Record> records;
   for (const auto& c : configs) {
     const Record r = run(c);
     records.push_back(r);
     std::printf(
-        "%-18s %6d %5d %5d %4d %2d | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s | %6s\n",
+        "%-18s %6d %5d %5d %4d %2d | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s %7s | %6s\n",
         c.name.c_str(), c.T, c.H, c.F, c.E, c.k, cell(r.layer_ms).c_str(),
         cell(r.backward_ms).c_str(), cell(r.layer_fwdbwd_ms).c_str(), cell(r.dense_ms).c_str(),
         cell(r.dense_fwdbwd_ms).c_str(), cell(ratio(r.layer_ms, r.dense_ms), "%.3f").c_str(),
         cell(ratio(r.layer_fwdbwd_ms, r.dense_fwdbwd_ms), "%.3f").c_str(),
-        cell(r.route_ms).c_str(), cell(r.permute_combine_ms).c_str(),
-        cell(r.experts_ms).c_str(), cell(r.shared_ms).c_str(),
+        cell(r.route_ms).c_str(), cell(r.permute_ms).c_str(), cell(r.experts_ms).c_str(),
+        cell(r.shared_ms).c_str(), cell(r.combine_ms).c_str(),
         cell(r.floor_ms).c_str());
     std::fflush(stdout);
     if (!json.empty()) write_json(json, records, machine, backend, threads);

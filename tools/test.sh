@@ -15,4 +15,4 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
 echo "[test] building"
 cmake --build "$build" -j "$(nproc)"
 echo "[test] running ctest"
-cd "$build" && ctest --output-on-failure -j 1 "$@"
+cd "$build" && ctest --output-on-failure -j 1 -LE soak "$@"

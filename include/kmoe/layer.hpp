@@ -14,6 +14,7 @@
 #include <kmoe/router.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <exception>
 #include <optional>
@@ -35,6 +36,21 @@ struct LayerOptions {
   /// What experts keep for backward in training (ExpertMode::store or ExpertMode::recompute).
   ExpertMode training_mode = ExpertMode::store;
   NonFinitePolicy non_finite = NonFinitePolicy::raise;
+  /// Compute the shared experts while the dispatch exchange is in flight (DeepSeek's
+  /// overlap); false runs them after it, for measuring what the overlap saves.
+  bool overlap_shared_experts = true;
+  /// Fence and time each phase of forward into ForwardStats::phase_ms (costs the fences).
+  bool time_phases = false;
+};
+
+/// rief Wall time of each forward phase in milliseconds (LayerOptions::time_phases).
+struct PhaseTimes {
+  double route = 0;     ///< router, non-finite check
+  double dispatch = 0;  ///< counting sort, capacity, counts, balance losses, gather of rows
+  double exchange = 0;  ///< count and payload all-to-all-v both ways (waiting time)
+  double shared = 0;    ///< shared experts
+  double experts = 0;   ///< arrangement into segments, expert GEMMs, TP reduction
+  double combine = 0;   ///< weighted sum back to the tokens
 };
 
 /// \brief Per-call report of a forward pass.
@@ -46,6 +62,7 @@ struct ForwardStats {
   std::int64_t assignments = 0;  ///< this rank's router assignments (T * k for token choice)
   std::int64_t dropped = 0;      ///< this rank's assignments dropped by capacity
   long long capacity = -1;       ///< tokens per expert per rank, -1 when dropless
+  PhaseTimes phase_ms;           ///< filled when LayerOptions::time_phases
   /// max / mean of tokens_per_expert (1 = perfectly balanced).
   double imbalance() const {
     if (tokens_per_expert.empty()) return 0.0;
@@ -59,12 +76,127 @@ struct ForwardStats {
 };
 
 namespace detail {
+/// Adds the time since the previous lap to a phase's total, fencing first so that the
+/// asynchronous kernels of the phase are counted; does nothing when disabled.
+class PhaseClock {
+ public:
+  explicit PhaseClock(bool enabled) : enabled_(enabled) {
+    if (enabled_) {
+      Kokkos::fence();
+      last_ = std::chrono::steady_clock::now();
+    }
+  }
+  void lap(double& total_ms) {
+    if (!enabled_) return;
+    Kokkos::fence();
+    const auto now = std::chrono::steady_clock::now();
+    total_ms += std::chrono::duration<double, std::milli>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  bool enabled_;
+  std::chrono::steady_clock::time_point last_;
+};
 /// Experts with an output bias b2 [E, H] (FFNExperts): not split by expert tensor parallelism.
 template <class E>
 using expert_output_bias = decltype(std::declval<const E&>().b2().value);
 template <class R>
 using has_update_bias = decltype(std::declval<R&>().update_bias(
     std::declval<const std::vector<std::int64_t>&>(), 0.0));
+
+// The layer's kernels are free functions, not private members: nvcc rejects an extended
+// __host__ __device__ lambda (KOKKOS_LAMBDA) whose enclosing function is private.
+
+/// Flat index of the first non-finite value of logits then weight; their total size if none.
+template <class X, class Logits, class Weight>
+std::int64_t first_non_finite(const Logits& logits, const Weight& weight) {
+  using route_type = typename Logits::non_const_value_type;
+  const std::int64_t n_logits = std::int64_t(logits.size()), n_weights = std::int64_t(weight.size());
+  std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
+  Kokkos::parallel_reduce(
+      "kmoe::MoELayer::check_finite", Kokkos::RangePolicy<X>(0, n_logits + n_weights),
+      KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
+        const route_type v = i < n_logits ? logits.data()[i] : weight.data()[i - n_logits];
+        if (!detail::isfinite(v) && i < found) found = i;
+      },
+      Kokkos::Min<std::int64_t>(first));
+  return first;
+}
+
+/// Assignments of a routing table [T, slots] that name an expert (not -1).
+template <class X, class Expert>
+std::int64_t count_routed(const Expert& expert) {
+  const int slots = int(expert.extent(1));
+  std::int64_t routed = 0;
+  Kokkos::parallel_reduce(
+      "kmoe::MoELayer::check_accounting", Kokkos::RangePolicy<X>(0, expert.size()),
+      KOKKOS_LAMBDA(std::size_t i, std::int64_t& count) {
+        if (expert(i / slots, i % slots) >= 0) ++count;
+      },
+      routed);
+  return routed;
+}
+
+template <class X, class S, class Flat>
+void scale_in_place(const Flat& grad, S scale) {
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::scale_gradient", Kokkos::RangePolicy<X>(0, grad.size()),
+      KOKKOS_LAMBDA(std::size_t i) { grad(i) *= scale; });
+}
+
+/// Moves rows blocks(b, 2) rows between row blocks(b, 0) of the receive order and row
+/// blocks(b, 1) of the expert order, in the direction to_receive_order says.
+template <class X, class Blocks, class M>
+void move_blocks(const Blocks& blocks, const M& in, const M& out, int width,
+                 bool to_receive_order) {
+  using Team = typename Kokkos::TeamPolicy<X>::member_type;
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::arrange", Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int b = team.league_rank();
+        const int recv_row = blocks(b, 0), expert_row = blocks(b, 1), rows = blocks(b, 2);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows * width), [&](int i) {
+          const int r = i / width, h = i % width;
+          if (to_receive_order)
+            out(recv_row + r, h) = in(expert_row + r, h);
+          else
+            out(expert_row + r, h) = in(recv_row + r, h);
+        });
+      });
+}
+
+template <class X, class In, class Source, class Out>
+void gather_rows(const In& x, const Source& source, int slots, const Out& send) {
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::gather",
+      Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(send.extent(0)),
+                                                         std::int64_t(send.extent(1))}),
+      KOKKOS_LAMBDA(std::int64_t r, std::int64_t h) { send(r, h) = x(source(r) / slots, h); });
+}
+
+template <class X, class Position, class M>
+void scatter_add_rows(const Position& position, const M& rows, const M& grad_x) {
+  using S = typename M::non_const_value_type;
+  const int slots = int(position.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::scatter_add",
+      Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(grad_x.extent(0)),
+                                                         std::int64_t(grad_x.extent(1))}),
+      KOKKOS_LAMBDA(std::int64_t t, std::int64_t h) {
+        S sum = 0;
+        for (int s = 0; s < slots; ++s)
+          if (position(t, s) >= 0) sum += rows(position(t, s), h);
+        grad_x(t, h) = sum;
+      });
+}
+
+template <class X, class M>
+void add_into(const M& from, const M& to) {
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::add", Kokkos::RangePolicy<X>(0, to.size()),
+      KOKKOS_LAMBDA(std::size_t i) { to.data()[i] += from.data()[i]; });
+}
 }  // namespace detail
 
 /// \brief Mixture-of-Experts layer y = sum_{kept e} w_{t,e} Expert_e(x_t) (+ shared(x_t)).
@@ -144,6 +276,8 @@ class MoELayer {
   Expert& experts() { return experts_; }
   std::optional<Expert>& shared_experts() { return shared_; }
   const LayerOptions& options() const { return options_; }
+  /// Turns the per-phase timing of forward (ForwardStats::phase_ms) on or off.
+  void set_phase_timing(bool enabled) { options_.time_phases = enabled; }
   const ParallelGroups<Communicator>& groups() const { return groups_; }
   /// The routing decision of the last forward (expert indices, weights, logits).
   const RoutingPlan<X, S>& routing() const { return plan_; }
@@ -158,6 +292,7 @@ class MoELayer {
                        const RouteContext<X>& context = {}) {
     constexpr const char* where = "kmoe::MoELayer::forward";
     ForwardStats stats;
+    detail::PhaseClock phase_clock(options_.time_phases);
     agree_or_throw([&] {
       require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
               "must equal the hidden size " + std::to_string(hidden_size()));
@@ -173,6 +308,7 @@ class MoELayer {
     const int slots = int(plan_.slots());
     const int experts = num_experts();
 
+    phase_clock.lap(stats.phase_ms.route);
     stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
     if (stats.capacity >= 0) stats.capacity = all_reduce_max(groups_.ep, stats.capacity);
     dispatch_.build(plan_, expert_key_, experts, stats.capacity, options_.capacity.drop);
@@ -183,6 +319,9 @@ class MoELayer {
     for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
     for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
     stats.dropped = stats.assignments - dispatch_.kept_total;
+#ifndef NDEBUG
+    check_accounting(stats.assignments, stats.capacity);
+#endif
     stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
                                    std::int64_t(tokens) * groups_.tokens.size());
 
@@ -190,23 +329,33 @@ class MoELayer {
     // shared experts while the exchange is in flight.
     detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch_.kept_total, hidden_size());
     gather_rows(x, send_x_);
+    phase_clock.lap(stats.phase_ms.dispatch);
     exchange_counts();
     auto request = start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
     const ExpertMode mode = training_ ? options_.training_mode : ExpertMode::inference;
-    if (shared_) {
+    const auto run_shared = [&] {
+      if (!shared_) return;
+      phase_clock.lap(stats.phase_ms.exchange);
       detail::ensure_extents(shared_y_, "kmoe::MoELayer::shared_y", tokens, hidden_size());
-      shared_segments_ = Segments<X>::single(tokens);
+      if (shared_segments_.rows() != tokens) shared_segments_ = Segments<X>::single(tokens);
       shared_->forward(x, shared_segments_, shared_y_, mode);
-    }
+      phase_clock.lap(stats.phase_ms.shared);
+    };
+    if (options_.overlap_shared_experts) run_shared();
     request.wait();
+    if (!options_.overlap_shared_experts) run_shared();
+    phase_clock.lap(stats.phase_ms.exchange);
     arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
     detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
     forward_experts(mode);
     if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
+    phase_clock.lap(stats.phase_ms.experts);
     arrange_from_experts(expert_y_, recv_y_, "kmoe::MoELayer::recv_y");
     start_exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y").wait();
+    phase_clock.lap(stats.phase_ms.exchange);
     combiner_.combine(send_y_, dispatch_.position, plan_.weight,
                       shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
+    phase_clock.lap(stats.phase_ms.combine);
     has_forward_ = true;
     return stats;
   }
@@ -318,19 +467,38 @@ class MoELayer {
       throw runtime_error("kmoe::MoELayer: another rank failed in the same step; see its error");
   }
 
+#ifndef NDEBUG
+  /// Debug builds: the dispatch must account for every routed assignment exactly once
+  /// (kept + dropped == assignments, counted from the plan itself, not from the dispatch's
+  /// own totals) and keep no more than the capacity per expert. A violation is a kmoe bug.
+  void check_accounting(std::int64_t assignments, long long capacity) const {
+    const std::int64_t routed = detail::count_routed<X>(plan_.expert);
+    std::int64_t kept = 0, dropped = 0;
+    for (std::size_t key = 0; key < dispatch_.kept_per_key.size(); ++key) {
+      const auto keep = dispatch_.kept_per_key[key], all = dispatch_.routed_per_key[key];
+      if (keep > all || (capacity >= 0 && keep > capacity))
+        throw runtime_error("kmoe::MoELayer::forward: internal accounting error: key " +
+                            std::to_string(key) + " keeps " + std::to_string(keep) + " of " +
+                            std::to_string(all) + " assignments (capacity " +
+                            std::to_string(capacity) + ")");
+      kept += keep;
+      dropped += all - keep;
+    }
+    if (kept != dispatch_.kept_total || kept + dropped != assignments || assignments != routed)
+      throw runtime_error("kmoe::MoELayer::forward: internal accounting error: kept " +
+                          std::to_string(kept) + " + dropped " + std::to_string(dropped) +
+                          " != assignments " + std::to_string(assignments) + " (plan has " +
+                          std::to_string(routed) + ", dispatch kept_total " +
+                          std::to_string(dispatch_.kept_total) + ")");
+  }
+#endif
+
   void check_finite() const {
     const auto logits = plan_.logits;
     const auto weight = plan_.weight;
     const int experts = int(logits.extent(1)), slots = int(weight.extent(1));
     const std::int64_t n_logits = std::int64_t(logits.size()), n_weights = std::int64_t(weight.size());
-    std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
-    Kokkos::parallel_reduce(
-        "kmoe::MoELayer::check_finite", Kokkos::RangePolicy<X>(0, n_logits + n_weights),
-        KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
-          const route_type v = i < n_logits ? logits.data()[i] : weight.data()[i - n_logits];
-          if (!detail::isfinite(v) && i < found) found = i;
-        },
-        Kokkos::Min<std::int64_t>(first));
+    const std::int64_t first = detail::first_non_finite<X>(logits, weight);
     if (first >= n_logits + n_weights) return;
     std::string what;
     if (first < n_logits) {
@@ -340,9 +508,12 @@ class MoELayer {
              std::to_string(t) + ", expert " + std::to_string(e);
     } else {
       auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), weight);
+      auto chosen = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), plan_.expert);
       const auto t = (first - n_logits) / slots, s = (first - n_logits) % slots;
+      // Name the expert too: a slot index alone does not say which expert misbehaved.
       what = "non-finite routing weight " + detail::to_display(host(t, s)) + " at token " +
-             std::to_string(t) + ", slot " + std::to_string(s);
+             std::to_string(t) + ", slot " + std::to_string(s) + " (expert " +
+             std::to_string(chosen(t, s)) + ")";
     }
     throw runtime_error("kmoe::MoELayer::forward: " + what +
                         " (set LayerOptions::non_finite = propagate to let it through)");
@@ -451,10 +622,7 @@ class MoELayer {
   static void reduce_mean(const Comm& comm, const Flat& grad, int divisor) {
     if (comm.size() > 1) comm.all_reduce_sum(grad);
     if (divisor == 1) return;
-    const S scale = S(1) / S(divisor);
-    Kokkos::parallel_for(
-        "kmoe::MoELayer::scale_gradient", Kokkos::RangePolicy<X>(0, grad.size()),
-        KOKKOS_LAMBDA(std::size_t i) { grad(i) *= scale; });
+    detail::scale_in_place<X>(grad, S(1) / S(divisor));
   }
 
   /// Per-peer row counts of the dispatch exchange: send counts from the dispatch, receive
@@ -554,55 +722,21 @@ class MoELayer {
   }
 
   void move_blocks(const Matrix<S, X>& in, const Matrix<S, X>& out, bool to_receive_order) const {
-    const auto blocks = blocks_;
-    const int width = hidden_size();
-    using Team = typename Kokkos::TeamPolicy<X>::member_type;
-    Kokkos::parallel_for(
-        "kmoe::MoELayer::arrange", Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO),
-        KOKKOS_LAMBDA(const Team& team) {
-          const int b = team.league_rank();
-          const int recv_row = blocks(b, 0), expert_row = blocks(b, 1), rows = blocks(b, 2);
-          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows * width), [&](int i) {
-            const int r = i / width, h = i % width;
-            if (to_receive_order)
-              out(recv_row + r, h) = in(expert_row + r, h);
-            else
-              out(expert_row + r, h) = in(recv_row + r, h);
-          });
-        });
+    detail::move_blocks<X>(blocks_, in, out, hidden_size(), to_receive_order);
   }
 
   /// send(row) = x(token of row): the kept assignments in key order.
   void gather_rows(const ConstMatrix<S, X>& x, const Matrix<S, X>& send) const {
-    const auto source = dispatch_.source;
-    const int slots = int(plan_.slots());
-    Kokkos::parallel_for(
-        "kmoe::MoELayer::gather",
-        Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(send.extent(0)),
-                                                           std::int64_t(send.extent(1))}),
-        KOKKOS_LAMBDA(std::int64_t r, std::int64_t h) { send(r, h) = x(source(r) / slots, h); });
+    detail::gather_rows<X>(x, dispatch_.source, int(plan_.slots()), send);
   }
 
   /// grad_x(t) = sum over kept slots s, in slot order, of rows(position(t, s)).
   void scatter_add_rows(const Matrix<S, X>& rows, const Matrix<S, X>& grad_x) const {
-    const auto position = dispatch_.position;
-    const int slots = int(position.extent(1));
-    Kokkos::parallel_for(
-        "kmoe::MoELayer::scatter_add",
-        Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(grad_x.extent(0)),
-                                                           std::int64_t(grad_x.extent(1))}),
-        KOKKOS_LAMBDA(std::int64_t t, std::int64_t h) {
-          S sum = 0;
-          for (int s = 0; s < slots; ++s)
-            if (position(t, s) >= 0) sum += rows(position(t, s), h);
-          grad_x(t, h) = sum;
-        });
+    detail::scatter_add_rows<X>(dispatch_.position, rows, grad_x);
   }
 
   static void add_into(const Matrix<S, X>& from, const Matrix<S, X>& to) {
-    Kokkos::parallel_for(
-        "kmoe::MoELayer::add", Kokkos::RangePolicy<X>(0, to.size()),
-        KOKKOS_LAMBDA(std::size_t i) { to.data()[i] += from.data()[i]; });
+    detail::add_into<X>(from, to);
   }
 
   Router router_;

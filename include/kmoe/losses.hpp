@@ -13,6 +13,32 @@
 
 namespace kmoe {
 
+namespace detail {
+/// Per sequence q and expert e: the fraction of q's assignments routed to e and the mean of
+/// e's probability over q. A free function because nvcc rejects KOKKOS_LAMBDA in a private
+/// member function.
+template <class ExecSpace, class Expert, class Probs, class Out>
+void sequence_fraction_and_prob(const Expert& expert, const Probs& probs, int seq_len,
+                                const Out& frac, const Out& prob) {
+  using route_type = typename Out::non_const_value_type;
+  const int slots = int(expert.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::BalanceLoss::sequence",
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
+          {0, 0}, {int(frac.extent(0)), int(frac.extent(1))}),
+      KOKKOS_LAMBDA(int q, int e) {
+        int count = 0;
+        route_type p = 0;
+        for (int t = q * seq_len; t < (q + 1) * seq_len; ++t) {
+          for (int s = 0; s < slots; ++s) count += expert(t, s) == e;
+          p += probs(t, e);
+        }
+        frac(q, e) = route_type(count) / route_type(seq_len * slots);
+        prob(q, e) = p / route_type(seq_len);
+      });
+}
+}  // namespace detail
+
 /// \brief Coefficients of the balance terms; a zero coefficient switches a term off.
 struct BalanceLossConfig {
   double switch_aux = 0.0;    ///< alpha of L_aux = alpha * E * sum_i f_i P_i (typ. 1e-2)
@@ -174,7 +200,6 @@ class BalanceLoss {
   /// (1/n_seq) sum over sequences of E * sum_i f_i^seq P_i^seq; fills sequence_fraction_.
   double sequence_term(const RoutingPlan<ExecSpace, Scalar>& plan) {
     const int tokens = int(plan.tokens()), experts = int(fraction_.extent(0));
-    const int slots = int(plan.slots());
     const int seq_len = sequence_length(tokens);
     require(tokens % seq_len == 0, "kmoe::BalanceLoss::forward", "sequence_length", seq_len,
             "must divide the number of local tokens");
@@ -182,23 +207,9 @@ class BalanceLoss {
     detail::ensure_extents(sequence_fraction_, "kmoe::BalanceLoss::sequence_fraction", sequences,
                            experts);
     detail::ensure_extents(sequence_prob_, "kmoe::BalanceLoss::sequence_prob", sequences, experts);
-    const auto expert = plan.expert;
-    const auto probs = plan.probs;
     const auto frac = sequence_fraction_;
     const auto prob = sequence_prob_;
-    Kokkos::parallel_for(
-        "kmoe::BalanceLoss::sequence",
-        Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {sequences, experts}),
-        KOKKOS_LAMBDA(int q, int e) {
-          int count = 0;
-          route_type p = 0;
-          for (int t = q * seq_len; t < (q + 1) * seq_len; ++t) {
-            for (int s = 0; s < slots; ++s) count += expert(t, s) == e;
-            p += probs(t, e);
-          }
-          frac(q, e) = route_type(count) / route_type(seq_len * slots);
-          prob(q, e) = p / route_type(seq_len);
-        });
+    detail::sequence_fraction_and_prob<ExecSpace>(plan.expert, plan.probs, seq_len, frac, prob);
     auto frac_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), frac);
     auto prob_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), prob);
     double sum = 0;

@@ -13,6 +13,19 @@
 
 namespace kmoe {
 
+namespace detail {
+/// out(r, :) += bias(owner(r), :) for the first `rows` rows. A free function because nvcc
+/// rejects KOKKOS_LAMBDA in a private member function.
+template <class ExecSpace, class Owner, class Bias, class Out>
+void add_row_bias(const Owner& owner, const Bias& bias, int rows, const Out& out) {
+  Kokkos::parallel_for(
+      "kmoe::FFNExperts::add_bias",
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
+          {0, 0}, {std::int64_t(rows), std::int64_t(out.extent(1))}),
+      KOKKOS_LAMBDA(std::int64_t r, std::int64_t j) { out(r, j) += bias(owner(r), j); });
+}
+}  // namespace detail
+
 /// \brief E FFN experts with w1 [E, F, H], w2 [E, H, F] and, if shape.bias, b1 [E, F], b2 [E, H].
 template <class ExecSpace, class Scalar, class Activation = activation::GeluErf,
           class Gemm = DefaultGemm>
@@ -97,13 +110,7 @@ class FFNExperts {
                        const StackedBias<ExecSpace, Scalar>& bias,
                        const Matrix<Scalar, ExecSpace>& out) {
     if (!bias.enabled()) return;
-    const auto b = bias.value;
-    const auto owner = segments.expert_of_row;
-    Kokkos::parallel_for(
-        "kmoe::FFNExperts::add_bias",
-        Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
-            {0, 0}, {std::int64_t(segments.rows()), std::int64_t(out.extent(1))}),
-        KOKKOS_LAMBDA(std::int64_t r, std::int64_t j) { out(r, j) += b(owner(r), j); });
+    detail::add_row_bias<ExecSpace>(segments.expert_of_row, bias.value, segments.rows(), out);
   }
 
   ExpertShape shape_;

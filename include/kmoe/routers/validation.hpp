@@ -16,7 +16,8 @@ struct GroupLimit {
   int n_group = 1;
   int topk_group = 1;
   int score_terms = 2;
-  bool enabled() const { return n_group > 1 && topk_group < n_group; }
+  // Called inside the routers' kernels, so it must be a device function too.
+  KOKKOS_INLINE_FUNCTION bool enabled() const { return n_group > 1 && topk_group < n_group; }
 };
 
 namespace detail {

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# CUDA CI job: builds Kokkos + Kokkos Kernels for CUDA (cached by tools/setup.sh), then
+# compiles and links every kmoe test, example and benchmark with nvcc_wrapper, so that a
+# device-cleanliness break (host-only code in a KOKKOS_LAMBDA, a private enclosing function,
+# a host view touched from a kernel...) fails CI on machines without a GPU. Nothing runs
+# unless nvidia-smi finds a GPU; then ctest runs too.
+#
+# Environment: KMOE_CUDA_BUILD_DIR (default build-cuda), KMOE_CUDA_ARCH (default sm_90,
+# see tools/setup.sh), KMOE_JOBS (default 2), CUDA_HOME (default /usr/local/cuda).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+log() { printf '[ci_cuda %4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
+
+jobs="${KMOE_JOBS:-2}"
+build="${KMOE_CUDA_BUILD_DIR:-build-cuda}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+# nvcc_wrapper's host compiler; the one tools/setup.sh built Kokkos with.
+export NVCC_WRAPPER_DEFAULT_COMPILER="${NVCC_WRAPPER_DEFAULT_COMPILER:-g++}"
+
+log "dependencies (tools/setup.sh --cuda; cached)"
+bash tools/setup.sh --cuda --jobs="$jobs"
+source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+
+# ccache in front of nvcc_wrapper (checked with ccache 4.7: hits on a rebuild, misses when
+# an included header changes). nvcc_wrapper picks its host compiler from the environment,
+# which ccache does not see, so the compiler check names the host compiler and nvcc.
+launcher=()
+if command -v ccache >/dev/null 2>&1; then
+  export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
+  export CCACHE_COMPILERCHECK="string:$NVCC_WRAPPER_DEFAULT_COMPILER $("$NVCC_WRAPPER_DEFAULT_COMPILER" -dumpfullversion) $(nvcc --version | tail -1)"
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  ccache -z >/dev/null
+fi
+log "configuring $build"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
+  -DCMAKE_CXX_COMPILER="$KMOE_KOKKOS_CUDA_PREFIX/bin/nvcc_wrapper" \
+  "-DCMAKE_PREFIX_PATH=$KMOE_KOKKOS_CUDA_PREFIX;$KMOE_DEPS/catch2" \
+  -DKMOE_ENABLE_TESTS=ON -DKMOE_ENABLE_EXAMPLES=ON -DKMOE_ENABLE_BENCHMARKS=ON \
+  -DKMOE_ENABLE_NCCL=ON -DKMOE_ENABLE_MPI=OFF
+
+# `all` is every test, example, benchmark and tool (compile-fail cases are excluded from
+# it on purpose; ctest builds them). Ninja prints one line per finished step.
+log "building every target with -j$jobs"
+cmake --build "$build" -j "$jobs" 2>&1 | tee "$build/ci_cuda_build.log"
+# nvcc only warns (#20011-D, #20014-D) when a kernel calls a host-only function; on the GPU
+# that call fails at run time, so here it fails the build (ccache replays the warnings).
+if grep -E 'warning #2001[14]-D|calling a __host__ function' "$build/ci_cuda_build.log"; then
+  log "FAILED: host-only function called from device code (see above)"
+  exit 1
+fi
+log "CUDA build OK"
+if [ "${#launcher[@]}" -gt 0 ]; then ccache -s | grep -iE '^ *(hits|misses)' || true; fi
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  log "GPU found: $(nvidia-smi -L | head -1); running ctest"
+  (cd "$build" && ctest --output-on-failure -j 1)
+  log "ctest OK"
+else
+  log "no GPU (nvidia-smi found none): compile + link only"
+fi
+log "done"

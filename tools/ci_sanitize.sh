@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# Builds kmoe's tests and examples with AddressSanitizer + UndefinedBehaviorSanitizer (and
+# LeakSanitizer, which ASan runs at exit) in their own build folder and runs ctest there.
+# Kokkos, Kokkos Kernels and Catch2 stay uninstrumented: only kmoe's headers, which are
+# compiled into every test, are under the sanitizers. Any report fails the run: UBSan is
+# made fatal (-fno-sanitize-recover, halt_on_error) so a finding cannot scroll past.
+# Set KMOE_SANITIZE_BUILD_DIR to choose the build folder (default build-asan/); extra
+# arguments go to ctest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+build="${KMOE_SANITIZE_BUILD_DIR:-build-asan}"
+export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
+
+# Debug keeps NDEBUG undefined, so kmoe's debug-only invariant checks run too; -O1 keeps
+# the instrumented tests fast enough for CI.
+flags="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+echo "[sanitize] configuring $build"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug \
+  -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_FLAGS="$flags" \
+  -DKMOE_ENABLE_MPI=OFF -DKMOE_ENABLE_NCCL=OFF -DKMOE_ENABLE_BENCHMARKS=OFF \
+  -DKMOE_ENABLE_EXAMPLES=ON -DKMOE_ENABLE_TESTS=ON
+echo "[sanitize] building"
+cmake --build "$build" -j "$(nproc)"
+
+# LeakSanitizer works as root in the CI container (it needs ptrace-like thread
+# suspension, which the container allows), so leaks are checked too.
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:strict_string_checks=1:check_initialization_order=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+echo "[sanitize] running ctest"
+# consumer_project (a CMake packaging check) and compile_fail_* (expected compile errors)
+# run no kmoe code; the soak test is long and has its own job.
+cd "$build" && ctest --output-on-failure -j 1 -LE soak \
+  -E '^(consumer_project|compile_fail_.*)$' "$@"
