@@ -30,6 +30,8 @@ source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
 launcher=()
 if command -v ccache >/dev/null 2>&1; then
   export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
+  # Paths relative to the checkout in the cache keys: a fresh clone elsewhere still hits.
+  export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
   export CCACHE_COMPILERCHECK="string:$NVCC_WRAPPER_DEFAULT_COMPILER $("$NVCC_WRAPPER_DEFAULT_COMPILER" -dumpfullversion) $(nvcc --version | tail -1)"
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
   ccache -z >/dev/null

@@ -8,6 +8,8 @@ bash tools/setup.sh
 source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
 build="${KMOE_BUILD_DIR:-build}"
 export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
+# Paths relative to the checkout in the cache keys: a fresh clone elsewhere still hits.
+export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
 cmake --build "$build" --target mixtral_layer
 OMP_PROC_BIND=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$build/examples/mixtral_layer" "$@"

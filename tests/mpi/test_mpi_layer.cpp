@@ -375,3 +375,26 @@ TEST_CASE("a rank that fails in forward makes every rank throw, without a hang",
   fill_normal(x, 1.0, 6);
   CHECK_NOTHROW(layer.forward(x, out));
 }
+
+TEST_CASE("overlapping the shared experts with the dispatch leaves the results unchanged", "[mpi]") {
+  const auto world = MpiCommunicator::world();
+  ParallelLayout layout;
+  layout.ep = world.size();
+  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const int experts = 2 * world.size();
+  Matrix<S, X> x("x", tokens_per_rank, hidden);
+  fill_normal(x, 1.0, 40 + world.rank());
+  std::vector<Matrix<S, X>> outputs;
+  for (bool overlap : {true, false}) {
+    LayerOptions options;
+    options.overlap_shared_experts = overlap;
+    DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, experts, 2, true}),
+                                        GLU({2, hidden, ffn}), options,
+                                        GLU({1, hidden, 2 * ffn}, "shared_experts"), groups);
+    fill_normal(layer.parameters(), 0.3, 41);
+    outputs.emplace_back("y", tokens_per_rank, hidden);
+    layer.forward(x, outputs.back());
+  }
+  for (std::size_t i = 0; i < outputs[0].size(); ++i)
+    CHECK(outputs[0].data()[i] == outputs[1].data()[i]);
+}
