@@ -9,12 +9,8 @@
 # arguments go to ctest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
-source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+source tools/prepare.sh
 build="${KMOE_SANITIZE_BUILD_DIR:-build-asan}"
-export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
-# Paths relative to the checkout in the cache keys: a fresh clone elsewhere still hits.
-export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
 
 # Debug keeps NDEBUG undefined, so kmoe's debug-only invariant checks run too; -O1 keeps
 # the instrumented tests fast enough for CI.

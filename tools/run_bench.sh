@@ -5,13 +5,9 @@
 # KMOE_PEER_PYTHON) the HF transformers peer into docs/bench/hf.json and the plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
-source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+source tools/prepare.sh
 build="${KMOE_BUILD_DIR:-build}"
-export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
-# Paths relative to the checkout in the cache keys: a fresh clone elsewhere still hits.
-export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DKMOE_ENABLE_BENCHMARKS=ON >/dev/null
 cmake --build "$build" --target kmoe_bench
 export OMP_PROC_BIND=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 "$build/bench/kmoe_bench" --json docs/bench/kmoe.json "$@"

@@ -4,12 +4,8 @@
 # runs examples/mixtral_layer (a Mixtral-shaped layer on a batch) with both CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
-source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+source tools/prepare.sh
 build="${KMOE_BUILD_DIR:-build}"
-export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
-# Paths relative to the checkout in the cache keys: a fresh clone elsewhere still hits.
-export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DKMOE_ENABLE_EXAMPLES=ON >/dev/null
 cmake --build "$build" --target mixtral_layer
 OMP_PROC_BIND=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$build/examples/mixtral_layer" "$@"

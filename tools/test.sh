@@ -5,12 +5,8 @@
 # and 4 ranks). Set KMOE_BUILD_DIR to choose the build folder (default build/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
-source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
+source tools/prepare.sh
 build="${KMOE_BUILD_DIR:-build}"
-export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
-# Paths relative to the checkout in the cache keys: a fresh clone elsewhere still hits.
-export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
 echo "[test] configuring $build"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DKMOE_ENABLE_MPI=ON -DKMOE_ENABLE_NCCL=ON
