@@ -25,6 +25,7 @@ static_assert(check_valid_expert<GeGLUExperts<H, double>>());
 static_assert(check_valid_expert<FFNExperts<H, float, activation::Relu>>());
 static_assert(check_valid_expert<FFNExperts<H, double, activation::GeluTanh>>());
 static_assert(check_valid_combiner<WeightedSumCombiner<H, float>>());
+static_assert(check_valid_communicator<SingleProcessCommunicator>());
 }  // namespace
 
 TEST_CASE("bad arguments raise an exception naming the parameter and value", "[validation]") {
