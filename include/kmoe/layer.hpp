@@ -43,7 +43,7 @@ struct LayerOptions {
   bool time_phases = false;
 };
 
-/// rief Wall time of each forward phase in milliseconds (LayerOptions::time_phases).
+/// \brief Wall time of each forward phase in milliseconds (LayerOptions::time_phases).
 struct PhaseTimes {
   double route = 0;     ///< router, non-finite check
   double dispatch = 0;  ///< counting sort, capacity, counts, balance losses, gather of rows

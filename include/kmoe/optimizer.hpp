@@ -14,6 +14,31 @@
 
 namespace kmoe {
 
+namespace detail {
+/// Sum of g(i)^2 in an order fixed by the size alone: chunks summed in parallel, then the
+/// chunk sums in turn, so the norm (and the clipping scale) has the same bits for any
+/// thread count, unlike a parallel_reduce, whose order follows the threads.
+template <class ExecSpace, class Flat>
+double sum_of_squares(const Flat& g) {
+  constexpr std::size_t chunk = 4096;
+  const std::size_t n = g.size(), chunks = (n + chunk - 1) / chunk;
+  Kokkos::View<double*, typename ExecSpace::memory_space> partial(
+      Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::clip_grad_norm::partial"), chunks);
+  Kokkos::parallel_for(
+      "kmoe::clip_grad_norm::norm", Kokkos::RangePolicy<ExecSpace>(0, chunks),
+      KOKKOS_LAMBDA(std::size_t c) {
+        const std::size_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        double sum = 0;
+        for (std::size_t i = c * chunk; i < end; ++i) sum += double(g(i)) * double(g(i));
+        partial(c) = sum;
+      });
+  const auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), partial);
+  double total = 0;
+  for (std::size_t c = 0; c < chunks; ++c) total += host(c);
+  return total;
+}
+}  // namespace detail
+
 /// \brief Scales every gradient so that the global L2 norm is at most `max_norm`; returns
 /// the norm before clipping (as torch.nn.utils.clip_grad_norm_).
 template <class ExecSpace, class Scalar>
@@ -22,12 +47,7 @@ double clip_grad_norm(const ParameterList<ExecSpace, Scalar>& list, double max_n
           "must be positive and finite");
   double total = 0;
   for (const auto& p : list) {
-    const auto g = p.grad;
-    double sum = 0;
-    Kokkos::parallel_reduce(
-        "kmoe::clip_grad_norm::norm", Kokkos::RangePolicy<ExecSpace>(0, g.size()),
-        KOKKOS_LAMBDA(std::size_t i, double& s) { s += double(g(i)) * double(g(i)); }, sum);
-    total += sum;
+    total += detail::sum_of_squares<ExecSpace>(p.grad);
   }
   const double norm = std::sqrt(total);
   if (norm > max_norm) {

@@ -32,10 +32,12 @@ void probe(const char* name, Layer& layer, int tokens) {
   context.training = true;
   const auto stats = layer.forward(x, y, context);
   layer.backward(y, grad_x);
+  // Clipping reads the global norm, a reduction over every gradient, and rescales them.
+  const double norm = kmoe::clip_grad_norm(layer.parameters(), 1e-3);
   std::uint64_t h = fingerprint(y, 0);
   h = fingerprint(grad_x, h);
   for (const auto& p : layer.parameters()) h = fingerprint(p.grad, h);
-  std::printf("%s %016" PRIx64 " aux %.17g\n", name, h, stats.losses.total());
+  std::printf("%s %016" PRIx64 " aux %.17g norm %.17g\n", name, h, stats.losses.total(), norm);
 }
 
 }  // namespace

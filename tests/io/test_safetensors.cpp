@@ -560,8 +560,9 @@ TEST_CASE("checkpoint directory that is missing or empty", "[io][safetensors][sh
 
 TEST_CASE("Hugging Face fixtures load and follow the documented conventions",
           "[io][safetensors][fixtures]") {
-  // tests/fixtures, found from this source file so the test runs from any build directory.
-  const fs::path fixtures = fs::path(__FILE__).parent_path().parent_path() / "fixtures";
+  // An absolute path from CMake: __FILE__ is relative to the build folder under ccache's
+  // base_dir rewriting, and ctest runs the test from another folder.
+  const fs::path fixtures = KMOE_FIXTURES_DIR;
   struct Case {
     std::string model, block, down_proj;
     std::int64_t experts, top_k;

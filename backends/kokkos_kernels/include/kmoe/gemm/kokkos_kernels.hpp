@@ -9,6 +9,7 @@
 
 #include <KokkosBlas3_gemm.hpp>
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
 
@@ -57,6 +58,14 @@ void skinny_dispatch(const ExecSpace& space, std::size_t m, std::size_t n, std::
       skinny_dispatch<ExecSpace, Scalar, M + 1>(space, m, n, k, alpha, a, b, beta, c);
   }
 }
+
+/// Fixed tile of a host GEMM in rows x columns of the row-major C. Vendor BLAS threading
+/// partitions C by the thread count, and OpenBLAS (0.3.21, Zen kernels) then gives other
+/// bits for the same product; tiles that depend on the shape alone, each computed by one
+/// single-threaded BLAS call, give the same bits for any thread count at a cost within a
+/// few percent of the vendor's own threading (docs/design.md, "Determinism").
+inline constexpr std::size_t host_tile_rows = 256;
+inline constexpr std::size_t host_tile_columns = 1024;
 
 }  // namespace detail
 
@@ -115,8 +124,44 @@ struct KokkosKernels {
         return;
       }
     }
-    KokkosBlas::gemm(transpose_b ? "T" : "N", transpose_a ? "T" : "N", alpha, b_t, a_t, beta,
-                     c_t);
+    const char* op_b = transpose_b ? "T" : "N";
+    const char* op_a = transpose_a ? "T" : "N";
+    if constexpr (host) {
+      // Tiles of C run concurrently; a BLAS call inside the parallel region runs
+      // single-threaded, and inside an enclosing region (concurrent expert segments) the
+      // tiles run in turn on the calling thread: the same calls either way.
+      const std::size_t row_tiles = (m + detail::host_tile_rows - 1) / detail::host_tile_rows;
+      const std::size_t column_tiles =
+          (n + detail::host_tile_columns - 1) / detail::host_tile_columns;
+      Kokkos::parallel_for(
+          "kmoe::gemm::host_tiles",
+          Kokkos::RangePolicy<ExecSpace, Kokkos::Schedule<Kokkos::Dynamic>>(
+              space, 0, row_tiles * column_tiles),
+          [&](std::size_t tile) {
+            const std::size_t i0 = tile / column_tiles * detail::host_tile_rows;
+            const std::size_t j0 = tile % column_tiles * detail::host_tile_columns;
+            const auto rows = Kokkos::make_pair(i0, std::min(m, i0 + detail::host_tile_rows));
+            const auto columns =
+                Kokkos::make_pair(j0, std::min(n, j0 + detail::host_tile_columns));
+            // In the column-major aliases C's rows are columns: op(B)^T gives the tile's
+            // columns of C, op(A)^T its rows.
+            const auto c_tile = Kokkos::subview(c_t, columns, rows);
+            const auto with_b = [&](const auto& b_tile) {
+              if (transpose_a)
+                KokkosBlas::gemm(op_b, op_a, alpha, b_tile, Kokkos::subview(a_t, rows, Kokkos::ALL),
+                                 beta, c_tile);
+              else
+                KokkosBlas::gemm(op_b, op_a, alpha, b_tile, Kokkos::subview(a_t, Kokkos::ALL, rows),
+                                 beta, c_tile);
+            };
+            if (transpose_b)
+              with_b(Kokkos::subview(b_t, Kokkos::ALL, columns));
+            else
+              with_b(Kokkos::subview(b_t, columns, Kokkos::ALL));
+          });
+    } else {
+      KokkosBlas::gemm(op_b, op_a, alpha, b_t, a_t, beta, c_t);
+    }
   }
 };
 
