@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // Every router inside a full layer against the plain-loop reference, float and double,
 // on every enabled execution space, including T not a multiple of anything, E = 1, k = E.
+#include <catch2/catch_approx.hpp>
 #include <catch2/catch_template_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
 
 #include "support/layer_check.hpp"
 #include "support/spaces.hpp"
+
+#include <cmath>
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -192,5 +195,107 @@ TEMPLATE_LIST_TEST_CASE("expert choice and hash routing", "[router]", ExecutionS
     rc.experts = 5;
     rc.hash_seed = 99;
     check_layer(layer, rc, tokens, 50 + tokens);
+  }
+}
+
+namespace {
+
+/// SPEC.md section 4 in plain loops from the logits: f_i = count_i / (T k) over the chosen
+/// experts, P_i = mean over tokens of p (softmax; normalised sigmoid for sigmoid routers),
+/// L_aux = alpha E sum f P, the sequence-wise term the mean of the same over blocks of
+/// `seq_len` tokens, L_z = beta mean_t logsumexp(l_t)^2.
+BalanceLosses reference_losses(const RefMatrix& logits, const RefRouting& routing, int top_k,
+                               bool sigmoid, const BalanceLossConfig& c) {
+  const int T = logits.rows, E = logits.cols;
+  RefMatrix p(T, E);
+  for (int t = 0; t < T; ++t) {
+    double sum = 0, largest = logits(t, 0);
+    for (int e = 0; e < E; ++e) largest = std::max(largest, logits(t, e));
+    for (int e = 0; e < E; ++e)
+      sum += p(t, e) = sigmoid ? 1 / (1 + std::exp(-logits(t, e))) : std::exp(logits(t, e) - largest);
+    for (int e = 0; e < E; ++e) p(t, e) /= sum;
+  }
+  const auto term = [&](int first, int count) {
+    double total = 0;
+    for (int e = 0; e < E; ++e) {
+      double chosen = 0, mean_p = 0;
+      for (int t = first; t < first + count; ++t) {
+        for (int x : routing.expert[t]) chosen += x == e;
+        mean_p += p(t, e) / count;
+      }
+      total += chosen / (double(count) * top_k) * mean_p;
+    }
+    return E * total;
+  };
+  BalanceLosses out;
+  out.switch_aux = c.switch_aux * term(0, T);
+  double sequences = 0;
+  for (int first = 0; first < T; first += c.sequence_length) sequences += term(first, c.sequence_length);
+  out.sequence_aux = c.sequence_aux * sequences / (T / c.sequence_length);
+  double z = 0;
+  for (int t = 0; t < T; ++t) {
+    double largest = logits(t, 0), sum = 0;
+    for (int e = 0; e < E; ++e) largest = std::max(largest, logits(t, e));
+    for (int e = 0; e < E; ++e) sum += std::exp(logits(t, e) - largest);
+    z += std::pow(largest + std::log(sum), 2) / T;
+  }
+  out.z_loss = c.z_loss * z;
+  return out;
+}
+
+template <class Layer>
+void check_losses(Layer& layer, const RefRouterConfig& rc, int tokens, bool sigmoid,
+                  std::uint64_t seed) {
+  using X = typename Layer::execution_space;
+  using S = typename Layer::scalar_type;
+  fill_normal(layer.parameters(), 0.5, seed);
+  Matrix<S, X> x("x", tokens, layer.hidden_size()), y("y", tokens, layer.hidden_size());
+  fill_normal(x, 1.0, seed + 1);
+  const auto stats = layer.forward(x, y);
+  const RefMatrix logits = to_ref(layer.routing().logits);
+  const RefRouting routing = ref_route(rc, logits);
+  const auto expected =
+      reference_losses(logits, routing, rc.top_k, sigmoid, layer.options().losses);
+  const double tolerance = std::is_same_v<S, float> ? 1e-5 : 1e-12;
+  CAPTURE(tokens, sigmoid);
+  CHECK(stats.losses.switch_aux == Catch::Approx(expected.switch_aux).epsilon(tolerance));
+  CHECK(stats.losses.sequence_aux == Catch::Approx(expected.sequence_aux).epsilon(tolerance));
+  CHECK(stats.losses.z_loss == Catch::Approx(expected.z_loss).epsilon(tolerance));
+  // Three sequences that differ: the sequence-wise term is not the batch-wide one.
+  CHECK(stats.losses.sequence_aux / layer.options().losses.sequence_aux !=
+        Catch::Approx(stats.losses.switch_aux / layer.options().losses.switch_aux).epsilon(1e-6));
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("balance losses equal a plain-loop computation from the logits", "[losses]",
+                        ExecutionSpaces) {
+  using X = TestType;
+  LayerOptions options;
+  options.losses = {0.5, 0.25, 7, 0.125};  // three sequences of 7 tokens
+  constexpr int tokens = 21;
+  RefRouterConfig rc;
+  rc.experts = 6;
+  rc.top_k = 2;
+  {
+    using R = SoftmaxTopKRouter<X, double>;
+    using Ex = SwiGLUExperts<X, double>;
+    rc.normalize = true;
+    MoELayer<R, Ex> layer(R({10, 6, 2, true}), Ex({6, 10, 8}), options);
+    check_losses(layer, rc, tokens, false, 41);
+  }
+  {
+    using R = SoftmaxTopKRouter<X, float>;
+    using Ex = SwiGLUExperts<X, float>;
+    MoELayer<R, Ex> layer(R({10, 6, 2, true}), Ex({6, 10, 8}), options);
+    check_losses(layer, rc, tokens, false, 43);
+  }
+  {
+    using R = SigmoidBiasRouter<X, double>;
+    using Ex = SwiGLUExperts<X, double>;
+    rc.kind = RouterKind::sigmoid_bias;
+    rc.bias.assign(6, 0.0);
+    MoELayer<R, Ex> layer(R({10, 6, 2, true}), Ex({6, 10, 8}), options);
+    check_losses(layer, rc, tokens, true, 47);
   }
 }

@@ -4,6 +4,7 @@
 /// \brief kmoe::MoELayer: a Router, an Expert policy, a Combiner and a Communicator composed
 /// at compile time into one Mixture-of-Experts layer with forward and backward.
 
+#include <kmoe/agreement.hpp>
 #include <kmoe/capacity.hpp>
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicator.hpp>
@@ -101,6 +102,11 @@ class PhaseClock {
 /// Experts with an output bias b2 [E, H] (FFNExperts): not split by expert tensor parallelism.
 template <class E>
 using expert_output_bias = decltype(std::declval<const E&>().b2().value);
+template <class R>
+using router_group_of = decltype(std::declval<const R&>().config().group.n_group);
+template <class R>
+using router_scaling_of = decltype(std::declval<const R&>().config().scaling_factor +
+                                   std::declval<const R&>().config().normalize);
 template <class R>
 using has_update_bias = decltype(std::declval<R&>().update_bias(
     std::declval<const std::vector<std::int64_t>&>(), 0.0));
@@ -249,24 +255,9 @@ class MoELayer {
         groups_(std::move(groups)),
         losses_(options.losses) {
     constexpr const char* where = "kmoe::MoELayer";
-    options_.capacity.validate(where);
-    require(options_.training_mode != ExpertMode::inference, where, "options.training_mode",
-            "inference", "must be store or recompute");
-    const int experts_global = router_.num_experts();
-    const auto owned = groups_.layout.local_experts(experts_global, groups_.ep_rank);
-    require(experts_.num_experts() == int(owned.size()), where, "experts.num_experts()",
-            experts_.num_experts(),
-            "must equal the experts placed on this rank (" + std::to_string(owned.size()) + ")");
-    require(experts_.hidden_size() == router_.hidden_size(), where, "experts.hidden_size()",
-            experts_.hidden_size(), "must equal router.hidden_size()");
-    if (shared_) {
-      require(shared_->num_experts() == 1, where, "shared.num_experts()", shared_->num_experts(),
-              "shared experts are one dense expert (fold n shared experts into its F)");
-      require(shared_->hidden_size() == router_.hidden_size(), where, "shared.hidden_size()",
-              shared_->hidden_size(), "must equal router.hidden_size()");
-      shared_segments_ = Segments<X>::single(0);
-    }
-    build_placement();
+    // Every rank takes part in the agreement even when its own checks fail, so a rank with
+    // a bad argument does not leave the others waiting in the fingerprint all-gather.
+    kmoe::agree_or_throw(groups_.world, where, [&] { check_arguments(); });
     check_configuration_agrees();
   }
 
@@ -293,17 +284,27 @@ class MoELayer {
     constexpr const char* where = "kmoe::MoELayer::forward";
     ForwardStats stats;
     detail::PhaseClock phase_clock(options_.time_phases);
-    agree_or_throw([&] {
+    kmoe::agree_or_throw(groups_.world, where, [&] {
       require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
               "must equal the hidden size " + std::to_string(hidden_size()));
       require(y.extent(0) == x.extent(0) && y.extent(1) == x.extent(1), where, "y extents",
               std::to_string(y.extent(0)) + "x" + std::to_string(y.extent(1)),
               "must equal x's extents");
+      losses_.validate_tokens(where, int(x.extent(0)));
       x_ = x;
       training_ = context.training;
       router_.forward(x, plan_, context);
       if (options_.non_finite == NonFinitePolicy::raise) check_finite();
     });
+    // From here on the ranks are inside the step's collectives: see agreement.hpp.
+    abort_on_failure(groups_.world, where, [&] { forward_after_routing(x, y, stats, phase_clock); });
+    has_forward_ = true;
+    return stats;
+  }
+
+ private:
+  void forward_after_routing(const ConstMatrix<S, X>& x, const Matrix<S, X>& y,
+                             ForwardStats& stats, detail::PhaseClock& phase_clock) {
     const int tokens = int(x.extent(0));
     const int slots = int(plan_.slots());
     const int experts = num_experts();
@@ -313,9 +314,15 @@ class MoELayer {
     if (stats.capacity >= 0) stats.capacity = all_reduce_max(groups_.ep, stats.capacity);
     dispatch_.build(plan_, expert_key_, experts, stats.capacity, options_.capacity.drop);
 
-    stats.tokens_per_expert.assign(experts, 0);
-    for (int e = 0; e < experts; ++e) stats.tokens_per_expert[e] = dispatch_.routed_per_key[key_host_[e]];
-    all_reduce_sum(groups_.tokens, stats.tokens_per_expert);
+    // Per-expert counts and, last, the token count, summed over the token groups in one
+    // all-reduce: local batches may differ in size.
+    std::vector<std::int64_t> counts(experts + 1);
+    for (int e = 0; e < experts; ++e) counts[e] = dispatch_.routed_per_key[key_host_[e]];
+    counts[experts] = tokens;
+    all_reduce_sum(groups_.tokens, counts);
+    const std::int64_t global_tokens = counts[experts];
+    counts.pop_back();
+    stats.tokens_per_expert = std::move(counts);
     for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
     for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
     stats.dropped = stats.assignments - dispatch_.kept_total;
@@ -323,7 +330,7 @@ class MoELayer {
     check_accounting(stats.assignments, stats.capacity);
 #endif
     stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
-                                   std::int64_t(tokens) * groups_.tokens.size());
+                                   global_tokens);
 
     // Gather kept rows in key order, send them to their experts' ranks, and compute the
     // shared experts while the exchange is in flight.
@@ -356,9 +363,9 @@ class MoELayer {
     combiner_.combine(send_y_, dispatch_.position, plan_.weight,
                       shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
     phase_clock.lap(stats.phase_ms.combine);
-    has_forward_ = true;
-    return stats;
   }
+
+ public:
 
   /// \brief Backward of the last training forward: overwrites grad_x and accumulates every
   /// parameter's gradient (call zero_gradients() between steps). The balance losses enabled
@@ -367,7 +374,7 @@ class MoELayer {
   /// \param grad_x [out] dLoss/dx [T, H]
   void backward(const ConstMatrix<S, X>& grad_y, const Matrix<S, X>& grad_x) {
     constexpr const char* where = "kmoe::MoELayer::backward";
-    agree_or_throw([&] {
+    kmoe::agree_or_throw(groups_.world, where, [&] {
       require(has_forward_ && training_, where, "state", has_forward_ ? "inference" : "none",
               "backward needs a preceding forward with context.training = true");
       require(grad_y.extent(0) == x_.extent(0) && grad_y.extent(1) == x_.extent(1), where,
@@ -377,29 +384,31 @@ class MoELayer {
               "grad_x extents", std::to_string(grad_x.extent(0)) + "x" + std::to_string(grad_x.extent(1)),
               "must equal x's extents");
     });
-    const int tokens = int(x_.extent(0)), slots = int(plan_.slots());
-    detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
-    detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
-    combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
+    abort_on_failure(groups_.world, where, [&] {
+      const int tokens = int(x_.extent(0)), slots = int(plan_.slots());
+      detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
+      detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
+      combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
 
-    start_exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y").wait();
-    arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
-    detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
-    experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
-    if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
-    arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
-    start_exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x").wait();
-    scatter_add_rows(grad_send_x_, grad_x);
+      start_exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y").wait();
+      arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
+      detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
+      experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
+      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
+      arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
+      start_exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x").wait();
+      scatter_add_rows(grad_send_x_, grad_x);
 
-    if (shared_) {
-      detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
-      shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
-      add_into(shared_grad_x_, grad_x);
-    }
-    detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
-                           std::size_t(num_experts()));
-    losses_.backward(plan_, Router::probability_kind, grad_logits_);
-    router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
+      if (shared_) {
+        detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
+        shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
+        add_into(shared_grad_x_, grad_x);
+      }
+      detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
+                             std::size_t(num_experts()));
+      losses_.backward(plan_, Router::probability_kind, grad_logits_);
+      router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
+    });
   }
 
   /// \brief Every trainable tensor: router, routed experts, shared experts.
@@ -449,22 +458,6 @@ class MoELayer {
   template <class View>
   static FlatView flat(const View& v) {
     return FlatView(v.data(), v.size());
-  }
-
-  /// Runs a local phase; if it throws on any rank, every rank throws before the next
-  /// collective, so no rank is left waiting in an exchange.
-  template <class Phase>
-  void agree_or_throw(const Phase& phase) {
-    std::exception_ptr failure;
-    try {
-      phase();
-    } catch (...) {
-      failure = std::current_exception();
-    }
-    const bool any = groups_.world.any_error(failure != nullptr);
-    if (failure) std::rethrow_exception(failure);
-    if (any)
-      throw runtime_error("kmoe::MoELayer: another rank failed in the same step; see its error");
   }
 
 #ifndef NDEBUG
@@ -544,6 +537,29 @@ class MoELayer {
     experts_.forward(expert_x_, segments_, expert_y_, mode);
   }
 
+  /// The constructor's local checks (they differ by rank: each rank holds its own experts).
+  void check_arguments() {
+    constexpr const char* where = "kmoe::MoELayer";
+    options_.capacity.validate(where);
+    require(options_.training_mode != ExpertMode::inference, where, "options.training_mode",
+            "inference", "must be store or recompute");
+    const int experts_global = router_.num_experts();
+    const auto owned = groups_.layout.local_experts(experts_global, groups_.ep_rank);
+    require(experts_.num_experts() == int(owned.size()), where, "experts.num_experts()",
+            experts_.num_experts(),
+            "must equal the experts placed on this rank (" + std::to_string(owned.size()) + ")");
+    require(experts_.hidden_size() == router_.hidden_size(), where, "experts.hidden_size()",
+            experts_.hidden_size(), "must equal router.hidden_size()");
+    if (shared_) {
+      require(shared_->num_experts() == 1, where, "shared.num_experts()", shared_->num_experts(),
+              "shared experts are one dense expert (fold n shared experts into its F)");
+      require(shared_->hidden_size() == router_.hidden_size(), where, "shared.hidden_size()",
+              shared_->hidden_size(), "must equal router.hidden_size()");
+      shared_segments_ = Segments<X>::single(0);
+    }
+    build_placement();
+  }
+
   /// Keys sort experts by (owner EP rank, local index): the send buffer is then grouped by
   /// destination rank and, within it, by the destination's local expert order.
   void build_placement() {
@@ -566,30 +582,53 @@ class MoELayer {
   /// Ranks must agree on the configuration before the first collective of a step; every
   /// rank sees every fingerprint, so they all raise the same error together.
   void check_configuration_agrees() {
-    const std::int64_t mine[] = {
-        num_experts(), hidden_size(), router_.slots_per_token(),
-        std::int64_t(options_.capacity.factor * 1e6), options_.capacity.minimum,
-        options_.capacity.alignment, int(options_.capacity.drop), groups_.layout.tp,
-        groups_.layout.ep, groups_.layout.dp, int(groups_.layout.placement),
-        std::int64_t(typeid(Router).hash_code() & 0x7fffffff),
-        std::int64_t(typeid(Expert).hash_code() & 0x7fffffff), shared_ ? 1 : 0};
-    constexpr int n = sizeof(mine) / sizeof(mine[0]);
-    static const char* names[n] = {"experts", "hidden", "top_k", "capacity.factor",
-                                   "capacity.minimum", "capacity.alignment", "capacity.drop",
-                                   "layout.tp", "layout.ep", "layout.dp", "layout.placement",
-                                   "Router type", "Expert type", "shared experts"};
+    // Real-valued settings enter scaled by 1e9 and rounded: equal to that precision.
+    const auto fixed = [](double v) { return std::int64_t(std::llround(v * 1e9)); };
+    std::vector<std::pair<const char*, std::int64_t>> fields = {
+        {"experts", num_experts()},
+        {"hidden", hidden_size()},
+        {"top_k", router_.slots_per_token()},
+        {"capacity.factor", fixed(options_.capacity.factor)},
+        {"capacity.minimum", options_.capacity.minimum},
+        {"capacity.alignment", options_.capacity.alignment},
+        {"capacity.drop", int(options_.capacity.drop)},
+        {"layout.tp", groups_.layout.tp},
+        {"layout.ep", groups_.layout.ep},
+        {"layout.dp", groups_.layout.dp},
+        {"layout.placement", int(groups_.layout.placement)},
+        {"Router type", std::int64_t(typeid(Router).hash_code() & 0x7fffffff)},
+        {"Expert type", std::int64_t(typeid(Expert).hash_code() & 0x7fffffff)},
+        {"shared experts", shared_ ? 1 : 0},
+        {"losses.switch_aux", fixed(options_.losses.switch_aux)},
+        {"losses.sequence_aux", fixed(options_.losses.sequence_aux)},
+        {"losses.sequence_length", options_.losses.sequence_length},
+        {"losses.z_loss", fixed(options_.losses.z_loss)},
+        {"non_finite", int(options_.non_finite)},
+        {"training_mode", int(options_.training_mode)}};
+    // The shipped routers' configurations (user routers without config() skip this).
+    if constexpr (detail::is_detected_v<detail::router_group_of, Router>) {
+      const auto& group = router_.config().group;
+      fields.push_back({"router.group.n_group", group.n_group});
+      fields.push_back({"router.group.topk_group", group.topk_group});
+      fields.push_back({"router.group.score_terms", group.score_terms});
+    }
+    if constexpr (detail::is_detected_v<detail::router_scaling_of, Router>) {
+      fields.push_back({"router.normalize", router_.config().normalize ? 1 : 0});
+      fields.push_back({"router.scaling_factor", fixed(router_.config().scaling_factor)});
+    }
+    const int n = int(fields.size());
     const int ranks = groups_.world.size();
     Vector<std::int64_t, X> send("kmoe::MoELayer::fingerprint", n);
     Vector<std::int64_t, X> all("kmoe::MoELayer::fingerprints", std::size_t(n) * ranks);
     auto send_host = Kokkos::create_mirror_view(send);
-    for (int i = 0; i < n; ++i) send_host(i) = mine[i];
+    for (int i = 0; i < n; ++i) send_host(i) = fields[i].second;
     Kokkos::deep_copy(send, send_host);
     groups_.world.all_gather(send, all);
     auto all_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), all);
     for (int r = 0; r < ranks; ++r)
       for (int i = 0; i < n; ++i)
         if (all_host(r * n + i) != all_host(i))
-          throw invalid_argument("kmoe::MoELayer", names[i],
+          throw invalid_argument("kmoe::MoELayer", fields[i].first,
                                  std::to_string(all_host(r * n + i)) + " on rank " +
                                      std::to_string(r),
                                  "differs from " + std::to_string(all_host(i)) +

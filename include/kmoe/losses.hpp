@@ -9,6 +9,7 @@
 #include <kmoe/error.hpp>
 #include <kmoe/routing_plan.hpp>
 
+#include <string>
 #include <vector>
 
 namespace kmoe {
@@ -72,6 +73,15 @@ class BalanceLoss {
 
   explicit BalanceLoss(const BalanceLossConfig& config = {}) : config_(validated(config)) {}
   const BalanceLossConfig& config() const { return config_; }
+
+  /// Checks what forward would reject for `tokens` local tokens, so that the layer can
+  /// agree on it across ranks before the step's first collective.
+  void validate_tokens(const char* where, int tokens) const {
+    if (config_.sequence_aux == 0 || tokens == 0) return;
+    const int seq_len = sequence_length(tokens);
+    require(tokens % seq_len == 0, where, "sequence_length", seq_len,
+            "must divide the number of local tokens (" + std::to_string(tokens) + ")");
+  }
 
   /// Values for `plan` given the assignment counts per expert summed over the token group.
   BalanceLosses forward(const RoutingPlan<ExecSpace, Scalar>& plan, ProbabilityKind kind,

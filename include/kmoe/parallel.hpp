@@ -4,6 +4,7 @@
 /// \brief Parallel layout (SPEC.md section 5): the world split into TP x EP x DP ranks, the
 /// groups each kind of state is synchronised over, and where experts live.
 
+#include <kmoe/agreement.hpp>
 #include <kmoe/error.hpp>
 
 #include <algorithm>
@@ -83,8 +84,11 @@ struct ParallelGroups {
   int tp_rank = 0, ep_rank = 0, dp_rank = 0;
 
   /// Splits `world` according to `layout`.
+  /// A layout that is invalid on any rank raises on every rank before the first split.
   static ParallelGroups create(const Communicator& world, const ParallelLayout& layout) {
-    layout.validate("kmoe::ParallelGroups::create", world.size());
+    constexpr const char* where = "kmoe::ParallelGroups::create";
+    Communicator agreement = world;
+    agree_or_throw(agreement, where, [&] { layout.validate(where, world.size()); });
     ParallelGroups g;
     g.layout = layout;
     g.world = world;

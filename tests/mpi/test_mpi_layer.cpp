@@ -20,6 +20,7 @@
 #include <kmoe/routers/softmax_topk.hpp>
 
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -53,6 +54,13 @@ struct Case {
   bool starve = false;  // sigmoid router: no token goes to the last EP rank's experts
   Placement placement = Placement::block;
 };
+
+/// Every rank of `world` in one expert-parallel group.
+ParallelGroups<MpiCommunicator> expert_parallel_groups(const MpiCommunicator& world) {
+  ParallelLayout layout;
+  layout.ep = world.size();
+  return ParallelGroups<MpiCommunicator>::create(world, layout);
+}
 
 std::vector<ParallelLayout> layouts_of_world(int world) {
   std::vector<ParallelLayout> all;
@@ -344,9 +352,7 @@ TEST_CASE("uneven load: no token reaches the last EP rank's experts", "[mpi]") {
 
 TEST_CASE("a configuration that differs across ranks raises on every rank", "[mpi]") {
   const auto world = MpiCommunicator::world();
-  ParallelLayout layout;
-  layout.ep = world.size();
-  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const auto groups = expert_parallel_groups(world);
   const int experts = 2 * world.size();
   const int top_k = world.rank() == 1 ? 2 : 1;
   using Layer = DistLayer<SoftmaxRouter, GLU>;
@@ -355,11 +361,49 @@ TEST_CASE("a configuration that differs across ranks raises on every rank", "[mp
                   kmoe::invalid_argument);
 }
 
-TEST_CASE("a rank that fails in forward makes every rank throw, without a hang", "[mpi]") {
+TEST_CASE("a layout invalid on one rank raises on every rank before any split", "[mpi]") {
   const auto world = MpiCommunicator::world();
   ParallelLayout layout;
-  layout.ep = world.size();
-  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  layout.ep = world.rank() == 1 ? world.size() + 1 : world.size();
+  if (world.rank() == 1)
+    CHECK_THROWS_WITH(ParallelGroups<MpiCommunicator>::create(world, layout),
+                      Catch::Matchers::ContainsSubstring("layout.tp*ep*dp = " +
+                                                         std::to_string(world.size() + 1)));
+  else
+    CHECK_THROWS_WITH(ParallelGroups<MpiCommunicator>::create(world, layout),
+                      Catch::Matchers::ContainsSubstring("another rank failed"));
+}
+
+TEST_CASE("a bad constructor argument on one rank raises on every rank", "[mpi]") {
+  const auto world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
+  const int experts = 2 * world.size();
+  const int expert_hidden = world.rank() == 1 ? hidden + 1 : hidden;
+  using Layer = DistLayer<SoftmaxRouter, GLU>;
+  const auto build = [&] {
+    Layer(SoftmaxRouter({hidden, experts, 2}), GLU({2, expert_hidden, ffn}), {}, std::nullopt,
+          groups);
+  };
+  if (world.rank() == 1)
+    CHECK_THROWS_WITH(build(), Catch::Matchers::ContainsSubstring("experts.hidden_size()"));
+  else
+    CHECK_THROWS_WITH(build(), Catch::Matchers::ContainsSubstring("another rank failed"));
+}
+
+TEST_CASE("a loss setting that differs across ranks is caught by the fingerprint", "[mpi]") {
+  const auto world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
+  LayerOptions options;
+  options.losses.z_loss = world.rank() == 1 ? 1e-3 : 0.0;
+  using Layer = DistLayer<SoftmaxRouter, GLU>;
+  CHECK_THROWS_WITH(Layer(SoftmaxRouter({hidden, 2 * world.size(), 2}), GLU({2, hidden, ffn}),
+                          options, std::nullopt, groups),
+                    Catch::Matchers::ContainsSubstring("losses.z_loss"));
+}
+
+TEST_CASE("a rank that fails in forward makes every rank throw, without a hang", "[mpi]") {
+  const auto world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
   const int experts = 2 * world.size();
   DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, experts, 2}), GLU({2, hidden, ffn}),
                                       {}, std::nullopt, groups);
@@ -378,9 +422,7 @@ TEST_CASE("a rank that fails in forward makes every rank throw, without a hang",
 
 TEST_CASE("overlapping the shared experts with the dispatch leaves the results unchanged", "[mpi]") {
   const auto world = MpiCommunicator::world();
-  ParallelLayout layout;
-  layout.ep = world.size();
-  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const auto groups = expert_parallel_groups(world);
   const int experts = 2 * world.size();
   Matrix<S, X> x("x", tokens_per_rank, hidden);
   fill_normal(x, 1.0, 40 + world.rank());

@@ -21,6 +21,8 @@
 #include <mpi.h>
 
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -217,6 +219,17 @@ class MpiCommunicator {
     detail::mpi_check(MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_LOR, native()),
                       "MPI_Allreduce");
     return any != 0;
+  }
+
+  /// \brief Ends every process of the job (MPI_Abort) after printing `message` with this
+  /// rank's number: the way out of a failure once peers may already wait in a collective.
+  [[noreturn]] void abort(const std::string& message) const {
+    int world_rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    std::fprintf(stderr, "kmoe: rank %d aborts the job: %s\n", world_rank, message.c_str());
+    std::fflush(stderr);
+    MPI_Abort(native(), 1);
+    std::abort();  // MPI_Abort does not return; this keeps [[noreturn]] true if it did
   }
 
  private:
