@@ -5,6 +5,8 @@
 #include <catch2/catch_approx.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
+#include <algorithm>
+
 #include "support/layer_check.hpp"
 #include "support/spaces.hpp"
 
@@ -124,11 +126,17 @@ TEMPLATE_LIST_TEST_CASE("an expert without tokens, capacity that drops, and the 
   const double mild[4] = {0.4, 0.1, -0.4, 0.0};
   for (int e = 0; e < 4; ++e) bias(e) = mild[e];
   Kokkos::deep_copy(layer.router().bias(), bias);
-  const double before = layer.forward(x, y).imbalance();
+  RouteContext<X> training;
+  training.training = true;
+  // An evaluation pass does not count toward the update.
+  layer.forward(x, y);
+  CHECK(std::all_of(layer.pending_bias_counts().begin(), layer.pending_bias_counts().end(),
+                    [](std::int64_t c) { return c == 0; }));
+  const double before = layer.forward(x, y, training).imbalance();
   double after = before;
   for (int step = 0; step < 200; ++step) {
     layer.apply_bias_update(0.01);
-    after = layer.forward(x, y).imbalance();
+    after = layer.forward(x, y, training).imbalance();
   }
   CAPTURE(before, after);
   CHECK(after < before);

@@ -86,6 +86,9 @@ TEST_CASE("layer constructor rejects capacity, mode and shared-expert mistakes",
   CHECK_THROWS_WITH(make({}, E({2, 8, 6})), ContainsSubstring("shared.num_experts() = 2"));
   CHECK_THROWS_WITH(make({}, E({1, 6, 6})), ContainsSubstring("shared.hidden_size() = 6"));
   CHECK_THROWS_AS(make({}, E({2, 8, 6})), kmoe::invalid_argument);
+  CHECK_THROWS_WITH(make({}, E({1, 8, 6})),
+                    ContainsSubstring("parameter name = experts.w_gate") &&
+                        ContainsSubstring("used twice"));
 }
 
 TEST_CASE("forward, backward and the bias update reject bad calls", "[validation]") {

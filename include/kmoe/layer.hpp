@@ -323,7 +323,9 @@ class MoELayer {
     const std::int64_t global_tokens = counts[experts];
     counts.pop_back();
     stats.tokens_per_expert = std::move(counts);
-    for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
+    // The bias update follows the training batches only (evaluation passes do not move it).
+    if (training_)
+      for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
     for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
     stats.dropped = stats.assignments - dispatch_.kept_total;
 #ifndef NDEBUG
@@ -557,6 +559,12 @@ class MoELayer {
               shared_->hidden_size(), "must equal router.hidden_size()");
       shared_segments_ = Segments<X>::single(0);
     }
+    // Optimizers, checkpoints and synchronize_gradients() address tensors by name.
+    const auto list = parameters();
+    for (std::size_t i = 0; i < list.size(); ++i)
+      for (std::size_t j = 0; j < i; ++j)
+        require(list[i].name != list[j].name, where, "parameter name", list[i].name,
+                "is used twice; give the shared experts their own name (e.g. \"shared_experts\")");
     build_placement();
   }
 
