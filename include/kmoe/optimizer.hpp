@@ -20,7 +20,7 @@ namespace detail {
 /// thread count, unlike a parallel_reduce, whose order follows the threads.
 template <class ExecSpace, class Flat>
 double sum_of_squares(const Flat& g) {
-  constexpr std::size_t chunk = 4096;
+  const std::size_t chunk = 4096;  // a plain local: captured by value in the kernel
   const std::size_t n = g.size(), chunks = (n + chunk - 1) / chunk;
   Kokkos::View<double*, typename ExecSpace::memory_space> partial(
       Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::clip_grad_norm::partial"), chunks);
