@@ -58,6 +58,7 @@ int main(int argc, char** argv) {
 
     double overlap_ms[2] = {0, 0}, exchange_ms = 0, shared_ms = 0;
     std::vector<int> send_counts(world.size(), 0);
+    long long remote_rows = 0, remote_rows_deduplicated = 0;
     for (int overlap = 1; overlap >= 0; --overlap) {
       kmoe::LayerOptions options;
       options.overlap_shared_experts = overlap == 1;
@@ -86,14 +87,21 @@ int main(int argc, char** argv) {
         exchange_ms = median(exchange);
         shared_ms = median(shared);
         // Rows this rank sends to each peer: one per kept (token, slot), by expert owner.
+        // The deduplicated minimum (DeepEP) sends a token once per remote rank however
+        // many of its experts live there; kmoe sends one row per (token, expert).
         auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
         for (std::size_t t = 0; t < expert.extent(0); ++t)
-          for (std::size_t s = 0; s < expert.extent(1); ++s)
-            for (int p = 0; p < world.size(); ++p) {
-              const auto owned = layout.local_experts(experts, p);
-              if (std::find(owned.begin(), owned.end(), expert(t, s)) != owned.end())
-                send_counts[p] += hidden;
+          for (int p = 0; p < world.size(); ++p) {
+            const auto owned = layout.local_experts(experts, p);
+            int here = 0;
+            for (std::size_t s = 0; s < expert.extent(1); ++s)
+              here += std::find(owned.begin(), owned.end(), expert(t, s)) != owned.end();
+            send_counts[p] += here * hidden;
+            if (p != world.rank()) {
+              remote_rows += here;
+              remote_rows_deduplicated += here > 0;
             }
+          }
       }
     }
     // Raw MPI_Alltoallv of the same bytes, dispatch and return.
@@ -125,6 +133,9 @@ int main(int argc, char** argv) {
       std::printf("ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32\n",
                   world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn);
       std::printf("bytes sent by rank 0 (dispatch, one way): %.1f MB\n", 4.0 * send_total / 1e6);
+      std::printf("rows rank 0 sends to other ranks: %lld; deduplicated minimum: %lld (ratio %.3f)\n",
+                  remote_rows, remote_rows_deduplicated,
+                  remote_rows_deduplicated ? double(remote_rows) / remote_rows_deduplicated : 1.0);
       std::printf("layer exchange (counts + payload, both ways): %.3f ms; raw MPI_Alltoallv same bytes: %.3f ms; ratio %.3f\n",
                   agreed[0], agreed[1], agreed[0] / agreed[1]);
       std::printf("forward with shared experts overlapped: %.3f ms; after the dispatch: %.3f ms; saved %.3f ms (shared experts %.3f ms)\n",

@@ -6,6 +6,7 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <algorithm>
+#include <cmath>
 
 #include "support/layer_check.hpp"
 #include "support/spaces.hpp"
@@ -166,4 +167,57 @@ TEST_CASE("SGD with momentum and AdamW match hand-computed steps", "[optimizer]"
   CHECK(clip_grad_norm(list, 1.0) == Catch::Approx(5.0));
   CHECK(g(0) == Catch::Approx(0.6).epsilon(1e-6));
   CHECK(g(1) == Catch::Approx(0.8).epsilon(1e-6));
+}
+
+TEMPLATE_LIST_TEST_CASE("AdamW and SGD with weight decay over several steps match plain loops",
+                        "[optimizer]", ExecutionSpaces) {
+  using X = TestType;
+  constexpr int n = 5, steps = 4;
+  Vector<double, X> w("w", n), g("g", n);
+  ParameterList<X, double> list{make_parameter<X>("w", w, g)};
+  auto w_host = Kokkos::create_mirror_view(w);
+  auto g_host = Kokkos::create_mirror_view(g);
+  const auto gradient = [](int step, int j) { return std::sin(1.3 * step + 0.7 * j) * (j + 1); };
+  const auto start = [](int j) { return 0.5 - 0.3 * j; };
+
+  // AdamW (torch.optim.AdamW): w *= 1 - lr wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+  // w -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+  const double lr = 0.05, b1 = 0.8, b2 = 0.95, eps = 1e-6, wd = 0.2;
+  std::vector<double> ref(n), m(n, 0.0), v(n, 0.0);
+  for (int j = 0; j < n; ++j) ref[j] = w_host(j) = start(j);
+  Kokkos::deep_copy(w, w_host);
+  AdamW<X, double> adam(list, {lr, b1, b2, eps, wd});
+  for (int t = 1; t <= steps; ++t) {
+    for (int j = 0; j < n; ++j) {
+      const double grad = gradient(t, j);
+      g_host(j) = grad;
+      ref[j] *= 1 - lr * wd;
+      m[j] = b1 * m[j] + (1 - b1) * grad;
+      v[j] = b2 * v[j] + (1 - b2) * grad * grad;
+      ref[j] -= lr * (m[j] / (1 - std::pow(b1, t))) / (std::sqrt(v[j] / (1 - std::pow(b2, t))) + eps);
+    }
+    Kokkos::deep_copy(g, g_host);
+    adam.step();
+  }
+  Kokkos::deep_copy(w_host, w);
+  for (int j = 0; j < n; ++j) CHECK(w_host(j) == Catch::Approx(ref[j]).epsilon(1e-13));
+
+  // SGD (torch.optim.SGD): d = g + wd w; buf = d at step 1, mu buf + d after; w -= lr buf.
+  const double mu = 0.7, sgd_wd = 0.1;
+  std::vector<double> buffer(n, 0.0);
+  for (int j = 0; j < n; ++j) ref[j] = w_host(j) = start(j);
+  Kokkos::deep_copy(w, w_host);
+  SGD<X, double> sgd(list, {lr, mu, sgd_wd});
+  for (int t = 1; t <= steps; ++t) {
+    for (int j = 0; j < n; ++j) {
+      const double d = gradient(t, j) + sgd_wd * ref[j];
+      g_host(j) = gradient(t, j);
+      buffer[j] = t == 1 ? d : mu * buffer[j] + d;
+      ref[j] -= lr * buffer[j];
+    }
+    Kokkos::deep_copy(g, g_host);
+    sgd.step();
+  }
+  Kokkos::deep_copy(w_host, w);
+  for (int j = 0; j < n; ++j) CHECK(w_host(j) == Catch::Approx(ref[j]).epsilon(1e-13));
 }

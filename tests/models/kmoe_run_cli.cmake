@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: BSD-3-Clause
-# Runs kmoe-run on the Mixtral fixture: --help exits 0, bad arguments exit 2 with a usage
-# error, a forward + backward run exits 0 and writes both files.
-# Invoked by ctest with -DKMOE_RUN=<binary> -DFIXTURE=<fixture dir> -DWORK=<scratch dir>.
+# Runs kmoe-run on the fixtures: --help exits 0, bad arguments exit 2 with a usage error,
+# and a forward + backward run on each fixture model exits 0 and writes outputs and gradients
+# that equal HF transformers' (compared by COMPARE, tests/models/compare_safetensors.cpp).
+# Invoked by ctest with -DKMOE_RUN=<binary> -DCOMPARE=<binary> -DFIXTURES=<tests/fixtures>
+# -DWORK=<scratch dir>.
+set(FIXTURE ${FIXTURES}/mixtral)
 file(REMOVE_RECURSE ${WORK})
 file(MAKE_DIRECTORY ${WORK})
 
@@ -43,3 +46,22 @@ endforeach()
 if(NOT last_out MATCHES "forward: median")
   message(FATAL_ERROR "--bench printed no timing:\n${last_out}")
 endif()
+
+# Values: every fixture model, outputs to 1e-5 and gradients to 1e-4 of the reference's
+# scale (float32 against PyTorch's float32 autograd), top-k indices exactly.
+foreach(model mixtral deepseek_v3 qwen3_moe)
+  set(dir ${FIXTURES}/${model})
+  expect_exit(0 --model ${dir}/model --layer 1 --input ${dir}/input.safetensors
+              --output ${WORK}/${model}_output.safetensors
+              --grad-output ${dir}/grad_output.safetensors --grads ${WORK}/${model}_grads.safetensors)
+  foreach(pair "output;1e-5" "grads;1e-4")
+    list(GET pair 0 kind)
+    list(GET pair 1 tolerance)
+    execute_process(COMMAND ${COMPARE} ${dir}/${kind}.safetensors
+                            ${WORK}/${model}_${kind}.safetensors ${tolerance}
+                    RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+    if(NOT rc EQUAL 0)
+      message(FATAL_ERROR "kmoe-run ${model} ${kind} differs from the fixture:\n${out}${err}")
+    endif()
+  endforeach()
+endforeach()
