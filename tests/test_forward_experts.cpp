@@ -7,6 +7,10 @@
 #include "support/layer_check.hpp"
 #include "support/spaces.hpp"
 
+#include <algorithm>
+#include <array>
+#include <cmath>
+
 using namespace kmoe;
 using namespace kmoe::test;
 
@@ -73,4 +77,32 @@ TEMPLATE_LIST_TEST_CASE("expert kinds, shared experts and capacity rules match t
   all_expert_kinds<X, double>(options, with_shared, tokens, 4, 2);
   all_expert_kinds<X, float>(options, with_shared, tokens, 5, 3);
   all_expert_kinds<X, double>(options, with_shared, tokens, 1, 1);  // E = 1
+}
+
+TEMPLATE_LIST_TEST_CASE("the GEMM backend matches a plain loop across tile boundaries", "[gemm]",
+                        ExecutionSpaces) {
+  using X = TestType;
+  // Shapes that cross the host tiles (256 rows; 1024 columns, 256 for a single row tile),
+  // the skinny path (<= 8 rows) and odd remainders, for every transpose combination.
+  const auto shape = GENERATE(std::array<int, 3>{300, 1100, 37}, std::array<int, 3>{200, 600, 19},
+                              std::array<int, 3>{5, 700, 64}, std::array<int, 3>{513, 9, 3});
+  const bool ta = GENERATE(false, true), tb = GENERATE(false, true);
+  const int m = shape[0], n = shape[1], k = shape[2];
+  CAPTURE(m, n, k, ta, tb);
+  Matrix<double, X> a("a", ta ? k : m, ta ? m : k), b("b", tb ? n : k, tb ? k : n),
+      c("c", m, n);
+  fill_normal(a, 1.0, 3);
+  fill_normal(b, 1.0, 4);
+  fill_normal(c, 1.0, 5);
+  const RefMatrix ra = to_ref(a), rb = to_ref(b), rc = to_ref(c);
+  DefaultGemm::gemm(X(), ta, tb, 0.5, a, b, 2.0, c);
+  const RefMatrix got = to_ref(c);
+  double worst = 0;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double sum = 0;
+      for (int p = 0; p < k; ++p) sum += (ta ? ra(p, i) : ra(i, p)) * (tb ? rb(j, p) : rb(p, j));
+      worst = std::max(worst, std::abs(got(i, j) - (0.5 * sum + 2.0 * rc(i, j))));
+    }
+  CHECK(worst < 1e-12 * k);
 }

@@ -66,6 +66,13 @@ void skinny_dispatch(const ExecSpace& space, std::size_t m, std::size_t n, std::
 /// few percent of the vendor's own threading (docs/design.md, "Determinism").
 inline constexpr std::size_t host_tile_rows = 256;
 inline constexpr std::size_t host_tile_columns = 1024;
+/// Narrower tiles when C has a single row tile, so that a short GEMM (small expert
+/// segments, decode-sized batches) still spreads over the threads.
+inline constexpr std::size_t host_tile_columns_short = 256;
+
+inline std::size_t host_tile_width(std::size_t rows) {
+  return rows <= host_tile_rows ? host_tile_columns_short : host_tile_columns;
+}
 
 }  // namespace detail
 
@@ -131,18 +138,17 @@ struct KokkosKernels {
       // single-threaded, and inside an enclosing region (concurrent expert segments) the
       // tiles run in turn on the calling thread: the same calls either way.
       const std::size_t row_tiles = (m + detail::host_tile_rows - 1) / detail::host_tile_rows;
-      const std::size_t column_tiles =
-          (n + detail::host_tile_columns - 1) / detail::host_tile_columns;
+      const std::size_t width = detail::host_tile_width(m);
+      const std::size_t column_tiles = (n + width - 1) / width;
       Kokkos::parallel_for(
           "kmoe::gemm::host_tiles",
           Kokkos::RangePolicy<ExecSpace, Kokkos::Schedule<Kokkos::Dynamic>>(
               space, 0, row_tiles * column_tiles),
           [&](std::size_t tile) {
             const std::size_t i0 = tile / column_tiles * detail::host_tile_rows;
-            const std::size_t j0 = tile % column_tiles * detail::host_tile_columns;
+            const std::size_t j0 = tile % column_tiles * width;
             const auto rows = Kokkos::make_pair(i0, std::min(m, i0 + detail::host_tile_rows));
-            const auto columns =
-                Kokkos::make_pair(j0, std::min(n, j0 + detail::host_tile_columns));
+            const auto columns = Kokkos::make_pair(j0, std::min(n, j0 + width));
             // In the column-major aliases C's rows are columns: op(B)^T gives the tile's
             // columns of C, op(A)^T its rows.
             const auto c_tile = Kokkos::subview(c_t, columns, rows);
