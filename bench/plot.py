@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: BSD-3-Clause
 """Plots kmoe_bench (and hf_peer.py) JSON records into PNGs for docs/performance.md.
 
-    /work/venv-fixtures/bin/python bench/plot.py --kmoe docs/bench/kmoe.json \
+    python bench/plot.py --kmoe docs/bench/kmoe.json \
         --peer docs/bench/hf.json --out docs
 """
 import argparse
