@@ -83,6 +83,39 @@ TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are
   for (int t = 0; t < 9; ++t)
     for (int j = 0; j < 3; ++j) CHECK(expert(t, j) == j);
 
+  // Capacity by probability among equal weights keeps the earlier tokens: experts 0-2 get
+  // all 9 tokens, C = ceil(3 * 9 * 0.5 / 6) = 3, so tokens 0-2 keep every expert and
+  // tokens 3-8 lose all of theirs (their output is zero: no shared expert).
+  LayerOptions capped;
+  capped.capacity = {0.5, 0, DropPolicy::by_probability, 1};
+  MoELayer<R, E> dropping(R({4, 6, 3}), E({6, 4, 5}), capped);
+  fill_normal(dropping.experts().w_gate().value, 0.5, 4);
+  fill_normal(dropping.experts().w_up().value, 0.5, 5);
+  fill_normal(dropping.experts().w_down().value, 0.5, 6);
+  const auto capped_stats = dropping.forward(x, y);
+  CHECK(capped_stats.capacity == 3);
+  CHECK(capped_stats.dropped == 18);
+  const auto position = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dropping.positions());
+  const auto out = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), y);
+  for (int t = 0; t < 9; ++t) {
+    double magnitude = 0;
+    for (int h = 0; h < 4; ++h) magnitude += std::abs(out(t, h));
+    for (int j = 0; j < 3; ++j) CHECK((position(t, j) >= 0) == (t < 3));
+    CHECK((magnitude > 0) == (t < 3));
+  }
+
+  // Expert choice among equal scores: each expert takes the lowest token indices
+  // (C = ceil(9 * 1 / 6) = 2: tokens 0 and 1 get every expert, the rest none).
+  using Choice = ExpertChoiceRouter<X, double>;
+  MoELayer<Choice, E> choosing(Choice({4, 6, 1.0}), E({6, 4, 5}));
+  choosing.forward(x, y);
+  const auto chosen = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), choosing.routing().expert);
+  for (int t = 0; t < 9; ++t) {
+    int experts_of_token = 0;
+    for (std::size_t s = 0; s < chosen.extent(1); ++s) experts_of_token += chosen(t, s) >= 0;
+    CHECK(experts_of_token == (t < 2 ? 6 : 0));
+  }
+
   Matrix<double, X> x0("x0", 0, 4), y0("y0", 0, 4), g0("g0", 0, 4);
   RouteContext<X> context;
   context.training = true;
