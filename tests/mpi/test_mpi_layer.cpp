@@ -19,6 +19,7 @@
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 
+#include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
@@ -53,6 +54,7 @@ struct Case {
   bool bias = false;    // FFN experts with b1, b2
   bool starve = false;  // sigmoid router: no token goes to the last EP rank's experts
   Placement placement = Placement::block;
+  bool losses = false;  // balance losses on (dropless only: one reference pass)
 };
 
 /// Every rank of `world` in one expert-parallel group.
@@ -160,11 +162,11 @@ SigmoidRouter make_router(const Case& c, SigmoidRouter*) {
   return SigmoidRouter(SigmoidBiasConfig{hidden, c.experts, c.top_k, true, 2.5, {4, 2, 2}});
 }
 template <class E>
-E make_experts(int experts, int f, const Case& c) {
+E make_experts(int experts, int f, const Case& c, const std::string& name = "experts") {
   if constexpr (std::is_same_v<E, FFN>)
-    return E({experts, hidden, f, c.bias});
+    return E({experts, hidden, f, c.bias}, name);
   else
-    return E({experts, hidden, f});
+    return E({experts, hidden, f}, name);
 }
 
 /// Sets the sigmoid router's selection bias: a spread of small values, or a large negative
@@ -195,15 +197,24 @@ void run_case(const Case& c, ParallelLayout layout) {
 
   LayerOptions options;
   options.capacity.factor = c.capacity_factor;
+  // Each token group's balance terms use the global f_i and its own P_i (one sequence per
+  // group), and gradients are averaged over the groups: their mean is the reference's
+  // terms over the global batch, so the reference carries the coefficients times G.
+  LayerOptions ref_options = options;
+  if (c.losses) {
+    options.losses = {0.1, 0.05, tokens_per_rank, 0.01};
+    ref_options.losses = {0.1 * token_groups, 0.05 * token_groups, tokens_per_rank,
+                          0.01 * token_groups};
+  }
 
   // Reference: every expert, the whole F, all tokens; deterministic weights.
   std::optional<E> ref_shared, shared;
   if (c.shared) {
-    ref_shared = make_experts<E>(1, ffn, c);
-    shared = make_experts<E>(1, ffn, c);
+    ref_shared = make_experts<E>(1, ffn, c, "shared_experts");
+    shared = make_experts<E>(1, ffn, c, "shared_experts");
   }
-  RefLayer<R, E> ref(make_router(c, (R*)nullptr), make_experts<E>(c.experts, ffn, c), options,
-                     ref_shared);
+  RefLayer<R, E> ref(make_router(c, (R*)nullptr), make_experts<E>(c.experts, ffn, c),
+                     ref_options, ref_shared);
   fill_normal(ref.parameters(), 0.3, 1234);
   set_selection_bias(ref.router(), c, layout);
 
@@ -245,11 +256,13 @@ void run_case(const Case& c, ParallelLayout layout) {
   const int passes = c.capacity_factor > 0 ? token_groups : 1;
   const int pass_tokens = global_tokens / passes;
   std::int64_t ref_dropped = 0;
+  ForwardStats ref_stats;
   for (int p = 0; p < passes; ++p) {
     const auto xp = rows_of(x, p * pass_tokens, pass_tokens);
     const auto gp = rows_of(grad_y, p * pass_tokens, pass_tokens);
     Matrix<S, X> yp("yp", pass_tokens, hidden), gxp("gxp", pass_tokens, hidden);
-    ref_dropped += ref.forward(xp, yp, context).dropped;
+    ref_stats = ref.forward(xp, yp, context);
+    ref_dropped += ref_stats.dropped;
     ref.backward(gp, gxp);
     const auto rows = std::make_pair(p * pass_tokens, (p + 1) * pass_tokens);
     Kokkos::deep_copy(Kokkos::subview(ref_y, rows, Kokkos::ALL), yp);
@@ -290,6 +303,22 @@ void run_case(const Case& c, ParallelLayout layout) {
   world.all_reduce_sum(dropped);
   CHECK(dropped(0) == ref_dropped);
   if (c.capacity_factor > 0) CHECK(ref_dropped > 0);
+  if (c.losses) {
+    // The token groups' terms sum to the reference's (its coefficients are G times theirs),
+    // and every rank holds the global assignment counts for the bias update.
+    Kokkos::View<double*, Kokkos::HostSpace> terms("terms", 3);
+    if (groups.tp_rank == 0) {
+      terms(0) = stats.losses.switch_aux;
+      terms(1) = stats.losses.sequence_aux;
+      terms(2) = stats.losses.z_loss;
+    }
+    world.all_reduce_sum(terms);
+    CHECK(terms(0) == Catch::Approx(ref_stats.losses.switch_aux).epsilon(1e-12));
+    CHECK(terms(1) == Catch::Approx(ref_stats.losses.sequence_aux).epsilon(1e-12));
+    CHECK(terms(2) == Catch::Approx(ref_stats.losses.z_loss).epsilon(1e-12));
+    CHECK(ref_stats.losses.switch_aux > 0);
+    CHECK(layer.pending_bias_counts() == ref.pending_bias_counts());
+  }
   if (c.starve && layout.ep > 1) {
     const auto last = layout.local_experts(c.experts, layout.ep - 1);
     for (int e : last) CHECK(stats.tokens_per_expert[e] == 0);
@@ -339,6 +368,22 @@ TEST_CASE("DeepSeek-V3 sigmoid router with groups, FFN experts with biases", "[m
     c.capacity_factor = 1.0;
     c.placement = Placement::round_robin;
     run_all_layouts<SigmoidRouter, FFN>(c);
+  }
+}
+
+TEST_CASE("balance losses, their gradients and the bias counts equal the single-rank layer",
+          "[mpi]") {
+  Case c;
+  c.losses = true;
+  SECTION("softmax router") {
+    c.name = "softmax, losses";
+    run_all_layouts<SoftmaxRouter, GLU>(c);
+  }
+  SECTION("DeepSeek-V3 router") {
+    c.name = "sigmoid, losses";
+    c.experts = 8;
+    c.shared = true;
+    run_all_layouts<SigmoidRouter, GLU>(c);
   }
 }
 
