@@ -368,7 +368,6 @@ class MoELayer {
   }
 
  public:
-
   /// \brief Backward of the last training forward: overwrites grad_x and accumulates every
   /// parameter's gradient (call zero_gradients() between steps). The balance losses enabled
   /// in the options are part of the differentiated loss.

@@ -210,9 +210,8 @@ class BalanceLoss {
   /// (1/n_seq) sum over sequences of E * sum_i f_i^seq P_i^seq; fills sequence_fraction_.
   double sequence_term(const RoutingPlan<ExecSpace, Scalar>& plan) {
     const int tokens = int(plan.tokens()), experts = int(fraction_.extent(0));
+    validate_tokens("kmoe::BalanceLoss::forward", tokens);
     const int seq_len = sequence_length(tokens);
-    require(tokens % seq_len == 0, "kmoe::BalanceLoss::forward", "sequence_length", seq_len,
-            "must divide the number of local tokens");
     const int sequences = tokens / seq_len;
     detail::ensure_extents(sequence_fraction_, "kmoe::BalanceLoss::sequence_fraction", sequences,
                            experts);
