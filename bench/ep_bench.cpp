@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // Expert-parallel forward over MPI (`mpiexec -n P ep_bench`): EP = P ranks, a Mixtral-like
-// layer with a shared expert. Reports, in the same run, the layer's exchange time (counts
-// and payload, both directions, from LayerOptions::time_phases) against a raw
-// MPI_Alltoallv of the same bytes both ways, and the forward time with the shared experts
-// overlapped with the dispatch against run after it.
+// layer with a shared expert. Reports, in the same run, the rows the deduplicated dispatch
+// sends against one row per (token, expert) and against the minimum; the layer's exchange
+// time (counts, links and payload, both directions, from LayerOptions::time_phases, which
+// reports the wait for the slower rank apart) against a raw MPI_Alltoallv of the same
+// payload bytes both ways; and the forward time with the shared experts overlapped with
+// the dispatch against run after it.
 //
 //   mpiexec -n 2 ep_bench [--tokens T] [--repeats N]
 #include <kmoe/combiner.hpp>
@@ -56,9 +58,12 @@ int main(int argc, char** argv) {
     kmoe::Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
     kmoe::fill_normal(x, 1.0, 100 + world.rank());
 
-    double overlap_ms[2] = {0, 0}, exchange_ms = 0, shared_ms = 0;
-    std::vector<int> send_counts(world.size(), 0);
-    long long remote_rows = 0, remote_rows_deduplicated = 0;
+    // [1]: shared experts overlapped with the dispatch, [0]: run after it.
+    double overlap_ms[2] = {0, 0}, exchange_ms[2] = {0, 0}, imbalance_ms[2] = {0, 0}, shared_ms = 0;
+    // Elements this rank sends to each peer: dispatch (deduplicated rows) and per (token,
+    // expert) row, the size of the return.
+    std::vector<int> dispatch_counts(world.size(), 0), assignment_counts(world.size(), 0);
+    long long remote_rows_sent = 0, remote_assignments = 0, remote_rows_minimum = 0;
     for (int overlap = 1; overlap >= 0; --overlap) {
       kmoe::LayerOptions options;
       options.overlap_shared_experts = overlap == 1;
@@ -75,69 +80,92 @@ int main(int argc, char** argv) {
         times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
       }
       overlap_ms[overlap] = median(times);
+      layer.set_phase_timing(true);
+      std::vector<double> exchange, imbalance, shared;
+      kmoe::ForwardStats stats;
+      for (int r = 0; r < repeats; ++r) {
+        MPI_Barrier(world.native());
+        stats = layer.forward(x, y);
+        exchange.push_back(stats.phase_ms.exchange);
+        imbalance.push_back(stats.phase_ms.imbalance);
+        shared.push_back(stats.phase_ms.shared);
+      }
+      exchange_ms[overlap] = median(exchange);
+      imbalance_ms[overlap] = median(imbalance);
       if (overlap == 1) {
-        layer.set_phase_timing(true);
-        std::vector<double> exchange, shared;
-        for (int r = 0; r < repeats; ++r) {
-          MPI_Barrier(world.native());
-          const auto stats = layer.forward(x, y);
-          exchange.push_back(stats.phase_ms.exchange);
-          shared.push_back(stats.phase_ms.shared);
-        }
-        exchange_ms = median(exchange);
         shared_ms = median(shared);
-        // Rows this rank sends to each peer: one per kept (token, slot), by expert owner.
-        // The deduplicated minimum (DeepEP) sends a token once per remote rank however
-        // many of its experts live there; kmoe sends one row per (token, expert).
+        // The minimum (DeepEP) sends a token once per rank however many of its experts live
+        // there; counted here by a plain loop over the routing (dropless: every slot kept).
         auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
-        for (std::size_t t = 0; t < expert.extent(0); ++t)
-          for (int p = 0; p < world.size(); ++p) {
-            const auto owned = layout.local_experts(experts, p);
+        for (int p = 0; p < world.size(); ++p) {
+          const auto owned = layout.local_experts(experts, p);
+          for (std::size_t t = 0; t < expert.extent(0); ++t) {
             int here = 0;
             for (std::size_t s = 0; s < expert.extent(1); ++s)
               here += std::find(owned.begin(), owned.end(), expert(t, s)) != owned.end();
-            send_counts[p] += here * hidden;
+            assignment_counts[p] += here * hidden;
             if (p != world.rank()) {
-              remote_rows += here;
-              remote_rows_deduplicated += here > 0;
+              remote_assignments += here;
+              remote_rows_minimum += here > 0;
             }
           }
+          dispatch_counts[p] = int(stats.dispatch_rows[p]) * hidden;
+          if (p != world.rank()) remote_rows_sent += stats.dispatch_rows[p];
+        }
       }
     }
-    // Raw MPI_Alltoallv of the same bytes, dispatch and return.
-    std::vector<int> recv_counts(world.size()), send_offsets(world.size()), recv_offsets(world.size());
-    MPI_Alltoall(send_counts.data(), 1, MPI_INT, recv_counts.data(), 1, MPI_INT, world.native());
-    int send_total = 0, recv_total = 0;
-    for (int p = 0; p < world.size(); ++p) {
-      send_offsets[p] = send_total;
-      recv_offsets[p] = recv_total;
-      send_total += send_counts[p];
-      recv_total += recv_counts[p];
-    }
-    std::vector<float> send(send_total, 1.0f), recv(recv_total);
+    // Raw MPI_Alltoallv of the same payload: the dispatch's rows out, one row per
+    // (token, expert) back.
+    const auto layout_of = [&](const std::vector<int>& send_counts, std::vector<int>& recv_counts,
+                               std::vector<int>& send_offsets, std::vector<int>& recv_offsets) {
+      recv_counts.resize(world.size());
+      send_offsets.resize(world.size());
+      recv_offsets.resize(world.size());
+      MPI_Alltoall(send_counts.data(), 1, MPI_INT, recv_counts.data(), 1, MPI_INT, world.native());
+      int send_total = 0, recv_total = 0;
+      for (int p = 0; p < world.size(); ++p) {
+        send_offsets[p] = send_total;
+        recv_offsets[p] = recv_total;
+        send_total += send_counts[p];
+        recv_total += recv_counts[p];
+      }
+      return std::make_pair(send_total, recv_total);
+    };
+    std::vector<int> dispatch_recv, dispatch_send_at, dispatch_recv_at;
+    std::vector<int> return_recv, return_send_at, return_recv_at;
+    const auto dispatch_totals = layout_of(dispatch_counts, dispatch_recv, dispatch_send_at, dispatch_recv_at);
+    const auto return_totals = layout_of(assignment_counts, return_recv, return_send_at, return_recv_at);
+    std::vector<float> dispatch_send(dispatch_totals.first, 1.0f), dispatch_received(dispatch_totals.second);
+    std::vector<float> returned(return_totals.first), return_send(return_totals.second, 1.0f);
     std::vector<double> raw;
     for (int r = 0; r <= repeats; ++r) {
       MPI_Barrier(world.native());
       const auto start = std::chrono::steady_clock::now();
-      MPI_Alltoallv(send.data(), send_counts.data(), send_offsets.data(), MPI_FLOAT, recv.data(),
-                    recv_counts.data(), recv_offsets.data(), MPI_FLOAT, world.native());
-      MPI_Alltoallv(recv.data(), recv_counts.data(), recv_offsets.data(), MPI_FLOAT, send.data(),
-                    send_counts.data(), send_offsets.data(), MPI_FLOAT, world.native());
+      MPI_Alltoallv(dispatch_send.data(), dispatch_counts.data(), dispatch_send_at.data(), MPI_FLOAT,
+                    dispatch_received.data(), dispatch_recv.data(), dispatch_recv_at.data(), MPI_FLOAT,
+                    world.native());
+      MPI_Alltoallv(return_send.data(), return_recv.data(), return_recv_at.data(), MPI_FLOAT,
+                    returned.data(), assignment_counts.data(), return_send_at.data(), MPI_FLOAT,
+                    world.native());
       if (r > 0)
         raw.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
     }
     const double raw_ms = median(raw);
-    double worst[4] = {exchange_ms, raw_ms, overlap_ms[1], overlap_ms[0]}, agreed[4];
-    MPI_Allreduce(worst, agreed, 4, MPI_DOUBLE, MPI_MAX, world.native());
+    double worst[7] = {exchange_ms[0], raw_ms, overlap_ms[1], overlap_ms[0], imbalance_ms[0],
+                       exchange_ms[1], imbalance_ms[1]};
+    double agreed[7];
+    MPI_Allreduce(worst, agreed, 7, MPI_DOUBLE, MPI_MAX, world.native());
     if (world.rank() == 0) {
       std::printf("ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32\n",
                   world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn);
-      std::printf("bytes sent by rank 0 (dispatch, one way): %.1f MB\n", 4.0 * send_total / 1e6);
-      std::printf("rows rank 0 sends to other ranks: %lld; deduplicated minimum: %lld (ratio %.3f)\n",
-                  remote_rows, remote_rows_deduplicated,
-                  remote_rows_deduplicated ? double(remote_rows) / remote_rows_deduplicated : 1.0);
-      std::printf("layer exchange (counts + payload, both ways): %.3f ms; raw MPI_Alltoallv same bytes: %.3f ms; ratio %.3f\n",
-                  agreed[0], agreed[1], agreed[0] / agreed[1]);
+      std::printf("dispatch bytes sent by rank 0 (one way): %.1f MB\n", 4.0 * dispatch_totals.first / 1e6);
+      std::printf("rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; minimum %lld (sent / minimum %.3f)\n",
+                  remote_rows_sent, remote_assignments, remote_rows_minimum,
+                  remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
+      std::printf("layer exchange (counts + links + payload, both ways; shared experts after the dispatch): %.3f ms; raw MPI_Alltoallv same payload: %.3f ms; ratio %.3f; wait for the slower rank (reported apart): %.3f ms\n",
+                  agreed[0], agreed[1], agreed[0] / agreed[1], agreed[4]);
+      std::printf("with the shared experts overlapped: exchange %.3f ms (ratio %.3f; part of the dispatch completes during the wait for the slower rank, %.3f ms)\n",
+                  agreed[5], agreed[5] / agreed[1], agreed[6]);
       std::printf("forward with shared experts overlapped: %.3f ms; after the dispatch: %.3f ms; saved %.3f ms (shared experts %.3f ms)\n",
                   agreed[2], agreed[3], agreed[3] - agreed[2], shared_ms);
     }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // kmoe_bench: times MoELayer forward / backward against the dense equivalent (the same
 // expert GEMMs and activation on one weight set for all T*k assignments, through the same
-// GEMM backend), with a phase breakdown and, for decode, the weight-streaming floor.
+// GEMM backend), timed in turn with the layer so that the machine's drift cancels in the
+// ratio; with a phase breakdown and, for decode, the weight-streaming floor.
 // Usage: kmoe_bench [--config NAME]... [--repeats N] [--quick] [--json FILE]
 #include <kmoe/kmoe.hpp>
 
@@ -12,7 +13,10 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -117,8 +121,73 @@ double stream_ms(int repeats, const std::vector<const S*>& blocks, std::size_t b
   return ms;
 }
 
+// Dense equivalent: one SwiGLU weight set applied to all T*k assignment rows (plus the
+// shared expert on T rows where the layer has one): the layer's expert FLOPs, no routing.
+class DenseEquivalent {
+ public:
+  explicit DenseEquivalent(const Config& c)
+      : dense_({1, c.H, c.F}),
+        seg_(kmoe::Segments<X>::single(c.T * c.k)),
+        x_("bench::dense_x", c.T * c.k, c.H),
+        y_("bench::dense_y", c.T * c.k, c.H),
+        gy_("bench::dense_gy", c.T * c.k, c.H),
+        gx_("bench::dense_gx", c.T * c.k, c.H) {
+    kmoe::fill_normal(dense_.w_gate().value, 0.02, 21);
+    kmoe::fill_normal(dense_.w_up().value, 0.02, 22);
+    kmoe::fill_normal(dense_.w_down().value, 0.02, 23);
+    kmoe::fill_normal(x_, 1.0, 24);
+    kmoe::fill_normal(gy_, 1.0, 25);
+    if (c.shared_F > 0) {
+      shared_.emplace(kmoe::ExpertShape{1, c.H, c.shared_F});
+      kmoe::fill_normal(shared_->w_gate().value, 0.02, 26);
+      kmoe::fill_normal(shared_->w_up().value, 0.02, 27);
+      kmoe::fill_normal(shared_->w_down().value, 0.02, 28);
+      shared_seg_ = kmoe::Segments<X>::single(c.T);
+      sx_ = kmoe::Matrix<S, X>("bench::shared_x", c.T, c.H);
+      sy_ = kmoe::Matrix<S, X>("bench::shared_y", c.T, c.H);
+      sgy_ = kmoe::Matrix<S, X>("bench::shared_gy", c.T, c.H);
+      sgx_ = kmoe::Matrix<S, X>("bench::shared_gx", c.T, c.H);
+      kmoe::fill_normal(sx_, 1.0, 29);
+    }
+  }
+  void forward(kmoe::ExpertMode mode = kmoe::ExpertMode::inference) {
+    dense_.forward(x_, seg_, y_, mode);
+    if (shared_) shared_->forward(sx_, shared_seg_, sy_, mode);
+  }
+  void forward_backward() {
+    forward(kmoe::ExpertMode::store);
+    dense_.backward(x_, seg_, gy_, gx_);
+    if (shared_) shared_->backward(sx_, shared_seg_, sgy_, sgx_);
+  }
+
+ private:
+  Experts dense_;
+  kmoe::Segments<X> seg_;
+  kmoe::Matrix<S, X> x_, y_, gy_, gx_;
+  std::optional<Experts> shared_;
+  kmoe::Segments<X> shared_seg_;
+  kmoe::Matrix<S, X> sx_, sy_, sgy_, sgx_;
+};
+
+// Calls a() and b() in turn, `repeats` times after one warm-up each, and returns the median
+// time of each: the machine's drift (this VM's speed varies by tens of percent over
+// minutes) then affects both sides of a ratio alike.
+std::pair<double, double> interleaved_ms(int repeats, const std::function<void()>& a,
+                                         const std::function<void()>& b) {
+  std::vector<double> ta, tb;
+  for (int i = 0; i <= repeats; ++i) {
+    for (int side = 0; side < 2; ++side) {
+      const double start = now_ms();
+      (side == 0 ? a : b)();
+      Kokkos::fence();
+      if (i > 0) (side == 0 ? ta : tb).push_back(now_ms() - start);
+    }
+  }
+  return {median(ta), median(tb)};
+}
+
 template <class Layer>
-void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x) {
+void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x, DenseEquivalent& dense) {
   const Config& c = r.c;
   kmoe::fill_normal(layer.parameters(), 0.02, 11);
   kmoe::Matrix<S, X> y("bench::y", c.T, c.H), gy("bench::grad_y", c.T, c.H),
@@ -128,25 +197,23 @@ void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x) {
   train.training = true;
 
   kmoe::ForwardStats stats;
-  r.layer_ms = time_ms(c.repeats, [&] { stats = layer.forward(x, y, infer); });
+  std::tie(r.layer_ms, r.dense_ms) = interleaved_ms(
+      c.repeats, [&] { stats = layer.forward(x, y, infer); }, [&] { dense.forward(); });
   r.imbalance = stats.imbalance();
   if (c.backward) {
-    std::vector<double> fwd, bwd, both;
-    for (int i = 0; i <= c.repeats; ++i) {  // iteration 0 warms up
-      const double t0 = now_ms();
+    std::vector<double> bwd;
+    const auto layer_step = [&] {
       layer.forward(x, y, train);
       Kokkos::fence();
-      const double t1 = now_ms();
+      const double start = now_ms();
       layer.backward(gy, gx);
       Kokkos::fence();
-      const double t2 = now_ms();
-      if (i == 0) continue;
-      fwd.push_back(t1 - t0);
-      bwd.push_back(t2 - t1);
-      both.push_back(t2 - t0);
-    }
+      bwd.push_back(now_ms() - start);
+    };
+    std::tie(r.layer_fwdbwd_ms, r.dense_fwdbwd_ms) =
+        interleaved_ms(c.repeats, layer_step, [&] { dense.forward_backward(); });
+    bwd.erase(bwd.begin());  // the warm-up call
     r.backward_ms = median(bwd);
-    r.layer_fwdbwd_ms = median(both);
   }
 
   // Breakdown: the layer's own fenced phase timers (LayerOptions::time_phases), medians
@@ -181,55 +248,13 @@ void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x) {
   }
 }
 
-// Dense equivalent: one SwiGLU weight set applied to all T*k assignment rows (plus the
-// shared expert on T rows where the layer has one): the layer's expert FLOPs, no routing.
-void measure_dense(Record& r) {
-  const Config& c = r.c;
-  const int rows = c.T * c.k;
-  Experts dense({1, c.H, c.F});
-  kmoe::fill_normal(dense.w_gate().value, 0.02, 21);
-  kmoe::fill_normal(dense.w_up().value, 0.02, 22);
-  kmoe::fill_normal(dense.w_down().value, 0.02, 23);
-  const auto seg = kmoe::Segments<X>::single(rows);
-  kmoe::Matrix<S, X> x("bench::dense_x", rows, c.H), y("bench::dense_y", rows, c.H),
-      gy("bench::dense_gy", rows, c.H), gx("bench::dense_gx", rows, c.H);
-  kmoe::fill_normal(x, 1.0, 24);
-  kmoe::fill_normal(gy, 1.0, 25);
-
-  std::optional<Experts> shared;
-  kmoe::Segments<X> shared_seg;
-  kmoe::Matrix<S, X> sx, sy, sgy, sgx;
-  if (c.shared_F > 0) {
-    shared.emplace(kmoe::ExpertShape{1, c.H, c.shared_F});
-    kmoe::fill_normal(shared->w_gate().value, 0.02, 26);
-    kmoe::fill_normal(shared->w_up().value, 0.02, 27);
-    kmoe::fill_normal(shared->w_down().value, 0.02, 28);
-    shared_seg = kmoe::Segments<X>::single(c.T);
-    sx = kmoe::Matrix<S, X>("bench::shared_x", c.T, c.H);
-    sy = kmoe::Matrix<S, X>("bench::shared_y", c.T, c.H);
-    sgy = kmoe::Matrix<S, X>("bench::shared_gy", c.T, c.H);
-    sgx = kmoe::Matrix<S, X>("bench::shared_gx", c.T, c.H);
-    kmoe::fill_normal(sx, 1.0, 29);
-  }
-  const auto forward = [&](kmoe::ExpertMode mode) {
-    dense.forward(x, seg, y, mode);
-    if (shared) shared->forward(sx, shared_seg, sy, mode);
-  };
-  r.dense_ms = time_ms(c.repeats, [&] { forward(kmoe::ExpertMode::inference); });
-  if (c.backward)
-    r.dense_fwdbwd_ms = time_ms(c.repeats, [&] {
-      forward(kmoe::ExpertMode::store);
-      dense.backward(x, seg, gy, gx);
-      if (shared) shared->backward(sx, shared_seg, sgy, sgx);
-    });
-}
-
 Record run(const Config& c) {
   Record r;
   r.c = c;
   r.gflop = 6.0 * c.H * (double(c.T) * c.k * c.F + double(c.T) * c.shared_F) * 1e-9;
   kmoe::Matrix<S, X> x("bench::x", c.T, c.H);
   kmoe::fill_normal(x, 1.0, 7);
+  DenseEquivalent dense(c);
   {
     Experts experts({c.E, c.H, c.F});
     if (c.kind == Kind::mixtral) {
@@ -239,7 +264,7 @@ Record run(const Config& c) {
       rc.top_k = c.k;
       rc.normalize = true;
       MixtralLayer layer(kmoe::SoftmaxTopKRouter<X, S>(rc), std::move(experts));
-      measure_layer(layer, r, x);
+      measure_layer(layer, r, x, dense);
     } else {
       kmoe::SigmoidBiasConfig rc;
       rc.hidden = c.H;
@@ -252,10 +277,9 @@ Record run(const Config& c) {
       if (c.shared_F > 0) shared.emplace(kmoe::ExpertShape{1, c.H, c.shared_F}, "shared");
       DeepSeekLayer layer(kmoe::SigmoidBiasRouter<X, S>(rc), std::move(experts), {},
                           std::move(shared));
-      measure_layer(layer, r, x);
+      measure_layer(layer, r, x, dense);
     }
-  }  // the layer's weights are freed before the dense equivalent allocates its own
-  measure_dense(r);
+  }
   return r;
 }
 

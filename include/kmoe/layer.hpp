@@ -8,6 +8,7 @@
 #include <kmoe/capacity.hpp>
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicator.hpp>
+#include <kmoe/deduplicated_dispatch.hpp>
 #include <kmoe/dispatch.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/losses.hpp>
@@ -40,7 +41,8 @@ struct LayerOptions {
   /// Compute the shared experts while the dispatch exchange is in flight (DeepSeek's
   /// overlap); false runs them after it, for measuring what the overlap saves.
   bool overlap_shared_experts = true;
-  /// Fence and time each phase of forward into ForwardStats::phase_ms (costs the fences).
+  /// Fence and time each phase of forward into ForwardStats::phase_ms (costs the fences,
+  /// and under expert parallelism a synchronisation of the EP group before each exchange).
   bool time_phases = false;
 };
 
@@ -48,7 +50,8 @@ struct LayerOptions {
 struct PhaseTimes {
   double route = 0;     ///< router, non-finite check
   double dispatch = 0;  ///< counting sort, capacity, counts, balance losses, gather of rows
-  double exchange = 0;  ///< count and payload all-to-all-v both ways (waiting time)
+  double imbalance = 0; ///< wait for the slowest EP rank before each exchange (timed runs only)
+  double exchange = 0;  ///< count, link and payload all-to-all-v both ways
   double shared = 0;    ///< shared experts
   double experts = 0;   ///< arrangement into segments, expert GEMMs, TP reduction
   double combine = 0;   ///< weighted sum back to the tokens
@@ -63,6 +66,9 @@ struct ForwardStats {
   std::int64_t assignments = 0;  ///< this rank's router assignments (T * k for token choice)
   std::int64_t dropped = 0;      ///< this rank's assignments dropped by capacity
   long long capacity = -1;       ///< tokens per expert per rank, -1 when dropless
+  /// Hidden-state rows the dispatch sent to each EP rank (this one included): one per
+  /// token and rank holding any of its kept experts. Empty on one EP rank (no exchange).
+  std::vector<std::int64_t> dispatch_rows;
   PhaseTimes phase_ms;           ///< filled when LayerOptions::time_phases
   /// max / mean of tokens_per_expert (1 = perfectly balanced).
   double imbalance() const {
@@ -151,23 +157,58 @@ void scale_in_place(const Flat& grad, S scale) {
       KOKKOS_LAMBDA(std::size_t i) { grad(i) *= scale; });
 }
 
-/// Moves rows blocks(b, 2) rows between row blocks(b, 0) of the receive order and row
-/// blocks(b, 1) of the expert order, in the direction to_receive_order says.
-template <class X, class Blocks, class M>
-void move_blocks(const Blocks& blocks, const M& in, const M& out, int width,
-                 bool to_receive_order) {
+/// Row maps of the expert order, from blocks b = (source p, local expert j) of blocks(b, 2)
+/// rows at row blocks(b, 0) of the receive order and blocks(b, 1) of the expert order: for
+/// each expert row (-1 for padding) the receive-order row it holds and, when `link` is not
+/// empty (deduplicated dispatch), the received row of its token, first(p) + link(receive row).
+template <class X, class Blocks, class Map, class Link, class First>
+void map_expert_rows(const Blocks& blocks, int local, const Map& receive_row,
+                     const Map& token_row, const Link& link, const First& first) {
   using Team = typename Kokkos::TeamPolicy<X>::member_type;
+  const bool deduplicated = link.extent(0) > 0;
+  Kokkos::deep_copy(receive_row, -1);
+  if (deduplicated) Kokkos::deep_copy(token_row, -1);
   Kokkos::parallel_for(
-      "kmoe::MoELayer::arrange", Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO),
+      "kmoe::MoELayer::map_expert_rows", Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
         const int b = team.league_rank();
         const int recv_row = blocks(b, 0), expert_row = blocks(b, 1), rows = blocks(b, 2);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows * width), [&](int i) {
-          const int r = i / width, h = i % width;
-          if (to_receive_order)
-            out(recv_row + r, h) = in(expert_row + r, h);
-          else
-            out(expert_row + r, h) = in(recv_row + r, h);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows), [&](int i) {
+          receive_row(expert_row + i) = recv_row + i;
+          if (deduplicated) token_row(expert_row + i) = first(b / local) + link(recv_row + i);
+        });
+      });
+}
+
+/// out(r) = in(map(r)), zero where map(r) < 0. One team per row: its threads (CUDA) or
+/// its vectorised loop (host) walk the contiguous row.
+template <class X, class Map, class In, class Out>
+void gather_mapped_rows(const Map& map, const In& in, const Out& out) {
+  using Team = typename Kokkos::TeamPolicy<X>::member_type;
+  using S = typename Out::non_const_value_type;
+  const int width = int(out.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::gather_mapped_rows", Kokkos::TeamPolicy<X>(int(out.extent(0)), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int r = team.league_rank(), from = map(r);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width), [&](int h) {
+          out(r, h) = from < 0 ? S(0) : in(from, h);
+        });
+      });
+}
+
+/// out(map(r)) = in(r) where map(r) >= 0 (the inverse of gather_mapped_rows).
+template <class X, class Map, class In, class Out>
+void scatter_mapped_rows(const Map& map, const In& in, const Out& out) {
+  using Team = typename Kokkos::TeamPolicy<X>::member_type;
+  const int width = int(in.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::scatter_mapped_rows", Kokkos::TeamPolicy<X>(int(in.extent(0)), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int r = team.league_rank(), to = map(r);
+        if (to < 0) return;
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width), [&](int h) {
+          out(to, h) = in(r, h);
         });
       });
 }
@@ -334,13 +375,27 @@ class MoELayer {
     stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
                                    global_tokens);
 
-    // Gather kept rows in key order, send them to their experts' ranks, and compute the
-    // shared experts while the exchange is in flight.
-    detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch_.kept_total, hidden_size());
-    gather_rows(x, send_x_);
+    // Gather the rows to send (on one EP rank: every kept assignment in key order; across
+    // ranks: each token once per destination rank), send them to their experts' ranks, and
+    // compute the shared experts while the exchange is in flight.
+    const bool deduplicate = groups_.layout.ep > 1;
+    if (deduplicate) {
+      deduplicated_.build(dispatch_.position, plan_.expert, expert_rank_, groups_.layout.ep,
+                          dispatch_.kept_total);
+      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", deduplicated_.rows_total, hidden_size());
+      detail::gather_mapped_rows<X>(deduplicated_.token, x, send_x_);
+      stats.dispatch_rows = deduplicated_.rows_per_rank;
+    } else {
+      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch_.kept_total, hidden_size());
+      gather_rows(x, send_x_);
+    }
     phase_clock.lap(stats.phase_ms.dispatch);
-    exchange_counts();
-    auto request = start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
+    wait_for_slowest_rank(phase_clock, stats.phase_ms);
+    exchange_counts(deduplicate);
+    auto request = deduplicate ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_,
+                                                recv_token_rows_, "kmoe::MoELayer::recv_x")
+                               : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_,
+                                                "kmoe::MoELayer::recv_x");
     const ExpertMode mode = training_ ? options_.training_mode : ExpertMode::inference;
     const auto run_shared = [&] {
       if (!shared_) return;
@@ -350,17 +405,25 @@ class MoELayer {
       shared_->forward(x, shared_segments_, shared_y_, mode);
       phase_clock.lap(stats.phase_ms.shared);
     };
-    if (options_.overlap_shared_experts) run_shared();
+    if (options_.overlap_shared_experts && shared_) {
+      run_shared();
+      // The ranks' shared experts may finish apart: time that wait as imbalance too.
+      wait_for_slowest_rank(phase_clock, stats.phase_ms);
+    }
     request.wait();
     if (!options_.overlap_shared_experts) run_shared();
     phase_clock.lap(stats.phase_ms.exchange);
-    arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
+    if (deduplicate)
+      expand_to_experts(recv_x_, expert_x_);
+    else
+      arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
     detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
     forward_experts(mode);
     if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
     phase_clock.lap(stats.phase_ms.experts);
     arrange_from_experts(expert_y_, recv_y_, "kmoe::MoELayer::recv_y");
-    start_exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y").wait();
+    wait_for_slowest_rank(phase_clock, stats.phase_ms);
+    exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y");
     phase_clock.lap(stats.phase_ms.exchange);
     combiner_.combine(send_y_, dispatch_.position, plan_.weight,
                       shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
@@ -391,13 +454,13 @@ class MoELayer {
       detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
       combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
 
-      start_exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y").wait();
+      exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y");
       arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
       detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
       experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
       if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
       arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
-      start_exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x").wait();
+      exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
       scatter_add_rows(grad_send_x_, grad_x);
 
       if (shared_) {
@@ -580,9 +643,14 @@ class MoELayer {
       for (int e : owned) key_host_[e] = key++;
     }
     expert_key_ = Vector<int, X>("kmoe::MoELayer::expert_key", experts);
-    auto mirror = Kokkos::create_mirror_view(expert_key_);
-    for (int e = 0; e < experts; ++e) mirror(e) = key_host_[e];
-    Kokkos::deep_copy(expert_key_, mirror);
+    expert_rank_ = Vector<int, X>("kmoe::MoELayer::expert_rank", experts);
+    auto key_mirror = Kokkos::create_mirror_view(expert_key_);
+    auto rank_mirror = Kokkos::create_mirror_view(expert_rank_);
+    for (int r = 0; r < ranks; ++r)
+      for (int e : groups_.layout.local_experts(experts, r)) rank_mirror(e) = r;
+    for (int e = 0; e < experts; ++e) key_mirror(e) = key_host_[e];
+    Kokkos::deep_copy(expert_key_, key_mirror);
+    Kokkos::deep_copy(expert_rank_, rank_mirror);
     bias_counts_.assign(experts, 0);
   }
 
@@ -671,25 +739,43 @@ class MoELayer {
     detail::scale_in_place<X>(grad, S(1) / S(divisor));
   }
 
-  /// Per-peer row counts of the dispatch exchange: send counts from the dispatch, receive
-  /// counts (and each source's per-expert counts, which lay out the expert segments) from
-  /// the peers. Builds the expert segments, padded to the capacity alignment.
-  void exchange_counts() {
+  /// Timed runs only (LayerOptions::time_phases): synchronises the EP group before an
+  /// exchange, so that the exchange phase holds the transfer alone and the wait for slower
+  /// ranks (load imbalance) is reported apart.
+  void wait_for_slowest_rank(detail::PhaseClock& clock, PhaseTimes& phases) {
+    if (!options_.time_phases || groups_.ep.size() == 1) return;
+    clock.lap(phases.exchange);
+    groups_.ep.any_error(false);
+    clock.lap(phases.imbalance);
+  }
+
+  /// Per-peer counts of the dispatch exchange: each destination gets its local experts'
+  /// assignment counts (which lay out its expert segments) and, last, the number of rows
+  /// sent to it. Builds the expert segments, padded to the capacity alignment; when the
+  /// dispatch is deduplicated, also sends each assignment's link (the row of its token in
+  /// the block sent to its rank) so that the receiver can expand the rows.
+  void exchange_counts(bool deduplicate) {
     const int ranks = groups_.layout.ep;
     const int local = experts_.num_experts();
+    const int per_peer = local + 1;
     send_rows_.assign(ranks, 0);
-    std::vector<std::int64_t> send_counts(ranks), recv_counts(ranks, local);
-    for (int r = 0, key = 0; r < ranks; ++r) {
-      send_counts[r] = local_count_[r];
-      for (int j = 0; j < local_count_[r]; ++j, ++key) send_rows_[r] += dispatch_.kept_per_key[key];
-    }
-    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send", std::size_t(num_experts()));
-    detail::ensure_extents(count_recv_, "kmoe::MoELayer::count_recv", std::size_t(ranks) * local);
+    std::vector<std::int64_t> send_counts(ranks), recv_counts(ranks, per_peer);
+    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send",
+                           std::size_t(num_experts() + ranks));
+    detail::ensure_extents(count_recv_, "kmoe::MoELayer::count_recv", std::size_t(ranks) * per_peer);
     auto send_host = Kokkos::create_mirror_view(count_send_);
-    for (int key = 0; key < num_experts(); ++key) send_host(key) = dispatch_.kept_per_key[key];
+    for (int r = 0, key = 0, at = 0; r < ranks; ++r) {
+      send_counts[r] = local_count_[r] + 1;
+      for (int j = 0; j < local_count_[r]; ++j, ++key) {
+        send_rows_[r] += dispatch_.kept_per_key[key];
+        send_host(at++) = dispatch_.kept_per_key[key];
+      }
+      send_host(at++) = deduplicate ? deduplicated_.rows_per_rank[r] : send_rows_[r];
+    }
     Kokkos::deep_copy(count_send_, send_host);
     groups_.ep.all_to_all_v(count_send_, send_counts, count_recv_, recv_counts);
     auto recv_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), count_recv_);
+    const auto received = [&](int p, int j) { return recv_host(p * per_peer + j); };
 
     // Blocks (source p, local expert j): rows recv_offset in the receive buffer, moved to
     // expert_offset in the expert buffer, where expert j's segment is padded to alignment.
@@ -699,20 +785,25 @@ class MoELayer {
     auto blocks = Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace>(
         "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
     std::vector<std::int64_t> recv_begin(ranks + 1, 0);
-    for (int p = 0; p < ranks; ++p) {
-      for (int j = 0; j < local; ++j) recv_rows_[p] += recv_host(p * local + j);
+    recv_token_rows_.assign(ranks, 0);
+    auto token_first = Kokkos::View<int*, Kokkos::HostSpace>("kmoe::MoELayer::token_first", ranks);
+    for (int p = 0, first = 0; p < ranks; ++p) {
+      for (int j = 0; j < local; ++j) recv_rows_[p] += received(p, j);
       recv_begin[p + 1] = recv_begin[p] + recv_rows_[p];
+      recv_token_rows_[p] = received(p, local);
+      token_first(p) = first;
+      first += int(recv_token_rows_[p]);
     }
     int expert_row = 0;
     for (int j = 0; j < local; ++j) {
       segments_.offsets_host(j) = expert_row;
       for (int p = 0; p < ranks; ++p) {
         std::int64_t before = 0;
-        for (int i = 0; i < j; ++i) before += recv_host(p * local + i);
+        for (int i = 0; i < j; ++i) before += received(p, i);
         const int b = p * local + j;
         blocks(b, 0) = int(recv_begin[p] + before);
         blocks(b, 1) = expert_row;
-        blocks(b, 2) = int(recv_host(p * local + j));
+        blocks(b, 2) = int(received(p, j));
         expert_row += blocks(b, 2);
       }
       expert_row = (expert_row + alignment - 1) / alignment * alignment;
@@ -720,29 +811,62 @@ class MoELayer {
     segments_.offsets_host(local) = expert_row;
     segments_.sync_from_host();
     identity_arrangement_ = ranks == 1 && alignment == 1;
+    recv_total_ = recv_begin[ranks];
+    detail::ensure_extents(token_first_, "kmoe::MoELayer::token_first", std::size_t(ranks));
+    detail::ensure_extents(recv_link_, "kmoe::MoELayer::recv_link",
+                           deduplicate ? std::size_t(recv_total_) : 0);
+    if (deduplicate) {
+      Kokkos::deep_copy(token_first_, token_first);
+      groups_.ep.all_to_all_v(deduplicated_.link, send_rows_, recv_link_, recv_rows_);
+    }
+    if (identity_arrangement_) return;
     detail::ensure_extents(blocks_, "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
     Kokkos::deep_copy(blocks_, blocks);
-    recv_total_ = recv_begin[ranks];
+    detail::ensure_extents(expert_receive_row_, "kmoe::MoELayer::expert_receive_row",
+                           std::size_t(expert_row));
+    detail::ensure_extents(expert_token_row_, "kmoe::MoELayer::expert_token_row",
+                           deduplicate ? std::size_t(expert_row) : 0);
+    detail::map_expert_rows<X>(blocks_, local, expert_receive_row_, expert_token_row_, recv_link_,
+                               token_first_);
   }
 
-  /// Sends rows per peer and receives rows per peer (EP group); on one EP rank the
-  /// receive buffer is the send buffer itself.
+  /// Starts sending rows per peer and receiving rows per peer (EP group); on one EP rank
+  /// the receive buffer is the send buffer itself.
   typename Communicator::Request start_exchange(const Matrix<S, X>& send,
                                                 const std::vector<std::int64_t>& send_rows,
                                                 Matrix<S, X>& recv,
                                                 const std::vector<std::int64_t>& recv_rows,
                                                 const char* label) {
+    if (receive_in_place(send, recv, recv_rows, label)) return {};
+    return groups_.ep.all_to_all_v_start(flat(send), elements(send_rows), flat(recv),
+                                         elements(recv_rows));
+  }
+
+  /// start_exchange and wait, through the communicator's blocking form (MPI libraries tune
+  /// it further than the non-blocking one).
+  void exchange(const Matrix<S, X>& send, const std::vector<std::int64_t>& send_rows,
+                Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows, const char* label) {
+    if (receive_in_place(send, recv, recv_rows, label)) return;
+    groups_.ep.all_to_all_v(flat(send), elements(send_rows), flat(recv), elements(recv_rows));
+  }
+
+  /// Sizes the receive buffer; on one EP rank aliases it to the send buffer and returns true.
+  bool receive_in_place(const Matrix<S, X>& send, Matrix<S, X>& recv,
+                        const std::vector<std::int64_t>& recv_rows, const char* label) const {
     if (groups_.layout.ep == 1) {
       recv = send;
-      return {};
+      return true;
     }
     std::int64_t total = 0;
     for (auto r : recv_rows) total += r;
     detail::ensure_extents(recv, label, std::size_t(total), std::size_t(hidden_size()));
-    std::vector<std::int64_t> send_elements(send_rows), recv_elements(recv_rows);
-    for (auto& c : send_elements) c *= hidden_size();
-    for (auto& c : recv_elements) c *= hidden_size();
-    return groups_.ep.all_to_all_v_start(flat(send), send_elements, flat(recv), recv_elements);
+    return false;
+  }
+
+  std::vector<std::int64_t> elements(const std::vector<std::int64_t>& rows) const {
+    std::vector<std::int64_t> counts(rows);
+    for (auto& c : counts) c *= hidden_size();
+    return counts;
   }
 
   /// Receive order (source rank, local expert, token) -> expert order (local expert, source
@@ -753,8 +877,15 @@ class MoELayer {
       return;
     }
     detail::ensure_extents(out, label, std::size_t(segments_.rows()), std::size_t(hidden_size()));
-    if (options_.capacity.alignment > 1) Kokkos::deep_copy(out, S(0));
-    move_blocks(in, out, false);
+    detail::gather_mapped_rows<X>(expert_receive_row_, in, out);
+  }
+
+  /// Deduplicated receive rows -> expert order (local expert, source rank, token), each
+  /// assignment taking its token's row, with zero padding rows.
+  void expand_to_experts(const Matrix<S, X>& in, Matrix<S, X>& out) {
+    detail::ensure_extents(out, "kmoe::MoELayer::expert_x", std::size_t(segments_.rows()),
+                           std::size_t(hidden_size()));
+    detail::gather_mapped_rows<X>(expert_token_row_, in, out);
   }
 
   /// Inverse of arrange_to_experts (padding rows are dropped).
@@ -764,11 +895,7 @@ class MoELayer {
       return;
     }
     detail::ensure_extents(out, label, std::size_t(recv_total_), std::size_t(hidden_size()));
-    move_blocks(in, out, true);
-  }
-
-  void move_blocks(const Matrix<S, X>& in, const Matrix<S, X>& out, bool to_receive_order) const {
-    detail::move_blocks<X>(blocks_, in, out, hidden_size(), to_receive_order);
+    detail::scatter_mapped_rows<X>(expert_receive_row_, in, out);
   }
 
   /// send(row) = x(token of row): the kept assignments in key order.
@@ -799,6 +926,7 @@ class MoELayer {
   std::vector<int> key_host_;
   std::vector<std::int64_t> local_count_;
   Vector<int, X> expert_key_;
+  Vector<int, X> expert_rank_;  ///< EP rank owning each global expert
   std::vector<std::int64_t> bias_counts_;
 
   // Exchange layout of the last forward.
@@ -806,6 +934,14 @@ class MoELayer {
   std::int64_t recv_total_ = 0;
   Vector<std::int64_t, X> count_send_, count_recv_;
   Kokkos::View<int**, Kokkos::LayoutRight, typename X::memory_space> blocks_;
+  // Deduplicated dispatch (EP > 1): this rank's send rows and links, the rows received from
+  // each peer, where each peer's rows start, and the received links.
+  DeduplicatedDispatch<X> deduplicated_;
+  std::vector<std::int64_t> recv_token_rows_;
+  Vector<int, X> token_first_, recv_link_;
+  // For each row of the expert order (-1: padding): its row in the receive order and, when
+  // deduplicated, its token's row among the received rows.
+  Vector<int, X> expert_receive_row_, expert_token_row_;
   bool identity_arrangement_ = true;
   Segments<X> segments_, shared_segments_;
 

@@ -151,22 +151,30 @@ class MpiCommunicator {
     return recv;
   }
 
+  /// Blocking form: MPI_Alltoallv, which MPI libraries tune further than the non-blocking
+  /// one (OpenMPI 4.1 on shared memory: about twice as fast for the layer's sizes).
   template <class SendView, class RecvView>
   void all_to_all_v(const SendView& send, const std::vector<std::int64_t>& send_counts,
                     const RecvView& recv, const std::vector<std::int64_t>& recv_counts) const {
-    all_to_all_v_start(send, send_counts, recv, recv_counts).wait();
+    check_exchange_views<SendView, RecvView>();
+    constexpr const char* where = "kmoe::MpiCommunicator::all_to_all_v";
+    std::vector<int> send_displs, recv_displs;
+    const auto send_ints = to_int(send_counts, send.size(), where, "send_counts", send_displs);
+    const auto recv_ints = to_int(recv_counts, recv.size(), where, "recv_counts", recv_displs);
+    const auto type = detail::mpi_datatype<typename SendView::value_type>();
+    Kokkos::fence();
+    detail::mpi_check(MPI_Alltoallv(send.data(), send_ints.data(), send_displs.data(), type,
+                                    recv.data(), recv_ints.data(), recv_displs.data(), type,
+                                    native()),
+                      "MPI_Alltoallv");
   }
 
   template <class SendView, class RecvView>
   Request all_to_all_v_start(const SendView& send, const std::vector<std::int64_t>& send_counts,
                              const RecvView& recv,
                              const std::vector<std::int64_t>& recv_counts) const {
-    detail::require_host_view<SendView>();
-    detail::require_host_view<RecvView>();
-    static_assert(std::is_same_v<typename SendView::non_const_value_type,
-                                 typename RecvView::non_const_value_type>,
-                  "kmoe::MpiCommunicator::all_to_all_v: send and receive value types differ");
-    constexpr const char* where = "kmoe::MpiCommunicator::all_to_all_v";
+    check_exchange_views<SendView, RecvView>();
+    constexpr const char* where = "kmoe::MpiCommunicator::all_to_all_v_start";
     auto pending = std::make_shared<Pending>();
     pending->send_counts = to_int(send_counts, send.size(), where, "send_counts",
                                   pending->send_displs);
@@ -233,6 +241,15 @@ class MpiCommunicator {
   }
 
  private:
+  template <class SendView, class RecvView>
+  static constexpr void check_exchange_views() {
+    detail::require_host_view<SendView>();
+    detail::require_host_view<RecvView>();
+    static_assert(std::is_same_v<typename SendView::non_const_value_type,
+                                 typename RecvView::non_const_value_type>,
+                  "kmoe::MpiCommunicator::all_to_all_v: send and receive value types differ");
+  }
+
   void cache_rank_size() {
     detail::mpi_check(MPI_Comm_rank(native(), &rank_), "MPI_Comm_rank");
     detail::mpi_check(MPI_Comm_size(native(), &size_), "MPI_Comm_size");
