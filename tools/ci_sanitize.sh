@@ -15,11 +15,15 @@ build="${KMOE_SANITIZE_BUILD_DIR:-build-asan}"
 # Debug keeps NDEBUG undefined, so kmoe's debug-only invariant checks run too; -O1 keeps
 # the instrumented tests fast enough for CI.
 flags="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
-echo "[sanitize] configuring $build"
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Debug \
-  -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_FLAGS="$flags" \
-  -DKMOE_ENABLE_MPI=OFF -DKMOE_ENABLE_NCCL=OFF -DKMOE_ENABLE_BENCHMARKS=OFF \
-  -DKMOE_ENABLE_EXAMPLES=ON -DKMOE_ENABLE_TESTS=ON
+# configure DIR MPI EXAMPLES (ON/OFF each)
+configure() {
+  echo "[sanitize] configuring $1"
+  cmake -S . -B "$1" -G Ninja -DCMAKE_BUILD_TYPE=Debug \
+    -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_FLAGS="$flags" \
+    -DKMOE_ENABLE_MPI="$2" -DKMOE_ENABLE_NCCL=OFF -DKMOE_ENABLE_BENCHMARKS=OFF \
+    -DKMOE_ENABLE_EXAMPLES="$3" -DKMOE_ENABLE_TESTS=ON
+}
+configure "$build" OFF ON
 echo "[sanitize] building"
 cmake --build "$build" -j "$(nproc)"
 
@@ -39,11 +43,7 @@ echo "[sanitize] running ctest"
 # (LeakSanitizer cannot even name those), would bury any report. Leaks in kmoe's own code
 # are caught by the single-process suite above, which runs the same layer code.
 mpi_build="${build}-mpi"
-echo "[sanitize] configuring $mpi_build (MPI tests)"
-cmake -S . -B "$mpi_build" -G Ninja -DCMAKE_BUILD_TYPE=Debug \
-  -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_FLAGS="$flags" \
-  -DKMOE_ENABLE_MPI=ON -DKMOE_ENABLE_NCCL=OFF -DKMOE_ENABLE_BENCHMARKS=OFF \
-  -DKMOE_ENABLE_EXAMPLES=OFF -DKMOE_ENABLE_TESTS=ON
+configure "$mpi_build" ON OFF
 cmake --build "$mpi_build" -j "$(nproc)" --target test_mpi_layer
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:strict_string_checks=1:check_initialization_order=1"
 echo "[sanitize] running the MPI tests"

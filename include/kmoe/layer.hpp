@@ -786,7 +786,8 @@ class MoELayer {
         "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
     std::vector<std::int64_t> recv_begin(ranks + 1, 0);
     recv_token_rows_.assign(ranks, 0);
-    auto token_first = Kokkos::View<int*, Kokkos::HostSpace>("kmoe::MoELayer::token_first", ranks);
+    detail::ensure_extents(token_first_, "kmoe::MoELayer::token_first", std::size_t(ranks));
+    auto token_first = Kokkos::create_mirror_view(token_first_);
     for (int p = 0, first = 0; p < ranks; ++p) {
       for (int j = 0; j < local; ++j) recv_rows_[p] += received(p, j);
       recv_begin[p + 1] = recv_begin[p] + recv_rows_[p];
@@ -812,7 +813,6 @@ class MoELayer {
     segments_.sync_from_host();
     identity_arrangement_ = ranks == 1 && alignment == 1;
     recv_total_ = recv_begin[ranks];
-    detail::ensure_extents(token_first_, "kmoe::MoELayer::token_first", std::size_t(ranks));
     detail::ensure_extents(recv_link_, "kmoe::MoELayer::recv_link",
                            deduplicate ? std::size_t(recv_total_) : 0);
     if (deduplicate) {
@@ -842,8 +842,8 @@ class MoELayer {
                                          elements(recv_rows));
   }
 
-  /// start_exchange and wait, through the communicator's blocking form (MPI libraries tune
-  /// it further than the non-blocking one).
+  /// start_exchange and wait, through the communicator's blocking form (nothing to overlap,
+  /// so no request to keep).
   void exchange(const Matrix<S, X>& send, const std::vector<std::int64_t>& send_rows,
                 Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows, const char* label) {
     if (receive_in_place(send, recv, recv_rows, label)) return;

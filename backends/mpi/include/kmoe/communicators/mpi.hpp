@@ -151,8 +151,8 @@ class MpiCommunicator {
     return recv;
   }
 
-  /// Blocking form: MPI_Alltoallv, which MPI libraries tune further than the non-blocking
-  /// one (OpenMPI 4.1 on shared memory: about twice as fast for the layer's sizes).
+  /// Blocking form: one MPI_Alltoallv, without the request the non-blocking form keeps
+  /// alive (on OpenMPI 4.1 shared memory the two took the same time: bench/ep_bench).
   template <class SendView, class RecvView>
   void all_to_all_v(const SendView& send, const std::vector<std::int64_t>& send_counts,
                     const RecvView& recv, const std::vector<std::int64_t>& recv_counts) const {
