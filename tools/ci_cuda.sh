@@ -56,8 +56,10 @@ fi
 log "CUDA build OK"
 if [ "${#launcher[@]}" -gt 0 ]; then ccache -s | grep -iE '^ *(hits|misses)' || true; fi
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  log "GPU found: $(nvidia-smi -L | head -1); running ctest"
+# The GPU list is captured, not piped into head: under pipefail an early-exiting reader can
+# fail the pipeline at random.
+if command -v nvidia-smi >/dev/null 2>&1 && gpus=$(nvidia-smi -L 2>/dev/null); then
+  log "GPU found: ${gpus%%$'\n'*}; running ctest"
   (cd "$build" && ctest --output-on-failure -j 1)
   log "ctest OK"
 else

@@ -2,13 +2,16 @@
 # tools/setup.sh -- install and cache every dependency of kmoe on Debian bookworm.
 #
 # Usage:
-#   tools/setup.sh [--cuda] [--cuda-arch=sm_XX] [--jobs=N] [--no-verify] [--help]
+#   tools/setup.sh [--cuda] [--cuda-arch=sm_XX] [--jobs=N] [--no-verify] [--verify-only] [--help]
 #
 #   --cuda            also build Kokkos + Kokkos Kernels for CUDA into
 #                     $KMOE_DEPS/kokkos-cuda (needs nvcc, default /usr/local/cuda).
 #   --cuda-arch=sm_XX CUDA target arch (default: $KMOE_CUDA_ARCH or sm_90).
 #   --jobs=N          parallel build jobs (default: $KMOE_JOBS or nproc).
 #   --no-verify       skip the smoke tests run after a (re)build.
+#   --verify-only     run only the smoke tests, against what is installed, whatever the
+#                     stamps say (no apt, no download, no build): CI runs this every time
+#                     so the first-run check cannot rot behind a cached stamp.
 #
 # Environment:
 #   KMOE_DEPS        cache prefix (default: $HOME/.cache/kmoe-deps)
@@ -47,6 +50,7 @@ JOBS="${KMOE_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 WANT_CUDA=0
 VERIFY=1
+VERIFY_ONLY=0
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; }
 
@@ -56,6 +60,7 @@ for arg in "$@"; do
     --cuda-arch=*) CUDA_ARCH="${arg#*=}"; WANT_CUDA=1 ;;
     --jobs=*) JOBS="${arg#*=}" ;;
     --no-verify) VERIFY=0 ;;
+    --verify-only) VERIFY_ONLY=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "setup.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
@@ -108,6 +113,119 @@ P_CUDA="$KMOE_DEPS/kokkos-cuda"
 mkdir -p "$DL" "$SRC" "$BLD" "$STAMPS"
 
 log "cache prefix: $KMOE_DEPS (jobs=$JOBS, cuda=$WANT_CUDA$([ "$WANT_CUDA" = 1 ] && echo " arch=$CUDA_ARCH"))"
+
+# ----------------------------------------------------------------------------
+# smoke tests: a KokkosBlas::gemm program built against an installed prefix
+# ----------------------------------------------------------------------------
+# ccache is looked up when called: on a fresh machine step 1 installs it.
+CCACHE_LAUNCHER=()
+use_ccache_if_present() {
+  if command -v ccache >/dev/null 2>&1; then
+    CCACHE_LAUNCHER=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
+    export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
+    ccache --max-size=1G >/dev/null 2>&1 || true
+  fi
+}
+
+write_smoke() {  # <dir> <exec-space> <mem-space>
+  local d="$1"; mkdir -p "$d"
+  cat > "$d/CMakeLists.txt" <<'EOF'
+cmake_minimum_required(VERSION 3.16)
+project(kmoe_setup_smoke CXX)
+find_package(Kokkos REQUIRED)
+find_package(KokkosKernels REQUIRED)
+add_executable(smoke smoke.cpp)
+target_link_libraries(smoke PRIVATE Kokkos::kokkos Kokkos::kokkoskernels)
+EOF
+  cat > "$d/smoke.cpp" <<EOF
+#include <Kokkos_Core.hpp>
+#include <KokkosBlas3_gemm.hpp>
+#include <cstdio>
+#include <type_traits>
+using Exec = $2;
+using Dev = Kokkos::Device<Exec, $3>;
+using V   = Kokkos::View<float**, Kokkos::LayoutLeft, Dev>;
+using CU  = Kokkos::View<const float**, Kokkos::LayoutLeft, Dev, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+using MU  = Kokkos::View<float**, Kokkos::LayoutLeft, Dev, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+// Kokkos Kernels 4 added the execution space as the first parameter.
+#if KOKKOS_VERSION >= 40000
+static_assert(KokkosBlas::Impl::gemm_tpl_spec_avail<Exec, CU, CU, MU>::value,
+              "KokkosBlas::gemm would not use the BLAS TPL");
+#else
+static_assert(KokkosBlas::Impl::gemm_tpl_spec_avail<CU, CU, MU>::value,
+              "KokkosBlas::gemm would not use the BLAS TPL");
+#endif
+int main(int argc, char** argv) {
+  Kokkos::initialize(argc, argv);
+  int rc = 0;
+  {
+    const int n = 64;
+    V A("A", n, n), B("B", n, n), C("C", n, n);
+    Kokkos::deep_copy(A, 1.0f); Kokkos::deep_copy(B, 2.0f);
+    KokkosBlas::gemm("N", "N", 1.0f, A, B, 0.0f, C);
+    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), C);
+    rc = (h(3, 5) == 2.0f * n) ? 0 : 1;
+    std::printf("smoke gemm: C(3,5)=%g (expect %d) %s\n", double(h(3, 5)), 2 * n, rc ? "FAIL" : "ok");
+  }
+  Kokkos::finalize();
+  return rc;
+}
+EOF
+}
+
+verify_openmp() {
+  log "smoke test: KokkosBlas::gemm on OpenMP via OpenBLAS-openmp ... [$(elapsed)]"
+  [ -f "$P_OMP/lib/cmake/KokkosKernels/KokkosKernelsConfig.cmake" ] \
+    || die "no Kokkos Kernels in $P_OMP (run tools/setup.sh)"
+  local d="$BLD/smoke-openmp" libs
+  rm -rf "$d"; write_smoke "$d" Kokkos::OpenMP Kokkos::HostSpace
+  if ! { cmake -S "$d" -B "$d/b" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P_OMP" \
+           "${CCACHE_LAUNCHER[@]}" && cmake --build "$d/b"; } >"$d/log" 2>&1; then
+    tail -n 40 "$d/log" >&2; die "OpenMP smoke test failed to build (log: $d/log)"
+  fi
+  OMP_PROC_BIND=false "$d/b/smoke" --kokkos-threads=2 2>&1 | sed 's/^/[setup]   /' \
+    || die "OpenMP smoke test failed"
+  # Captured whole, then searched: under pipefail `ldd x | grep -q y` fails at random, since
+  # grep exits at its first match and ldd may then die of SIGPIPE (a fresh machine's first
+  # run failed that way).
+  libs=$(ldd "$d/b/smoke")
+  if [[ "$libs" != *openblas-openmp/libopenblas* ]]; then
+    printf '%s\n' "$libs" >&2
+    die "smoke test does not load the OpenMP variant of OpenBLAS at run time"
+  fi
+  rm -rf "$d"
+}
+
+verify_cuda() {
+  log "smoke test: compile+link KokkosBlas::gemm for CUDA (cuBLAS) ... [$(elapsed)]"
+  [ -x "$P_CUDA/bin/nvcc_wrapper" ] || die "no CUDA Kokkos in $P_CUDA (run tools/setup.sh --cuda)"
+  local d="$BLD/smoke-cuda" libs
+  rm -rf "$d"; write_smoke "$d" Kokkos::Cuda Kokkos::CudaSpace
+  if ! { cmake -S "$d" -B "$d/b" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P_CUDA" \
+           -DCMAKE_CXX_COMPILER="$P_CUDA/bin/nvcc_wrapper" && cmake --build "$d/b"; } >"$d/log" 2>&1; then
+    tail -n 40 "$d/log" >&2; die "CUDA smoke test failed to build (log: $d/log)"
+  fi
+  libs=$(ldd "$d/b/smoke")   # captured, then searched (see verify_openmp)
+  [[ "$libs" == *libcublas* ]] || die "CUDA smoke test is not linked against cuBLAS"
+  if nvidia-smi -L >/dev/null 2>&1; then
+    "$d/b/smoke" 2>&1 | sed 's/^/[setup]   /' || die "CUDA smoke test failed"
+  else
+    log "  built and linked OK (no GPU here: not run)"
+  fi
+  rm -rf "$d"
+}
+
+if [ "$VERIFY_ONLY" = 1 ]; then
+  use_ccache_if_present
+  verify_openmp
+  if [ "$WANT_CUDA" = 1 ]; then
+    export PATH="$CUDA_HOME/bin:$PATH"
+    export NVCC_WRAPPER_DEFAULT_COMPILER="${NVCC_WRAPPER_DEFAULT_COMPILER:-g++}"
+    verify_cuda
+  fi
+  log "verified in $(elapsed)"
+  exit 0
+fi
 
 # ----------------------------------------------------------------------------
 # 1. Debian packages + deb-src entries
@@ -230,13 +348,9 @@ fi
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-CCACHE_LAUNCHER=()
-if command -v ccache >/dev/null 2>&1; then
-  CCACHE_LAUNCHER=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
-  export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
-  ccache --max-size=1G >/dev/null 2>&1 || true
-fi
-CXX_ID="$(${CXX:-g++} --version | head -1); $(cmake --version | head -1)"
+use_ccache_if_present
+first_line() { local out; out=$("$@"); printf '%s' "${out%%$'\n'*}"; }
+CXX_ID="$(first_line "${CXX:-g++}" --version); $(first_line cmake --version)"
 
 hash_of() { printf '%s\n' "$@" | sha256sum | cut -c1-16; }
 stamp_ok() { [ -f "$STAMPS/$1.stamp" ] && [ "$(cat "$STAMPS/$1.stamp")" = "$2" ]; }
@@ -436,79 +550,17 @@ if [ "$WANT_CUDA" = 1 ]; then
 fi
 
 # ----------------------------------------------------------------------------
-# 3e. smoke tests (only after a (re)build: stamp-guarded too)
+# 3e. smoke tests (only after a (re)build: stamp-guarded too; --verify-only runs them always)
 # ----------------------------------------------------------------------------
-write_smoke() {  # <dir> <exec-space> <mem-space>
-  local d="$1"; mkdir -p "$d"
-  cat > "$d/CMakeLists.txt" <<'EOF'
-cmake_minimum_required(VERSION 3.16)
-project(kmoe_setup_smoke CXX)
-find_package(Kokkos REQUIRED)
-find_package(KokkosKernels REQUIRED)
-add_executable(smoke smoke.cpp)
-target_link_libraries(smoke PRIVATE Kokkos::kokkos Kokkos::kokkoskernels)
-EOF
-  cat > "$d/smoke.cpp" <<EOF
-#include <Kokkos_Core.hpp>
-#include <KokkosBlas3_gemm.hpp>
-#include <cstdio>
-#include <type_traits>
-using Dev = Kokkos::Device<$2, $3>;
-using V   = Kokkos::View<float**, Kokkos::LayoutLeft, Dev>;
-using CU  = Kokkos::View<const float**, Kokkos::LayoutLeft, Dev, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
-using MU  = Kokkos::View<float**, Kokkos::LayoutLeft, Dev, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
-static_assert(KokkosBlas::Impl::gemm_tpl_spec_avail<CU, CU, MU>::value,
-              "KokkosBlas::gemm would not use the BLAS TPL");
-int main(int argc, char** argv) {
-  Kokkos::initialize(argc, argv);
-  int rc = 0;
-  {
-    const int n = 64;
-    V A("A", n, n), B("B", n, n), C("C", n, n);
-    Kokkos::deep_copy(A, 1.0f); Kokkos::deep_copy(B, 2.0f);
-    KokkosBlas::gemm("N", "N", 1.0f, A, B, 0.0f, C);
-    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), C);
-    rc = (h(3, 5) == 2.0f * n) ? 0 : 1;
-    std::printf("smoke gemm: C(3,5)=%g (expect %d) %s\n", double(h(3, 5)), 2 * n, rc ? "FAIL" : "ok");
-  }
-  Kokkos::finalize();
-  return rc;
-}
-EOF
-}
-
 if [ "$VERIFY" = 1 ]; then
-  H_VER_OMP=$(hash_of verify-omp-v1 "$H_KK_OMP")
+  H_VER_OMP=$(hash_of verify-omp-v2 "$H_KK_OMP")
   if ! stamp_ok verify-openmp "$H_VER_OMP"; then
-    log "smoke test: KokkosBlas::gemm on OpenMP via OpenBLAS-openmp ... [$(elapsed)]"
-    d="$BLD/smoke-openmp"; rm -rf "$d"; write_smoke "$d" Kokkos::OpenMP Kokkos::HostSpace
-    if ! { cmake -S "$d" -B "$d/b" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P_OMP" \
-             "${CCACHE_LAUNCHER[@]}" && cmake --build "$d/b"; } >"$d/log" 2>&1; then
-      tail -n 40 "$d/log" >&2; die "OpenMP smoke test failed to build (log: $d/log)"
-    fi
-    OMP_PROC_BIND=false "$d/b/smoke" --kokkos-threads=2 2>&1 | sed 's/^/[setup]   /' || die "OpenMP smoke test failed"
-    if ! ldd "$d/b/smoke" | grep -q "openblas-openmp/libopenblas"; then
-      ldd "$d/b/smoke" | grep -i blas >&2 || true
-      die "smoke test does not load the OpenMP variant of OpenBLAS at run time"
-    fi
-    rm -rf "$d"; stamp_set verify-openmp "$H_VER_OMP"
+    verify_openmp; stamp_set verify-openmp "$H_VER_OMP"
   fi
   if [ "$WANT_CUDA" = 1 ]; then
-    H_VER_CUDA=$(hash_of verify-cuda-v1 "$H_KK_CUDA")
+    H_VER_CUDA=$(hash_of verify-cuda-v2 "$H_KK_CUDA")
     if ! stamp_ok verify-cuda "$H_VER_CUDA"; then
-      log "smoke test: compile+link KokkosBlas::gemm for CUDA (cuBLAS) ... [$(elapsed)]"
-      d="$BLD/smoke-cuda"; rm -rf "$d"; write_smoke "$d" Kokkos::Cuda Kokkos::CudaSpace
-      if ! { cmake -S "$d" -B "$d/b" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P_CUDA" \
-               -DCMAKE_CXX_COMPILER="$P_CUDA/bin/nvcc_wrapper" && cmake --build "$d/b"; } >"$d/log" 2>&1; then
-        tail -n 40 "$d/log" >&2; die "CUDA smoke test failed to build (log: $d/log)"
-      fi
-      ldd "$d/b/smoke" | grep -q libcublas || die "CUDA smoke test is not linked against cuBLAS"
-      if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        "$d/b/smoke" 2>&1 | sed 's/^/[setup]   /' || die "CUDA smoke test failed"
-      else
-        log "  built and linked OK (no GPU here: not run)"
-      fi
-      rm -rf "$d"; stamp_set verify-cuda "$H_VER_CUDA"
+      verify_cuda; stamp_set verify-cuda "$H_VER_CUDA"
     fi
   fi
 fi
