@@ -169,38 +169,57 @@ TEST_CASE("non-finite inputs and router weights raise naming the token and the e
   CHECK(row_finite(y, 0));
 }
 
-TEST_CASE("data the non-finite check does not inspect passes through as documented",
+TEST_CASE("non-finite results that routing cannot see are caught in the output under raise",
           "[validation][non_finite]") {
   Matrix<double, H> x("x", 4, 8), y("y", 4, 8);
   fill_normal(x, 1.0, 7);
-  // Hash routing has no logits: a NaN token is routed by its id and reaches y unreported.
+  LayerOptions lenient;
+  lenient.non_finite = NonFinitePolicy::propagate;
+  // Hash routing has no logits: a NaN token is routed by its id; under raise the output
+  // check names it, under propagate it reaches y and only y's row.
   {
     using R = HashRouter<H, double>;
     using E = SwiGLUExperts<H, double>;
-    MoELayer<R, E> layer(R({8, 4, 3}), E({4, 8, 6}));
-    fill_normal(layer.parameters(), 0.3, 8);
+    MoELayer<R, E> strict(R({8, 4, 3}), E({4, 8, 6}));
+    MoELayer<R, E> open(R({8, 4, 3}), E({4, 8, 6}), lenient);
+    fill_normal(strict.parameters(), 0.3, 8);
+    fill_normal(open.parameters(), 0.3, 8);
     Vector<std::int64_t, H> ids("ids", 4);
     for (int t = 0; t < 4; ++t) ids(t) = 10 + t;
     RouteContext<H> context;
     context.token_ids = ids;
     x(2, 1) = not_a_number;
-    CHECK_NOTHROW(layer.forward(x, y, context));
+    CHECK_THROWS_WITH(strict.forward(x, y, context),
+                      ContainsSubstring("non-finite output y nan at token 2"));
+    CHECK_NOTHROW(open.forward(x, y, context));
     CHECK_FALSE(row_finite(y, 2));
     CHECK(row_finite(y, 0));
     x(2, 1) = 0.0;
   }
-  // Expert weights are not scanned (it would cost a pass over every parameter per step):
-  // a NaN in one expert's weights reaches exactly the tokens routed to that expert.
+  // Expert weights are not scanned before use (a pass over every parameter per step): a
+  // NaN in one expert's weights reaches exactly the tokens routed to that expert, and the
+  // output check reports the first of them.
   {
     using R = SoftmaxTopKRouter<H, double>;
     using E = FFNExperts<H, double, activation::Relu>;
-    MoELayer<R, E> layer(R({8, 4, 1}), E({4, 8, 6, true}));
-    fill_normal(layer.parameters(), 0.3, 9);
-    const auto b2 = layer.experts().b2().value;
-    b2(1, 0) = not_a_number;
-    CHECK_NOTHROW(layer.forward(x, y));
-    const auto expert = layer.routing().expert;
-    for (int t = 0; t < 4; ++t) CHECK(row_finite(y, t) == (expert(t, 0) != 1));
+    MoELayer<R, E> open(R({8, 4, 1}), E({4, 8, 6, true}), lenient);
+    MoELayer<R, E> strict(R({8, 4, 1}), E({4, 8, 6, true}));
+    fill_normal(open.parameters(), 0.3, 9);
+    fill_normal(strict.parameters(), 0.3, 9);
+    open.forward(x, y);
+    const auto expert = open.routing().expert;
+    const int poisoned = expert(0, 0);  // the expert token 0 goes to
+    open.experts().b2().value(poisoned, 0) = not_a_number;
+    strict.experts().b2().value(poisoned, 0) = not_a_number;
+    CHECK_NOTHROW(open.forward(x, y));
+    int first_bad = -1;
+    for (int t = 0; t < 4; ++t) {
+      CHECK(row_finite(y, t) == (expert(t, 0) != poisoned));
+      if (expert(t, 0) == poisoned && first_bad < 0) first_bad = t;
+    }
+    REQUIRE(first_bad >= 0);
+    CHECK_THROWS_WITH(strict.forward(x, y),
+                      ContainsSubstring("at token " + std::to_string(first_bad) + ", column 0"));
   }
   // A NaN selection bias (sigmoid router) leaves logits and weights finite: every
   // comparison with NaN is false, so selection falls back to the lowest eligible indices.

@@ -9,6 +9,7 @@
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicator.hpp>
 #include <kmoe/deduplicated_dispatch.hpp>
+#include <kmoe/detail/row_major.hpp>
 #include <kmoe/dispatch.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/losses.hpp>
@@ -134,6 +135,27 @@ std::int64_t first_non_finite(const Logits& logits, const Weight& weight) {
       },
       Kokkos::Min<std::int64_t>(first));
   return first;
+}
+
+/// Flat (row-major) index of the first non-finite element of a rank-1 or rank-2 view,
+/// any layout; its size if none.
+template <class X, class View>
+std::int64_t first_non_finite_element(const View& v) {
+  const std::int64_t n = std::int64_t(v.size());
+  const std::int64_t cols = View::rank == 2 ? std::int64_t(v.extent(1)) : 1;
+  std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
+  Kokkos::parallel_reduce(
+      "kmoe::MoELayer::check_finite_result", Kokkos::RangePolicy<X>(0, n),
+      KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
+        bool finite;
+        if constexpr (View::rank == 2)
+          finite = detail::isfinite(v(i / cols, i % cols));
+        else
+          finite = detail::isfinite(v(i));
+        if (!finite && i < found) found = i;
+      },
+      Kokkos::Min<std::int64_t>(first));
+  return first < n ? first : n;
 }
 
 /// Assignments of a routing table [T, slots] that name an expert (not -1).
@@ -317,29 +339,61 @@ class MoELayer {
   const Matrix<int, X>& positions() const { return dispatch_.position; }
 
   /// \brief y = MoE(x).
-  /// \param x       [in] hidden states [T, H]; must stay unchanged until backward
-  /// \param y       [out] output [T, H]
+  /// \param x       [in] hidden states [T, H], any rank-2 view of scalar_type in the
+  ///                layer's memory (strided or column-major views are copied); in training
+  ///                the layer keeps its own copy for backward, so x may change afterwards
+  /// \param y       [out] output [T, H]; must not overlap x
   /// \param context [in] training flag, token ids (hash routing), step (noise)
-  ForwardStats forward(const ConstMatrix<S, X>& x, const Matrix<S, X>& y,
-                       const RouteContext<X>& context = {}) {
+  template <class XView, class YView>
+  ForwardStats forward(const XView& x, const YView& y, const RouteContext<X>& context = {}) {
+    static_assert(detail::check_layer_view<XView, S, X>());
+    static_assert(detail::check_layer_view<YView, S, X>());
     constexpr const char* where = "kmoe::MoELayer::forward";
     ForwardStats stats;
     detail::PhaseClock phase_clock(options_.time_phases);
+    // A failed forward leaves nothing for backward to differentiate.
+    has_forward_ = false;
+    bool copy_back = false;
+    Matrix<S, X> y_rows;
     kmoe::agree_or_throw(groups_.world, where, [&] {
       require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
               "must equal the hidden size " + std::to_string(hidden_size()));
       require(y.extent(0) == x.extent(0) && y.extent(1) == x.extent(1), where, "y extents",
               std::to_string(y.extent(0)) + "x" + std::to_string(y.extent(1)),
               "must equal x's extents");
+      require(!detail::overlaps(x, y), where, "y", "a view overlapping x",
+              "the output must not share memory with the input (the layer reads x after "
+              "writing parts of y, and backward needs x)");
       losses_.validate_tokens(where, int(x.extent(0)));
-      x_ = x;
       training_ = context.training;
-      router_.forward(x, plan_, context);
+      // Training keeps a copy of x: backward must see the input of this forward even if
+      // the caller reuses or edits its buffer in between (PyTorch raises on that edit;
+      // keeping the copy makes it harmless).
+      if (training_) {
+        detail::ensure_extents(saved_x_, "kmoe::MoELayer::saved_x", x.extent(0), x.extent(1));
+        Kokkos::deep_copy(saved_x_, x);
+        x_ = saved_x_;
+      } else {
+        x_ = detail::row_major_input<S, X>(x, x_rows_, "kmoe::MoELayer::x_rows");
+      }
+      y_rows = detail::row_major_output<S, X>(y, y_rows_, "kmoe::MoELayer::y_rows", copy_back);
+      router_.forward(x_, plan_, context);
+      check_row_bounds(std::int64_t(x.extent(0)));
       if (options_.non_finite == NonFinitePolicy::raise) check_finite();
     });
     // From here on the ranks are inside the step's collectives: see agreement.hpp.
-    abort_on_failure(groups_.world, where, [&] { forward_after_routing(x, y, stats, phase_clock); });
+    abort_on_failure(groups_.world, where,
+                     [&] { forward_after_routing(x_, y_rows, stats, phase_clock); });
+    if (copy_back) Kokkos::deep_copy(y, y_rows);
+    // Finite inputs can still overflow inside the experts (3e38), and routers without
+    // logits (hash routing) pass a NaN token straight through: under `raise`, the output
+    // itself is checked, and every rank agrees so none is left in the next step's
+    // collectives.
+    if (options_.non_finite == NonFinitePolicy::raise)
+      kmoe::agree_or_throw(groups_.world, where,
+                           [&] { raise_if_non_finite(y_rows, where, "output y"); });
     has_forward_ = true;
+    backward_done_ = false;
     return stats;
   }
 
@@ -436,45 +490,74 @@ class MoELayer {
   /// in the options are part of the differentiated loss.
   /// \param grad_y [in] dLoss/dy [T, H]
   /// \param grad_x [out] dLoss/dx [T, H]
-  void backward(const ConstMatrix<S, X>& grad_y, const Matrix<S, X>& grad_x) {
+  template <class GradYView, class GradXView>
+  void backward(const GradYView& grad_y_in, const GradXView& grad_x_out) {
+    static_assert(detail::check_layer_view<GradYView, S, X>());
+    static_assert(detail::check_layer_view<GradXView, S, X>());
     constexpr const char* where = "kmoe::MoELayer::backward";
+    const bool raise = options_.non_finite == NonFinitePolicy::raise;
+    ConstMatrix<S, X> grad_y;
+    Matrix<S, X> grad_x;
+    bool copy_back = false;
     kmoe::agree_or_throw(groups_.world, where, [&] {
       require(has_forward_ && training_, where, "state", has_forward_ ? "inference" : "none",
               "backward needs a preceding forward with context.training = true");
-      require(grad_y.extent(0) == x_.extent(0) && grad_y.extent(1) == x_.extent(1), where,
-              "grad_y extents", std::to_string(grad_y.extent(0)) + "x" + std::to_string(grad_y.extent(1)),
+      // A second backward would run the experts' backward on state the first consumed, and
+      // the gradients would be neither g nor 2g; PyTorch refuses the same.
+      require(!backward_done_, where, "state", "after backward",
+              "backward runs once per training forward; call forward again");
+      require(grad_y_in.extent(0) == x_.extent(0) && grad_y_in.extent(1) == x_.extent(1), where,
+              "grad_y extents", std::to_string(grad_y_in.extent(0)) + "x" + std::to_string(grad_y_in.extent(1)),
               "must equal x's extents");
-      require(grad_x.extent(0) == x_.extent(0) && grad_x.extent(1) == x_.extent(1), where,
-              "grad_x extents", std::to_string(grad_x.extent(0)) + "x" + std::to_string(grad_x.extent(1)),
+      require(grad_x_out.extent(0) == x_.extent(0) && grad_x_out.extent(1) == x_.extent(1), where,
+              "grad_x extents", std::to_string(grad_x_out.extent(0)) + "x" + std::to_string(grad_x_out.extent(1)),
               "must equal x's extents");
+      require(!detail::overlaps(grad_y_in, grad_x_out), where, "grad_x", "a view overlapping grad_y",
+              "backward reads grad_y after writing grad_x; pass separate buffers");
+      if (raise) raise_if_non_finite(grad_y_in, where, "grad_y");
+      grad_y = detail::row_major_input<S, X>(grad_y_in, grad_y_rows_, "kmoe::MoELayer::grad_y_rows");
+      grad_x = detail::row_major_output<S, X>(grad_x_out, grad_x_rows_, "kmoe::MoELayer::grad_x_rows",
+                                              copy_back);
     });
-    abort_on_failure(groups_.world, where, [&] {
-      const int tokens = int(x_.extent(0)), slots = int(plan_.slots());
-      detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
-      detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
-      combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
-
-      exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y");
-      arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
-      detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
-      experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
-      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
-      arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
-      exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
-      scatter_add_rows(grad_send_x_, grad_x);
-
-      if (shared_) {
-        detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
-        shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
-        add_into(shared_grad_x_, grad_x);
-      }
-      detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
-                             std::size_t(num_experts()));
-      losses_.backward(plan_, Router::probability_kind, grad_logits_);
-      router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
-    });
+    backward_done_ = true;
+    abort_on_failure(groups_.world, where, [&] { backward_after_checks(grad_y, grad_x); });
+    if (copy_back) Kokkos::deep_copy(grad_x_out, grad_x);
+    // Finite grad_y can overflow on the way back, like the forward output (see forward).
+    if (raise)
+      kmoe::agree_or_throw(groups_.world, where, [&] {
+        raise_if_non_finite(grad_x, where, "input gradient grad_x");
+        for (const auto& p : parameters()) raise_if_non_finite(p.grad, where, "gradient of " + p.name);
+      });
   }
 
+ private:
+  void backward_after_checks(const ConstMatrix<S, X>& grad_y, const Matrix<S, X>& grad_x) {
+    const int tokens = int(x_.extent(0)), slots = int(plan_.slots());
+    detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
+    detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
+    combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
+
+    exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y");
+    arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
+    detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
+    experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
+    if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
+    arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
+    exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
+    scatter_add_rows(grad_send_x_, grad_x);
+
+    if (shared_) {
+      detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
+      shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
+      add_into(shared_grad_x_, grad_x);
+    }
+    detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
+                           std::size_t(num_experts()));
+    losses_.backward(plan_, Router::probability_kind, grad_logits_);
+    router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
+  }
+
+ public:
   /// \brief Every trainable tensor: router, routed experts, shared experts.
   ParameterList<X, S> parameters() const {
     ParameterList<X, S> list;
@@ -549,6 +632,46 @@ class MoELayer {
                           std::to_string(dispatch_.kept_total) + ")");
   }
 #endif
+
+  /// Under NonFinitePolicy::raise: throws kmoe::runtime_error naming `what`, the first
+  /// non-finite element and its position (row = token for [T, H] views).
+  template <class View>
+  static void raise_if_non_finite(const View& v, const char* where, const std::string& what) {
+    const std::int64_t first = detail::first_non_finite_element<X>(v);
+    if (first >= std::int64_t(v.size())) return;
+    std::string position;
+    double value;
+    if constexpr (View::rank == 2) {
+      const std::int64_t cols = std::int64_t(v.extent(1)), t = first / cols, h = first % cols;
+      auto one = Kokkos::subview(v, t, h);
+      value = double(Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), one)());
+      position = "at token " + std::to_string(t) + ", column " + std::to_string(h);
+    } else {
+      auto one = Kokkos::subview(v, first);
+      value = double(Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), one)());
+      position = "at element " + std::to_string(first);
+    }
+    throw runtime_error(std::string(where) + ": non-finite " + what + " " + detail::to_display(value) +
+                        " " + position +
+                        " (set LayerOptions::non_finite = propagate to let it through)");
+  }
+
+  /// Every row count of a step (assignments, padded expert segments, rows received from the
+  /// EP group) is an `int` and, times H, an element count: bound them before any collective.
+  /// Each rank checks its own T against the whole EP group's worst case (every rank sending
+  /// this many assignments), so if every rank passes, the sum over ranks fits too.
+  void check_row_bounds(std::int64_t tokens) const {
+    constexpr const char* where = "kmoe::MoELayer::forward";
+    const std::int64_t slots = std::int64_t(plan_.slots());
+    const std::int64_t sent = detail::checked_mul(tokens, slots, groups_.layout.ep, where,
+                                                  "x.extent(0) x slots x EP ranks");
+    const std::int64_t padding = detail::checked_mul(experts_.num_experts(),
+                                                     options_.capacity.alignment - 1, where,
+                                                     "local experts x (capacity.alignment - 1)");
+    const std::int64_t rows = detail::checked_add(sent, padding, where, "expert rows");
+    detail::checked_int(rows, where, "expert rows");
+    detail::checked_mul(rows, hidden_size(), where, "expert rows x hidden size");
+  }
 
   void check_finite() const {
     const auto logits = plan_.logits;
@@ -948,7 +1071,9 @@ class MoELayer {
   // Saved for backward: x_, plan_, dispatch_, expert_x_ (expert inputs), send_y_ (expert
   // outputs per kept assignment, for the weight gradient), and what the experts keep.
   ConstMatrix<S, X> x_;
-  bool training_ = false, has_forward_ = false;
+  bool training_ = false, has_forward_ = false, backward_done_ = false;
+  // The training copy of x, and row-major copies of strided arguments.
+  Matrix<S, X> saved_x_, x_rows_, y_rows_, grad_y_rows_, grad_x_rows_;
   Matrix<S, X> send_x_, recv_x_, expert_x_, expert_y_, recv_y_, send_y_, shared_y_;
   Matrix<S, X> held_bias_;  // TP ranks != 0: b2 set aside during the expert forward
   // Backward buffers; on one rank without padding the exchange/arrange steps alias them.

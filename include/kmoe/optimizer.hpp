@@ -37,6 +37,21 @@ double sum_of_squares(const Flat& g) {
   for (std::size_t c = 0; c < chunks; ++c) total += host(c);
   return total;
 }
+/// A hyper-parameter that must be > 0 and stay finite and non-zero in the update's Scalar
+/// (lr = Inf, or 1e300 cast to float, would turn every weight into NaN in one step).
+template <class Scalar>
+void require_positive_hyper(const char* where, const char* name, double value) {
+  require(value > 0 && std::isfinite(value) && std::isfinite(Scalar(value)) && Scalar(value) > 0,
+          where, name, value, "must be > 0 and finite in the parameters' scalar type");
+}
+
+/// A hyper-parameter that must be >= 0 and finite in the update's Scalar (weight decay).
+template <class Scalar>
+void require_non_negative_hyper(const char* where, const char* name, double value) {
+  require(value >= 0 && std::isfinite(value) && std::isfinite(Scalar(value)), where, name, value,
+          "must be >= 0 and finite in the parameters' scalar type");
+}
+
 }  // namespace detail
 
 /// \brief Scales every gradient so that the global L2 norm is at most `max_norm`; returns
@@ -74,9 +89,10 @@ class SGD {
 
   SGD(ParameterList<ExecSpace, Scalar> list, const Config& config)
       : list_(std::move(list)), config_(config) {
-    require(config.learning_rate > 0, "kmoe::SGD", "learning_rate", config.learning_rate, "must be > 0");
+    detail::require_positive_hyper<Scalar>("kmoe::SGD", "learning_rate", config.learning_rate);
     require(config.momentum >= 0 && config.momentum < 1, "kmoe::SGD", "momentum", config.momentum,
             "must be in [0, 1)");
+    detail::require_non_negative_hyper<Scalar>("kmoe::SGD", "weight_decay", config.weight_decay);
     for (const auto& p : list_)
       velocity_.emplace_back("kmoe::SGD::velocity(" + p.name + ")", p.value.size());
   }
@@ -120,10 +136,11 @@ class AdamW {
 
   AdamW(ParameterList<ExecSpace, Scalar> list, const Config& config)
       : list_(std::move(list)), config_(config) {
-    require(config.learning_rate > 0, "kmoe::AdamW", "learning_rate", config.learning_rate, "must be > 0");
+    detail::require_positive_hyper<Scalar>("kmoe::AdamW", "learning_rate", config.learning_rate);
     require(config.beta1 >= 0 && config.beta1 < 1, "kmoe::AdamW", "beta1", config.beta1, "must be in [0, 1)");
     require(config.beta2 >= 0 && config.beta2 < 1, "kmoe::AdamW", "beta2", config.beta2, "must be in [0, 1)");
-    require(config.epsilon > 0, "kmoe::AdamW", "epsilon", config.epsilon, "must be > 0");
+    detail::require_positive_hyper<Scalar>("kmoe::AdamW", "epsilon", config.epsilon);
+    detail::require_non_negative_hyper<Scalar>("kmoe::AdamW", "weight_decay", config.weight_decay);
     for (const auto& p : list_) {
       first_.emplace_back("kmoe::AdamW::m(" + p.name + ")", p.value.size());
       second_.emplace_back("kmoe::AdamW::v(" + p.name + ")", p.value.size());

@@ -3,6 +3,8 @@
 /// \file types.hpp
 /// \brief View aliases shared by every policy, and the routing precision rule.
 
+#include <kmoe/detail/checked.hpp>
+
 #include <Kokkos_Core.hpp>
 
 #include <cstdint>
@@ -52,6 +54,11 @@ void ensure_extents(View& view, const char* label, std::size_t n0, std::size_t n
   if constexpr (rank >= 2) same = same && view.extent(1) == n1;
   if constexpr (rank >= 3) same = same && view.extent(2) == n2;
   if (same) return;
+  // The element count and its bytes must fit: a wrapped product would allocate a small
+  // buffer that later writes run past.
+  const std::int64_t elements = checked_mul(std::int64_t(n0), std::int64_t(rank >= 2 ? n1 : 1),
+                                            std::int64_t(rank >= 3 ? n2 : 1), label, "extents");
+  checked_mul(elements, std::int64_t(sizeof(typename View::value_type)), label, "bytes");
   if constexpr (rank == 1) view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0);
   if constexpr (rank == 2) view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1);
   if constexpr (rank == 3)

@@ -5,6 +5,7 @@
 /// (Mixtral w1/w3/w2, DeepSeek and Qwen gate_proj/up_proj/down_proj), GeGLU with Gelu.
 
 #include <kmoe/activation.hpp>
+#include <kmoe/detail/checked.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/experts/expert_mode.hpp>
 #include <kmoe/experts/grouped_gemm.hpp>
@@ -24,6 +25,9 @@ inline ExpertShape validated_expert_shape(const char* where, const ExpertShape& 
   require(s.experts >= 1, where, "experts", s.experts, "must be at least 1");
   require(s.hidden >= 1, where, "hidden", s.hidden, "must be at least 1");
   require(s.ffn >= 1, where, "ffn", s.ffn, "must be at least 1");
+  // Each weight tensor holds E * F * H values; its bytes must be addressable too.
+  const auto values = checked_mul(s.experts, s.ffn, s.hidden, where, "experts x ffn x hidden");
+  checked_mul(values, std::int64_t(sizeof(double)), where, "weight bytes");
   return s;
 }
 }  // namespace detail
