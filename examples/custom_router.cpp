@@ -35,7 +35,7 @@ class TemperatureTop1Router {
           Scalar max_logit = logits(t, 0), sum = 0;
           for (int e = 1; e < experts; ++e) max_logit = logits(t, e) > max_logit ? logits(t, e) : max_logit;
           for (int e = 0; e < experts; ++e) sum += (probs(t, e) = kmoe::detail::exp((logits(t, e) - max_logit) / tau));
-          int best = 0;  // strict '>' keeps the lower index on ties, as SPEC.md asks
+          int best = 0;  // strict '>' keeps the lower index on ties, as docs/semantics.md section 1 asks
           for (int e = 0; e < experts; ++e) {
             probs(t, e) /= sum;
             if (probs(t, e) > probs(t, best)) best = e;

@@ -200,7 +200,7 @@ TEMPLATE_LIST_TEST_CASE("expert choice and hash routing", "[router]", ExecutionS
 
 namespace {
 
-/// SPEC.md section 4 in plain loops from the logits: f_i = count_i / (T k) over the chosen
+/// docs/semantics.md section 4 in plain loops from the logits: f_i = count_i / (T k) over the chosen
 /// experts, P_i = mean over tokens of p (softmax; normalised sigmoid for sigmoid routers),
 /// L_aux = alpha E sum f P, the sequence-wise term the mean of the same over blocks of
 /// `seq_len` tokens, L_z = beta mean_t logsumexp(l_t)^2.

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
 /// \file activation.hpp
-/// \brief Expert activations (SPEC.md section 3) with their derivatives for backward.
+/// \brief Expert activations (docs/semantics.md section 3) with their derivatives for backward.
 /// An activation is a type with static device functions `value(x)` and `derivative(x)`.
 
 #include <kmoe/detail/math.hpp>

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
 /// \file losses.hpp
-/// \brief Load-balance terms (SPEC.md section 4): Switch/GShard aux loss, DeepSeek-V3
+/// \brief Load-balance terms (docs/semantics.md section 4): Switch/GShard aux loss, DeepSeek-V3
 /// sequence-wise aux loss and the ST-MoE router z-loss, with their gradients into the
 /// router logits. f (the assignment fractions) is a constant for the gradient.
 
@@ -229,7 +229,7 @@ class BalanceLoss {
 
   BalanceLossConfig config_;
   Vector<route_type, ExecSpace> fraction_, mean_prob_, lse_;
-  typename Vector<route_type, ExecSpace>::HostMirror fraction_host_;
+  typename Vector<route_type, ExecSpace>::host_mirror_type fraction_host_;
   Matrix<route_type, ExecSpace> sequence_fraction_, sequence_prob_;
 };
 

@@ -7,7 +7,7 @@
 
 namespace kmoe {
 
-/// \brief Which distribution P the balance losses (SPEC.md section 4) read from a router.
+/// \brief Which distribution P the balance losses (docs/semantics.md section 4) read from a router.
 enum class ProbabilityKind {
   softmax,             ///< p = softmax(logits) over all experts
   normalized_sigmoid,  ///< p = sigmoid(logits) normalised to sum 1 per token

@@ -31,7 +31,7 @@ template <class T, class ExecSpace>
 using Vector = Kokkos::View<T*, typename ExecSpace::memory_space>;
 
 /// \brief Precision in which routing decisions (softmax, sigmoid, top-k, losses) are made:
-/// SPEC.md asks for fp32 or wider whatever the storage type, so float and double route in
+/// docs/semantics.md asks for fp32 or wider whatever the storage type, so float and double route in
 /// their own type and anything narrower routes in float.
 template <class Scalar>
 using routing_t = std::conditional_t<(sizeof(Scalar) < sizeof(float)), float, Scalar>;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
-// Plain-loop double-precision reference of an MoE layer, written from SPEC.md without any
+// Plain-loop double-precision reference of an MoE layer, written from docs/semantics.md without any
 // kmoe code: routing, capacity, experts, combine. Tests compare the library against it.
 #include <algorithm>
 #include <cmath>

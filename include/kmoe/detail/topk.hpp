@@ -2,7 +2,7 @@
 #pragma once
 /// \file topk.hpp
 /// \brief Per-token top-k and group-limited selection, with ties broken toward the lower
-/// index on every backend (SPEC.md section 1).
+/// index on every backend (docs/semantics.md section 1).
 
 #include <Kokkos_Core.hpp>
 

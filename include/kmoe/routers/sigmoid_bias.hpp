@@ -50,7 +50,7 @@ class SigmoidBiasRouter {
   /// Selection bias b [E]; set it directly or move it with update_bias().
   const Vector<route_type, ExecSpace>& bias() const { return bias_; }
 
-  /// Aux-loss-free balance step (SPEC.md section 4): b_i += rate * sign(mean(c) - c_i) for
+  /// Aux-loss-free balance step (docs/semantics.md section 4): b_i += rate * sign(mean(c) - c_i) for
   /// the assignment counts c of the last global batch.
   void update_bias(const std::vector<std::int64_t>& counts, double rate) {
     require(counts.size() == std::size_t(config_.experts), "kmoe::SigmoidBiasRouter::update_bias",
