@@ -27,7 +27,7 @@ source "${KMOE_DEPS:-$HOME/.cache/kmoe-deps}/env.sh"
 # ccache in front of nvcc_wrapper (checked with ccache 4.7: hits on a rebuild, misses when
 # an included header changes). nvcc_wrapper picks its host compiler from the environment,
 # which ccache does not see, so the compiler check names the host compiler and nvcc.
-launcher=()
+launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=)   # the cuda preset's ccache, off without one
 if command -v ccache >/dev/null 2>&1; then
   export CCACHE_DIR="${CCACHE_DIR:-$KMOE_DEPS/ccache}"
   # Paths relative to the checkout in the cache keys: a fresh clone elsewhere still hits.
@@ -36,12 +36,8 @@ if command -v ccache >/dev/null 2>&1; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
   ccache -z >/dev/null
 fi
-log "configuring $build"
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
-  -DCMAKE_CXX_COMPILER="$KMOE_KOKKOS_CUDA_PREFIX/bin/nvcc_wrapper" \
-  "-DCMAKE_PREFIX_PATH=$KMOE_KOKKOS_CUDA_PREFIX;$KMOE_DEPS/catch2" \
-  -DKMOE_ENABLE_TESTS=ON -DKMOE_ENABLE_EXAMPLES=ON -DKMOE_ENABLE_BENCHMARKS=ON \
-  -DKMOE_ENABLE_NCCL=ON -DKMOE_ENABLE_MPI=OFF
+log "configuring $build (cuda preset, CMakePresets.json)"
+cmake --preset cuda -B "$build" "${launcher[@]}"
 
 # `all` is every test, example, benchmark and tool (compile-fail cases are excluded from
 # it on purpose; ctest builds them). Ninja prints one line per finished step.
@@ -54,7 +50,7 @@ if grep -E 'warning #2001[14]-D|calling a __host__ function' "$build/ci_cuda_bui
   exit 1
 fi
 log "CUDA build OK"
-if [ "${#launcher[@]}" -gt 0 ]; then ccache -s | grep -iE '^ *(hits|misses)' || true; fi
+if [ "${launcher[0]}" = -DCMAKE_CXX_COMPILER_LAUNCHER=ccache ]; then ccache -s | grep -iE '^ *(hits|misses)' || true; fi
 
 # The GPU list is captured, not piped into head: under pipefail an early-exiting reader can
 # fail the pipeline at random.

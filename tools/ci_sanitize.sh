@@ -12,16 +12,12 @@ cd "$(dirname "$0")/.."
 source tools/prepare.sh
 build="${KMOE_SANITIZE_BUILD_DIR:-build-asan}"
 
-# Debug keeps NDEBUG undefined, so kmoe's debug-only invariant checks run too; -O1 keeps
-# the instrumented tests fast enough for CI.
-flags="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+# The sanitize preset (CMakePresets.json): Debug keeps NDEBUG undefined, so kmoe's
+# debug-only invariant checks run too; -O1 keeps the instrumented tests fast enough for CI.
 # configure DIR MPI EXAMPLES (ON/OFF each)
 configure() {
   echo "[sanitize] configuring $1"
-  cmake -S . -B "$1" -G Ninja -DCMAKE_BUILD_TYPE=Debug \
-    -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_FLAGS="$flags" \
-    -DKMOE_ENABLE_MPI="$2" -DKMOE_ENABLE_NCCL=OFF -DKMOE_ENABLE_BENCHMARKS=OFF \
-    -DKMOE_ENABLE_EXAMPLES="$3" -DKMOE_ENABLE_TESTS=ON
+  cmake --preset sanitize -B "$1" -DKMOE_ENABLE_MPI="$2" -DKMOE_ENABLE_EXAMPLES="$3"
 }
 configure "$build" OFF ON
 echo "[sanitize] building"

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/prepare.sh
 build="${KMOE_BUILD_DIR:-build}"
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DKMOE_ENABLE_EXAMPLES=ON >/dev/null
+# The same configuration as tools/test.sh (CMakePresets.json), so the two share a build.
+cmake --preset openmp -B "$build" >/dev/null
 cmake --build "$build" --target mixtral_layer
 OMP_PROC_BIND=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$build/examples/mixtral_layer" "$@"

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 source tools/prepare.sh
 build="${KMOE_BUILD_DIR:-build}"
 echo "[test] configuring $build"
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DKMOE_ENABLE_MPI=ON -DKMOE_ENABLE_NCCL=ON
+# The openmp preset (CMakePresets.json) holds the options; -B keeps KMOE_BUILD_DIR working.
+cmake --preset openmp -B "$build"
 echo "[test] building"
 cmake --build "$build" -j "$(nproc)"
 echo "[test] running ctest"
