@@ -7,13 +7,22 @@
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
 
+#if defined(KOKKOS_ENABLE_OPENMP)
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
+#include <functional>
 #include <iostream>
+#include <limits>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -51,8 +60,27 @@ qwen3_moe) on the hidden states in X.
   --double           compute in double instead of float
   --help             this text
 
+Inputs are validated before anything is written: both files must be regular files holding
+finite "hidden_states" of the model's width with the same number of rows, and --threads
+must not exceed the backend's limit. Outputs are written to temporary files next to them
+and renamed into place only when the whole run (and every output's finiteness check) has
+succeeded, so a failed run leaves earlier outputs untouched.
+
 Exit status: 0 on success, 1 if the run fails (the message says why), 2 for bad arguments.
 )";
+
+/// Host threads the Kokkos backend can run: Kokkos' OpenMP backend keeps a fixed pool of
+/// 512 thread slots (OpenMPExec::MAX_THREAD_COUNT in Kokkos 3, the same 512 in Kokkos 4)
+/// and writes past it when asked for more.
+#if defined(KOKKOS_ENABLE_OPENMP) && KOKKOS_VERSION < 40000
+constexpr int max_host_threads = Kokkos::Impl::OpenMPExec::MAX_THREAD_COUNT;
+#elif defined(KOKKOS_ENABLE_OPENMP)
+constexpr int max_host_threads = 512;
+#elif defined(KOKKOS_ENABLE_THREADS) && KOKKOS_VERSION < 40000
+constexpr int max_host_threads = Kokkos::Impl::ThreadsExec::MAX_THREAD_COUNT;
+#else
+constexpr int max_host_threads = std::numeric_limits<int>::max();
+#endif
 
 struct Options {
   std::string model, input, output, grad_output, grads;
@@ -78,6 +106,13 @@ int parse_int(const std::string& flag, const std::string& text, int minimum) {
   if (used != text.size() || text.empty() || value < minimum || value > 0x7fffffff)
     throw UsageError{flag + " needs an integer >= " + std::to_string(minimum) + ", got '" + text + "'"};
   return int(value);
+}
+
+bool same_file(const std::string& a, const std::string& b) {
+  std::error_code ec_a, ec_b;
+  const auto canonical_a = std::filesystem::weakly_canonical(a, ec_a);
+  const auto canonical_b = std::filesystem::weakly_canonical(b, ec_b);
+  return ec_a || ec_b ? a == b : canonical_a == canonical_b;
 }
 
 /// Returns false when --help was asked for.
@@ -111,22 +146,50 @@ bool parse(int argc, char** argv, Options& o) {
   if (o.output.empty()) throw UsageError{"--output is required"};
   if (o.grad_output.empty() != o.grads.empty())
     throw UsageError{"--grad-output and --grads go together"};
+  if (!o.grads.empty() && same_file(o.output, o.grads))
+    throw UsageError{"--output and --grads name the same file '" + o.output + "'"};
   return true;
 }
 
-/// Reads "hidden_states" [T, H] from `path` into a new device matrix.
+/// Reads "hidden_states" [T, H] from `path` into a new device matrix; every element must
+/// be finite (a NaN gradient would otherwise flow into every output with exit 0).
 template <class S, class X>
-kmoe::Matrix<S, X> read_hidden(const std::string& path, int hidden) {
+kmoe::Matrix<S, X> read_hidden(const std::string& path, const models::MoEBlockConfig& b) {
   const io::SafetensorsFile file(path);
   const auto& shape = file.info("hidden_states").shape;
-  if (shape.size() != 2 || shape[1] != hidden)
-    throw kmoe::runtime_error("kmoe-run: " + path + ": \"hidden_states\" must be [T, " +
-                              std::to_string(hidden) + "] for this model");
+  if (shape.size() != 2 || shape[1] != b.hidden)
+    throw kmoe::runtime_error("kmoe-run: " + path + ": \"hidden_states\" has shape " +
+                              models::detail::shape_string(shape) + ", must be [T, " +
+                              std::to_string(b.hidden) + "] for this model");
+  // The layer's [T, H] and [T, E] matrices must fit, as the loader's do.
+  const std::string where = "kmoe-run: " + path;
+  kmoe::detail::checked_mul(shape[0], b.hidden, where.c_str(), "tokens x hidden_size",
+                            models::max_matrix_elements);
+  kmoe::detail::checked_mul(shape[0], b.experts, where.c_str(), "tokens x experts",
+                            models::max_matrix_elements);
   kmoe::Matrix<S, X> m("hidden_states", shape[0], shape[1]);
   auto host = Kokkos::create_mirror_view(m);
   file.read_into(std::string("hidden_states"), host.data(), host.size());
+  for (std::size_t t = 0; t < host.extent(0); ++t)
+    for (std::size_t h = 0; h < host.extent(1); ++h)
+      if (!std::isfinite(host(t, h)))
+        throw kmoe::runtime_error("kmoe-run: " + path + ": \"hidden_states\" element (" +
+                                  std::to_string(t) + ", " + std::to_string(h) + ") = " +
+                                  std::to_string(host(t, h)) + " is not finite");
   Kokkos::deep_copy(m, host);
   return m;
+}
+
+/// Raises unless each of the `count` results at `data` is finite and within float's range
+/// (the files hold F32): a run whose inputs overflow must fail rather than write
+/// non-finite results with exit 0.
+template <class S>
+void require_finite_f32(const S* data, std::size_t count, const std::string& what) {
+  for (std::size_t i = 0; i < count; ++i)
+    if (!std::isfinite(data[i]) || std::abs(double(data[i])) > double(std::numeric_limits<float>::max()))
+      throw kmoe::runtime_error("kmoe-run: " + what + " element " + std::to_string(i) + " = " +
+                                std::to_string(double(data[i])) +
+                                " is not finite in F32 (inputs too large?); nothing was written");
 }
 
 template <class View>
@@ -135,8 +198,10 @@ std::vector<std::int64_t> shape_of(const View& v) {
 }
 
 template <class View>
-void add_f32(io::SafetensorsWriter& writer, const std::string& name, const View& v) {
+void add_f32(io::SafetensorsWriter& writer, const std::string& name, const View& v,
+             const std::string& what) {
   const auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  require_finite_f32(host.data(), host.size(), what);
   writer.add(name, io::DType::F32, shape_of(v), host.data());
 }
 
@@ -187,50 +252,61 @@ template <class Layer>
 void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   using X = typename Layer::execution_space;
   using S = typename Layer::scalar_type;
-  const auto x = read_hidden<S, X>(o.input, b.hidden);
-  const int tokens = int(x.extent(0));
-  kmoe::Matrix<S, X> y("output", tokens, b.hidden);
   const bool training = !o.grad_output.empty();
+  // Every input is read and checked before the first output is touched.
+  const auto x = read_hidden<S, X>(o.input, b);
+  const int tokens = int(x.extent(0));
+  kmoe::Matrix<S, X> grad_y, grad_x;
+  if (training) {
+    grad_y = read_hidden<S, X>(o.grad_output, b);
+    if (grad_y.extent(0) != x.extent(0))
+      throw kmoe::runtime_error("kmoe-run: " + o.grad_output + ": \"hidden_states\" has " +
+                                std::to_string(grad_y.extent(0)) + " rows, the input " +
+                                std::to_string(tokens));
+  }
+  kmoe::Matrix<S, X> y("output", tokens, b.hidden);
   kmoe::RouteContext<X> context;
   context.training = training;
 
   layer.zero_gradients();
   const kmoe::ForwardStats stats = layer.forward(x, y, context);
-  {
-    io::SafetensorsWriter writer;
-    writer.set_metadata("source", "kmoe-run " + b.model_type + " layer " + std::to_string(b.layer));
-    add_f32(writer, "hidden_states", y);
-    add_f32(writer, "router_logits", layer.routing().logits);
-    add_topk(writer, layer.routing());
-    writer.write(o.output);
+  const std::string source = "kmoe-run " + b.model_type + " layer " + std::to_string(b.layer);
+  io::SafetensorsWriter output;
+  output.set_metadata("source", source);
+  add_f32(output, "hidden_states", y, "the block's output");
+  add_f32(output, "router_logits", layer.routing().logits, "the router logits");
+  add_topk(output, layer.routing());
+
+  std::optional<io::SafetensorsWriter> grads;
+  if (training) {
+    grad_x = kmoe::Matrix<S, X>("grad_input", tokens, b.hidden);
+    layer.backward(grad_y, grad_x);
+    grads.emplace();
+    grads->set_metadata("source", source);
+    add_f32(*grads, "hidden_states", grad_x, "the input gradient");
+    models::visit_checkpoint_tensors(
+        layer, b, true,
+        [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape, const S* data) {
+          const auto count = std::accumulate(shape.begin(), shape.end(), std::int64_t(1),
+                                             std::multiplies<std::int64_t>());
+          require_finite_f32(data, std::size_t(count), "the gradient of " + t.checkpoint);
+          grads->add(t.checkpoint, io::DType::F32, shape, data);
+        });
   }
+  // Both files are complete on disk before either replaces its destination.
+  io::StagedFile staged_output = output.stage(o.output);
+  std::optional<io::StagedFile> staged_grads;
+  if (grads) staged_grads.emplace(grads->stage(o.grads));
+  staged_output.commit();
+  if (staged_grads) staged_grads->commit();
+
   std::printf("model %s, layer %d: T=%d H=%d experts=%d top-k=%d%s, %s\n", b.model_type.c_str(),
               b.layer, tokens, b.hidden, b.experts, b.top_k,
               b.shared_ffn > 0 ? " +shared" : "", o.use_double ? "double" : "float");
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
   std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());
-
-  kmoe::Matrix<S, X> grad_y, grad_x;
-  if (training) {
-    grad_y = read_hidden<S, X>(o.grad_output, b.hidden);
-    if (int(grad_y.extent(0)) != tokens)
-      throw kmoe::runtime_error("kmoe-run: " + o.grad_output + ": \"hidden_states\" has " +
-                                std::to_string(grad_y.extent(0)) + " rows, the input " +
-                                std::to_string(tokens));
-    grad_x = kmoe::Matrix<S, X>("grad_input", tokens, b.hidden);
-    layer.backward(grad_y, grad_x);
-    io::SafetensorsWriter writer;
-    writer.set_metadata("source", "kmoe-run " + b.model_type + " layer " + std::to_string(b.layer));
-    add_f32(writer, "hidden_states", grad_x);
-    models::visit_checkpoint_tensors(
-        layer, b, true,
-        [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape, const S* data) {
-          writer.add(t.checkpoint, io::DType::F32, shape, data);
-        });
-    writer.write(o.grads);
-    std::printf("wrote %s\n", o.grads.c_str());
-  }
+  if (training) std::printf("wrote %s\n", o.grads.c_str());
 
   if (o.bench) {
     kmoe::RouteContext<X> inference;
@@ -275,6 +351,20 @@ int main(int argc, char** argv) {
     std::cerr << "kmoe-run: " << e.message << "\n\n" << usage_text;
     return 2;
   }
+  // Checked before Kokkos starts: more threads than the backend's pool crashes inside it.
+  if (o.threads > max_host_threads) {
+    std::cerr << "kmoe-run: --threads " << o.threads << " exceeds the " << max_host_threads
+              << " host threads the Kokkos backend supports\n";
+    return 1;
+  }
+#if defined(KOKKOS_ENABLE_OPENMP)
+  if (o.threads < 0 && omp_get_max_threads() > max_host_threads) {
+    std::cerr << "kmoe-run: OMP_NUM_THREADS asks for " << omp_get_max_threads()
+              << " threads, more than the " << max_host_threads
+              << " host threads the Kokkos backend supports; set --threads\n";
+    return 1;
+  }
+#endif
 #if KOKKOS_VERSION >= 40000
   Kokkos::InitializationSettings settings;
   if (o.threads > 0) settings.set_num_threads(o.threads);

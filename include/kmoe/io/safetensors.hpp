@@ -10,14 +10,10 @@
 /// from the first byte after the header; tensors are stored row-major, little-endian.
 ///
 /// Nothing here depends on Kokkos: tensors are read into caller memory (`read_into`) or
-/// std::vector, so a layer can fill a Kokkos host view directly. Files are memory-mapped
-/// (POSIX) and the whole header is validated when a file is opened, so a malformed file is
-/// reported up front with its path rather than on some later read.
-
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
+/// std::vector, so a layer can fill a Kokkos host view directly. Files are read with pread,
+/// not mapped, so a file truncated or replaced while open gives an error rather than SIGBUS
+/// (kmoe/io/file.hpp); the whole header is validated when a file is opened, so a malformed
+/// file is reported up front with its path rather than on some later read.
 
 #include <algorithm>
 #include <cerrno>
@@ -25,7 +21,6 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <memory>
@@ -36,8 +31,11 @@
 #include <utility>
 #include <vector>
 
+#include "kmoe/detail/checked.hpp"
 #include "kmoe/error.hpp"
+#include "kmoe/io/file.hpp"
 #include "kmoe/io/float16.hpp"
+#include "kmoe/io/json.hpp"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "kmoe/io/safetensors.hpp reads little-endian data in place and needs a little-endian host"
@@ -95,11 +93,13 @@ struct TensorInfo {
   std::uint64_t begin = 0;          ///< byte offset of the first element in the data section
   std::uint64_t end = 0;            ///< one past the last byte, relative to the data section
 
-  /// \brief Product of the extents (1 for a scalar).
+  /// \brief Product of the extents (1 for a scalar); kmoe::invalid_argument if it overflows
+  /// (never for a TensorInfo from SafetensorsFile, whose header check bounds it by the file).
   std::uint64_t element_count() const {
-    std::uint64_t n = 1;
-    for (std::int64_t extent : shape) n *= static_cast<std::uint64_t>(extent);
-    return n;
+    std::int64_t n = 1;
+    for (std::int64_t extent : shape)
+      n = kmoe::detail::checked_mul(n, extent, "TensorInfo::element_count", "shape");
+    return static_cast<std::uint64_t>(n);
   }
 };
 
@@ -108,6 +108,14 @@ namespace detail {
 /// Largest header accepted; the reference implementation uses the same bound so that a
 /// corrupt length cannot make us parse gigabytes of tensor data as JSON.
 inline constexpr std::uint64_t max_header_bytes = 100'000'000;
+
+/// Largest model.safetensors.index.json accepted (DeepSeek-V3's, the largest released, is
+/// under 9 MB).
+inline constexpr std::uint64_t max_index_bytes = 100'000'000;
+
+/// Bytes converted per pread in read_into: large enough to amortise the call, small enough
+/// that the staging buffer stays in cache.
+inline constexpr std::size_t read_chunk_bytes = std::size_t{1} << 20;
 
 inline bool parse_dtype(const std::string& text, DType& dtype) {
   static const std::pair<const char*, DType> table[] = {{"F16", DType::F16}, {"BF16", DType::BF16},
@@ -182,69 +190,34 @@ std::size_t convert_from(DType dtype, const unsigned char* src, T* dst, std::siz
   return count;
 }
 
-inline std::string quoted(const std::string& text) { return "'" + text + "'"; }
+/// A name from a file, quoted and cut to an excerpt for an error message.
+inline std::string quoted(const std::string& text) { return "'" + excerpt(text) + "'"; }
 
 }  // namespace detail
 
-/// \brief A read-only, memory-mapped safetensors file whose header has been validated.
+/// \brief A read-only safetensors file whose header has been validated.
 ///
-/// Opening checks the header length against the file size, parses the JSON header, and
-/// checks every tensor entry (known dtype, non-negative shape, begin <= end, offsets inside
-/// the data section, byte count == elements * itemsize, no two tensors overlapping). Data
-/// problems throw kmoe::runtime_error; bad arguments (a path that cannot be opened, an
-/// unknown tensor name, a wrong element count) throw kmoe::invalid_argument. Every message
-/// names the file. Gaps between tensors are tolerated. Move-only; reads are thread-safe.
+/// Opening requires a regular file (a FIFO or a device is refused without blocking),
+/// checks the header length against the file size, parses the JSON header (nesting bounded,
+/// duplicate names refused) and checks every tensor entry (known dtype, non-negative shape,
+/// begin <= end, offsets inside the data section, byte count == elements * itemsize, no two
+/// tensors overlapping). Data problems throw kmoe::runtime_error, including a file that
+/// was truncated after it was opened; bad arguments (a path that cannot be opened or is not
+/// a regular file, an unknown tensor name, a wrong element count) throw
+/// kmoe::invalid_argument. Every message names the file. Gaps between tensors are
+/// tolerated. Move-only; reads are thread-safe.
 class SafetensorsFile {
  public:
-  /// \brief Opens and maps `path` and validates its header.
-  explicit SafetensorsFile(std::string path) : path_(std::move(path)) {
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      throw invalid_argument("SafetensorsFile", "path", path_,
-                             std::string("cannot open: ") + std::strerror(errno));
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      const int err = errno;
-      ::close(fd);
-      throw invalid_argument("SafetensorsFile", "path", path_,
-                             std::string("cannot stat: ") + std::strerror(err));
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      throw invalid_argument("SafetensorsFile", "path", path_, "not a regular file");
-    }
-    size_ = static_cast<std::uint64_t>(st.st_size);
-    if (size_ > 0) {
-      void* mapped = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      const int err = errno;
-      ::close(fd);
-      if (mapped == MAP_FAILED) {
-        throw runtime_error("SafetensorsFile: " + path_ + ": mmap failed: " + std::strerror(err));
-      }
-      bytes_ = static_cast<const unsigned char*>(mapped);
-    } else {
-      ::close(fd);
-    }
-    try {
-      parse_header();
-    } catch (...) {
-      unmap();
-      throw;
-    }
+  /// \brief Opens `path` and validates its header.
+  explicit SafetensorsFile(std::string path)
+      : path_(std::move(path)), file_(path_, "SafetensorsFile") {
+    parse_header();
   }
 
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
-  SafetensorsFile(SafetensorsFile&& other) noexcept { take(other); }
-  SafetensorsFile& operator=(SafetensorsFile&& other) noexcept {
-    if (this != &other) {
-      unmap();
-      take(other);
-    }
-    return *this;
-  }
-  ~SafetensorsFile() { unmap(); }
+  SafetensorsFile(SafetensorsFile&&) noexcept = default;
+  SafetensorsFile& operator=(SafetensorsFile&&) noexcept = default;
 
   /// \brief The path the file was opened with.
   const std::string& path() const { return path_; }
@@ -300,11 +273,19 @@ class SafetensorsFile {
       throw invalid_argument("SafetensorsFile::read_into", "dst", "nullptr",
                              "destination for " + detail::quoted(name) + " is null");
     }
-    const std::size_t bad = detail::convert_from(tensor.dtype, data_ + tensor.begin, dst, count);
-    if (bad != count) {
-      throw runtime_error("SafetensorsFile: " + path_ + ": tensor " + detail::quoted(name) +
-                          ": element " + std::to_string(bad) + " does not fit the requested " +
-                          "integer type");
+    const std::size_t size = dtype_size(tensor.dtype);
+    const std::size_t chunk_elements = detail::read_chunk_bytes / size;
+    std::vector<unsigned char> staging(std::min(count, chunk_elements) * size);
+    for (std::size_t first = 0; first < count; first += chunk_elements) {
+      const std::size_t n = std::min(chunk_elements, count - first);
+      file_.read_exact(staging.data(), n * size, data_offset_ + tensor.begin + first * size,
+                       "SafetensorsFile: tensor " + detail::quoted(name));
+      const std::size_t bad = detail::convert_from(tensor.dtype, staging.data(), dst + first, n);
+      if (bad != n) {
+        throw runtime_error("SafetensorsFile: " + path_ + ": tensor " + detail::quoted(name) +
+                            ": element " + std::to_string(first + bad) +
+                            " does not fit the requested integer type");
+      }
     }
   }
 
@@ -322,28 +303,28 @@ class SafetensorsFile {
   }
 
   void parse_header() {
-    if (size_ < 8) {
-      fail("file is " + std::to_string(size_) +
+    const std::uint64_t size = file_.size();
+    if (size < 8) {
+      fail("file is " + std::to_string(size) +
            " bytes, too short for the 8-byte header length (truncated file?)");
     }
+    unsigned char length[8];
+    file_.read_exact(length, 8, 0, "SafetensorsFile");
     std::uint64_t header_bytes = 0;
-    for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | bytes_[i];
-    if (header_bytes > size_ - 8 || header_bytes > detail::max_header_bytes) {
+    for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | length[i];
+    if (header_bytes > size - 8 || header_bytes > detail::max_header_bytes) {
       fail("header length " + std::to_string(header_bytes) + " exceeds " +
-           (header_bytes > size_ - 8
-                ? "the " + std::to_string(size_ - 8) + " bytes after the length field"
+           (header_bytes > size - 8
+                ? "the " + std::to_string(size - 8) + " bytes after the length field"
                 : "the limit of " + std::to_string(detail::max_header_bytes) + " bytes"));
     }
-    const auto* header_begin = reinterpret_cast<const char*>(bytes_ + 8);
-    nlohmann::json header;
-    try {
-      header = nlohmann::json::parse(header_begin, header_begin + header_bytes);
-    } catch (const nlohmann::json::parse_error& e) {
-      fail(std::string("header is not valid JSON: ") + e.what());
-    }
+    std::string text(static_cast<std::size_t>(header_bytes), '\0');
+    file_.read_exact(text.data(), text.size(), 8, "SafetensorsFile");
+    // Duplicate tensor names are refused here: nlohmann would keep the last one silently.
+    const nlohmann::json header = parse_json(text, path_, "SafetensorsFile");
     if (!header.is_object()) fail("header is not a JSON object");
-    data_ = bytes_ + 8 + header_bytes;
-    const std::uint64_t data_bytes = size_ - 8 - header_bytes;
+    data_offset_ = 8 + header_bytes;
+    const std::uint64_t data_bytes = size - data_offset_;
 
     for (const auto& [name, entry] : header.items()) {
       if (name == "__metadata__") {
@@ -359,7 +340,8 @@ class SafetensorsFile {
     if (!entry.is_object()) fail("__metadata__ is not a JSON object");
     for (const auto& [key, value] : entry.items()) {
       if (!value.is_string())
-        fail("__metadata__ value for " + detail::quoted(key) + " is not a string");
+        fail("__metadata__ value for " + detail::quoted(key) + " is " + json_excerpt(value) +
+             ", not a string");
       metadata_.emplace(key, value.get<std::string>());
     }
   }
@@ -387,29 +369,33 @@ class SafetensorsFile {
     }
 
     // Overflow-checked so that absurd extents are reported instead of wrapping around; a
-    // zero extent makes the tensor empty however large the others are.
-    constexpr auto max_extent =
-        static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
-    std::uint64_t bytes = dtype_size(info.dtype);
+    // zero extent makes the tensor empty however large the others are, so the product is
+    // taken over the non-zero extents only.
+    std::int64_t bytes = static_cast<std::int64_t>(dtype_size(info.dtype));
     bool empty = false;
-    bool overflow = false;
     for (const auto& extent : *shape) {
-      if (!extent.is_number_unsigned() || extent.get<std::uint64_t>() > max_extent) {
-        fail(where + "shape " + shape->dump() +
+      if (!extent.is_number_unsigned() ||
+          extent.get<std::uint64_t>() >
+              static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+        fail(where + "shape " + json_excerpt(*shape) +
              " has an extent that is not an integer in [0, 2^63)");
       }
-      const auto value = extent.get<std::uint64_t>();
-      info.shape.push_back(static_cast<std::int64_t>(value));
+      const auto value = static_cast<std::int64_t>(extent.get<std::uint64_t>());
+      info.shape.push_back(value);
       if (value == 0) {
         empty = true;
-      } else if (bytes > std::numeric_limits<std::uint64_t>::max() / value) {
-        overflow = true;
-      } else {
-        bytes *= value;
+        continue;
+      }
+      try {
+        bytes = kmoe::detail::checked_mul(bytes, value, "SafetensorsFile", "shape");
+      } catch (const invalid_argument&) {
+        // Keep scanning: a later zero extent makes the tensor empty and valid.
+        bytes = std::numeric_limits<std::int64_t>::max();
       }
     }
     if (empty) bytes = 0;
-    if (overflow && !empty) fail(where + "shape " + shape->dump() + " is too large");
+    if (bytes == std::numeric_limits<std::int64_t>::max())
+      fail(where + "shape " + json_excerpt(*shape) + " is too large");
 
     info.begin = (*offsets)[0].get<std::uint64_t>();
     info.end = (*offsets)[1].get<std::uint64_t>();
@@ -420,9 +406,9 @@ class SafetensorsFile {
       fail(where + range + " out of range of the " + std::to_string(data_bytes) +
            "-byte data section");
     }
-    if (info.end - info.begin != bytes) {
+    if (info.end - info.begin != static_cast<std::uint64_t>(bytes)) {
       fail(where + range + " spans " + std::to_string(info.end - info.begin) + " bytes but shape " +
-           shape->dump() + " of " + dtype_text + " needs " + std::to_string(bytes));
+           json_excerpt(*shape) + " of " + dtype_text + " needs " + std::to_string(bytes));
     }
     return info;
   }
@@ -442,25 +428,9 @@ class SafetensorsFile {
     }
   }
 
-  void unmap() noexcept {
-    if (bytes_ != nullptr) ::munmap(const_cast<unsigned char*>(bytes_), size_);
-    bytes_ = nullptr;
-    data_ = nullptr;
-  }
-
-  void take(SafetensorsFile& other) noexcept {
-    path_ = std::move(other.path_);
-    bytes_ = std::exchange(other.bytes_, nullptr);
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-    metadata_ = std::move(other.metadata_);
-    tensors_ = std::move(other.tensors_);
-  }
-
   std::string path_;
-  const unsigned char* bytes_ = nullptr;  // whole mapped file
-  const unsigned char* data_ = nullptr;   // first byte after the header
-  std::uint64_t size_ = 0;
+  RegularFile file_;
+  std::uint64_t data_offset_ = 0;  // first byte after the header
   std::map<std::string, std::string> metadata_;
   std::map<std::string, TensorInfo> tensors_;
 };
@@ -498,21 +468,22 @@ class SafetensorsWriter {
     Entry entry;
     entry.info.name = name;
     entry.info.dtype = dtype;
-    std::uint64_t count = 1;
     for (std::int64_t extent : shape) {
       if (extent < 0) {
         throw invalid_argument(where, "shape", std::to_string(extent),
                                "negative extent for tensor " + detail::quoted(name));
       }
-      count *= static_cast<std::uint64_t>(extent);
     }
     entry.info.shape = shape;
+    const std::uint64_t count = entry.info.element_count();
     if (count > 0 && data == nullptr) {
       throw invalid_argument(where, "data", "nullptr",
                              "no data for tensor " + detail::quoted(name));
     }
     const std::size_t size = dtype_size(dtype);
-    entry.bytes.resize(static_cast<std::size_t>(count) * size);
+    entry.bytes.resize(static_cast<std::size_t>(
+        kmoe::detail::checked_mul(static_cast<std::int64_t>(count),
+                                  static_cast<std::int64_t>(size), where, "bytes")));
     for (std::size_t i = 0; i < count; ++i) store(entry, i * size, data[i]);
     entries_.push_back(std::move(entry));
   }
@@ -521,10 +492,11 @@ class SafetensorsWriter {
   template <class T>
   void add(const std::string& name, DType dtype, const std::vector<std::int64_t>& shape,
            const std::vector<T>& data) {
-    std::uint64_t count = 1;
+    std::int64_t count = 1;
     for (std::int64_t extent : shape)
-      count *= static_cast<std::uint64_t>(std::max<std::int64_t>(extent, 0));
-    if (data.size() != count) {
+      count = kmoe::detail::checked_mul(count, std::max<std::int64_t>(extent, 0),
+                                        "SafetensorsWriter::add", "shape");
+    if (data.size() != static_cast<std::uint64_t>(count)) {
       throw invalid_argument(
           "SafetensorsWriter::add", "data.size()", std::to_string(data.size()),
           "tensor " + detail::quoted(name) + " has " + std::to_string(count) + " elements");
@@ -535,8 +507,14 @@ class SafetensorsWriter {
   /// \brief Sets a "__metadata__" entry.
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
 
-  /// \brief Writes all added tensors to `path`, replacing any existing file.
-  void write(const std::string& path) const {
+  /// \brief Writes all added tensors to `path`, replacing any existing file atomically: on
+  /// any failure the previous file is left as it was (see StagedFile).
+  void write(const std::string& path) const { stage(path).commit(); }
+
+  /// \brief Writes all added tensors to a temporary file next to `path`; the returned
+  /// StagedFile's commit() puts it in place, and destroying it uncommitted discards it. Lets
+  /// a caller replace several outputs only once all of them have been written.
+  StagedFile stage(const std::string& path) const {
     std::vector<const Entry*> order;
     for (const Entry& e : entries_) order.push_back(&e);
     std::sort(order.begin(), order.end(), [](const Entry* a, const Entry* b) {
@@ -549,7 +527,9 @@ class SafetensorsWriter {
     if (!metadata_.empty()) header["__metadata__"] = metadata_;
     std::uint64_t offset = 0;
     for (const Entry* e : order) {
-      const std::uint64_t end = offset + e->bytes.size();
+      const auto end = static_cast<std::uint64_t>(kmoe::detail::checked_add(
+          static_cast<std::int64_t>(offset), static_cast<std::int64_t>(e->bytes.size()),
+          "SafetensorsWriter::write", "data_offsets"));
       header[e->info.name] = {{"dtype", dtype_name(e->info.dtype)},
                               {"shape", e->info.shape},
                               {"data_offsets", {offset, end}}};
@@ -558,21 +538,13 @@ class SafetensorsWriter {
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
 
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    if (!out) {
-      throw invalid_argument("SafetensorsWriter::write", "path", path,
-                             std::string("cannot open for writing: ") + std::strerror(errno));
-    }
+    StagedFile out(path, "SafetensorsWriter::write");
     unsigned char length[8];
     for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(text.size() >> (8 * i));
-    out.write(reinterpret_cast<const char*>(length), 8);
-    out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    for (const Entry* e : order) {
-      out.write(reinterpret_cast<const char*>(e->bytes.data()),
-                static_cast<std::streamsize>(e->bytes.size()));
-    }
-    out.close();
-    if (!out) throw runtime_error("SafetensorsWriter::write: " + path + ": write failed");
+    out.write(length, 8);
+    out.write(text.data(), text.size());
+    for (const Entry* e : order) out.write(e->bytes.data(), e->bytes.size());
+    return out;
   }
 
  private:
@@ -637,6 +609,13 @@ class SafetensorsWriter {
 ///
 /// Shards are opened (and validated) the first time one of their tensors is asked for. All
 /// members are safe to call concurrently.
+///
+/// Shard names in the index must be relative paths without ".." components (no absolute
+/// path, no NUL), so that the index alone cannot point outside the directory. Symbolic
+/// links inside the directory are followed wherever they lead: the Hugging Face hub cache
+/// stores every file of a snapshot as a link into ../../blobs, so the directory's own
+/// links are trusted as much as the directory itself. Whatever a name or link resolves to
+/// must be a regular file (a FIFO, device or directory is refused without blocking).
 class ShardedCheckpoint {
  public:
   /// \brief Opens the checkpoint in `directory`.
@@ -692,14 +671,14 @@ class ShardedCheckpoint {
 
  private:
   void read_index(const std::string& index_path) {
-    std::ifstream in(index_path, std::ios::binary);
-    if (!in) throw runtime_error("ShardedCheckpoint: " + index_path + ": cannot read");
-    nlohmann::json index;
+    std::string text;
     try {
-      index = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::parse_error& e) {
-      throw runtime_error("ShardedCheckpoint: " + index_path + ": not valid JSON: " + e.what());
+      text = read_small_file(index_path, detail::max_index_bytes, "ShardedCheckpoint");
+    } catch (const invalid_argument& e) {
+      // The index's name is fixed by the format, so an unreadable one is bad data.
+      throw runtime_error(std::string("ShardedCheckpoint: ") + e.what());
     }
+    const nlohmann::json index = parse_json(text, index_path, "ShardedCheckpoint");
     const auto map = index.is_object() ? index.find("weight_map") : index.end();
     if (map == index.end() || !map->is_object()) {
       throw runtime_error("ShardedCheckpoint: " + index_path + ": no \"weight_map\" object");
@@ -707,8 +686,9 @@ class ShardedCheckpoint {
     for (const auto& [name, shard] : map->items()) {
       if (!shard.is_string() || !is_plain_relative(shard.get<std::string>())) {
         throw runtime_error("ShardedCheckpoint: " + index_path + ": tensor " +
-                            detail::quoted(name) + " maps to " + shard.dump() +
-                            ", which is not a relative file path inside the directory");
+                            detail::quoted(name) + " maps to " + json_excerpt(shard) +
+                            ", which is not a relative file path inside the directory "
+                            "(absolute paths and \"..\" are refused)");
       }
       weight_map_.emplace(name, shard.get<std::string>());
     }
@@ -717,7 +697,7 @@ class ShardedCheckpoint {
   // Shard names come from a file; keep them from reaching outside the checkpoint directory.
   static bool is_plain_relative(const std::string& shard) {
     const std::filesystem::path p(shard);
-    if (shard.empty() || p.is_absolute()) return false;
+    if (shard.empty() || p.is_absolute() || shard.find('\0') != std::string::npos) return false;
     return std::none_of(p.begin(), p.end(),
                         [](const std::filesystem::path& part) { return part == ".."; });
   }
