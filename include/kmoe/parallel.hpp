@@ -12,6 +12,11 @@
 #include <vector>
 
 namespace kmoe {
+namespace detail {
+template <class C>
+using comm_set_name =
+    decltype(std::declval<const C&>().set_name(std::declval<const std::string&>()));
+}  // namespace detail
 
 /// \brief Order in which ranks are laid out, fastest-varying dimension first.
 /// tp_ep_dp: world rank = tp + TP * (ep + EP * dp) (Megatron's default: TP ranks adjacent).
@@ -97,6 +102,14 @@ struct ParallelGroups {
     g.ep = world.split(g.tp_rank + layout.tp * g.dp_rank, g.ep_rank);
     g.dp = world.split(g.tp_rank + layout.tp * g.ep_rank, g.dp_rank);
     g.tokens = world.split(g.tp_rank, g.ep_rank + layout.ep * g.dp_rank);
+    // Communicators that can name their group (MpiCommunicator: in the watchdog's
+    // diagnostics) learn their role here.
+    if constexpr (detail::is_detected_v<detail::comm_set_name, Communicator>) {
+      g.tp.set_name("tp");
+      g.ep.set_name("ep");
+      g.dp.set_name("dp");
+      g.tokens.set_name("tokens");
+    }
     return g;
   }
 };
