@@ -2,9 +2,15 @@
 """PyTorch peers of kmoe_bench: HF transformers' MixtralSparseMoeBlock and DeepseekV3MoE
 on the CPU, same shapes, float32 and thread count, writing the same JSON fields.
 
+Runs with transformers 4.x (experts as a ModuleList of per-expert MLPs, looped over in the
+block) and 5.x (experts as one fused module with 3-D gate_up_proj / down_proj, dispatched
+through `config._experts_implementation`). On 5.x, "hf" is the implementation a model loaded
+with from_pretrained gets by default, `grouped_mm` (torch.nn.functional.grouped_mm), and
+"hf-eager" the fused module's own per-expert loop; on 4.x "hf" is the block as it is.
+
 Also times a "torch-sorted" version (sort assignments by expert, one matmul per contiguous
-segment, index_add back: kmoe's algorithm in eager PyTorch), and torch._grouped_mm where
-this torch build runs it on the CPU (the script reports whether it does).
+segment, index_add back: kmoe's algorithm in eager PyTorch), and, on 4.x, torch._grouped_mm
+where this torch build runs it on the CPU (the script reports whether it does).
 
     python bench/hf_peer.py --threads 2 --json docs/bench/hf.json
 """
@@ -70,6 +76,22 @@ def build_hf(c):
     return DeepseekV3MoE(cfg)
 
 
+def fused_experts(block):
+    """transformers 5.x: the experts are one module holding [E, 2F, H] gate_up_proj."""
+    return hasattr(block.experts, "gate_up_proj")
+
+
+def hf_implementations(block):
+    """(implementation name, experts implementation) pairs to time for this block.
+
+    A standalone 5.x block reads `config._experts_implementation`, which from_pretrained
+    would set (to grouped_mm by default) and a bare config leaves unset, so it is set here.
+    """
+    if not fused_experts(block):
+        return [("hf", None)]
+    return [("hf", "grouped_mm"), ("hf-eager", "eager")]
+
+
 def hf_call(block):
     def call(x):
         out = block(x)
@@ -86,16 +108,20 @@ class SortedMixtral(torch.nn.Module):
         super().__init__()
         self.gate = block.gate
         experts = block.experts
-        self.w13 = torch.nn.Parameter(torch.stack(
-            [torch.cat([e.w1.weight, e.w3.weight]) for e in experts]).detach().clone())
-        self.w2 = torch.nn.Parameter(torch.stack([e.w2.weight for e in experts]).detach().clone())
+        if fused_experts(block):  # already [gate; up] per expert, as w13 below
+            w13, w2 = experts.gate_up_proj, experts.down_proj
+        else:
+            w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
+            w2 = torch.stack([e.w2.weight for e in experts])
+        self.w13 = torch.nn.Parameter(w13.detach().clone())
+        self.w2 = torch.nn.Parameter(w2.detach().clone())
         self.k = block.top_k
         self.grouped = grouped
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(x), dim=-1)
+        probs = F.softmax(F.linear(x, self.gate.weight), dim=-1)
         weight, expert = torch.topk(probs, self.k, dim=-1)
         weight = weight / weight.sum(-1, keepdim=True)
         flat = expert.reshape(-1)
@@ -137,7 +163,7 @@ def grouped_mm_status():
 def measure(c, impl, module, threads):
     torch.manual_seed(0)
     x = torch.randn(1, c["T"], c["H"])
-    call = hf_call(module) if impl == "hf" else module
+    call = hf_call(module) if impl.startswith("hf") else module
     with torch.no_grad():
         layer_ms = timed(c["repeats"], lambda: call(x))
     rec = dict(name=c["name"], implementation=impl, T=c["T"], H=c["H"], F=c["F"], E=c["E"],
@@ -181,14 +207,18 @@ def main():
         block = build_hf(c)
         for prm in block.parameters():
             torch.nn.init.normal_(prm, std=0.02)  # DeepseekV3's router weight is torch.empty
-        impls = [("hf", block)]
+        impls = [(impl, block, experts) for impl, experts in hf_implementations(block)]
         if c["kind"] == "mixtral" and not args.no_sorted:
-            impls.append(("torch-sorted", SortedMixtral(block)))
-            if status == "available":
-                impls.append(("torch-grouped_mm", SortedMixtral(block, grouped=True)))
-        for impl, module in impls:
+            impls.append(("torch-sorted", SortedMixtral(block), None))
+            # On 5.x the block's own grouped_mm path already times this kernel.
+            if status == "available" and not fused_experts(block):
+                impls.append(("torch-grouped_mm", SortedMixtral(block, grouped=True), None))
+        for impl, module, experts in impls:
+            if experts:
+                block.experts.config._experts_implementation = experts
             rec = measure(c, impl, module, args.threads)
             rec["grouped_mm"] = status
+            rec["experts_implementation"] = experts
             records.append(rec)
             fb = rec["layer_fwdbwd_ms"]
             print(f"{c['name']:18s} {impl:13s} fwd {rec['layer_ms']:9.2f} ms  fwd+bwd "
