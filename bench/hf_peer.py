@@ -169,6 +169,7 @@ def measure(c, impl, module, threads):
     rec = dict(name=c["name"], implementation=impl, T=c["T"], H=c["H"], F=c["F"], E=c["E"],
                k=c["k"], shared_F=c["shared_F"], threads=threads,
                backend=f"torch {torch.__version__} cpu, transformers {transformers.__version__}",
+               transformers=transformers.__version__,
                machine=machine(), repeats=c["repeats"], layer_ms=layer_ms,
                layer_fwdbwd_ms=None, backward_ms=None)
     if c["backward"]:

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: BSD-3-Clause
-"""Plots kmoe_bench (and hf_peer.py) JSON records into PNGs for docs/performance.md.
+"""Plots kmoe_bench (and peer: hf_peer.py, ggml_moe_peer) JSON into PNGs for docs/performance.md.
 
-    python bench/plot.py --kmoe docs/bench/kmoe.json \
-        --peer docs/bench/hf.json --out docs
+    python bench/plot.py --kmoe docs/bench/kmoe.json --peer docs/bench/ggml.json \
+        --peer docs/bench/hf-tf5.json --out docs
 """
 import argparse
 import json
@@ -22,9 +22,16 @@ def load(paths):
     return records
 
 
+def label(r):
+    """The implementation, with the transformers major version for the HF peers (one file
+    per version, the same implementation names in each)."""
+    impl = r.get("implementation", "kmoe")
+    return f"{impl} tf{r['transformers'].split('.')[0]}" if "transformers" in r else impl
+
+
 def sweep(records, prefix, key, impl="kmoe"):
     rows = sorted((r for r in records
-                   if r["name"].startswith(prefix) and r.get("implementation", "kmoe") == impl
+                   if r["name"].startswith(prefix) and label(r) == impl
                    and r.get("layer_ms") is not None), key=lambda r: r[key])
     return [r[key] for r in rows], rows
 
@@ -36,13 +43,12 @@ def plot_T(records, peer, out):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(xs, [r["layer_ms"] for r in rows], "o-", label="kmoe layer forward")
     ax.loglog(xs, [r["dense_equivalent_ms"] for r in rows], "s--", label="dense equivalent")
-    for impl in ("hf", "torch-sorted"):
+    for impl in sorted({label(r) for r in peer if r["name"].startswith("sweep-T-")}):
         pxs, prow = sweep(peer, "sweep-T-", "T", impl)
-        if prow:
-            ax.loglog(pxs, [r["layer_ms"] for r in prow], "^:", label=f"PyTorch {impl}")
+        ax.loglog(pxs, [r["layer_ms"] for r in prow], "^:", label=impl)
     ax.set_xlabel("tokens T")
     ax.set_ylabel("forward time [ms]")
-    ax.set_title("Mixtral shapes (H=1024, F=3584, E=8, k=2), fp32")
+    ax.set_title("Mixtral shapes (H=1024, F=3584, E=8, k=2), fp32 weights")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     path = os.path.join(out, "perf_time_vs_T.png")
@@ -52,7 +58,7 @@ def plot_T(records, peer, out):
     return path
 
 
-def plot_E(records, out):
+def plot_E(records, peer, out):
     xs, rows = sweep(records, "sweep-E-", "E")
     if not rows:
         return None
@@ -60,6 +66,9 @@ def plot_E(records, out):
     ax.semilogx(xs, [r["layer_ms"] for r in rows], "o-", base=2, label="kmoe layer forward")
     ax.semilogx(xs, [r["dense_equivalent_ms"] for r in rows], "s--", base=2,
                 label="dense equivalent")
+    for impl in sorted({label(r) for r in peer if r["name"].startswith("sweep-E-")}):
+        pxs, prow = sweep(peer, "sweep-E-", "E", impl)
+        ax.semilogx(pxs, [r["layer_ms"] for r in prow], "^:", base=2, label=impl)
     ax.set_xlabel("experts E (fixed active FLOPs: T=4096, H=1024, F=512, k=2)")
     ax.set_ylabel("forward time [ms]")
     ax.set_ylim(bottom=0)
@@ -77,19 +86,19 @@ def plot_peer(records, peer, out):
              if any(r["name"] == n for r in records)]
     if not names or not peer:
         return None
-    impls = ["kmoe"] + sorted({r["implementation"] for r in peer})
-    by = {(r.get("implementation", "kmoe"), r["name"]): r for r in records + peer}
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4))
+    impls = ["kmoe"] + sorted({label(r) for r in peer})
+    by = {(label(r), r["name"]): r for r in records + peer}
+    fig, axes = plt.subplots(1, len(names), figsize=(1.2 * len(impls) * len(names), 4))
     axes = axes if len(names) > 1 else [axes]
     for ax, name in zip(axes, names):
         for i, impl in enumerate(impls):
             r = by.get((impl, name))
-            for j, (key, label) in enumerate((("layer_ms", "fwd"), ("layer_fwdbwd_ms", "fwd+bwd"))):
+            for j, (key, what) in enumerate((("layer_ms", "fwd"), ("layer_fwdbwd_ms", "fwd+bwd"))):
                 if r and r.get(key) is not None:
                     ax.bar(i + 0.4 * j, r[key], width=0.4, color=f"C{j}",
-                           label=label if i == 0 else None)
+                           label=what if i == 0 else None)
         ax.set_xticks([i + 0.2 for i in range(len(impls))])
-        ax.set_xticklabels(impls, rotation=20)
+        ax.set_xticklabels(impls, rotation=60, ha="right", fontsize=7)
         ax.set_title(name)
         ax.set_ylabel("ms")
         ax.legend()
@@ -103,11 +112,11 @@ def plot_peer(records, peer, out):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kmoe", action="append", required=True, help="kmoe_bench --json output")
-    p.add_argument("--peer", action="append", help="hf_peer.py --json output")
+    p.add_argument("--peer", action="append", help="hf_peer.py or ggml_moe_peer --json output")
     p.add_argument("--out", default="docs")
     args = p.parse_args()
     records, peer = load(args.kmoe), load(args.peer)
-    for path in (plot_T(records, peer, args.out), plot_E(records, args.out),
+    for path in (plot_T(records, peer, args.out), plot_E(records, peer, args.out),
                  plot_peer(records, peer, args.out)):
         if path:
             print("wrote", path)

@@ -1,10 +1,20 @@
 # SPDX-License-Identifier: BSD-3-Clause
-"""Prints the Markdown tables of docs/performance.md from kmoe_bench and hf_peer.py JSON.
+"""Prints the Markdown tables of docs/performance.md from kmoe_bench, ggml_moe_peer and
+hf_peer.py JSON. "kmoe speed-up" is the peer's time over kmoe's, from the same invocation.
 
-    python bench/tables.py --kmoe docs/bench/kmoe.json --peer docs/bench/hf.json
+    python bench/tables.py --kmoe docs/bench/kmoe.json --ggml docs/bench/ggml.json \
+        --peer docs/bench/hf-tf5.json --peer docs/bench/hf-tf4.json
 """
 import argparse
 import json
+
+
+def load(paths):
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f)
+    return records
 
 
 def fmt(value, digits=2):
@@ -55,35 +65,63 @@ def sweep_tables(kmoe):
 
 
 def peer_table(kmoe, peer):
-    labels = {"hf": None, "torch-sorted": "torch-sorted (kmoe's layout in eager torch)",
+    labels = {"torch-sorted": "torch-sorted (kmoe's layout in eager torch)",
               "torch-grouped_mm": "torch-grouped_mm (`torch._grouped_mm`)"}
-    blocks = {"mixtral-prefill": "HF MixtralSparseMoeBlock", "decode": "HF MixtralSparseMoeBlock",
-              "deepseek-prefill": "HF DeepseekV3MoE"}
-    print("\n| config | implementation | fwd ms | fwd+bwd ms | kmoe fwd ms | kmoe fwd+bwd ms "
-          "| kmoe speed-up fwd |")
-    print("|---|---|---|---|---|---|---|")
+    blocks = {"mixtral-prefill": "MixtralSparseMoeBlock", "decode": "MixtralSparseMoeBlock",
+              "deepseek-prefill": "DeepseekV3MoE"}
+    experts = {None: "per-expert module loop", "grouped_mm": "`grouped_mm` experts (default)",
+               "eager": "`eager` experts loop"}
+    print("\n| config | transformers | implementation | fwd ms | fwd+bwd ms | kmoe fwd ms "
+          "| kmoe fwd+bwd ms | kmoe speed-up fwd | kmoe speed-up fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in peer:
         name, impl = r["name"], r["implementation"]
-        label = labels.get(impl) or blocks.get(name, impl)
-        k = by_name(kmoe, name, "kmoe") if impl == "hf" else None
-        speedup = (f"{r['layer_ms'] / k['layer_ms']:.2f}×" if k else "")
-        print(f"| {name} | {label} | {fmt(r['layer_ms'])} | {fmt(r.get('layer_fwdbwd_ms'))} | "
-              f"{fmt(k['layer_ms']) if k else ''} | {fmt(k['layer_fwdbwd_ms']) if k else ''} | "
-              f"{speedup} |")
+        label = labels.get(impl, impl)
+        if impl.startswith("hf"):
+            label = f"{blocks[name]}, {experts[r.get('experts_implementation')]}"
+        k = by_name(kmoe, name, "kmoe")
+        fb = r.get("layer_fwdbwd_ms")
+        kf, kfb = (k["layer_ms"], k["layer_fwdbwd_ms"]) if k else (None, None)
+        up = f"{r['layer_ms'] / kf:.2f}×" if kf else ""
+        up_fb = f"{fb / kfb:.2f}×" if fb and kfb else ""
+        print(f"| {name} | {r.get('transformers', '-')} | {label} | {fmt(r['layer_ms'])} | "
+              f"{fmt(fb)} | {fmt(kf)} | {fmt(kfb)} | {up} | {up_fb} |")
+
+
+def ggml_table(kmoe, ggml):
+    """kmoe (fp32) against ggml at F32 weights, the equal-precision pair; the other weight
+    types as context (ggml then also rounds the activations to the weights' dot type)."""
+    types = [t for t in ("f32", "f16", "bf16", "q8_0")
+             if any(r["weight_type"] == t for r in ggml)]
+    names = list(dict.fromkeys(r["name"] for r in ggml))
+    print("\n| config | kmoe fwd ms (fp32) | "
+          + " | ".join(f"ggml {t.upper()} fwd ms | kmoe speed-up vs {t.upper()}" for t in types)
+          + " |")
+    print("|---" * (2 + 2 * len(types)) + "|")
+    for name in names:
+        k = by_name(kmoe, name, "kmoe")
+        cells = []
+        for t in types:
+            g = by_name(ggml, name, f"ggml-{t}")
+            speedup = f"{g['layer_ms'] / k['layer_ms']:.2f}×" if g and k else "-"
+            cells += [fmt(g["layer_ms"]) if g else "-", speedup]
+        print(f"| {name} | {fmt(k['layer_ms']) if k else '-'} | " + " | ".join(cells) + " |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kmoe", required=True)
-    parser.add_argument("--peer")
+    parser.add_argument("--peer", action="append", help="hf_peer.py --json output")
+    parser.add_argument("--ggml", action="append", help="ggml_moe_peer --json output")
     args = parser.parse_args()
     with open(args.kmoe) as f:
         kmoe = json.load(f)
     main_table(kmoe)
     sweep_tables(kmoe)
+    if args.ggml:
+        ggml_table(kmoe, load(args.ggml))
     if args.peer:
-        with open(args.peer) as f:
-            peer_table(kmoe, json.load(f))
+        peer_table(kmoe, load(args.peer))
 
 
 if __name__ == "__main__":
