@@ -26,8 +26,8 @@ bool overlaps(const A& a, const B& b) {
 /// True when element (i, j) of `v` sits at data() + i * extent(1) + j.
 template <class View>
 bool is_row_major_contiguous(const View& v) {
-  return (v.extent(1) <= 1 || v.stride_1() == 1) &&
-         (v.extent(0) <= 1 || v.stride_0() == v.extent(1));
+  return (v.extent(1) <= 1 || v.stride(1) == 1) &&
+         (v.extent(0) <= 1 || v.stride(0) == v.extent(1));
 }
 
 /// Compile-time rules for a view passed to the layer: rank 2, scalar S, memory of X.
