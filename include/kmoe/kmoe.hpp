@@ -9,6 +9,7 @@
 #include <kmoe/communicator.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/expert.hpp>
+#include <kmoe/global_clip.hpp>
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
 #include <kmoe/losses.hpp>
@@ -21,3 +22,4 @@
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 #include <kmoe/routers/topk_softmax.hpp>
+#include <kmoe/sharding.hpp>

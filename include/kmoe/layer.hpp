@@ -320,8 +320,10 @@ class MoELayer {
     constexpr const char* where = "kmoe::MoELayer";
     // Every rank takes part in the agreement even when its own checks fail, so a rank with
     // a bad argument does not leave the others waiting in the fingerprint all-gather.
-    kmoe::agree_or_throw(groups_.world, where, [&] { check_arguments(); });
+    kmoe::agree_or_throw<typename X::memory_space>(
+        groups_.world, where, calls_.enter(CallSequence::construct), [&] { check_arguments(); });
     check_configuration_agrees();
+    compare_replicas(where);
   }
 
   int num_experts() const { return router_.num_experts(); }
@@ -355,7 +357,8 @@ class MoELayer {
     has_forward_ = false;
     bool copy_back = false;
     Matrix<S, X> y_rows;
-    kmoe::agree_or_throw(groups_.world, where, [&] {
+    kmoe::agree_or_throw<typename X::memory_space>(groups_.world, where,
+                                                   calls_.enter(CallSequence::forward), [&] {
       require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
               "must equal the hidden size " + std::to_string(hidden_size()));
       require(y.extent(0) == x.extent(0) && y.extent(1) == x.extent(1), where, "y extents",
@@ -381,6 +384,12 @@ class MoELayer {
       check_row_bounds(std::int64_t(x.extent(0)));
       if (options_.non_finite == NonFinitePolicy::raise) check_finite();
     });
+    // Parameters are usually set between construction and the first forward (an
+    // initializer, a checkpoint): their replicas are compared once more here.
+    if (!replicas_compared_) {
+      compare_replicas(where);
+      replicas_compared_ = true;
+    }
     // From here on the ranks are inside the step's collectives: see agreement.hpp.
     abort_on_failure(groups_.world, where,
                      [&] { forward_after_routing(x_, y_rows, stats, phase_clock); });
@@ -499,7 +508,8 @@ class MoELayer {
     ConstMatrix<S, X> grad_y;
     Matrix<S, X> grad_x;
     bool copy_back = false;
-    kmoe::agree_or_throw(groups_.world, where, [&] {
+    kmoe::agree_or_throw<typename X::memory_space>(groups_.world, where,
+                                                   calls_.enter(CallSequence::backward), [&] {
       require(has_forward_ && training_, where, "state", has_forward_ ? "inference" : "none",
               "backward needs a preceding forward with context.training = true");
       // A second backward would run the experts' backward on state the first consumed, and
@@ -559,11 +569,31 @@ class MoELayer {
 
  public:
   /// \brief Every trainable tensor: router, routed experts, shared experts.
+  /// Each carries its ShardMap: which global experts and which F shard this rank holds
+  /// (routed experts), or replicated (router, shared experts).
   ParameterList<X, S> parameters() const {
     ParameterList<X, S> list;
     router_.collect_parameters(list);
+    const std::size_t first_expert = list.size();
     experts_.collect_parameters(list);
+    const std::size_t first_shared = list.size();
     if (shared_) shared_->collect_parameters(list);
+    const auto owned = groups_.layout.local_experts(num_experts(), groups_.ep_rank);
+    for (std::size_t i = first_expert; i < list.size(); ++i) {
+      ShardMap& shard = list[i].shard;
+      // An expert policy that names no axes stacks its experts first, as the shipped ones do.
+      if (shard.expert_axis < 0) shard.expert_axis = 0;
+      if (i < first_shared) {
+        shard.experts = owned;
+        shard.global_experts = num_experts();
+        shard.expert_parallel = true;
+        shard.ffn_rank = shard.ffn_axis >= 0 ? groups_.tp_rank : 0;
+        shard.ffn_ranks = shard.ffn_axis >= 0 ? groups_.layout.tp : 1;
+      } else {
+        shard.ffn_axis = -1;  // the shared experts are whole on every rank
+      }
+      shard.validate(list[i].name, list[i].shape);
+    }
     return list;
   }
 
@@ -574,12 +604,27 @@ class MoELayer {
   /// group, both scaled so that the result is the gradient of the mean loss over every
   /// rank's tokens.
   void synchronize_gradients() {
+    kmoe::agree_or_throw<typename X::memory_space>(
+        groups_.world, "kmoe::MoELayer::synchronize_gradients",
+        calls_.enter(CallSequence::synchronize_gradients), [] {});
     ParameterList<X, S> replicated, expert;
     router_.collect_parameters(replicated);
     if (shared_) shared_->collect_parameters(replicated);
     experts_.collect_parameters(expert);
     for (auto& p : replicated) reduce_mean(groups_.world, p.grad, groups_.world.size());
     for (auto& p : expert) reduce_mean(groups_.dp, p.grad, groups_.tokens.size());
+  }
+
+  /// \brief Compares every replicated parameter across the ranks that hold it (router and
+  /// shared experts: the world; routed experts: the data-parallel group; an expert output
+  /// bias: also the tensor-parallel group) by a bitwise checksum; if any differs, every
+  /// rank throws kmoe::runtime_error naming it. Runs at construction and before the first
+  /// forward; call it after loading or changing parameters (collective over the world).
+  void check_replicas() {
+    constexpr const char* where = "kmoe::MoELayer::check_replicas";
+    kmoe::agree_or_throw<typename X::memory_space>(
+        groups_.world, where, calls_.enter(CallSequence::check_replicas), [] {});
+    compare_replicas(where);
   }
 
   /// \brief Aux-loss-free balance step (DeepSeek-V3): moves the router's selection bias
@@ -778,31 +823,51 @@ class MoELayer {
   }
 
   /// Ranks must agree on the configuration before the first collective of a step; every
-  /// rank sees every fingerprint, so they all raise the same error together.
+  /// rank sees every fingerprint, so they all raise the same error together. The error
+  /// shows each rank's value: real settings travel as their exact bits, enumerations are
+  /// shown by name, and a differing Router or Expert type has its name gathered too.
   void check_configuration_agrees() {
-    // Real-valued settings enter scaled by 1e9 and rounded: equal to that precision.
-    const auto fixed = [](double v) { return std::int64_t(std::llround(v * 1e9)); };
-    std::vector<std::pair<const char*, std::int64_t>> fields = {
+    enum class Shown { integer, real, names, type };
+    struct Field {
+      const char* name;
+      std::int64_t code;
+      Shown shown = Shown::integer;
+      std::vector<const char*> names = {};  // Shown::names: the value of each code
+    };
+    const auto real = [](const char* name, double v) {
+      std::int64_t bits = 0;
+      std::memcpy(&bits, &v, sizeof(bits));
+      return Field{name, bits, Shown::real};
+    };
+    const auto named = [](const char* name, int code, std::vector<const char*> names) {
+      return Field{name, code, Shown::names, std::move(names)};
+    };
+    const auto type = [](const char* name, const std::type_info& t) {
+      return Field{name, std::int64_t(t.hash_code() & 0x7fffffffffffffff), Shown::type};
+    };
+    std::vector<Field> fields = {
         {"experts", num_experts()},
         {"hidden", hidden_size()},
         {"top_k", router_.slots_per_token()},
-        {"capacity.factor", fixed(options_.capacity.factor)},
+        real("capacity.factor", options_.capacity.factor),
         {"capacity.minimum", options_.capacity.minimum},
         {"capacity.alignment", options_.capacity.alignment},
-        {"capacity.drop", int(options_.capacity.drop)},
+        named("capacity.drop", int(options_.capacity.drop), {"by_probability", "by_position"}),
         {"layout.tp", groups_.layout.tp},
         {"layout.ep", groups_.layout.ep},
         {"layout.dp", groups_.layout.dp},
-        {"layout.placement", int(groups_.layout.placement)},
-        {"Router type", std::int64_t(typeid(Router).hash_code() & 0x7fffffff)},
-        {"Expert type", std::int64_t(typeid(Expert).hash_code() & 0x7fffffff)},
-        {"shared experts", shared_ ? 1 : 0},
-        {"losses.switch_aux", fixed(options_.losses.switch_aux)},
-        {"losses.sequence_aux", fixed(options_.losses.sequence_aux)},
+        named("layout.order", int(groups_.layout.order),
+              {"tp_ep_dp", "ep_tp_dp", "tp_dp_ep", "dp_tp_ep"}),
+        named("layout.placement", int(groups_.layout.placement), {"block", "round_robin"}),
+        type("Router type", typeid(Router)),
+        type("Expert type", typeid(Expert)),
+        named("shared experts", shared_ ? 1 : 0, {"none", "present"}),
+        real("losses.switch_aux", options_.losses.switch_aux),
+        real("losses.sequence_aux", options_.losses.sequence_aux),
         {"losses.sequence_length", options_.losses.sequence_length},
-        {"losses.z_loss", fixed(options_.losses.z_loss)},
-        {"non_finite", int(options_.non_finite)},
-        {"training_mode", int(options_.training_mode)}};
+        real("losses.z_loss", options_.losses.z_loss),
+        named("non_finite", int(options_.non_finite), {"raise", "propagate"}),
+        named("training_mode", int(options_.training_mode), {"inference", "store", "recompute"})};
     // The shipped routers' configurations (user routers without config() skip this).
     if constexpr (detail::is_detected_v<detail::router_group_of, Router>) {
       const auto& group = router_.config().group;
@@ -811,26 +876,108 @@ class MoELayer {
       fields.push_back({"router.group.score_terms", group.score_terms});
     }
     if constexpr (detail::is_detected_v<detail::router_scaling_of, Router>) {
-      fields.push_back({"router.normalize", router_.config().normalize ? 1 : 0});
-      fields.push_back({"router.scaling_factor", fixed(router_.config().scaling_factor)});
+      fields.push_back(named("router.normalize", router_.config().normalize ? 1 : 0,
+                             {"false", "true"}));
+      fields.push_back(real("router.scaling_factor", router_.config().scaling_factor));
     }
     const int n = int(fields.size());
     const int ranks = groups_.world.size();
-    Vector<std::int64_t, X> send("kmoe::MoELayer::fingerprint", n);
-    Vector<std::int64_t, X> all("kmoe::MoELayer::fingerprints", std::size_t(n) * ranks);
-    auto send_host = Kokkos::create_mirror_view(send);
-    for (int i = 0; i < n; ++i) send_host(i) = fields[i].second;
-    Kokkos::deep_copy(send, send_host);
-    groups_.world.all_gather(send, all);
-    auto all_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), all);
-    for (int r = 0; r < ranks; ++r)
-      for (int i = 0; i < n; ++i)
-        if (all_host(r * n + i) != all_host(i))
-          throw invalid_argument("kmoe::MoELayer", fields[i].first,
-                                 std::to_string(all_host(r * n + i)) + " on rank " +
-                                     std::to_string(r),
-                                 "differs from " + std::to_string(all_host(i)) +
-                                     " on rank 0; every rank must build the same layer");
+    if (ranks == 1) return;
+    const auto gather = [&](const std::vector<std::int64_t>& mine) {
+      Vector<std::int64_t, X> send("kmoe::MoELayer::fingerprint", mine.size());
+      Vector<std::int64_t, X> all("kmoe::MoELayer::fingerprints", mine.size() * ranks);
+      auto send_host = Kokkos::create_mirror_view(send);
+      for (std::size_t i = 0; i < mine.size(); ++i) send_host(i) = mine[i];
+      Kokkos::deep_copy(send, send_host);
+      groups_.world.all_gather(send, all);
+      return Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), all);
+    };
+    std::vector<std::int64_t> codes(n);
+    for (int i = 0; i < n; ++i) codes[i] = fields[i].code;
+    const auto all = gather(codes);
+    std::vector<int> differing;
+    bool type_differs = false;
+    for (int i = 0; i < n; ++i)
+      for (int r = 1; r < ranks; ++r)
+        if (all(std::size_t(r) * n + i) != all(i)) {
+          differing.push_back(i);
+          type_differs = type_differs || fields[i].shown == Shown::type;
+          break;
+        }
+    if (differing.empty()) return;
+    // Type names are only gathered when a type differs (every rank sees that, so every
+    // rank enters this second gather): fixed-size blocks of the two names.
+    constexpr std::size_t name_words = 32;  // 256 characters per name, the rest cut off
+    std::vector<std::string> type_names;     // [rank * 2 + t], t: Router, Expert
+    if (type_differs) {
+      std::vector<std::int64_t> packed(2 * name_words, 0);
+      const std::string names[2] = {detail::type_display_name(typeid(Router)),
+                                    detail::type_display_name(typeid(Expert))};
+      for (int t = 0; t < 2; ++t)
+        std::memcpy(packed.data() + t * name_words, names[t].data(),
+                    std::min(names[t].size(), name_words * sizeof(std::int64_t) - 1));
+      const auto all_names = gather(packed);
+      for (int r = 0; r < ranks; ++r)
+        for (int t = 0; t < 2; ++t) {
+          const char* text = reinterpret_cast<const char*>(all_names.data() +
+                                                           (std::size_t(r) * 2 + t) * name_words);
+          type_names.emplace_back(text, strnlen(text, name_words * sizeof(std::int64_t)));
+        }
+    }
+    std::string report;
+    for (int i : differing) {
+      const Field& f = fields[i];
+      std::vector<std::string> values(ranks);
+      for (int r = 0; r < ranks; ++r) {
+        const std::int64_t code = all(std::size_t(r) * n + i);
+        if (f.shown == Shown::real) {
+          double v = 0;
+          std::memcpy(&v, &code, sizeof(v));
+          values[r] = detail::shortest_display(v);
+        } else if (f.shown == Shown::names) {
+          values[r] = code >= 0 && code < std::int64_t(f.names.size())
+                          ? f.names[std::size_t(code)]
+                          : std::to_string(code);
+        } else if (f.shown == Shown::type) {
+          values[r] = type_names[std::size_t(r) * 2 + (std::strcmp(f.name, "Router type") ? 1 : 0)];
+        } else {
+          values[r] = std::to_string(code);
+        }
+      }
+      report += (report.empty() ? "" : "; ") + std::string(f.name) + ": " +
+                detail::ranks_with_values(values, "has", "have");
+    }
+    throw invalid_argument("kmoe::MoELayer", "configuration across ranks", report,
+                           "every rank must build the same layer");
+  }
+
+  /// Compares the replicated parameters over the groups that hold replicas (see
+  /// check_replicas); collective over the world (every rank enters every group's gather,
+  /// each of size 1 skipping it).
+  void compare_replicas(const char* where) {
+    using Tensors = std::vector<ReplicatedTensor<typename Parameter<X, S>::flat_view>>;
+    const auto tensors_of = [](const ParameterList<X, S>& list) {
+      Tensors tensors;
+      for (const auto& p : list) tensors.push_back({p.name, p.value});
+      return tensors;
+    };
+    ParameterList<X, S> everywhere, expert;
+    router_.collect_parameters(everywhere);
+    if (shared_) shared_->collect_parameters(everywhere);
+    experts_.collect_parameters(expert);
+    const int rank = groups_.world.rank();
+    check_replicas_agree<X>(groups_.world, where, "world", tensors_of(everywhere), rank);
+    check_replicas_agree<X>(groups_.dp, where, "dp", tensors_of(expert), rank);
+    // An output bias is not split by tensor parallelism: each TP rank holds all of it.
+    if constexpr (detail::is_detected_v<detail::expert_output_bias, Expert>) {
+      const auto bias = experts_.b2();
+      if (bias.value.size() > 0)
+        check_replicas_agree<X>(
+            groups_.tp, where, "tp",
+            Tensors{{bias.name, typename Parameter<X, S>::flat_view(bias.value.data(),
+                                                                     bias.value.size())}},
+            rank);
+    }
   }
 
   template <class Comm>
@@ -1072,6 +1219,10 @@ class MoELayer {
   // outputs per kept assignment, for the weight gradient), and what the experts keep.
   ConstMatrix<S, X> x_;
   bool training_ = false, has_forward_ = false, backward_done_ = false;
+  // Cross-rank checks: this rank's call sequence, and whether a forward has compared the
+  // replicas (the first one does).
+  CallSequence calls_;
+  bool replicas_compared_ = false;
   // The training copy of x, and row-major copies of strided arguments.
   Matrix<S, X> saved_x_, x_rows_, y_rows_, grad_y_rows_, grad_x_rows_;
   Matrix<S, X> send_x_, recv_x_, expert_x_, expert_y_, recv_y_, send_y_, shared_y_;

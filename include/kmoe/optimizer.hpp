@@ -37,6 +37,21 @@ double sum_of_squares(const Flat& g) {
   for (std::size_t c = 0; c < chunks; ++c) total += host(c);
   return total;
 }
+/// The clipping step shared by the local and the global clip: when norm > max_norm, every
+/// gradient times max_norm / (norm + 1e-6), as torch.nn.utils.clip_grad_norm_.
+template <class ExecSpace, class List>
+void scale_gradients(const List& list, double norm, double max_norm) {
+  if (!(norm > max_norm)) return;
+  using Scalar = typename List::value_type::flat_view::non_const_value_type;
+  const Scalar scale = Scalar(max_norm / (norm + 1e-6));
+  for (const auto& p : list) {
+    const auto g = p.grad;
+    Kokkos::parallel_for(
+        "kmoe::clip_grad_norm::scale", Kokkos::RangePolicy<ExecSpace>(0, g.size()),
+        KOKKOS_LAMBDA(std::size_t i) { g(i) *= scale; });
+  }
+}
+
 /// A hyper-parameter that must be > 0 and stay finite and non-zero in the update's Scalar
 /// (lr = Inf, or 1e300 cast to float, would turn every weight into NaN in one step).
 template <class Scalar>
@@ -65,15 +80,7 @@ double clip_grad_norm(const ParameterList<ExecSpace, Scalar>& list, double max_n
     total += detail::sum_of_squares<ExecSpace>(p.grad);
   }
   const double norm = std::sqrt(total);
-  if (norm > max_norm) {
-    const Scalar scale = Scalar(max_norm / (norm + 1e-6));
-    for (const auto& p : list) {
-      const auto g = p.grad;
-      Kokkos::parallel_for(
-          "kmoe::clip_grad_norm::scale", Kokkos::RangePolicy<ExecSpace>(0, g.size()),
-          KOKKOS_LAMBDA(std::size_t i) { g(i) *= scale; });
-    }
-  }
+  detail::scale_gradients<ExecSpace>(list, norm, max_norm);
   return norm;
 }
 

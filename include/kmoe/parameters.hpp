@@ -4,6 +4,7 @@
 /// \brief Trainable tensors exposed by name, so that kmoe's optimizers and a user's own
 /// drive the same list.
 
+#include <kmoe/sharding.hpp>
 #include <kmoe/types.hpp>
 
 #include <cstdint>
@@ -22,6 +23,8 @@ struct Parameter {
   std::vector<std::int64_t> shape;  ///< logical extents, row-major
   flat_view value;
   flat_view grad;
+  ParameterRole role = ParameterRole::other;
+  ShardMap shard;  ///< where its elements sit in the unsharded model (sharding.hpp)
 };
 
 template <class ExecSpace, class Scalar>
@@ -36,6 +39,17 @@ auto make_parameter(const std::string& name, const ValueView& value, const GradV
   for (unsigned r = 0; r < ValueView::rank; ++r) p.shape.push_back(std::int64_t(value.extent(r)));
   p.value = typename Parameter<ExecSpace, Scalar>::flat_view(value.data(), value.size());
   p.grad = typename Parameter<ExecSpace, Scalar>::flat_view(grad.data(), grad.size());
+  return p;
+}
+
+/// \brief make_parameter with the tensor's role and its expert and F axes (ShardMap).
+template <class ExecSpace, class ValueView, class GradView>
+auto make_parameter(const std::string& name, const ValueView& value, const GradView& grad,
+                    ParameterRole role, int expert_axis, int ffn_axis) {
+  auto p = make_parameter<ExecSpace>(name, value, grad);
+  p.role = role;
+  p.shard.expert_axis = expert_axis;
+  p.shard.ffn_axis = ffn_axis;
   return p;
 }
 

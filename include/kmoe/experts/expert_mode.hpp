@@ -24,14 +24,19 @@ struct StackedWeight {
   Tensor3<Scalar, ExecSpace> value;
   Tensor3<Scalar, ExecSpace> grad;
   std::string name;
+  ParameterRole role = ParameterRole::other;
+  int ffn_axis = -1;  ///< 1 when `out` is F (H -> F projections), 2 when `in` is F
 
   StackedWeight() = default;
-  StackedWeight(const std::string& n, int experts, int out, int in)
+  StackedWeight(const std::string& n, int experts, int out, int in, ParameterRole r = ParameterRole::other,
+                int f_axis = -1)
       : value(Kokkos::view_alloc(n), experts, out, in),
         grad(Kokkos::view_alloc(n + ".grad"), experts, out, in),
-        name(n) {}
+        name(n),
+        role(r),
+        ffn_axis(f_axis) {}
   void collect(ParameterList<ExecSpace, Scalar>& list) const {
-    list.push_back(make_parameter<ExecSpace>(name, value, grad));
+    list.push_back(make_parameter<ExecSpace>(name, value, grad, role, 0, ffn_axis));
   }
 };
 
@@ -41,15 +46,18 @@ struct StackedBias {
   Matrix<Scalar, ExecSpace> value;
   Matrix<Scalar, ExecSpace> grad;
   std::string name;
+  int ffn_axis = -1;  ///< 1 when the width is F (b1); -1 when it is H (b2, whole on every TP rank)
 
   StackedBias() = default;
-  StackedBias(const std::string& n, int experts, int width, bool enabled)
+  StackedBias(const std::string& n, int experts, int width, bool enabled, int f_axis = -1)
       : value(Kokkos::view_alloc(n), enabled ? experts : 0, width),
         grad(Kokkos::view_alloc(n + ".grad"), enabled ? experts : 0, width),
-        name(n) {}
+        name(n),
+        ffn_axis(f_axis) {}
   bool enabled() const { return value.extent(0) > 0; }
   void collect(ParameterList<ExecSpace, Scalar>& list) const {
-    if (enabled()) list.push_back(make_parameter<ExecSpace>(name, value, grad));
+    if (enabled())
+      list.push_back(make_parameter<ExecSpace>(name, value, grad, ParameterRole::bias, 0, ffn_axis));
   }
 };
 

@@ -37,9 +37,9 @@ class FFNExperts {
 
   explicit FFNExperts(const ExpertShape& shape, const std::string& name = "experts")
       : shape_(detail::validated_expert_shape("kmoe::FFNExperts", shape)),
-        w1_(name + ".w1", shape.experts, shape.ffn, shape.hidden),
-        w2_(name + ".w2", shape.experts, shape.hidden, shape.ffn),
-        b1_(name + ".b1", shape.experts, shape.ffn, shape.bias),
+        w1_(name + ".w1", shape.experts, shape.ffn, shape.hidden, ParameterRole::input_projection, 1),
+        w2_(name + ".w2", shape.experts, shape.hidden, shape.ffn, ParameterRole::output_projection, 2),
+        b1_(name + ".b1", shape.experts, shape.ffn, shape.bias, 1),
         b2_(name + ".b2", shape.experts, shape.hidden, shape.bias) {}
 
   int num_experts() const { return shape_.experts; }

@@ -43,9 +43,12 @@ class GLUExperts {
 
   explicit GLUExperts(const ExpertShape& shape, const std::string& name = "experts")
       : shape_(validated(shape)),
-        w_gate_(name + ".w_gate", shape.experts, shape.ffn, shape.hidden),
-        w_up_(name + ".w_up", shape.experts, shape.ffn, shape.hidden),
-        w_down_(name + ".w_down", shape.experts, shape.hidden, shape.ffn) {}
+        w_gate_(name + ".w_gate", shape.experts, shape.ffn, shape.hidden,
+                ParameterRole::input_projection, 1),
+        w_up_(name + ".w_up", shape.experts, shape.ffn, shape.hidden,
+              ParameterRole::input_projection, 1),
+        w_down_(name + ".w_down", shape.experts, shape.hidden, shape.ffn,
+                ParameterRole::output_projection, 2) {}
 
   int num_experts() const { return shape_.experts; }
   int hidden_size() const { return shape_.hidden; }
