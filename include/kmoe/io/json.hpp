@@ -6,6 +6,7 @@
 /// file; and short excerpts of untrusted text for error messages.
 
 #include <cstddef>
+#include <utility>
 #include <set>
 #include <string>
 #include <string_view>
@@ -38,28 +39,61 @@ inline std::string json_excerpt(const nlohmann::json& value) {
 
 namespace detail {
 
-/// Byte offset at which `text` first nests deeper than `limit`, or npos. Brackets inside
-/// strings do not count; the scan runs before nlohmann's parser sees the text at all.
-inline std::size_t json_depth_violation(std::string_view text, int limit) {
-  int depth = 0;
-  bool in_string = false;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\')
-        ++i;  // the escaped character cannot end the string
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit) return i;
-    } else if (c == ']' || c == '}') {
-      --depth;  // unbalanced text is the parser's to report
-    }
+/// A SAX pass over the text before it is parsed into a value: refuses nesting deeper than
+/// max_json_depth and a key repeated within one object, and turns nlohmann's parse errors
+/// into kmoe::runtime_error. nlohmann's own DOM parser with a callback would do the same
+/// checks in quadratic time (it rescans the parent object at every end of a child).
+class StrictJsonChecker : public nlohmann::json::json_sax_t {
+ public:
+  explicit StrictJsonChecker(std::string prefix) : prefix_(std::move(prefix)) {}
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    open();
+    keys_.emplace_back();
+    return true;
   }
-  return std::string_view::npos;
-}
+  bool key(string_t& key) override {
+    if (!keys_.back().insert(key).second)
+      throw runtime_error(prefix_ + "key \"" + excerpt(key) + "\" appears twice in one JSON object");
+    return true;
+  }
+  bool end_object() override {
+    keys_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    open();
+    return true;
+  }
+  bool end_array() override {
+    --depth_;
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&,
+                   const nlohmann::json::exception& e) override {
+    throw runtime_error(prefix_ + "not valid JSON at byte " + std::to_string(position) + ": " +
+                        excerpt(std::string_view(e.what()), 4 * max_excerpt_chars));
+  }
+
+ private:
+  void open() {
+    if (++depth_ > max_json_depth)
+      throw runtime_error(prefix_ + "JSON nests deeper than " + std::to_string(max_json_depth) +
+                          " levels");
+  }
+
+  std::string prefix_;
+  int depth_ = 0;
+  std::vector<std::set<std::string>> keys_;  // one set per open object
+};
 
 }  // namespace detail
 
@@ -71,32 +105,13 @@ inline std::size_t json_depth_violation(std::string_view text, int limit) {
 /// an excerpt of the input.
 inline nlohmann::json parse_json(std::string_view text, const std::string& path, const char* what) {
   const std::string prefix = std::string(what) + ": " + path + ": ";
-  const std::size_t too_deep = detail::json_depth_violation(text, max_json_depth);
-  if (too_deep != std::string_view::npos)
-    throw runtime_error(prefix + "JSON nests deeper than " + std::to_string(max_json_depth) +
-                        " levels (at byte " + std::to_string(too_deep) + ")");
-
-  // One set of keys per open object; the callback sees object_start, then each key at the
-  // object's depth + 1, then object_end.
-  std::vector<std::set<std::string>> open_objects;
-  const auto check_keys = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    using event_t = nlohmann::json::parse_event_t;
-    if (event == event_t::object_start) {
-      open_objects.emplace_back();
-    } else if (event == event_t::object_end) {
-      open_objects.pop_back();
-    } else if (event == event_t::key) {
-      const auto& key = parsed.get_ref<const std::string&>();
-      if (!open_objects.back().insert(key).second)
-        throw runtime_error(prefix + "key \"" + excerpt(key) +
-                            "\" appears twice in one JSON object");
-    }
-    return true;
-  };
+  detail::StrictJsonChecker checker(prefix);
+  nlohmann::json::sax_parse(text.begin(), text.end(), &checker);
   try {
-    return nlohmann::json::parse(text.begin(), text.end(), check_keys);
+    return nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(prefix + "not valid JSON: " + excerpt(std::string_view(e.what()), 4 * max_excerpt_chars));
+    throw runtime_error(prefix + "not valid JSON: " +
+                        excerpt(std::string_view(e.what()), 4 * max_excerpt_chars));
   }
 }
 

@@ -320,6 +320,9 @@ class SafetensorsFile {
     }
     std::string text(static_cast<std::size_t>(header_bytes), '\0');
     file_.read_exact(text.data(), text.size(), 8, "SafetensorsFile");
+    // As in the reference implementation, the header starts with '{' (nlohmann would also
+    // skip a byte-order mark and leading whitespace).
+    if (text.empty() || text[0] != '{') fail("header does not start with '{'");
     // Duplicate tensor names are refused here: nlohmann would keep the last one silently.
     const nlohmann::json header = parse_json(text, path_, "SafetensorsFile");
     if (!header.is_object()) fail("header is not a JSON object");
@@ -656,6 +659,9 @@ class ShardedCheckpoint {
   /// \brief The tensor called `name`; throws kmoe::invalid_argument naming it and the
   /// directory if there is none.
   const TensorInfo& info(const std::string& name) const { return file_for(name).info(name); }
+
+  /// \brief The path of the file holding tensor `name` (opening its shard if needed).
+  const std::string& path_of(const std::string& name) const { return file_for(name).path(); }
 
   /// \brief Copies tensor `name` into `dst` (see SafetensorsFile::read_into).
   template <class T>

@@ -385,11 +385,11 @@ inline void require_tensor(const io::ShardedCheckpoint& checkpoint, const MoEBlo
                         ") has no tensor \"" + name + "\"");
   const io::TensorInfo& info = checkpoint.info(name);
   if (info.shape != shape)
-    throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + ": tensor \"" +
+    throw runtime_error("kmoe::models: " + checkpoint.path_of(name) + ": tensor \"" +
                         name + "\" has shape " + io::excerpt(shape_string(info.shape)) +
                         ", config.json implies " + shape_string(shape));
   if (!io::is_floating(info.dtype))
-    throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + ": tensor \"" +
+    throw runtime_error("kmoe::models: " + checkpoint.path_of(name) + ": tensor \"" +
                         name + "\" has dtype " + io::dtype_name(info.dtype) +
                         "; weights must be F16, BF16, F32 or F64");
 }
