@@ -7,9 +7,11 @@
 
 #include <kmoe/error.hpp>
 #include <kmoe/detail/math.hpp>
+#include <kmoe/parameter_groups.hpp>
 #include <kmoe/parameters.hpp>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 namespace kmoe {
@@ -84,6 +86,16 @@ double clip_grad_norm(const ParameterList<ExecSpace, Scalar>& list, double max_n
   return norm;
 }
 
+/// \brief One tensor of optimizer state, named after its parameter with PyTorch's suffix
+/// ("experts.w_up.exp_avg"); the view aliases the optimizer's own storage, so writing it
+/// restores the state (checkpoints).
+template <class ExecSpace, class Scalar>
+struct OptimizerState {
+  std::string name;
+  std::string parameter;
+  Vector<Scalar, ExecSpace> value;
+};
+
 /// \brief SGD with momentum (torch.optim.SGD): v = mu v + g (+ wd w); w -= lr v.
 template <class ExecSpace, class Scalar>
 class SGD {
@@ -92,6 +104,7 @@ class SGD {
     double learning_rate = 1e-2;
     double momentum = 0.0;
     double weight_decay = 0.0;
+    std::vector<ParameterGroup> groups = {};  ///< per-parameter lr scale / no decay
   };
 
   SGD(ParameterList<ExecSpace, Scalar> list, const Config& config)
@@ -100,14 +113,36 @@ class SGD {
     require(config.momentum >= 0 && config.momentum < 1, "kmoe::SGD", "momentum", config.momentum,
             "must be in [0, 1)");
     detail::require_non_negative_hyper<Scalar>("kmoe::SGD", "weight_decay", config.weight_decay);
+    groups_ = resolve_groups(list_, config.groups, "kmoe::SGD");
     for (const auto& p : list_)
       velocity_.emplace_back("kmoe::SGD::velocity(" + p.name + ")", p.value.size());
   }
 
+  /// The base learning rate from now on (a schedule sets it each step).
+  void set_learning_rate(double lr) {
+    detail::require_positive_hyper<Scalar>("kmoe::SGD::set_learning_rate", "learning_rate", lr);
+    config_.learning_rate = lr;
+  }
+  double learning_rate() const { return config_.learning_rate; }
+  /// Steps taken; with state(), what a checkpoint needs to resume bitwise.
+  long long steps() const { return steps_; }
+  void set_steps(long long steps) {
+    require(steps >= 0, "kmoe::SGD::set_steps", "steps", steps, "must be >= 0");
+    steps_ = steps;
+  }
+  /// The momentum buffers, one per parameter ("<name>.momentum_buffer").
+  std::vector<OptimizerState<ExecSpace, Scalar>> state() const {
+    std::vector<OptimizerState<ExecSpace, Scalar>> all;
+    for (std::size_t i = 0; i < list_.size(); ++i)
+      all.push_back({list_[i].name + ".momentum_buffer", list_[i].name, velocity_[i]});
+    return all;
+  }
+
   void step() {
-    const Scalar lr = Scalar(config_.learning_rate), mu = Scalar(config_.momentum);
-    const Scalar wd = Scalar(config_.weight_decay);
+    const Scalar mu = Scalar(config_.momentum);
     for (std::size_t i = 0; i < list_.size(); ++i) {
+      const Scalar lr = Scalar(config_.learning_rate * groups_[i].learning_rate_scale);
+      const Scalar wd = groups_[i].weight_decay ? Scalar(config_.weight_decay) : Scalar(0);
       const auto w = list_[i].value, g = list_[i].grad;
       const auto v = velocity_[i];
       const bool first = steps_ == 0;
@@ -124,6 +159,7 @@ class SGD {
  private:
   ParameterList<ExecSpace, Scalar> list_;
   Config config_;
+  std::vector<ResolvedGroup> groups_;
   std::vector<Vector<Scalar, ExecSpace>> velocity_;
   long long steps_ = 0;
 };
@@ -139,6 +175,7 @@ class AdamW {
     double beta2 = 0.999;
     double epsilon = 1e-8;
     double weight_decay = 1e-2;
+    std::vector<ParameterGroup> groups = {};  ///< per-parameter lr scale / no decay
   };
 
   AdamW(ParameterList<ExecSpace, Scalar> list, const Config& config)
@@ -148,21 +185,46 @@ class AdamW {
     require(config.beta2 >= 0 && config.beta2 < 1, "kmoe::AdamW", "beta2", config.beta2, "must be in [0, 1)");
     detail::require_positive_hyper<Scalar>("kmoe::AdamW", "epsilon", config.epsilon);
     detail::require_non_negative_hyper<Scalar>("kmoe::AdamW", "weight_decay", config.weight_decay);
+    groups_ = resolve_groups(list_, config.groups, "kmoe::AdamW");
     for (const auto& p : list_) {
       first_.emplace_back("kmoe::AdamW::m(" + p.name + ")", p.value.size());
       second_.emplace_back("kmoe::AdamW::v(" + p.name + ")", p.value.size());
     }
   }
 
+  /// The base learning rate from now on (a schedule sets it each step).
+  void set_learning_rate(double lr) {
+    detail::require_positive_hyper<Scalar>("kmoe::AdamW::set_learning_rate", "learning_rate", lr);
+    config_.learning_rate = lr;
+  }
+  double learning_rate() const { return config_.learning_rate; }
+  /// Steps taken (the bias corrections depend on it); with state(), what a checkpoint
+  /// needs to resume bitwise.
+  long long steps() const { return steps_; }
+  void set_steps(long long steps) {
+    require(steps >= 0, "kmoe::AdamW::set_steps", "steps", steps, "must be >= 0");
+    steps_ = steps;
+  }
+  /// The moments, two per parameter ("<name>.exp_avg", "<name>.exp_avg_sq", PyTorch's names).
+  std::vector<OptimizerState<ExecSpace, Scalar>> state() const {
+    std::vector<OptimizerState<ExecSpace, Scalar>> all;
+    for (std::size_t i = 0; i < list_.size(); ++i) {
+      all.push_back({list_[i].name + ".exp_avg", list_[i].name, first_[i]});
+      all.push_back({list_[i].name + ".exp_avg_sq", list_[i].name, second_[i]});
+    }
+    return all;
+  }
+
   void step() {
     ++steps_;
     const double b1 = config_.beta1, b2 = config_.beta2;
-    const Scalar lr = Scalar(config_.learning_rate), wd = Scalar(config_.weight_decay);
     const Scalar eps = Scalar(config_.epsilon);
     const Scalar c1 = Scalar(1 - std::pow(b1, double(steps_)));
     const Scalar c2 = Scalar(1 - std::pow(b2, double(steps_)));
     const Scalar beta1 = Scalar(b1), beta2 = Scalar(b2);
     for (std::size_t i = 0; i < list_.size(); ++i) {
+      const Scalar lr = Scalar(config_.learning_rate * groups_[i].learning_rate_scale);
+      const Scalar wd = groups_[i].weight_decay ? Scalar(config_.weight_decay) : Scalar(0);
       const auto w = list_[i].value, g = list_[i].grad;
       const auto m = first_[i], v = second_[i];
       Kokkos::parallel_for(
@@ -178,6 +240,7 @@ class AdamW {
  private:
   ParameterList<ExecSpace, Scalar> list_;
   Config config_;
+  std::vector<ResolvedGroup> groups_;
   std::vector<Vector<Scalar, ExecSpace>> first_, second_;
   long long steps_ = 0;
 };
