@@ -13,8 +13,10 @@
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
 #include <kmoe/losses.hpp>
+#include <kmoe/lr_schedule.hpp>
 #include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
+#include <kmoe/parameter_groups.hpp>
 #include <kmoe/router.hpp>
 #include <kmoe/routers/expert_choice.hpp>
 #include <kmoe/routers/hash.hpp>
