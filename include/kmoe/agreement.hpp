@@ -149,6 +149,9 @@ class CallSequence {
     return f;
   }
 
+  /// How many calls of the current kind this rank has made, this one included.
+  std::int64_t number() const { return made_[current_]; }
+
   /// "backward #2 (calls so far: 3 forward, 2 backward)" from fields().
   static std::string describe(const std::int64_t* f) {
     static const char* const names[kinds] = {"construction", "forward", "backward",
@@ -194,7 +197,7 @@ template <class MemorySpace, class Communicator, class Phase>
 void agree_or_throw(Communicator& comm, const char* where, const CallSequence& point,
                     const Phase& phase) {
   if constexpr (detail::is_detected_v<detail::comm_set_step, Communicator>)
-    comm.set_step(std::string(where) + " " + point.describe());
+    comm.set_step(std::string(where) + " #" + std::to_string(point.number()));
   std::exception_ptr failure;
   try {
     phase();
