@@ -102,7 +102,7 @@ def plot_peer(records, peer, out):
         ax.set_title(name)
         ax.set_ylabel("ms")
         ax.legend()
-    path = os.path.join(out, "perf_kmoe_vs_pytorch.png")
+    path = os.path.join(out, "perf_kmoe_vs_peers.png")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -46,17 +46,20 @@ def main_table(kmoe):
 
 def sweep_tables(kmoe):
     rows = sorted((r for r in kmoe if r["name"].startswith("sweep-T-")), key=lambda r: r["T"])
-    print("\nToken sweep (forward):\n")
-    print("| config | fwd ms | dense ms | ratio | ms per 1k tokens |")
-    print("|---|---|---|---|---|")
+    if rows:
+        print("\nToken sweep (forward):\n")
+        print("| config | fwd ms | dense ms | ratio | ms per 1k tokens |")
+        print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {fmt(r['layer_ms'])} | {fmt(r['dense_equivalent_ms'])} | "
               f"{fmt(r['ratio'], 3)} | {r['layer_ms'] * 1000 / r['T']:.0f} |")
     rows = sorted((r for r in kmoe if r["name"].startswith("sweep-E-")), key=lambda r: r["E"])
+    if not rows:
+        return
     print("\nExpert sweep at fixed active FLOPs (forward):\n")
     print("| config | fwd ms | dense ms | ratio | route ms | experts ms | fwd / fwd at E = 8 |")
     print("|---|---|---|---|---|---|---|")
-    base = rows[0]["layer_ms"] if rows else None
+    base = rows[0]["layer_ms"]
     for r in rows:
         b = r["breakdown"]
         print(f"| {r['name']} | {fmt(r['layer_ms'])} | {fmt(r['dense_equivalent_ms'])} | "
