@@ -436,7 +436,7 @@ class MoELayer {
     check_accounting(stats.assignments, stats.capacity);
 #endif
     stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
-                                   global_tokens);
+                                   global_tokens, training_, groups_.tokens);
 
     // Gather the rows to send (on one EP rank: every kept assignment in key order; across
     // ranks: each token once per destination rank), send them to their experts' ranks, and
@@ -874,6 +874,9 @@ class MoELayer {
       fields.push_back({"router.group.n_group", group.n_group});
       fields.push_back({"router.group.topk_group", group.topk_group});
       fields.push_back({"router.group.score_terms", group.score_terms});
+        real("losses.kl_uniform", options_.losses.kl_uniform),
+        real("losses.global_batch_aux", options_.losses.global_batch_aux),
+        {"losses.global_batch_micro_batches", options_.losses.global_batch_micro_batches},
     }
     if constexpr (detail::is_detected_v<detail::router_scaling_of, Router>) {
       fields.push_back(named("router.normalize", router_.config().normalize ? 1 : 0,

@@ -15,6 +15,9 @@ struct NoisyTopKConfig {
   int experts = 0;
   int top_k = 1;
   std::uint64_t seed = 0;
+  /// Router temperature tau: the clean logits are l / tau (the noise is added after);
+  /// 1 leaves them untouched.
+  double temperature = 1.0;
 };
 
 /// \brief Noisy top-k router with learned gate [E, H] and noise gate [E, H].
@@ -50,6 +53,9 @@ class NoisyTopKRouter {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
     plan.resize(tokens, experts, k, true);
     gate_.forward(x, plan.logits);
+    if (config_.temperature != 1.0)
+      detail::scale_logits<ExecSpace>("kmoe::NoisyTopKRouter::temperature", plan.logits,
+                                      1.0 / config_.temperature);
     training_ = context.training;
     step_ = context.step;
     token_offset_ = context.token_offset;
@@ -108,6 +114,9 @@ class NoisyTopKRouter {
                                         detail::sigmoid(noise_logits(t, e));
           }
         });
+    if (config_.temperature != 1.0)
+      detail::scale_logits<ExecSpace>("kmoe::NoisyTopKRouter::temperature_backward", grad_logits,
+                                      1.0 / config_.temperature);
     gate_.backward(x, grad_logits, grad_x);
     if (training_) noise_gate_.backward(x, grad_noise_logits_, grad_x);
   }
@@ -122,6 +131,7 @@ class NoisyTopKRouter {
     constexpr const char* where = "kmoe::NoisyTopKRouter";
     detail::validate_router_shape(where, c.hidden, c.experts);
     detail::validate_top_k(where, c.experts, c.top_k, GroupLimit{});
+    detail::validate_temperature(where, c.temperature);
     return c;
   }
 

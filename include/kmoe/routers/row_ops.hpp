@@ -1,11 +1,36 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
 /// \file row_ops.hpp
-/// \brief Per-token softmax and its backward, shared by the softmax-based routers.
+/// \brief Per-token softmax and its backward, and the router temperature, shared by the
+/// softmax-based routers.
 
 #include <kmoe/detail/math.hpp>
+#include <kmoe/error.hpp>
+
+#include <cmath>
 
 namespace kmoe::detail {
+
+/// Router temperature tau (logits l / tau before the softmax and the top-k): tau < 1
+/// sharpens the routing distribution, tau > 1 flattens it.
+inline void validate_temperature(const char* where, double temperature) {
+  require(std::isfinite(temperature) && temperature > 0, where, "temperature", temperature,
+          "must be finite and > 0");
+}
+
+/// logits(t, e) *= factor for every element. The routers call it with 1 / tau in forward
+/// (the plan's logits are the tempered ones) and in backward (the chain rule through the
+/// division); never with tau = 1, so that the untempered logits stay bit-identical.
+template <class ExecSpace, class Logits>
+void scale_logits(const char* label, const Logits& logits, double factor) {
+  using Real = typename Logits::non_const_value_type;
+  const Real scale = Real(factor);
+  Kokkos::parallel_for(
+      label,
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
+          {0, 0}, {int(logits.extent(0)), int(logits.extent(1))}),
+      KOKKOS_LAMBDA(int t, int e) { logits(t, e) *= scale; });
+}
 
 /// probs(t, :) = softmax(logits(t, :)) over E experts, max-shifted.
 template <class Logits, class Probs>

@@ -22,6 +22,8 @@ struct SoftmaxTopKConfig {
   /// Multiplies every weight (DeepSeek-V2 routed_scaling_factor); 1 leaves them as is.
   double scaling_factor = 1.0;
   GroupLimit group = {};
+  /// Router temperature tau: p = softmax(l / tau); 1 leaves the logits untouched.
+  double temperature = 1.0;
 };
 
 /// \brief Softmax-then-top-k router with a learned gate weight [E, H].
@@ -48,6 +50,9 @@ class SoftmaxTopKRouter {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
     plan.resize(tokens, experts, k, true);
     gate_.forward(x, plan.logits);
+    if (config_.temperature != 1.0)
+      detail::scale_logits<ExecSpace>("kmoe::SoftmaxTopKRouter::temperature", plan.logits,
+                                      1.0 / config_.temperature);
     const auto logits = plan.logits;
     const auto probs = plan.probs;
     const auto expert = plan.expert;
@@ -95,6 +100,9 @@ class SoftmaxTopKRouter {
           };
           detail::softmax_backward_sparse(t, experts, k, probs, expert, grad_p, grad_logits);
         });
+    if (config_.temperature != 1.0)
+      detail::scale_logits<ExecSpace>("kmoe::SoftmaxTopKRouter::temperature_backward",
+                                      grad_logits, 1.0 / config_.temperature);
     gate_.backward(x, grad_logits, grad_x);
   }
 
@@ -107,6 +115,7 @@ class SoftmaxTopKRouter {
     constexpr const char* where = "kmoe::SoftmaxTopKRouter";
     detail::validate_router_shape(where, c.hidden, c.experts);
     detail::validate_top_k(where, c.experts, c.top_k, c.group);
+    detail::validate_temperature(where, c.temperature);
     return c;
   }
 

@@ -16,6 +16,8 @@ struct TopKSoftmaxConfig {
   int hidden = 0;
   int experts = 0;
   int top_k = 1;
+  /// Router temperature tau: the logits are l / tau; 1 leaves them untouched.
+  double temperature = 1.0;
 };
 
 namespace detail {
@@ -69,6 +71,9 @@ class TopKSoftmaxRouter {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
     plan.resize(tokens, experts, k, true);
     gate_.forward(x, plan.logits);
+    if (config_.temperature != 1.0)
+      detail::scale_logits<ExecSpace>("kmoe::TopKSoftmaxRouter::temperature", plan.logits,
+                                      1.0 / config_.temperature);
     const auto logits = plan.logits;
     const auto probs = plan.probs;
     const auto expert = plan.expert;
@@ -98,6 +103,9 @@ class TopKSoftmaxRouter {
             grad_logits(t, expert(t, j)) +=
                 detail::softmax_over_chosen_backward(t, j, k, weight, grad_weight);
         });
+    if (config_.temperature != 1.0)
+      detail::scale_logits<ExecSpace>("kmoe::TopKSoftmaxRouter::temperature_backward",
+                                      grad_logits, 1.0 / config_.temperature);
     gate_.backward(x, grad_logits, grad_x);
   }
 
@@ -110,6 +118,7 @@ class TopKSoftmaxRouter {
     constexpr const char* where = "kmoe::TopKSoftmaxRouter";
     detail::validate_router_shape(where, c.hidden, c.experts);
     detail::validate_top_k(where, c.experts, c.top_k, GroupLimit{});
+    detail::validate_temperature(where, c.temperature);
     return c;
   }
 
