@@ -539,11 +539,20 @@ class MpiCommunicator {
                  " ms: stopped, sleeping, finished, or busy outside kmoe's collectives). ";
     if (!elsewhere.empty()) message += "Out of sequence: " + elsewhere + ". ";
     message += "Arrived: " + arrived + ".";
-    // The peers that timed out with this rank print theirs within the same moment; a short
-    // pause lets them, since the first MPI_Abort ends every process.
     std::fprintf(stderr, "kmoe: rank %d: %s\n", world_ranks[std::size_t(rank)], message.c_str());
     std::fflush(stderr);
-    const auto settle = clock::now() + grace / 4;
+    // The peers that timed out with this rank print theirs within the same moment, so the
+    // first arrived rank waits a little before MPI_Abort ends every process. The others
+    // wait longer and abort only if that one did not: Open MPI 4.1's mpirun was seen to
+    // hang now and then when several ranks called MPI_Abort at once while a finished
+    // rank sat in MPI_Finalize.
+    int first_arrived = rank;
+    for (int p = 0; p < size; ++p)
+      if (heard[std::size_t(p)] == mine) {
+        first_arrived = p;
+        break;
+      }
+    const auto settle = clock::now() + (rank == first_arrived ? grace / 4 : 3 * grace);
     while (clock::now() < settle) {
       int flag = 0;
       MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, group.comm, &flag, MPI_STATUS_IGNORE);
