@@ -322,7 +322,8 @@ class SafetensorsFile {
     file_.read_exact(text.data(), text.size(), 8, "SafetensorsFile");
     // As in the reference implementation, the header starts with '{' (nlohmann would also
     // skip a byte-order mark and leading whitespace).
-    if (text.empty() || text[0] != '{') fail("header does not start with '{'");
+    if (text.empty() || text[0] != '{')
+      fail("header is not a JSON object: it does not start with '{'");
     // Duplicate tensor names are refused here: nlohmann would keep the last one silently.
     const nlohmann::json header = parse_json(text, path_, "SafetensorsFile");
     if (!header.is_object()) fail("header is not a JSON object");
