@@ -21,6 +21,13 @@
 ///    ordered by key;
 ///  - `bool any_error(bool local_error)`: true on every rank if any rank passed true (the
 ///    agreement step that keeps a failing rank from leaving the others blocked).
+/// Optional members, used where present (detected, not required):
+///  - `[[noreturn]] void abort(const std::string& message) const`: ends the job
+///    (agreement.hpp's abort_on_failure; MpiCommunicator: MPI_Abort);
+///  - `void set_step(const std::string& step) const`: the call this process is in, for
+///    diagnostics (set at each of the layer's agreement points; MpiCommunicator's watchdog);
+///  - `void set_name(const std::string& name) const`: the group's role, set by
+///    ParallelGroups::create ("tp", "ep", "dp", "tokens").
 /// `kmoe::check_valid_communicator<C>()` asserts each rule with its own message.
 
 #include <kmoe/detail/detect.hpp>
