@@ -866,6 +866,9 @@ class MoELayer {
         real("losses.sequence_aux", options_.losses.sequence_aux),
         {"losses.sequence_length", options_.losses.sequence_length},
         real("losses.z_loss", options_.losses.z_loss),
+        real("losses.kl_uniform", options_.losses.kl_uniform),
+        real("losses.global_batch_aux", options_.losses.global_batch_aux),
+        {"losses.global_batch_micro_batches", options_.losses.global_batch_micro_batches},
         named("non_finite", int(options_.non_finite), {"raise", "propagate"}),
         named("training_mode", int(options_.training_mode), {"inference", "store", "recompute"})};
     // The shipped routers' configurations (user routers without config() skip this).
@@ -874,9 +877,6 @@ class MoELayer {
       fields.push_back({"router.group.n_group", group.n_group});
       fields.push_back({"router.group.topk_group", group.topk_group});
       fields.push_back({"router.group.score_terms", group.score_terms});
-        real("losses.kl_uniform", options_.losses.kl_uniform),
-        real("losses.global_batch_aux", options_.losses.global_batch_aux),
-        {"losses.global_batch_micro_batches", options_.losses.global_batch_micro_batches},
     }
     if constexpr (detail::is_detected_v<detail::router_scaling_of, Router>) {
       fields.push_back(named("router.normalize", router_.config().normalize ? 1 : 0,
