@@ -12,7 +12,7 @@ Also times a "torch-sorted" version (sort assignments by expert, one matmul per 
 segment, index_add back: kmoe's algorithm in eager PyTorch), and, on 4.x, torch._grouped_mm
 where this torch build runs it on the CPU (the script reports whether it does).
 
-    python bench/hf_peer.py --threads 2 --json docs/bench/hf.json
+    python bench/hf_peer.py --threads 2 --json docs/bench/hf-tf5.json
 """
 import argparse
 import json
