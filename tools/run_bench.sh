@@ -3,8 +3,8 @@
 # Benchmarks from nothing: builds kmoe_bench and runs it into $KMOE_BENCH_OUT/kmoe.json
 # (default docs/bench) with both cores, then, in the same invocation, the peers asked for:
 #   KMOE_GGML_PEER=1          the llama.cpp/ggml peer (bench/ggml_peer, built into
-#                             ~/.cache/kmoe-peers on first use), F32, F16, BF16 and Q8_0
-#                             weights, into ggml.json
+#                             ~/.cache/kmoe-peers on first use; or the path of a built
+#                             ggml_moe_peer), F32, F16, BF16 and Q8_0 weights, into ggml.json
 #   KMOE_PEER_PYTHON="py..."  one or more Pythons with torch and transformers (e.g. a
 #                             transformers 5.x and a 4.57 venv): the HF peer of each into
 #                             hf-tf<major>.json
@@ -32,8 +32,8 @@ for ((i = 0; i + 1 < ${#args[@]}; ++i)); do
 done
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DKMOE_ENABLE_BENCHMARKS=ON >/dev/null
 cmake --build "$build" --target kmoe_bench
-ggml_peer=""
-if [ -n "${KMOE_GGML_PEER:-}" ]; then
+ggml_peer="${KMOE_GGML_PEER:-}"
+if [ -n "$ggml_peer" ] && [ ! -x "$ggml_peer" ]; then
   # Built before anything is timed, so that its compilation never overlaps a measurement.
   ggml_peer="$(bash bench/ggml_peer/build.sh | tail -n 1)"
 fi
