@@ -3,14 +3,16 @@
 // the last rank serves the replicated parameters (router, shared experts), the other P-1 train
 // the toy task of examples/train_toy.cpp (8 SwiGLU experts, sigmoid top-2 router with bias
 // updates, Switch aux loss, AdamW) with expert parallelism over them, each on its own batch.
-// Every mode starts from the same weights and data; reported in the same run: steps per second
-// of the training loop, its ratio to synchronous (s = 0), the first loss, the final loss (mean
-// of the last 50 steps) and its ratio to synchronous. For context, the same workers also train
+// Every mode starts from the same weights and data; the modes run in turn, --rounds times, so
+// that a change in the machine's load falls on all of them. Reported in the same run: steps
+// per second of the training loop (median over the rounds, and the range), its ratio to
+// synchronous (s = 0), the first loss, the final loss (mean of the last 50 steps) and its
+// ratio to synchronous. For context, the same workers also train
 // with synchronize_gradients() (the all-reduce path; the server rank idles). Exits 1 unless
 // every mode's loss fell by --min-drop.
 //
 //   mpiexec -n P parameter_server_bench [--steps N] [--staleness 0,1,2,4] [--shared-ffn F]
-//                                       [--min-drop R]
+//                                       [--rounds R] [--min-drop R]
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/expert.hpp>
@@ -20,6 +22,7 @@
 #include <kmoe/parameter_server.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -48,6 +51,11 @@ const char* flag_value(int argc, char** argv, const char* flag) {
 struct Result {
   double seconds = 0, first_loss = 0, final_loss = 0;
 };
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 /// Trains on `workers` (every rank of it); with `server`, through it, else by all-reduce.
 Result train(const kmoe::MpiCommunicator& workers, Server* server, int steps, int shared_ffn) {
@@ -130,6 +138,8 @@ int main(int argc, char** argv) {
     const char* staleness_flag = flag_value(argc, argv, "--staleness");
     const char* shared_flag = flag_value(argc, argv, "--shared-ffn");
     const char* drop_flag = flag_value(argc, argv, "--min-drop");
+    const char* rounds_flag = flag_value(argc, argv, "--rounds");
+    const int rounds = rounds_flag ? std::atoi(rounds_flag) : 3;
     const int steps = steps_flag ? std::atoi(steps_flag) : 600;
     const int shared_ffn = shared_flag ? std::atoi(shared_flag) : 0;
     const double min_drop = drop_flag ? std::atof(drop_flag) : 10.0;
@@ -140,41 +150,49 @@ int main(int argc, char** argv) {
       list = comma == std::string::npos ? "" : list.substr(comma + 1);
     }
     const auto world = kmoe::MpiCommunicator::world();
-    if (world.size() < 2 || steps < final_window || stalenesses.empty() || stalenesses[0] != 0) {
+    if (world.size() < 2 || steps < final_window || stalenesses.empty() || stalenesses[0] != 0 ||
+        rounds < 1) {
       if (world.rank() == 0)
-        std::fprintf(stderr, "parameter_server_bench: needs >= 2 ranks, --steps >= %d and a "
-                             "--staleness list starting with 0 (the synchronous baseline)\n",
+        std::fprintf(stderr, "parameter_server_bench: needs >= 2 ranks, --steps >= %d, --rounds >= 1 "
+                             "and a --staleness list starting with 0 (the synchronous baseline)\n",
                      final_window);
       status = 2;
     } else {
       const int worker_count = world.size() - 1;
       const bool worker = world.rank() < worker_count;
       const auto workers = world.split(worker ? 0 : 1, world.rank());
-      std::vector<std::string> names;
-      std::vector<Result> results;
-      if (worker) results.push_back(train(workers, nullptr, steps, shared_ffn));
-      names.push_back("all-reduce");
-      for (int s : stalenesses) {
-        Server server(world, {1, s});
-        if (server.is_server())
-          server.serve([](const kmoe::ParameterList<X, S>& shard) { return kmoe::AdamW<X, S>(shard, adam); });
-        else
-          results.push_back(train(server.workers(), &server, steps, shared_ffn));
-        names.push_back("server s=" + std::to_string(s));
+      std::vector<std::string> names = {"all-reduce"};
+      for (int s : stalenesses) names.push_back("server s=" + std::to_string(s));
+      // The losses are the same every round (same weights, data and reduction order); the
+      // times are kept per round.
+      std::vector<Result> results(names.size());
+      std::vector<std::vector<double>> seconds(names.size());
+      for (int round = 0; round < rounds; ++round) {
+        if (worker) results[0] = train(workers, nullptr, steps, shared_ffn);
+        for (std::size_t m = 1; m < names.size(); ++m) {
+          Server server(world, {1, stalenesses[m - 1]});
+          if (server.is_server())
+            server.serve([](const kmoe::ParameterList<X, S>& shard) { return kmoe::AdamW<X, S>(shard, adam); });
+          else
+            results[m] = train(server.workers(), &server, steps, shared_ffn);
+        }
+        for (std::size_t m = 0; m < names.size(); ++m) seconds[m].push_back(results[m].seconds);
       }
       if (world.rank() == 0) {
         const Result& sync = results[1];
+        const double sync_seconds = median(seconds[1]);
         std::printf("parameter_server_bench: %d workers (EP%d, %d tokens each) + 1 server, %d steps, "
-                    "H %d F %d E %d, shared F %d\n",
-                    worker_count, worker_count, batch, steps, hidden, ffn, experts, shared_ffn);
-        std::printf("%-12s %10s %12s %11s %11s %8s %14s\n", "mode", "steps/s", "vs sync", "first loss",
-                    "final loss", "drop", "final vs sync");
+                    "H %d F %d E %d, shared F %d, %d rounds\n",
+                    worker_count, worker_count, batch, steps, hidden, ffn, experts, shared_ffn, rounds);
+        std::printf("%-12s %10s %15s %10s %11s %11s %8s %14s\n", "mode", "steps/s", "(range)", "vs sync",
+                    "first loss", "final loss", "drop", "final vs sync");
         for (std::size_t m = 0; m < results.size(); ++m) {
           const Result& r = results[m];
-          const double drop = r.first_loss / r.final_loss;
-          std::printf("%-12s %10.1f %11.3fx %11.5f %11.5f %7.1fx %13.3fx\n", names[m].c_str(),
-                      steps / r.seconds, sync.seconds / r.seconds, r.first_loss, r.final_loss, drop,
-                      r.final_loss / sync.final_loss);
+          const double drop = r.first_loss / r.final_loss, typical = median(seconds[m]);
+          const auto [fastest, slowest] = std::minmax_element(seconds[m].begin(), seconds[m].end());
+          std::printf("%-12s %10.1f   (%5.1f - %5.1f) %9.3fx %11.5f %11.5f %7.1fx %13.3fx\n",
+                      names[m].c_str(), steps / typical, steps / *slowest, steps / *fastest,
+                      sync_seconds / typical, r.first_loss, r.final_loss, drop, r.final_loss / sync.final_loss);
           if (!(drop >= min_drop)) status = 1;
         }
       }
