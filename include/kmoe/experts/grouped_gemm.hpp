@@ -6,6 +6,8 @@
 
 #include <kmoe/segments.hpp>
 
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace kmoe::detail {
@@ -23,32 +25,58 @@ auto slice_of(const View& w, int e) {
   return Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL);
 }
 
-/// Calls gemm_of(e) for every non-empty segment. Few large segments run one after another,
-/// each GEMM using every thread; many small ones (DeepSeek-style fine-grained experts) run
-/// concurrently on host spaces, one segment per thread, where a multithreaded BLAS call on
-/// a few hundred rows would spend much of its time synchronising. A BLAS call made inside
-/// the parallel region runs single-threaded (OpenBLAS' OpenMP build and Kokkos' nested
-/// OpenMP dispatch both detect it), so the two forms do the same arithmetic.
-template <class ExecSpace, class SegmentGemm>
+/// Whether the GEMM policy offers gemm_on_calling_thread (same arguments as gemm): the
+/// product computed on the calling host thread without launching a Kokkos kernel, the only
+/// form that may run inside the kernel that spreads segments over threads.
+template <class Gemm, class ExecSpace, class A, class B, class C, class = void>
+struct has_calling_thread_gemm : std::false_type {};
+template <class Gemm, class ExecSpace, class A, class B, class C>
+struct has_calling_thread_gemm<
+    Gemm, ExecSpace, A, B, C,
+    std::void_t<decltype(Gemm::gemm_on_calling_thread(
+        ExecSpace(), false, false, std::declval<typename C::const_value_type>(),
+        std::declval<const A&>(), std::declval<const B&>(),
+        std::declval<typename C::const_value_type>(), std::declval<const C&>()))>>
+    : std::true_type {};
+
+/// Calls gemm_of(e, on_calling_thread) for every non-empty segment. Few large segments run
+/// one after another (on_calling_thread = false), each GEMM using every thread; many small
+/// ones (DeepSeek-style fine-grained experts) run concurrently on host spaces, one segment
+/// per thread, where a multithreaded BLAS call on a few hundred rows would spend much of
+/// its time synchronising. Inside that kernel each GEMM must launch no kernel of its own
+/// (on_calling_thread = true), which `CallingThreadForm` says the GEMM policy can do; it
+/// does the same arithmetic as the dispatched form, so both give the same bits.
+template <class ExecSpace, bool CallingThreadForm, class SegmentGemm>
 void for_each_segment(const Segments<ExecSpace>& segments, const SegmentGemm& gemm_of) {
   std::vector<int> busy;
   for (int e = 0; e < segments.experts(); ++e)
     if (segments.end(e) > segments.begin(e)) busy.push_back(e);
   constexpr bool host = Kokkos::SpaceAccessibility<Kokkos::HostSpace,
                                                    typename ExecSpace::memory_space>::accessible;
-  const int threads = ExecSpace().concurrency();
-  const bool concurrent = host && threads > 1 && int(busy.size()) >= 4 * threads &&
-                          segments.rows() / int(busy.size()) < concurrent_segment_rows;
-  if constexpr (host) {
+  if constexpr (host && CallingThreadForm) {
+    const int threads = ExecSpace().concurrency();
+    const bool concurrent = threads > 1 && int(busy.size()) >= 4 * threads &&
+                            segments.rows() / int(busy.size()) < concurrent_segment_rows;
     if (concurrent) {
       Kokkos::parallel_for(
           "kmoe::grouped_gemm::concurrent",
           Kokkos::RangePolicy<ExecSpace, Kokkos::Schedule<Kokkos::Dynamic>>(0, busy.size()),
-          [&](std::size_t i) { gemm_of(busy[i]); });
+          [&](std::size_t i) { gemm_of(busy[i], std::true_type{}); });
       return;
     }
   }
-  for (int e : busy) gemm_of(e);
+  for (int e : busy) gemm_of(e, std::false_type{});
+}
+
+/// One segment's GEMM in the form for_each_segment asks for.
+template <class Gemm, class ExecSpace, bool OnCallingThread, class A, class B, class C>
+void segment_gemm(std::integral_constant<bool, OnCallingThread>, bool transpose_a,
+                  bool transpose_b, typename C::const_value_type alpha, const A& a, const B& b,
+                  typename C::const_value_type beta, const C& c) {
+  if constexpr (OnCallingThread)
+    Gemm::gemm_on_calling_thread(ExecSpace(), transpose_a, transpose_b, alpha, a, b, beta, c);
+  else
+    Gemm::gemm(ExecSpace(), transpose_a, transpose_b, alpha, a, b, beta, c);
 }
 
 /// out[seg e] = alpha * in[seg e] * op(weight[e]) + beta * out[seg e] for every non-empty e;
@@ -57,10 +85,16 @@ template <class Gemm, class ExecSpace, class In, class Weight, class Out>
 void segment_times_weight(const Segments<ExecSpace>& segments, const In& in, const Weight& weight,
                           bool transpose_weight, typename Out::const_value_type alpha,
                           typename Out::const_value_type beta, const Out& out) {
-  for_each_segment(segments, [&](int e) {
+  using Rows = decltype(rows_of(in, 0, 0));
+  using Slice = decltype(slice_of(weight, 0));
+  using OutRows = decltype(rows_of(out, 0, 0));
+  constexpr bool calling_thread_form =
+      has_calling_thread_gemm<Gemm, ExecSpace, Rows, Slice, OutRows>::value;
+  for_each_segment<ExecSpace, calling_thread_form>(segments, [&](int e, auto on_calling_thread) {
     const int b = segments.begin(e), n = segments.end(e) - b;
-    Gemm::gemm(ExecSpace(), false, transpose_weight, alpha, rows_of(in, b, b + n),
-               slice_of(weight, e), beta, rows_of(out, b, b + n));
+    segment_gemm<Gemm, ExecSpace>(on_calling_thread, false, transpose_weight, alpha,
+                                  rows_of(in, b, b + n), slice_of(weight, e), beta,
+                                  rows_of(out, b, b + n));
   });
 }
 
@@ -70,10 +104,16 @@ template <class Gemm, class ExecSpace, class Left, class Right, class GradWeight
 void segment_weight_gradient(const Segments<ExecSpace>& segments, const Left& left,
                              const Right& right, const GradWeight& grad_weight) {
   using Scalar = typename GradWeight::non_const_value_type;
-  for_each_segment(segments, [&](int e) {
+  using LeftRows = decltype(rows_of(left, 0, 0));
+  using RightRows = decltype(rows_of(right, 0, 0));
+  using Slice = decltype(slice_of(grad_weight, 0));
+  constexpr bool calling_thread_form =
+      has_calling_thread_gemm<Gemm, ExecSpace, LeftRows, RightRows, Slice>::value;
+  for_each_segment<ExecSpace, calling_thread_form>(segments, [&](int e, auto on_calling_thread) {
     const int b = segments.begin(e), n = segments.end(e) - b;
-    Gemm::gemm(ExecSpace(), true, false, Scalar(1), rows_of(left, b, b + n),
-               rows_of(right, b, b + n), Scalar(1), slice_of(grad_weight, e));
+    segment_gemm<Gemm, ExecSpace>(on_calling_thread, true, false, Scalar(1),
+                                  rows_of(left, b, b + n), rows_of(right, b, b + n), Scalar(1),
+                                  slice_of(grad_weight, e));
   });
 }
 

@@ -20,16 +20,33 @@ namespace detail {
 /// Rows of C up to which a host GEMM C = A B^T goes to the streaming kernel below.
 inline constexpr std::size_t skinny_rows = 8;
 
+/// Where the independent pieces of one GEMM (output columns of the skinny kernel, tiles of
+/// C) run: spread over the execution space by a Kokkos kernel, or in index order on the
+/// calling thread, which launches nothing and so may run inside a Kokkos kernel (Kokkos
+/// forbids dispatch from inside one: 4.x deadlocks on the instance mutex, 5.x aborts).
+/// Each piece does the same arithmetic either way, so both give the same bits.
+struct Dispatched {};
+struct OnCallingThread {};
+
+template <class Form, class Schedule, class ExecSpace, class Piece>
+void for_each_piece(const ExecSpace& space, const char* label, std::size_t count,
+                    const Piece& piece) {
+  if constexpr (std::is_same_v<Form, OnCallingThread>) {
+    for (std::size_t i = 0; i < count; ++i) piece(i);
+  } else {
+    Kokkos::parallel_for(label, Kokkos::RangePolicy<ExecSpace, Schedule>(space, 0, count), piece);
+  }
+}
+
 /// C = alpha A B^T + beta C for M rows of A (M small, as in decode): each output column j
 /// is the dot product of the M rows of A with the contiguous row j of B, so B (the
 /// [out, in] weight) is read exactly once, with no packing copy, and A stays in cache.
 /// Vendor BLAS packs B first, which for a few rows costs more than the product itself.
-template <int M, class ExecSpace, class Scalar>
+template <int M, class Form, class ExecSpace, class Scalar>
 void skinny_times_transposed(const ExecSpace& space, std::size_t n, std::size_t k, Scalar alpha,
                              const Scalar* a, const Scalar* b, Scalar beta, Scalar* c) {
-  Kokkos::parallel_for(
-      "kmoe::gemm::skinny", Kokkos::RangePolicy<ExecSpace>(space, 0, n),
-      KOKKOS_LAMBDA(std::size_t j) {
+  for_each_piece<Form, Kokkos::Schedule<Kokkos::Static>>(
+      space, "kmoe::gemm::skinny", n, KOKKOS_LAMBDA(std::size_t j) {
         // Independent lanes let the compiler vectorise the k loop without reassociating.
         constexpr std::size_t lanes = 16;
         Scalar acc[M][lanes] = {};
@@ -48,14 +65,14 @@ void skinny_times_transposed(const ExecSpace& space, std::size_t n, std::size_t 
       });
 }
 
-template <class ExecSpace, class Scalar, int M = 1>
+template <class Form, class ExecSpace, class Scalar, int M = 1>
 void skinny_dispatch(const ExecSpace& space, std::size_t m, std::size_t n, std::size_t k,
                      Scalar alpha, const Scalar* a, const Scalar* b, Scalar beta, Scalar* c) {
   if constexpr (M <= int(skinny_rows)) {
     if (m == std::size_t(M))
-      skinny_times_transposed<M>(space, n, k, alpha, a, b, beta, c);
+      skinny_times_transposed<M, Form>(space, n, k, alpha, a, b, beta, c);
     else
-      skinny_dispatch<ExecSpace, Scalar, M + 1>(space, m, n, k, alpha, a, b, beta, c);
+      skinny_dispatch<Form, ExecSpace, Scalar, M + 1>(space, m, n, k, alpha, a, b, beta, c);
   }
 }
 
@@ -90,6 +107,30 @@ struct KokkosKernels {
   static void gemm(const ExecSpace& space, bool transpose_a, bool transpose_b,
                    typename CView::const_value_type alpha, const AView& a, const BView& b,
                    typename CView::const_value_type beta, const CView& c) {
+    gemm_as<detail::Dispatched>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
+  }
+
+  /// \brief The same product, with the same bits, computed on the calling thread of a host
+  /// space without launching a Kokkos kernel, so that it may itself run inside one: many
+  /// small expert GEMMs at once, one per thread (experts/grouped_gemm.hpp). A BLAS call
+  /// made there runs single-threaded (OpenBLAS' OpenMP build sees the parallel region), as
+  /// each tile's call does in gemm().
+  template <class ExecSpace, class AView, class BView, class CView>
+  static void gemm_on_calling_thread(const ExecSpace& space, bool transpose_a, bool transpose_b,
+                                     typename CView::const_value_type alpha, const AView& a,
+                                     const BView& b, typename CView::const_value_type beta,
+                                     const CView& c) {
+    static_assert(Kokkos::SpaceAccessibility<Kokkos::HostSpace,
+                                             typename ExecSpace::memory_space>::accessible,
+                  "kmoe::gemm::KokkosKernels::gemm_on_calling_thread: host execution spaces only");
+    gemm_as<detail::OnCallingThread>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
+  }
+
+ private:
+  template <class Form, class ExecSpace, class AView, class BView, class CView>
+  static void gemm_as(const ExecSpace& space, bool transpose_a, bool transpose_b,
+                      typename CView::const_value_type alpha, const AView& a, const BView& b,
+                      typename CView::const_value_type beta, const CView& c) {
     using Scalar = typename CView::non_const_value_type;
     using Memory = typename ExecSpace::memory_space;
     using Device = Kokkos::Device<ExecSpace, Memory>;
@@ -116,9 +157,10 @@ struct KokkosKernels {
     if (k == 0) {
       // An empty inner dimension leaves C = beta * C; beta = 0 overwrites, as BLAS does.
       Scalar* c_data = c.data();
-      Kokkos::parallel_for(
-          "kmoe::gemm::scale", Kokkos::RangePolicy<ExecSpace>(0, m * n),
-          KOKKOS_LAMBDA(std::size_t i) { c_data[i] = beta == Scalar(0) ? Scalar(0) : c_data[i] * beta; });
+      detail::for_each_piece<Form, Kokkos::Schedule<Kokkos::Static>>(
+          space, "kmoe::gemm::scale", m * n, KOKKOS_LAMBDA(std::size_t i) {
+            c_data[i] = beta == Scalar(0) ? Scalar(0) : c_data[i] * beta;
+          });
       return;
     }
     // A few rows times a transposed weight (decode, small expert segments): stream the
@@ -126,7 +168,7 @@ struct KokkosKernels {
     constexpr bool host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, Memory>::accessible;
     if constexpr (host) {
       if (!transpose_a && transpose_b && m <= detail::skinny_rows) {
-        detail::skinny_dispatch(space, m, n, k, Scalar(alpha), a.data(), b.data(), Scalar(beta),
+        detail::skinny_dispatch<Form>(space, m, n, k, Scalar(alpha), a.data(), b.data(), Scalar(beta),
                                 c.data());
         return;
       }
@@ -134,17 +176,14 @@ struct KokkosKernels {
     const char* op_b = transpose_b ? "T" : "N";
     const char* op_a = transpose_a ? "T" : "N";
     if constexpr (host) {
-      // Tiles of C run concurrently; a BLAS call inside the parallel region runs
-      // single-threaded, and inside an enclosing region (concurrent expert segments) the
-      // tiles run in turn on the calling thread: the same calls either way.
+      // Tiles of C run concurrently, each a single-threaded BLAS call (a BLAS call inside
+      // the parallel region runs single-threaded), or in turn on the calling thread: the
+      // same calls either way.
       const std::size_t row_tiles = (m + detail::host_tile_rows - 1) / detail::host_tile_rows;
       const std::size_t width = detail::host_tile_width(m);
       const std::size_t column_tiles = (n + width - 1) / width;
-      Kokkos::parallel_for(
-          "kmoe::gemm::host_tiles",
-          Kokkos::RangePolicy<ExecSpace, Kokkos::Schedule<Kokkos::Dynamic>>(
-              space, 0, row_tiles * column_tiles),
-          [&](std::size_t tile) {
+      detail::for_each_piece<Form, Kokkos::Schedule<Kokkos::Dynamic>>(
+          space, "kmoe::gemm::host_tiles", row_tiles * column_tiles, [&](std::size_t tile) {
             const std::size_t i0 = tile / column_tiles * detail::host_tile_rows;
             const std::size_t j0 = tile % column_tiles * width;
             const auto rows = Kokkos::make_pair(i0, std::min(m, i0 + detail::host_tile_rows));
