@@ -163,8 +163,6 @@ class CallSequence {
     return out + ")";
   }
 
-  std::string describe() const { return describe(fields().data()); }
-
  private:
   Call current_ = construct;
   std::array<std::int64_t, kinds> made_{};
