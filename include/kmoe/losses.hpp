@@ -43,6 +43,18 @@ void sequence_fraction_and_prob(const Expert& expert, const Probs& probs, int se
         prob(q, e) = p / route_type(seq_len);
       });
 }
+
+/// sum(e) = sum over the first `tokens` rows of probs(t, e), in double.
+template <class ExecSpace, class Probs, class Sum>
+void sum_over_tokens(const Probs& probs, int tokens, const Sum& sum) {
+  Kokkos::parallel_for(
+      "kmoe::BalanceLoss::prob_sum", Kokkos::RangePolicy<ExecSpace>(0, int(sum.extent(0))),
+      KOKKOS_LAMBDA(int e) {
+        double total = 0;
+        for (int t = 0; t < tokens; ++t) total += double(probs(t, e));
+        sum(e) = total;
+      });
+}
 }  // namespace detail
 
 /// \brief Coefficients of the balance terms; a zero coefficient switches a term off.
@@ -293,15 +305,7 @@ class BalanceLoss {
     const int tokens = int(plan.tokens());
     detail::ensure_extents(prob_sum_, "kmoe::BalanceLoss::prob_sum", experts);
     detail::ensure_extents(kl_grad_, "kmoe::BalanceLoss::kl_grad", experts);
-    const auto probs = plan.probs;
-    const auto prob_sum = prob_sum_;
-    Kokkos::parallel_for(
-        "kmoe::BalanceLoss::prob_sum", Kokkos::RangePolicy<ExecSpace>(0, experts),
-        KOKKOS_LAMBDA(int e) {
-          double sum = 0;
-          for (int t = 0; t < tokens; ++t) sum += double(probs(t, e));
-          prob_sum(e) = sum;
-        });
+    detail::sum_over_tokens<ExecSpace>(plan.probs, tokens, prob_sum_);
     if (token_groups.size() > 1) token_groups.all_reduce_sum(prob_sum_);
     auto sum_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), prob_sum_);
     auto grad_host = Kokkos::create_mirror_view(kl_grad_);
