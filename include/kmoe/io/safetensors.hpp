@@ -16,7 +16,6 @@
 /// file is reported up front with its path rather than on some later read.
 
 #include <algorithm>
-#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
