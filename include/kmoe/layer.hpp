@@ -643,6 +643,14 @@ class MoELayer {
 
   /// Assignment counts accumulated for the next bias update.
   const std::vector<std::int64_t>& pending_bias_counts() const { return bias_counts_; }
+  /// Restores the counts (checkpoints); one per expert, each >= 0.
+  void set_pending_bias_counts(const std::vector<std::int64_t>& counts) {
+    constexpr const char* where = "kmoe::MoELayer::set_pending_bias_counts";
+    require(counts.size() == bias_counts_.size(), where, "counts.size()", counts.size(),
+            "must equal the number of experts");
+    for (auto c : counts) require(c >= 0, where, "count", c, "must be >= 0");
+    bias_counts_ = counts;
+  }
 
  private:
   using FlatView = Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;

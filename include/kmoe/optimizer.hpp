@@ -118,9 +118,10 @@ class SGD {
       velocity_.emplace_back("kmoe::SGD::velocity(" + p.name + ")", p.value.size());
   }
 
-  /// The base learning rate from now on (a schedule sets it each step).
+  /// The base learning rate from now on (a schedule sets it each step; >= 0).
   void set_learning_rate(double lr) {
-    detail::require_positive_hyper<Scalar>("kmoe::SGD::set_learning_rate", "learning_rate", lr);
+    // 0 is valid here: warmup schedules start from it.
+    detail::require_non_negative_hyper<Scalar>("kmoe::SGD::set_learning_rate", "learning_rate", lr);
     config_.learning_rate = lr;
   }
   double learning_rate() const { return config_.learning_rate; }
@@ -192,9 +193,10 @@ class AdamW {
     }
   }
 
-  /// The base learning rate from now on (a schedule sets it each step).
+  /// The base learning rate from now on (a schedule sets it each step; >= 0).
   void set_learning_rate(double lr) {
-    detail::require_positive_hyper<Scalar>("kmoe::AdamW::set_learning_rate", "learning_rate", lr);
+    // 0 is valid here: warmup schedules start from it.
+    detail::require_non_negative_hyper<Scalar>("kmoe::AdamW::set_learning_rate", "learning_rate", lr);
     config_.learning_rate = lr;
   }
   double learning_rate() const { return config_.learning_rate; }

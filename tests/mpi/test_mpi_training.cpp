@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "shard_index.hpp"
+
 using namespace kmoe;
 
 namespace {
@@ -64,27 +66,6 @@ FFN make_experts<FFN>(int count, int f, const std::string& name) {
   return FFN({count, hidden, f, true}, name);
 }
 
-/// Flat index in the full tensor of element `i` of a shard: routed-expert tensors map axis
-/// 0 through `owned`, and an axis narrower in the shard is this TP rank's slice of it.
-std::size_t full_index(const std::vector<std::int64_t>& full_shape,
-                       const std::vector<std::int64_t>& shard_shape, std::size_t i,
-                       const std::vector<int>& owned, int tp_rank) {
-  std::vector<std::int64_t> index(shard_shape.size());
-  for (int a = int(shard_shape.size()) - 1; a >= 0; --a) {
-    index[a] = std::int64_t(i % std::size_t(shard_shape[a]));
-    i /= std::size_t(shard_shape[a]);
-  }
-  if (!owned.empty()) index[0] = owned[index[0]];
-  for (std::size_t a = 1; a < shard_shape.size(); ++a)
-    if (shard_shape[a] != full_shape[a]) index[a] += tp_rank * shard_shape[a];
-  std::size_t flat = 0;
-  for (std::size_t a = 0; a < full_shape.size(); ++a)
-    flat = flat * std::size_t(full_shape[a]) + std::size_t(index[a]);
-  return flat;
-}
-
-bool is_routed_expert(const std::string& name) { return name.rfind("experts.", 0) == 0; }
-
 Matrix<S, X> rows_of(const Matrix<S, X>& full, int first, int count) {
   Matrix<S, X> part("part", count, full.extent(1));
   Kokkos::deep_copy(part, Kokkos::subview(full, std::make_pair(first, first + count), Kokkos::ALL));
@@ -114,9 +95,9 @@ void check_layout(const MpiCommunicator& world, const ParallelLayout& layout) {
   // Every shard element equals the single-rank element it stands for, bitwise.
   std::size_t mismatches = 0;
   for (std::size_t p = 0; p < full.size(); ++p) {
-    const bool routed = is_routed_expert(mine[p].name);
+    const bool routed = kmoe::test::is_routed_expert(mine[p].name);
     for (std::size_t i = 0; i < mine[p].value.size(); ++i) {
-      const auto j = full_index(full[p].shape, mine[p].shape, i, routed ? owned : std::vector<int>{},
+      const auto j = kmoe::test::full_index(full[p].shape, mine[p].shape, i, routed ? owned : std::vector<int>{},
                                 routed ? groups.tp_rank : 0);
       if (mine[p].value(i) != full[p].value(j)) ++mismatches;
     }
@@ -161,9 +142,9 @@ void check_layout(const MpiCommunicator& world, const ParallelLayout& layout) {
 
   double worst = 0, scale = 0;
   for (std::size_t p = 0; p < full.size(); ++p) {
-    const bool routed = is_routed_expert(mine[p].name);
+    const bool routed = kmoe::test::is_routed_expert(mine[p].name);
     for (std::size_t i = 0; i < mine[p].grad.size(); ++i) {
-      const auto j = full_index(full[p].shape, mine[p].shape, i, routed ? owned : std::vector<int>{},
+      const auto j = kmoe::test::full_index(full[p].shape, mine[p].shape, i, routed ? owned : std::vector<int>{},
                                 routed ? groups.tp_rank : 0);
       worst = std::max(worst, std::abs(mine[p].grad(i) - full[p].grad(j)));
       scale = std::max(scale, std::abs(full[p].grad(j)));
