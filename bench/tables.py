@@ -70,8 +70,6 @@ def sweep_tables(kmoe):
 def peer_table(kmoe, peer):
     labels = {"torch-sorted": "torch-sorted (kmoe's layout in eager torch)",
               "torch-grouped_mm": "torch-grouped_mm (`torch._grouped_mm`)"}
-    blocks = {"mixtral-prefill": "MixtralSparseMoeBlock", "decode": "MixtralSparseMoeBlock",
-              "deepseek-prefill": "DeepseekV3MoE"}
     experts = {None: "per-expert module loop", "grouped_mm": "`grouped_mm` experts (default)",
                "eager": "`eager` experts loop"}
     print("\n| config | transformers | implementation | fwd ms | fwd+bwd ms | kmoe fwd ms "
@@ -81,7 +79,8 @@ def peer_table(kmoe, peer):
         name, impl = r["name"], r["implementation"]
         label = labels.get(impl, impl)
         if impl.startswith("hf"):
-            label = f"{blocks[name]}, {experts[r.get('experts_implementation')]}"
+            block = "DeepseekV3MoE" if name.startswith("deepseek") else "MixtralSparseMoeBlock"
+            label = f"{block}, {experts[r.get('experts_implementation')]}"
         k = by_name(kmoe, name, "kmoe")
         fb = r.get("layer_fwdbwd_ms")
         kf, kfb = (k["layer_ms"], k["layer_fwdbwd_ms"]) if k else (None, None)
