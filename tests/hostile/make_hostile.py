@@ -120,7 +120,8 @@ class Sweep:
     def add(self, name, category, d, expect, rc=1, input=None, extra=(), env=None, family="mixtral",
             model=None, output=None):
         output = output or os.path.join(d, "output.safetensors")
-        if not os.path.lexists(output) and os.path.isdir(os.path.dirname(output)):
+        if not os.path.lexists(output) and os.path.isdir(os.path.dirname(output)) and \
+                len(os.path.basename(output)) <= 255:
             with open(output, "wb") as f:
                 f.write(PREVIOUS_OUTPUT)
         fixture = os.path.join(self.fixtures, family)
@@ -633,10 +634,16 @@ def build(fixtures, work):
     os.makedirs(d)
     s.add("cli_output_missing_dir", "command line", d, ["no_such_dir"], model=s.base["mixtral"],
           output=os.path.join(d, "no_such_dir", "out.safetensors"))
+    # A 250-character output name is valid (NAME_MAX is 255): the staged temporary file
+    # must not lengthen it.
+    d = os.path.join(work, "cases", "control_output_name_250")
+    os.makedirs(d)
+    s.add("control_output_name_250", "control", d, [], rc=0, model=s.base["mixtral"],
+          output=os.path.join(d, "o" * 250))
     d = os.path.join(work, "cases", "cli_output_name_too_long")
     os.makedirs(d)
-    s.add("cli_output_name_too_long", "command line", d, ["out"], model=s.base["mixtral"],
-          output=os.path.join(d, "o" * 250))
+    s.add("cli_output_name_too_long", "command line", d, ["o" * 40], model=s.base["mixtral"],
+          output=os.path.join(d, "o" * 256))
     d = os.path.join(work, "cases", "cli_grads_missing_dir")
     os.makedirs(d)
     s.add("cli_grads_missing_dir", "command line", d, ["no_such_dir"], model=s.base["mixtral"],

@@ -178,9 +178,13 @@ class StagedFile {
     destination_ = target.string();
     static std::atomic<unsigned> counter{0};
     const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
+    // A short name of its own, so that a destination name near NAME_MAX still works.
+    const fs::path directory = fs::path(destination_).parent_path();
     for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
-      temporary_ = destination_ + ".tmp-" + std::to_string(::getpid()) + "-" +
-                   std::to_string(counter++) + "-" + std::to_string(stamp % 1000000007);
+      temporary_ = (directory / (".kmoe-" + std::to_string(::getpid()) + "-" +
+                                 std::to_string(counter++) + "-" +
+                                 std::to_string(stamp % 1000000007) + ".tmp"))
+                       .string();
       fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd_ < 0 && errno != EEXIST) break;
     }
