@@ -5,8 +5,10 @@
 #     reference used to live beside the checkout as ../shared/SPEC.md; it is
 #     docs/semantics.md now), nor to the development machine's checkout path;
 #  2. no flaky pipeline in the shell tools: under `set -o pipefail` a pipe into a reader
-#     that exits early (`grep -q`, `grep -m`, `head`) fails at random when the writer then
-#     dies of SIGPIPE; capture the output into a variable and test that instead.
+#     that exits early fails at random when the writer then dies of SIGPIPE. Flagged: a
+#     pipe into `grep -q` / `grep -m` (used for its exit status), and a variable assigned
+#     from a pipe into `head` (set -e then aborts on that status); capture the output into
+#     a variable and test that instead. A `$(... | head)` read only for its text is safe.
 # Exits 1 and prints each offending line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ if hits=$(git grep -n -I -E "$outside" -- . ':!tools/check_repo.sh'); then
   status=1
 fi
 
-early_exit_pipe='\|[[:space:]]*(grep[[:space:]]+(-[[:alnum:]]*[qm]|--quiet|--max-count)|head)\b'
+early_exit_pipe='\|[[:space:]]*grep[[:space:]]+(-[[:alnum:]]*[qm]|--quiet|--max-count)|="?\$\([^)]*\|[[:space:]]*head\b'
 mapfile -t scripts < <(git ls-files -- 'tools/*.sh' '.ci/run' ':!tools/check_repo.sh')
 if hits=$(grep -n -E "$early_exit_pipe" "${scripts[@]}" | grep -v -E '^[^:]+:[0-9]+:[[:space:]]*#'); then
   printf '%s\n' "$hits"

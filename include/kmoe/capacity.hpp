@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
 /// \file capacity.hpp
-/// \brief Expert capacity and dropping (SPEC.md section 2).
+/// \brief Expert capacity and dropping (docs/semantics.md section 2).
 
 #include <kmoe/error.hpp>
 

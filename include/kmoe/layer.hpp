@@ -599,7 +599,7 @@ class MoELayer {
 
   void zero_gradients() const { kmoe::zero_gradients(parameters()); }
 
-  /// \brief Averages gradients over the ranks that hold each tensor (SPEC.md section 5):
+  /// \brief Averages gradients over the ranks that hold each tensor (docs/semantics.md section 5):
   /// router and shared experts over the world, routed experts over the data-parallel
   /// group, both scaled so that the result is the gradient of the mean loss over every
   /// rank's tokens.

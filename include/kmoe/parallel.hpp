@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
 /// \file parallel.hpp
-/// \brief Parallel layout (SPEC.md section 5): the world split into TP x EP x DP ranks, the
-/// groups each kind of state is synchronised over, and where experts live.
+/// \brief Parallel layout (docs/semantics.md section 5): the world split into TP x EP x DP
+/// ranks, the groups each kind of state is synchronised over, and where experts live.
 
 #include <kmoe/agreement.hpp>
 #include <kmoe/error.hpp>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: BSD-3-Clause
-// Distributed MoELayer against a single-rank reference computed on every rank (SPEC.md
+// Distributed MoELayer against a single-rank reference computed on every rank (docs/semantics.md
 // section 5): output, input gradient and every parameter gradient after
 // synchronize_gradients(), for each layout whose world size equals the mpiexec rank count.
 //
@@ -250,7 +250,8 @@ void run_case(const Case& c, ParallelLayout layout) {
   context.training = true;
 
   // Reference: one pass over the global batch when dropless; with a capacity, one pass per
-  // token group so that each group's capacity applies to its own tokens (SPEC.md section 5).
+  // token group so that each group's capacity applies to its own tokens
+  // (docs/semantics.md section 5).
   Matrix<S, X> ref_y("ref_y", global_tokens, hidden), ref_gx("ref_gx", global_tokens, hidden);
   ref.zero_gradients();
   const int passes = c.capacity_factor > 0 ? token_groups : 1;
