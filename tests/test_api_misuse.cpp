@@ -240,3 +240,14 @@ TEST_CASE("buffer sizes whose product wraps are refused", "[validation][hostile]
   CHECK_THROWS_WITH((SwiGLUExperts<H, float>({1 << 30, 1 << 30, 1 << 30})),
                     ContainsSubstring("experts x ffn x hidden = 1073741824 x 1073741824 x 1073741824"));
 }
+
+TEST_CASE("an allocation the installed Kokkos wraps is refused", "[validation][hostile]") {
+#if KOKKOS_VERSION < 40000
+  // 2 x 65536 x 32768 = 2^32 elements: Kokkos 3.4 returns a 0-byte buffer for it.
+  Tensor3<char, H> buffer;
+  CHECK_THROWS_WITH(detail::ensure_extents(buffer, "kmoe::test::wrapped", 2, 65536, 32768),
+                    ContainsSubstring("the installed Kokkos allocated 0"));
+#else
+  SKIP("Kokkos >= 4 sizes allocations in 64 bits");
+#endif
+}

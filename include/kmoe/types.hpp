@@ -43,6 +43,17 @@ inline constexpr bool is_supported_scalar_v =
 
 namespace detail {
 
+/// Kokkos 3.4 computes some allocation sizes in 32 bits: a view of 2 x 65536 x 32768 (or
+/// any element count that is a multiple of 2^32) gets a 0-byte buffer without complaint.
+/// Every buffer kmoe sizes from input is checked to hold what was asked for.
+template <class View>
+void require_allocated(const View& view, const char* label, std::int64_t elements) {
+  if (std::int64_t(view.span()) != elements)
+    throw invalid_argument(label, "extents", std::to_string(elements) + " elements",
+                           "the installed Kokkos allocated " + std::to_string(view.span()) +
+                               " (Kokkos 3.4 wraps element counts that are multiples of 2^32)");
+}
+
 /// Reallocates `view` only when its extents differ, so that a layer called repeatedly with
 /// the same batch shape allocates nothing after the first call.
 template <class View>
@@ -63,6 +74,7 @@ void ensure_extents(View& view, const char* label, std::size_t n0, std::size_t n
   if constexpr (rank == 2) view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1);
   if constexpr (rank == 3)
     view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1, n2);
+  require_allocated(view, label, elements);
 }
 
 }  // namespace detail

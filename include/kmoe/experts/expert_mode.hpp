@@ -34,7 +34,11 @@ struct StackedWeight {
         grad(Kokkos::view_alloc(n + ".grad"), experts, out, in),
         name(n),
         role(r),
-        ffn_axis(f_axis) {}
+        ffn_axis(f_axis) {
+    const std::int64_t elements = std::int64_t(experts) * out * in;
+    detail::require_allocated(value, "kmoe::StackedWeight", elements);
+    detail::require_allocated(grad, "kmoe::StackedWeight", elements);
+  }
   void collect(ParameterList<ExecSpace, Scalar>& list) const {
     list.push_back(make_parameter<ExecSpace>(name, value, grad, role, 0, ffn_axis));
   }

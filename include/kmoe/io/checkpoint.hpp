@@ -17,18 +17,20 @@
 /// overwritten, so a directory without `index.json` is an incomplete checkpoint that
 /// `latest_checkpoint` ignores. Loading reads and checks everything on every rank, agrees,
 /// and only then writes into the layer and the optimizer: a corrupt, partial or mismatched
-/// checkpoint raises on every rank and changes nothing.
+/// checkpoint raises on every rank and changes nothing. Saving and loading both run the
+/// layer's replica-consistency check (MoELayer::check_replicas).
 
 #include <kmoe/agreement.hpp>
 #include <kmoe/detail/detect.hpp>
 #include <kmoe/global_clip.hpp>
+#include <kmoe/io/file.hpp>
+#include <kmoe/io/json.hpp>
 #include <kmoe/io/safetensors.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -198,6 +200,9 @@ void save_checkpoint(const std::string& directory, Layer& layer, const Optimizer
   const auto& groups = layer.groups();
   auto world = groups.world;
   const int rank = world.rank();
+  // Each replica is written once, by one rank: they must all be equal for that to be the
+  // model every rank trained (raises on every rank naming the tensor otherwise).
+  layer.check_replicas();
   // Rank 0 prepares the directory and withdraws any previous index before a shard changes.
   agree_or_throw(world, where, [&] {
     if (rank != 0) return;
@@ -332,18 +337,13 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
   TrainingProgress progress;
   agree_or_throw(world, where, [&] {
     const std::string index_path = (fs::path(directory) / "index.json").string();
-    nlohmann::json index;
-    {
-      std::ifstream in(index_path);
-      if (!in)
-        throw runtime_error(std::string(where) + ": " + index_path +
-                            ": cannot be read (no complete checkpoint in " + directory + ")");
-      try {
-        index = nlohmann::json::parse(in);
-      } catch (const nlohmann::json::exception& e) {
-        throw runtime_error(std::string(where) + ": " + index_path + ": not valid JSON: " + e.what());
-      }
-    }
+    std::error_code missing;
+    if (!fs::exists(fs::symlink_status(index_path, missing)))
+      throw runtime_error(std::string(where) + ": " + index_path +
+                          ": does not exist (no complete checkpoint in " + directory + ")");
+    // The index is untrusted input like any file: bounded size, regular file, strict JSON.
+    const nlohmann::json index = parse_json(
+        read_small_file(index_path, io::detail::max_index_bytes, where), index_path, where);
     const auto field = [&](const char* name) -> const nlohmann::json& {
       if (!index.is_object() || !index.contains(name))
         throw runtime_error(std::string(where) + ": " + index_path + ": missing field \"" + name + "\"");
@@ -352,7 +352,7 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
     try {
       if (field("format").template get<int>() != detail::checkpoint_format)
         throw runtime_error(std::string(where) + ": " + index_path + ": format " +
-                            field("format").dump() + " is not " +
+                            json_excerpt(field("format")) + " is not " +
                             std::to_string(detail::checkpoint_format));
       optimizer_steps = field("optimizer_steps").template get<long long>();
       progress.step = field("step").template get<long long>();
@@ -485,6 +485,9 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
   }
   optimizer.set_steps(optimizer_steps);
   layer.set_pending_bias_counts(counts);
+  // Every rank read its replicas from the same saved slice; a difference now means a file
+  // changed between the ranks' reads.
+  layer.check_replicas();
   return progress;
 }
 
@@ -497,15 +500,16 @@ inline std::string latest_checkpoint(const std::string& root) {
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return best;
   for (const auto& entry : fs::directory_iterator(root, ec)) {
-    const auto index_path = entry.path() / "index.json";
-    std::ifstream in(index_path);
-    if (!in) continue;
+    const std::string index_path = (entry.path() / "index.json").string();
+    if (!fs::exists(fs::symlink_status(index_path, ec))) continue;
     try {
-      const auto index = nlohmann::json::parse(in);
-      const long long step = index.at("step").template get<long long>();
+      constexpr const char* where = "kmoe::io::latest_checkpoint";
+      const auto index = parse_json(read_small_file(index_path, io::detail::max_index_bytes, where),
+                                    index_path, where);
+      const long long step = index.at("step").get<long long>();
       if (step > best_step) best_step = step, best = entry.path().string();
-    } catch (const nlohmann::json::exception&) {
-      continue;  // not a checkpoint of ours
+    } catch (const std::exception&) {
+      continue;  // not a readable index: an interrupted save or a file that is not ours
     }
   }
   return best;
