@@ -11,6 +11,7 @@
 #include <kmoe/parameters.hpp>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -58,15 +59,18 @@ void scale_gradients(const List& list, double norm, double max_norm) {
 /// (lr = Inf, or 1e300 cast to float, would turn every weight into NaN in one step).
 template <class Scalar>
 void require_positive_hyper(const char* where, const char* name, double value) {
-  require(value > 0 && std::isfinite(value) && std::isfinite(Scalar(value)) && Scalar(value) > 0,
+  // Compared with Scalar's range before the cast: converting an out-of-range double to
+  // float is undefined behaviour, not Inf.
+  require(value > 0 && std::isfinite(value) && value <= double(std::numeric_limits<Scalar>::max()) &&
+              Scalar(value) > 0,
           where, name, value, "must be > 0 and finite in the parameters' scalar type");
 }
 
 /// A hyper-parameter that must be >= 0 and finite in the update's Scalar (weight decay).
 template <class Scalar>
 void require_non_negative_hyper(const char* where, const char* name, double value) {
-  require(value >= 0 && std::isfinite(value) && std::isfinite(Scalar(value)), where, name, value,
-          "must be >= 0 and finite in the parameters' scalar type");
+  require(value >= 0 && std::isfinite(value) && value <= double(std::numeric_limits<Scalar>::max()),
+          where, name, value, "must be >= 0 and finite in the parameters' scalar type");
 }
 
 }  // namespace detail
