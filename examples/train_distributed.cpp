@@ -21,10 +21,12 @@
 #include <kmoe/io/checkpoint.hpp>
 #include <kmoe/kmoe.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
+#include <iterator>
+#include <map>
 #include <string>
 
 namespace {
@@ -56,18 +58,34 @@ struct UsageError {
   std::string message;
 };
 
-long long parse_count(const char* flag, const char* text, long long minimum) {
+constexpr long long largest_count = 1000000000;  // keeps TP x EP x DP and T x H in range
+
+long long parse_count(const std::string& flag, const char* text, long long minimum) {
   errno = 0;
   char* end = nullptr;
   const long long value = std::strtoll(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || value < minimum)
-    throw UsageError{std::string(flag) + " " + text + ": must be an integer >= " + std::to_string(minimum)};
+  if (errno != 0 || end == text || *end != '\0' || value < minimum || value > largest_count)
+    throw UsageError{flag + " " + text + ": must be an integer in [" + std::to_string(minimum) +
+                     ", " + std::to_string(largest_count) + "]"};
   return value;
 }
 
 Options parse_options(int argc, char** argv, int world_size) {
   Options o;
-  long long ep = 0, dp = 1, tp = 1;  // ep 0: whatever the world leaves
+  long long ep = 0, dp = 1, tp = 1;  // ep 0: what the world leaves
+  struct CountFlag {
+    const char* name;
+    long long* value;
+    long long minimum;
+  };
+  const CountFlag count_flags[] = {{"--ep", &ep, 1},
+                                   {"--dp", &dp, 1},
+                                   {"--tp", &tp, 1},
+                                   {"--steps", &o.steps, 1},
+                                   {"--warmup", &o.warmup, 0},
+                                   {"--tokens", &o.tokens, 1},
+                                   {"--checkpoint-every", &o.checkpoint_every, 1},
+                                   {"--kill-at-step", &o.kill_at_step, 0}};
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--resume") {
@@ -75,32 +93,31 @@ Options parse_options(int argc, char** argv, int world_size) {
       continue;
     }
     if (flag.rfind("--kokkos-", 0) == 0) continue;  // Kokkos' own options
-    const bool takes_value = flag == "--ep" || flag == "--dp" || flag == "--tp" || flag == "--steps" ||
-                             flag == "--warmup" || flag == "--tokens" || flag == "--checkpoint-dir" ||
-                             flag == "--checkpoint-every" || flag == "--kill-at-step";
-    if (!takes_value) throw UsageError{"unknown argument " + flag};
+    const auto count = std::find_if(std::begin(count_flags), std::end(count_flags),
+                                    [&](const CountFlag& f) { return flag == f.name; });
+    if (count == std::end(count_flags) && flag != "--checkpoint-dir")
+      throw UsageError{"unknown argument " + flag};
     if (i + 1 >= argc) throw UsageError{flag + " needs a value"};
     const char* value = argv[++i];
-    if (flag == "--ep") ep = parse_count("--ep", value, 1);
-    else if (flag == "--dp") dp = parse_count("--dp", value, 1);
-    else if (flag == "--tp") tp = parse_count("--tp", value, 1);
-    else if (flag == "--steps") o.steps = parse_count("--steps", value, 1);
-    else if (flag == "--warmup") o.warmup = parse_count("--warmup", value, 0);
-    else if (flag == "--tokens") o.tokens = parse_count("--tokens", value, 1);
-    else if (flag == "--checkpoint-every") o.checkpoint_every = parse_count("--checkpoint-every", value, 1);
-    else if (flag == "--kill-at-step") o.kill_at_step = parse_count("--kill-at-step", value, 0);
-    else if (*value == '\0') throw UsageError{"--checkpoint-dir \"\": must name a directory"};
-    else o.checkpoint_dir = value;
+    if (count != std::end(count_flags))
+      *count->value = parse_count(flag, value, count->minimum);
+    else if (*value == '\0')
+      throw UsageError{"--checkpoint-dir \"\": must name a directory"};
+    else
+      o.checkpoint_dir = value;
   }
+  const auto layout_text = [&] {
+    return "--tp " + std::to_string(tp) + " --ep " + std::to_string(ep) + " --dp " + std::to_string(dp);
+  };
   if (ep == 0) {
     if (world_size % (tp * dp) != 0)
-      throw UsageError{"--tp " + std::to_string(tp) + " --dp " + std::to_string(dp) + ": TP x DP must divide the " +
-                       std::to_string(world_size) + " ranks"};
+      throw UsageError{"--tp " + std::to_string(tp) + " --dp " + std::to_string(dp) +
+                       ": TP x DP must divide the " + std::to_string(world_size) + " ranks"};
     ep = world_size / (tp * dp);
   }
   if (tp * ep * dp != world_size)
-    throw UsageError{"--tp " + std::to_string(tp) + " --ep " + std::to_string(ep) + " --dp " + std::to_string(dp) +
-                     ": TP x EP x DP must equal the " + std::to_string(world_size) + " ranks"};
+    throw UsageError{layout_text() + ": TP x EP x DP must equal the " + std::to_string(world_size) +
+                     " ranks"};
   if (ep > experts)
     throw UsageError{"--ep " + std::to_string(ep) + ": at most " + std::to_string(experts) +
                      " (every EP rank needs an expert)"};
@@ -110,13 +127,17 @@ Options parse_options(int argc, char** argv, int world_size) {
     throw UsageError{"--tokens " + std::to_string(o.tokens) + ": must be a multiple of EP x DP = " +
                      std::to_string(ep * dp) + " (equal local batches)"};
   if (o.steps <= o.warmup)
-    throw UsageError{"--steps " + std::to_string(o.steps) + ": must exceed --warmup " + std::to_string(o.warmup)};
+    throw UsageError{"--steps " + std::to_string(o.steps) + ": must exceed --warmup " +
+                     std::to_string(o.warmup)};
   if (o.kill_at_step >= o.steps)
     throw UsageError{"--kill-at-step " + std::to_string(o.kill_at_step) + ": must be below --steps " +
                      std::to_string(o.steps)};
   if ((o.checkpoint_every > 0 || o.resume) && o.checkpoint_dir.empty())
-    throw UsageError{std::string(o.resume ? "--resume" : "--checkpoint-every") + " needs --checkpoint-dir"};
-  o.layout.tp = int(tp), o.layout.ep = int(ep), o.layout.dp = int(dp);
+    throw UsageError{std::string(o.resume ? "--resume" : "--checkpoint-every") +
+                     " needs --checkpoint-dir"};
+  o.layout.tp = int(tp);
+  o.layout.ep = int(ep);
+  o.layout.dp = int(dp);
   return o;
 }
 
@@ -159,6 +180,27 @@ struct Task {
   }
 };
 
+/// What a checkpoint records of its run besides the model: the layout it was saved on, and
+/// the settings that the resumed run must share to be the same run.
+std::map<std::string, double> run_values(const Options& o) {
+  return {{"tokens", double(o.tokens)}, {"steps", double(o.steps)},   {"warmup", double(o.warmup)},
+          {"tp", double(o.layout.tp)},  {"ep", double(o.layout.ep)},  {"dp", double(o.layout.dp)}};
+}
+
+/// Another global batch or schedule would make the resumed run a different run.
+void check_same_run(const kmoe::io::TrainingProgress& progress, const Options& o,
+                    const std::string& checkpoint) {
+  const auto mine = run_values(o);
+  for (const char* key : {"tokens", "steps", "warmup"}) {
+    const auto saved = progress.values.find(key);
+    if (saved == progress.values.end() || saved->second != mine.at(key))
+      throw UsageError{"--" + std::string(key) + " " + std::to_string((long long)mine.at(key)) +
+                       ": the checkpoint " + checkpoint + " was written by a run with --" + key + " " +
+                       (saved == progress.values.end() ? std::string("(not recorded)")
+                                                       : std::to_string((long long)saved->second))};
+  }
+}
+
 int train(const Options& o) {
   const auto world = kmoe::MpiCommunicator::world();
   const int rank = world.rank();
@@ -167,8 +209,8 @@ int train(const Options& o) {
 
   kmoe::LayerOptions options;
   options.losses.switch_aux = 1e-2;
-  Layer layer(Router({hidden, experts, top_k, true, 1.0, {}}), Experts({owned, hidden, ffn / o.layout.tp}),
-              options, std::nullopt, groups);
+  Layer layer(Router({hidden, experts, top_k, true, 1.0, {}}),
+              Experts({owned, hidden, ffn / o.layout.tp}), options, std::nullopt, groups);
   // Keyed by each element's global identity: every layout starts from the same model.
   kmoe::InitConfig init;
   init.router_std = init.input_std = init.output_std = 0.2;
@@ -177,29 +219,29 @@ int train(const Options& o) {
   const kmoe::WarmupCosineSchedule schedule(o.warmup, o.steps, 0.1);
 
   if (rank == 0)
-    std::printf("train_distributed: %d ranks, %s, H=%d F=%d E=%d top-%d, %lld tokens per step, %lld steps\n",
-                world.size(), describe(o.layout).c_str(), hidden, ffn, experts, top_k, o.tokens, o.steps);
+    std::printf("train_distributed: %d ranks, %s, H=%d F=%d E=%d top-%d, %lld tokens per step, "
+                "%lld steps\n",
+                world.size(), describe(o.layout).c_str(), hidden, ffn, experts, top_k, o.tokens,
+                o.steps);
 
   long long first_step = 0;
   if (o.resume) {
     const std::string latest = kmoe::io::latest_checkpoint(o.checkpoint_dir);
     if (latest.empty()) {
-      if (rank == 0) std::printf("resume: no complete checkpoint under %s, starting at step 0\n", o.checkpoint_dir.c_str());
+      if (rank == 0)
+        std::printf("resume: no complete checkpoint under %s, starting at step 0\n",
+                    o.checkpoint_dir.c_str());
     } else {
       const auto progress = kmoe::io::load_checkpoint(latest, layer, optimizer);
-      // Another global batch or schedule would make the resumed run a different run.
-      for (auto [key, value] : {std::pair<const char*, long long>{"tokens", o.tokens}, {"steps", o.steps}, {"warmup", o.warmup}})
-        if (progress.values.count(key) == 0 || (long long)progress.values.at(key) != value)
-          throw UsageError{"--" + std::string(key) + " " + std::to_string(value) + ": the checkpoint " + latest +
-                           " was written by a run with --" + key + " " +
-                           (progress.values.count(key) ? std::to_string((long long)progress.values.at(key))
-                                                       : std::string("(not recorded)"))};
+      check_same_run(progress, o, latest);
       first_step = progress.step;
       kmoe::ParallelLayout saved;
-      saved.tp = int(progress.values.at("tp")), saved.ep = int(progress.values.at("ep")),
+      saved.tp = int(progress.values.at("tp"));
+      saved.ep = int(progress.values.at("ep"));
       saved.dp = int(progress.values.at("dp"));
       if (rank == 0)
-        std::printf("resumed from %s at step %lld (saved on %s, continuing on %s; schedule step %lld, lr %.6g)\n",
+        std::printf("resumed from %s at step %lld (saved on %s, continuing on %s; "
+                    "schedule step %lld, lr %.6g)\n",
                     latest.c_str(), first_step, describe(saved).c_str(), describe(o.layout).c_str(),
                     optimizer.steps(), base_learning_rate * schedule(optimizer.steps()));
     }
@@ -224,8 +266,8 @@ int train(const Options& o) {
     context.step = std::uint64_t(step);
     layer.forward(x, y, context);
     if (step == o.kill_at_step && rank == world.size() - 1) {
-      std::fprintf(stderr, "train_distributed: rank %d dies at step %lld (--kill-at-step) after the forward\n",
-                   rank, step);
+      std::fprintf(stderr, "train_distributed: rank %d dies at step %lld (--kill-at-step) after the "
+                   "forward\n", rank, step);
       std::_Exit(exit_code_of_killed_rank);  // no unwinding, no MPI_Finalize: a crash
     }
     // Each rank's loss is the mean over its own tokens (what synchronize_gradients()
@@ -255,14 +297,7 @@ int train(const Options& o) {
     const long long done = step + 1;
     if (o.checkpoint_every > 0 && done % o.checkpoint_every == 0) {
       const std::string directory = o.checkpoint_dir + "/" + checkpoint_name(done);
-      kmoe::io::save_checkpoint(directory, layer, optimizer,
-                                {done,
-                                 {{"tokens", double(o.tokens)},
-                                  {"steps", double(o.steps)},
-                                  {"warmup", double(o.warmup)},
-                                  {"tp", o.layout.tp},
-                                  {"ep", o.layout.ep},
-                                  {"dp", o.layout.dp}}});
+      kmoe::io::save_checkpoint(directory, layer, optimizer, {done, run_values(o)});
       if (rank == 0) std::printf("checkpoint step %lld saved to %s\n", done, directory.c_str());
     }
     std::fflush(stdout);  // a killed job loses only the lines of the step it died in
