@@ -27,7 +27,11 @@
 ///  - `void set_step(const std::string& step) const`: the call this process is in, for
 ///    diagnostics (set at each of the layer's agreement points; MpiCommunicator's watchdog);
 ///  - `void set_name(const std::string& name) const`: the group's role, set by
-///    ParallelGroups::create ("tp", "ep", "dp", "tokens").
+///    ParallelGroups::create ("tp", "ep", "dp", "tokens");
+///  - `template <class View> Request all_reduce_sum_start(const View& data) const`: the
+///    in-place sum started and completed by the Request's wait(), so that a gradient
+///    bucket's reduction overlaps the rest of backward (gradient_buckets.hpp). Without it,
+///    the buckets reduce with the blocking all_reduce_sum as they start.
 /// `kmoe::check_valid_communicator<C>()` asserts each rule with its own message.
 
 #include <kmoe/detail/detect.hpp>
@@ -52,6 +56,9 @@ template <class C>
 using comm_exchange_counts = std::enable_if_t<std::is_same_v<
     decltype(std::declval<C&>().exchange_counts(std::declval<const communicator_counts&>())),
     communicator_counts>>;
+template <class C>
+using comm_all_reduce_sum_start = decltype(std::declval<const C&>().all_reduce_sum_start(
+    std::declval<const communicator_probe_view&>()));
 template <class C>
 using comm_all_to_all_v = decltype(std::declval<C&>().all_to_all_v(
     std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>(),
@@ -159,6 +166,7 @@ class SingleProcessCommunicator {
   }
 
   template <class View> void all_reduce_sum(const View&) const {}
+  template <class View> Request all_reduce_sum_start(const View&) const { return {}; }
   template <class View> void all_reduce_max(const View&) const {}
   template <class SendView, class RecvView>
   void all_gather(const SendView& send, const RecvView& recv) const {

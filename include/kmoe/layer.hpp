@@ -12,6 +12,7 @@
 #include <kmoe/detail/row_major.hpp>
 #include <kmoe/dispatch.hpp>
 #include <kmoe/expert.hpp>
+#include <kmoe/gradient_buckets.hpp>
 #include <kmoe/losses.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/router.hpp>
@@ -45,6 +46,8 @@ struct LayerOptions {
   /// Fence and time each phase of forward into ForwardStats::phase_ms (costs the fences,
   /// and under expert parallelism a synchronisation of the EP group before each exchange).
   bool time_phases = false;
+  /// Bucketed gradient averaging; overlap starts it inside backward (gradient_buckets.hpp).
+  GradientSyncOptions gradient_sync = {};
 };
 
 /// \brief Wall time of each forward phase in milliseconds (LayerOptions::time_phases).
@@ -137,6 +140,17 @@ std::int64_t first_non_finite(const Logits& logits, const Weight& weight) {
   return first;
 }
 
+/// Element i of a rank-1 or rank-2 view read in row-major order. A function of its own:
+/// nvcc refuses an extended lambda that first captures a variable inside `if constexpr`.
+template <class View>
+KOKKOS_INLINE_FUNCTION typename View::value_type flat_element(const View& v, std::int64_t i,
+                                                              std::int64_t cols) {
+  if constexpr (View::rank == 2)
+    return v(i / cols, i % cols);
+  else
+    return v(i);
+}
+
 /// Flat (row-major) index of the first non-finite element of a rank-1 or rank-2 view,
 /// any layout; its size if none.
 template <class X, class View>
@@ -147,12 +161,7 @@ std::int64_t first_non_finite_element(const View& v) {
   Kokkos::parallel_reduce(
       "kmoe::MoELayer::check_finite_result", Kokkos::RangePolicy<X>(0, n),
       KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
-        bool finite;
-        if constexpr (View::rank == 2)
-          finite = detail::isfinite(v(i / cols, i % cols));
-        else
-          finite = detail::isfinite(v(i));
-        if (!finite && i < found) found = i;
+        if (!detail::isfinite(flat_element(v, i, cols)) && i < found) found = i;
       },
       Kokkos::Min<std::int64_t>(first));
   return first < n ? first : n;
@@ -170,13 +179,6 @@ std::int64_t count_routed(const Expert& expert) {
       },
       routed);
   return routed;
-}
-
-template <class X, class S, class Flat>
-void scale_in_place(const Flat& grad, S scale) {
-  Kokkos::parallel_for(
-      "kmoe::MoELayer::scale_gradient", Kokkos::RangePolicy<X>(0, grad.size()),
-      KOKKOS_LAMBDA(std::size_t i) { grad(i) *= scale; });
 }
 
 /// Row maps of the expert order, from blocks b = (source p, local expert j) of blocks(b, 2)
@@ -316,7 +318,8 @@ class MoELayer {
         shared_(std::move(shared)),
         options_(options),
         groups_(std::move(groups)),
-        losses_(options.losses) {
+        losses_(options.losses),
+        gradient_buckets_(options.gradient_sync.bucket_bytes) {
     constexpr const char* where = "kmoe::MoELayer";
     // Every rank takes part in the agreement even when its own checks fail, so a rank with
     // a bad argument does not leave the others waiting in the fingerprint all-gather.
@@ -329,8 +332,11 @@ class MoELayer {
   int num_experts() const { return router_.num_experts(); }
   int hidden_size() const { return router_.hidden_size(); }
   Router& router() { return router_; }
+  const Router& router() const { return router_; }
   Expert& experts() { return experts_; }
+  const Expert& experts() const { return experts_; }
   std::optional<Expert>& shared_experts() { return shared_; }
+  const std::optional<Expert>& shared_experts() const { return shared_; }
   const LayerOptions& options() const { return options_; }
   /// Turns the per-phase timing of forward (ForwardStats::phase_ms) on or off.
   void set_phase_timing(bool enabled) { options_.time_phases = enabled; }
@@ -516,6 +522,9 @@ class MoELayer {
       // the gradients would be neither g nor 2g; PyTorch refuses the same.
       require(!backward_done_, where, "state", "after backward",
               "backward runs once per training forward; call forward again");
+      require(!gradient_buckets_.pending(), where, "state", "gradient sync pending",
+              "with LayerOptions::gradient_sync.overlap every backward starts the gradient "
+              "sync; call synchronize_gradients() (or zero_gradients()) before the next one");
       require(grad_y_in.extent(0) == x_.extent(0) && grad_y_in.extent(1) == x_.extent(1), where,
               "grad_y extents", std::to_string(grad_y_in.extent(0)) + "x" + std::to_string(grad_y_in.extent(1)),
               "must equal x's extents");
@@ -530,13 +539,14 @@ class MoELayer {
                                               copy_back);
     });
     backward_done_ = true;
+    non_finite_gradient_ = nullptr;
     abort_on_failure(groups_.world, where, [&] { backward_after_checks(grad_y, grad_x); });
     if (copy_back) Kokkos::deep_copy(grad_x_out, grad_x);
     // Finite grad_y can overflow on the way back, like the forward output (see forward).
     if (raise)
       kmoe::agree_or_throw(groups_.world, where, [&] {
         raise_if_non_finite(grad_x, where, "input gradient grad_x");
-        for (const auto& p : parameters()) raise_if_non_finite(p.grad, where, "gradient of " + p.name);
+        if (non_finite_gradient_) std::rethrow_exception(non_finite_gradient_);
       });
   }
 
@@ -551,6 +561,7 @@ class MoELayer {
     arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
     detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
     experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
+    gradients_produced(GradientGroup::experts);
     if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
     arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
     exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
@@ -559,12 +570,50 @@ class MoELayer {
     if (shared_) {
       detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
       shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
+      gradients_produced(GradientGroup::shared);
       add_into(shared_grad_x_, grad_x);
     }
     detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
                            std::size_t(num_experts()));
     losses_.backward(plan_, Router::probability_kind, grad_logits_);
     router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
+    gradients_produced(GradientGroup::router);
+  }
+
+  /// The three groups of gradients, in the order backward completes them; each is averaged
+  /// over the ranks that hold it.
+  enum class GradientGroup { experts, shared, router };
+
+  ParameterList<X, S> gradient_group(GradientGroup group) const {
+    ParameterList<X, S> list;
+    if (group == GradientGroup::experts) experts_.collect_parameters(list);
+    if (group == GradientGroup::shared && shared_) shared_->collect_parameters(list);
+    if (group == GradientGroup::router) router_.collect_parameters(list);
+    return list;
+  }
+
+  /// Routed experts over the data-parallel group, scaled by the ranks with distinct tokens;
+  /// the router and shared experts over the world (docs/semantics.md section 5).
+  void start_gradient_sync(GradientGroup group) {
+    if (group == GradientGroup::experts)
+      gradient_buckets_.start(groups_.dp, gradient_group(group), groups_.tokens.size());
+    else
+      gradient_buckets_.start(groups_.world, gradient_group(group), groups_.world.size());
+  }
+
+  /// Backward has finished a group's gradients: under NonFinitePolicy::raise, check them
+  /// while they are still this rank's own (the first failure is raised after backward, on
+  /// every rank); with overlap, start their sync.
+  void gradients_produced(GradientGroup group) {
+    if (options_.non_finite == NonFinitePolicy::raise && !non_finite_gradient_) {
+      try {
+        for (const auto& p : gradient_group(group))
+          raise_if_non_finite(p.grad, "kmoe::MoELayer::backward", "gradient of " + p.name);
+      } catch (const kmoe::runtime_error&) {
+        non_finite_gradient_ = std::current_exception();
+      }
+    }
+    if (options_.gradient_sync.overlap) start_gradient_sync(group);
   }
 
  public:
@@ -597,22 +646,27 @@ class MoELayer {
     return list;
   }
 
-  void zero_gradients() const { kmoe::zero_gradients(parameters()); }
+  /// \brief Sets every gradient to zero; completes (and drops) a gradient sync a failed
+  /// backward left started.
+  void zero_gradients() {
+    if (gradient_buckets_.pending()) gradient_buckets_.discard();
+    kmoe::zero_gradients(parameters());
+  }
 
   /// \brief Averages gradients over the ranks that hold each tensor (docs/semantics.md section 5):
   /// router and shared experts over the world, routed experts over the data-parallel
   /// group, both scaled so that the result is the gradient of the mean loss over every
-  /// rank's tokens.
+  /// rank's tokens. Gradients travel in buckets (LayerOptions::gradient_sync); with overlap
+  /// backward has started them and this waits for them. Either way the same collectives
+  /// run on the same buffers, so overlapped and blocking give the same bits.
   void synchronize_gradients() {
     kmoe::agree_or_throw<typename X::memory_space>(
         groups_.world, "kmoe::MoELayer::synchronize_gradients",
         calls_.enter(CallSequence::synchronize_gradients), [] {});
-    ParameterList<X, S> replicated, expert;
-    router_.collect_parameters(replicated);
-    if (shared_) shared_->collect_parameters(replicated);
-    experts_.collect_parameters(expert);
-    for (auto& p : replicated) reduce_mean(groups_.world, p.grad, groups_.world.size());
-    for (auto& p : expert) reduce_mean(groups_.dp, p.grad, groups_.tokens.size());
+    if (!options_.gradient_sync.overlap)
+      for (auto group : {GradientGroup::experts, GradientGroup::shared, GradientGroup::router})
+        start_gradient_sync(group);
+    gradient_buckets_.finish();
   }
 
   /// \brief Compares every replicated parameter across the ranks that hold it (router and
@@ -1013,13 +1067,6 @@ class MoELayer {
     for (std::size_t i = 0; i < values.size(); ++i) values[i] = host(i);
   }
 
-  template <class Comm, class Flat>
-  static void reduce_mean(const Comm& comm, const Flat& grad, int divisor) {
-    if (comm.size() > 1) comm.all_reduce_sum(grad);
-    if (divisor == 1) return;
-    detail::scale_in_place<X>(grad, S(1) / S(divisor));
-  }
-
   /// Timed runs only (LayerOptions::time_phases): synchronises the EP group before an
   /// exchange, so that the exchange phase holds the transfer alone and the wait for slower
   /// ranks (load imbalance) is reported apart.
@@ -1234,6 +1281,9 @@ class MoELayer {
   // replicas (the first one does).
   CallSequence calls_;
   bool replicas_compared_ = false;
+  // Gradient sync in flight (overlap), and the first non-finite gradient backward found.
+  GradientBuckets<X, S, Communicator> gradient_buckets_;
+  std::exception_ptr non_finite_gradient_;
   // The training copy of x, and row-major copies of strided arguments.
   Matrix<S, X> saved_x_, x_rows_, y_rows_, grad_y_rows_, grad_x_rows_;
   Matrix<S, X> send_x_, recv_x_, expert_x_, expert_y_, recv_y_, send_y_, shared_y_;

@@ -75,7 +75,7 @@ struct GlobalIndexMap {
   const int* experts = nullptr;  ///< global expert per local one, in the kernel's memory
 
   KOKKOS_INLINE_FUNCTION std::int64_t operator()(std::int64_t i) const {
-    std::int64_t coordinate[max_rank];
+    std::int64_t coordinate[max_rank] = {0, 0, 0, 0};
     for (int a = rank - 1; a >= 0; --a) {
       coordinate[a] = i % local[a];
       i /= local[a];

@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "shard_index.hpp"
+
 using namespace kmoe;
 
 namespace {
@@ -68,31 +70,12 @@ Matrix<S, X> rows_of(const Matrix<S, X>& full, int first, int count) {
   return part;
 }
 
-/// Flat index in the full tensor of element `i` of this rank's shard (experts through
-/// `owned` on axis 0, a narrower axis being this TP rank's slice).
-std::size_t full_index(const Parameter<X, S>& full, const Parameter<X, S>& shard, std::size_t i,
-                       const std::vector<int>& owned, int tp_rank) {
-  const auto& fs = full.shape;
-  const auto& ss = shard.shape;
-  std::vector<std::int64_t> index(ss.size());
-  for (int a = int(ss.size()) - 1; a >= 0; --a) {
-    index[a] = std::int64_t(i % std::size_t(ss[a]));
-    i /= std::size_t(ss[a]);
-  }
-  if (!owned.empty()) index[0] = owned[index[0]];
-  for (std::size_t a = 1; a < ss.size(); ++a)
-    if (ss[a] != fs[a]) index[a] += tp_rank * ss[a];
-  std::size_t flat = 0;
-  for (std::size_t a = 0; a < fs.size(); ++a) flat = flat * std::size_t(fs[a]) + std::size_t(index[a]);
-  return flat;
-}
-
 void copy_shard(const ParameterList<X, S>& full, const ParameterList<X, S>& shard,
                 const std::vector<int>& owned, int tp_rank) {
   REQUIRE(full.size() == shard.size());
   for (std::size_t p = 0; p < full.size(); ++p)
     for (std::size_t i = 0; i < shard[p].value.size(); ++i)
-      shard[p].value(i) = full[p].value(full_index(full[p], shard[p], i, owned, tp_rank));
+      shard[p].value(i) = full[p].value(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank));
 }
 
 /// Largest |distributed - reference / groups| over a list, relative to the reference scale.
@@ -104,7 +87,7 @@ double gradient_error(const ParameterList<X, S>& full, const ParameterList<X, S>
     for (std::size_t i = 0; i < full[p].grad.size(); ++i)
       scale = std::max(scale, std::abs(full[p].grad(i)) / groups);
     for (std::size_t i = 0; i < shard[p].grad.size(); ++i) {
-      const double want = full[p].grad(full_index(full[p], shard[p], i, owned, tp_rank)) / groups;
+      const double want = full[p].grad(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank)) / groups;
       error = std::max(error, std::abs(shard[p].grad(i) - want) / scale);
     }
   }

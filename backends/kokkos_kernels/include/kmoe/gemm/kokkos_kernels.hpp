@@ -91,6 +91,97 @@ inline std::size_t host_tile_width(std::size_t rows) {
   return rows <= host_tile_rows ? host_tile_columns_short : host_tile_columns;
 }
 
+/// Row-major C = alpha op(A) op(B) + beta C on column-major aliases (see KokkosKernels),
+/// its pieces run as Form says. A free function, not a private member: nvcc refuses an
+/// extended __host__ __device__ lambda whose enclosing function is private.
+template <class Form, class ExecSpace, class AView, class BView, class CView>
+void gemm_row_major(const ExecSpace& space, bool transpose_a, bool transpose_b,
+                    typename CView::const_value_type alpha, const AView& a, const BView& b,
+                    typename CView::const_value_type beta, const CView& c) {
+  using Scalar = typename CView::non_const_value_type;
+  using Memory = typename ExecSpace::memory_space;
+  using Device = Kokkos::Device<ExecSpace, Memory>;
+  using ColMajor = Kokkos::View<Scalar**, Kokkos::LayoutLeft, Device,
+                                Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  using ConstColMajor = Kokkos::View<const Scalar**, Kokkos::LayoutLeft, Device,
+                                     Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  const std::size_t m = c.extent(0), n = c.extent(1);
+  const std::size_t k = transpose_a ? a.extent(0) : a.extent(1);
+  require((transpose_a ? a.extent(1) : a.extent(0)) == m, "kmoe::gemm::KokkosKernels::gemm",
+          "A rows", (transpose_a ? a.extent(1) : a.extent(0)), "must equal rows of C");
+  require((transpose_b ? b.extent(1) : b.extent(0)) == k, "kmoe::gemm::KokkosKernels::gemm",
+          "B rows", (transpose_b ? b.extent(1) : b.extent(0)),
+          "must equal the inner dimension of op(A)");
+  require((transpose_b ? b.extent(0) : b.extent(1)) == n, "kmoe::gemm::KokkosKernels::gemm",
+          "B columns", (transpose_b ? b.extent(0) : b.extent(1)), "must equal columns of C");
+  if (m == 0 || n == 0) return;
+  require(a.span_is_contiguous() && b.span_is_contiguous() && c.span_is_contiguous(),
+          "kmoe::gemm::KokkosKernels::gemm", "operand layout", "strided",
+          "operands must be contiguous row-major blocks");
+  const ConstColMajor a_t(a.data(), a.extent(1), a.extent(0));
+  const ConstColMajor b_t(b.data(), b.extent(1), b.extent(0));
+  const ColMajor c_t(c.data(), n, m);
+  if (k == 0) {
+    // An empty inner dimension leaves C = beta * C; beta = 0 overwrites, as BLAS does.
+    Scalar* c_data = c.data();
+    for_each_piece<Form, Kokkos::Schedule<Kokkos::Static>>(
+        space, "kmoe::gemm::scale", m * n, KOKKOS_LAMBDA(std::size_t i) {
+          c_data[i] = beta == Scalar(0) ? Scalar(0) : c_data[i] * beta;
+        });
+    return;
+  }
+  // A few rows times a transposed weight (decode, small expert segments): stream the
+  // weight once on host spaces; device BLAS handles skinny shapes itself.
+  constexpr bool host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, Memory>::accessible;
+  if constexpr (host) {
+    if (!transpose_a && transpose_b && m <= skinny_rows) {
+      skinny_dispatch<Form>(space, m, n, k, Scalar(alpha), a.data(), b.data(), Scalar(beta),
+                              c.data());
+      return;
+    }
+  }
+  const char* op_b = transpose_b ? "T" : "N";
+  const char* op_a = transpose_a ? "T" : "N";
+  if constexpr (host) {
+    // Tiles of C run concurrently, each a single-threaded BLAS call (a BLAS call inside
+    // the parallel region runs single-threaded), or in turn on the calling thread: the
+    // same calls either way.
+    const std::size_t row_tiles = (m + host_tile_rows - 1) / host_tile_rows;
+    const std::size_t width = host_tile_width(m);
+    const std::size_t column_tiles = (n + width - 1) / width;
+    for_each_piece<Form, Kokkos::Schedule<Kokkos::Dynamic>>(
+        space, "kmoe::gemm::host_tiles", row_tiles * column_tiles, [&](std::size_t tile) {
+          const std::size_t i0 = tile / column_tiles * host_tile_rows;
+          const std::size_t j0 = tile % column_tiles * width;
+          const auto rows = Kokkos::make_pair(i0, std::min(m, i0 + host_tile_rows));
+          const auto columns = Kokkos::make_pair(j0, std::min(n, j0 + width));
+          // In the column-major aliases C's rows are columns: op(B)^T gives the tile's
+          // columns of C, op(A)^T its rows.
+          const auto c_tile = Kokkos::subview(c_t, columns, rows);
+          const auto with_b = [&](const auto& b_tile) {
+            if (transpose_a)
+              KokkosBlas::gemm(op_b, op_a, alpha, b_tile, Kokkos::subview(a_t, rows, Kokkos::ALL),
+                               beta, c_tile);
+            else
+              KokkosBlas::gemm(op_b, op_a, alpha, b_tile, Kokkos::subview(a_t, Kokkos::ALL, rows),
+                               beta, c_tile);
+          };
+          if (transpose_b)
+            with_b(Kokkos::subview(b_t, Kokkos::ALL, columns));
+          else
+            with_b(Kokkos::subview(b_t, columns, Kokkos::ALL));
+        });
+  } else {
+#if defined(KOKKOSKERNELS_VERSION) && KOKKOSKERNELS_VERSION >= 40000
+    // The caller's instance (its CUDA stream), so that the GEMM orders with its other work.
+    KokkosBlas::gemm(space, op_b, op_a, alpha, b_t, a_t, beta, c_t);
+#else
+    // Kokkos Kernels 3.x has no instance overload: the default instance's stream.
+    KokkosBlas::gemm(op_b, op_a, alpha, b_t, a_t, beta, c_t);
+#endif
+  }
+}
+
 }  // namespace detail
 
 /// \brief GEMM policy: row-major C = alpha * op(A) * op(B) + beta * C via Kokkos Kernels.
@@ -107,7 +198,7 @@ struct KokkosKernels {
   static void gemm(const ExecSpace& space, bool transpose_a, bool transpose_b,
                    typename CView::const_value_type alpha, const AView& a, const BView& b,
                    typename CView::const_value_type beta, const CView& c) {
-    gemm_as<detail::Dispatched>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
+    detail::gemm_row_major<detail::Dispatched>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
   }
 
   /// \brief The same product, with the same bits, computed on the calling thread of a host
@@ -123,90 +214,7 @@ struct KokkosKernels {
     static_assert(Kokkos::SpaceAccessibility<Kokkos::HostSpace,
                                              typename ExecSpace::memory_space>::accessible,
                   "kmoe::gemm::KokkosKernels::gemm_on_calling_thread: host execution spaces only");
-    gemm_as<detail::OnCallingThread>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
-  }
-
- private:
-  template <class Form, class ExecSpace, class AView, class BView, class CView>
-  static void gemm_as(const ExecSpace& space, bool transpose_a, bool transpose_b,
-                      typename CView::const_value_type alpha, const AView& a, const BView& b,
-                      typename CView::const_value_type beta, const CView& c) {
-    using Scalar = typename CView::non_const_value_type;
-    using Memory = typename ExecSpace::memory_space;
-    using Device = Kokkos::Device<ExecSpace, Memory>;
-    using ColMajor = Kokkos::View<Scalar**, Kokkos::LayoutLeft, Device,
-                                  Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
-    using ConstColMajor = Kokkos::View<const Scalar**, Kokkos::LayoutLeft, Device,
-                                       Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
-    const std::size_t m = c.extent(0), n = c.extent(1);
-    const std::size_t k = transpose_a ? a.extent(0) : a.extent(1);
-    require((transpose_a ? a.extent(1) : a.extent(0)) == m, "kmoe::gemm::KokkosKernels::gemm",
-            "A rows", (transpose_a ? a.extent(1) : a.extent(0)), "must equal rows of C");
-    require((transpose_b ? b.extent(1) : b.extent(0)) == k, "kmoe::gemm::KokkosKernels::gemm",
-            "B rows", (transpose_b ? b.extent(1) : b.extent(0)),
-            "must equal the inner dimension of op(A)");
-    require((transpose_b ? b.extent(0) : b.extent(1)) == n, "kmoe::gemm::KokkosKernels::gemm",
-            "B columns", (transpose_b ? b.extent(0) : b.extent(1)), "must equal columns of C");
-    if (m == 0 || n == 0) return;
-    require(a.span_is_contiguous() && b.span_is_contiguous() && c.span_is_contiguous(),
-            "kmoe::gemm::KokkosKernels::gemm", "operand layout", "strided",
-            "operands must be contiguous row-major blocks");
-    const ConstColMajor a_t(a.data(), a.extent(1), a.extent(0));
-    const ConstColMajor b_t(b.data(), b.extent(1), b.extent(0));
-    const ColMajor c_t(c.data(), n, m);
-    if (k == 0) {
-      // An empty inner dimension leaves C = beta * C; beta = 0 overwrites, as BLAS does.
-      Scalar* c_data = c.data();
-      detail::for_each_piece<Form, Kokkos::Schedule<Kokkos::Static>>(
-          space, "kmoe::gemm::scale", m * n, KOKKOS_LAMBDA(std::size_t i) {
-            c_data[i] = beta == Scalar(0) ? Scalar(0) : c_data[i] * beta;
-          });
-      return;
-    }
-    // A few rows times a transposed weight (decode, small expert segments): stream the
-    // weight once on host spaces; device BLAS handles skinny shapes itself.
-    constexpr bool host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, Memory>::accessible;
-    if constexpr (host) {
-      if (!transpose_a && transpose_b && m <= detail::skinny_rows) {
-        detail::skinny_dispatch<Form>(space, m, n, k, Scalar(alpha), a.data(), b.data(), Scalar(beta),
-                                c.data());
-        return;
-      }
-    }
-    const char* op_b = transpose_b ? "T" : "N";
-    const char* op_a = transpose_a ? "T" : "N";
-    if constexpr (host) {
-      // Tiles of C run concurrently, each a single-threaded BLAS call (a BLAS call inside
-      // the parallel region runs single-threaded), or in turn on the calling thread: the
-      // same calls either way.
-      const std::size_t row_tiles = (m + detail::host_tile_rows - 1) / detail::host_tile_rows;
-      const std::size_t width = detail::host_tile_width(m);
-      const std::size_t column_tiles = (n + width - 1) / width;
-      detail::for_each_piece<Form, Kokkos::Schedule<Kokkos::Dynamic>>(
-          space, "kmoe::gemm::host_tiles", row_tiles * column_tiles, [&](std::size_t tile) {
-            const std::size_t i0 = tile / column_tiles * detail::host_tile_rows;
-            const std::size_t j0 = tile % column_tiles * width;
-            const auto rows = Kokkos::make_pair(i0, std::min(m, i0 + detail::host_tile_rows));
-            const auto columns = Kokkos::make_pair(j0, std::min(n, j0 + width));
-            // In the column-major aliases C's rows are columns: op(B)^T gives the tile's
-            // columns of C, op(A)^T its rows.
-            const auto c_tile = Kokkos::subview(c_t, columns, rows);
-            const auto with_b = [&](const auto& b_tile) {
-              if (transpose_a)
-                KokkosBlas::gemm(op_b, op_a, alpha, b_tile, Kokkos::subview(a_t, rows, Kokkos::ALL),
-                                 beta, c_tile);
-              else
-                KokkosBlas::gemm(op_b, op_a, alpha, b_tile, Kokkos::subview(a_t, Kokkos::ALL, rows),
-                                 beta, c_tile);
-            };
-            if (transpose_b)
-              with_b(Kokkos::subview(b_t, Kokkos::ALL, columns));
-            else
-              with_b(Kokkos::subview(b_t, columns, Kokkos::ALL));
-          });
-    } else {
-      KokkosBlas::gemm(op_b, op_a, alpha, b_t, a_t, beta, c_t);
-    }
+    detail::gemm_row_major<detail::OnCallingThread>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
   }
 };
 

@@ -145,22 +145,30 @@ class MpiCommunicator {
   };
   static std::shared_ptr<Handle> make_handle() { return std::make_shared<Handle>(); }
 
-  // An in-flight Ialltoallv: MPI reads the count and displacement arrays until completion,
-  // and the views must outlive it, so the request owns all of them.
+  // An in-flight non-blocking collective (Ialltoallv, or the INT_MAX-element pieces of an
+  // Iallreduce): MPI reads the count and displacement arrays until completion, and the
+  // views must outlive it, so the request owns all of them.
   struct Pending {
-    MPI_Request request = MPI_REQUEST_NULL;
+    std::vector<MPI_Request> requests;
+    std::vector<unsigned long long> sequences;  // the watchdog's number of each request
+    detail::MpiCollective what = detail::MpiCollective::all_to_all_v;
     std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
     std::shared_ptr<const void> buffers;
     std::shared_ptr<Handle> comm;
-    unsigned long long sequence = 0;
+
+    void wait() {
+      for (std::size_t i = 0; i < requests.size(); ++i)
+        if (requests[i] != MPI_REQUEST_NULL) wait_watched(*comm, requests[i], what, sequences[i]);
+      requests.clear();
+    }
     ~Pending() {
       // A request dropped without wait() still completes here: freeing the buffers under
-      // a running exchange would corrupt memory.
+      // a running collective would corrupt memory.
       int finalized = 0;
       MPI_Finalized(&finalized);
-      if (request == MPI_REQUEST_NULL || finalized) return;
+      if (requests.empty() || finalized) return;
       try {
-        wait_watched(*comm, request, detail::MpiCollective::all_to_all_v, sequence);
+        wait();
       } catch (...) {
         // An MPI error while unwinding: nothing is left to report it to.
       }
@@ -168,14 +176,14 @@ class MpiCommunicator {
   };
 
  public:
-  /// \brief Handle on a non-blocking all-to-all-v; wait() completes it (a no-op when empty).
+  /// \brief Handle on a non-blocking all-to-all-v or all-reduce; wait() completes it (a
+  /// no-op when empty).
   class Request {
    public:
     Request() = default;
     void wait() {
-      if (!pending_ || pending_->request == MPI_REQUEST_NULL) return;
-      wait_watched(*pending_->comm, pending_->request, detail::MpiCollective::all_to_all_v,
-                   pending_->sequence);
+      if (!pending_) return;
+      pending_->wait();
       pending_.reset();
     }
 
@@ -316,18 +324,44 @@ class MpiCommunicator {
                                   pending->recv_displs);
     pending->buffers = std::make_shared<std::pair<SendView, RecvView>>(send, recv);
     pending->comm = handle_ ? handle_ : make_handle();
-    pending->sequence = begin_collective();
+    pending->sequences.push_back(begin_collective());
+    pending->requests.push_back(MPI_REQUEST_NULL);
     const auto type = detail::mpi_datatype<typename SendView::value_type>();
     Kokkos::fence();
     detail::mpi_check(
         MPI_Ialltoallv(send.data(), pending->send_counts.data(), pending->send_displs.data(), type,
                        recv.data(), pending->recv_counts.data(), pending->recv_displs.data(), type,
-                       native(), &pending->request),
+                       native(), &pending->requests.back()),
         "MPI_Ialltoallv");
     return Request(std::move(pending));
   }
 
   template <class View> void all_reduce_sum(const View& data) const { all_reduce(data, MPI_SUM); }
+
+  /// \brief The in-place sum of all_reduce_sum, started (MPI_Iallreduce in pieces of at
+  /// most INT_MAX elements); the Request's wait() completes it, under the watchdog when on.
+  /// The blocking form without the watchdog calls MPI_Allreduce, whose algorithm may add in
+  /// another order: compare a started sum with a started sum when bits matter.
+  template <class View>
+  Request all_reduce_sum_start(const View& data) const {
+    detail::require_host_view<View>();
+    if (size_ == 1 || data.size() == 0) return Request();
+    auto pending = std::make_shared<Pending>();
+    pending->what = detail::MpiCollective::all_reduce;
+    pending->buffers = std::make_shared<View>(data);
+    pending->comm = handle_;
+    const auto type = detail::mpi_datatype<typename View::value_type>();
+    Kokkos::fence();
+    for (std::size_t begin = 0; begin < data.size(); begin += std::size_t(INT_MAX)) {
+      const std::size_t n = std::min<std::size_t>(data.size() - begin, std::size_t(INT_MAX));
+      pending->sequences.push_back(begin_collective());
+      pending->requests.push_back(MPI_REQUEST_NULL);
+      detail::mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data() + begin, int(n), type, MPI_SUM,
+                                       native(), &pending->requests.back()),
+                        "MPI_Iallreduce");
+    }
+    return Request(std::move(pending));
+  }
   template <class View> void all_reduce_max(const View& data) const { all_reduce(data, MPI_MAX); }
 
   template <class SendView, class RecvView>

@@ -206,6 +206,21 @@ class NcclCommunicator {
   }
 
   template <class View> void all_reduce_sum(const View& data) const { all_reduce(data, ncclSum); }
+
+  /// \brief The in-place sum enqueued on the communicator's stream; the Request's wait()
+  /// synchronises that stream (kernels on Kokkos' stream run meanwhile).
+  template <class View>
+  Request all_reduce_sum_start(const View& data) const {
+    if (!state_ || data.size() == 0) return Request();
+    detail::require_device_pointer(data.data(), "kmoe::NcclCommunicator::all_reduce_sum_start",
+                                   "data");
+    Kokkos::fence();
+    detail::nccl_check(ncclAllReduce(data.data(), data.data(), data.size(),
+                                     detail::nccl_datatype<typename View::value_type>(), ncclSum,
+                                     state_->comm, state_->stream),
+                       "ncclAllReduce");
+    return Request(state_);
+  }
   template <class View> void all_reduce_max(const View& data) const { all_reduce(data, ncclMax); }
 
   template <class SendView, class RecvView>
