@@ -22,8 +22,8 @@ separate_arguments(mpiexec_extra UNIX_COMMAND "${KMOE_MPIEXEC_EXTRA_FLAGS}")
 set(steps 40)
 set(every 10)
 set(kill_step 29)
-set(restart_step 20)  # the last checkpoint before kill_step
-set(last_step 39)
+math(EXPR restart_step "${kill_step} / ${every} * ${every}")  # the last checkpoint before it
+math(EXPR last_step "${steps} - 1")
 file(REMOVE_RECURSE "${WORK_DIR}")
 file(MAKE_DIRECTORY "${WORK_DIR}")
 
@@ -178,7 +178,8 @@ if(killed_rc EQUAL 0)
   list(APPEND failures "the run told to die at step ${kill_step} exited with status 0")
 endif()
 math(EXPR before_kill "${kill_step} - 1")
-if(NOT killed_output MATCHES "step ${before_kill} loss " OR killed_output MATCHES "step ${kill_step} loss ")
+if(NOT killed_output MATCHES "(^|\n)step ${before_kill} loss " OR
+   killed_output MATCHES "(^|\n)step ${kill_step} loss ")
   list(APPEND failures "the killed run did not stop at step ${kill_step} (its last loss line must be step ${before_kill})")
 endif()
 checkpoint_name(${restart_step} restart_checkpoint)
@@ -210,7 +211,8 @@ foreach(step RANGE ${restart_step} ${last_step})
   list(APPEND expected_steps ${step})
 endforeach()
 if(NOT restarted_steps STREQUAL expected_steps)
-  list(APPEND failures "the restart printed steps '${restarted_steps}', expected ${restart_step} to ${last_step}")
+  string(REPLACE ";" " " printed "${restarted_steps}")
+  list(APPEND failures "the restart printed steps '${printed}', expected ${restart_step} to ${last_step}")
 endif()
 
 # The comparison, as a Markdown table.
