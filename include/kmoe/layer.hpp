@@ -566,6 +566,7 @@ class MoELayer {
     arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
     exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
     scatter_add_rows(grad_send_x_, grad_x);
+    gradient_buckets_.progress();  // overlap: let the expert gradients' sums advance
 
     if (shared_) {
       detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
@@ -613,7 +614,10 @@ class MoELayer {
         non_finite_gradient_ = std::current_exception();
       }
     }
-    if (options_.gradient_sync.overlap) start_gradient_sync(group);
+    if (options_.gradient_sync.overlap) {
+      start_gradient_sync(group);
+      gradient_buckets_.progress();
+    }
   }
 
  public:
