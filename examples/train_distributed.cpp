@@ -209,6 +209,9 @@ int train(const Options& o) {
 
   kmoe::LayerOptions options;
   options.losses.switch_aux = 1e-2;
+  // Each group of gradients starts its bucketed all-reduce inside backward as soon as it
+  // exists; synchronize_gradients() then waits (one sync per backward, as here).
+  options.gradient_sync.overlap = true;
   Layer layer(Router({hidden, experts, top_k, true, 1.0, {}}),
               Experts({owned, hidden, ffn / o.layout.tp}), options, std::nullopt, groups);
   // Keyed by each element's global identity: every layout starts from the same model.

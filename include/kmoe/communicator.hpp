@@ -31,7 +31,10 @@
 ///  - `template <class View> Request all_reduce_sum_start(const View& data) const`: the
 ///    in-place sum started and completed by the Request's wait(), so that a gradient
 ///    bucket's reduction overlaps the rest of backward (gradient_buckets.hpp). Without it,
-///    the buckets reduce with the blocking all_reduce_sum as they start.
+///    the buckets reduce with the blocking all_reduce_sum as they start;
+///  - `bool Request::test()`: advances a started operation and says whether it completed
+///    (MPI progresses a non-blocking collective only inside MPI calls); polled between
+///    the phases of an overlapped backward.
 /// `kmoe::check_valid_communicator<C>()` asserts each rule with its own message.
 
 #include <kmoe/detail/detect.hpp>
@@ -137,6 +140,7 @@ class SingleProcessCommunicator {
   /// Completed-at-once request of a non-blocking exchange.
   struct Request {
     void wait() {}
+    bool test() { return true; }
   };
 
   int rank() const { return 0; }

@@ -36,6 +36,8 @@ struct GradientSyncOptions {
 };
 
 namespace detail {
+template <class R>
+using request_test_of = decltype(bool(std::declval<R&>().test()));
 template <class C, class View>
 using comm_sum_start_of =
     decltype(std::declval<const C&>().all_reduce_sum_start(std::declval<const View&>()));
@@ -114,6 +116,13 @@ class GradientBuckets {
       packed_elements += p.grad.size();
     }
     flush();
+  }
+
+  /// \brief Lets the started sums advance (Request::test() where the communicator has it);
+  /// called between the phases of backward, so that the sums progress while it computes.
+  void progress() {
+    if constexpr (detail::is_detected_v<detail::request_test_of, Request>)
+      for (std::size_t b = 0; b < started_; ++b) buckets_[b].request.test();
   }
 
   /// True between start() and finish() (or discard()).

@@ -186,6 +186,17 @@ class MpiCommunicator {
       pending_->wait();
       pending_.reset();
     }
+    /// \brief Lets MPI advance the collective (MPI_Testall: OpenMPI moves a non-blocking
+    /// collective on only inside MPI calls) and says whether it has completed.
+    bool test() {
+      if (!pending_) return true;
+      int done = 0;
+      detail::mpi_check(MPI_Testall(int(pending_->requests.size()), pending_->requests.data(), &done,
+                                    MPI_STATUSES_IGNORE),
+                        "MPI_Testall");
+      if (done) pending_.reset();
+      return done != 0;
+    }
 
    private:
     friend class MpiCommunicator;

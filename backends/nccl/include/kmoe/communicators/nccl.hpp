@@ -100,6 +100,15 @@ class NcclCommunicator {
       detail::cuda_check(cudaStreamSynchronize(state_->stream), "cudaStreamSynchronize");
       state_.reset();
     }
+    /// True once the stream's work has completed (NCCL progresses on its own).
+    bool test() {
+      if (!state_) return true;
+      const cudaError_t status = cudaStreamQuery(state_->stream);
+      if (status == cudaErrorNotReady) return false;
+      detail::cuda_check(status, "cudaStreamQuery");
+      state_.reset();
+      return true;
+    }
 
    private:
     friend class NcclCommunicator;
