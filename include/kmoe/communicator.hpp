@@ -60,9 +60,6 @@ using comm_exchange_counts = std::enable_if_t<std::is_same_v<
     decltype(std::declval<C&>().exchange_counts(std::declval<const communicator_counts&>())),
     communicator_counts>>;
 template <class C>
-using comm_all_reduce_sum_start = decltype(std::declval<const C&>().all_reduce_sum_start(
-    std::declval<const communicator_probe_view&>()));
-template <class C>
 using comm_all_to_all_v = decltype(std::declval<C&>().all_to_all_v(
     std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>(),
     std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>()));
