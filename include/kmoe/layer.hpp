@@ -9,6 +9,7 @@
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicator.hpp>
 #include <kmoe/deduplicated_dispatch.hpp>
+#include <kmoe/detail/profiling.hpp>
 #include <kmoe/detail/row_major.hpp>
 #include <kmoe/dispatch.hpp>
 #include <kmoe/expert.hpp>
@@ -87,19 +88,21 @@ struct ForwardStats {
 };
 
 namespace detail {
-/// Adds the time since the previous lap to a phase's total, fencing first so that the
-/// asynchronous kernels of the phase are counted; does nothing when disabled.
+/// Adds the time since the previous lap to a phase's total, fencing the layer's execution
+/// space first so that the asynchronous kernels of the phase are counted; does nothing when
+/// disabled.
+template <class X>
 class PhaseClock {
  public:
   explicit PhaseClock(bool enabled) : enabled_(enabled) {
     if (enabled_) {
-      Kokkos::fence();
+      labelled_fence(X(), "kmoe::MoELayer::time_phases");
       last_ = std::chrono::steady_clock::now();
     }
   }
   void lap(double& total_ms) {
     if (!enabled_) return;
-    Kokkos::fence();
+    labelled_fence(X(), "kmoe::MoELayer::time_phases");
     const auto now = std::chrono::steady_clock::now();
     total_ms += std::chrono::duration<double, std::milli>(now - last_).count();
     last_ = now;
@@ -357,8 +360,9 @@ class MoELayer {
     static_assert(detail::check_layer_view<XView, S, X>());
     static_assert(detail::check_layer_view<YView, S, X>());
     constexpr const char* where = "kmoe::MoELayer::forward";
+    const detail::ProfilingRegion forward_region(where);
     ForwardStats stats;
-    detail::PhaseClock phase_clock(options_.time_phases);
+    detail::PhaseClock<X> phase_clock(options_.time_phases);
     // A failed forward leaves nothing for backward to differentiate.
     has_forward_ = false;
     bool copy_back = false;
@@ -386,6 +390,7 @@ class MoELayer {
         x_ = detail::row_major_input<S, X>(x, x_rows_, "kmoe::MoELayer::x_rows");
       }
       y_rows = detail::row_major_output<S, X>(y, y_rows_, "kmoe::MoELayer::y_rows", copy_back);
+      const detail::ProfilingRegion route_region("kmoe::MoELayer::route");
       router_.forward(x_, plan_, context);
       check_row_bounds(std::int64_t(x.extent(0)));
       if (options_.non_finite == NonFinitePolicy::raise) check_finite();
@@ -414,86 +419,102 @@ class MoELayer {
 
  private:
   void forward_after_routing(const ConstMatrix<S, X>& x, const Matrix<S, X>& y,
-                             ForwardStats& stats, detail::PhaseClock& phase_clock) {
+                             ForwardStats& stats, detail::PhaseClock<X>& phase_clock) {
     const int tokens = int(x.extent(0));
     const int slots = int(plan_.slots());
     const int experts = num_experts();
 
     phase_clock.lap(stats.phase_ms.route);
-    stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
-    if (stats.capacity >= 0) stats.capacity = all_reduce_max(groups_.ep, stats.capacity);
-    dispatch_.build(plan_, expert_key_, experts, stats.capacity, options_.capacity.drop);
-
-    // Per-expert counts and, last, the token count, summed over the token groups in one
-    // all-reduce: local batches may differ in size.
-    std::vector<std::int64_t> counts(experts + 1);
-    for (int e = 0; e < experts; ++e) counts[e] = dispatch_.routed_per_key[key_host_[e]];
-    counts[experts] = tokens;
-    all_reduce_sum(groups_.tokens, counts);
-    const std::int64_t global_tokens = counts[experts];
-    counts.pop_back();
-    stats.tokens_per_expert = std::move(counts);
-    // The bias update follows the training batches only (evaluation passes do not move it).
-    if (training_)
-      for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
-    for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
-    stats.dropped = stats.assignments - dispatch_.kept_total;
-#ifndef NDEBUG
-    check_accounting(stats.assignments, stats.capacity);
-#endif
-    stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
-                                   global_tokens, training_, groups_.tokens);
-
-    // Gather the rows to send (on one EP rank: every kept assignment in key order; across
-    // ranks: each token once per destination rank), send them to their experts' ranks, and
-    // compute the shared experts while the exchange is in flight.
     const bool deduplicate = groups_.layout.ep > 1;
-    if (deduplicate) {
-      deduplicated_.build(dispatch_.position, plan_.expert, expert_rank_, groups_.layout.ep,
-                          dispatch_.kept_total);
-      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", deduplicated_.rows_total, hidden_size());
-      detail::gather_mapped_rows<X>(deduplicated_.token, x, send_x_);
-      stats.dispatch_rows = deduplicated_.rows_per_rank;
-    } else {
-      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch_.kept_total, hidden_size());
-      gather_rows(x, send_x_);
+    {
+      const detail::ProfilingRegion dispatch_region("kmoe::MoELayer::dispatch");
+      stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
+      if (stats.capacity >= 0) stats.capacity = all_reduce_max(groups_.ep, stats.capacity);
+      dispatch_.build(plan_, expert_key_, experts, stats.capacity, options_.capacity.drop);
+
+      // Per-expert counts and, last, the token count, summed over the token groups in one
+      // all-reduce: local batches may differ in size.
+      std::vector<std::int64_t> counts(experts + 1);
+      for (int e = 0; e < experts; ++e) counts[e] = dispatch_.routed_per_key[key_host_[e]];
+      counts[experts] = tokens;
+      all_reduce_sum(groups_.tokens, counts);
+      const std::int64_t global_tokens = counts[experts];
+      counts.pop_back();
+      stats.tokens_per_expert = std::move(counts);
+      // The bias update follows the training batches only (evaluation passes do not move it).
+      if (training_)
+        for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
+      for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
+      stats.dropped = stats.assignments - dispatch_.kept_total;
+#ifndef NDEBUG
+      check_accounting(stats.assignments, stats.capacity);
+#endif
+      stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
+                                     global_tokens, training_, groups_.tokens);
+
+      // Gather the rows to send (on one EP rank: every kept assignment in key order; across
+      // ranks: each token once per destination rank).
+      if (deduplicate) {
+        deduplicated_.build(dispatch_.position, plan_.expert, expert_rank_, groups_.layout.ep,
+                            dispatch_.kept_total);
+        detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", deduplicated_.rows_total, hidden_size());
+        detail::gather_mapped_rows<X>(deduplicated_.token, x, send_x_);
+        stats.dispatch_rows = deduplicated_.rows_per_rank;
+      } else {
+        detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch_.kept_total, hidden_size());
+        gather_rows(x, send_x_);
+      }
+      phase_clock.lap(stats.phase_ms.dispatch);
     }
-    phase_clock.lap(stats.phase_ms.dispatch);
-    wait_for_slowest_rank(phase_clock, stats.phase_ms);
-    exchange_counts(deduplicate);
-    auto request = deduplicate ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_,
-                                                recv_token_rows_, "kmoe::MoELayer::recv_x")
-                               : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_,
-                                                "kmoe::MoELayer::recv_x");
+
+    // Send the rows to their experts' ranks and compute the shared experts while the
+    // exchange is in flight: their region then lies inside the exchange's.
     const ExpertMode mode = training_ ? options_.training_mode : ExpertMode::inference;
     const auto run_shared = [&] {
       if (!shared_) return;
       phase_clock.lap(stats.phase_ms.exchange);
+      const detail::ProfilingRegion shared_region("kmoe::MoELayer::shared_experts");
       detail::ensure_extents(shared_y_, "kmoe::MoELayer::shared_y", tokens, hidden_size());
       if (shared_segments_.rows() != tokens) shared_segments_ = Segments<X>::single(tokens);
       shared_->forward(x, shared_segments_, shared_y_, mode);
       phase_clock.lap(stats.phase_ms.shared);
     };
-    if (options_.overlap_shared_experts && shared_) {
-      run_shared();
-      // The ranks' shared experts may finish apart: time that wait as imbalance too.
+    {
+      const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
       wait_for_slowest_rank(phase_clock, stats.phase_ms);
+      exchange_counts(deduplicate);
+      auto request = deduplicate ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_,
+                                                  recv_token_rows_, "kmoe::MoELayer::recv_x")
+                                 : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_,
+                                                  "kmoe::MoELayer::recv_x");
+      if (options_.overlap_shared_experts && shared_) {
+        run_shared();
+        // The ranks' shared experts may finish apart: time that wait as imbalance too.
+        wait_for_slowest_rank(phase_clock, stats.phase_ms);
+      }
+      request.wait();
     }
-    request.wait();
     if (!options_.overlap_shared_experts) run_shared();
     phase_clock.lap(stats.phase_ms.exchange);
-    if (deduplicate)
-      expand_to_experts(recv_x_, expert_x_);
-    else
-      arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
-    detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
-    forward_experts(mode);
-    if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
-    phase_clock.lap(stats.phase_ms.experts);
-    arrange_from_experts(expert_y_, recv_y_, "kmoe::MoELayer::recv_y");
-    wait_for_slowest_rank(phase_clock, stats.phase_ms);
-    exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y");
-    phase_clock.lap(stats.phase_ms.exchange);
+    {
+      const detail::ProfilingRegion experts_region("kmoe::MoELayer::experts");
+      if (deduplicate)
+        expand_to_experts(recv_x_, expert_x_);
+      else
+        arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
+      detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
+      forward_experts(mode);
+      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
+      phase_clock.lap(stats.phase_ms.experts);
+    }
+    {
+      const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
+      arrange_from_experts(expert_y_, recv_y_, "kmoe::MoELayer::recv_y");
+      wait_for_slowest_rank(phase_clock, stats.phase_ms);
+      exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y");
+      phase_clock.lap(stats.phase_ms.exchange);
+    }
+    const detail::ProfilingRegion combine_region("kmoe::MoELayer::combine");
     combiner_.combine(send_y_, dispatch_.position, plan_.weight,
                       shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
     phase_clock.lap(stats.phase_ms.combine);
@@ -510,6 +531,7 @@ class MoELayer {
     static_assert(detail::check_layer_view<GradYView, S, X>());
     static_assert(detail::check_layer_view<GradXView, S, X>());
     constexpr const char* where = "kmoe::MoELayer::backward";
+    const detail::ProfilingRegion backward_region(where);
     const bool raise = options_.non_finite == NonFinitePolicy::raise;
     ConstMatrix<S, X> grad_y;
     Matrix<S, X> grad_x;
@@ -553,27 +575,40 @@ class MoELayer {
  private:
   void backward_after_checks(const ConstMatrix<S, X>& grad_y, const Matrix<S, X>& grad_x) {
     const int tokens = int(x_.extent(0)), slots = int(plan_.slots());
-    detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
-    detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
-    combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
-
-    exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y");
-    arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
-    detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
-    experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
-    gradients_produced(GradientGroup::experts);
-    if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
-    arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
-    exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
-    scatter_add_rows(grad_send_x_, grad_x);
-    gradient_buckets_.progress();  // overlap: let the expert gradients' sums advance
-
+    {
+      const detail::ProfilingRegion combine_region("kmoe::MoELayer::backward::combine");
+      detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
+      detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
+      combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
+    }
+    {
+      const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
+      exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y");
+    }
+    {
+      const detail::ProfilingRegion experts_region("kmoe::MoELayer::backward::experts");
+      arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
+      detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
+      experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
+      gradients_produced(GradientGroup::experts);
+      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
+    }
+    {
+      // Back to the tokens: the rows' way home and their sum per token.
+      const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
+      arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
+      exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
+      scatter_add_rows(grad_send_x_, grad_x);
+      gradient_buckets_.progress();  // overlap: let the expert gradients' sums advance
+    }
     if (shared_) {
+      const detail::ProfilingRegion shared_region("kmoe::MoELayer::backward::shared_experts");
       detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
       shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
       gradients_produced(GradientGroup::shared);
       add_into(shared_grad_x_, grad_x);
     }
+    const detail::ProfilingRegion router_region("kmoe::MoELayer::backward::router");
     detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
                            std::size_t(num_experts()));
     losses_.backward(plan_, Router::probability_kind, grad_logits_);
@@ -664,6 +699,7 @@ class MoELayer {
   /// backward has started them and this waits for them. Either way the same collectives
   /// run on the same buffers, so overlapped and blocking give the same bits.
   void synchronize_gradients() {
+    const detail::ProfilingRegion region("kmoe::MoELayer::synchronize_gradients");
     kmoe::agree_or_throw<typename X::memory_space>(
         groups_.world, "kmoe::MoELayer::synchronize_gradients",
         calls_.enter(CallSequence::synchronize_gradients), [] {});
@@ -1074,7 +1110,7 @@ class MoELayer {
   /// Timed runs only (LayerOptions::time_phases): synchronises the EP group before an
   /// exchange, so that the exchange phase holds the transfer alone and the wait for slower
   /// ranks (load imbalance) is reported apart.
-  void wait_for_slowest_rank(detail::PhaseClock& clock, PhaseTimes& phases) {
+  void wait_for_slowest_rank(detail::PhaseClock<X>& clock, PhaseTimes& phases) {
     if (!options_.time_phases || groups_.ep.size() == 1) return;
     clock.lap(phases.exchange);
     groups_.ep.any_error(false);
