@@ -8,7 +8,7 @@
 #include <kmoe/error.hpp>
 #include <kmoe/experts/expert_mode.hpp>
 #include <kmoe/experts/glu.hpp>
-#include <kmoe/experts/grouped_gemm.hpp>
+#include <kmoe/gemm/segmented.hpp>
 #include <kmoe/gemm.hpp>
 
 namespace kmoe {
@@ -58,7 +58,7 @@ class FFNExperts {
         "kmoe::FFNExperts::activation",
         Kokkos::RangePolicy<ExecSpace>(0, std::size_t(segments.rows()) * shape_.ffn),
         KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
-    detail::segment_times_weight<Gemm>(segments, hidden_, w2_.value, true, Scalar(1), Scalar(0), y);
+    gemm::segment_times_weight<Gemm>(segments, hidden_, w2_.value, true, Scalar(1), Scalar(0), y);
     add_bias(segments, b2_, y);
     if (mode == ExpertMode::recompute) {
       pre_ = {};
@@ -75,18 +75,18 @@ class FFNExperts {
     Kokkos::parallel_for(
         "kmoe::FFNExperts::recompute_hidden", Kokkos::RangePolicy<ExecSpace>(0, elements),
         KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
-    detail::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w2_.grad);
-    if (b2_.enabled()) detail::segment_bias_gradient(segments, grad_y, b2_.grad);
-    detail::segment_times_weight<Gemm>(segments, grad_y, w2_.value, false, Scalar(1), Scalar(0),
+    gemm::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w2_.grad);
+    if (b2_.enabled()) gemm::segment_bias_gradient(segments, grad_y, b2_.grad);
+    gemm::segment_times_weight<Gemm>(segments, grad_y, w2_.value, false, Scalar(1), Scalar(0),
                                        hidden_);
     Kokkos::parallel_for(
         "kmoe::FFNExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
         KOKKOS_LAMBDA(std::size_t i) {
           pre.data()[i] = hidden.data()[i] * Activation::derivative(pre.data()[i]);
         });
-    detail::segment_weight_gradient<Gemm>(segments, pre_, x, w1_.grad);
-    if (b1_.enabled()) detail::segment_bias_gradient(segments, pre_, b1_.grad);
-    detail::segment_times_weight<Gemm>(segments, pre_, w1_.value, false, Scalar(1), Scalar(0),
+    gemm::segment_weight_gradient<Gemm>(segments, pre_, x, w1_.grad);
+    if (b1_.enabled()) gemm::segment_bias_gradient(segments, pre_, b1_.grad);
+    gemm::segment_times_weight<Gemm>(segments, pre_, w1_.value, false, Scalar(1), Scalar(0),
                                        grad_x);
   }
 
@@ -102,7 +102,7 @@ class FFNExperts {
     const std::size_t rows = std::size_t(segments.rows());
     detail::ensure_extents(pre_, "kmoe::FFNExperts::pre", rows, shape_.ffn);
     detail::ensure_extents(hidden_, "kmoe::FFNExperts::hidden", rows, shape_.ffn);
-    detail::segment_times_weight<Gemm>(segments, x, w1_.value, true, Scalar(1), Scalar(0), pre_);
+    gemm::segment_times_weight<Gemm>(segments, x, w1_.value, true, Scalar(1), Scalar(0), pre_);
     add_bias(segments, b1_, pre_);
   }
 

@@ -8,7 +8,7 @@
 #include <kmoe/detail/checked.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/experts/expert_mode.hpp>
-#include <kmoe/experts/grouped_gemm.hpp>
+#include <kmoe/gemm/segmented.hpp>
 #include <kmoe/gemm.hpp>
 
 namespace kmoe {
@@ -67,7 +67,7 @@ class GLUExperts {
         KOKKOS_LAMBDA(std::size_t i) {
           hidden.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
         });
-    detail::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1),
+    gemm::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1),
                                        Scalar(0), y);
     if (mode == ExpertMode::recompute) release_saved();
   }
@@ -83,9 +83,9 @@ class GLUExperts {
         KOKKOS_LAMBDA(std::size_t i) {
           hidden.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
         });
-    detail::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w_down_.grad);
+    gemm::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w_down_.grad);
     // hidden_ now receives dL/dhidden; gate_ and up_ are overwritten by their gradients.
-    detail::segment_times_weight<Gemm>(segments, grad_y, w_down_.value, false, Scalar(1),
+    gemm::segment_times_weight<Gemm>(segments, grad_y, w_down_.value, false, Scalar(1),
                                        Scalar(0), hidden_);
     Kokkos::parallel_for(
         "kmoe::GLUExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
@@ -94,11 +94,11 @@ class GLUExperts {
           gate.data()[i] = dh * u * Activation::derivative(g);
           up.data()[i] = dh * Activation::value(g);
         });
-    detail::segment_weight_gradient<Gemm>(segments, gate_, x, w_gate_.grad);
-    detail::segment_weight_gradient<Gemm>(segments, up_, x, w_up_.grad);
-    detail::segment_times_weight<Gemm>(segments, gate_, w_gate_.value, false, Scalar(1),
+    gemm::segment_weight_gradient<Gemm>(segments, gate_, x, w_gate_.grad);
+    gemm::segment_weight_gradient<Gemm>(segments, up_, x, w_up_.grad);
+    gemm::segment_times_weight<Gemm>(segments, gate_, w_gate_.value, false, Scalar(1),
                                        Scalar(0), grad_x);
-    detail::segment_times_weight<Gemm>(segments, up_, w_up_.value, false, Scalar(1), Scalar(1),
+    gemm::segment_times_weight<Gemm>(segments, up_, w_up_.value, false, Scalar(1), Scalar(1),
                                        grad_x);
   }
 
@@ -118,9 +118,9 @@ class GLUExperts {
     detail::ensure_extents(gate_, "kmoe::GLUExperts::gate", rows, shape_.ffn);
     detail::ensure_extents(up_, "kmoe::GLUExperts::up", rows, shape_.ffn);
     detail::ensure_extents(hidden_, "kmoe::GLUExperts::hidden", rows, shape_.ffn);
-    detail::segment_times_weight<Gemm>(segments, x, w_gate_.value, true, Scalar(1), Scalar(0),
+    gemm::segment_times_weight<Gemm>(segments, x, w_gate_.value, true, Scalar(1), Scalar(0),
                                        gate_);
-    detail::segment_times_weight<Gemm>(segments, x, w_up_.value, true, Scalar(1), Scalar(0), up_);
+    gemm::segment_times_weight<Gemm>(segments, x, w_up_.value, true, Scalar(1), Scalar(0), up_);
   }
 
   void release_saved() {

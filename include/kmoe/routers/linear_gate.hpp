@@ -16,6 +16,8 @@ namespace kmoe {
 /// checkpoint's `gate.weight` is copied as is; logits = x W^T.
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
 class LinearGate {
+  static_assert(check_valid_gemm<Gemm, ExecSpace, Scalar>());
+
  public:
   LinearGate() = default;
   LinearGate(const std::string& name, int hidden, int experts)

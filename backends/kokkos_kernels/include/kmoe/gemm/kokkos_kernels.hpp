@@ -203,7 +203,7 @@ struct KokkosKernels {
 
   /// \brief The same product, with the same bits, computed on the calling thread of a host
   /// space without launching a Kokkos kernel, so that it may itself run inside one: many
-  /// small expert GEMMs at once, one per thread (experts/grouped_gemm.hpp). A BLAS call
+  /// small expert GEMMs at once, one per thread (gemm/segmented.hpp). A BLAS call
   /// made there runs single-threaded (OpenBLAS' OpenMP build sees the parallel region), as
   /// each tile's call does in gemm().
   template <class ExecSpace, class AView, class BView, class CView>

@@ -1,16 +1,24 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
-/// \file grouped_gemm.hpp
+/// \file segmented.hpp
 /// \brief GEMMs over the contiguous per-expert segments of a permuted matrix, each with
-/// its own expert's weight slice, through the GEMM backend policy.
+/// its own expert's weight slice, through a GEMM policy (gemm/policy.hpp): the interface an
+/// expert policy, shipped or user-written, computes its projections with.
+///
+/// A policy that supplies a grouped form (`G::segment_times_weight`,
+/// `G::segment_weight_gradient`, detected) gets every segment in one call; otherwise the
+/// segments run as a loop over `G::gemm`, concurrently on host spaces when they are many
+/// and small and G can compute on the calling thread (for_each_segment below).
 
+#include <kmoe/gemm/policy.hpp>
 #include <kmoe/segments.hpp>
 
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-namespace kmoe::detail {
+namespace kmoe::gemm {
+namespace detail {
 
 /// Mean rows per segment below which many segments run concurrently (see for_each_segment).
 inline constexpr int concurrent_segment_rows = 1024;
@@ -59,7 +67,7 @@ void for_each_segment(const Segments<ExecSpace>& segments, const SegmentGemm& ge
                             segments.rows() / int(busy.size()) < concurrent_segment_rows;
     if (concurrent) {
       Kokkos::parallel_for(
-          "kmoe::grouped_gemm::concurrent",
+          "kmoe::gemm::segments_concurrent",
           Kokkos::RangePolicy<ExecSpace, Kokkos::Schedule<Kokkos::Dynamic>>(0, busy.size()),
           [&](std::size_t i) { gemm_of(busy[i], std::true_type{}); });
       return;
@@ -79,12 +87,30 @@ void segment_gemm(std::integral_constant<bool, OnCallingThread>, bool transpose_
     Gemm::gemm(ExecSpace(), transpose_a, transpose_b, alpha, a, b, beta, c);
 }
 
+template <class G, class X, class In, class Weight, class Out>
+using grouped_times_weight = decltype(G::segment_times_weight(
+    std::declval<const X&>(), std::declval<const Segments<X>&>(), std::declval<const In&>(),
+    std::declval<const Weight&>(), false, std::declval<typename Out::const_value_type>(),
+    std::declval<typename Out::const_value_type>(), std::declval<const Out&>()));
+template <class G, class X, class Left, class Right, class GradWeight>
+using grouped_weight_gradient = decltype(G::segment_weight_gradient(
+    std::declval<const X&>(), std::declval<const Segments<X>&>(), std::declval<const Left&>(),
+    std::declval<const Right&>(), std::declval<const GradWeight&>()));
+
+}  // namespace detail
+
 /// out[seg e] = alpha * in[seg e] * op(weight[e]) + beta * out[seg e] for every non-empty e;
 /// op transposes when `transpose_weight` (weights stored [out, in] as torch.nn.Linear).
 template <class Gemm, class ExecSpace, class In, class Weight, class Out>
 void segment_times_weight(const Segments<ExecSpace>& segments, const In& in, const Weight& weight,
                           bool transpose_weight, typename Out::const_value_type alpha,
                           typename Out::const_value_type beta, const Out& out) {
+  static_assert(check_valid_gemm<Gemm, ExecSpace, typename Out::non_const_value_type>());
+  using namespace detail;
+  if constexpr (kmoe::detail::is_detected_v<grouped_times_weight, Gemm, ExecSpace, In, Weight, Out>) {
+    Gemm::segment_times_weight(ExecSpace(), segments, in, weight, transpose_weight, alpha, beta, out);
+    return;
+  }
   using Rows = decltype(rows_of(in, 0, 0));
   using Slice = decltype(slice_of(weight, 0));
   using OutRows = decltype(rows_of(out, 0, 0));
@@ -104,6 +130,13 @@ template <class Gemm, class ExecSpace, class Left, class Right, class GradWeight
 void segment_weight_gradient(const Segments<ExecSpace>& segments, const Left& left,
                              const Right& right, const GradWeight& grad_weight) {
   using Scalar = typename GradWeight::non_const_value_type;
+  static_assert(check_valid_gemm<Gemm, ExecSpace, Scalar>());
+  using namespace detail;
+  if constexpr (kmoe::detail::is_detected_v<grouped_weight_gradient, Gemm, ExecSpace, Left, Right,
+                                            GradWeight>) {
+    Gemm::segment_weight_gradient(ExecSpace(), segments, left, right, grad_weight);
+    return;
+  }
   using LeftRows = decltype(rows_of(left, 0, 0));
   using RightRows = decltype(rows_of(right, 0, 0));
   using Slice = decltype(slice_of(grad_weight, 0));
@@ -133,4 +166,4 @@ void segment_bias_gradient(const Segments<ExecSpace>& segments, const Grad& grad
       });
 }
 
-}  // namespace kmoe::detail
+}  // namespace kmoe::gemm
