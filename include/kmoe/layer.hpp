@@ -1334,4 +1334,22 @@ class MoELayer {
   Matrix<route_type, X> grad_weight_, grad_logits_;
 };
 
+namespace detail {
+/// T in a context that takes no part in deduction (C++20's std::type_identity_t).
+template <class T>
+struct non_deduced {
+  using type = T;
+};
+}  // namespace detail
+
+/// \brief Deduces the Communicator from the groups, with the default Combiner, so that a
+/// distributed layer needs no template arguments:
+/// `kmoe::MoELayer layer(router, experts, options, shared_or_nullopt, groups);`
+template <class Router, class Expert, class Communicator>
+MoELayer(Router, Expert, const LayerOptions&,
+         std::optional<typename detail::non_deduced<Expert>::type>, ParallelGroups<Communicator>)
+    -> MoELayer<Router, Expert,
+                WeightedSumCombiner<typename Router::execution_space, typename Router::scalar_type>,
+                Communicator>;
+
 }  // namespace kmoe

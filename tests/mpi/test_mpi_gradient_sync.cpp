@@ -17,6 +17,7 @@
 #include <array>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace kmoe;
@@ -51,8 +52,10 @@ Layer make_layer(const ParallelGroups<MpiCommunicator>& groups, const ParallelLa
   LayerOptions options;
   options.gradient_sync = sync;
   const auto owned = layout.local_experts(experts, groups.ep_rank);
-  Layer layer(Router({hidden, experts, top_k}), GLU({int(owned.size()), hidden, ffn / layout.tp}),
-              options, GLU({1, hidden, shared_ffn}, "shared_experts"), groups);
+  // The Communicator deduced from the groups, the Combiner defaulted.
+  MoELayer layer(Router({hidden, experts, top_k}), GLU({int(owned.size()), hidden, ffn / layout.tp}),
+                 options, GLU({1, hidden, shared_ffn}, "shared_experts"), groups);
+  static_assert(std::is_same_v<decltype(layer), Layer>);
   InitConfig init;
   init.router_std = 0.4, init.input_std = 0.3, init.output_std = 0.2;
   initialize(layer.parameters(), init, 7);
