@@ -6,7 +6,10 @@
 /// softmax over the chosen H; at inference H = l. The noise is a fixed function of
 /// (seed, step, global token index, expert), so it is the same on every backend and rank.
 
-#include <kmoe/routers/topk_softmax.hpp>
+#include <kmoe/routers/linear_gate.hpp>
+#include <kmoe/routers/row_ops.hpp>
+#include <kmoe/routers/validation.hpp>
+#include <kmoe/routing_plan.hpp>
 
 namespace kmoe {
 

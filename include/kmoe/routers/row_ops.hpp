@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
 /// \file row_ops.hpp
-/// \brief Per-token softmax and its backward, and the router temperature, shared by the
-/// softmax-based routers.
+/// \brief Per-token softmax (over all experts or over the chosen slots) and its backward,
+/// and the router temperature, shared by the softmax-based routers.
 
 #include <kmoe/detail/math.hpp>
 #include <kmoe/error.hpp>
@@ -76,6 +76,30 @@ KOKKOS_INLINE_FUNCTION Real normalized_weight_backward(int j, int slots, bool no
     dot += grad_weight(r) * value(r);
   }
   return scale * (grad_weight(j) / z - dot / (z * z));
+}
+
+/// weight(t, j) = softmax over the chosen slots of value(j).
+template <class Value, class Weight>
+KOKKOS_INLINE_FUNCTION void softmax_over_chosen(int t, int slots, const Value& value,
+                                                const Weight& weight) {
+  using Real = typename Weight::non_const_value_type;
+  Real max_value = value(0);
+  for (int j = 1; j < slots; ++j) max_value = value(j) > max_value ? value(j) : max_value;
+  Real sum = 0;
+  for (int j = 0; j < slots; ++j) {
+    weight(t, j) = exp(Real(value(j) - max_value));
+    sum += weight(t, j);
+  }
+  for (int j = 0; j < slots; ++j) weight(t, j) /= sum;
+}
+
+/// dLoss/dvalue_j for weight = softmax over the chosen values: w_j (g_j - sum_r g_r w_r).
+template <class Weight, class GradWeight>
+KOKKOS_INLINE_FUNCTION typename Weight::non_const_value_type softmax_over_chosen_backward(
+    int t, int j, int slots, const Weight& weight, const GradWeight& grad_weight) {
+  typename Weight::non_const_value_type dot = 0;
+  for (int r = 0; r < slots; ++r) dot += grad_weight(t, r) * weight(t, r);
+  return weight(t, j) * (grad_weight(t, j) - dot);
 }
 
 }  // namespace kmoe::detail

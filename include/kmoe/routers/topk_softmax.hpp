@@ -20,34 +20,6 @@ struct TopKSoftmaxConfig {
   double temperature = 1.0;
 };
 
-namespace detail {
-
-/// weight(t, j) = softmax over the chosen slots of value(j).
-template <class Value, class Weight>
-KOKKOS_INLINE_FUNCTION void softmax_over_chosen(int t, int slots, const Value& value,
-                                                const Weight& weight) {
-  using Real = typename Weight::non_const_value_type;
-  Real max_value = value(0);
-  for (int j = 1; j < slots; ++j) max_value = value(j) > max_value ? value(j) : max_value;
-  Real sum = 0;
-  for (int j = 0; j < slots; ++j) {
-    weight(t, j) = exp(Real(value(j) - max_value));
-    sum += weight(t, j);
-  }
-  for (int j = 0; j < slots; ++j) weight(t, j) /= sum;
-}
-
-/// dLoss/dvalue_j for weight = softmax over the chosen values: w_j (g_j - sum_r g_r w_r).
-template <class Weight, class GradWeight>
-KOKKOS_INLINE_FUNCTION typename Weight::non_const_value_type softmax_over_chosen_backward(
-    int t, int j, int slots, const Weight& weight, const GradWeight& grad_weight) {
-  typename Weight::non_const_value_type dot = 0;
-  for (int r = 0; r < slots; ++r) dot += grad_weight(t, r) * weight(t, r);
-  return weight(t, j) * (grad_weight(t, j) - dot);
-}
-
-}  // namespace detail
-
 /// \brief Top-k-then-softmax router with a learned gate weight [E, H].
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
 class TopKSoftmaxRouter {

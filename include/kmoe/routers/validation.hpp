@@ -5,20 +5,9 @@
 
 #include <kmoe/detail/topk.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/routers/group_limit.hpp>
 
 namespace kmoe {
-
-/// \brief Group-limited routing (DeepSeek-V3 n_group / topk_group, Megatron group_topk):
-/// experts are split into n_group equal groups, each group is scored by the sum of its
-/// `score_terms` best selection scores (2 in DeepSeek-V3; Megatron uses k / topk_group),
-/// only the best topk_group groups stay eligible. n_group = topk_group = 1 disables it.
-struct GroupLimit {
-  int n_group = 1;
-  int topk_group = 1;
-  int score_terms = 2;
-  // Called inside the routers' kernels, so it must be a device function too.
-  KOKKOS_INLINE_FUNCTION bool enabled() const { return n_group > 1 && topk_group < n_group; }
-};
 
 namespace detail {
 
