@@ -11,6 +11,8 @@
 ///  - `void backward(ConstMatrix<S,X> x, const Segments<X>& segments, ConstMatrix<S,X> grad_y,
 ///    Matrix<S,X> grad_x)`: overwrites grad_x, accumulates parameter gradients;
 ///  - `void collect_parameters(ParameterList<X,S>& list) const`.
+/// Optional (detected): `void fingerprint(kmoe::Fingerprint& f) const`, settings every rank
+/// must share beyond the types and sizes the layer compares itself ("experts.<name>").
 /// Shipped: GLUExperts (SwiGLU, GeGLU) and FFNExperts (relu, gelu, silu; optional biases).
 
 #include <kmoe/detail/detect.hpp>

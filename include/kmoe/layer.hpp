@@ -13,6 +13,7 @@
 #include <kmoe/detail/row_major.hpp>
 #include <kmoe/dispatch.hpp>
 #include <kmoe/expert.hpp>
+#include <kmoe/fingerprint.hpp>
 #include <kmoe/gradient_buckets.hpp>
 #include <kmoe/losses.hpp>
 #include <kmoe/parallel.hpp>
@@ -115,11 +116,8 @@ class PhaseClock {
 /// Experts with an output bias b2 [E, H] (FFNExperts): not split by expert tensor parallelism.
 template <class E>
 using expert_output_bias = decltype(std::declval<const E&>().b2().value);
-template <class R>
-using router_group_of = decltype(std::declval<const R&>().config().group.n_group);
-template <class R>
-using router_scaling_of = decltype(std::declval<const R&>().config().scaling_factor +
-                                   std::declval<const R&>().config().normalize);
+template <class P>
+using fingerprint_of = decltype(std::declval<const P&>().fingerprint(std::declval<Fingerprint&>()));
 template <class R>
 using has_update_bias = decltype(std::declval<R&>().update_bias(
     std::declval<const std::vector<std::int64_t>&>(), 0.0));
@@ -929,62 +927,47 @@ class MoELayer {
   /// shows each rank's value: real settings travel as their exact bits, enumerations are
   /// shown by name, and a differing Router or Expert type has its name gathered too.
   void check_configuration_agrees() {
-    enum class Shown { integer, real, names, type };
-    struct Field {
-      const char* name;
-      std::int64_t code;
-      Shown shown = Shown::integer;
-      std::vector<const char*> names = {};  // Shown::names: the value of each code
-    };
-    const auto real = [](const char* name, double v) {
-      std::int64_t bits = 0;
-      std::memcpy(&bits, &v, sizeof(bits));
-      return Field{name, bits, Shown::real};
-    };
-    const auto named = [](const char* name, int code, std::vector<const char*> names) {
-      return Field{name, code, Shown::names, std::move(names)};
-    };
-    const auto type = [](const char* name, const std::type_info& t) {
-      return Field{name, std::int64_t(t.hash_code() & 0x7fffffffffffffff), Shown::type};
-    };
-    std::vector<Field> fields = {
-        {"experts", num_experts()},
-        {"hidden", hidden_size()},
-        {"top_k", router_.slots_per_token()},
-        real("capacity.factor", options_.capacity.factor),
-        {"capacity.minimum", options_.capacity.minimum},
-        {"capacity.alignment", options_.capacity.alignment},
-        named("capacity.drop", int(options_.capacity.drop), {"by_probability", "by_position"}),
-        {"layout.tp", groups_.layout.tp},
-        {"layout.ep", groups_.layout.ep},
-        {"layout.dp", groups_.layout.dp},
-        named("layout.order", int(groups_.layout.order),
-              {"tp_ep_dp", "ep_tp_dp", "tp_dp_ep", "dp_tp_ep"}),
-        named("layout.placement", int(groups_.layout.placement), {"block", "round_robin"}),
-        type("Router type", typeid(Router)),
-        type("Expert type", typeid(Expert)),
-        named("shared experts", shared_ ? 1 : 0, {"none", "present"}),
-        real("losses.switch_aux", options_.losses.switch_aux),
-        real("losses.sequence_aux", options_.losses.sequence_aux),
-        {"losses.sequence_length", options_.losses.sequence_length},
-        real("losses.z_loss", options_.losses.z_loss),
-        real("losses.kl_uniform", options_.losses.kl_uniform),
-        real("losses.global_batch_aux", options_.losses.global_batch_aux),
-        {"losses.global_batch_micro_batches", options_.losses.global_batch_micro_batches},
-        named("non_finite", int(options_.non_finite), {"raise", "propagate"}),
-        named("training_mode", int(options_.training_mode), {"inference", "store", "recompute"})};
-    // The shipped routers' configurations (user routers without config() skip this).
-    if constexpr (detail::is_detected_v<detail::router_group_of, Router>) {
-      const auto& group = router_.config().group;
-      fields.push_back({"router.group.n_group", group.n_group});
-      fields.push_back({"router.group.topk_group", group.topk_group});
-      fields.push_back({"router.group.score_terms", group.score_terms});
+    using Shown = Fingerprint::Shown;
+    Fingerprint print;
+    print.integer("experts", num_experts());
+    print.integer("hidden", hidden_size());
+    print.integer("top_k", router_.slots_per_token());
+    print.real("capacity.factor", options_.capacity.factor);
+    print.integer("capacity.minimum", options_.capacity.minimum);
+    print.integer("capacity.alignment", options_.capacity.alignment);
+    print.choice("capacity.drop", int(options_.capacity.drop), {"by_probability", "by_position"});
+    print.integer("layout.tp", groups_.layout.tp);
+    print.integer("layout.ep", groups_.layout.ep);
+    print.integer("layout.dp", groups_.layout.dp);
+    print.choice("layout.order", int(groups_.layout.order),
+                 {"tp_ep_dp", "ep_tp_dp", "tp_dp_ep", "dp_tp_ep"});
+    print.choice("layout.placement", int(groups_.layout.placement), {"block", "round_robin"});
+    print.type("Router type", typeid(Router));
+    print.type("Expert type", typeid(Expert));
+    print.choice("shared experts", shared_ ? 1 : 0, {"none", "present"});
+    print.real("losses.switch_aux", options_.losses.switch_aux);
+    print.real("losses.sequence_aux", options_.losses.sequence_aux);
+    print.integer("losses.sequence_length", options_.losses.sequence_length);
+    print.real("losses.z_loss", options_.losses.z_loss);
+    print.real("losses.kl_uniform", options_.losses.kl_uniform);
+    print.real("losses.global_batch_aux", options_.losses.global_batch_aux);
+    print.integer("losses.global_batch_micro_batches", options_.losses.global_batch_micro_batches);
+    print.choice("non_finite", int(options_.non_finite), {"raise", "propagate"});
+    print.choice("training_mode", int(options_.training_mode), {"inference", "store", "recompute"});
+    print.flag("gradient_sync.overlap", options_.gradient_sync.overlap);
+    print.integer("gradient_sync.bucket_bytes", std::int64_t(options_.gradient_sync.bucket_bytes));
+    // Each policy's own settings, where it names them.
+    if constexpr (detail::is_detected_v<detail::fingerprint_of, Router>) {
+      Fingerprint part;
+      router_.fingerprint(part);
+      print.append("router.", part);
     }
-    if constexpr (detail::is_detected_v<detail::router_scaling_of, Router>) {
-      fields.push_back(named("router.normalize", router_.config().normalize ? 1 : 0,
-                             {"false", "true"}));
-      fields.push_back(real("router.scaling_factor", router_.config().scaling_factor));
+    if constexpr (detail::is_detected_v<detail::fingerprint_of, Expert>) {
+      Fingerprint part;
+      experts_.fingerprint(part);
+      print.append("experts.", part);
     }
+    const auto& fields = print.fields();
     const int n = int(fields.size());
     const int ranks = groups_.world.size();
     if (ranks == 1) return;
@@ -1031,7 +1014,7 @@ class MoELayer {
     }
     std::string report;
     for (int i : differing) {
-      const Field& f = fields[i];
+      const Fingerprint::Field& f = fields[i];
       std::vector<std::string> values(ranks);
       for (int r = 0; r < ranks; ++r) {
         const std::int64_t code = all(std::size_t(r) * n + i);
@@ -1044,12 +1027,12 @@ class MoELayer {
                           ? f.names[std::size_t(code)]
                           : std::to_string(code);
         } else if (f.shown == Shown::type) {
-          values[r] = type_names[std::size_t(r) * 2 + (std::strcmp(f.name, "Router type") ? 1 : 0)];
+          values[r] = type_names[std::size_t(r) * 2 + (f.name == "Router type" ? 0 : 1)];
         } else {
           values[r] = std::to_string(code);
         }
       }
-      report += (report.empty() ? "" : "; ") + std::string(f.name) + ": " +
+      report += (report.empty() ? "" : "; ") + f.name + ": " +
                 detail::ranks_with_values(values, "has", "have");
     }
     throw invalid_argument("kmoe::MoELayer", "configuration across ranks", report,

@@ -15,6 +15,9 @@
 ///    grad_logits arrives holding the balance losses' gradient; the router adds the
 ///    gradient of its weights, then accumulates into its parameters' gradients and grad_x.
 ///  - `void collect_parameters(ParameterList<X,S>& list) const` (may add nothing).
+/// Optional (detected): `void fingerprint(kmoe::Fingerprint& f) const`, the router's own
+/// settings that every rank must share (kmoe/fingerprint.hpp), reported as "router.<name>"
+/// when they differ.
 /// `kmoe::check_valid_router<R>()` asserts each rule with its own message.
 
 #include <kmoe/detail/detect.hpp>

@@ -292,6 +292,23 @@ TEST_CASE("a configuration mismatch shows each rank's value", "[mpi][configurati
           ContainsSubstring("every rank must build the same layer"));
 }
 
+TEST_CASE("a router setting that differs across ranks is named with each rank's value",
+          "[mpi][configuration]") {
+  // The router contributes its own settings (Router::fingerprint): the temperature and the
+  // group limit here, which no other field of the layer reveals.
+  const auto world = MpiCommunicator::world();
+  SoftmaxTopKConfig config;
+  config.hidden = hidden, config.experts = 2 * world.size(), config.top_k = 2;
+  config.temperature = world.rank() == 1 ? 0.5 : 1.0;
+  config.group = world.rank() == 1 ? GroupLimit{2, 1, 2} : GroupLimit{};
+  const std::string rest = world.size() == 2 ? "rank 0 has " : "ranks 0, 2, 3 have ";
+  CHECK_THROWS_WITH(
+      Layer<>(Router(config), GLU({2, hidden, ffn}), {}, std::nullopt, groups_of(world, world.size(), 1)),
+      ContainsSubstring("router.temperature: " + rest + "1, rank 1 has 0.5") &&
+          ContainsSubstring("router.group.n_group: " + rest + "1, rank 1 has 2") &&
+          ContainsSubstring("every rank must build the same layer"));
+}
+
 TEST_CASE("an expert type mismatch shows each rank's type name", "[mpi][configuration]") {
   const auto world = MpiCommunicator::world();
   const auto groups = groups_of(world, world.size(), 1);

@@ -94,6 +94,9 @@ class ExpertChoiceRouter {
     gate_.backward(x, grad_logits, grad_x);
   }
 
+  /// The settings every rank must share (MoELayer's configuration check).
+  void fingerprint(Fingerprint& f) const { f.real("capacity_factor", config_.capacity_factor); }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     gate_.collect_parameters(list);
   }

@@ -4,6 +4,7 @@
 /// \brief The group limit of group-limited routing, a setting of several shipped routers
 /// (its checks: routers/validation.hpp; the group selection: detail/topk.hpp).
 
+#include <kmoe/fingerprint.hpp>
 #include <kmoe/types.hpp>
 
 namespace kmoe {
@@ -18,6 +19,13 @@ struct GroupLimit {
   int score_terms = 2;
   // Called inside the routers' kernels, so it must be a device function too.
   KOKKOS_INLINE_FUNCTION bool enabled() const { return n_group > 1 && topk_group < n_group; }
+
+  /// Adds the three settings as "group.n_group", "group.topk_group", "group.score_terms".
+  void fingerprint(Fingerprint& f) const {
+    f.integer("group.n_group", n_group);
+    f.integer("group.topk_group", topk_group);
+    f.integer("group.score_terms", score_terms);
+  }
 };
 
 }  // namespace kmoe

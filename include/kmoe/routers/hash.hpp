@@ -63,6 +63,9 @@ class HashRouter {
                 const ConstMatrix<route_type, ExecSpace>&, const Matrix<route_type, ExecSpace>&,
                 const Matrix<Scalar, ExecSpace>&) const {}
 
+  /// The settings every rank must share (MoELayer's configuration check).
+  void fingerprint(Fingerprint& f) const { f.integer("seed", std::int64_t(config_.seed)); }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>&) const {}
 
  private:

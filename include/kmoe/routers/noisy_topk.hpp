@@ -124,6 +124,12 @@ class NoisyTopKRouter {
     if (training_) noise_gate_.backward(x, grad_noise_logits_, grad_x);
   }
 
+  /// The settings every rank must share (MoELayer's configuration check).
+  void fingerprint(Fingerprint& f) const {
+    f.integer("seed", std::int64_t(config_.seed));
+    f.real("temperature", config_.temperature);
+  }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     gate_.collect_parameters(list);
     noise_gate_.collect_parameters(list);

@@ -106,6 +106,14 @@ class SoftmaxTopKRouter {
     gate_.backward(x, grad_logits, grad_x);
   }
 
+  /// The settings every rank must share (MoELayer's configuration check).
+  void fingerprint(Fingerprint& f) const {
+    config_.group.fingerprint(f);
+    f.flag("normalize", config_.normalize);
+    f.real("scaling_factor", config_.scaling_factor);
+    f.real("temperature", config_.temperature);
+  }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     gate_.collect_parameters(list);
   }

@@ -81,6 +81,9 @@ class TopKSoftmaxRouter {
     gate_.backward(x, grad_logits, grad_x);
   }
 
+  /// The settings every rank must share (MoELayer's configuration check).
+  void fingerprint(Fingerprint& f) const { f.real("temperature", config_.temperature); }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     gate_.collect_parameters(list);
   }
