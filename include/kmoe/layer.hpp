@@ -113,9 +113,13 @@ class PhaseClock {
   bool enabled_;
   std::chrono::steady_clock::time_point last_;
 };
-/// Experts with an output bias b2 [E, H] (FFNExperts): not split by expert tensor parallelism.
+/// Experts whose output bias is not split by expert tensor parallelism (FFNExperts' b2):
+/// the layer tells them whether this TP rank adds it, and checks those replicas over TP.
 template <class E>
-using expert_output_bias = decltype(std::declval<const E&>().b2().value);
+using expert_output_bias = decltype(std::declval<E&>().apply_output_bias(true));
+template <class E>
+using expert_unsplit_parameters = decltype(std::declval<const E&>().collect_unsplit_parameters(
+    std::declval<ParameterList<typename E::execution_space, typename E::scalar_type>&>()));
 template <class P>
 using fingerprint_of = decltype(std::declval<const P&>().fingerprint(std::declval<Fingerprint&>()));
 template <class R>
@@ -322,6 +326,10 @@ class MoELayer {
         losses_(options.losses),
         gradient_buckets_(options.gradient_sync.bucket_bytes) {
     constexpr const char* where = "kmoe::MoELayer";
+    // The TP all-reduce sums the F shards' outputs: a bias held whole by every TP rank is
+    // added by rank 0 alone.
+    if constexpr (detail::is_detected_v<detail::expert_output_bias, Expert>)
+      experts_.apply_output_bias(groups_.tp_rank == 0);
     // Every rank takes part in the agreement even when its own checks fail, so a rank with
     // a bad argument does not leave the others waiting in the fingerprint all-gather.
     kmoe::agree_or_throw<typename X::memory_space>(
@@ -501,7 +509,7 @@ class MoELayer {
       else
         arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
       detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
-      forward_experts(mode);
+      experts_.forward(expert_x_, segments_, expert_y_, mode);
       if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
       phase_clock.lap(stats.phase_ms.experts);
     }
@@ -844,31 +852,6 @@ class MoELayer {
                         " (set LayerOptions::non_finite = propagate to let it through)");
   }
 
-  /// Expert forward on this rank's F shard. The TP all-reduce sums the shards' partial
-  /// outputs, so an output bias (replicated on every TP rank, since it is not over F) would
-  /// be added TP times: only TP rank 0 adds it; the others hold it at zero for the call.
-  /// Its gradient is still the full one on every TP rank, which keeps the replicas equal.
-  void forward_experts(ExpertMode mode) {
-    if constexpr (detail::is_detected_v<detail::expert_output_bias, Expert>) {
-      const auto bias = experts_.b2().value;
-      if (groups_.tp_rank != 0 && bias.size() > 0) {
-        detail::ensure_extents(held_bias_, "kmoe::MoELayer::held_bias", bias.extent(0),
-                               bias.extent(1));
-        Kokkos::deep_copy(held_bias_, bias);
-        Kokkos::deep_copy(bias, S(0));
-        try {
-          experts_.forward(expert_x_, segments_, expert_y_, mode);
-        } catch (...) {
-          Kokkos::deep_copy(bias, held_bias_);
-          throw;
-        }
-        Kokkos::deep_copy(bias, held_bias_);
-        return;
-      }
-    }
-    experts_.forward(expert_x_, segments_, expert_y_, mode);
-  }
-
   /// The constructor's local checks (they differ by rank: each rank holds its own experts).
   void check_arguments() {
     constexpr const char* where = "kmoe::MoELayer";
@@ -1056,15 +1039,11 @@ class MoELayer {
     const int rank = groups_.world.rank();
     check_replicas_agree<X>(groups_.world, where, "world", tensors_of(everywhere), rank);
     check_replicas_agree<X>(groups_.dp, where, "dp", tensors_of(expert), rank);
-    // An output bias is not split by tensor parallelism: each TP rank holds all of it.
-    if constexpr (detail::is_detected_v<detail::expert_output_bias, Expert>) {
-      const auto bias = experts_.b2();
-      if (bias.value.size() > 0)
-        check_replicas_agree<X>(
-            groups_.tp, where, "tp",
-            Tensors{{bias.name, typename Parameter<X, S>::flat_view(bias.value.data(),
-                                                                     bias.value.size())}},
-            rank);
+    // Parameters not split by tensor parallelism (an output bias): each TP rank holds all.
+    if constexpr (detail::is_detected_v<detail::expert_unsplit_parameters, Expert>) {
+      ParameterList<X, S> unsplit;
+      experts_.collect_unsplit_parameters(unsplit);
+      if (!unsplit.empty()) check_replicas_agree<X>(groups_.tp, where, "tp", tensors_of(unsplit), rank);
     }
   }
 
@@ -1310,7 +1289,6 @@ class MoELayer {
   // The training copy of x, and row-major copies of strided arguments.
   Matrix<S, X> saved_x_, x_rows_, y_rows_, grad_y_rows_, grad_x_rows_;
   Matrix<S, X> send_x_, recv_x_, expert_x_, expert_y_, recv_y_, send_y_, shared_y_;
-  Matrix<S, X> held_bias_;  // TP ranks != 0: b2 set aside during the expert forward
   // Backward buffers; on one rank without padding the exchange/arrange steps alias them.
   Matrix<S, X> grad_send_y_, grad_recv_y_, grad_expert_y_, grad_expert_x_, grad_recv_x_,
       grad_send_x_, shared_grad_x_;

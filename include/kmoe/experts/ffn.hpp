@@ -50,6 +50,13 @@ class FFNExperts {
   const StackedBias<ExecSpace, Scalar>& b1() const { return b1_; }
   const StackedBias<ExecSpace, Scalar>& b2() const { return b2_; }
 
+  /// Tensor parallelism (the layer calls these): the expert outputs of the F shards are
+  /// summed across the TP group, and b2, not split over F, is held whole by every TP rank,
+  /// so only one rank may add it. Its gradient is the full one on every rank either way.
+  void apply_output_bias(bool apply) { apply_output_bias_ = apply; }
+  /// The parameters that are not split over F (b2): replicas across the TP group.
+  void collect_unsplit_parameters(ParameterList<ExecSpace, Scalar>& list) const { b2_.collect(list); }
+
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                const Matrix<Scalar, ExecSpace>& y, ExpertMode mode) {
     project(x, segments);
@@ -59,7 +66,7 @@ class FFNExperts {
         Kokkos::RangePolicy<ExecSpace>(0, std::size_t(segments.rows()) * shape_.ffn),
         KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
     gemm::segment_times_weight<Gemm>(segments, hidden_, w2_.value, true, Scalar(1), Scalar(0), y);
-    add_bias(segments, b2_, y);
+    if (apply_output_bias_) add_bias(segments, b2_, y);
     if (mode == ExpertMode::recompute) {
       pre_ = {};
       hidden_ = {};
@@ -116,6 +123,7 @@ class FFNExperts {
   ExpertShape shape_;
   StackedWeight<ExecSpace, Scalar> w1_, w2_;
   StackedBias<ExecSpace, Scalar> b1_, b2_;
+  bool apply_output_bias_ = true;
   // Saved pre-activation (kept in store/inference mode) and the hidden workspace.
   Matrix<Scalar, ExecSpace> pre_, hidden_;
 };
