@@ -1,76 +1,55 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // A user-written router passed to kmoe::MoELayer as a template parameter: softmax with a
-// temperature, top-1 (Switch-style) with weight p_e. It reuses kmoe::LinearGate for the
-// learned projection and implements the Router interface of kmoe/router.hpp itself.
+// temperature, top-1 (Switch-style) with weight p_e. kmoe::GatedRouter holds the learned
+// gate (logits = x W^T), the sizes and the parameters; this class writes the two kernels.
 #include <kmoe/kmoe.hpp>
 
+#include <cmath>
 #include <cstdio>
 
-template <class ExecSpace, class Scalar>
-class TemperatureTop1Router {
+template <class X, class S>
+class TemperatureTop1Router : public kmoe::GatedRouter<X, S> {
  public:
-  using execution_space = ExecSpace;
-  using scalar_type = Scalar;
   static constexpr kmoe::ProbabilityKind probability_kind = kmoe::ProbabilityKind::softmax;
+  TemperatureTop1Router(int hidden, int experts, double tau)
+      : kmoe::GatedRouter<X, S>("TemperatureTop1Router", hidden, experts, 1), tau_(tau) {}
 
-  TemperatureTop1Router(int hidden, int experts, Scalar temperature)
-      : gate_("router", hidden, experts), temperature_(temperature) {}
-
-  int num_experts() const { return gate_.experts(); }
-  int hidden_size() const { return gate_.hidden(); }
-  int slots_per_token() const { return 1; }
-  const kmoe::LinearGate<ExecSpace, Scalar>& gate() const { return gate_; }
-
-  void forward(const kmoe::ConstMatrix<Scalar, ExecSpace>& x, kmoe::RoutingPlan<ExecSpace, Scalar>& plan,
-               const kmoe::RouteContext<ExecSpace>&) {
-    const int experts = num_experts();
-    plan.resize(x.extent(0), experts, 1, /*with_logits=*/true);
-    gate_.forward(x, plan.logits);
+  void forward(const kmoe::ConstMatrix<S, X>& x, kmoe::RoutingPlan<X, S>& plan, const kmoe::RouteContext<X>&) {
+    this->gate_forward(x, plan);
+    kmoe::scale_logits<X>("TemperatureTop1Router::temperature", plan.logits, 1.0 / tau_);  // l / tau
     const auto logits = plan.logits, probs = plan.probs, weight = plan.weight;
     const auto expert = plan.expert;
-    const Scalar tau = temperature_;
-    Kokkos::parallel_for(
-        "TemperatureTop1Router::forward", Kokkos::RangePolicy<ExecSpace>(0, x.extent(0)),
-        KOKKOS_LAMBDA(int t) {
-          Scalar max_logit = logits(t, 0), sum = 0;
-          for (int e = 1; e < experts; ++e) max_logit = logits(t, e) > max_logit ? logits(t, e) : max_logit;
-          for (int e = 0; e < experts; ++e) sum += (probs(t, e) = kmoe::detail::exp((logits(t, e) - max_logit) / tau));
-          int best = 0;  // strict '>' keeps the lower index on ties, as docs/semantics.md section 1 asks
-          for (int e = 0; e < experts; ++e) {
-            probs(t, e) /= sum;
-            if (probs(t, e) > probs(t, best)) best = e;
-          }
-          expert(t, 0) = best;
-          weight(t, 0) = probs(t, best);
-        });
+    const int experts = this->num_experts();
+    Kokkos::parallel_for("TemperatureTop1Router::forward", Kokkos::RangePolicy<X>(0, x.extent(0)),
+                         KOKKOS_LAMBDA(int t) {
+                           kmoe::softmax_row(t, experts, logits, probs);
+                           int best = 0;  // strict '>': the lower index wins ties (docs/semantics.md section 1)
+                           for (int e = 1; e < experts; ++e) best = probs(t, e) > probs(t, best) ? e : best;
+                           expert(t, 0) = best;
+                           weight(t, 0) = probs(t, best);
+                         });
   }
 
-  void backward(const kmoe::ConstMatrix<Scalar, ExecSpace>& x, const kmoe::RoutingPlan<ExecSpace, Scalar>& plan,
-                const kmoe::ConstMatrix<Scalar, ExecSpace>& grad_weight,
-                const kmoe::Matrix<Scalar, ExecSpace>& grad_logits,
-                const kmoe::Matrix<Scalar, ExecSpace>& grad_x) const {
+  // w = p_best: dL/dl_e = g p_best (delta_e,best - p_e), then / tau for the raw logits (the
+  // balance losses' share of grad_logits is also with respect to l / tau).
+  void backward(const kmoe::ConstMatrix<S, X>& x, const kmoe::RoutingPlan<X, S>& plan,
+                const kmoe::ConstMatrix<S, X>& grad_weight, const kmoe::Matrix<S, X>& grad_logits,
+                const kmoe::Matrix<S, X>& grad_x) const {
     const auto probs = plan.probs;
     const auto expert = plan.expert;
-    const int experts = num_experts();
-    const Scalar tau = temperature_;
-    // w = p_best with p = softmax(l / tau): dL/dl_e = g p_best (delta_e,best - p_e) / tau.
-    Kokkos::parallel_for(
-        "TemperatureTop1Router::backward", Kokkos::RangePolicy<ExecSpace>(0, x.extent(0)),
-        KOKKOS_LAMBDA(int t) {
-          const int best = expert(t, 0);
-          const Scalar g = grad_weight(t, 0) * probs(t, best) / tau;
-          for (int e = 0; e < experts; ++e) grad_logits(t, e) += g * ((e == best) - probs(t, e));
-        });
-    gate_.backward(x, grad_logits, grad_x);
-  }
-
-  void collect_parameters(kmoe::ParameterList<ExecSpace, Scalar>& list) const {
-    gate_.collect_parameters(list);
+    const int experts = this->num_experts();
+    Kokkos::parallel_for("TemperatureTop1Router::backward", Kokkos::RangePolicy<X>(0, x.extent(0)),
+                         KOKKOS_LAMBDA(int t) {
+                           const int best = expert(t, 0);
+                           const S g = grad_weight(t, 0) * probs(t, best);
+                           for (int e = 0; e < experts; ++e) grad_logits(t, e) += g * ((e == best) - probs(t, e));
+                         });
+    kmoe::scale_logits<X>("TemperatureTop1Router::temperature_backward", grad_logits, 1.0 / tau_);
+    this->gate_backward(x, grad_logits, grad_x);
   }
 
  private:
-  kmoe::LinearGate<ExecSpace, Scalar> gate_;
-  Scalar temperature_;
+  double tau_;
 };
 
 int main(int argc, char** argv) {

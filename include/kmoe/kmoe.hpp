@@ -19,6 +19,7 @@
 #include <kmoe/parameter_groups.hpp>
 #include <kmoe/router.hpp>
 #include <kmoe/routers/expert_choice.hpp>
+#include <kmoe/routers/gated_router.hpp>
 #include <kmoe/routers/hash.hpp>
 #include <kmoe/routers/noisy_topk.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>

@@ -103,3 +103,12 @@ KOKKOS_INLINE_FUNCTION typename Weight::non_const_value_type softmax_over_chosen
 }
 
 }  // namespace kmoe::detail
+
+namespace kmoe {
+
+/// The per-token helpers for a router's own kernels (examples/custom_router.cpp), as the
+/// shipped routers use them: softmax of one token's logits, and the temperature scaling.
+using detail::scale_logits;
+using detail::softmax_row;
+
+}  // namespace kmoe

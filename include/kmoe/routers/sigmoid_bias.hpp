@@ -7,7 +7,7 @@
 /// group-limited (n_group / topk_group).
 
 #include <kmoe/detail/topk.hpp>
-#include <kmoe/routers/linear_gate.hpp>
+#include <kmoe/routers/gated_router.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
 #include <kmoe/routing_plan.hpp>
@@ -29,24 +29,20 @@ struct SigmoidBiasConfig {
 
 /// \brief DeepSeek-V3 sigmoid router with selection bias (e_score_correction_bias).
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-class SigmoidBiasRouter {
+class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
+  using Base = GatedRouter<ExecSpace, Scalar, Gemm>;
+
  public:
-  using execution_space = ExecSpace;
-  using scalar_type = Scalar;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::normalized_sigmoid;
   static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit SigmoidBiasRouter(const SigmoidBiasConfig& config)
-      : config_(validated(config)),
-        gate_("router", config.hidden, config.experts),
+      : Base("kmoe::SigmoidBiasRouter", config.hidden, config.experts, config.top_k),
+        config_(validated(config)),
         bias_("router.expert_bias", config.experts) {}
 
-  int num_experts() const { return config_.experts; }
-  int hidden_size() const { return config_.hidden; }
-  int slots_per_token() const { return config_.top_k; }
   const SigmoidBiasConfig& config() const { return config_; }
-  const LinearGate<ExecSpace, Scalar, Gemm>& gate() const { return gate_; }
   /// Selection bias b [E]; set it directly or move it with update_bias().
   const Vector<route_type, ExecSpace>& bias() const { return bias_; }
 
@@ -69,8 +65,7 @@ class SigmoidBiasRouter {
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
                const RouteContext<ExecSpace>&) {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
-    plan.resize(tokens, experts, k, true);
-    gate_.forward(x, plan.logits);
+    this->gate_forward(x, plan);
     const auto logits = plan.logits;
     const auto probs = plan.probs;
     const auto expert = plan.expert;
@@ -127,7 +122,7 @@ class SigmoidBiasRouter {
                 s * (1 - s);
           }
         });
-    gate_.backward(x, grad_logits, grad_x);
+    this->gate_backward(x, grad_logits, grad_x);
   }
 
   /// The settings every rank must share (MoELayer's configuration check).
@@ -135,10 +130,6 @@ class SigmoidBiasRouter {
     config_.group.fingerprint(f);
     f.flag("normalize", config_.normalize);
     f.real("scaling_factor", config_.scaling_factor);
-  }
-
-  void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
-    gate_.collect_parameters(list);
   }
 
  private:
@@ -150,7 +141,6 @@ class SigmoidBiasRouter {
   }
 
   SigmoidBiasConfig config_;
-  LinearGate<ExecSpace, Scalar, Gemm> gate_;
   Vector<route_type, ExecSpace> bias_;
 };
 

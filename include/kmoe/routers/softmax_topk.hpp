@@ -6,7 +6,7 @@
 /// renormalised over the chosen), optionally group-limited and scaled.
 
 #include <kmoe/detail/topk.hpp>
-#include <kmoe/routers/linear_gate.hpp>
+#include <kmoe/routers/gated_router.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
 #include <kmoe/routing_plan.hpp>
@@ -28,28 +28,24 @@ struct SoftmaxTopKConfig {
 
 /// \brief Softmax-then-top-k router with a learned gate weight [E, H].
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-class SoftmaxTopKRouter {
+class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
+  using Base = GatedRouter<ExecSpace, Scalar, Gemm>;
+
  public:
-  using execution_space = ExecSpace;
-  using scalar_type = Scalar;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
   static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit SoftmaxTopKRouter(const SoftmaxTopKConfig& config)
-      : config_(validated(config)), gate_("router", config.hidden, config.experts) {}
+      : Base("kmoe::SoftmaxTopKRouter", config.hidden, config.experts, config.top_k),
+        config_(validated(config)) {}
 
-  int num_experts() const { return config_.experts; }
-  int hidden_size() const { return config_.hidden; }
-  int slots_per_token() const { return config_.top_k; }
   const SoftmaxTopKConfig& config() const { return config_; }
-  const LinearGate<ExecSpace, Scalar, Gemm>& gate() const { return gate_; }
 
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
                const RouteContext<ExecSpace>&) {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
-    plan.resize(tokens, experts, k, true);
-    gate_.forward(x, plan.logits);
+    this->gate_forward(x, plan);
     if (config_.temperature != 1.0)
       detail::scale_logits<ExecSpace>("kmoe::SoftmaxTopKRouter::temperature", plan.logits,
                                       1.0 / config_.temperature);
@@ -103,7 +99,7 @@ class SoftmaxTopKRouter {
     if (config_.temperature != 1.0)
       detail::scale_logits<ExecSpace>("kmoe::SoftmaxTopKRouter::temperature_backward",
                                       grad_logits, 1.0 / config_.temperature);
-    gate_.backward(x, grad_logits, grad_x);
+    this->gate_backward(x, grad_logits, grad_x);
   }
 
   /// The settings every rank must share (MoELayer's configuration check).
@@ -112,10 +108,6 @@ class SoftmaxTopKRouter {
     f.flag("normalize", config_.normalize);
     f.real("scaling_factor", config_.scaling_factor);
     f.real("temperature", config_.temperature);
-  }
-
-  void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
-    gate_.collect_parameters(list);
   }
 
  private:
@@ -128,7 +120,6 @@ class SoftmaxTopKRouter {
   }
 
   SoftmaxTopKConfig config_;
-  LinearGate<ExecSpace, Scalar, Gemm> gate_;
 };
 
 }  // namespace kmoe

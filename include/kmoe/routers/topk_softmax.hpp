@@ -5,7 +5,7 @@
 /// largest logits are chosen and their weights are the softmax over those k logits only.
 
 #include <kmoe/detail/topk.hpp>
-#include <kmoe/routers/linear_gate.hpp>
+#include <kmoe/routers/gated_router.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
 #include <kmoe/routing_plan.hpp>
@@ -22,27 +22,23 @@ struct TopKSoftmaxConfig {
 
 /// \brief Top-k-then-softmax router with a learned gate weight [E, H].
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-class TopKSoftmaxRouter {
+class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
+  using Base = GatedRouter<ExecSpace, Scalar, Gemm>;
+
  public:
-  using execution_space = ExecSpace;
-  using scalar_type = Scalar;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
   static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit TopKSoftmaxRouter(const TopKSoftmaxConfig& config)
-      : config_(validated(config)), gate_("router", config.hidden, config.experts) {}
+      : Base("kmoe::TopKSoftmaxRouter", config.hidden, config.experts, config.top_k),
+        config_(validated(config)) {}
 
-  int num_experts() const { return config_.experts; }
-  int hidden_size() const { return config_.hidden; }
-  int slots_per_token() const { return config_.top_k; }
-  const LinearGate<ExecSpace, Scalar, Gemm>& gate() const { return gate_; }
 
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
                const RouteContext<ExecSpace>&) {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
-    plan.resize(tokens, experts, k, true);
-    gate_.forward(x, plan.logits);
+    this->gate_forward(x, plan);
     if (config_.temperature != 1.0)
       detail::scale_logits<ExecSpace>("kmoe::TopKSoftmaxRouter::temperature", plan.logits,
                                       1.0 / config_.temperature);
@@ -78,15 +74,11 @@ class TopKSoftmaxRouter {
     if (config_.temperature != 1.0)
       detail::scale_logits<ExecSpace>("kmoe::TopKSoftmaxRouter::temperature_backward",
                                       grad_logits, 1.0 / config_.temperature);
-    gate_.backward(x, grad_logits, grad_x);
+    this->gate_backward(x, grad_logits, grad_x);
   }
 
   /// The settings every rank must share (MoELayer's configuration check).
   void fingerprint(Fingerprint& f) const { f.real("temperature", config_.temperature); }
-
-  void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
-    gate_.collect_parameters(list);
-  }
 
  private:
   static TopKSoftmaxConfig validated(const TopKSoftmaxConfig& c) {
@@ -98,7 +90,6 @@ class TopKSoftmaxRouter {
   }
 
   TopKSoftmaxConfig config_;
-  LinearGate<ExecSpace, Scalar, Gemm> gate_;
 };
 
 }  // namespace kmoe
