@@ -8,10 +8,9 @@
 #include <kmoe/capacity.hpp>
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicator.hpp>
-#include <kmoe/deduplicated_dispatch.hpp>
 #include <kmoe/detail/profiling.hpp>
 #include <kmoe/detail/row_major.hpp>
-#include <kmoe/dispatch.hpp>
+#include <kmoe/exchange/expert_parallel_exchange.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/fingerprint.hpp>
 #include <kmoe/gradient_buckets.hpp>
@@ -186,87 +185,6 @@ std::int64_t count_routed(const Expert& expert) {
   return routed;
 }
 
-/// Row maps of the expert order, from blocks b = (source p, local expert j) of blocks(b, 2)
-/// rows at row blocks(b, 0) of the receive order and blocks(b, 1) of the expert order: for
-/// each expert row (-1 for padding) the receive-order row it holds and, when `link` is not
-/// empty (deduplicated dispatch), the received row of its token, first(p) + link(receive row).
-template <class X, class Blocks, class Map, class Link, class First>
-void map_expert_rows(const Blocks& blocks, int local, const Map& receive_row,
-                     const Map& token_row, const Link& link, const First& first) {
-  using Team = typename Kokkos::TeamPolicy<X>::member_type;
-  const bool deduplicated = link.extent(0) > 0;
-  Kokkos::deep_copy(receive_row, -1);
-  if (deduplicated) Kokkos::deep_copy(token_row, -1);
-  Kokkos::parallel_for(
-      "kmoe::MoELayer::map_expert_rows", Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO),
-      KOKKOS_LAMBDA(const Team& team) {
-        const int b = team.league_rank();
-        const int recv_row = blocks(b, 0), expert_row = blocks(b, 1), rows = blocks(b, 2);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows), [&](int i) {
-          receive_row(expert_row + i) = recv_row + i;
-          if (deduplicated) token_row(expert_row + i) = first(b / local) + link(recv_row + i);
-        });
-      });
-}
-
-/// out(r) = in(map(r)), zero where map(r) < 0. One team per row: its threads (CUDA) or
-/// its vectorised loop (host) walk the contiguous row.
-template <class X, class Map, class In, class Out>
-void gather_mapped_rows(const Map& map, const In& in, const Out& out) {
-  using Team = typename Kokkos::TeamPolicy<X>::member_type;
-  using S = typename Out::non_const_value_type;
-  const int width = int(out.extent(1));
-  Kokkos::parallel_for(
-      "kmoe::MoELayer::gather_mapped_rows", Kokkos::TeamPolicy<X>(int(out.extent(0)), Kokkos::AUTO),
-      KOKKOS_LAMBDA(const Team& team) {
-        const int r = team.league_rank(), from = map(r);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width), [&](int h) {
-          out(r, h) = from < 0 ? S(0) : in(from, h);
-        });
-      });
-}
-
-/// out(map(r)) = in(r) where map(r) >= 0 (the inverse of gather_mapped_rows).
-template <class X, class Map, class In, class Out>
-void scatter_mapped_rows(const Map& map, const In& in, const Out& out) {
-  using Team = typename Kokkos::TeamPolicy<X>::member_type;
-  const int width = int(in.extent(1));
-  Kokkos::parallel_for(
-      "kmoe::MoELayer::scatter_mapped_rows", Kokkos::TeamPolicy<X>(int(in.extent(0)), Kokkos::AUTO),
-      KOKKOS_LAMBDA(const Team& team) {
-        const int r = team.league_rank(), to = map(r);
-        if (to < 0) return;
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width), [&](int h) {
-          out(to, h) = in(r, h);
-        });
-      });
-}
-
-template <class X, class In, class Source, class Out>
-void gather_rows(const In& x, const Source& source, int slots, const Out& send) {
-  Kokkos::parallel_for(
-      "kmoe::MoELayer::gather",
-      Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(send.extent(0)),
-                                                         std::int64_t(send.extent(1))}),
-      KOKKOS_LAMBDA(std::int64_t r, std::int64_t h) { send(r, h) = x(source(r) / slots, h); });
-}
-
-template <class X, class Position, class M>
-void scatter_add_rows(const Position& position, const M& rows, const M& grad_x) {
-  using S = typename M::non_const_value_type;
-  const int slots = int(position.extent(1));
-  Kokkos::parallel_for(
-      "kmoe::MoELayer::scatter_add",
-      Kokkos::MDRangePolicy<X, Kokkos::Rank<2>>({0, 0}, {std::int64_t(grad_x.extent(0)),
-                                                         std::int64_t(grad_x.extent(1))}),
-      KOKKOS_LAMBDA(std::int64_t t, std::int64_t h) {
-        S sum = 0;
-        for (int s = 0; s < slots; ++s)
-          if (position(t, s) >= 0) sum += rows(position(t, s), h);
-        grad_x(t, h) = sum;
-      });
-}
-
 template <class X, class M>
 void add_into(const M& from, const M& to) {
   Kokkos::parallel_for(
@@ -431,17 +349,16 @@ class MoELayer {
     const int experts = num_experts();
 
     phase_clock.lap(stats.phase_ms.route);
-    const bool deduplicate = groups_.layout.ep > 1;
     {
       const detail::ProfilingRegion dispatch_region("kmoe::MoELayer::dispatch");
       stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
       if (stats.capacity >= 0) stats.capacity = all_reduce_max(groups_.ep, stats.capacity);
-      dispatch_.build(plan_, expert_key_, experts, stats.capacity, options_.capacity.drop);
+      dispatch_.build(plan_, exchange_.expert_key(), experts, stats.capacity, options_.capacity.drop);
 
       // Per-expert counts and, last, the token count, summed over the token groups in one
       // all-reduce: local batches may differ in size.
       std::vector<std::int64_t> counts(experts + 1);
-      for (int e = 0; e < experts; ++e) counts[e] = dispatch_.routed_per_key[key_host_[e]];
+      for (int e = 0; e < experts; ++e) counts[e] = dispatch_.routed_per_key[exchange_.key(e)];
       counts[experts] = tokens;
       all_reduce_sum(groups_.tokens, counts);
       const std::int64_t global_tokens = counts[experts];
@@ -460,16 +377,8 @@ class MoELayer {
 
       // Gather the rows to send (on one EP rank: every kept assignment in key order; across
       // ranks: each token once per destination rank).
-      if (deduplicate) {
-        deduplicated_.build(dispatch_.position, plan_.expert, expert_rank_, groups_.layout.ep,
-                            dispatch_.kept_total);
-        detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", deduplicated_.rows_total, hidden_size());
-        detail::gather_mapped_rows<X>(deduplicated_.token, x, send_x_);
-        stats.dispatch_rows = deduplicated_.rows_per_rank;
-      } else {
-        detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch_.kept_total, hidden_size());
-        gather_rows(x, send_x_);
-      }
+      exchange_.plan(dispatch_, plan_.expert, x);
+      stats.dispatch_rows = exchange_.dispatch_rows();
       phase_clock.lap(stats.phase_ms.dispatch);
     }
 
@@ -488,11 +397,8 @@ class MoELayer {
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
       wait_for_slowest_rank(phase_clock, stats.phase_ms);
-      exchange_counts(deduplicate);
-      auto request = deduplicate ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_,
-                                                  recv_token_rows_, "kmoe::MoELayer::recv_x")
-                                 : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_,
-                                                  "kmoe::MoELayer::recv_x");
+      exchange_.exchange_counts();
+      auto request = exchange_.dispatch_start();
       if (options_.overlap_shared_experts && shared_) {
         run_shared();
         // The ranks' shared experts may finish apart: time that wait as imbalance too.
@@ -504,24 +410,20 @@ class MoELayer {
     phase_clock.lap(stats.phase_ms.exchange);
     {
       const detail::ProfilingRegion experts_region("kmoe::MoELayer::experts");
-      if (deduplicate)
-        expand_to_experts(recv_x_, expert_x_);
-      else
-        arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
-      detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments_.rows(), hidden_size());
-      experts_.forward(expert_x_, segments_, expert_y_, mode);
+      const auto& expert_x = exchange_.arrive();
+      const auto& segments = exchange_.segments();
+      detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments.rows(), hidden_size());
+      experts_.forward(expert_x, segments, expert_y_, mode);
       if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
       phase_clock.lap(stats.phase_ms.experts);
     }
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
-      arrange_from_experts(expert_y_, recv_y_, "kmoe::MoELayer::recv_y");
-      wait_for_slowest_rank(phase_clock, stats.phase_ms);
-      exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y");
+      exchange_.combine(expert_y_, [&] { wait_for_slowest_rank(phase_clock, stats.phase_ms); });
       phase_clock.lap(stats.phase_ms.exchange);
     }
     const detail::ProfilingRegion combine_region("kmoe::MoELayer::combine");
-    combiner_.combine(send_y_, dispatch_.position, plan_.weight,
+    combiner_.combine(exchange_.send_y(), dispatch_.position, plan_.weight,
                       shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
     phase_clock.lap(stats.phase_ms.combine);
   }
@@ -585,26 +487,25 @@ class MoELayer {
       const detail::ProfilingRegion combine_region("kmoe::MoELayer::backward::combine");
       detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
       detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
-      combiner_.backward(grad_y, send_y_, dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
+      combiner_.backward(grad_y, exchange_.send_y(), dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
     }
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
-      exchange(grad_send_y_, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y");
+      exchange_.to_experts(grad_send_y_);
     }
     {
       const detail::ProfilingRegion experts_region("kmoe::MoELayer::backward::experts");
-      arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
-      detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments_.rows(), hidden_size());
-      experts_.backward(expert_x_, segments_, grad_expert_y_, grad_expert_x_);
+      const auto& grad_expert_y = exchange_.arrive_gradient();
+      const auto& segments = exchange_.segments();
+      detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments.rows(), hidden_size());
+      experts_.backward(exchange_.expert_x(), segments, grad_expert_y, grad_expert_x_);
       gradients_produced(GradientGroup::experts);
       if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
     }
     {
       // Back to the tokens: the rows' way home and their sum per token.
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
-      arrange_from_experts(grad_expert_x_, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
-      exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
-      scatter_add_rows(grad_send_x_, grad_x);
+      exchange_.from_experts(grad_expert_x_, grad_x);
       gradient_buckets_.progress();  // overlap: let the expert gradients' sums advance
     }
     if (shared_) {
@@ -881,27 +782,10 @@ class MoELayer {
     build_placement();
   }
 
-  /// Keys sort experts by (owner EP rank, local index): the send buffer is then grouped by
-  /// destination rank and, within it, by the destination's local expert order.
+  /// Where each global expert lives and how rows reach it (exchange/expert_parallel_exchange.hpp).
   void build_placement() {
-    const int experts = num_experts(), ranks = groups_.layout.ep;
-    key_host_.assign(experts, -1);
-    local_count_.assign(ranks, 0);
-    int key = 0;
-    for (int r = 0; r < ranks; ++r) {
-      const auto owned = groups_.layout.local_experts(experts, r);
-      local_count_[r] = std::int64_t(owned.size());
-      for (int e : owned) key_host_[e] = key++;
-    }
-    expert_key_ = Vector<int, X>("kmoe::MoELayer::expert_key", experts);
-    expert_rank_ = Vector<int, X>("kmoe::MoELayer::expert_rank", experts);
-    auto key_mirror = Kokkos::create_mirror_view(expert_key_);
-    auto rank_mirror = Kokkos::create_mirror_view(expert_rank_);
-    for (int r = 0; r < ranks; ++r)
-      for (int e : groups_.layout.local_experts(experts, r)) rank_mirror(e) = r;
-    for (int e = 0; e < experts; ++e) key_mirror(e) = key_host_[e];
-    Kokkos::deep_copy(expert_key_, key_mirror);
-    Kokkos::deep_copy(expert_rank_, rank_mirror);
+    const int experts = num_experts();
+    exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment);
     bias_counts_.assign(experts, 0);
   }
 
@@ -1079,165 +963,6 @@ class MoELayer {
     clock.lap(phases.imbalance);
   }
 
-  /// Per-peer counts of the dispatch exchange: each destination gets its local experts'
-  /// assignment counts (which lay out its expert segments) and, last, the number of rows
-  /// sent to it. Builds the expert segments, padded to the capacity alignment; when the
-  /// dispatch is deduplicated, also sends each assignment's link (the row of its token in
-  /// the block sent to its rank) so that the receiver can expand the rows.
-  void exchange_counts(bool deduplicate) {
-    const int ranks = groups_.layout.ep;
-    const int local = experts_.num_experts();
-    const int per_peer = local + 1;
-    send_rows_.assign(ranks, 0);
-    std::vector<std::int64_t> send_counts(ranks), recv_counts(ranks, per_peer);
-    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send",
-                           std::size_t(num_experts() + ranks));
-    detail::ensure_extents(count_recv_, "kmoe::MoELayer::count_recv", std::size_t(ranks) * per_peer);
-    auto send_host = Kokkos::create_mirror_view(count_send_);
-    for (int r = 0, key = 0, at = 0; r < ranks; ++r) {
-      send_counts[r] = local_count_[r] + 1;
-      for (int j = 0; j < local_count_[r]; ++j, ++key) {
-        send_rows_[r] += dispatch_.kept_per_key[key];
-        send_host(at++) = dispatch_.kept_per_key[key];
-      }
-      send_host(at++) = deduplicate ? deduplicated_.rows_per_rank[r] : send_rows_[r];
-    }
-    Kokkos::deep_copy(count_send_, send_host);
-    groups_.ep.all_to_all_v(count_send_, send_counts, count_recv_, recv_counts);
-    auto recv_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), count_recv_);
-    const auto received = [&](int p, int j) { return recv_host(p * per_peer + j); };
-
-    // Blocks (source p, local expert j): rows recv_offset in the receive buffer, moved to
-    // expert_offset in the expert buffer, where expert j's segment is padded to alignment.
-    const int alignment = options_.capacity.alignment;
-    recv_rows_.assign(ranks, 0);
-    segments_.offsets_host = Kokkos::View<int*, Kokkos::HostSpace>("kmoe::MoELayer::segments", local + 1);
-    auto blocks = Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace>(
-        "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
-    std::vector<std::int64_t> recv_begin(ranks + 1, 0);
-    recv_token_rows_.assign(ranks, 0);
-    detail::ensure_extents(token_first_, "kmoe::MoELayer::token_first", std::size_t(ranks));
-    auto token_first = Kokkos::create_mirror_view(token_first_);
-    for (int p = 0, first = 0; p < ranks; ++p) {
-      for (int j = 0; j < local; ++j) recv_rows_[p] += received(p, j);
-      recv_begin[p + 1] = recv_begin[p] + recv_rows_[p];
-      recv_token_rows_[p] = received(p, local);
-      token_first(p) = first;
-      first += int(recv_token_rows_[p]);
-    }
-    int expert_row = 0;
-    for (int j = 0; j < local; ++j) {
-      segments_.offsets_host(j) = expert_row;
-      for (int p = 0; p < ranks; ++p) {
-        std::int64_t before = 0;
-        for (int i = 0; i < j; ++i) before += received(p, i);
-        const int b = p * local + j;
-        blocks(b, 0) = int(recv_begin[p] + before);
-        blocks(b, 1) = expert_row;
-        blocks(b, 2) = int(received(p, j));
-        expert_row += blocks(b, 2);
-      }
-      expert_row = (expert_row + alignment - 1) / alignment * alignment;
-    }
-    segments_.offsets_host(local) = expert_row;
-    segments_.sync_from_host();
-    identity_arrangement_ = ranks == 1 && alignment == 1;
-    recv_total_ = recv_begin[ranks];
-    detail::ensure_extents(recv_link_, "kmoe::MoELayer::recv_link",
-                           deduplicate ? std::size_t(recv_total_) : 0);
-    if (deduplicate) {
-      Kokkos::deep_copy(token_first_, token_first);
-      groups_.ep.all_to_all_v(deduplicated_.link, send_rows_, recv_link_, recv_rows_);
-    }
-    if (identity_arrangement_) return;
-    detail::ensure_extents(blocks_, "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
-    Kokkos::deep_copy(blocks_, blocks);
-    detail::ensure_extents(expert_receive_row_, "kmoe::MoELayer::expert_receive_row",
-                           std::size_t(expert_row));
-    detail::ensure_extents(expert_token_row_, "kmoe::MoELayer::expert_token_row",
-                           deduplicate ? std::size_t(expert_row) : 0);
-    detail::map_expert_rows<X>(blocks_, local, expert_receive_row_, expert_token_row_, recv_link_,
-                               token_first_);
-  }
-
-  /// Starts sending rows per peer and receiving rows per peer (EP group); on one EP rank
-  /// the receive buffer is the send buffer itself.
-  typename Communicator::Request start_exchange(const Matrix<S, X>& send,
-                                                const std::vector<std::int64_t>& send_rows,
-                                                Matrix<S, X>& recv,
-                                                const std::vector<std::int64_t>& recv_rows,
-                                                const char* label) {
-    if (receive_in_place(send, recv, recv_rows, label)) return {};
-    return groups_.ep.all_to_all_v_start(flat(send), elements(send_rows), flat(recv),
-                                         elements(recv_rows));
-  }
-
-  /// start_exchange and wait, through the communicator's blocking form (nothing to overlap,
-  /// so no request to keep).
-  void exchange(const Matrix<S, X>& send, const std::vector<std::int64_t>& send_rows,
-                Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows, const char* label) {
-    if (receive_in_place(send, recv, recv_rows, label)) return;
-    groups_.ep.all_to_all_v(flat(send), elements(send_rows), flat(recv), elements(recv_rows));
-  }
-
-  /// Sizes the receive buffer; on one EP rank aliases it to the send buffer and returns true.
-  bool receive_in_place(const Matrix<S, X>& send, Matrix<S, X>& recv,
-                        const std::vector<std::int64_t>& recv_rows, const char* label) const {
-    if (groups_.layout.ep == 1) {
-      recv = send;
-      return true;
-    }
-    std::int64_t total = 0;
-    for (auto r : recv_rows) total += r;
-    detail::ensure_extents(recv, label, std::size_t(total), std::size_t(hidden_size()));
-    return false;
-  }
-
-  std::vector<std::int64_t> elements(const std::vector<std::int64_t>& rows) const {
-    std::vector<std::int64_t> counts(rows);
-    for (auto& c : counts) c *= hidden_size();
-    return counts;
-  }
-
-  /// Receive order (source rank, local expert, token) -> expert order (local expert, source
-  /// rank, token) with zero padding rows; the identity on one rank without padding.
-  void arrange_to_experts(const Matrix<S, X>& in, Matrix<S, X>& out, const char* label) {
-    if (identity_arrangement_) {
-      out = in;
-      return;
-    }
-    detail::ensure_extents(out, label, std::size_t(segments_.rows()), std::size_t(hidden_size()));
-    detail::gather_mapped_rows<X>(expert_receive_row_, in, out);
-  }
-
-  /// Deduplicated receive rows -> expert order (local expert, source rank, token), each
-  /// assignment taking its token's row, with zero padding rows.
-  void expand_to_experts(const Matrix<S, X>& in, Matrix<S, X>& out) {
-    detail::ensure_extents(out, "kmoe::MoELayer::expert_x", std::size_t(segments_.rows()),
-                           std::size_t(hidden_size()));
-    detail::gather_mapped_rows<X>(expert_token_row_, in, out);
-  }
-
-  /// Inverse of arrange_to_experts (padding rows are dropped).
-  void arrange_from_experts(const Matrix<S, X>& in, Matrix<S, X>& out, const char* label) {
-    if (identity_arrangement_) {
-      out = in;
-      return;
-    }
-    detail::ensure_extents(out, label, std::size_t(recv_total_), std::size_t(hidden_size()));
-    detail::scatter_mapped_rows<X>(expert_receive_row_, in, out);
-  }
-
-  /// send(row) = x(token of row): the kept assignments in key order.
-  void gather_rows(const ConstMatrix<S, X>& x, const Matrix<S, X>& send) const {
-    detail::gather_rows<X>(x, dispatch_.source, int(plan_.slots()), send);
-  }
-
-  /// grad_x(t) = sum over kept slots s, in slot order, of rows(position(t, s)).
-  void scatter_add_rows(const Matrix<S, X>& rows, const Matrix<S, X>& grad_x) const {
-    detail::scatter_add_rows<X>(dispatch_.position, rows, grad_x);
-  }
-
   static void add_into(const Matrix<S, X>& from, const Matrix<S, X>& to) {
     detail::add_into<X>(from, to);
   }
@@ -1252,31 +977,14 @@ class MoELayer {
   RoutingPlan<X, S> plan_;
   Dispatch<X> dispatch_;
 
-  // Placement: sort key of each global expert, experts per EP rank.
-  std::vector<int> key_host_;
-  std::vector<std::int64_t> local_count_;
-  Vector<int, X> expert_key_;
-  Vector<int, X> expert_rank_;  ///< EP rank owning each global expert
   std::vector<std::int64_t> bias_counts_;
+  // Placement and the exchange plan of the last forward.
+  using Exchange = ExpertParallelExchange<X, S, Communicator>;
+  Exchange exchange_;
+  Segments<X> shared_segments_;
 
-  // Exchange layout of the last forward.
-  std::vector<std::int64_t> send_rows_, recv_rows_;
-  std::int64_t recv_total_ = 0;
-  Vector<std::int64_t, X> count_send_, count_recv_;
-  Kokkos::View<int**, Kokkos::LayoutRight, typename X::memory_space> blocks_;
-  // Deduplicated dispatch (EP > 1): this rank's send rows and links, the rows received from
-  // each peer, where each peer's rows start, and the received links.
-  DeduplicatedDispatch<X> deduplicated_;
-  std::vector<std::int64_t> recv_token_rows_;
-  Vector<int, X> token_first_, recv_link_;
-  // For each row of the expert order (-1: padding): its row in the receive order and, when
-  // deduplicated, its token's row among the received rows.
-  Vector<int, X> expert_receive_row_, expert_token_row_;
-  bool identity_arrangement_ = true;
-  Segments<X> segments_, shared_segments_;
-
-  // Saved for backward: x_, plan_, dispatch_, expert_x_ (expert inputs), send_y_ (expert
-  // outputs per kept assignment, for the weight gradient), and what the experts keep.
+  // Saved for backward: x_, plan_, dispatch_, the exchange's expert inputs and expert outputs
+  // per kept assignment (for the weight gradient), and what the experts keep.
   ConstMatrix<S, X> x_;
   bool training_ = false, has_forward_ = false, backward_done_ = false;
   // Cross-rank checks: this rank's call sequence, and whether a forward has compared the
@@ -1288,10 +996,9 @@ class MoELayer {
   std::exception_ptr non_finite_gradient_;
   // The training copy of x, and row-major copies of strided arguments.
   Matrix<S, X> saved_x_, x_rows_, y_rows_, grad_y_rows_, grad_x_rows_;
-  Matrix<S, X> send_x_, recv_x_, expert_x_, expert_y_, recv_y_, send_y_, shared_y_;
-  // Backward buffers; on one rank without padding the exchange/arrange steps alias them.
-  Matrix<S, X> grad_send_y_, grad_recv_y_, grad_expert_y_, grad_expert_x_, grad_recv_x_,
-      grad_send_x_, shared_grad_x_;
+  Matrix<S, X> expert_y_, shared_y_;
+  // Backward buffers.
+  Matrix<S, X> grad_send_y_, grad_expert_x_, shared_grad_x_;
   Matrix<route_type, X> grad_weight_, grad_logits_;
 };
 

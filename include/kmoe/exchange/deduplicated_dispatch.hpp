@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
-/// \file deduplicated_dispatch.hpp
+/// \file exchange/deduplicated_dispatch.hpp
 /// \brief Expert-parallel dispatch that sends a token's hidden state once per destination
 /// rank, however many of its kept experts live there (DeepEP's dispatch): the send rows,
 /// and for every kept assignment the row of its token within the block sent to its rank,

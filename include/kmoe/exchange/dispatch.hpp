@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
-/// \file dispatch.hpp
+/// \file exchange/dispatch.hpp
 /// \brief Turns a routing plan into contiguous per-expert segments: a stable counting sort
 /// of the (token, slot) assignments by destination key, the capacity rule, and the row of
 /// every kept assignment in the permuted buffer. One pass over the assignments for the
