@@ -537,27 +537,30 @@ class MoELayer {
 
   /// Routed experts over the data-parallel group, scaled by the ranks with distinct tokens;
   /// the router and shared experts over the world (docs/semantics.md section 5).
-  void start_gradient_sync(GradientGroup group) {
+  void start_gradient_sync(GradientGroup group, const ParameterList<X, S>& parameters) {
     if (group == GradientGroup::experts)
-      gradient_buckets_.start(groups_.dp, gradient_group(group), groups_.tokens.size());
+      gradient_buckets_.start(groups_.dp, parameters, groups_.tokens.size());
     else
-      gradient_buckets_.start(groups_.world, gradient_group(group), groups_.world.size());
+      gradient_buckets_.start(groups_.world, parameters, groups_.world.size());
   }
 
   /// Backward has finished a group's gradients: under NonFinitePolicy::raise, check them
   /// while they are still this rank's own (the first failure is raised after backward, on
   /// every rank); with overlap, start their sync.
   void gradients_produced(GradientGroup group) {
-    if (options_.non_finite == NonFinitePolicy::raise && !non_finite_gradient_) {
+    const bool check = options_.non_finite == NonFinitePolicy::raise && !non_finite_gradient_;
+    if (!check && !options_.gradient_sync.overlap) return;
+    const auto parameters = gradient_group(group);  // collected once for both uses
+    if (check) {
       try {
-        for (const auto& p : gradient_group(group))
+        for (const auto& p : parameters)
           raise_if_non_finite(p.grad, "kmoe::MoELayer::backward", "gradient of " + p.name);
       } catch (const kmoe::runtime_error&) {
         non_finite_gradient_ = std::current_exception();
       }
     }
     if (options_.gradient_sync.overlap) {
-      start_gradient_sync(group);
+      start_gradient_sync(group, parameters);
       gradient_buckets_.progress();
     }
   }
@@ -612,7 +615,7 @@ class MoELayer {
         calls_.enter(CallSequence::synchronize_gradients), [] {});
     if (!options_.gradient_sync.overlap)
       for (auto group : {GradientGroup::experts, GradientGroup::shared, GradientGroup::router})
-        start_gradient_sync(group);
+        start_gradient_sync(group, gradient_group(group));
     gradient_buckets_.finish();
   }
 
