@@ -4,12 +4,15 @@
 // sends against one row per (token, expert) and against the minimum; the layer's exchange
 // time (counts, links and payload, both directions, from LayerOptions::time_phases, which
 // reports the wait for the slower rank apart) against a raw MPI_Alltoallv of the same
-// payload bytes both ways; and the forward time with the shared experts overlapped with
-// the dispatch against run after it.
+// payload bytes both ways; the exchange object alone (ExpertParallelExchange: plan, counts,
+// payload out, arrival, combine back, on the layer's own routing with identity experts)
+// against the same raw MPI_Alltoallv; and the forward time with the shared experts
+// overlapped with the dispatch against run after it.
 //
 //   mpiexec -n 2 ep_bench [--tokens T] [--repeats N]
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
+#include <kmoe/exchange/expert_parallel_exchange.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
@@ -64,6 +67,7 @@ int main(int argc, char** argv) {
     // expert) row, the size of the return.
     std::vector<int> dispatch_counts(world.size(), 0), assignment_counts(world.size(), 0);
     long long remote_rows_sent = 0, remote_assignments = 0, remote_rows_minimum = 0;
+    kmoe::RoutingPlan<X, S> routing;  // of the last forward, replayed by the exchange alone
     for (int overlap = 1; overlap >= 0; --overlap) {
       kmoe::LayerOptions options;
       options.overlap_shared_experts = overlap == 1;
@@ -94,6 +98,7 @@ int main(int argc, char** argv) {
       imbalance_ms[overlap] = median(imbalance);
       if (overlap == 1) {
         shared_ms = median(shared);
+        routing = layer.routing();
         // The minimum (DeepEP) sends a token once per rank however many of its experts live
         // there; counted here by a plain loop over the routing (dropless: every slot kept).
         auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
@@ -112,6 +117,26 @@ int main(int argc, char** argv) {
           dispatch_counts[p] = int(stats.dispatch_rows[p]) * hidden;
           if (p != world.rank()) remote_rows_sent += stats.dispatch_rows[p];
         }
+      }
+    }
+    // The exchange alone, timed from plan() to combine()'s return: what the layer's
+    // dispatch and combine phases cost without the router, the experts and the shared
+    // experts around them.
+    std::vector<double> alone;
+    {
+      kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator> exchange(groups, experts, hidden, 1);
+      kmoe::Dispatch<X> dispatch;
+      for (int r = 0; r <= repeats; ++r) {
+        MPI_Barrier(world.native());
+        const auto start = std::chrono::steady_clock::now();
+        dispatch.build(routing, exchange.expert_key(), experts, -1, kmoe::DropPolicy::by_position);
+        exchange.plan(dispatch, routing.expert, x);
+        exchange.exchange_counts();
+        exchange.dispatch_start().wait();
+        exchange.combine(exchange.arrive());
+        Kokkos::fence();
+        if (r > 0)  // the first allocates the buffers
+          alone.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
       }
     }
     // Raw MPI_Alltoallv of the same payload: the dispatch's rows out, one row per
@@ -163,10 +188,10 @@ int main(int argc, char** argv) {
             .push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
     }
     const double raw_ms = median(raw), raw_mixed_ms = median(raw_mixed);
-    double worst[8] = {exchange_ms[0], raw_ms, overlap_ms[1], overlap_ms[0], imbalance_ms[0],
-                       exchange_ms[1], imbalance_ms[1], raw_mixed_ms};
-    double agreed[8];
-    MPI_Allreduce(worst, agreed, 8, MPI_DOUBLE, MPI_MAX, world.native());
+    double worst[9] = {exchange_ms[0], raw_ms,          overlap_ms[1], overlap_ms[0], imbalance_ms[0],
+                       exchange_ms[1], imbalance_ms[1], raw_mixed_ms,  median(alone)};
+    double agreed[9];
+    MPI_Allreduce(worst, agreed, 9, MPI_DOUBLE, MPI_MAX, world.native());
     if (world.rank() == 0) {
       std::printf("ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32\n",
                   world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn);
@@ -178,6 +203,8 @@ int main(int argc, char** argv) {
                   agreed[0], agreed[1], agreed[0] / agreed[1], agreed[4]);
       std::printf("raw with the layer's calls (MPI_Ialltoallv + MPI_Wait out, MPI_Alltoallv back): %.3f ms; layer / that %.3f\n",
                   agreed[7], agreed[0] / agreed[7]);
+      std::printf("exchange alone (ExpertParallelExchange: dispatch build, plan, counts, payload out, combine back; identity experts): %.3f ms; raw MPI_Alltoallv same payload %.3f ms; ratio %.3f\n",
+                  agreed[8], agreed[1], agreed[8] / agreed[1]);
       std::printf("with the shared experts overlapped: exchange %.3f ms (ratio %.3f; part of the dispatch completes during the wait for the slower rank, %.3f ms)\n",
                   agreed[5], agreed[5] / agreed[1], agreed[6]);
       std::printf("forward with shared experts overlapped: %.3f ms; after the dispatch: %.3f ms; saved %.3f ms (shared experts %.3f ms)\n",

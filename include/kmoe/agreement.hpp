@@ -25,6 +25,7 @@
 #include <kmoe/detail/detect.hpp>
 #include <kmoe/detail/math.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/fingerprint.hpp>
 
 #include <array>
 #include <cstdint>
@@ -167,6 +168,89 @@ class CallSequence {
   Call current_ = construct;
   std::array<std::int64_t, kinds> made_{};
 };
+
+/// \brief Compares a Fingerprint across the ranks of `comm` before their first collective:
+/// every rank sees every rank's codes, so they all throw the same kmoe::invalid_argument
+/// together, naming each differing field with every rank's value. Reals travel as their
+/// exact bits, choices are shown by name, and the names of types are gathered (in a second
+/// collective every rank enters, having seen the same difference) only when a type differs.
+/// Views are of `MemorySpace`, the one the communicator takes.
+template <class MemorySpace, class Communicator>
+void check_fingerprints_agree(const Communicator& comm, const Fingerprint& print, const char* where,
+                              const std::string& why) {
+  using Shown = Fingerprint::Shown;
+  const auto& fields = print.fields();
+  const int n = int(fields.size());
+  const int ranks = comm.size();
+  if (ranks == 1) return;
+  const auto gather = [&](const std::vector<std::int64_t>& mine) {
+    Kokkos::View<std::int64_t*, MemorySpace> send("kmoe::fingerprint", mine.size());
+    Kokkos::View<std::int64_t*, MemorySpace> all("kmoe::fingerprints", mine.size() * ranks);
+    auto send_host = Kokkos::create_mirror_view(send);
+    for (std::size_t i = 0; i < mine.size(); ++i) send_host(i) = mine[i];
+    Kokkos::deep_copy(send, send_host);
+    comm.all_gather(send, all);
+    return Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), all);
+  };
+  std::vector<std::int64_t> codes(n);
+  for (int i = 0; i < n; ++i) codes[i] = fields[i].code;
+  const auto all = gather(codes);
+  std::vector<int> differing, type_fields;
+  bool type_differs = false;
+  for (int i = 0; i < n; ++i) {
+    if (fields[i].shown == Shown::type) type_fields.push_back(i);
+    for (int r = 1; r < ranks; ++r)
+      if (all(std::size_t(r) * n + i) != all(i)) {
+        differing.push_back(i);
+        type_differs = type_differs || fields[i].shown == Shown::type;
+        break;
+      }
+  }
+  if (differing.empty()) return;
+  // Fixed-size blocks, one per type field: 256 characters per name, the rest cut off.
+  constexpr std::size_t name_words = 32;
+  const std::size_t types = type_fields.size();
+  std::vector<std::string> type_names;  // [rank * types + t]
+  if (type_differs) {
+    std::vector<std::int64_t> packed(types * name_words, 0);
+    for (std::size_t t = 0; t < types; ++t) {
+      const std::string name = detail::type_display_name(*fields[type_fields[t]].type);
+      std::memcpy(packed.data() + t * name_words, name.data(),
+                  std::min(name.size(), name_words * sizeof(std::int64_t) - 1));
+    }
+    const auto all_names = gather(packed);
+    for (int r = 0; r < ranks; ++r)
+      for (std::size_t t = 0; t < types; ++t) {
+        const char* text =
+            reinterpret_cast<const char*>(all_names.data() + (std::size_t(r) * types + t) * name_words);
+        type_names.emplace_back(text, strnlen(text, name_words * sizeof(std::int64_t)));
+      }
+  }
+  std::string report;
+  for (int i : differing) {
+    const Fingerprint::Field& f = fields[i];
+    const std::size_t type_index =
+        std::size_t(std::find(type_fields.begin(), type_fields.end(), i) - type_fields.begin());
+    std::vector<std::string> values(ranks);
+    for (int r = 0; r < ranks; ++r) {
+      const std::int64_t code = all(std::size_t(r) * n + i);
+      if (f.shown == Shown::real) {
+        double v = 0;
+        std::memcpy(&v, &code, sizeof(v));
+        values[r] = detail::shortest_display(v);
+      } else if (f.shown == Shown::names) {
+        values[r] = code >= 0 && code < std::int64_t(f.names.size()) ? f.names[std::size_t(code)]
+                                                                     : std::to_string(code);
+      } else if (f.shown == Shown::type) {
+        values[r] = type_names[std::size_t(r) * types + type_index];
+      } else {
+        values[r] = std::to_string(code);
+      }
+    }
+    report += (report.empty() ? "" : "; ") + f.name + ": " + detail::ranks_with_values(values, "has", "have");
+  }
+  throw invalid_argument(where, "configuration across ranks", report, why);
+}
 
 /// \brief Runs `phase` on every rank of `comm`; if it threw anywhere, every rank throws:
 /// the failing ranks their own exception, the others a kmoe::runtime_error naming `where`.

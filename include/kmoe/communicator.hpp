@@ -186,4 +186,30 @@ class SingleProcessCommunicator {
   }
 };
 
+/// \brief The maximum of one host value over the ranks of `comm` (views of MemorySpace,
+/// the one the communicator takes); no collective on one rank.
+template <class MemorySpace, class Communicator>
+long long all_reduce_max_value(const Communicator& comm, long long value) {
+  if (comm.size() == 1) return value;
+  Kokkos::View<long long*, MemorySpace> v("kmoe::all_reduce_max_value", 1);
+  Kokkos::deep_copy(v, value);
+  comm.all_reduce_max(v);
+  auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  return host(0);
+}
+
+/// \brief Sums host values element-wise over the ranks of `comm`, in place, in one
+/// all-reduce; no collective on one rank.
+template <class MemorySpace, class Communicator>
+void all_reduce_sum_values(const Communicator& comm, std::vector<std::int64_t>& values) {
+  if (comm.size() == 1) return;
+  Kokkos::View<std::int64_t*, MemorySpace> v("kmoe::all_reduce_sum_values", values.size());
+  auto host = Kokkos::create_mirror_view(v);
+  for (std::size_t i = 0; i < values.size(); ++i) host(i) = values[i];
+  Kokkos::deep_copy(v, host);
+  comm.all_reduce_sum(v);
+  Kokkos::deep_copy(host, v);
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = host(i);
+}
+
 }  // namespace kmoe

@@ -13,6 +13,11 @@
 ///  - `void collect_parameters(ParameterList<X,S>& list) const`.
 /// Optional (detected): `void fingerprint(kmoe::Fingerprint& f) const`, settings every rank
 /// must share beyond the types and sizes the layer compares itself ("experts.<name>").
+/// Optional (detected), for experts with a parameter that expert tensor parallelism does not
+/// split (FFNExperts' output bias): `void apply_output_bias(bool)` (the layer passes true on
+/// TP rank 0 only, since the TP all-reduce sums the shards' outputs) and
+/// `void collect_unsplit_parameters(ParameterList<X,S>&) const` (whose replicas the layer
+/// compares over the TP group).
 /// Shipped: GLUExperts (SwiGLU, GeGLU) and FFNExperts (relu, gelu, silu; optional biases).
 
 #include <kmoe/detail/detect.hpp>
@@ -37,6 +42,11 @@ using expert_backward = decltype(std::declval<T&>().backward(
 template <class T, class X, class S>
 using expert_parameters = decltype(std::declval<const T&>().collect_parameters(
     std::declval<ParameterList<X, S>&>()));
+template <class E>
+using expert_output_bias = decltype(std::declval<E&>().apply_output_bias(true));
+template <class E>
+using expert_unsplit_parameters = decltype(std::declval<const E&>().collect_unsplit_parameters(
+    std::declval<ParameterList<typename E::execution_space, typename E::scalar_type>&>()));
 
 }  // namespace detail
 

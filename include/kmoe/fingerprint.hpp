@@ -5,7 +5,8 @@
 /// codes: MoELayer compares them across ranks before its first collective and reports each
 /// differing one with every rank's value. A Router or Expert adds its own settings with an
 /// optional member `void fingerprint(kmoe::Fingerprint& f) const` (detected), so the layer
-/// never needs to know a policy's configuration fields.
+/// never needs to know a policy's configuration fields. The comparison itself is
+/// check_fingerprints_agree (agreement.hpp).
 
 #include <cstdint>
 #include <cstring>
@@ -25,6 +26,7 @@ class Fingerprint {
     std::int64_t code = 0;
     Shown shown = Shown::integer;
     std::vector<std::string> names = {};  ///< Shown::names: the meaning of each code
+    const std::type_info* type = nullptr;  ///< Shown::type: the type, for its name
   };
 
   void integer(const std::string& name, std::int64_t value) { fields_.push_back({name, value}); }
@@ -41,7 +43,7 @@ class Fingerprint {
   }
   /// A type, compared by its hash; its name is gathered only when it differs.
   void type(const std::string& name, const std::type_info& t) {
-    fields_.push_back({name, std::int64_t(t.hash_code() & 0x7fffffffffffffff), Shown::type});
+    fields_.push_back({name, std::int64_t(t.hash_code() & 0x7fffffffffffffff), Shown::type, {}, &t});
   }
 
   /// Adds the fields of `part`, each name prefixed (e.g. "router.").
@@ -57,5 +59,11 @@ class Fingerprint {
  private:
   std::vector<Field> fields_;
 };
+
+namespace detail {
+/// Detects a policy's optional `void fingerprint(Fingerprint&) const`.
+template <class P>
+using fingerprint_of = decltype(std::declval<const P&>().fingerprint(std::declval<Fingerprint&>()));
+}  // namespace detail
 
 }  // namespace kmoe

@@ -5,21 +5,23 @@
 /// at compile time into one Mixture-of-Experts layer with forward and backward.
 
 #include <kmoe/agreement.hpp>
-#include <kmoe/capacity.hpp>
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicator.hpp>
+#include <kmoe/detail/non_finite.hpp>
+#include <kmoe/detail/phase_clock.hpp>
 #include <kmoe/detail/profiling.hpp>
 #include <kmoe/detail/row_major.hpp>
 #include <kmoe/exchange/expert_parallel_exchange.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/fingerprint.hpp>
+#include <kmoe/forward_stats.hpp>
 #include <kmoe/gradient_buckets.hpp>
+#include <kmoe/layer_options.hpp>
 #include <kmoe/losses.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/router.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <exception>
 #include <optional>
@@ -28,163 +30,9 @@
 
 namespace kmoe {
 
-/// \brief What to do with non-finite router logits or weights.
-enum class NonFinitePolicy {
-  raise,     ///< throw kmoe::runtime_error naming the first bad token and expert (default)
-  propagate  ///< let NaN/Inf flow to the output, as the PyTorch systems do
-};
-
-/// \brief Run-time options of a layer.
-struct LayerOptions {
-  Capacity capacity = {};
-  BalanceLossConfig losses = {};
-  /// What experts keep for backward in training (ExpertMode::store or ExpertMode::recompute).
-  ExpertMode training_mode = ExpertMode::store;
-  NonFinitePolicy non_finite = NonFinitePolicy::raise;
-  /// Compute the shared experts while the dispatch exchange is in flight (DeepSeek's
-  /// overlap); false runs them after it, for measuring what the overlap saves.
-  bool overlap_shared_experts = true;
-  /// Fence and time each phase of forward into ForwardStats::phase_ms (costs the fences,
-  /// and under expert parallelism a synchronisation of the EP group before each exchange).
-  bool time_phases = false;
-  /// Bucketed gradient averaging; overlap starts it inside backward (gradient_buckets.hpp).
-  GradientSyncOptions gradient_sync = {};
-};
-
-/// \brief Wall time of each forward phase in milliseconds (LayerOptions::time_phases).
-struct PhaseTimes {
-  double route = 0;     ///< router, non-finite check
-  double dispatch = 0;  ///< counting sort, capacity, counts, balance losses, gather of rows
-  double imbalance = 0; ///< wait for the slowest EP rank before each exchange (timed runs only)
-  double exchange = 0;  ///< count, link and payload all-to-all-v both ways
-  double shared = 0;    ///< shared experts
-  double experts = 0;   ///< arrangement into segments, expert GEMMs, TP reduction
-  double combine = 0;   ///< weighted sum back to the tokens
-};
-
-/// \brief Per-call report of a forward pass.
-struct ForwardStats {
-  BalanceLosses losses;
-  /// Router assignments per global expert before capacity, summed over the ranks that route
-  /// distinct tokens.
-  std::vector<std::int64_t> tokens_per_expert;
-  std::int64_t assignments = 0;  ///< this rank's router assignments (T * k for token choice)
-  std::int64_t dropped = 0;      ///< this rank's assignments dropped by capacity
-  long long capacity = -1;       ///< tokens per expert per rank, -1 when dropless
-  /// Hidden-state rows the dispatch sent to each EP rank (this one included): one per
-  /// token and rank holding any of its kept experts. Empty on one EP rank (no exchange).
-  std::vector<std::int64_t> dispatch_rows;
-  PhaseTimes phase_ms;           ///< filled when LayerOptions::time_phases
-  /// max / mean of tokens_per_expert (1 = perfectly balanced).
-  double imbalance() const {
-    if (tokens_per_expert.empty()) return 0.0;
-    double total = 0, largest = 0;
-    for (auto c : tokens_per_expert) {
-      total += double(c);
-      largest = std::max(largest, double(c));
-    }
-    return total == 0 ? 0.0 : largest * double(tokens_per_expert.size()) / total;
-  }
-};
-
+/// The layer's kernels are free functions, not private members: nvcc rejects an extended
+/// __host__ __device__ lambda (KOKKOS_LAMBDA) whose enclosing function is private.
 namespace detail {
-/// Adds the time since the previous lap to a phase's total, fencing the layer's execution
-/// space first so that the asynchronous kernels of the phase are counted; does nothing when
-/// disabled.
-template <class X>
-class PhaseClock {
- public:
-  explicit PhaseClock(bool enabled) : enabled_(enabled) {
-    if (enabled_) {
-      labelled_fence(X(), "kmoe::MoELayer::time_phases");
-      last_ = std::chrono::steady_clock::now();
-    }
-  }
-  void lap(double& total_ms) {
-    if (!enabled_) return;
-    labelled_fence(X(), "kmoe::MoELayer::time_phases");
-    const auto now = std::chrono::steady_clock::now();
-    total_ms += std::chrono::duration<double, std::milli>(now - last_).count();
-    last_ = now;
-  }
-
- private:
-  bool enabled_;
-  std::chrono::steady_clock::time_point last_;
-};
-/// Experts whose output bias is not split by expert tensor parallelism (FFNExperts' b2):
-/// the layer tells them whether this TP rank adds it, and checks those replicas over TP.
-template <class E>
-using expert_output_bias = decltype(std::declval<E&>().apply_output_bias(true));
-template <class E>
-using expert_unsplit_parameters = decltype(std::declval<const E&>().collect_unsplit_parameters(
-    std::declval<ParameterList<typename E::execution_space, typename E::scalar_type>&>()));
-template <class P>
-using fingerprint_of = decltype(std::declval<const P&>().fingerprint(std::declval<Fingerprint&>()));
-template <class R>
-using has_update_bias = decltype(std::declval<R&>().update_bias(
-    std::declval<const std::vector<std::int64_t>&>(), 0.0));
-
-// The layer's kernels are free functions, not private members: nvcc rejects an extended
-// __host__ __device__ lambda (KOKKOS_LAMBDA) whose enclosing function is private.
-
-/// Flat index of the first non-finite value of logits then weight; their total size if none.
-template <class X, class Logits, class Weight>
-std::int64_t first_non_finite(const Logits& logits, const Weight& weight) {
-  using route_type = typename Logits::non_const_value_type;
-  const std::int64_t n_logits = std::int64_t(logits.size()), n_weights = std::int64_t(weight.size());
-  std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
-  Kokkos::parallel_reduce(
-      "kmoe::MoELayer::check_finite", Kokkos::RangePolicy<X>(0, n_logits + n_weights),
-      KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
-        const route_type v = i < n_logits ? logits.data()[i] : weight.data()[i - n_logits];
-        if (!detail::isfinite(v) && i < found) found = i;
-      },
-      Kokkos::Min<std::int64_t>(first));
-  return first;
-}
-
-/// Element i of a rank-1 or rank-2 view read in row-major order. A function of its own:
-/// nvcc refuses an extended lambda that first captures a variable inside `if constexpr`.
-template <class View>
-KOKKOS_INLINE_FUNCTION typename View::value_type flat_element(const View& v, std::int64_t i,
-                                                              std::int64_t cols) {
-  if constexpr (View::rank == 2)
-    return v(i / cols, i % cols);
-  else
-    return v(i);
-}
-
-/// Flat (row-major) index of the first non-finite element of a rank-1 or rank-2 view,
-/// any layout; its size if none.
-template <class X, class View>
-std::int64_t first_non_finite_element(const View& v) {
-  const std::int64_t n = std::int64_t(v.size());
-  const std::int64_t cols = View::rank == 2 ? std::int64_t(v.extent(1)) : 1;
-  std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
-  Kokkos::parallel_reduce(
-      "kmoe::MoELayer::check_finite_result", Kokkos::RangePolicy<X>(0, n),
-      KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
-        if (!detail::isfinite(flat_element(v, i, cols)) && i < found) found = i;
-      },
-      Kokkos::Min<std::int64_t>(first));
-  return first < n ? first : n;
-}
-
-/// Assignments of a routing table [T, slots] that name an expert (not -1).
-template <class X, class Expert>
-std::int64_t count_routed(const Expert& expert) {
-  const int slots = int(expert.extent(1));
-  std::int64_t routed = 0;
-  Kokkos::parallel_reduce(
-      "kmoe::MoELayer::check_accounting", Kokkos::RangePolicy<X>(0, expert.size()),
-      KOKKOS_LAMBDA(std::size_t i, std::int64_t& count) {
-        if (expert(i / slots, i % slots) >= 0) ++count;
-      },
-      routed);
-  return routed;
-}
-
 template <class X, class M>
 void add_into(const M& from, const M& to) {
   Kokkos::parallel_for(
@@ -216,6 +64,7 @@ class MoELayer {
   using execution_space = typename Router::execution_space;
   using scalar_type = typename Router::scalar_type;
   using route_type = routing_t<scalar_type>;
+  using memory_space = typename execution_space::memory_space;
   using X = execution_space;
   using S = scalar_type;
 
@@ -250,7 +99,7 @@ class MoELayer {
       experts_.apply_output_bias(groups_.tp_rank == 0);
     // Every rank takes part in the agreement even when its own checks fail, so a rank with
     // a bad argument does not leave the others waiting in the fingerprint all-gather.
-    kmoe::agree_or_throw<typename X::memory_space>(
+    kmoe::agree_or_throw<memory_space>(
         groups_.world, where, calls_.enter(CallSequence::construct), [&] { check_arguments(); });
     check_configuration_agrees();
     compare_replicas(where);
@@ -291,7 +140,7 @@ class MoELayer {
     has_forward_ = false;
     bool copy_back = false;
     Matrix<S, X> y_rows;
-    kmoe::agree_or_throw<typename X::memory_space>(groups_.world, where,
+    kmoe::agree_or_throw<memory_space>(groups_.world, where,
                                                    calls_.enter(CallSequence::forward), [&] {
       require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
               "must equal the hidden size " + std::to_string(hidden_size()));
@@ -317,7 +166,7 @@ class MoELayer {
       const detail::ProfilingRegion route_region("kmoe::MoELayer::route");
       router_.forward(x_, plan_, context);
       check_row_bounds(std::int64_t(x.extent(0)));
-      if (options_.non_finite == NonFinitePolicy::raise) check_finite();
+      if (options_.non_finite == NonFinitePolicy::raise) detail::raise_if_non_finite_routing(plan_);
     });
     // Parameters are usually set between construction and the first forward (an
     // initializer, a checkpoint): their replicas are compared once more here.
@@ -335,7 +184,7 @@ class MoELayer {
     // collectives.
     if (options_.non_finite == NonFinitePolicy::raise)
       kmoe::agree_or_throw(groups_.world, where,
-                           [&] { raise_if_non_finite(y_rows, where, "output y"); });
+                           [&] { detail::raise_if_non_finite<X>(y_rows, where, "output y"); });
     has_forward_ = true;
     backward_done_ = false;
     return stats;
@@ -352,7 +201,7 @@ class MoELayer {
     {
       const detail::ProfilingRegion dispatch_region("kmoe::MoELayer::dispatch");
       stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
-      if (stats.capacity >= 0) stats.capacity = all_reduce_max(groups_.ep, stats.capacity);
+      if (stats.capacity >= 0) stats.capacity = all_reduce_max_value<memory_space>(groups_.ep, stats.capacity);
       dispatch_.build(plan_, exchange_.expert_key(), experts, stats.capacity, options_.capacity.drop);
 
       // Per-expert counts and, last, the token count, summed over the token groups in one
@@ -360,7 +209,7 @@ class MoELayer {
       std::vector<std::int64_t> counts(experts + 1);
       for (int e = 0; e < experts; ++e) counts[e] = dispatch_.routed_per_key[exchange_.key(e)];
       counts[experts] = tokens;
-      all_reduce_sum(groups_.tokens, counts);
+      all_reduce_sum_values<memory_space>(groups_.tokens, counts);
       const std::int64_t global_tokens = counts[experts];
       counts.pop_back();
       stats.tokens_per_expert = std::move(counts);
@@ -370,7 +219,7 @@ class MoELayer {
       for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
       stats.dropped = stats.assignments - dispatch_.kept_total;
 #ifndef NDEBUG
-      check_accounting(stats.assignments, stats.capacity);
+      dispatch_.check_accounting(plan_.expert, stats.assignments, stats.capacity);
 #endif
       stats.losses = losses_.forward(plan_, Router::probability_kind, stats.tokens_per_expert,
                                      global_tokens, training_, groups_.tokens);
@@ -444,7 +293,7 @@ class MoELayer {
     ConstMatrix<S, X> grad_y;
     Matrix<S, X> grad_x;
     bool copy_back = false;
-    kmoe::agree_or_throw<typename X::memory_space>(groups_.world, where,
+    kmoe::agree_or_throw<memory_space>(groups_.world, where,
                                                    calls_.enter(CallSequence::backward), [&] {
       require(has_forward_ && training_, where, "state", has_forward_ ? "inference" : "none",
               "backward needs a preceding forward with context.training = true");
@@ -463,7 +312,7 @@ class MoELayer {
               "must equal x's extents");
       require(!detail::overlaps(grad_y_in, grad_x_out), where, "grad_x", "a view overlapping grad_y",
               "backward reads grad_y after writing grad_x; pass separate buffers");
-      if (raise) raise_if_non_finite(grad_y_in, where, "grad_y");
+      if (raise) detail::raise_if_non_finite<X>(grad_y_in, where, "grad_y");
       grad_y = detail::row_major_input<S, X>(grad_y_in, grad_y_rows_, "kmoe::MoELayer::grad_y_rows");
       grad_x = detail::row_major_output<S, X>(grad_x_out, grad_x_rows_, "kmoe::MoELayer::grad_x_rows",
                                               copy_back);
@@ -475,7 +324,7 @@ class MoELayer {
     // Finite grad_y can overflow on the way back, like the forward output (see forward).
     if (raise)
       kmoe::agree_or_throw(groups_.world, where, [&] {
-        raise_if_non_finite(grad_x, where, "input gradient grad_x");
+        detail::raise_if_non_finite<X>(grad_x, where, "input gradient grad_x");
         if (non_finite_gradient_) std::rethrow_exception(non_finite_gradient_);
       });
   }
@@ -513,7 +362,7 @@ class MoELayer {
       detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
       shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
       gradients_produced(GradientGroup::shared);
-      add_into(shared_grad_x_, grad_x);
+      detail::add_into<X>(shared_grad_x_, grad_x);
     }
     const detail::ProfilingRegion router_region("kmoe::MoELayer::backward::router");
     detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
@@ -554,7 +403,7 @@ class MoELayer {
     if (check) {
       try {
         for (const auto& p : parameters)
-          raise_if_non_finite(p.grad, "kmoe::MoELayer::backward", "gradient of " + p.name);
+          detail::raise_if_non_finite<X>(p.grad, "kmoe::MoELayer::backward", "gradient of " + p.name);
       } catch (const kmoe::runtime_error&) {
         non_finite_gradient_ = std::current_exception();
       }
@@ -610,7 +459,7 @@ class MoELayer {
   /// run on the same buffers, so overlapped and blocking give the same bits.
   void synchronize_gradients() {
     const detail::ProfilingRegion region("kmoe::MoELayer::synchronize_gradients");
-    kmoe::agree_or_throw<typename X::memory_space>(
+    kmoe::agree_or_throw<memory_space>(
         groups_.world, "kmoe::MoELayer::synchronize_gradients",
         calls_.enter(CallSequence::synchronize_gradients), [] {});
     if (!options_.gradient_sync.overlap)
@@ -626,7 +475,7 @@ class MoELayer {
   /// forward; call it after loading or changing parameters (collective over the world).
   void check_replicas() {
     constexpr const char* where = "kmoe::MoELayer::check_replicas";
-    kmoe::agree_or_throw<typename X::memory_space>(
+    kmoe::agree_or_throw<memory_space>(
         groups_.world, where, calls_.enter(CallSequence::check_replicas), [] {});
     compare_replicas(where);
   }
@@ -657,60 +506,11 @@ class MoELayer {
   }
 
  private:
-  using FlatView = Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  using FlatView = Kokkos::View<S*, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
 
   template <class View>
   static FlatView flat(const View& v) {
     return FlatView(v.data(), v.size());
-  }
-
-#ifndef NDEBUG
-  /// Debug builds: the dispatch must account for every routed assignment exactly once
-  /// (kept + dropped == assignments, counted from the plan itself, not from the dispatch's
-  /// own totals) and keep no more than the capacity per expert. A violation is a kmoe bug.
-  void check_accounting(std::int64_t assignments, long long capacity) const {
-    const std::int64_t routed = detail::count_routed<X>(plan_.expert);
-    std::int64_t kept = 0, dropped = 0;
-    for (std::size_t key = 0; key < dispatch_.kept_per_key.size(); ++key) {
-      const auto keep = dispatch_.kept_per_key[key], all = dispatch_.routed_per_key[key];
-      if (keep > all || (capacity >= 0 && keep > capacity))
-        throw runtime_error("kmoe::MoELayer::forward: internal accounting error: key " +
-                            std::to_string(key) + " keeps " + std::to_string(keep) + " of " +
-                            std::to_string(all) + " assignments (capacity " +
-                            std::to_string(capacity) + ")");
-      kept += keep;
-      dropped += all - keep;
-    }
-    if (kept != dispatch_.kept_total || kept + dropped != assignments || assignments != routed)
-      throw runtime_error("kmoe::MoELayer::forward: internal accounting error: kept " +
-                          std::to_string(kept) + " + dropped " + std::to_string(dropped) +
-                          " != assignments " + std::to_string(assignments) + " (plan has " +
-                          std::to_string(routed) + ", dispatch kept_total " +
-                          std::to_string(dispatch_.kept_total) + ")");
-  }
-#endif
-
-  /// Under NonFinitePolicy::raise: throws kmoe::runtime_error naming `what`, the first
-  /// non-finite element and its position (row = token for [T, H] views).
-  template <class View>
-  static void raise_if_non_finite(const View& v, const char* where, const std::string& what) {
-    const std::int64_t first = detail::first_non_finite_element<X>(v);
-    if (first >= std::int64_t(v.size())) return;
-    std::string position;
-    double value;
-    if constexpr (View::rank == 2) {
-      const std::int64_t cols = std::int64_t(v.extent(1)), t = first / cols, h = first % cols;
-      auto one = Kokkos::subview(v, t, h);
-      value = double(Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), one)());
-      position = "at token " + std::to_string(t) + ", column " + std::to_string(h);
-    } else {
-      auto one = Kokkos::subview(v, first);
-      value = double(Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), one)());
-      position = "at element " + std::to_string(first);
-    }
-    throw runtime_error(std::string(where) + ": non-finite " + what + " " + detail::to_display(value) +
-                        " " + position +
-                        " (set LayerOptions::non_finite = propagate to let it through)");
   }
 
   /// Every row count of a step (assignments, padded expert segments, rows received from the
@@ -728,32 +528,6 @@ class MoELayer {
     const std::int64_t rows = detail::checked_add(sent, padding, where, "expert rows");
     detail::checked_int(rows, where, "expert rows");
     detail::checked_mul(rows, hidden_size(), where, "expert rows x hidden size");
-  }
-
-  void check_finite() const {
-    const auto logits = plan_.logits;
-    const auto weight = plan_.weight;
-    const int experts = int(logits.extent(1)), slots = int(weight.extent(1));
-    const std::int64_t n_logits = std::int64_t(logits.size()), n_weights = std::int64_t(weight.size());
-    const std::int64_t first = detail::first_non_finite<X>(logits, weight);
-    if (first >= n_logits + n_weights) return;
-    std::string what;
-    if (first < n_logits) {
-      auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), logits);
-      const auto t = first / experts, e = first % experts;
-      what = "non-finite router logit " + detail::to_display(host(t, e)) + " at token " +
-             std::to_string(t) + ", expert " + std::to_string(e);
-    } else {
-      auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), weight);
-      auto chosen = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), plan_.expert);
-      const auto t = (first - n_logits) / slots, s = (first - n_logits) % slots;
-      // Name the expert too: a slot index alone does not say which expert misbehaved.
-      what = "non-finite routing weight " + detail::to_display(host(t, s)) + " at token " +
-             std::to_string(t) + ", slot " + std::to_string(s) + " (expert " +
-             std::to_string(chosen(t, s)) + ")";
-    }
-    throw runtime_error("kmoe::MoELayer::forward: " + what +
-                        " (set LayerOptions::non_finite = propagate to let it through)");
   }
 
   /// The constructor's local checks (they differ by rank: each rank holds its own experts).
@@ -796,36 +570,16 @@ class MoELayer {
   /// rank sees every fingerprint, so they all raise the same error together. The error
   /// shows each rank's value: real settings travel as their exact bits, enumerations are
   /// shown by name, and a differing Router or Expert type has its name gathered too.
-  void check_configuration_agrees() {
-    using Shown = Fingerprint::Shown;
+  void check_configuration_agrees() const {
     Fingerprint print;
     print.integer("experts", num_experts());
     print.integer("hidden", hidden_size());
     print.integer("top_k", router_.slots_per_token());
-    print.real("capacity.factor", options_.capacity.factor);
-    print.integer("capacity.minimum", options_.capacity.minimum);
-    print.integer("capacity.alignment", options_.capacity.alignment);
-    print.choice("capacity.drop", int(options_.capacity.drop), {"by_probability", "by_position"});
-    print.integer("layout.tp", groups_.layout.tp);
-    print.integer("layout.ep", groups_.layout.ep);
-    print.integer("layout.dp", groups_.layout.dp);
-    print.choice("layout.order", int(groups_.layout.order),
-                 {"tp_ep_dp", "ep_tp_dp", "tp_dp_ep", "dp_tp_ep"});
-    print.choice("layout.placement", int(groups_.layout.placement), {"block", "round_robin"});
+    options_.fingerprint(print);
+    groups_.layout.fingerprint(print);
     print.type("Router type", typeid(Router));
     print.type("Expert type", typeid(Expert));
     print.choice("shared experts", shared_ ? 1 : 0, {"none", "present"});
-    print.real("losses.switch_aux", options_.losses.switch_aux);
-    print.real("losses.sequence_aux", options_.losses.sequence_aux);
-    print.integer("losses.sequence_length", options_.losses.sequence_length);
-    print.real("losses.z_loss", options_.losses.z_loss);
-    print.real("losses.kl_uniform", options_.losses.kl_uniform);
-    print.real("losses.global_batch_aux", options_.losses.global_batch_aux);
-    print.integer("losses.global_batch_micro_batches", options_.losses.global_batch_micro_batches);
-    print.choice("non_finite", int(options_.non_finite), {"raise", "propagate"});
-    print.choice("training_mode", int(options_.training_mode), {"inference", "store", "recompute"});
-    print.flag("gradient_sync.overlap", options_.gradient_sync.overlap);
-    print.integer("gradient_sync.bucket_bytes", std::int64_t(options_.gradient_sync.bucket_bytes));
     // Each policy's own settings, where it names them.
     if constexpr (detail::is_detected_v<detail::fingerprint_of, Router>) {
       Fingerprint part;
@@ -837,76 +591,8 @@ class MoELayer {
       experts_.fingerprint(part);
       print.append("experts.", part);
     }
-    const auto& fields = print.fields();
-    const int n = int(fields.size());
-    const int ranks = groups_.world.size();
-    if (ranks == 1) return;
-    const auto gather = [&](const std::vector<std::int64_t>& mine) {
-      Vector<std::int64_t, X> send("kmoe::MoELayer::fingerprint", mine.size());
-      Vector<std::int64_t, X> all("kmoe::MoELayer::fingerprints", mine.size() * ranks);
-      auto send_host = Kokkos::create_mirror_view(send);
-      for (std::size_t i = 0; i < mine.size(); ++i) send_host(i) = mine[i];
-      Kokkos::deep_copy(send, send_host);
-      groups_.world.all_gather(send, all);
-      return Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), all);
-    };
-    std::vector<std::int64_t> codes(n);
-    for (int i = 0; i < n; ++i) codes[i] = fields[i].code;
-    const auto all = gather(codes);
-    std::vector<int> differing;
-    bool type_differs = false;
-    for (int i = 0; i < n; ++i)
-      for (int r = 1; r < ranks; ++r)
-        if (all(std::size_t(r) * n + i) != all(i)) {
-          differing.push_back(i);
-          type_differs = type_differs || fields[i].shown == Shown::type;
-          break;
-        }
-    if (differing.empty()) return;
-    // Type names are only gathered when a type differs (every rank sees that, so every
-    // rank enters this second gather): fixed-size blocks of the two names.
-    constexpr std::size_t name_words = 32;  // 256 characters per name, the rest cut off
-    std::vector<std::string> type_names;     // [rank * 2 + t], t: Router, Expert
-    if (type_differs) {
-      std::vector<std::int64_t> packed(2 * name_words, 0);
-      const std::string names[2] = {detail::type_display_name(typeid(Router)),
-                                    detail::type_display_name(typeid(Expert))};
-      for (int t = 0; t < 2; ++t)
-        std::memcpy(packed.data() + t * name_words, names[t].data(),
-                    std::min(names[t].size(), name_words * sizeof(std::int64_t) - 1));
-      const auto all_names = gather(packed);
-      for (int r = 0; r < ranks; ++r)
-        for (int t = 0; t < 2; ++t) {
-          const char* text = reinterpret_cast<const char*>(all_names.data() +
-                                                           (std::size_t(r) * 2 + t) * name_words);
-          type_names.emplace_back(text, strnlen(text, name_words * sizeof(std::int64_t)));
-        }
-    }
-    std::string report;
-    for (int i : differing) {
-      const Fingerprint::Field& f = fields[i];
-      std::vector<std::string> values(ranks);
-      for (int r = 0; r < ranks; ++r) {
-        const std::int64_t code = all(std::size_t(r) * n + i);
-        if (f.shown == Shown::real) {
-          double v = 0;
-          std::memcpy(&v, &code, sizeof(v));
-          values[r] = detail::shortest_display(v);
-        } else if (f.shown == Shown::names) {
-          values[r] = code >= 0 && code < std::int64_t(f.names.size())
-                          ? f.names[std::size_t(code)]
-                          : std::to_string(code);
-        } else if (f.shown == Shown::type) {
-          values[r] = type_names[std::size_t(r) * 2 + (f.name == "Router type" ? 0 : 1)];
-        } else {
-          values[r] = std::to_string(code);
-        }
-      }
-      report += (report.empty() ? "" : "; ") + f.name + ": " +
-                detail::ranks_with_values(values, "has", "have");
-    }
-    throw invalid_argument("kmoe::MoELayer", "configuration across ranks", report,
-                           "every rank must build the same layer");
+    check_fingerprints_agree<memory_space>(groups_.world, print, "kmoe::MoELayer",
+                                           "every rank must build the same layer");
   }
 
   /// Compares the replicated parameters over the groups that hold replicas (see
@@ -934,28 +620,6 @@ class MoELayer {
     }
   }
 
-  template <class Comm>
-  static long long all_reduce_max(const Comm& comm, long long value) {
-    if (comm.size() == 1) return value;
-    Vector<long long, X> v("kmoe::MoELayer::max", 1);
-    Kokkos::deep_copy(v, value);
-    comm.all_reduce_max(v);
-    auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
-    return host(0);
-  }
-
-  template <class Comm>
-  static void all_reduce_sum(const Comm& comm, std::vector<std::int64_t>& values) {
-    if (comm.size() == 1) return;
-    Vector<std::int64_t, X> v("kmoe::MoELayer::sum", values.size());
-    auto host = Kokkos::create_mirror_view(v);
-    for (std::size_t i = 0; i < values.size(); ++i) host(i) = values[i];
-    Kokkos::deep_copy(v, host);
-    comm.all_reduce_sum(v);
-    Kokkos::deep_copy(host, v);
-    for (std::size_t i = 0; i < values.size(); ++i) values[i] = host(i);
-  }
-
   /// Timed runs only (LayerOptions::time_phases): synchronises the EP group before an
   /// exchange, so that the exchange phase holds the transfer alone and the wait for slower
   /// ranks (load imbalance) is reported apart.
@@ -964,10 +628,6 @@ class MoELayer {
     clock.lap(phases.exchange);
     groups_.ep.any_error(false);
     clock.lap(phases.imbalance);
-  }
-
-  static void add_into(const Matrix<S, X>& from, const Matrix<S, X>& to) {
-    detail::add_into<X>(from, to);
   }
 
   Router router_;

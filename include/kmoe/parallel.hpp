@@ -6,6 +6,7 @@
 
 #include <kmoe/agreement.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/fingerprint.hpp>
 
 #include <algorithm>
 #include <string>
@@ -34,6 +35,15 @@ struct ParallelLayout {
   int dp = 1;  ///< data parallel replicas
   RankOrder order = RankOrder::tp_ep_dp;
   Placement placement = Placement::block;
+
+  /// The layout's part of the settings every rank must share (fingerprint.hpp).
+  void fingerprint(Fingerprint& print) const {
+    print.integer("layout.tp", tp);
+    print.integer("layout.ep", ep);
+    print.integer("layout.dp", dp);
+    print.choice("layout.order", int(order), {"tp_ep_dp", "ep_tp_dp", "tp_dp_ep", "dp_tp_ep"});
+    print.choice("layout.placement", int(placement), {"block", "round_robin"});
+  }
 
   int world_size() const { return tp * ep * dp; }
 

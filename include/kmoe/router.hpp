@@ -24,6 +24,9 @@
 #include <kmoe/parameters.hpp>
 #include <kmoe/routing_plan.hpp>
 
+#include <cstdint>
+#include <vector>
+
 namespace kmoe {
 namespace detail {
 
@@ -46,6 +49,10 @@ using router_backward = decltype(std::declval<R&>().backward(
 template <class R, class X, class S>
 using router_parameters = decltype(std::declval<const R&>().collect_parameters(
     std::declval<ParameterList<X, S>&>()));
+/// Routers with a selection bias (aux-loss-free balancing, MoELayer::apply_bias_update).
+template <class R>
+using has_update_bias = decltype(std::declval<R&>().update_bias(
+    std::declval<const std::vector<std::int64_t>&>(), 0.0));
 
 }  // namespace detail
 

@@ -8,12 +8,32 @@
 
 #include <kmoe/capacity.hpp>
 #include <kmoe/detail/select_top_count.hpp>
+#include <kmoe/error.hpp>
 #include <kmoe/routing_plan.hpp>
 
 #include <algorithm>
+#include <cstdint>
+#include <string>
 #include <vector>
 
 namespace kmoe {
+
+namespace detail {
+/// Assignments of a routing table [T, slots] that name an expert (not -1); a free function
+/// because nvcc rejects KOKKOS_LAMBDA in a private or protected member.
+template <class X, class Expert>
+std::int64_t count_routed(const Expert& expert) {
+  const int slots = int(expert.extent(1));
+  std::int64_t routed = 0;
+  Kokkos::parallel_reduce(
+      "kmoe::MoELayer::check_accounting", Kokkos::RangePolicy<X>(0, expert.size()),
+      KOKKOS_LAMBDA(std::size_t i, std::int64_t& count) {
+        if (expert(i / slots, i % slots) >= 0) ++count;
+      },
+      routed);
+  return routed;
+}
+}  // namespace detail
 
 /// \brief Where every assignment of a routing plan goes.
 ///
@@ -155,6 +175,32 @@ class Dispatch {
             pos(t, s) = -1;
           }
         });
+  }
+
+  /// Debug builds' self-check: the dispatch must account for every routed assignment of
+  /// `plan_expert` exactly once (kept + dropped == assignments, counted from the plan
+  /// itself, not from this dispatch's own totals) and keep no more than `capacity` per key.
+  /// A violation is a kmoe bug: throws kmoe::runtime_error with the counts.
+  void check_accounting(const Matrix<int, ExecSpace>& plan_expert, std::int64_t assignments,
+                        long long capacity) const {
+    const std::int64_t routed = detail::count_routed<ExecSpace>(plan_expert);
+    std::int64_t kept = 0, dropped = 0;
+    for (std::size_t key = 0; key < kept_per_key.size(); ++key) {
+      const auto keep = kept_per_key[key], all = routed_per_key[key];
+      if (keep > all || (capacity >= 0 && keep > capacity))
+        throw runtime_error("kmoe::MoELayer::forward: internal accounting error: key " +
+                            std::to_string(key) + " keeps " + std::to_string(keep) + " of " +
+                            std::to_string(all) + " assignments (capacity " +
+                            std::to_string(capacity) + ")");
+      kept += keep;
+      dropped += all - keep;
+    }
+    if (kept != kept_total || kept + dropped != assignments || assignments != routed)
+      throw runtime_error("kmoe::MoELayer::forward: internal accounting error: kept " +
+                          std::to_string(kept) + " + dropped " + std::to_string(dropped) +
+                          " != assignments " + std::to_string(assignments) + " (plan has " +
+                          std::to_string(routed) + ", dispatch kept_total " +
+                          std::to_string(kept_total) + ")");
   }
 
  private:

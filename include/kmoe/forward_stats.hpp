@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file forward_stats.hpp
+/// \brief kmoe::ForwardStats: what one MoELayer::forward reports (balance losses, load per
+/// expert, drops, capacity, rows sent per rank, time per phase).
+
+#include <kmoe/losses.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace kmoe {
+
+/// \brief Wall time of each forward phase in milliseconds (LayerOptions::time_phases).
+struct PhaseTimes {
+  double route = 0;     ///< router, non-finite check
+  double dispatch = 0;  ///< counting sort, capacity, counts, balance losses, gather of rows
+  double imbalance = 0; ///< wait for the slowest EP rank before each exchange (timed runs only)
+  double exchange = 0;  ///< count, link and payload all-to-all-v both ways
+  double shared = 0;    ///< shared experts
+  double experts = 0;   ///< arrangement into segments, expert GEMMs, TP reduction
+  double combine = 0;   ///< weighted sum back to the tokens
+};
+
+/// \brief Per-call report of a forward pass.
+struct ForwardStats {
+  BalanceLosses losses;
+  /// Router assignments per global expert before capacity, summed over the ranks that route
+  /// distinct tokens.
+  std::vector<std::int64_t> tokens_per_expert;
+  std::int64_t assignments = 0;  ///< this rank's router assignments (T * k for token choice)
+  std::int64_t dropped = 0;      ///< this rank's assignments dropped by capacity
+  long long capacity = -1;       ///< tokens per expert per rank, -1 when dropless
+  /// Hidden-state rows the dispatch sent to each EP rank (this one included): one per
+  /// token and rank holding any of its kept experts. Empty on one EP rank (no exchange).
+  std::vector<std::int64_t> dispatch_rows;
+  PhaseTimes phase_ms;           ///< filled when LayerOptions::time_phases
+  /// max / mean of tokens_per_expert (1 = perfectly balanced).
+  double imbalance() const {
+    if (tokens_per_expert.empty()) return 0.0;
+    double total = 0, largest = 0;
+    for (auto c : tokens_per_expert) {
+      total += double(c);
+      largest = std::max(largest, double(c));
+    }
+    return total == 0 ? 0.0 : largest * double(tokens_per_expert.size()) / total;
+  }
+};
+
+}  // namespace kmoe

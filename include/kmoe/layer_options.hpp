@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: BSD-3-Clause
+#pragma once
+/// \file layer_options.hpp
+/// \brief kmoe::LayerOptions: the run-time settings of an MoELayer (capacity, balance
+/// losses, training memory mode, non-finite policy, overlap, gradient sync) and the part of
+/// them every rank must share (fingerprint()).
+
+#include <kmoe/capacity.hpp>
+#include <kmoe/experts/expert_mode.hpp>
+#include <kmoe/fingerprint.hpp>
+#include <kmoe/gradient_buckets.hpp>
+#include <kmoe/losses.hpp>
+
+#include <cstdint>
+
+namespace kmoe {
+
+/// \brief What to do with non-finite router logits or weights.
+enum class NonFinitePolicy {
+  raise,     ///< throw kmoe::runtime_error naming the first bad token and expert (default)
+  propagate  ///< let NaN/Inf flow to the output, as the PyTorch systems do
+};
+
+/// \brief Run-time options of a layer.
+struct LayerOptions {
+  Capacity capacity = {};
+  BalanceLossConfig losses = {};
+  /// What experts keep for backward in training (ExpertMode::store or ExpertMode::recompute).
+  ExpertMode training_mode = ExpertMode::store;
+  NonFinitePolicy non_finite = NonFinitePolicy::raise;
+  /// Compute the shared experts while the dispatch exchange is in flight (DeepSeek's
+  /// overlap); false runs them after it, for measuring what the overlap saves.
+  bool overlap_shared_experts = true;
+  /// Fence and time each phase of forward into ForwardStats::phase_ms (costs the fences,
+  /// and under expert parallelism a synchronisation of the EP group before each exchange).
+  bool time_phases = false;
+  /// Bucketed gradient averaging; overlap starts it inside backward (gradient_buckets.hpp).
+  GradientSyncOptions gradient_sync = {};
+
+  /// The settings that change results or the collectives a step runs, which every rank
+  /// must share. overlap_shared_experts changes neither; time_phases adds a synchronisation
+  /// of the EP group and can be switched later (MoELayer::set_phase_timing), so it is the
+  /// caller's to set alike on every rank.
+  void fingerprint(Fingerprint& print) const {
+    print.real("capacity.factor", capacity.factor);
+    print.integer("capacity.minimum", capacity.minimum);
+    print.integer("capacity.alignment", capacity.alignment);
+    print.choice("capacity.drop", int(capacity.drop), {"by_probability", "by_position"});
+    print.real("losses.switch_aux", losses.switch_aux);
+    print.real("losses.sequence_aux", losses.sequence_aux);
+    print.integer("losses.sequence_length", losses.sequence_length);
+    print.real("losses.z_loss", losses.z_loss);
+    print.real("losses.kl_uniform", losses.kl_uniform);
+    print.real("losses.global_batch_aux", losses.global_batch_aux);
+    print.integer("losses.global_batch_micro_batches", losses.global_batch_micro_batches);
+    print.choice("non_finite", int(non_finite), {"raise", "propagate"});
+    print.choice("training_mode", int(training_mode), {"inference", "store", "recompute"});
+    print.flag("gradient_sync.overlap", gradient_sync.overlap);
+    print.integer("gradient_sync.bucket_bytes", std::int64_t(gradient_sync.bucket_bytes));
+  }
+};
+
+}  // namespace kmoe
