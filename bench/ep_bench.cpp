@@ -31,7 +31,8 @@ using X = Kokkos::DefaultHostExecutionSpace;
 using S = float;
 using Router = kmoe::SoftmaxTopKRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
-using Layer = kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
+using Layer =
+    kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 
 constexpr int hidden = 1024, ffn = 1024, shared_ffn = 2048, experts = 8, top_k = 2;
 
@@ -81,7 +82,9 @@ int main(int argc, char** argv) {
         const auto start = std::chrono::steady_clock::now();
         layer.forward(x, y);
         Kokkos::fence();
-        times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+        times.push_back(
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                .count());
       }
       overlap_ms[overlap] = median(times);
       layer.set_phase_timing(true);
@@ -101,7 +104,8 @@ int main(int argc, char** argv) {
         routing = layer.routing();
         // The minimum (DeepEP) sends a token once per rank however many of its experts live
         // there; counted here by a plain loop over the routing (dropless: every slot kept).
-        auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+        auto expert =
+            Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
         for (int p = 0; p < world.size(); ++p) {
           const auto owned = layout.local_experts(experts, p);
           for (std::size_t t = 0; t < expert.extent(0); ++t) {
@@ -124,7 +128,8 @@ int main(int argc, char** argv) {
     // experts around them.
     std::vector<double> alone;
     {
-      kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator> exchange(groups, experts, hidden, 1);
+      kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator> exchange(groups, experts, hidden,
+                                                                         1);
       kmoe::Dispatch<X> dispatch;
       for (int r = 0; r <= repeats; ++r) {
         MPI_Barrier(world.native());
@@ -136,7 +141,9 @@ int main(int argc, char** argv) {
         exchange.combine(exchange.arrive());
         Kokkos::fence();
         if (r > 0)  // the first allocates the buffers
-          alone.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+          alone.push_back(
+              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                  .count());
       }
     }
     // Raw MPI_Alltoallv of the same payload: the dispatch's rows out, one row per
@@ -158,9 +165,12 @@ int main(int argc, char** argv) {
     };
     std::vector<int> dispatch_recv, dispatch_send_at, dispatch_recv_at;
     std::vector<int> return_recv, return_send_at, return_recv_at;
-    const auto dispatch_totals = layout_of(dispatch_counts, dispatch_recv, dispatch_send_at, dispatch_recv_at);
-    const auto return_totals = layout_of(assignment_counts, return_recv, return_send_at, return_recv_at);
-    std::vector<float> dispatch_send(dispatch_totals.first, 1.0f), dispatch_received(dispatch_totals.second);
+    const auto dispatch_totals =
+        layout_of(dispatch_counts, dispatch_recv, dispatch_send_at, dispatch_recv_at);
+    const auto return_totals =
+        layout_of(assignment_counts, return_recv, return_send_at, return_recv_at);
+    std::vector<float> dispatch_send(dispatch_totals.first, 1.0f),
+        dispatch_received(dispatch_totals.second);
     std::vector<float> returned(return_totals.first), return_send(return_totals.second, 1.0f);
     // Blocking dispatch, and the layer's own mix: non-blocking dispatch (MPI_Ialltoallv, then
     // MPI_Wait), blocking return.
@@ -185,30 +195,41 @@ int main(int argc, char** argv) {
                     world.native());
       if (r > 1)
         (mixed ? raw_mixed : raw)
-            .push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+            .push_back(
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                    .count());
     }
     const double raw_ms = median(raw), raw_mixed_ms = median(raw_mixed);
-    double worst[9] = {exchange_ms[0], raw_ms,          overlap_ms[1], overlap_ms[0], imbalance_ms[0],
-                       exchange_ms[1], imbalance_ms[1], raw_mixed_ms,  median(alone)};
+    double worst[9] = {exchange_ms[0],  raw_ms,          overlap_ms[1],
+                       overlap_ms[0],   imbalance_ms[0], exchange_ms[1],
+                       imbalance_ms[1], raw_mixed_ms,    median(alone)};
     double agreed[9];
     MPI_Allreduce(worst, agreed, 9, MPI_DOUBLE, MPI_MAX, world.native());
     if (world.rank() == 0) {
-      std::printf("ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32\n",
-                  world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn);
-      std::printf("dispatch bytes sent by rank 0 (one way): %.1f MB\n", 4.0 * dispatch_totals.first / 1e6);
-      std::printf("rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; minimum %lld (sent / minimum %.3f)\n",
-                  remote_rows_sent, remote_assignments, remote_rows_minimum,
-                  remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
-      std::printf("layer exchange (counts + links + payload, both ways; shared experts after the dispatch): %.3f ms; raw MPI_Alltoallv same payload: %.3f ms; ratio %.3f; wait for the slower rank (reported apart): %.3f ms\n",
-                  agreed[0], agreed[1], agreed[0] / agreed[1], agreed[4]);
-      std::printf("raw with the layer's calls (MPI_Ialltoallv + MPI_Wait out, MPI_Alltoallv back): %.3f ms; layer / that %.3f\n",
-                  agreed[7], agreed[0] / agreed[7]);
-      std::printf("exchange alone (ExpertParallelExchange: dispatch build, plan, counts, payload out, combine back; identity experts): %.3f ms; raw MPI_Alltoallv same payload %.3f ms; ratio %.3f\n",
-                  agreed[8], agreed[1], agreed[8] / agreed[1]);
-      std::printf("with the shared experts overlapped: exchange %.3f ms (ratio %.3f; part of the dispatch completes during the wait for the slower rank, %.3f ms)\n",
-                  agreed[5], agreed[5] / agreed[1], agreed[6]);
-      std::printf("forward with shared experts overlapped: %.3f ms; after the dispatch: %.3f ms; saved %.3f ms (shared experts %.3f ms)\n",
-                  agreed[2], agreed[3], agreed[3] - agreed[2], shared_ms);
+      std::printf(
+          "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32\n",
+          world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn);
+      std::printf("dispatch bytes sent by rank 0 (one way): %.1f MB\n",
+                  4.0 * dispatch_totals.first / 1e6);
+      std::printf(
+          "rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; minimum %lld (sent / minimum %.3f)\n",
+          remote_rows_sent, remote_assignments, remote_rows_minimum,
+          remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
+      std::printf(
+          "layer exchange (counts + links + payload, both ways; shared experts after the dispatch): %.3f ms; raw MPI_Alltoallv same payload: %.3f ms; ratio %.3f; wait for the slower rank (reported apart): %.3f ms\n",
+          agreed[0], agreed[1], agreed[0] / agreed[1], agreed[4]);
+      std::printf(
+          "raw with the layer's calls (MPI_Ialltoallv + MPI_Wait out, MPI_Alltoallv back): %.3f ms; layer / that %.3f\n",
+          agreed[7], agreed[0] / agreed[7]);
+      std::printf(
+          "exchange alone (ExpertParallelExchange: dispatch build, plan, counts, payload out, combine back; identity experts): %.3f ms; raw MPI_Alltoallv same payload %.3f ms; ratio %.3f\n",
+          agreed[8], agreed[1], agreed[8] / agreed[1]);
+      std::printf(
+          "with the shared experts overlapped: exchange %.3f ms (ratio %.3f; part of the dispatch completes during the wait for the slower rank, %.3f ms)\n",
+          agreed[5], agreed[5] / agreed[1], agreed[6]);
+      std::printf(
+          "forward with shared experts overlapped: %.3f ms; after the dispatch: %.3f ms; saved %.3f ms (shared experts %.3f ms)\n",
+          agreed[2], agreed[3], agreed[3] - agreed[2], shared_ms);
     }
   }
   MPI_Finalize();

@@ -36,7 +36,8 @@ using X = Kokkos::DefaultHostExecutionSpace;
 using S = float;
 using Router = kmoe::SoftmaxTopKRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
-using Layer = kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
+using Layer =
+    kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 using clock_type = std::chrono::steady_clock;
 
 struct Shape {
@@ -98,8 +99,10 @@ void run(const kmoe::MpiCommunicator& world, const Shape& shape) {
   const auto groups = kmoe::ParallelGroups<kmoe::MpiCommunicator>::create(world, layout);
   Layer blocking = make_layer(groups, shape, false), overlapped = make_layer(groups, shape, true);
 
-  kmoe::Matrix<S, X> x("x", shape.tokens, shape.hidden), grad_y("grad_y", shape.tokens, shape.hidden);
-  kmoe::Matrix<S, X> y("y", shape.tokens, shape.hidden), grad_x("grad_x", shape.tokens, shape.hidden);
+  kmoe::Matrix<S, X> x("x", shape.tokens, shape.hidden),
+      grad_y("grad_y", shape.tokens, shape.hidden);
+  kmoe::Matrix<S, X> y("y", shape.tokens, shape.hidden),
+      grad_x("grad_x", shape.tokens, shape.hidden);
   kmoe::fill_normal(x, 1.0, 100 + world.rank());
   kmoe::fill_normal(grad_y, 1.0 / shape.tokens, 200 + world.rank());
   kmoe::RouteContext<X> training;
@@ -134,10 +137,11 @@ void run(const kmoe::MpiCommunicator& world, const Shape& shape) {
              std::to_string(1e3 * *std::max_element(v.begin(), v.end())).substr(0, 6);
     };
     const double b = median(blocked), o = median(overlaps), s = median(syncs);
-    std::printf("gradient_sync_bench: %d ranks EP%d x DP%d, T=%d per rank, H=%d, F=%d, E=%d + 1 shared, "
-                "%.1f MiB of gradients per rank, buckets %.0f MiB, %d repeats (median, range in ms)\n",
-                world.size(), layout.ep, layout.dp, shape.tokens, shape.hidden, shape.ffn,
-                shape.experts, double(gradient_bytes) / (1 << 20), shape.bucket_mib, shape.repeats);
+    std::printf(
+        "gradient_sync_bench: %d ranks EP%d x DP%d, T=%d per rank, H=%d, F=%d, E=%d + 1 shared, "
+        "%.1f MiB of gradients per rank, buckets %.0f MiB, %d repeats (median, range in ms)\n",
+        world.size(), layout.ep, layout.dp, shape.tokens, shape.hidden, shape.ffn, shape.experts,
+        double(gradient_bytes) / (1 << 20), shape.bucket_mib, shape.repeats);
     std::printf("blocking   backward + sync  %8.3f ms  (%s)\n", 1e3 * b, range(blocked).c_str());
     std::printf("  of which sync alone       %8.3f ms  (%s)\n", 1e3 * s, range(syncs).c_str());
     std::printf("overlapped backward + wait  %8.3f ms  (%s)\n", 1e3 * o, range(overlaps).c_str());
@@ -164,7 +168,8 @@ int main(int argc, char** argv) {
     shape.bucket_mib = positive_flag(argc, argv, "--bucket-mib", 25);
     if (world.size() % shape.ep != 0 || shape.experts % shape.ep != 0) {
       if (world.rank() == 0)
-        std::fprintf(stderr, "gradient_sync_bench: --ep %d must divide the %d ranks and the %d experts\n",
+        std::fprintf(stderr,
+                     "gradient_sync_bench: --ep %d must divide the %d ranks and the %d experts\n",
                      shape.ep, world.size(), shape.experts);
       status = 1;
     } else {

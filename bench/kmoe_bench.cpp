@@ -33,10 +33,10 @@ struct Config {
   std::string name;
   Kind kind = Kind::mixtral;
   int T = 0, H = 0, F = 0, E = 0, k = 0;
-  int shared_F = 0;              // 0: no shared expert
+  int shared_F = 0;  // 0: no shared expert
   int n_group = 1, topk_group = 1;
-  bool backward = true;          // also time backward and fwd+bwd
-  bool decode_floor = false;     // also time the weight-streaming floor
+  bool backward = true;       // also time backward and fwd+bwd
+  bool decode_floor = false;  // also time the weight-streaming floor
   int repeats = 3;
 };
 
@@ -401,9 +401,9 @@ void write_json(const std::string& path, const std::vector<Record>& records,
     json_number(f, "combine_ms", r.combine_ms);
     json_number(f, "comm_ms", r.comm_ms);
     json_number(f, "route_permute_combine_fraction",
-                ratio(r.route_ms + r.permute_ms + r.combine_ms,
-                      r.route_ms + r.permute_ms + r.comm_ms + r.shared_ms + r.experts_ms +
-                          r.combine_ms),
+                ratio(r.route_ms + r.permute_ms + r.combine_ms, r.route_ms + r.permute_ms +
+                                                                    r.comm_ms + r.shared_ms +
+                                                                    r.experts_ms + r.combine_ms),
                 false);
     std::fprintf(f,
                  "}, \"breakdown_method\": \"kmoe::LayerOptions::time_phases: fenced phase "
@@ -476,9 +476,10 @@ int main(int argc, char** argv) {
   const std::string backend = std::string(kmoe::DefaultGemm::name) + " / " + X::name();
   std::printf("machine: %s\nkokkos: %s, %d threads; gemm: %s\n\n", machine.c_str(), X::name(),
               threads, kmoe::DefaultGemm::name);
-  std::printf("%-18s %6s %5s %5s %4s %2s | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s %7s | %6s\n",
-              "config", "T", "H", "F", "E", "k", "fwd_ms", "bwd_ms", "fb_ms", "dense", "dense_fb",
-              "ratio", "r_fb", "route", "permute", "experts", "shared", "combine", "floor");
+  std::printf(
+      "%-18s %6s %5s %5s %4s %2s | %9s %9s %9s | %9s %9s | %5s %5s | %7s %7s %7s %7s %7s | %6s\n",
+      "config", "T", "H", "F", "E", "k", "fwd_ms", "bwd_ms", "fb_ms", "dense", "dense_fb", "ratio",
+      "r_fb", "route", "permute", "experts", "shared", "combine", "floor");
   std::vector<Record> records;
   for (const auto& c : configs) {
     const Record r = run(c);
@@ -488,10 +489,9 @@ int main(int argc, char** argv) {
         c.name.c_str(), c.T, c.H, c.F, c.E, c.k, cell(r.layer_ms).c_str(),
         cell(r.backward_ms).c_str(), cell(r.layer_fwdbwd_ms).c_str(), cell(r.dense_ms).c_str(),
         cell(r.dense_fwdbwd_ms).c_str(), cell(ratio(r.layer_ms, r.dense_ms), "%.3f").c_str(),
-        cell(ratio(r.layer_fwdbwd_ms, r.dense_fwdbwd_ms), "%.3f").c_str(),
-        cell(r.route_ms).c_str(), cell(r.permute_ms).c_str(), cell(r.experts_ms).c_str(),
-        cell(r.shared_ms).c_str(), cell(r.combine_ms).c_str(),
-        cell(r.floor_ms).c_str());
+        cell(ratio(r.layer_fwdbwd_ms, r.dense_fwdbwd_ms), "%.3f").c_str(), cell(r.route_ms).c_str(),
+        cell(r.permute_ms).c_str(), cell(r.experts_ms).c_str(), cell(r.shared_ms).c_str(),
+        cell(r.combine_ms).c_str(), cell(r.floor_ms).c_str());
     std::fflush(stdout);
     if (!json.empty()) write_json(json, records, machine, backend, threads);
   }

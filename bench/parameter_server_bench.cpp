@@ -36,7 +36,8 @@ using X = Kokkos::DefaultHostExecutionSpace;
 using S = float;
 using Router = kmoe::SigmoidBiasRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
-using Layer = kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
+using Layer =
+    kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 using Server = kmoe::ParameterServer<X, S>;
 
 constexpr int hidden = 16, ffn = 32, experts = 8, clusters = 8, batch = 256, final_window = 50;
@@ -67,10 +68,11 @@ Result train(const kmoe::MpiCommunicator& workers, Server* server, int steps, in
   options.losses.switch_aux = 1e-2;
   std::optional<Experts> shared;
   if (shared_ffn > 0) shared.emplace(Experts({1, hidden, shared_ffn}, "shared_experts"));
-  Layer layer(Router({hidden, experts, 2, true, 1.0, {}}), Experts({local, hidden, ffn}), options, shared,
-              groups);
+  Layer layer(Router({hidden, experts, 2, true, 1.0, {}}), Experts({local, hidden, ffn}), options,
+              shared, groups);
   kmoe::fill_normal(layer.parameters(), 0.2, 1);
-  const auto trained_here = server ? kmoe::expert_parallel_parameters(layer.parameters()) : layer.parameters();
+  const auto trained_here =
+      server ? kmoe::expert_parallel_parameters(layer.parameters()) : layer.parameters();
   kmoe::AdamW<X, S> optimizer(trained_here, adam);
   if (server) server->attach(layer);
 
@@ -80,7 +82,8 @@ Result train(const kmoe::MpiCommunicator& workers, Server* server, int steps, in
   kmoe::fill_normal(centres, 1.0, 2);
   kmoe::fill_normal(maps, 0.4, 3);
   kmoe::Matrix<S, X> x("x", batch, hidden), target("target", batch, hidden), y("y", batch, hidden),
-      grad_y("grad_y", batch, hidden), grad_x("grad_x", batch, hidden), noise("noise", batch, hidden);
+      grad_y("grad_y", batch, hidden), grad_x("grad_x", batch, hidden),
+      noise("noise", batch, hidden);
   Kokkos::View<double*, Kokkos::HostSpace> losses("losses", steps);
 
   MPI_Barrier(workers.native());
@@ -153,8 +156,9 @@ int main(int argc, char** argv) {
     if (world.size() < 2 || steps < final_window || stalenesses.empty() || stalenesses[0] != 0 ||
         rounds < 1) {
       if (world.rank() == 0)
-        std::fprintf(stderr, "parameter_server_bench: needs >= 2 ranks, --steps >= %d, --rounds >= 1 "
-                             "and a --staleness list starting with 0 (the synchronous baseline)\n",
+        std::fprintf(stderr,
+                     "parameter_server_bench: needs >= 2 ranks, --steps >= %d, --rounds >= 1 "
+                     "and a --staleness list starting with 0 (the synchronous baseline)\n",
                      final_window);
       status = 2;
     } else {
@@ -172,7 +176,9 @@ int main(int argc, char** argv) {
         for (std::size_t m = 1; m < names.size(); ++m) {
           Server server(world, {1, stalenesses[m - 1]});
           if (server.is_server())
-            server.serve([](const kmoe::ParameterList<X, S>& shard) { return kmoe::AdamW<X, S>(shard, adam); });
+            server.serve([](const kmoe::ParameterList<X, S>& shard) {
+              return kmoe::AdamW<X, S>(shard, adam);
+            });
           else
             results[m] = train(server.workers(), &server, steps, shared_ffn);
         }
@@ -181,18 +187,20 @@ int main(int argc, char** argv) {
       if (world.rank() == 0) {
         const Result& sync = results[1];
         const double sync_seconds = median(seconds[1]);
-        std::printf("parameter_server_bench: %d workers (EP%d, %d tokens each) + 1 server, %d steps, "
-                    "H %d F %d E %d, shared F %d, %d rounds\n",
-                    worker_count, worker_count, batch, steps, hidden, ffn, experts, shared_ffn, rounds);
-        std::printf("%-12s %10s %15s %10s %11s %11s %8s %14s\n", "mode", "steps/s", "(range)", "vs sync",
-                    "first loss", "final loss", "drop", "final vs sync");
+        std::printf(
+            "parameter_server_bench: %d workers (EP%d, %d tokens each) + 1 server, %d steps, "
+            "H %d F %d E %d, shared F %d, %d rounds\n",
+            worker_count, worker_count, batch, steps, hidden, ffn, experts, shared_ffn, rounds);
+        std::printf("%-12s %10s %15s %10s %11s %11s %8s %14s\n", "mode", "steps/s", "(range)",
+                    "vs sync", "first loss", "final loss", "drop", "final vs sync");
         for (std::size_t m = 0; m < results.size(); ++m) {
           const Result& r = results[m];
           const double drop = r.first_loss / r.final_loss, typical = median(seconds[m]);
           const auto [fastest, slowest] = std::minmax_element(seconds[m].begin(), seconds[m].end());
           std::printf("%-12s %10.1f   (%5.1f - %5.1f) %9.3fx %11.5f %11.5f %7.1fx %13.3fx\n",
                       names[m].c_str(), steps / typical, steps / *slowest, steps / *fastest,
-                      sync_seconds / typical, r.first_loss, r.final_loss, drop, r.final_loss / sync.final_loss);
+                      sync_seconds / typical, r.first_loss, r.final_loss, drop,
+                      r.final_loss / sync.final_loss);
           if (!(drop >= min_drop)) status = 1;
         }
       }

@@ -29,7 +29,8 @@ using X = Kokkos::DefaultHostExecutionSpace;
 using S = float;
 using Router = kmoe::SoftmaxTopKRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
-using Layer = kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
+using Layer =
+    kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 
 constexpr int hidden = 1024, experts = 8, top_k = 2;
 
@@ -61,7 +62,8 @@ double timed_forward(Layer& layer, const kmoe::Matrix<S, X>& x, const kmoe::Matr
   const auto start = std::chrono::steady_clock::now();
   layer.forward(x, y);
   Kokkos::fence();
-  double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   MPI_Allreduce(MPI_IN_PLACE, &ms, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   return ms;
 }

@@ -14,20 +14,23 @@ class TemperatureTop1Router : public kmoe::GatedRouter<X, S> {
   TemperatureTop1Router(int hidden, int experts, double tau)
       : kmoe::GatedRouter<X, S>("TemperatureTop1Router", hidden, experts, 1), tau_(tau) {}
 
-  void forward(const kmoe::ConstMatrix<S, X>& x, kmoe::RoutingPlan<X, S>& plan, const kmoe::RouteContext<X>&) {
+  void forward(const kmoe::ConstMatrix<S, X>& x, kmoe::RoutingPlan<X, S>& plan,
+               const kmoe::RouteContext<X>&) {
     this->gate_forward(x, plan);
-    kmoe::scale_logits<X>("TemperatureTop1Router::temperature", plan.logits, 1.0 / tau_);  // l / tau
+    kmoe::scale_logits<X>("TemperatureTop1Router::temperature", plan.logits,
+                          1.0 / tau_);  // l / tau
     const auto logits = plan.logits, probs = plan.probs, weight = plan.weight;
     const auto expert = plan.expert;
     const int experts = this->num_experts();
-    Kokkos::parallel_for("TemperatureTop1Router::forward", Kokkos::RangePolicy<X>(0, x.extent(0)),
-                         KOKKOS_LAMBDA(int t) {
-                           kmoe::softmax_row(t, experts, logits, probs);
-                           int best = 0;  // strict '>': the lower index wins ties (docs/semantics.md section 1)
-                           for (int e = 1; e < experts; ++e) best = probs(t, e) > probs(t, best) ? e : best;
-                           expert(t, 0) = best;
-                           weight(t, 0) = probs(t, best);
-                         });
+    Kokkos::parallel_for(
+        "TemperatureTop1Router::forward", Kokkos::RangePolicy<X>(0, x.extent(0)),
+        KOKKOS_LAMBDA(int t) {
+          kmoe::softmax_row(t, experts, logits, probs);
+          int best = 0;  // strict '>': the lower index wins ties (docs/semantics.md section 1)
+          for (int e = 1; e < experts; ++e) best = probs(t, e) > probs(t, best) ? e : best;
+          expert(t, 0) = best;
+          weight(t, 0) = probs(t, best);
+        });
   }
 
   // w = p_best: dL/dl_e = g p_best (delta_e,best - p_e), then / tau for the raw logits (the
@@ -38,12 +41,13 @@ class TemperatureTop1Router : public kmoe::GatedRouter<X, S> {
     const auto probs = plan.probs;
     const auto expert = plan.expert;
     const int experts = this->num_experts();
-    Kokkos::parallel_for("TemperatureTop1Router::backward", Kokkos::RangePolicy<X>(0, x.extent(0)),
-                         KOKKOS_LAMBDA(int t) {
-                           const int best = expert(t, 0);
-                           const S g = grad_weight(t, 0) * probs(t, best);
-                           for (int e = 0; e < experts; ++e) grad_logits(t, e) += g * ((e == best) - probs(t, e));
-                         });
+    Kokkos::parallel_for(
+        "TemperatureTop1Router::backward", Kokkos::RangePolicy<X>(0, x.extent(0)),
+        KOKKOS_LAMBDA(int t) {
+          const int best = expert(t, 0);
+          const S g = grad_weight(t, 0) * probs(t, best);
+          for (int e = 0; e < experts; ++e) grad_logits(t, e) += g * ((e == best) - probs(t, e));
+        });
     kmoe::scale_logits<X>("TemperatureTop1Router::temperature_backward", grad_logits, 1.0 / tau_);
     this->gate_backward(x, grad_logits, grad_x);
   }

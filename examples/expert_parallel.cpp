@@ -62,8 +62,7 @@ int run() {
   kmoe::Matrix<S, X> x("x", global_tokens, hidden), y_single("y_single", global_tokens, hidden);
   kmoe::fill_normal(x, 1.0, 7);
   const auto rows = std::make_pair(rank * tokens_per_rank, (rank + 1) * tokens_per_rank);
-  kmoe::Matrix<S, X> x_local("x_local", tokens_per_rank, hidden),
-      y("y", tokens_per_rank, hidden);
+  kmoe::Matrix<S, X> x_local("x_local", tokens_per_rank, hidden), y("y", tokens_per_rank, hidden);
   Kokkos::deep_copy(x_local, Kokkos::subview(x, rows, Kokkos::ALL));
 
   const auto stats = layer.forward(x_local, y);

@@ -22,7 +22,8 @@ int parse_int(int argc, char** argv, const char* flag, int fallback) {
     if (std::strcmp(argv[i], flag) == 0) {
       const int value = std::atoi(argv[i + 1]);
       if (value <= 0) {
-        std::fprintf(stderr, "mixtral_layer: invalid %s = %s (must be a positive integer)\n", flag, argv[i + 1]);
+        std::fprintf(stderr, "mixtral_layer: invalid %s = %s (must be a positive integer)\n", flag,
+                     argv[i + 1]);
         std::exit(2);
       }
       return value;
@@ -66,15 +67,18 @@ int main(int argc, char** argv) {
     stats = layer.forward(x, y);
     Kokkos::fence();
     if (r > 0)
-      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+      ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count());
   }
   std::sort(ms.begin(), ms.end());
 
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
-  std::printf("\nimbalance (max/mean): %.4f   dropped: %lld   switch aux (unscaled): %.6f   z-loss: %.6g\n",
-              stats.imbalance(), static_cast<long long>(stats.dropped),
-              stats.losses.switch_aux_unscaled, stats.losses.z_loss);
+  std::printf(
+      "\nimbalance (max/mean): %.4f   dropped: %lld   switch aux (unscaled): %.6f   z-loss: %.6g\n",
+      stats.imbalance(), static_cast<long long>(stats.dropped), stats.losses.switch_aux_unscaled,
+      stats.losses.z_loss);
   auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), y);
   double sum = 0, abs_sum = 0;
   for (std::size_t i = 0; i < host.size(); ++i) {

@@ -35,7 +35,8 @@ using X = Kokkos::DefaultHostExecutionSpace;  // MpiCommunicator moves host memo
 using S = double;  // the restart on another layout sums in another order: keep that at 1e-16
 using Router = kmoe::SigmoidBiasRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
-using Layer = kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
+using Layer =
+    kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 using HostMatrix = Kokkos::View<S**, Kokkos::LayoutRight, Kokkos::HostSpace>;
 
 constexpr int hidden = 16, ffn = 32, experts = 4, top_k = 2, clusters = 8;
@@ -107,7 +108,8 @@ Options parse_options(int argc, char** argv, int world_size) {
       o.checkpoint_dir = value;
   }
   const auto layout_text = [&] {
-    return "--tp " + std::to_string(tp) + " --ep " + std::to_string(ep) + " --dp " + std::to_string(dp);
+    return "--tp " + std::to_string(tp) + " --ep " + std::to_string(ep) + " --dp " +
+           std::to_string(dp);
   };
   if (ep == 0) {
     if (world_size % (tp * dp) != 0)
@@ -130,8 +132,8 @@ Options parse_options(int argc, char** argv, int world_size) {
     throw UsageError{"--steps " + std::to_string(o.steps) + ": must exceed --warmup " +
                      std::to_string(o.warmup)};
   if (o.kill_at_step >= o.steps)
-    throw UsageError{"--kill-at-step " + std::to_string(o.kill_at_step) + ": must be below --steps " +
-                     std::to_string(o.steps)};
+    throw UsageError{"--kill-at-step " + std::to_string(o.kill_at_step) +
+                     ": must be below --steps " + std::to_string(o.steps)};
   if ((o.checkpoint_every > 0 || o.resume) && o.checkpoint_dir.empty())
     throw UsageError{std::string(o.resume ? "--resume" : "--checkpoint-every") +
                      " needs --checkpoint-dir"};
@@ -183,8 +185,8 @@ struct Task {
 /// What a checkpoint records of its run besides the model: the layout it was saved on, and
 /// the settings that the resumed run must share to be the same run.
 std::map<std::string, double> run_values(const Options& o) {
-  return {{"tokens", double(o.tokens)}, {"steps", double(o.steps)},   {"warmup", double(o.warmup)},
-          {"tp", double(o.layout.tp)},  {"ep", double(o.layout.ep)},  {"dp", double(o.layout.dp)}};
+  return {{"tokens", double(o.tokens)}, {"steps", double(o.steps)},  {"warmup", double(o.warmup)},
+          {"tp", double(o.layout.tp)},  {"ep", double(o.layout.ep)}, {"dp", double(o.layout.dp)}};
 }
 
 /// Another global batch or schedule would make the resumed run a different run.
@@ -195,7 +197,8 @@ void check_same_run(const kmoe::io::TrainingProgress& progress, const Options& o
     const auto saved = progress.values.find(key);
     if (saved == progress.values.end() || saved->second != mine.at(key))
       throw UsageError{"--" + std::string(key) + " " + std::to_string((long long)mine.at(key)) +
-                       ": the checkpoint " + checkpoint + " was written by a run with --" + key + " " +
+                       ": the checkpoint " + checkpoint + " was written by a run with --" + key +
+                       " " +
                        (saved == progress.values.end() ? std::string("(not recorded)")
                                                        : std::to_string((long long)saved->second))};
   }
@@ -269,8 +272,10 @@ int train(const Options& o) {
     context.step = std::uint64_t(step);
     layer.forward(x, y, context);
     if (step == o.kill_at_step && rank == world.size() - 1) {
-      std::fprintf(stderr, "train_distributed: rank %d dies at step %lld (--kill-at-step) after the "
-                   "forward\n", rank, step);
+      std::fprintf(stderr,
+                   "train_distributed: rank %d dies at step %lld (--kill-at-step) after the "
+                   "forward\n",
+                   rank, step);
       std::_Exit(exit_code_of_killed_rank);  // no unwinding, no MPI_Finalize: a crash
     }
     // Each rank's loss is the mean over its own tokens (what synchronize_gradients()
@@ -295,7 +300,8 @@ int train(const Options& o) {
     optimizer.set_learning_rate(base_learning_rate * schedule(optimizer.steps()));
     optimizer.step();
     layer.apply_bias_update(bias_rate);
-    if (rank == 0) std::printf("step %lld loss %.9g\n", step, global_error / double(o.tokens * hidden));
+    if (rank == 0)
+      std::printf("step %lld loss %.9g\n", step, global_error / double(o.tokens * hidden));
 
     const long long done = step + 1;
     if (o.checkpoint_every > 0 && done % o.checkpoint_every == 0) {

@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
   kmoe::fill_normal(centres, 1.0, 2);
   kmoe::fill_normal(maps, 0.4, 3);
   auto x_host = Kokkos::View<S**, Kokkos::LayoutRight, Kokkos::HostSpace>("x", batch, hidden);
-  auto target_host = Kokkos::View<S**, Kokkos::LayoutRight, Kokkos::HostSpace>("target", batch, hidden);
+  auto target_host =
+      Kokkos::View<S**, Kokkos::LayoutRight, Kokkos::HostSpace>("target", batch, hidden);
   kmoe::Matrix<S, X> x("x", batch, hidden), y("y", batch, hidden), grad_y("grad_y", batch, hidden),
       grad_x("grad_x", batch, hidden);
   kmoe::Matrix<S, Kokkos::DefaultHostExecutionSpace> noise("noise", batch, hidden);
@@ -90,6 +91,7 @@ int main(int argc, char** argv) {
     }
   }
   const double drop = first_loss / loss;
-  std::printf("loss fell %.1fx (%.5f -> %.5f); final max/mean load %.3f\n", drop, first_loss, loss, imbalance);
+  std::printf("loss fell %.1fx (%.5f -> %.5f); final max/mean load %.3f\n", drop, first_loss, loss,
+              imbalance);
   return drop >= min_drop && imbalance < 1.3 ? 0 : 1;
 }

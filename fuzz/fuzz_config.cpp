@@ -20,8 +20,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       using kmoe::models::max_matrix_elements;
       kmoe_fuzz::require(b.hidden >= 1 && b.ffn >= 1 && b.experts >= 1, "a size below 1");
       kmoe_fuzz::require(b.top_k >= 1 && b.top_k <= b.experts, "top_k outside [1, experts]");
-      kmoe_fuzz::require(b.n_group >= 1 && b.experts % b.n_group == 0 &&
-                             b.topk_group >= 1 && b.topk_group <= b.n_group,
+      kmoe_fuzz::require(b.n_group >= 1 && b.experts % b.n_group == 0 && b.topk_group >= 1 &&
+                             b.topk_group <= b.n_group,
                          "groups that do not divide the experts");
       kmoe_fuzz::require(std::int64_t(b.hidden) * b.ffn <= max_matrix_elements &&
                              std::int64_t(b.hidden) * b.experts <= max_matrix_elements &&
@@ -31,7 +31,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       // Listing the names is linear in the experts; bound the work per input.
       if (b.experts <= 4096) {
         const auto tensors = kmoe::models::checkpoint_tensors(b);
-        kmoe_fuzz::require(tensors.size() == 1 + 3 * std::size_t(b.experts) + (b.shared_ffn > 0 ? 3 : 0),
+        kmoe_fuzz::require(tensors.size() ==
+                               1 + 3 * std::size_t(b.experts) + (b.shared_ffn > 0 ? 3 : 0),
                            "a parameter slice without a checkpoint name");
       }
     });

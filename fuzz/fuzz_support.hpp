@@ -20,14 +20,16 @@ namespace kmoe_fuzz {
 inline const std::filesystem::path& scratch() {
   static const std::filesystem::path dir = [] {
     const char* base = std::getenv("KMOE_FUZZ_SCRATCH");
-    auto d = std::filesystem::path(base ? base : "/tmp") / ("kmoe-fuzz-" + std::to_string(::getpid()));
+    auto d =
+        std::filesystem::path(base ? base : "/tmp") / ("kmoe-fuzz-" + std::to_string(::getpid()));
     std::filesystem::create_directories(d);
     return d;
   }();
   return dir;
 }
 
-inline void write_file(const std::filesystem::path& path, const std::uint8_t* data, std::size_t size) {
+inline void write_file(const std::filesystem::path& path, const std::uint8_t* data,
+                       std::size_t size) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
 }

@@ -143,8 +143,7 @@ struct Weights {
 // and DeepSeek-V3 (sigmoid, exp_probs_b, expert groups, norm_w, w_scale) graphs pass, the
 // branches for other architectures left out; then DeepSeek's shared expert (build_ffn with
 // LLM_FFN_SILU, LLM_FFN_PAR) added to the routed output, as src/models/deepseek2.cpp does.
-ggml_tensor* build_moe_ffn(ggml_context* ctx, ggml_cgraph* gf, const Config& c,
-                           const Weights& w) {
+ggml_tensor* build_moe_ffn(ggml_context* ctx, ggml_cgraph* gf, const Config& c, const Weights& w) {
   const int64_t n_embd = c.H, n_tokens = c.T, n_expert = c.E, n_expert_used = c.k;
   ggml_tensor* cur = w.x;
   ggml_tensor* logits = ggml_mul_mat(ctx, w.gate_inp, cur);  // [n_expert, n_tokens]
@@ -158,15 +157,13 @@ ggml_tensor* build_moe_ffn(ggml_context* ctx, ggml_cgraph* gf, const Config& c,
         ggml_reshape_3d(ctx, selection_probs, n_exp_per_group, c.n_group, n_tokens);
     ggml_tensor* scores = ggml_argsort_top_k(ctx, groups, 2);
     scores = ggml_get_rows(
-        ctx, ggml_reshape_4d(ctx, groups, 1, groups->ne[0], groups->ne[1], groups->ne[2]),
-        scores);
+        ctx, ggml_reshape_4d(ctx, groups, 1, groups->ne[0], groups->ne[1], groups->ne[2]), scores);
     scores = ggml_sum_rows(ctx, ggml_reshape_3d(ctx, scores, scores->ne[1], scores->ne[2],
-                                                 scores->ne[3]));
+                                                scores->ne[3]));
     scores = ggml_reshape_2d(ctx, scores, scores->ne[1], scores->ne[2]);
     ggml_tensor* kept = ggml_argsort_top_k(ctx, scores, c.topk_group);
     selection_probs = ggml_get_rows(ctx, groups, kept);
-    selection_probs =
-        ggml_set_rows(ctx, ggml_fill(ctx, groups, -INFINITY), selection_probs, kept);
+    selection_probs = ggml_set_rows(ctx, ggml_fill(ctx, groups, -INFINITY), selection_probs, kept);
     selection_probs = ggml_reshape_2d(ctx, selection_probs, n_expert, n_tokens);
   }
   ggml_tensor* selected = ggml_argsort_top_k(ctx, selection_probs, n_expert_used);
@@ -287,8 +284,8 @@ void write_json(const std::string& path, const std::vector<Result>& results, int
                  "\"threads\": %d, \"backend\": \"ggml %s (%s) cpu\", \"machine\": \"%s\", "
                  "\"repeats\": %d, \"layer_ms\": %.6g, \"layer_fwdbwd_ms\": null, "
                  "\"backward_ms\": null, \"expert_weight_bytes\": %.6g}%s\n",
-                 c.name.c_str(), ggml_type_name(r.type), ggml_type_name(r.type), c.T, c.H, c.F,
-                 c.E, c.k, c.shared_F, threads, ggml_version(), ggml_commit(), machine.c_str(),
+                 c.name.c_str(), ggml_type_name(r.type), ggml_type_name(r.type), c.T, c.H, c.F, c.E,
+                 c.k, c.shared_F, threads, ggml_version(), ggml_commit(), machine.c_str(),
                  c.repeats, r.layer_ms, r.weight_bytes, i + 1 < results.size() ? "," : "");
   }
   std::fprintf(f, "]\n");
@@ -296,11 +293,10 @@ void write_json(const std::string& path, const std::vector<Result>& results, int
 }
 
 void usage() {
-  std::fprintf(stderr,
-               "usage: ggml_moe_peer [--config NAME]... [--type f32|f16|bf16|q8_0]... "
-               "[--threads N] [--repeats N] [--json FILE]\n"
-               "  NAME: a configuration, or a prefix of several (sweep-T, sweep-E);\n"
-               "  default: every configuration, every type\n");
+  std::fprintf(stderr, "usage: ggml_moe_peer [--config NAME]... [--type f32|f16|bf16|q8_0]... "
+                       "[--threads N] [--repeats N] [--json FILE]\n"
+                       "  NAME: a configuration, or a prefix of several (sweep-T, sweep-E);\n"
+                       "  default: every configuration, every type\n");
 }
 
 }  // namespace
@@ -354,8 +350,8 @@ int main(int argc, char** argv) {
   const std::string machine = machine_name();
   std::printf("machine: %s\nggml %s (%s), CPU backend, %d threads\n\n", machine.c_str(),
               ggml_version(), ggml_commit(), threads);
-  std::printf("%-18s %6s %5s %5s %4s %2s %5s | %9s\n", "config", "T", "H", "F", "E", "k",
-              "type", "fwd_ms");
+  std::printf("%-18s %6s %5s %5s %4s %2s %5s | %9s\n", "config", "T", "H", "F", "E", "k", "type",
+              "fwd_ms");
   std::vector<Result> results;
   for (const auto& c : configs)
     for (ggml_type type : types) {
@@ -368,8 +364,8 @@ int main(int argc, char** argv) {
         continue;
       }
       results.push_back(r);
-      std::printf("%-18s %6d %5d %5d %4d %2d %5s | %9.2f\n", c.name.c_str(), c.T, c.H, c.F,
-                  c.E, c.k, ggml_type_name(type), r.layer_ms);
+      std::printf("%-18s %6d %5d %5d %4d %2d %5s | %9.2f\n", c.name.c_str(), c.T, c.H, c.F, c.E,
+                  c.k, ggml_type_name(type), r.layer_ms);
       std::fflush(stdout);
       if (!json.empty()) write_json(json, results, threads, machine);
     }

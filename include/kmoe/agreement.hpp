@@ -27,19 +27,19 @@
 #include <kmoe/error.hpp>
 #include <kmoe/fingerprint.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
 #include <exception>
-#include <algorithm>
 #include <sstream>
 #include <string>
 #include <typeinfo>
 #include <utility>
 #include <vector>
 #if __has_include(<cxxabi.h>)
-#include <cxxabi.h>
 #include <cstdlib>
+#include <cxxabi.h>
 #define KMOE_HAS_CXXABI 1
 #endif
 
@@ -59,8 +59,10 @@ inline std::string ranks_with_values(const std::vector<std::string>& value_of_ra
   for (int r = 0; r < int(value_of_rank.size()); ++r) {
     auto it = std::find_if(groups.begin(), groups.end(),
                            [&](const auto& g) { return g.first == value_of_rank[r]; });
-    if (it == groups.end()) groups.push_back({value_of_rank[r], {r}});
-    else it->second.push_back(r);
+    if (it == groups.end())
+      groups.push_back({value_of_rank[r], {r}});
+    else
+      it->second.push_back(r);
   }
   std::string out;
   for (const auto& [value, ranks] : groups) {
@@ -108,7 +110,7 @@ std::uint64_t bitwise_checksum(const Flat& values) {
   std::uint64_t sum = 0;
   Kokkos::parallel_reduce(
       "kmoe::bitwise_checksum", Kokkos::RangePolicy<X>(0, values.size()),
-      KOKKOS_LAMBDA(std::size_t i, std::uint64_t& total) {
+      KOKKOS_LAMBDA(std::size_t i, std::uint64_t & total) {
         const T value = values(i);
         std::uint64_t bits = 0;
         std::memcpy(&bits, &value, sizeof(T));
@@ -157,8 +159,11 @@ class CallSequence {
   static std::string describe(const std::int64_t* f) {
     static const char* const names[kinds] = {"construction", "forward", "backward",
                                              "synchronize_gradients", "check_replicas"};
-    const auto name = [](std::int64_t k) { return k >= 0 && k < kinds ? names[k] : "an unknown call"; };
-    std::string out = std::string(name(f[0])) + " #" + std::to_string(f[f[0] + 1]) + " (calls so far:";
+    const auto name = [](std::int64_t k) {
+      return k >= 0 && k < kinds ? names[k] : "an unknown call";
+    };
+    std::string out =
+        std::string(name(f[0])) + " #" + std::to_string(f[f[0] + 1]) + " (calls so far:";
     for (int k = 1; k < kinds; ++k)
       out += std::string(k > 1 ? ", " : " ") + std::to_string(f[k + 1]) + " " + names[k];
     return out + ")";
@@ -221,8 +226,8 @@ void check_fingerprints_agree(const Communicator& comm, const Fingerprint& print
     const auto all_names = gather(packed);
     for (int r = 0; r < ranks; ++r)
       for (std::size_t t = 0; t < types; ++t) {
-        const char* text =
-            reinterpret_cast<const char*>(all_names.data() + (std::size_t(r) * types + t) * name_words);
+        const char* text = reinterpret_cast<const char*>(all_names.data() +
+                                                         (std::size_t(r) * types + t) * name_words);
         type_names.emplace_back(text, strnlen(text, name_words * sizeof(std::int64_t)));
       }
   }
@@ -247,7 +252,8 @@ void check_fingerprints_agree(const Communicator& comm, const Fingerprint& print
         values[r] = std::to_string(code);
       }
     }
-    report += (report.empty() ? "" : "; ") + f.name + ": " + detail::ranks_with_values(values, "has", "have");
+    report += (report.empty() ? "" : "; ") + f.name + ": " +
+              detail::ranks_with_values(values, "has", "have");
   }
   throw invalid_argument(where, "configuration across ranks", report, why);
 }
@@ -316,8 +322,7 @@ void agree_or_throw(Communicator& comm, const char* where, const CallSequence& p
     std::vector<std::string> where_is(std::size_t(comm.size()));
     for (int r = 0; r < comm.size(); ++r)
       where_is[std::size_t(r)] = CallSequence::describe(all_host.data() + std::size_t(r) * n);
-    throw runtime_error(std::string(where) +
-                        ": the ranks are at different calls of the layer: " +
+    throw runtime_error(std::string(where) + ": the ranks are at different calls of the layer: " +
                         detail::ranks_with_values(where_is, "is in", "are in") +
                         "; every rank must make the same calls in the same order (a rank "
                         "skipped a call, or made one that the others did not)");
@@ -377,8 +382,8 @@ void check_replicas_agree(const Communicator& comm, const char* where, const cha
                 std::to_string(all_host(std::size_t(r) * per_rank)) + " sums to " +
                 detail::to_display(sum);
     }
-    differing += (differing.empty() ? "" : "; ") + std::string("'") + tensors[i].name + "' (" +
-                 values + ")";
+    differing +=
+        (differing.empty() ? "" : "; ") + std::string("'") + tensors[i].name + "' (" + values + ")";
   }
   if (!differing.empty())
     throw runtime_error(std::string(where) + ": replicated parameters differ across the " +

@@ -23,7 +23,7 @@ struct Capacity {
   double factor = 0.0;  ///< capacity factor cf; C = ceil(k * T * cf / E)
   int minimum = 0;      ///< C is at least this
   DropPolicy drop = DropPolicy::by_probability;
-  int alignment = 1;    ///< pad every expert segment to a multiple of this (GEMM tiles)
+  int alignment = 1;  ///< pad every expert segment to a multiple of this (GEMM tiles)
 
   /// The largest alignment accepted: GEMM tiles are 8 to 256 rows; anything beyond this
   /// bound only pads segments with rows no kernel uses, and near INT_MAX the padding itself
@@ -39,8 +39,8 @@ struct Capacity {
     if (dropless()) return -1;
     const double assignments = double(k) * double(tokens);
     const double c = std::ceil(assignments * factor / double(experts));
-    const long long bounded = c < assignments ? static_cast<long long>(c)
-                                              : static_cast<long long>(assignments);
+    const long long bounded =
+        c < assignments ? static_cast<long long>(c) : static_cast<long long>(assignments);
     return std::max<long long>(bounded, minimum);
   }
 

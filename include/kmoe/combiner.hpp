@@ -27,9 +27,11 @@ class WeightedSumCombiner {
   using scalar_type = Scalar;
   using route_type = routing_t<Scalar>;
 
-  void combine(const ConstMatrix<Scalar, ExecSpace>& rows, const ConstMatrix<int, ExecSpace>& position,
+  void combine(const ConstMatrix<Scalar, ExecSpace>& rows,
+               const ConstMatrix<int, ExecSpace>& position,
                const ConstMatrix<route_type, ExecSpace>& weight,
-               const ConstMatrix<Scalar, ExecSpace>& base, const Matrix<Scalar, ExecSpace>& y) const {
+               const ConstMatrix<Scalar, ExecSpace>& base,
+               const Matrix<Scalar, ExecSpace>& y) const {
     const int tokens = int(y.extent(0)), width = int(y.extent(1)), slots = int(position.extent(1));
     const bool has_base = base.extent(0) > 0;
     Kokkos::parallel_for(
@@ -45,7 +47,8 @@ class WeightedSumCombiner {
         });
   }
 
-  void backward(const ConstMatrix<Scalar, ExecSpace>& grad_y, const ConstMatrix<Scalar, ExecSpace>& rows,
+  void backward(const ConstMatrix<Scalar, ExecSpace>& grad_y,
+                const ConstMatrix<Scalar, ExecSpace>& rows,
                 const ConstMatrix<int, ExecSpace>& position,
                 const ConstMatrix<route_type, ExecSpace>& weight,
                 const Matrix<Scalar, ExecSpace>& grad_rows,

@@ -53,25 +53,31 @@ namespace detail {
 using communicator_probe_view = Kokkos::View<double*>;
 using communicator_counts = std::vector<std::int64_t>;
 
-template <class C> using comm_rank = decltype(int(std::declval<const C&>().rank()));
-template <class C> using comm_size = decltype(int(std::declval<const C&>().size()));
 template <class C>
-using comm_exchange_counts = std::enable_if_t<std::is_same_v<
-    decltype(std::declval<C&>().exchange_counts(std::declval<const communicator_counts&>())),
-    communicator_counts>>;
+using comm_rank = decltype(int(std::declval<const C&>().rank()));
+template <class C>
+using comm_size = decltype(int(std::declval<const C&>().size()));
+template <class C>
+using comm_exchange_counts =
+    std::enable_if_t<std::is_same_v<decltype(std::declval<C&>().exchange_counts(
+                                        std::declval<const communicator_counts&>())),
+                                    communicator_counts>>;
 template <class C>
 using comm_all_to_all_v = decltype(std::declval<C&>().all_to_all_v(
     std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>(),
     std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>()));
-template <class C> using comm_request = typename C::Request;
+template <class C>
+using comm_request = typename C::Request;
 template <class C>
 using comm_request_wait = decltype(std::declval<typename C::Request&>().wait());
 template <class C>
-using comm_all_to_all_v_start = std::enable_if_t<std::is_same_v<
-    decltype(std::declval<C&>().all_to_all_v_start(
-        std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>(),
-        std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>())),
-    typename C::Request>>;
+using comm_all_to_all_v_start =
+    std::enable_if_t<std::is_same_v<decltype(std::declval<C&>().all_to_all_v_start(
+                                        std::declval<const communicator_probe_view&>(),
+                                        std::declval<const communicator_counts&>(),
+                                        std::declval<const communicator_probe_view&>(),
+                                        std::declval<const communicator_counts&>())),
+                                    typename C::Request>>;
 template <class C>
 using comm_all_reduce_sum =
     decltype(std::declval<C&>().all_reduce_sum(std::declval<const communicator_probe_view&>()));
@@ -79,14 +85,15 @@ template <class C>
 using comm_all_reduce_max =
     decltype(std::declval<C&>().all_reduce_max(std::declval<const communicator_probe_view&>()));
 template <class C>
-using comm_all_gather = decltype(std::declval<C&>().all_gather(
-    std::declval<const communicator_probe_view&>(), std::declval<const communicator_probe_view&>()));
+using comm_all_gather =
+    decltype(std::declval<C&>().all_gather(std::declval<const communicator_probe_view&>(),
+                                           std::declval<const communicator_probe_view&>()));
 template <class C>
-using comm_split = std::enable_if_t<
-    std::is_same_v<decltype(std::declval<const C&>().split(0, 0)), C>>;
+using comm_split =
+    std::enable_if_t<std::is_same_v<decltype(std::declval<const C&>().split(0, 0)), C>>;
 template <class C>
-using comm_any_error = std::enable_if_t<
-    std::is_same_v<decltype(std::declval<C&>().any_error(true)), bool>>;
+using comm_any_error =
+    std::enable_if_t<std::is_same_v<decltype(std::declval<C&>().any_error(true)), bool>>;
 
 }  // namespace detail
 
@@ -109,9 +116,10 @@ constexpr bool check_valid_communicator() {
                 "recv_counts)' taking rank-1 views and std::vector<std::int64_t> counts");
   static_assert(detail::is_detected_v<detail::comm_request, C>,
                 "kmoe Communicator: missing member type 'Request'");
-  static_assert(std::is_default_constructible_v<detail::detected_or_t<int, detail::comm_request, C>>,
-                "kmoe Communicator: 'Request' must be default-constructible (an exchange that "
-                "needs no communication returns Request{})");
+  static_assert(
+      std::is_default_constructible_v<detail::detected_or_t<int, detail::comm_request, C>>,
+      "kmoe Communicator: 'Request' must be default-constructible (an exchange that "
+      "needs no communication returns Request{})");
   static_assert(detail::is_detected_v<detail::comm_request_wait, C>,
                 "kmoe Communicator: missing 'void Request::wait()'");
   static_assert(detail::is_detected_v<detail::comm_all_to_all_v_start, C>,
@@ -166,9 +174,14 @@ class SingleProcessCommunicator {
     return {};
   }
 
-  template <class View> void all_reduce_sum(const View&) const {}
-  template <class View> Request all_reduce_sum_start(const View&) const { return {}; }
-  template <class View> void all_reduce_max(const View&) const {}
+  template <class View>
+  void all_reduce_sum(const View&) const {}
+  template <class View>
+  Request all_reduce_sum_start(const View&) const {
+    return {};
+  }
+  template <class View>
+  void all_reduce_max(const View&) const {}
   template <class SendView, class RecvView>
   void all_gather(const SendView& send, const RecvView& recv) const {
     copy(send, recv, send.size());

@@ -29,19 +29,22 @@
 namespace kmoe {
 namespace detail {
 
-template <class T> using expert_num_experts = decltype(int(std::declval<const T&>().num_experts()));
-template <class T> using expert_hidden_size = decltype(int(std::declval<const T&>().hidden_size()));
+template <class T>
+using expert_num_experts = decltype(int(std::declval<const T&>().num_experts()));
+template <class T>
+using expert_hidden_size = decltype(int(std::declval<const T&>().hidden_size()));
 template <class T, class X, class S>
-using expert_forward = decltype(std::declval<T&>().forward(
-    std::declval<const ConstMatrix<S, X>&>(), std::declval<const Segments<X>&>(),
-    std::declval<const Matrix<S, X>&>(), ExpertMode::store));
+using expert_forward =
+    decltype(std::declval<T&>().forward(std::declval<const ConstMatrix<S, X>&>(),
+                                        std::declval<const Segments<X>&>(),
+                                        std::declval<const Matrix<S, X>&>(), ExpertMode::store));
 template <class T, class X, class S>
 using expert_backward = decltype(std::declval<T&>().backward(
     std::declval<const ConstMatrix<S, X>&>(), std::declval<const Segments<X>&>(),
     std::declval<const ConstMatrix<S, X>&>(), std::declval<const Matrix<S, X>&>()));
 template <class T, class X, class S>
-using expert_parameters = decltype(std::declval<const T&>().collect_parameters(
-    std::declval<ParameterList<X, S>&>()));
+using expert_parameters =
+    decltype(std::declval<const T&>().collect_parameters(std::declval<ParameterList<X, S>&>()));
 template <class E>
 using expert_output_bias = decltype(std::declval<E&>().apply_output_bias(true));
 template <class E>

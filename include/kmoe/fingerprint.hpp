@@ -25,7 +25,7 @@ class Fingerprint {
     std::string name;
     std::int64_t code = 0;
     Shown shown = Shown::integer;
-    std::vector<std::string> names = {};  ///< Shown::names: the meaning of each code
+    std::vector<std::string> names = {};   ///< Shown::names: the meaning of each code
     const std::type_info* type = nullptr;  ///< Shown::type: the type, for its name
   };
 
@@ -43,7 +43,8 @@ class Fingerprint {
   }
   /// A type, compared by its hash; its name is gathered only when it differs.
   void type(const std::string& name, const std::type_info& t) {
-    fields_.push_back({name, std::int64_t(t.hash_code() & 0x7fffffffffffffff), Shown::type, {}, &t});
+    fields_.push_back(
+        {name, std::int64_t(t.hash_code() & 0x7fffffffffffffff), Shown::type, {}, &t});
   }
 
   /// Adds the fields of `part`, each name prefixed (e.g. "router.").

@@ -14,13 +14,13 @@ namespace kmoe {
 
 /// \brief Wall time of each forward phase in milliseconds (LayerOptions::time_phases).
 struct PhaseTimes {
-  double route = 0;     ///< router, non-finite check
-  double dispatch = 0;  ///< counting sort, capacity, counts, balance losses, gather of rows
-  double imbalance = 0; ///< wait for the slowest EP rank before each exchange (timed runs only)
-  double exchange = 0;  ///< count, link and payload all-to-all-v both ways
-  double shared = 0;    ///< shared experts
-  double experts = 0;   ///< arrangement into segments, expert GEMMs, TP reduction
-  double combine = 0;   ///< weighted sum back to the tokens
+  double route = 0;      ///< router, non-finite check
+  double dispatch = 0;   ///< counting sort, capacity, counts, balance losses, gather of rows
+  double imbalance = 0;  ///< wait for the slowest EP rank before each exchange (timed runs only)
+  double exchange = 0;   ///< count, link and payload all-to-all-v both ways
+  double shared = 0;     ///< shared experts
+  double experts = 0;    ///< arrangement into segments, expert GEMMs, TP reduction
+  double combine = 0;    ///< weighted sum back to the tokens
 };
 
 /// \brief Per-call report of a forward pass.
@@ -35,7 +35,7 @@ struct ForwardStats {
   /// Hidden-state rows the dispatch sent to each EP rank (this one included): one per
   /// token and rank holding any of its kept experts. Empty on one EP rank (no exchange).
   std::vector<std::int64_t> dispatch_rows;
-  PhaseTimes phase_ms;           ///< filled when LayerOptions::time_phases
+  PhaseTimes phase_ms;  ///< filled when LayerOptions::time_phases
   /// max / mean of tokens_per_expert (1 = perfectly balanced).
   double imbalance() const {
     if (tokens_per_expert.empty()) return 0.0;

@@ -35,7 +35,8 @@ double clip_grad_norm(const ParameterList<ExecSpace, Scalar>& list, double max_n
           "must be positive and finite");
   double local = 0;
   for (const auto& p : list)
-    if (detail::counts_toward_global_norm(p, groups)) local += detail::sum_of_squares<ExecSpace>(p.grad);
+    if (detail::counts_toward_global_norm(p, groups))
+      local += detail::sum_of_squares<ExecSpace>(p.grad);
   Vector<double, ExecSpace> total("kmoe::clip_grad_norm::total", 1);
   auto host = Kokkos::create_mirror_view(total);
   host(0) = local;

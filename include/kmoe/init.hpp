@@ -91,11 +91,16 @@ struct InitConfig {
 
   double stddev(ParameterRole role) const {
     switch (role) {
-      case ParameterRole::router: return router_std;
-      case ParameterRole::input_projection: return input_std;
-      case ParameterRole::output_projection: return output_std;
-      case ParameterRole::bias: return bias_std;
-      default: return other_std;
+      case ParameterRole::router:
+        return router_std;
+      case ParameterRole::input_projection:
+        return input_std;
+      case ParameterRole::output_projection:
+        return output_std;
+      case ParameterRole::bias:
+        return bias_std;
+      default:
+        return other_std;
     }
   }
 

@@ -51,8 +51,8 @@ void add_into(const M& from, const M& to) {
 ///
 /// The execution space and scalar come from the Router; every policy must agree.
 template <class Router, class Expert,
-          class Combiner = WeightedSumCombiner<typename Router::execution_space,
-                                               typename Router::scalar_type>,
+          class Combiner =
+              WeightedSumCombiner<typename Router::execution_space, typename Router::scalar_type>,
           class Communicator = SingleProcessCommunicator>
 class MoELayer {
   static_assert(check_valid_router<Router>());
@@ -99,8 +99,8 @@ class MoELayer {
       experts_.apply_output_bias(groups_.tp_rank == 0);
     // Every rank takes part in the agreement even when its own checks fail, so a rank with
     // a bad argument does not leave the others waiting in the fingerprint all-gather.
-    kmoe::agree_or_throw<memory_space>(
-        groups_.world, where, calls_.enter(CallSequence::construct), [&] { check_arguments(); });
+    kmoe::agree_or_throw<memory_space>(groups_.world, where, calls_.enter(CallSequence::construct),
+                                       [&] { check_arguments(); });
     check_configuration_agrees();
     compare_replicas(where);
   }
@@ -140,34 +140,35 @@ class MoELayer {
     has_forward_ = false;
     bool copy_back = false;
     Matrix<S, X> y_rows;
-    kmoe::agree_or_throw<memory_space>(groups_.world, where,
-                                                   calls_.enter(CallSequence::forward), [&] {
-      require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
-              "must equal the hidden size " + std::to_string(hidden_size()));
-      require(y.extent(0) == x.extent(0) && y.extent(1) == x.extent(1), where, "y extents",
-              std::to_string(y.extent(0)) + "x" + std::to_string(y.extent(1)),
-              "must equal x's extents");
-      require(!detail::overlaps(x, y), where, "y", "a view overlapping x",
-              "the output must not share memory with the input (the layer reads x after "
-              "writing parts of y, and backward needs x)");
-      losses_.validate_tokens(where, int(x.extent(0)));
-      training_ = context.training;
-      // Training keeps a copy of x: backward must see the input of this forward even if
-      // the caller reuses or edits its buffer in between (PyTorch raises on that edit;
-      // keeping the copy makes it harmless).
-      if (training_) {
-        detail::ensure_extents(saved_x_, "kmoe::MoELayer::saved_x", x.extent(0), x.extent(1));
-        Kokkos::deep_copy(saved_x_, x);
-        x_ = saved_x_;
-      } else {
-        x_ = detail::row_major_input<S, X>(x, x_rows_, "kmoe::MoELayer::x_rows");
-      }
-      y_rows = detail::row_major_output<S, X>(y, y_rows_, "kmoe::MoELayer::y_rows", copy_back);
-      const detail::ProfilingRegion route_region("kmoe::MoELayer::route");
-      router_.forward(x_, plan_, context);
-      check_row_bounds(std::int64_t(x.extent(0)));
-      if (options_.non_finite == NonFinitePolicy::raise) detail::raise_if_non_finite_routing(plan_);
-    });
+    kmoe::agree_or_throw<memory_space>(
+        groups_.world, where, calls_.enter(CallSequence::forward), [&] {
+          require(x.extent(1) == std::size_t(hidden_size()), where, "x.extent(1)", x.extent(1),
+                  "must equal the hidden size " + std::to_string(hidden_size()));
+          require(y.extent(0) == x.extent(0) && y.extent(1) == x.extent(1), where, "y extents",
+                  std::to_string(y.extent(0)) + "x" + std::to_string(y.extent(1)),
+                  "must equal x's extents");
+          require(!detail::overlaps(x, y), where, "y", "a view overlapping x",
+                  "the output must not share memory with the input (the layer reads x after "
+                  "writing parts of y, and backward needs x)");
+          losses_.validate_tokens(where, int(x.extent(0)));
+          training_ = context.training;
+          // Training keeps a copy of x: backward must see the input of this forward even if
+          // the caller reuses or edits its buffer in between (PyTorch raises on that edit;
+          // keeping the copy makes it harmless).
+          if (training_) {
+            detail::ensure_extents(saved_x_, "kmoe::MoELayer::saved_x", x.extent(0), x.extent(1));
+            Kokkos::deep_copy(saved_x_, x);
+            x_ = saved_x_;
+          } else {
+            x_ = detail::row_major_input<S, X>(x, x_rows_, "kmoe::MoELayer::x_rows");
+          }
+          y_rows = detail::row_major_output<S, X>(y, y_rows_, "kmoe::MoELayer::y_rows", copy_back);
+          const detail::ProfilingRegion route_region("kmoe::MoELayer::route");
+          router_.forward(x_, plan_, context);
+          check_row_bounds(std::int64_t(x.extent(0)));
+          if (options_.non_finite == NonFinitePolicy::raise)
+            detail::raise_if_non_finite_routing(plan_);
+        });
     // Parameters are usually set between construction and the first forward (an
     // initializer, a checkpoint): their replicas are compared once more here.
     if (!replicas_compared_) {
@@ -191,8 +192,8 @@ class MoELayer {
   }
 
  private:
-  void forward_after_routing(const ConstMatrix<S, X>& x, const Matrix<S, X>& y,
-                             ForwardStats& stats, detail::PhaseClock<X>& phase_clock) {
+  void forward_after_routing(const ConstMatrix<S, X>& x, const Matrix<S, X>& y, ForwardStats& stats,
+                             detail::PhaseClock<X>& phase_clock) {
     const int tokens = int(x.extent(0));
     const int slots = int(plan_.slots());
     const int experts = num_experts();
@@ -201,8 +202,10 @@ class MoELayer {
     {
       const detail::ProfilingRegion dispatch_region("kmoe::MoELayer::dispatch");
       stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
-      if (stats.capacity >= 0) stats.capacity = all_reduce_max_value<memory_space>(groups_.ep, stats.capacity);
-      dispatch_.build(plan_, exchange_.expert_key(), experts, stats.capacity, options_.capacity.drop);
+      if (stats.capacity >= 0)
+        stats.capacity = all_reduce_max_value<memory_space>(groups_.ep, stats.capacity);
+      dispatch_.build(plan_, exchange_.expert_key(), experts, stats.capacity,
+                      options_.capacity.drop);
 
       // Per-expert counts and, last, the token count, summed over the token groups in one
       // all-reduce: local batches may differ in size.
@@ -293,30 +296,34 @@ class MoELayer {
     ConstMatrix<S, X> grad_y;
     Matrix<S, X> grad_x;
     bool copy_back = false;
-    kmoe::agree_or_throw<memory_space>(groups_.world, where,
-                                                   calls_.enter(CallSequence::backward), [&] {
-      require(has_forward_ && training_, where, "state", has_forward_ ? "inference" : "none",
-              "backward needs a preceding forward with context.training = true");
-      // A second backward would run the experts' backward on state the first consumed, and
-      // the gradients would be neither g nor 2g; PyTorch refuses the same.
-      require(!backward_done_, where, "state", "after backward",
-              "backward runs once per training forward; call forward again");
-      require(!gradient_buckets_.pending(), where, "state", "gradient sync pending",
-              "with LayerOptions::gradient_sync.overlap every backward starts the gradient "
-              "sync; call synchronize_gradients() (or zero_gradients()) before the next one");
-      require(grad_y_in.extent(0) == x_.extent(0) && grad_y_in.extent(1) == x_.extent(1), where,
-              "grad_y extents", std::to_string(grad_y_in.extent(0)) + "x" + std::to_string(grad_y_in.extent(1)),
-              "must equal x's extents");
-      require(grad_x_out.extent(0) == x_.extent(0) && grad_x_out.extent(1) == x_.extent(1), where,
-              "grad_x extents", std::to_string(grad_x_out.extent(0)) + "x" + std::to_string(grad_x_out.extent(1)),
-              "must equal x's extents");
-      require(!detail::overlaps(grad_y_in, grad_x_out), where, "grad_x", "a view overlapping grad_y",
-              "backward reads grad_y after writing grad_x; pass separate buffers");
-      if (raise) detail::raise_if_non_finite<X>(grad_y_in, where, "grad_y");
-      grad_y = detail::row_major_input<S, X>(grad_y_in, grad_y_rows_, "kmoe::MoELayer::grad_y_rows");
-      grad_x = detail::row_major_output<S, X>(grad_x_out, grad_x_rows_, "kmoe::MoELayer::grad_x_rows",
-                                              copy_back);
-    });
+    kmoe::agree_or_throw<memory_space>(
+        groups_.world, where, calls_.enter(CallSequence::backward), [&] {
+          require(has_forward_ && training_, where, "state", has_forward_ ? "inference" : "none",
+                  "backward needs a preceding forward with context.training = true");
+          // A second backward would run the experts' backward on state the first consumed, and
+          // the gradients would be neither g nor 2g; PyTorch refuses the same.
+          require(!backward_done_, where, "state", "after backward",
+                  "backward runs once per training forward; call forward again");
+          require(!gradient_buckets_.pending(), where, "state", "gradient sync pending",
+                  "with LayerOptions::gradient_sync.overlap every backward starts the gradient "
+                  "sync; call synchronize_gradients() (or zero_gradients()) before the next one");
+          require(grad_y_in.extent(0) == x_.extent(0) && grad_y_in.extent(1) == x_.extent(1), where,
+                  "grad_y extents",
+                  std::to_string(grad_y_in.extent(0)) + "x" + std::to_string(grad_y_in.extent(1)),
+                  "must equal x's extents");
+          require(grad_x_out.extent(0) == x_.extent(0) && grad_x_out.extent(1) == x_.extent(1),
+                  where, "grad_x extents",
+                  std::to_string(grad_x_out.extent(0)) + "x" + std::to_string(grad_x_out.extent(1)),
+                  "must equal x's extents");
+          require(!detail::overlaps(grad_y_in, grad_x_out), where, "grad_x",
+                  "a view overlapping grad_y",
+                  "backward reads grad_y after writing grad_x; pass separate buffers");
+          if (raise) detail::raise_if_non_finite<X>(grad_y_in, where, "grad_y");
+          grad_y =
+              detail::row_major_input<S, X>(grad_y_in, grad_y_rows_, "kmoe::MoELayer::grad_y_rows");
+          grad_x = detail::row_major_output<S, X>(grad_x_out, grad_x_rows_,
+                                                  "kmoe::MoELayer::grad_x_rows", copy_back);
+        });
     backward_done_ = true;
     non_finite_gradient_ = nullptr;
     abort_on_failure(groups_.world, where, [&] { backward_after_checks(grad_y, grad_x); });
@@ -334,9 +341,11 @@ class MoELayer {
     const int tokens = int(x_.extent(0)), slots = int(plan_.slots());
     {
       const detail::ProfilingRegion combine_region("kmoe::MoELayer::backward::combine");
-      detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total, hidden_size());
+      detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total,
+                             hidden_size());
       detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
-      combiner_.backward(grad_y, exchange_.send_y(), dispatch_.position, plan_.weight, grad_send_y_, grad_weight_);
+      combiner_.backward(grad_y, exchange_.send_y(), dispatch_.position, plan_.weight, grad_send_y_,
+                         grad_weight_);
     }
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
@@ -346,7 +355,8 @@ class MoELayer {
       const detail::ProfilingRegion experts_region("kmoe::MoELayer::backward::experts");
       const auto& grad_expert_y = exchange_.arrive_gradient();
       const auto& segments = exchange_.segments();
-      detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments.rows(), hidden_size());
+      detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments.rows(),
+                             hidden_size());
       experts_.backward(exchange_.expert_x(), segments, grad_expert_y, grad_expert_x_);
       gradients_produced(GradientGroup::experts);
       if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
@@ -359,7 +369,8 @@ class MoELayer {
     }
     if (shared_) {
       const detail::ProfilingRegion shared_region("kmoe::MoELayer::backward::shared_experts");
-      detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens, hidden_size());
+      detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens,
+                             hidden_size());
       shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
       gradients_produced(GradientGroup::shared);
       detail::add_into<X>(shared_grad_x_, grad_x);
@@ -403,7 +414,8 @@ class MoELayer {
     if (check) {
       try {
         for (const auto& p : parameters)
-          detail::raise_if_non_finite<X>(p.grad, "kmoe::MoELayer::backward", "gradient of " + p.name);
+          detail::raise_if_non_finite<X>(p.grad, "kmoe::MoELayer::backward",
+                                         "gradient of " + p.name);
       } catch (const kmoe::runtime_error&) {
         non_finite_gradient_ = std::current_exception();
       }
@@ -459,9 +471,8 @@ class MoELayer {
   /// run on the same buffers, so overlapped and blocking give the same bits.
   void synchronize_gradients() {
     const detail::ProfilingRegion region("kmoe::MoELayer::synchronize_gradients");
-    kmoe::agree_or_throw<memory_space>(
-        groups_.world, "kmoe::MoELayer::synchronize_gradients",
-        calls_.enter(CallSequence::synchronize_gradients), [] {});
+    kmoe::agree_or_throw<memory_space>(groups_.world, "kmoe::MoELayer::synchronize_gradients",
+                                       calls_.enter(CallSequence::synchronize_gradients), [] {});
     if (!options_.gradient_sync.overlap)
       for (auto group : {GradientGroup::experts, GradientGroup::shared, GradientGroup::router})
         start_gradient_sync(group, gradient_group(group));
@@ -475,8 +486,8 @@ class MoELayer {
   /// forward; call it after loading or changing parameters (collective over the world).
   void check_replicas() {
     constexpr const char* where = "kmoe::MoELayer::check_replicas";
-    kmoe::agree_or_throw<memory_space>(
-        groups_.world, where, calls_.enter(CallSequence::check_replicas), [] {});
+    kmoe::agree_or_throw<memory_space>(groups_.world, where,
+                                       calls_.enter(CallSequence::check_replicas), [] {});
     compare_replicas(where);
   }
 
@@ -522,9 +533,9 @@ class MoELayer {
     const std::int64_t slots = std::int64_t(plan_.slots());
     const std::int64_t sent = detail::checked_mul(tokens, slots, groups_.layout.ep, where,
                                                   "x.extent(0) x slots x EP ranks");
-    const std::int64_t padding = detail::checked_mul(experts_.num_experts(),
-                                                     options_.capacity.alignment - 1, where,
-                                                     "local experts x (capacity.alignment - 1)");
+    const std::int64_t padding =
+        detail::checked_mul(experts_.num_experts(), options_.capacity.alignment - 1, where,
+                            "local experts x (capacity.alignment - 1)");
     const std::int64_t rows = detail::checked_add(sent, padding, where, "expert rows");
     detail::checked_int(rows, where, "expert rows");
     detail::checked_mul(rows, hidden_size(), where, "expert rows x hidden size");
@@ -616,7 +627,8 @@ class MoELayer {
     if constexpr (detail::is_detected_v<detail::expert_unsplit_parameters, Expert>) {
       ParameterList<X, S> unsplit;
       experts_.collect_unsplit_parameters(unsplit);
-      if (!unsplit.empty()) check_replicas_agree<X>(groups_.tp, where, "tp", tensors_of(unsplit), rank);
+      if (!unsplit.empty())
+        check_replicas_agree<X>(groups_.tp, where, "tp", tensors_of(unsplit), rank);
     }
   }
 

@@ -30,8 +30,8 @@ void sequence_fraction_and_prob(const Expert& expert, const Probs& probs, int se
   const int slots = int(expert.extent(1));
   Kokkos::parallel_for(
       "kmoe::BalanceLoss::sequence",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
-          {0, 0}, {int(frac.extent(0)), int(frac.extent(1))}),
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0},
+                                                        {int(frac.extent(0)), int(frac.extent(1))}),
       KOKKOS_LAMBDA(int q, int e) {
         int count = 0;
         route_type p = 0;
@@ -83,7 +83,9 @@ struct BalanceLosses {
   double global_batch_aux = 0.0;
   /// E * sum_i f_i P_i without the coefficient: 1 under perfectly uniform routing.
   double switch_aux_unscaled = 0.0;
-  double total() const { return switch_aux + sequence_aux + z_loss + kl_uniform + global_batch_aux; }
+  double total() const {
+    return switch_aux + sequence_aux + z_loss + kl_uniform + global_batch_aux;
+  }
 };
 
 /// \brief Computes the balance terms of a routing plan and their logit gradients.
@@ -126,7 +128,8 @@ class BalanceLoss {
     const int slots = int(plan.slots());
     BalanceLosses out;
     prepare(tokens, experts, global_counts, global_tokens, slots);
-    if (config_.global_batch_aux != 0) prepare_global_batch(global_counts, global_tokens, slots, training);
+    if (config_.global_batch_aux != 0)
+      prepare_global_batch(global_counts, global_tokens, slots, training);
     // Before the early return: a rank without tokens still takes part in the all-reduce.
     if (config_.kl_uniform != 0 && kind != ProbabilityKind::none)
       out.kl_uniform = config_.kl_uniform * kl_term(plan, experts, global_tokens, token_groups);
@@ -193,8 +196,9 @@ class BalanceLoss {
     const int seq_len = sequence_length(tokens);
     const bool use_seq = config_.sequence_aux != 0;
     const route_type seq_scale =
-        use_seq ? route_type(config_.sequence_aux * experts / (double(seq_len) * (tokens / seq_len)))
-                : route_type(0);
+        use_seq
+            ? route_type(config_.sequence_aux * experts / (double(seq_len) * (tokens / seq_len)))
+            : route_type(0);
     const route_type z_scale = route_type(2 * config_.z_loss / tokens);
     const bool use_global_batch = config_.global_batch_aux != 0;
     const auto global_batch_fraction = global_batch_fraction_;
@@ -245,8 +249,8 @@ class BalanceLoss {
     require(c.z_loss >= 0, where, "z_loss", c.z_loss, "must be >= 0");
     require(std::isfinite(c.kl_uniform) && c.kl_uniform >= 0, where, "kl_uniform", c.kl_uniform,
             "must be finite and >= 0");
-    require(std::isfinite(c.global_batch_aux) && c.global_batch_aux >= 0, where,
-            "global_batch_aux", c.global_batch_aux, "must be finite and >= 0");
+    require(std::isfinite(c.global_batch_aux) && c.global_batch_aux >= 0, where, "global_batch_aux",
+            c.global_batch_aux, "must be finite and >= 0");
     require(c.global_batch_micro_batches >= 1, where, "global_batch_micro_batches",
             c.global_batch_micro_batches, "must be at least 1");
     return c;
@@ -281,8 +285,8 @@ class BalanceLoss {
     window_counts_.resize(experts, 0);
     const double denominator = double(window_tokens_ + global_tokens) * slots;
     for (int e = 0; e < experts; ++e)
-      global_batch_fraction_host_(e) = route_type(
-          denominator > 0 ? double(window_counts_[e] + counts[e]) / denominator : 0.0);
+      global_batch_fraction_host_(e) =
+          route_type(denominator > 0 ? double(window_counts_[e] + counts[e]) / denominator : 0.0);
     Kokkos::deep_copy(global_batch_fraction_, global_batch_fraction_host_);
     if (!training) return;
     if (++window_micro_batches_ == config_.global_batch_micro_batches) {
@@ -300,8 +304,8 @@ class BalanceLoss {
   /// log(E P_i) + 1, the derivative of the sum in P_i: a term with P_i = 0 is 0 (the
   /// limit) and its derivative is taken at the smallest normal double instead of -inf.
   template <class Communicator>
-  double kl_term(const RoutingPlan<ExecSpace, Scalar>& plan, int experts, std::int64_t global_tokens,
-                 const Communicator& token_groups) {
+  double kl_term(const RoutingPlan<ExecSpace, Scalar>& plan, int experts,
+                 std::int64_t global_tokens, const Communicator& token_groups) {
     const int tokens = int(plan.tokens());
     detail::ensure_extents(prob_sum_, "kmoe::BalanceLoss::prob_sum", experts);
     detail::ensure_extents(kl_grad_, "kmoe::BalanceLoss::kl_grad", experts);
@@ -313,8 +317,8 @@ class BalanceLoss {
     for (int e = 0; e < experts; ++e) {
       const double mean = global_tokens > 0 ? sum_host(e) / double(global_tokens) : 0.0;
       if (mean > 0) kl += mean * std::log(experts * mean);
-      grad_host(e) = route_type(
-          std::log(experts * std::max(mean, std::numeric_limits<double>::min())) + 1);
+      grad_host(e) =
+          route_type(std::log(experts * std::max(mean, std::numeric_limits<double>::min())) + 1);
     }
     Kokkos::deep_copy(kl_grad_, grad_host);
     return kl;

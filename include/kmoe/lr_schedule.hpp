@@ -51,9 +51,7 @@ struct StepSchedule {
     require(factor > 0 && factor <= 1, "kmoe::StepSchedule", "gamma", factor, "must lie in (0, 1]");
   }
 
-  double operator()(long long step) const {
-    return std::pow(gamma, double(step / step_size));
-  }
+  double operator()(long long step) const { return std::pow(gamma, double(step / step_size)); }
 };
 
 }  // namespace kmoe

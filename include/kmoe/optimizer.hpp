@@ -5,8 +5,8 @@
 /// decay, Loshchilov & Hutter) and clipping by global gradient norm. They only read
 /// `value`/`grad` of each Parameter, so a user's optimizer can drive the same list.
 
-#include <kmoe/error.hpp>
 #include <kmoe/detail/math.hpp>
+#include <kmoe/error.hpp>
 #include <kmoe/parameter_groups.hpp>
 #include <kmoe/parameters.hpp>
 
@@ -61,8 +61,8 @@ template <class Scalar>
 void require_positive_hyper(const char* where, const char* name, double value) {
   // Compared with Scalar's range before the cast: converting an out-of-range double to
   // float is undefined behaviour, not Inf.
-  require(value > 0 && std::isfinite(value) && value <= double(std::numeric_limits<Scalar>::max()) &&
-              Scalar(value) > 0,
+  require(value > 0 && std::isfinite(value) &&
+              value <= double(std::numeric_limits<Scalar>::max()) && Scalar(value) > 0,
           where, name, value, "must be > 0 and finite in the parameters' scalar type");
 }
 
@@ -152,7 +152,8 @@ class SGD {
       const auto v = velocity_[i];
       const bool first = steps_ == 0;
       Kokkos::parallel_for(
-          "kmoe::SGD::step", Kokkos::RangePolicy<ExecSpace>(0, w.size()), KOKKOS_LAMBDA(std::size_t j) {
+          "kmoe::SGD::step", Kokkos::RangePolicy<ExecSpace>(0, w.size()),
+          KOKKOS_LAMBDA(std::size_t j) {
             const Scalar d = g(j) + wd * w(j);
             v(j) = first ? d : mu * v(j) + d;
             w(j) -= lr * v(j);
@@ -186,8 +187,10 @@ class AdamW {
   AdamW(ParameterList<ExecSpace, Scalar> list, const Config& config)
       : list_(std::move(list)), config_(config) {
     detail::require_positive_hyper<Scalar>("kmoe::AdamW", "learning_rate", config.learning_rate);
-    require(config.beta1 >= 0 && config.beta1 < 1, "kmoe::AdamW", "beta1", config.beta1, "must be in [0, 1)");
-    require(config.beta2 >= 0 && config.beta2 < 1, "kmoe::AdamW", "beta2", config.beta2, "must be in [0, 1)");
+    require(config.beta1 >= 0 && config.beta1 < 1, "kmoe::AdamW", "beta1", config.beta1,
+            "must be in [0, 1)");
+    require(config.beta2 >= 0 && config.beta2 < 1, "kmoe::AdamW", "beta2", config.beta2,
+            "must be in [0, 1)");
     detail::require_positive_hyper<Scalar>("kmoe::AdamW", "epsilon", config.epsilon);
     detail::require_non_negative_hyper<Scalar>("kmoe::AdamW", "weight_decay", config.weight_decay);
     groups_ = resolve_groups(list_, config.groups, "kmoe::AdamW");
@@ -200,7 +203,8 @@ class AdamW {
   /// The base learning rate from now on (a schedule sets it each step; >= 0).
   void set_learning_rate(double lr) {
     // 0 is valid here: warmup schedules start from it.
-    detail::require_non_negative_hyper<Scalar>("kmoe::AdamW::set_learning_rate", "learning_rate", lr);
+    detail::require_non_negative_hyper<Scalar>("kmoe::AdamW::set_learning_rate", "learning_rate",
+                                               lr);
     config_.learning_rate = lr;
   }
   double learning_rate() const { return config_.learning_rate; }
@@ -234,7 +238,8 @@ class AdamW {
       const auto w = list_[i].value, g = list_[i].grad;
       const auto m = first_[i], v = second_[i];
       Kokkos::parallel_for(
-          "kmoe::AdamW::step", Kokkos::RangePolicy<ExecSpace>(0, w.size()), KOKKOS_LAMBDA(std::size_t j) {
+          "kmoe::AdamW::step", Kokkos::RangePolicy<ExecSpace>(0, w.size()),
+          KOKKOS_LAMBDA(std::size_t j) {
             w(j) -= lr * wd * w(j);
             m(j) = beta1 * m(j) + (1 - beta1) * g(j);
             v(j) = beta2 * v(j) + (1 - beta2) * g(j) * g(j);

@@ -92,10 +92,10 @@ template <class Communicator>
 struct ParallelGroups {
   ParallelLayout layout;
   Communicator world;
-  Communicator tp;         ///< same tokens, different F shards of the same experts
-  Communicator ep;         ///< exchange tokens by all-to-all-v
-  Communicator dp;         ///< replicas of the same experts on different tokens
-  Communicator tokens;     ///< every rank with distinct tokens (EP x DP): counts are summed here
+  Communicator tp;      ///< same tokens, different F shards of the same experts
+  Communicator ep;      ///< exchange tokens by all-to-all-v
+  Communicator dp;      ///< replicas of the same experts on different tokens
+  Communicator tokens;  ///< every rank with distinct tokens (EP x DP): counts are summed here
   int tp_rank = 0, ep_rank = 0, dp_rank = 0;
 
   /// Splits `world` according to `layout`.

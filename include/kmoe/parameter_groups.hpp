@@ -18,10 +18,10 @@ namespace kmoe {
 /// \brief One rule; a parameter takes the first rule that matches it, or the defaults
 /// (scale 1, weight decay on) if none does.
 struct ParameterGroup {
-  std::string name_prefix;             ///< matches names starting with this ("" matches all)
-  std::optional<ParameterRole> role;   ///< matches this role only (unset matches all)
-  double learning_rate_scale = 1.0;    ///< the parameter's lr = optimizer lr * this
-  bool weight_decay = true;            ///< false: no decay for the parameter
+  std::string name_prefix;            ///< matches names starting with this ("" matches all)
+  std::optional<ParameterRole> role;  ///< matches this role only (unset matches all)
+  double learning_rate_scale = 1.0;   ///< the parameter's lr = optimizer lr * this
+  bool weight_decay = true;           ///< false: no decay for the parameter
 
   template <class ExecSpace, class Scalar>
   bool matches(const Parameter<ExecSpace, Scalar>& p) const {

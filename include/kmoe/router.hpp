@@ -30,29 +30,31 @@
 namespace kmoe {
 namespace detail {
 
-template <class R> using router_num_experts = decltype(int(std::declval<const R&>().num_experts()));
-template <class R> using router_hidden_size = decltype(int(std::declval<const R&>().hidden_size()));
+template <class R>
+using router_num_experts = decltype(int(std::declval<const R&>().num_experts()));
+template <class R>
+using router_hidden_size = decltype(int(std::declval<const R&>().hidden_size()));
 template <class R>
 using router_slots = decltype(int(std::declval<const R&>().slots_per_token()));
 template <class R>
-using router_probability_kind = std::enable_if_t<
-    std::is_same_v<std::decay_t<decltype(R::probability_kind)>, ProbabilityKind>>;
+using router_probability_kind =
+    std::enable_if_t<std::is_same_v<std::decay_t<decltype(R::probability_kind)>, ProbabilityKind>>;
 template <class R, class X, class S>
-using router_forward = decltype(std::declval<R&>().forward(
-    std::declval<const ConstMatrix<S, X>&>(), std::declval<RoutingPlan<X, S>&>(),
-    std::declval<const RouteContext<X>&>()));
+using router_forward = decltype(std::declval<R&>().forward(std::declval<const ConstMatrix<S, X>&>(),
+                                                           std::declval<RoutingPlan<X, S>&>(),
+                                                           std::declval<const RouteContext<X>&>()));
 template <class R, class X, class S>
 using router_backward = decltype(std::declval<R&>().backward(
     std::declval<const ConstMatrix<S, X>&>(), std::declval<const RoutingPlan<X, S>&>(),
     std::declval<const ConstMatrix<routing_t<S>, X>&>(),
     std::declval<const Matrix<routing_t<S>, X>&>(), std::declval<const Matrix<S, X>&>()));
 template <class R, class X, class S>
-using router_parameters = decltype(std::declval<const R&>().collect_parameters(
-    std::declval<ParameterList<X, S>&>()));
+using router_parameters =
+    decltype(std::declval<const R&>().collect_parameters(std::declval<ParameterList<X, S>&>()));
 /// Routers with a selection bias (aux-loss-free balancing, MoELayer::apply_bias_update).
 template <class R>
-using has_update_bias = decltype(std::declval<R&>().update_bias(
-    std::declval<const std::vector<std::int64_t>&>(), 0.0));
+using has_update_bias =
+    decltype(std::declval<R&>().update_bias(std::declval<const std::vector<std::int64_t>&>(), 0.0));
 
 }  // namespace detail
 

@@ -42,8 +42,7 @@ struct RoutingPlan {
 
   /// Sizes every table for T tokens, E experts and S slots, reusing storage when unchanged.
   void resize(std::size_t tokens, std::size_t experts, std::size_t slots, bool with_logits) {
-    detail::ensure_extents(logits, "kmoe::RoutingPlan::logits", with_logits ? tokens : 0,
-                           experts);
+    detail::ensure_extents(logits, "kmoe::RoutingPlan::logits", with_logits ? tokens : 0, experts);
     detail::ensure_extents(probs, "kmoe::RoutingPlan::probs", tokens, experts);
     detail::ensure_extents(expert, "kmoe::RoutingPlan::expert", tokens, slots);
     detail::ensure_extents(weight, "kmoe::RoutingPlan::weight", tokens, slots);

@@ -29,12 +29,12 @@ enum class ParameterRole {
 /// \brief Sharding of one tensor over the parallel layout. The policy that owns the tensor
 /// names its axes; the layer fills in which experts and which F shard this rank holds.
 struct ShardMap {
-  int expert_axis = -1;            ///< axis indexing experts (-1: the tensor has none)
-  int ffn_axis = -1;               ///< axis split over tensor-parallel ranks (-1: not split)
-  std::vector<int> experts;        ///< global expert of each local index (empty: identity)
-  std::int64_t global_experts = 0; ///< experts in the unsharded tensor (0: as held)
-  int ffn_rank = 0;                ///< this rank's F shard
-  int ffn_ranks = 1;               ///< F shards in all (1: the F axis is whole here)
+  int expert_axis = -1;             ///< axis indexing experts (-1: the tensor has none)
+  int ffn_axis = -1;                ///< axis split over tensor-parallel ranks (-1: not split)
+  std::vector<int> experts;         ///< global expert of each local index (empty: identity)
+  std::int64_t global_experts = 0;  ///< experts in the unsharded tensor (0: as held)
+  int ffn_rank = 0;                 ///< this rank's F shard
+  int ffn_ranks = 1;                ///< F shards in all (1: the F axis is whole here)
   /// Routed-expert tensors are sharded over EP and replicated over DP; everything else
   /// (router, shared experts) is replicated over every rank.
   bool expert_parallel = false;
@@ -51,13 +51,15 @@ struct ShardMap {
   /// placement listing a different number of experts, is a kmoe or policy bug made loud).
   void validate(const std::string& name, const std::vector<std::int64_t>& local) const {
     const int rank = int(local.size());
-    require(expert_axis >= -1 && expert_axis < rank, "kmoe::ShardMap", ("expert_axis of " + name).c_str(),
-            expert_axis, "must name an axis of the tensor or be -1");
-    require(ffn_axis >= -1 && ffn_axis < rank, "kmoe::ShardMap", ("ffn_axis of " + name).c_str(), ffn_axis,
+    require(expert_axis >= -1 && expert_axis < rank, "kmoe::ShardMap",
+            ("expert_axis of " + name).c_str(), expert_axis,
             "must name an axis of the tensor or be -1");
+    require(ffn_axis >= -1 && ffn_axis < rank, "kmoe::ShardMap", ("ffn_axis of " + name).c_str(),
+            ffn_axis, "must name an axis of the tensor or be -1");
     if (expert_axis >= 0 && !experts.empty())
       require(std::int64_t(experts.size()) == local[std::size_t(expert_axis)], "kmoe::ShardMap",
-              ("experts of " + name).c_str(), experts.size(), "must list one global index per local expert");
+              ("experts of " + name).c_str(), experts.size(),
+              "must list one global index per local expert");
     require(ffn_ranks >= 1 && ffn_rank >= 0 && ffn_rank < ffn_ranks, "kmoe::ShardMap",
             ("ffn_rank of " + name).c_str(), ffn_rank, "must lie in [0, ffn_ranks)");
   }

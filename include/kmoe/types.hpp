@@ -70,8 +70,10 @@ void ensure_extents(View& view, const char* label, std::size_t n0, std::size_t n
   const std::int64_t elements = checked_mul(std::int64_t(n0), std::int64_t(rank >= 2 ? n1 : 1),
                                             std::int64_t(rank >= 3 ? n2 : 1), label, "extents");
   checked_mul(elements, std::int64_t(sizeof(typename View::value_type)), label, "bytes");
-  if constexpr (rank == 1) view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0);
-  if constexpr (rank == 2) view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1);
+  if constexpr (rank == 1)
+    view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0);
+  if constexpr (rank == 2)
+    view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1);
   if constexpr (rank == 3)
     view = View(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n0, n1, n2);
   require_allocated(view, label, elements);

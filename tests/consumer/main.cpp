@@ -7,7 +7,8 @@ int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
   using X = Kokkos::DefaultExecutionSpace;
   using Layer = kmoe::MoELayer<kmoe::SoftmaxTopKRouter<X, float>, kmoe::SwiGLUExperts<X, float>>;
-  Layer layer(kmoe::SoftmaxTopKRouter<X, float>({16, 4, 2, true}), kmoe::SwiGLUExperts<X, float>({4, 16, 8}));
+  Layer layer(kmoe::SoftmaxTopKRouter<X, float>({16, 4, 2, true}),
+              kmoe::SwiGLUExperts<X, float>({4, 16, 8}));
   kmoe::fill_normal(layer.parameters(), 0.1, 1);
   kmoe::Matrix<float, X> x("x", 9, 16), y("y", 9, 16);
   kmoe::fill_normal(x, 1.0, 2);

@@ -93,7 +93,8 @@ TEST_CASE("the exchange dispatches every token to its experts' ranks and combine
       // Identity experts, then the way back: every kept slot's row is its token's.
       const Matrix<S, X> send_y = exchange.combine(expert_x);
       const auto back = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), send_y);
-      const auto position = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dispatch.position);
+      const auto position =
+          Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dispatch.position);
       std::int64_t kept = 0;
       for (int t = 0; t < tokens; ++t)
         for (int s = 0; s < slots; ++s) {

@@ -35,7 +35,8 @@ void run_case(const LayerOptions& options, bool with_shared, bool bias, int toke
   rc.normalize = true;
   const RefMatrix gate = to_ref(layer.router().gate().weight());
   const auto cmp = compare_forward(layer, rc, x, y, stats, &gate);
-  CAPTURE(tokens, experts, k, with_shared, bias, options.capacity.factor, options.capacity.alignment);
+  CAPTURE(tokens, experts, k, with_shared, bias, options.capacity.factor,
+          options.capacity.alignment);
   CHECK(cmp.output_error < tolerance<S>());
   // Accounting: kept + dropped = all assignments, every kept assignment has one row.
   const auto position = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.positions());
@@ -53,11 +54,16 @@ void run_case(const LayerOptions& options, bool with_shared, bool bias, int toke
 }
 
 template <class X, class S>
-void all_expert_kinds(const LayerOptions& options, bool with_shared, int tokens, int experts, int k) {
-  run_case<S, FFNExperts<X, S, activation::Relu>, X>(options, with_shared, true, tokens, experts, k, 1);
-  run_case<S, FFNExperts<X, S, activation::GeluErf>, X>(options, with_shared, false, tokens, experts, k, 2);
-  run_case<S, FFNExperts<X, S, activation::GeluTanh>, X>(options, with_shared, true, tokens, experts, k, 3);
-  run_case<S, FFNExperts<X, S, activation::Silu>, X>(options, with_shared, false, tokens, experts, k, 4);
+void all_expert_kinds(const LayerOptions& options, bool with_shared, int tokens, int experts,
+                      int k) {
+  run_case<S, FFNExperts<X, S, activation::Relu>, X>(options, with_shared, true, tokens, experts, k,
+                                                     1);
+  run_case<S, FFNExperts<X, S, activation::GeluErf>, X>(options, with_shared, false, tokens,
+                                                        experts, k, 2);
+  run_case<S, FFNExperts<X, S, activation::GeluTanh>, X>(options, with_shared, true, tokens,
+                                                         experts, k, 3);
+  run_case<S, FFNExperts<X, S, activation::Silu>, X>(options, with_shared, false, tokens, experts,
+                                                     k, 4);
   run_case<S, SwiGLUExperts<X, S>, X>(options, with_shared, false, tokens, experts, k, 5);
   run_case<S, GeGLUExperts<X, S>, X>(options, with_shared, false, tokens, experts, k, 6);
 }
@@ -89,8 +95,7 @@ TEMPLATE_LIST_TEST_CASE("the GEMM backend matches a plain loop across tile bound
   const bool ta = GENERATE(false, true), tb = GENERATE(false, true);
   const int m = shape[0], n = shape[1], k = shape[2];
   CAPTURE(m, n, k, ta, tb);
-  Matrix<double, X> a("a", ta ? k : m, ta ? m : k), b("b", tb ? n : k, tb ? k : n),
-      c("c", m, n);
+  Matrix<double, X> a("a", ta ? k : m, ta ? m : k), b("b", tb ? n : k, tb ? k : n), c("c", m, n);
   fill_normal(a, 1.0, 3);
   fill_normal(b, 1.0, 4);
   fill_normal(c, 1.0, 5);

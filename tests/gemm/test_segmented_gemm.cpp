@@ -23,7 +23,8 @@ template <class X>
 Segments<X> segments_of(const std::vector<int>& sizes) {
   Segments<X> s;
   s.offsets_host = Kokkos::View<int*, Kokkos::HostSpace>("offsets", sizes.size() + 1);
-  for (std::size_t e = 0; e < sizes.size(); ++e) s.offsets_host(e + 1) = s.offsets_host(e) + sizes[e];
+  for (std::size_t e = 0; e < sizes.size(); ++e)
+    s.offsets_host(e + 1) = s.offsets_host(e) + sizes[e];
   s.sync_from_host();
   return s;
 }
@@ -42,8 +43,8 @@ struct CountingGroupedGemm {
   static inline int grouped_calls = 0;
 
   template <class X, class A, class B, class C>
-  static void gemm(const X& space, bool ta, bool tb, typename C::const_value_type alpha,
-                   const A& a, const B& b, typename C::const_value_type beta, const C& c) {
+  static void gemm(const X& space, bool ta, bool tb, typename C::const_value_type alpha, const A& a,
+                   const B& b, typename C::const_value_type beta, const C& c) {
     DefaultGemm::gemm(space, ta, tb, alpha, a, b, beta, c);
   }
   template <class X, class In, class Weight, class Out>
@@ -104,7 +105,8 @@ TEMPLATE_LIST_TEST_CASE("segmented GEMMs match plain loops over every segment", 
     for (int r = segments.begin(e); r < segments.end(e); ++r)
       for (int j = 0; j < out_width; ++j) {
         double sum = 0;
-        for (int p = 0; p < in_width; ++p) sum += in_h(r, p) * (transpose ? w(e, j, p) : w(e, p, j));
+        for (int p = 0; p < in_width; ++p)
+          sum += in_h(r, p) * (transpose ? w(e, j, p) : w(e, p, j));
         worst = std::max(worst, std::abs(got(r, j) - (0.5 * sum + 2.0 * before(r, j))));
       }
   CHECK(worst < 1e-12 * in_width);
@@ -112,7 +114,7 @@ TEMPLATE_LIST_TEST_CASE("segmented GEMMs match plain loops over every segment", 
   // grad_weight[e] += left[seg e]^T right[seg e].
   Matrix<double, X> left("left", rows, out_width);
   Kokkos::View<double***, Kokkos::LayoutRight, typename X::memory_space> grad("grad", experts,
-                                                                               out_width, in_width);
+                                                                              out_width, in_width);
   fill_normal(left, 1.0, 4);
   fill_normal(grad, 1.0, 5);
   const auto left_h = host(left), grad_before = host(grad);
@@ -129,8 +131,8 @@ TEMPLATE_LIST_TEST_CASE("segmented GEMMs match plain loops over every segment", 
   CHECK(worst < 1e-12 * rows);
 }
 
-TEMPLATE_LIST_TEST_CASE("a GEMM policy's grouped form replaces the segment loop", "[gemm][segments]",
-                        ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("a GEMM policy's grouped form replaces the segment loop",
+                        "[gemm][segments]", ExecutionSpaces) {
   using X = TestType;
   using S = double;
   constexpr int hidden = 8, ffn = 12, experts = 6, tokens = 29;

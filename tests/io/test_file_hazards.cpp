@@ -135,12 +135,14 @@ TEST_CASE("error messages quote at most an excerpt of untrusted text", "[io][hos
   TempDir dir;
   const std::string path = dir.file("long.safetensors");
   const std::string dtype(1'000'000, 'X');
-  write_bytes(path, raw_file(R"({"t":{"dtype":")" + dtype + R"(","shape":[1],"data_offsets":[0,4]}})", 4));
+  write_bytes(
+      path, raw_file(R"({"t":{"dtype":")" + dtype + R"(","shape":[1],"data_offsets":[0,4]}})", 4));
   try {
     SafetensorsFile file(path);
     FAIL("an unknown dtype was accepted");
   } catch (const kmoe::runtime_error& e) {
-    CHECK_THAT(e.what(), ContainsSubstring("unsupported dtype") && ContainsSubstring("1000000 bytes"));
+    CHECK_THAT(e.what(),
+               ContainsSubstring("unsupported dtype") && ContainsSubstring("1000000 bytes"));
     CHECK(std::string(e.what()).size() < 1000);
   }
 }
@@ -167,7 +169,8 @@ TEST_CASE("duplicate tensor names are refused naming the tensor and the file",
                              R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})";
   std::string file = raw_file(header, 0);
   const float one = 1.0f, two = 2.0f;
-  file.append(reinterpret_cast<const char*>(&one), 4).append(reinterpret_cast<const char*>(&two), 4);
+  file.append(reinterpret_cast<const char*>(&one), 4)
+      .append(reinterpret_cast<const char*>(&two), 4);
   write_bytes(path, file);
   CHECK_THROWS_MATCHES(SafetensorsFile(path), kmoe::runtime_error,
                        MessageMatches(ContainsSubstring(path) && ContainsSubstring("\"w\"") &&
@@ -240,8 +243,8 @@ TEST_CASE("index paths: traversal is refused, links are followed to regular file
 
   TempDir dir;
   const std::string index = dir.file("model.safetensors.index.json");
-  for (const std::string& shard : std::vector<std::string>{"../real.safetensors", "sub/../../real.safetensors",
-                                  outside.file("real.safetensors")}) {
+  for (const std::string& shard : std::vector<std::string>{
+           "../real.safetensors", "sub/../../real.safetensors", outside.file("real.safetensors")}) {
     std::ofstream(index) << R"({"weight_map":{"a":")" << shard << R"("}})";
     CHECK_THROWS_MATCHES(ShardedCheckpoint(dir.str()), kmoe::runtime_error,
                          MessageMatches(ContainsSubstring("model.safetensors.index.json") &&

@@ -346,9 +346,9 @@ TEST_CASE("missing file is reported with its path", "[io][safetensors]") {
   const std::string path = dir.file("does-not-exist.safetensors");
   CHECK_THROWS_MATCHES(SafetensorsFile(path), kmoe::invalid_argument,
                        MessageMatches(ContainsSubstring(path)));
-  CHECK_THROWS_MATCHES(
-      SafetensorsFile(dir.str()), kmoe::invalid_argument,
-      MessageMatches(ContainsSubstring(dir.str()) && ContainsSubstring("not a regular file")));
+  CHECK_THROWS_MATCHES(SafetensorsFile(dir.str()), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring(dir.str()) &&
+                                      ContainsSubstring("not a regular file")));
 }
 
 TEST_CASE("malformed: file shorter than the 8-byte length", "[io][safetensors][malformed]") {
@@ -366,9 +366,9 @@ TEST_CASE("malformed: header length beyond the end of the file", "[io][safetenso
   TempDir dir;
   const std::string path = dir.file("long.safetensors");
   write_bytes(path, le64(1000) + "{}");
-  CHECK_THROWS_MATCHES(
-      SafetensorsFile(path), kmoe::runtime_error,
-      MessageMatches(ContainsSubstring(path) && ContainsSubstring("header length 1000")));
+  CHECK_THROWS_MATCHES(SafetensorsFile(path), kmoe::runtime_error,
+                       MessageMatches(ContainsSubstring(path) &&
+                                      ContainsSubstring("header length 1000")));
   // Absurd lengths (here 2^63) must not overflow the size check.
   write_bytes(path, le64(std::uint64_t{1} << 63) + "{}");
   CHECK_THROWS_MATCHES(SafetensorsFile(path), kmoe::runtime_error,
@@ -401,14 +401,14 @@ TEST_CASE("malformed: data offsets with begin after end", "[io][safetensors][mal
   const std::string path = dir.file("reversed.safetensors");
   write_bytes(path,
               raw_file(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}})", 16));
-  CHECK_THROWS_MATCHES(
-      SafetensorsFile(path), kmoe::runtime_error,
-      MessageMatches(ContainsSubstring("'w'") && ContainsSubstring("begin > end")));
+  CHECK_THROWS_MATCHES(SafetensorsFile(path), kmoe::runtime_error,
+                       MessageMatches(ContainsSubstring("'w'") &&
+                                      ContainsSubstring("begin > end")));
   write_bytes(path,
               raw_file(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}})", 16));
-  CHECK_THROWS_MATCHES(
-      SafetensorsFile(path), kmoe::runtime_error,
-      MessageMatches(ContainsSubstring("'w'") && ContainsSubstring("data_offsets")));
+  CHECK_THROWS_MATCHES(SafetensorsFile(path), kmoe::runtime_error,
+                       MessageMatches(ContainsSubstring("'w'") &&
+                                      ContainsSubstring("data_offsets")));
 }
 
 TEST_CASE("malformed: unknown dtype", "[io][safetensors][malformed]") {
@@ -500,9 +500,9 @@ TEST_CASE("sharded checkpoint reads through the index", "[io][safetensors][shard
   checkpoint.read_into("model.layers.0.w", buffer.data(), buffer.size());
   CHECK(buffer == std::vector<float>{1, 2});
 
-  CHECK_THROWS_MATCHES(
-      checkpoint.info("model.layers.2.w"), kmoe::invalid_argument,
-      MessageMatches(ContainsSubstring("model.layers.2.w") && ContainsSubstring(dir.str())));
+  CHECK_THROWS_MATCHES(checkpoint.info("model.layers.2.w"), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring("model.layers.2.w") &&
+                                      ContainsSubstring(dir.str())));
 }
 
 TEST_CASE("sharded checkpoint reports an index that points at a bad shard",
@@ -516,12 +516,12 @@ TEST_CASE("sharded checkpoint reports an index that points at a bad shard",
 
   const ShardedCheckpoint checkpoint(dir.str());
   CHECK(checkpoint.read<float>("a") == std::vector<float>{1});
-  CHECK_THROWS_MATCHES(
-      checkpoint.read<float>("b"), kmoe::runtime_error,
-      MessageMatches(ContainsSubstring("'b'") && ContainsSubstring("shard.safetensors")));
-  CHECK_THROWS_MATCHES(
-      checkpoint.read<float>("c"), kmoe::runtime_error,
-      MessageMatches(ContainsSubstring("'c'") && ContainsSubstring("gone.safetensors")));
+  CHECK_THROWS_MATCHES(checkpoint.read<float>("b"), kmoe::runtime_error,
+                       MessageMatches(ContainsSubstring("'b'") &&
+                                      ContainsSubstring("shard.safetensors")));
+  CHECK_THROWS_MATCHES(checkpoint.read<float>("c"), kmoe::runtime_error,
+                       MessageMatches(ContainsSubstring("'c'") &&
+                                      ContainsSubstring("gone.safetensors")));
 
   std::ofstream(dir.file("model.safetensors.index.json"))
       << R"({"weight_map": {"a": "../outside.safetensors"}})";
@@ -542,20 +542,20 @@ TEST_CASE("single-file checkpoint directory", "[io][safetensors][sharded]") {
   const ShardedCheckpoint checkpoint(dir.str());
   CHECK(checkpoint.names() == std::vector<std::string>{"w"});
   CHECK(checkpoint.read<double>("w") == std::vector<double>{1, 2, 3});
-  CHECK_THROWS_MATCHES(
-      checkpoint.read<double>("v"), kmoe::invalid_argument,
-      MessageMatches(ContainsSubstring("name = v:") && ContainsSubstring(dir.str())));
+  CHECK_THROWS_MATCHES(checkpoint.read<double>("v"), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring("name = v:") &&
+                                      ContainsSubstring(dir.str())));
 }
 
 TEST_CASE("checkpoint directory that is missing or empty", "[io][safetensors][sharded]") {
   TempDir dir;
-  CHECK_THROWS_MATCHES(
-      ShardedCheckpoint(dir.str()), kmoe::invalid_argument,
-      MessageMatches(ContainsSubstring(dir.str()) && ContainsSubstring("model.safetensors")));
+  CHECK_THROWS_MATCHES(ShardedCheckpoint(dir.str()), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring(dir.str()) &&
+                                      ContainsSubstring("model.safetensors")));
   const std::string missing = dir.file("no-such-model");
-  CHECK_THROWS_MATCHES(
-      ShardedCheckpoint(missing), kmoe::invalid_argument,
-      MessageMatches(ContainsSubstring(missing) && ContainsSubstring("not a directory")));
+  CHECK_THROWS_MATCHES(ShardedCheckpoint(missing), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring(missing) &&
+                                      ContainsSubstring("not a directory")));
 }
 
 TEST_CASE("Hugging Face fixtures load and follow the documented conventions",

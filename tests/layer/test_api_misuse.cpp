@@ -70,8 +70,8 @@ TEST_CASE("padded expert rows that overflow an int are refused before any exchan
   o.capacity.alignment = Capacity::max_alignment;
   MoELayer<TinyR, TinyE> layer(TinyR({1, 40000, 1}), TinyE({40000, 1, 1}), o);
   Matrix<float, H> x("x", 1, 1), y("y", 1, 1);
-  CHECK_THROWS_WITH(layer.forward(x, y), ContainsSubstring("expert rows") &&
-                                             ContainsSubstring("2147483647"));
+  CHECK_THROWS_WITH(layer.forward(x, y),
+                    ContainsSubstring("expert rows") && ContainsSubstring("2147483647"));
 }
 
 TEST_CASE("a capacity factor beyond every assignment keeps everything", "[validation][hostile]") {
@@ -212,11 +212,15 @@ TEST_CASE("optimizer hyper-parameters that would poison the weights are refused"
   constexpr double not_a_number = std::numeric_limits<double>::quiet_NaN();
   Vector<float, H> w("w", 2), g("g", 2);
   ParameterList<H, float> list{make_parameter<H>("w", w, g)};
-  CHECK_THROWS_WITH((SGD<H, float>(list, {infinity, 0.0, 0.0})), ContainsSubstring("learning_rate = inf"));
-  CHECK_THROWS_WITH((SGD<H, float>(list, {0.1, 0.0, not_a_number})), ContainsSubstring("weight_decay = nan"));
-  CHECK_THROWS_WITH((SGD<H, float>(list, {0.1, 0.0, -0.5})), ContainsSubstring("weight_decay = -0.5"));
+  CHECK_THROWS_WITH((SGD<H, float>(list, {infinity, 0.0, 0.0})),
+                    ContainsSubstring("learning_rate = inf"));
+  CHECK_THROWS_WITH((SGD<H, float>(list, {0.1, 0.0, not_a_number})),
+                    ContainsSubstring("weight_decay = nan"));
+  CHECK_THROWS_WITH((SGD<H, float>(list, {0.1, 0.0, -0.5})),
+                    ContainsSubstring("weight_decay = -0.5"));
   // Finite in double, infinite in the parameters' float.
-  CHECK_THROWS_WITH((SGD<H, float>(list, {1e300, 0.0, 0.0})), ContainsSubstring("learning_rate = 1e+300"));
+  CHECK_THROWS_WITH((SGD<H, float>(list, {1e300, 0.0, 0.0})),
+                    ContainsSubstring("learning_rate = 1e+300"));
   CHECK_THROWS_WITH((AdamW<H, float>(list, {infinity, 0.9, 0.999, 1e-8, 0.0})),
                     ContainsSubstring("learning_rate = inf"));
   CHECK_THROWS_WITH((AdamW<H, float>(list, {1e-3, 0.9, 0.999, 1e-8, -1.0})),
@@ -237,8 +241,9 @@ TEST_CASE("buffer sizes whose product wraps are refused", "[validation][hostile]
                     ContainsSubstring("kmoe::test::buffer: invalid extents = 1099511627776 x "
                                       "1099511627776 x 1"));
   CHECK(buffer.size() == 0);
-  CHECK_THROWS_WITH((SwiGLUExperts<H, float>({1 << 30, 1 << 30, 1 << 30})),
-                    ContainsSubstring("experts x ffn x hidden = 1073741824 x 1073741824 x 1073741824"));
+  CHECK_THROWS_WITH(
+      (SwiGLUExperts<H, float>({1 << 30, 1 << 30, 1 << 30})),
+      ContainsSubstring("experts x ffn x hidden = 1073741824 x 1073741824 x 1073741824"));
 }
 
 TEST_CASE("an allocation the installed Kokkos wraps is refused", "[validation][hostile]") {

@@ -82,7 +82,8 @@ struct FiniteDifferenceCheck {
     layer.backward(g, grad_x);
     std::mt19937 rng{static_cast<unsigned>(seed)};
     for (const auto& p : layer.parameters()) check(p.name, p.value, p.grad, rng);
-    using Flat = Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+    using Flat =
+        Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
     check("x", Flat(x.data(), x.size()), Flat(grad_x.data(), grad_x.size()), rng);
   }
 };
@@ -97,8 +98,8 @@ LayerOptions options_for(int capacity_case) {
 }
 
 template <class Router, class Experts>
-void check_router(const Router& router, const Experts& experts, const std::optional<Experts>& shared,
-                  int capacity_case, std::uint64_t seed) {
+void check_router(const Router& router, const Experts& experts,
+                  const std::optional<Experts>& shared, int capacity_case, std::uint64_t seed) {
   CAPTURE(capacity_case);
   MoELayer<Router, Experts> layer(router, experts, options_for(capacity_case), shared);
   FiniteDifferenceCheck<decltype(layer)> fd(layer, 12, seed);
@@ -107,18 +108,21 @@ void check_router(const Router& router, const Experts& experts, const std::optio
 
 }  // namespace
 
-TEMPLATE_LIST_TEST_CASE("gradients of the token-choice routers match finite differences", "[backward]",
-                        ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("gradients of the token-choice routers match finite differences",
+                        "[backward]", ExecutionSpaces) {
   using X = TestType;
   using G = SwiGLUExperts<X, double>;
   const int capacity_case = GENERATE(0, 1, 2);
-  check_router(SoftmaxTopKRouter<X, double>({6, 4, 2, true}), G({4, 6, 5}), std::optional<G>(), capacity_case, 1);
+  check_router(SoftmaxTopKRouter<X, double>({6, 4, 2, true}), G({4, 6, 5}), std::optional<G>(),
+               capacity_case, 1);
   check_router(SoftmaxTopKRouter<X, double>({6, 8, 3, false, 2.0, {4, 2, 2}}), G({8, 6, 5}),
                std::optional<G>(G({1, 6, 7}, "shared_experts")), capacity_case, 2);
-  check_router(TopKSoftmaxRouter<X, double>({6, 4, 2}), G({4, 6, 5}), std::optional<G>(), capacity_case, 3);
+  check_router(TopKSoftmaxRouter<X, double>({6, 4, 2}), G({4, 6, 5}), std::optional<G>(),
+               capacity_case, 3);
   check_router(SigmoidBiasRouter<X, double>({6, 8, 2, true, 2.5, {4, 2, 2}}), G({8, 6, 5}),
                std::optional<G>(G({1, 6, 4}, "shared_experts")), capacity_case, 4);
-  check_router(NoisyTopKRouter<X, double>({6, 4, 2, 77}), G({4, 6, 5}), std::optional<G>(), capacity_case, 5);
+  check_router(NoisyTopKRouter<X, double>({6, 4, 2, 77}), G({4, 6, 5}), std::optional<G>(),
+               capacity_case, 5);
 }
 
 TEMPLATE_LIST_TEST_CASE("gradients of expert choice, hash routing and FFN experts", "[backward]",
@@ -128,16 +132,19 @@ TEMPLATE_LIST_TEST_CASE("gradients of expert choice, hash routing and FFN expert
   using Gelu = FFNExperts<X, double, activation::GeluTanh>;
   using Silu = FFNExperts<X, double, activation::Silu>;
   using GeGlu = GeGLUExperts<X, double>;
-  check_router(ExpertChoiceRouter<X, double>({6, 4, 1.5}), Gelu({4, 6, 5, true}), std::optional<Gelu>(), capacity_case, 6);
+  check_router(ExpertChoiceRouter<X, double>({6, 4, 1.5}), Gelu({4, 6, 5, true}),
+               std::optional<Gelu>(), capacity_case, 6);
   check_router(HashRouter<X, double>({6, 4, 9}), Silu({4, 6, 5, true}),
                std::optional<Silu>(Silu({1, 6, 3, true}, "shared_experts")), capacity_case, 7);
-  check_router(SoftmaxTopKRouter<X, double>({6, 4, 2, true}), GeGlu({4, 6, 5}), std::optional<GeGlu>(), capacity_case, 8);
+  check_router(SoftmaxTopKRouter<X, double>({6, 4, 2, true}), GeGlu({4, 6, 5}),
+               std::optional<GeGlu>(), capacity_case, 8);
   check_router(SoftmaxTopKRouter<X, double>({6, 4, 2, false}),
                FFNExperts<X, double, activation::GeluErf>({4, 6, 5, true}),
                std::optional<FFNExperts<X, double, activation::GeluErf>>(), capacity_case, 9);
 }
 
-TEMPLATE_LIST_TEST_CASE("a layer of identical experts is the dense FFN", "[backward]", ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("a layer of identical experts is the dense FFN", "[backward]",
+                        ExecutionSpaces) {
   using X = TestType;
   using R = SoftmaxTopKRouter<X, double>;
   using G = SwiGLUExperts<X, double>;
@@ -168,7 +175,8 @@ TEMPLATE_LIST_TEST_CASE("a layer of identical experts is the dense FFN", "[backw
   const auto dense_loss = [&](const RefMatrix& input, const RefExpertWeights& weights) {
     double sum = 0;
     for (int t = 0; t < tokens; ++t) {
-      const auto yt = ref_expert(ExpertKind::glu, ActKind::silu, weights, &input.v[std::size_t(t) * hidden]);
+      const auto yt =
+          ref_expert(ExpertKind::glu, ActKind::silu, weights, &input.v[std::size_t(t) * hidden]);
       for (int h = 0; h < hidden; ++h) sum += yt[h] * gr(t, h);
     }
     return sum;
@@ -192,7 +200,8 @@ TEMPLATE_LIST_TEST_CASE("a layer of identical experts is the dense FFN", "[backw
   }
   CHECK(relative_error(to_ref(grad_x), dense_grad_x) < 1e-7);
   // The experts' gradients add up to the dense FFN's; the router gets none (weights sum to 1).
-  auto grad_down = to_ref(Kokkos::subview(layer.experts().w_down().grad, 0, Kokkos::ALL, Kokkos::ALL));
+  auto grad_down =
+      to_ref(Kokkos::subview(layer.experts().w_down().grad, 0, Kokkos::ALL, Kokkos::ALL));
   RefMatrix summed(grad_down.rows, grad_down.cols);
   for (int e = 0; e < experts; ++e) {
     const auto ge = slice_to_ref(layer.experts().w_down().grad, e);

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // Policy checks of the shipped types (compile time), argument validation, tie-breaking,
 // experts without tokens, the empty batch, the bias update and the optimizers.
-#include <catch2/catch_template_test_macros.hpp>
 #include <catch2/catch_approx.hpp>
+#include <catch2/catch_template_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <algorithm>
@@ -39,15 +39,19 @@ TEST_CASE("bad arguments raise an exception naming the parameter and value", "[v
   CHECK_THROWS_WITH(R({8, 6, 2, false, 1.0, {4, 2, 2}}), ContainsSubstring("n_group = 4"));
   CHECK_THROWS_WITH(R({8, 8, 2, false, 1.0, {4, 5, 2}}), ContainsSubstring("topk_group = 5"));
   CHECK_THROWS_WITH(R({0, 4, 1}), ContainsSubstring("hidden = 0"));
-  CHECK_THROWS_AS((SigmoidBiasRouter<H, float>(SigmoidBiasConfig{8, 6, 7})), kmoe::invalid_argument);
-  CHECK_THROWS_WITH((ExpertChoiceRouter<H, float>(ExpertChoiceConfig{8, 4, -1.0})), ContainsSubstring("capacity_factor = -1"));
+  CHECK_THROWS_AS((SigmoidBiasRouter<H, float>(SigmoidBiasConfig{8, 6, 7})),
+                  kmoe::invalid_argument);
+  CHECK_THROWS_WITH((ExpertChoiceRouter<H, float>(ExpertChoiceConfig{8, 4, -1.0})),
+                    ContainsSubstring("capacity_factor = -1"));
   CHECK_THROWS_WITH(E({4, 8, 0}), ContainsSubstring("ffn = 0"));
   LayerOptions bad;
   bad.capacity.factor = -0.5;
   CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({4, 8, 6}), bad)),
                     ContainsSubstring("capacity.factor = -0.5"));
-  CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({3, 8, 6}))), ContainsSubstring("experts.num_experts() = 3"));
-  CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({4, 6, 6}))), ContainsSubstring("experts.hidden_size() = 6"));
+  CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({3, 8, 6}))),
+                    ContainsSubstring("experts.num_experts() = 3"));
+  CHECK_THROWS_WITH((MoELayer<R, E>(R({8, 4, 2}), E({4, 6, 6}))),
+                    ContainsSubstring("experts.hidden_size() = 6"));
 
   MoELayer<R, E> layer(R({8, 4, 2}), E({4, 8, 6}));
   fill_normal(layer.parameters(), 0.1, 1);
@@ -69,8 +73,8 @@ TEST_CASE("bad arguments raise an exception naming the parameter and value", "[v
   CHECK_THROWS_WITH(hashed.forward(clean, y), ContainsSubstring("token_ids.extent(0) = 0"));
 }
 
-TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are no-ops", "[routing]",
-                        ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are no-ops",
+                        "[routing]", ExecutionSpaces) {
   using X = TestType;
   using R = SoftmaxTopKRouter<X, double>;
   using E = SwiGLUExperts<X, double>;
@@ -79,7 +83,8 @@ TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are
   Matrix<double, X> x("x", 9, 4), y("y", 9, 4);
   fill_normal(x, 1.0, 3);
   layer.forward(x, y);
-  const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+  const auto expert =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
   for (int t = 0; t < 9; ++t)
     for (int j = 0; j < 3; ++j) CHECK(expert(t, j) == j);
 
@@ -95,7 +100,8 @@ TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are
   const auto capped_stats = dropping.forward(x, y);
   CHECK(capped_stats.capacity == 3);
   CHECK(capped_stats.dropped == 18);
-  const auto position = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dropping.positions());
+  const auto position =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dropping.positions());
   const auto out = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), y);
   for (int t = 0; t < 9; ++t) {
     double magnitude = 0;
@@ -109,7 +115,8 @@ TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are
   using Choice = ExpertChoiceRouter<X, double>;
   MoELayer<Choice, E> choosing(Choice({4, 6, 1.0}), E({6, 4, 5}));
   choosing.forward(x, y);
-  const auto chosen = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), choosing.routing().expert);
+  const auto chosen =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), choosing.routing().expert);
   for (int t = 0; t < 9; ++t) {
     int experts_of_token = 0;
     for (std::size_t s = 0; s < chosen.extent(1); ++s) experts_of_token += chosen(t, s) >= 0;
@@ -124,8 +131,8 @@ TEMPLATE_LIST_TEST_CASE("ties go to the lower expert index and empty batches are
   CHECK_NOTHROW(layer.backward(y0, g0));
 }
 
-TEMPLATE_LIST_TEST_CASE("an expert without tokens, capacity that drops, and the bias update", "[routing]",
-                        ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("an expert without tokens, capacity that drops, and the bias update",
+                        "[routing]", ExecutionSpaces) {
   using X = TestType;
   using R = SigmoidBiasRouter<X, double>;
   using E = SwiGLUExperts<X, double>;
@@ -227,7 +234,8 @@ TEMPLATE_LIST_TEST_CASE("AdamW and SGD with weight decay over several steps matc
       ref[j] *= 1 - lr * wd;
       m[j] = b1 * m[j] + (1 - b1) * grad;
       v[j] = b2 * v[j] + (1 - b2) * grad * grad;
-      ref[j] -= lr * (m[j] / (1 - std::pow(b1, t))) / (std::sqrt(v[j] / (1 - std::pow(b2, t))) + eps);
+      ref[j] -=
+          lr * (m[j] / (1 - std::pow(b1, t))) / (std::sqrt(v[j] / (1 - std::pow(b2, t))) + eps);
     }
     Kokkos::deep_copy(g, g_host);
     adam.step();

@@ -87,8 +87,8 @@ auto make_layer(bool overlap_shared_experts) {
 
 }  // namespace
 
-TEMPLATE_LIST_TEST_CASE("a training step pushes the layer's phase regions in order",
-                        "[profiling]", kmoe::test::ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("a training step pushes the layer's phase regions in order", "[profiling]",
+                        kmoe::test::ExecutionSpaces) {
   using X = TestType;
   const bool overlap = GENERATE(true, false);
   CAPTURE(overlap);
@@ -118,7 +118,8 @@ TEMPLATE_LIST_TEST_CASE("a training step pushes the layer's phase regions in ord
     expected.push_back(forward + "shared_experts");
   for (const char* phase : {"experts", "exchange", "combine"}) expected.push_back(forward + phase);
   expected.push_back("kmoe::MoELayer::backward");
-  for (const char* phase : {"combine", "exchange", "experts", "exchange", "shared_experts", "router"})
+  for (const char* phase :
+       {"combine", "exchange", "experts", "exchange", "shared_experts", "router"})
     expected.push_back(backward + phase);
   expected.push_back("kmoe::MoELayer::synchronize_gradients");
   CHECK(recorded.log().kmoe_paths == expected);
@@ -144,9 +145,9 @@ TEMPLATE_LIST_TEST_CASE("a forward or backward that throws leaves the regions ba
     Matrix<double, X> x("x", tokens, hidden), y("y", tokens, hidden);
     Kokkos::deep_copy(Kokkos::subview(x, 2, 3), std::numeric_limits<double>::quiet_NaN());
     CHECK_THROWS_AS(layer.forward(x, y, context), kmoe::runtime_error);
-    CHECK(log.kmoe_paths == std::vector<std::string>{
-                                "kmoe::MoELayer::forward",
-                                "kmoe::MoELayer::forward / kmoe::MoELayer::route"});
+    CHECK(log.kmoe_paths ==
+          std::vector<std::string>{"kmoe::MoELayer::forward",
+                                   "kmoe::MoELayer::forward / kmoe::MoELayer::route"});
   }
   SECTION("backward without a training forward") {
     Matrix<double, X> g("g", tokens, hidden), grad_x("grad_x", tokens, hidden);

@@ -24,8 +24,8 @@ constexpr int fuzz_configurations = 300;
 constexpr std::uint64_t fuzz_base_seed = 0x6b6d6f6566757a7aULL;
 
 enum class ExpertPick { ffn_relu, ffn_gelu, ffn_silu, swiglu };
-const char* const router_names[] = {"softmax_topk", "topk_softmax", "sigmoid_bias", "noisy_topk",
-                                    "expert_choice", "hash"};
+const char* const router_names[] = {"softmax_topk", "topk_softmax",  "sigmoid_bias",
+                                    "noisy_topk",   "expert_choice", "hash"};
 const char* const expert_names[] = {"ffn_relu", "ffn_gelu", "ffn_silu", "swiglu"};
 
 using HostSpaces = type_list_cat<SerialSpaces, OpenMPSpaces>::type;
@@ -104,9 +104,16 @@ FuzzConfig make_config(std::uint64_t seed) {
   c.hidden = rng.uniform(1, 16);
   c.ffn = rng.uniform(1, 16);
   switch (rng.uniform(0, 2)) {
-    case 0: break;  // dropless
-    case 1: c.capacity = {rng.real(0.1, 2.0), rng.uniform(0, 4), DropPolicy::by_probability, rng.uniform(1, 8)}; break;
-    default: c.capacity = {rng.real(0.1, 2.0), rng.uniform(0, 4), DropPolicy::by_position, rng.uniform(1, 8)}; break;
+    case 0:
+      break;  // dropless
+    case 1:
+      c.capacity = {rng.real(0.1, 2.0), rng.uniform(0, 4), DropPolicy::by_probability,
+                    rng.uniform(1, 8)};
+      break;
+    default:
+      c.capacity = {rng.real(0.1, 2.0), rng.uniform(0, 4), DropPolicy::by_position,
+                    rng.uniform(1, 8)};
+      break;
   }
   return c;
 }
@@ -124,8 +131,8 @@ std::string describe(const FuzzConfig& c) {
      << " bias=" << c.bias << " shared=" << c.shared << "\n  T=" << c.tokens
      << " scalar=" << (c.use_double ? "double" : "float") << " training=" << c.training
      << " space=" << c.space << "\n  capacity factor=" << c.capacity.factor
-     << " minimum=" << c.capacity.minimum
-     << " drop=" << (c.capacity.drop == DropPolicy::by_probability ? "by_probability" : "by_position")
+     << " minimum=" << c.capacity.minimum << " drop="
+     << (c.capacity.drop == DropPolicy::by_probability ? "by_probability" : "by_position")
      << " alignment=" << c.capacity.alignment;
   return os.str();
 }
@@ -211,7 +218,8 @@ void run_config(const FuzzConfig& c) {
   // dropped = assignments, and the kept assignments own the rows 0 .. kept-1 once each.
   std::int64_t expected = std::int64_t(c.tokens) * r.top_k;
   if (r.kind == RouterKind::expert_choice) {
-    const int per_expert = std::min<int>(c.tokens, int(std::ceil(c.tokens * r.ec_capacity_factor / r.experts)));
+    const int per_expert =
+        std::min<int>(c.tokens, int(std::ceil(c.tokens * r.ec_capacity_factor / r.experts)));
     expected = std::int64_t(r.experts) * per_expert;
   }
   CHECK(stats.assignments == expected);
@@ -226,7 +234,8 @@ void run_config(const FuzzConfig& c) {
   for (std::size_t i = 0; i < rows.size(); ++i) rows_are_a_permutation &= rows[i] == int(i);
   CHECK(rows_are_a_permutation);
   // No expert keeps more than the capacity; dropless drops nothing.
-  const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+  const auto expert =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
   std::vector<std::int64_t> kept_per_expert(r.experts, 0);
   for (std::size_t t = 0; t < position.extent(0); ++t)
     for (std::size_t s = 0; s < position.extent(1); ++s)
@@ -256,22 +265,32 @@ void run_config(const FuzzConfig& c) {
 template <class X, class S, class Router>
 void dispatch_expert(const FuzzConfig& c) {
   switch (c.expert) {
-    case ExpertPick::ffn_relu: return run_config<Router, FFNExperts<X, S, activation::Relu>>(c);
-    case ExpertPick::ffn_gelu: return run_config<Router, FFNExperts<X, S, activation::GeluErf>>(c);
-    case ExpertPick::ffn_silu: return run_config<Router, FFNExperts<X, S, activation::Silu>>(c);
-    case ExpertPick::swiglu: return run_config<Router, SwiGLUExperts<X, S>>(c);
+    case ExpertPick::ffn_relu:
+      return run_config<Router, FFNExperts<X, S, activation::Relu>>(c);
+    case ExpertPick::ffn_gelu:
+      return run_config<Router, FFNExperts<X, S, activation::GeluErf>>(c);
+    case ExpertPick::ffn_silu:
+      return run_config<Router, FFNExperts<X, S, activation::Silu>>(c);
+    case ExpertPick::swiglu:
+      return run_config<Router, SwiGLUExperts<X, S>>(c);
   }
 }
 
 template <class X, class S>
 void dispatch_router(const FuzzConfig& c) {
   switch (c.router.kind) {
-    case RouterKind::softmax_topk: return dispatch_expert<X, S, SoftmaxTopKRouter<X, S>>(c);
-    case RouterKind::topk_softmax: return dispatch_expert<X, S, TopKSoftmaxRouter<X, S>>(c);
-    case RouterKind::sigmoid_bias: return dispatch_expert<X, S, SigmoidBiasRouter<X, S>>(c);
-    case RouterKind::expert_choice: return dispatch_expert<X, S, ExpertChoiceRouter<X, S>>(c);
-    case RouterKind::hash: return dispatch_expert<X, S, HashRouter<X, S>>(c);
-    case RouterKind::noisy_topk: break;  // its noise has its own test; not drawn here
+    case RouterKind::softmax_topk:
+      return dispatch_expert<X, S, SoftmaxTopKRouter<X, S>>(c);
+    case RouterKind::topk_softmax:
+      return dispatch_expert<X, S, TopKSoftmaxRouter<X, S>>(c);
+    case RouterKind::sigmoid_bias:
+      return dispatch_expert<X, S, SigmoidBiasRouter<X, S>>(c);
+    case RouterKind::expert_choice:
+      return dispatch_expert<X, S, ExpertChoiceRouter<X, S>>(c);
+    case RouterKind::hash:
+      return dispatch_expert<X, S, HashRouter<X, S>>(c);
+    case RouterKind::noisy_topk:
+      break;  // its noise has its own test; not drawn here
   }
 }
 

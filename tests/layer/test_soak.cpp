@@ -64,7 +64,8 @@ TEST_CASE("thousands of training steps keep memory flat and outputs equal to the
       rc.n_group = 3;
       rc.topk_group = 2;
       rc.group_terms = 2;
-      const auto bias = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
+      const auto bias =
+          Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
       for (int e = 0; e < experts; ++e) rc.bias.push_back(bias(e));
       const RefMatrix gate = to_ref(layer.router().gate().weight());
       const auto cmp = compare_forward(layer, rc, x, y, stats, &gate);

@@ -30,8 +30,8 @@ bool row_finite(const View& y, int t) {
 TEST_CASE("router constructors reject bad shapes, k, groups and factors", "[validation]") {
   using TS = TopKSoftmaxRouter<H, float>;
   CHECK_THROWS_AS(TS({8, 4, 0}), kmoe::invalid_argument);
-  CHECK_THROWS_WITH(TS({8, 4, 5}), ContainsSubstring("kmoe::TopKSoftmaxRouter") &&
-                                       ContainsSubstring("top_k = 5"));
+  CHECK_THROWS_WITH(TS({8, 4, 5}),
+                    ContainsSubstring("kmoe::TopKSoftmaxRouter") && ContainsSubstring("top_k = 5"));
   CHECK_THROWS_WITH(TS({8, 0, 1}), ContainsSubstring("experts = 0"));
   using SB = SigmoidBiasRouter<H, double>;
   CHECK_THROWS_WITH(SB({8, 8, 2, true, 1.0, {2, 1, 9}}), ContainsSubstring("score_terms = 9"));
@@ -43,7 +43,8 @@ TEST_CASE("router constructors reject bad shapes, k, groups and factors", "[vali
   CHECK_THROWS_WITH(EC({8, 4, infinity}), ContainsSubstring("capacity_factor = inf"));
   CHECK_THROWS_WITH(EC({0, 4, 1.0}), ContainsSubstring("hidden = 0"));
   using HR = HashRouter<H, float>;
-  CHECK_THROWS_WITH(HR({8, 0, 1}), ContainsSubstring("kmoe::HashRouter") && ContainsSubstring("experts = 0"));
+  CHECK_THROWS_WITH(HR({8, 0, 1}),
+                    ContainsSubstring("kmoe::HashRouter") && ContainsSubstring("experts = 0"));
   CHECK_THROWS_WITH(HR({-1, 4, 1}), ContainsSubstring("hidden = -1"));
   using NT = NoisyTopKRouter<H, double>;
   CHECK_THROWS_AS(NT({8, 4, 0, 1}), kmoe::invalid_argument);
@@ -52,7 +53,8 @@ TEST_CASE("router constructors reject bad shapes, k, groups and factors", "[vali
 TEST_CASE("expert constructors reject empty shapes", "[validation]") {
   CHECK_THROWS_WITH((FFNExperts<H, float, activation::Relu>({0, 8, 4})),
                     ContainsSubstring("kmoe::FFNExperts") && ContainsSubstring("experts = 0"));
-  CHECK_THROWS_WITH((FFNExperts<H, float, activation::Relu>({2, 0, 4})), ContainsSubstring("hidden = 0"));
+  CHECK_THROWS_WITH((FFNExperts<H, float, activation::Relu>({2, 0, 4})),
+                    ContainsSubstring("hidden = 0"));
   CHECK_THROWS_WITH((SwiGLUExperts<H, double>({2, 8, -3})), ContainsSubstring("ffn = -3"));
 }
 
@@ -86,9 +88,8 @@ TEST_CASE("layer constructor rejects capacity, mode and shared-expert mistakes",
   CHECK_THROWS_WITH(make({}, E({2, 8, 6})), ContainsSubstring("shared.num_experts() = 2"));
   CHECK_THROWS_WITH(make({}, E({1, 6, 6})), ContainsSubstring("shared.hidden_size() = 6"));
   CHECK_THROWS_AS(make({}, E({2, 8, 6})), kmoe::invalid_argument);
-  CHECK_THROWS_WITH(make({}, E({1, 8, 6})),
-                    ContainsSubstring("parameter name = experts.w_gate") &&
-                        ContainsSubstring("used twice"));
+  CHECK_THROWS_WITH(make({}, E({1, 8, 6})), ContainsSubstring("parameter name = experts.w_gate") &&
+                                                ContainsSubstring("used twice"));
 }
 
 TEST_CASE("forward, backward and the bias update reject bad calls", "[validation]") {
@@ -115,19 +116,24 @@ TEST_CASE("forward, backward and the bias update reject bad calls", "[validation
   CHECK_NOTHROW(layer.backward(y8, g8));
   CHECK_THROWS_WITH(layer.apply_bias_update(-1.0), ContainsSubstring("rate = -1"));
   CHECK_THROWS_WITH(layer.apply_bias_update(not_a_number), ContainsSubstring("rate = nan"));
-  CHECK_THROWS_WITH(layer.router().update_bias({1, 2, 3}, 0.1), ContainsSubstring("counts.size() = 3"));
+  CHECK_THROWS_WITH(layer.router().update_bias({1, 2, 3}, 0.1),
+                    ContainsSubstring("counts.size() = 3"));
 }
 
 TEST_CASE("optimizers and clip_grad_norm reject bad hyper-parameters", "[validation][optimizer]") {
   Vector<double, H> w("w", 2), g("g", 2);
   ParameterList<H, double> list{make_parameter<H>("w", w, g)};
-  CHECK_THROWS_WITH((SGD<H, double>(list, {0.0, 0.0, 0.0})), ContainsSubstring("learning_rate = 0"));
+  CHECK_THROWS_WITH((SGD<H, double>(list, {0.0, 0.0, 0.0})),
+                    ContainsSubstring("learning_rate = 0"));
   CHECK_THROWS_WITH((SGD<H, double>(list, {0.1, 1.0, 0.0})), ContainsSubstring("momentum = 1"));
   CHECK_THROWS_WITH((AdamW<H, double>(list, {-1.0, 0.9, 0.999, 1e-8, 0.0})),
                     ContainsSubstring("learning_rate = -1"));
-  CHECK_THROWS_WITH((AdamW<H, double>(list, {1e-3, 1.0, 0.999, 1e-8, 0.0})), ContainsSubstring("beta1 = 1"));
-  CHECK_THROWS_WITH((AdamW<H, double>(list, {1e-3, 0.9, -0.1, 1e-8, 0.0})), ContainsSubstring("beta2 = -0.1"));
-  CHECK_THROWS_WITH((AdamW<H, double>(list, {1e-3, 0.9, 0.999, 0.0, 0.0})), ContainsSubstring("epsilon = 0"));
+  CHECK_THROWS_WITH((AdamW<H, double>(list, {1e-3, 1.0, 0.999, 1e-8, 0.0})),
+                    ContainsSubstring("beta1 = 1"));
+  CHECK_THROWS_WITH((AdamW<H, double>(list, {1e-3, 0.9, -0.1, 1e-8, 0.0})),
+                    ContainsSubstring("beta2 = -0.1"));
+  CHECK_THROWS_WITH((AdamW<H, double>(list, {1e-3, 0.9, 0.999, 0.0, 0.0})),
+                    ContainsSubstring("epsilon = 0"));
   CHECK_THROWS_WITH(clip_grad_norm(list, 0.0), ContainsSubstring("max_norm = 0"));
   CHECK_THROWS_WITH(clip_grad_norm(list, not_a_number), ContainsSubstring("max_norm = nan"));
 }
@@ -156,7 +162,8 @@ TEST_CASE("non-finite inputs and router weights raise naming the token and the e
   // and the expert.
   MoELayer<R, E> scaled(R({8, 4, 2, false, infinity}), E({4, 8, 6}));
   fill_normal(scaled.parameters(), 0.3, 5);
-  CHECK_THROWS_WITH(scaled.forward(x, y), ContainsSubstring("non-finite routing weight inf at token 0, slot 0 (expert"));
+  CHECK_THROWS_WITH(scaled.forward(x, y),
+                    ContainsSubstring("non-finite routing weight inf at token 0, slot 0 (expert"));
 
   // propagate: no exception, the bad token's output is non-finite, the others are not.
   LayerOptions lenient;

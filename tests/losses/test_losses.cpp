@@ -116,7 +116,8 @@ void check_layer_gradients(Layer& layer, int tokens, std::uint64_t seed, bool ze
   fill_normal(x, 1.0, seed + 1);
   if (!zero_upstream) fill_normal(g, 1.0, seed + 2);
   const auto& gate = layer.router().gate();
-  using Flat = Kokkos::View<double*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  using Flat =
+      Kokkos::View<double*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
   const Flat gate_value(gate.weight().data(), gate.weight().size());
   const Flat x_value(x.data(), x.size());
   const auto loss = [&] { return layer_loss(layer, x, g, !evaluation_differences); };
@@ -146,11 +147,13 @@ void check_layer_gradients(Layer& layer, int tokens, std::uint64_t seed, bool ze
   layer_loss(layer, x, g, true);
   layer.backward(g, grad_x);
   if (!evaluation_differences) {
-    check_finite_differences("router.weight", gate_value, Flat(gate.grad().data(), gate.grad().size()), loss);
+    check_finite_differences("router.weight", gate_value,
+                             Flat(gate.grad().data(), gate.grad().size()), loss);
     check_finite_differences("x", x_value, Flat(grad_x.data(), grad_x.size()), loss);
     return;
   }
-  const auto compare = [](const std::string& name, const std::vector<double>& fd, const RefMatrix& analytic) {
+  const auto compare = [](const std::string& name, const std::vector<double>& fd,
+                          const RefMatrix& analytic) {
     double scale = 0;
     for (double v : analytic.v) scale = std::max(scale, std::abs(v));
     CAPTURE(name, scale);
@@ -178,8 +181,9 @@ TEMPLATE_LIST_TEST_CASE("router temperature divides the logits before the softma
   const RefMatrix xr = to_ref(x);
   RouteContext<X> context;  // evaluation: the noisy router adds no noise
   const auto check = [&](auto router, double temperature, const RefRouterConfig& reference) {
-    CAPTURE(reference.kind == RouterKind::softmax_topk ? "softmax_topk"
-            : reference.kind == RouterKind::topk_softmax ? "topk_softmax" : "noisy_topk",
+    CAPTURE(reference.kind == RouterKind::softmax_topk   ? "softmax_topk"
+            : reference.kind == RouterKind::topk_softmax ? "topk_softmax"
+                                                         : "noisy_topk",
             temperature);
     ParameterList<X, double> list;
     router.collect_parameters(list);
@@ -229,17 +233,20 @@ TEMPLATE_LIST_TEST_CASE("gradients through a router temperature match finite dif
   options.losses.z_loss = 1e-2;  // on the tempered logits
   SoftmaxTopKConfig softmax{hidden, 4, 2, true};
   softmax.temperature = 0.6;
-  MoELayer<SoftmaxTopKRouter<X, double>, G> a(SoftmaxTopKRouter<X, double>(softmax), G({4, hidden, ffn}), options);
+  MoELayer<SoftmaxTopKRouter<X, double>, G> a(SoftmaxTopKRouter<X, double>(softmax),
+                                              G({4, hidden, ffn}), options);
   fill_normal(a.parameters(), 0.4, 21);
   check_layer_gradients(a, 10, 21, false);
   TopKSoftmaxConfig topk{hidden, 4, 2};
   topk.temperature = 1.7;
-  MoELayer<TopKSoftmaxRouter<X, double>, G> b(TopKSoftmaxRouter<X, double>(topk), G({4, hidden, ffn}), options);
+  MoELayer<TopKSoftmaxRouter<X, double>, G> b(TopKSoftmaxRouter<X, double>(topk),
+                                              G({4, hidden, ffn}), options);
   fill_normal(b.parameters(), 0.4, 22);
   check_layer_gradients(b, 10, 22, false);
   NoisyTopKConfig noisy{hidden, 4, 2, 5};
   noisy.temperature = 0.8;
-  MoELayer<NoisyTopKRouter<X, double>, G> c(NoisyTopKRouter<X, double>(noisy), G({4, hidden, ffn}), options);
+  MoELayer<NoisyTopKRouter<X, double>, G> c(NoisyTopKRouter<X, double>(noisy), G({4, hidden, ffn}),
+                                            options);
   fill_normal(c.parameters(), 0.4, 23);
   check_layer_gradients(c, 10, 23, false);
 }
@@ -299,13 +306,14 @@ TEMPLATE_LIST_TEST_CASE("KL-to-uniform expert usage equals a plain loop over sof
   const int tokens = 13, experts = 5;
   LayerOptions options;
   options.losses.kl_uniform = 0.3;
-  MoELayer<SoftmaxTopKRouter<X, double>, G> layer(SoftmaxTopKRouter<X, double>({hidden, experts, 2, true}),
-                                                  G({experts, hidden, ffn}), options);
+  MoELayer<SoftmaxTopKRouter<X, double>, G> layer(
+      SoftmaxTopKRouter<X, double>({hidden, experts, 2, true}), G({experts, hidden, ffn}), options);
   fill_normal(layer.parameters(), 0.7, 31);
   Matrix<double, X> x("x", tokens, hidden), y("y", tokens, hidden);
   fill_normal(x, 1.0, 32);
   const auto stats = layer.forward(x, y, RouteContext<X>{});
-  const auto mean = reference_mean_prob(reference_logits(to_ref(x), to_ref(layer.router().gate().weight()), 1.0));
+  const auto mean =
+      reference_mean_prob(reference_logits(to_ref(x), to_ref(layer.router().gate().weight()), 1.0));
   double kl = 0;
   for (double p : mean) kl += p * std::log(p * experts);
   CHECK(kl > 1e-3);  // the routing is far enough from uniform for the check to mean something
@@ -331,8 +339,8 @@ TEMPLATE_LIST_TEST_CASE("KL-to-uniform gradients match finite differences", "[lo
   LayerOptions all = kl_only;
   all.losses.switch_aux = 1e-2;
   all.losses.z_loss = 1e-3;
-  MoELayer<SigmoidBiasRouter<X, double>, G> b(SigmoidBiasRouter<X, double>({hidden, 8, 2, true, 2.5, {4, 2, 2}}),
-                                              G({8, hidden, ffn}), all);
+  MoELayer<SigmoidBiasRouter<X, double>, G> b(
+      SigmoidBiasRouter<X, double>({hidden, 8, 2, true, 2.5, {4, 2, 2}}), G({8, hidden, ffn}), all);
   fill_normal(b.parameters(), 0.6, 42);
   check_layer_gradients(b, 12, 42, true);
   check_layer_gradients(b, 12, 43, false);
@@ -347,8 +355,8 @@ TEMPLATE_LIST_TEST_CASE("global-batch aux counts every micro-batch of the window
   LayerOptions options;
   options.losses.global_batch_aux = alpha;
   options.losses.global_batch_micro_batches = window;
-  MoELayer<SoftmaxTopKRouter<X, double>, G> layer(SoftmaxTopKRouter<X, double>({hidden, experts, k, true}),
-                                                  G({experts, hidden, ffn}), options);
+  MoELayer<SoftmaxTopKRouter<X, double>, G> layer(
+      SoftmaxTopKRouter<X, double>({hidden, experts, k, true}), G({experts, hidden, ffn}), options);
   fill_normal(layer.parameters(), 0.7, 51);
   const RefMatrix gate = to_ref(layer.router().gate().weight());
   const RefRouterConfig reference = reference_router(RouterKind::softmax_topk, experts, k, true);
@@ -396,8 +404,8 @@ TEMPLATE_LIST_TEST_CASE("global-batch aux gradients match finite differences ins
   LayerOptions options;
   options.losses.global_batch_aux = 0.5;
   options.losses.global_batch_micro_batches = 2;
-  MoELayer<SoftmaxTopKRouter<X, double>, G> layer(SoftmaxTopKRouter<X, double>({hidden, 4, 2, true}),
-                                                  G({4, hidden, ffn}), options);
+  MoELayer<SoftmaxTopKRouter<X, double>, G> layer(
+      SoftmaxTopKRouter<X, double>({hidden, 4, 2, true}), G({4, hidden, ffn}), options);
   fill_normal(layer.parameters(), 0.6, 71);
   Matrix<double, X> first("first", tokens, hidden), y("y", tokens, hidden);
   fill_normal(first, 1.0, 72);

@@ -108,7 +108,8 @@ void write_sparse_mixtral_checkpoint(const fs::path& dir, std::int64_t H, std::i
   std::uint64_t offset = 0;
   const auto add = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
     const std::uint64_t bytes = std::uint64_t(rows) * std::uint64_t(cols) * 2;
-    header[name] = {{"dtype", "BF16"}, {"shape", {rows, cols}}, {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", "BF16"}, {"shape", {rows, cols}}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   };
   const std::string prefix = "model.layers.1.block_sparse_moe.";
@@ -137,7 +138,8 @@ TEST_CASE("hidden_size x intermediate_size of 2^32 is refused before any allocat
   // config and an [8, 65536, 65536] view, which Kokkos 3.4 sizes at 0 bytes and
   // load_weights then wrote 2^32 elements into.
   ModelCopy copy("mixtral", [](std::string text) {
-    return set_field(set_field(std::move(text), "hidden_size", "65536"), "intermediate_size", "65536");
+    return set_field(set_field(std::move(text), "hidden_size", "65536"), "intermediate_size",
+                     "65536");
   });
   write_sparse_mixtral_checkpoint(copy.dir, 65536, 65536);
   CHECK_THROWS_MATCHES(load_mixtral(copy.path()), kmoe::runtime_error,
@@ -147,7 +149,8 @@ TEST_CASE("hidden_size x intermediate_size of 2^32 is refused before any allocat
   // One below the limit of an int per matrix passes the config check and fails only on the
   // checkpoint's shapes: the bound is the product, not either field.
   ModelCopy below("mixtral", [](std::string text) {
-    return set_field(set_field(std::move(text), "hidden_size", "65536"), "intermediate_size", "32767");
+    return set_field(set_field(std::move(text), "hidden_size", "65536"), "intermediate_size",
+                     "32767");
   });
   CHECK_NOTHROW(models::read_block_config(below.path(), 1));
   CHECK_THROWS_MATCHES(load_mixtral(below.path()), kmoe::runtime_error,
@@ -171,13 +174,15 @@ TEST_CASE("n_shared_experts x moe_intermediate_size overflowing an int is refuse
           "[models][hostile][sizes]") {
   // 2^27 x 32 = 2^32 wrapped to 0 in int: the shared expert was silently dropped, exit 0.
   ModelCopy wraps("deepseek_v3", with("n_shared_experts", "134217728"));
-  CHECK_THROWS_MATCHES(load_deepseek_v3(wraps.path()), kmoe::runtime_error,
-                       MessageMatches(ContainsSubstring("config.json") &&
-                                      ContainsSubstring("n_shared_experts x moe_intermediate_size")));
+  CHECK_THROWS_MATCHES(
+      load_deepseek_v3(wraps.path()), kmoe::runtime_error,
+      MessageMatches(ContainsSubstring("config.json") &&
+                     ContainsSubstring("n_shared_experts x moe_intermediate_size")));
   // 2^26 x 32 = 2^31 wrapped negative.
   ModelCopy negative("deepseek_v3", with("n_shared_experts", "67108864"));
-  CHECK_THROWS_MATCHES(models::read_block_config(negative.path(), 1), kmoe::runtime_error,
-                       MessageMatches(ContainsSubstring("n_shared_experts x moe_intermediate_size")));
+  CHECK_THROWS_MATCHES(
+      models::read_block_config(negative.path(), 1), kmoe::runtime_error,
+      MessageMatches(ContainsSubstring("n_shared_experts x moe_intermediate_size")));
 }
 
 TEST_CASE("config values are checked against each other before loading",
@@ -194,8 +199,10 @@ TEST_CASE("config values are checked against each other before loading",
   };
   CHECK_THAT(message_for("mixtral", "num_experts_per_tok", "9"),
              ContainsSubstring("\"num_experts_per_tok\" = 9 must be in [1, 8]"));
-  CHECK_THAT(message_for("deepseek_v3", "n_group", "3"), ContainsSubstring("divide n_routed_experts"));
-  CHECK_THAT(message_for("deepseek_v3", "topk_group", "5"), ContainsSubstring("\"topk_group\" = 5"));
+  CHECK_THAT(message_for("deepseek_v3", "n_group", "3"),
+             ContainsSubstring("divide n_routed_experts"));
+  CHECK_THAT(message_for("deepseek_v3", "topk_group", "5"),
+             ContainsSubstring("\"topk_group\" = 5"));
   CHECK_THAT(message_for("deepseek_v3", "routed_scaling_factor", "-2.5"),
              ContainsSubstring("finite number > 0"));
   CHECK_THAT(message_for("mixtral", "hidden_size", "18446744073709551615"),
@@ -208,11 +215,13 @@ TEST_CASE("config.json hazards raise naming the file: depth, numbers, duplicates
   const std::string deep = std::string(80000, '[') + "64" + std::string(80000, ']');
   ModelCopy nested("mixtral", with("hidden_size", deep));
   CHECK_THROWS_MATCHES(models::read_block_config(nested.path(), 1), kmoe::runtime_error,
-                       MessageMatches(ContainsSubstring("config.json") && ContainsSubstring("deeper")));
+                       MessageMatches(ContainsSubstring("config.json") &&
+                                      ContainsSubstring("deeper")));
   // nlohmann::out_of_range escaped without the file name.
   ModelCopy huge("mixtral", with("rope_theta", "1e400"));
   CHECK_THROWS_MATCHES(models::read_block_config(huge.path(), 1), kmoe::runtime_error,
-                       MessageMatches(ContainsSubstring("config.json") && ContainsSubstring("JSON")));
+                       MessageMatches(ContainsSubstring("config.json") &&
+                                      ContainsSubstring("JSON")));
   // The second hidden_size silently won.
   ModelCopy twice("mixtral", [](std::string text) {
     return text.replace(text.rfind('}'), 1, ", \"hidden_size\": 32}");

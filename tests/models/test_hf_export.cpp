@@ -3,8 +3,8 @@
 // kmoe-run runs): every weight and the forward output come back bit for bit, for each family
 // and from a training checkpoint; a layer the family cannot express is refused by name.
 // tests/models/check_export_transformers.py runs an exported block in transformers itself.
-#include <kmoe/kmoe.hpp>
 #include <kmoe/io/checkpoint.hpp>
+#include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
 #include <kmoe/models/hf_export.hpp>
 
@@ -73,7 +73,8 @@ models::MixtralLayer<X, S> softmax_layer(bool normalize) {
 
 }  // namespace
 
-TEST_CASE("a Mixtral and a Qwen3-MoE block round-trip through export and the loaders", "[models][export]") {
+TEST_CASE("a Mixtral and a Qwen3-MoE block round-trip through export and the loaders",
+          "[models][export]") {
   auto mixtral = softmax_layer(true);
   const auto mixtral_dir = scratch("mixtral");
   models::export_hf_block(mixtral, "mixtral", mixtral_dir);
@@ -87,7 +88,8 @@ TEST_CASE("a Mixtral and a Qwen3-MoE block round-trip through export and the loa
   const auto block = models::read_block_config(qwen_dir, 2);
   CHECK(block.prefix == "model.layers.2.mlp.");
   CHECK_FALSE(block.normalize);
-  CHECK((block.hidden == hidden && block.ffn == ffn && block.experts == experts && block.top_k == 2));
+  CHECK(
+      (block.hidden == hidden && block.ffn == ffn && block.experts == experts && block.top_k == 2));
   auto loaded_qwen = models::load_qwen3_moe<X, S>(qwen_dir, 2);
   check_same_block(qwen, loaded_qwen);
 }
@@ -110,7 +112,8 @@ TEST_CASE("a DeepSeek-V3 block keeps its group limit, scaling, shared expert and
   models::export_hf_block(layer, "deepseek_v3", dir, 1);
   auto loaded = models::load_deepseek_v3<X, S>(dir, 1);
   check_same_block(layer, loaded);
-  auto loaded_bias = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), loaded.router().bias());
+  auto loaded_bias =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), loaded.router().bias());
   for (std::size_t e = 0; e < bias.size(); ++e) CHECK(loaded_bias(e) == bias(e));
 }
 

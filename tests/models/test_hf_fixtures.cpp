@@ -81,8 +81,10 @@ void check_against_fixture(Layer& layer, const std::string& family) {
 
   // Top-k: the same expert set per token, and the same rows once ordered as the fixture is
   // (decreasing weight, ties by index), with the same weights.
-  const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
-  const auto weight = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().weight);
+  const auto expert =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+  const auto weight =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().weight);
   const auto ref_index = output.read<std::int64_t>("topk_indices");
   const auto ref_weight = output.read<double>("topk_weights");
   const int k = int(expert.extent(1));
@@ -99,24 +101,24 @@ void check_against_fixture(Layer& layer, const std::string& family) {
     });
     for (int j = 0; j < k; ++j) {
       CHECK(row[j].second == ref_index[t * k + j]);
-      CHECK(std::abs(row[j].first - ref_weight[t * k + j]) < 1e-5 * std::abs(ref_weight[t * k + j]) + 1e-6);
+      CHECK(std::abs(row[j].first - ref_weight[t * k + j]) <
+            1e-5 * std::abs(ref_weight[t * k + j]) + 1e-6);
     }
   }
 
   CHECK(relative_error(to_vector(grad_x), grads.read<double>("hidden_states")) < 1e-4);
   std::set<std::string> seen;
-  models::visit_checkpoint_tensors(
-      layer, block, true,
-      [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape,
-          const float* data) {
-        INFO(t.checkpoint);
-        REQUIRE(grads.contains(t.checkpoint));
-        CHECK(grads.info(t.checkpoint).shape == shape);
-        const auto ref = grads.read<double>(t.checkpoint);
-        const std::vector<double> mine(data, data + ref.size());
-        CHECK(relative_error(mine, ref) < 1e-4);
-        seen.insert(t.checkpoint);
-      });
+  models::visit_checkpoint_tensors(layer, block, true,
+                                   [&](const models::CheckpointTensor& t,
+                                       const std::vector<std::int64_t>& shape, const float* data) {
+                                     INFO(t.checkpoint);
+                                     REQUIRE(grads.contains(t.checkpoint));
+                                     CHECK(grads.info(t.checkpoint).shape == shape);
+                                     const auto ref = grads.read<double>(t.checkpoint);
+                                     const std::vector<double> mine(data, data + ref.size());
+                                     CHECK(relative_error(mine, ref) < 1e-4);
+                                     seen.insert(t.checkpoint);
+                                   });
   // Every gradient in the reference is mapped; only the input gradient is not a parameter.
   for (const auto& name : grads.names())
     if (name != "hidden_states") CHECK(seen.count(name) == 1);
@@ -128,8 +130,8 @@ struct BrokenCopy {
   fs::path dir;
   BrokenCopy(const std::string& family, const std::function<void(nlohmann::json&)>& edit,
              const std::string& drop = "") {
-    dir = fs::temp_directory_path() /
-          ("kmoe_hf_" + family + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
+    dir = fs::temp_directory_path() / ("kmoe_hf_" + family + "_" + std::to_string(::getpid()) +
+                                       "_" + std::to_string(counter()++));
     fs::remove_all(dir);
     fs::create_directories(dir);
     const fs::path source = fixtures / family / "model";
@@ -211,9 +213,10 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
   }
   SECTION("missing config field") {
     BrokenCopy copy("mixtral", [](nlohmann::json& c) { c.erase("num_experts_per_tok"); });
-    CHECK_THROWS_MATCHES(load_mixtral(copy.path(), 1), kmoe::runtime_error,
-                         MessageMatches(ContainsSubstring("missing field \"num_experts_per_tok\"") &&
-                                        ContainsSubstring(copy.path())));
+    CHECK_THROWS_MATCHES(
+        load_mixtral(copy.path(), 1), kmoe::runtime_error,
+        MessageMatches(ContainsSubstring("missing field \"num_experts_per_tok\"") &&
+                       ContainsSubstring(copy.path())));
   }
   SECTION("mistyped config field") {
     BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["norm_topk_prob"] = "yes"; });
@@ -238,7 +241,8 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
   }
   SECTION("DeepSeek-V3 selection bias missing") {
     const std::string name = "model.layers.1.mlp.gate.e_score_correction_bias";
-    BrokenCopy copy("deepseek_v3", [](nlohmann::json&) {}, name);
+    BrokenCopy copy(
+        "deepseek_v3", [](nlohmann::json&) {}, name);
     CHECK_THROWS_MATCHES(load_deepseek_v3(copy.path(), 1), kmoe::runtime_error,
                          MessageMatches(ContainsSubstring("no tensor \"" + name + "\"")));
   }
@@ -248,20 +252,20 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
                          MessageMatches(ContainsSubstring("\"scoring_func\" = \"softmax\"")));
   }
   SECTION("layer out of range") {
-    CHECK_THROWS_MATCHES(
-        load_mixtral((fixtures / "mixtral" / "model").string(), 2),
-        kmoe::invalid_argument,
-        MessageMatches(ContainsSubstring("invalid layer = 2") &&
-                       ContainsSubstring("num_hidden_layers")));
+    CHECK_THROWS_MATCHES(load_mixtral((fixtures / "mixtral" / "model").string(), 2),
+                         kmoe::invalid_argument,
+                         MessageMatches(ContainsSubstring("invalid layer = 2") &&
+                                        ContainsSubstring("num_hidden_layers")));
   }
   SECTION("loader of another family") {
-    CHECK_THROWS_MATCHES(
-        load_qwen3_moe((fixtures / "mixtral" / "model").string(), 1),
-        kmoe::invalid_argument, MessageMatches(ContainsSubstring("model_type \"mixtral\"")));
+    CHECK_THROWS_MATCHES(load_qwen3_moe((fixtures / "mixtral" / "model").string(), 1),
+                         kmoe::invalid_argument,
+                         MessageMatches(ContainsSubstring("model_type \"mixtral\"")));
   }
   SECTION("missing tensor") {
     const std::string name = "model.layers.1.block_sparse_moe.experts.5.w3.weight";
-    BrokenCopy copy("mixtral", [](nlohmann::json&) {}, name);
+    BrokenCopy copy(
+        "mixtral", [](nlohmann::json&) {}, name);
     CHECK_THROWS_MATCHES(load_mixtral(copy.path(), 1), kmoe::runtime_error,
                          MessageMatches(ContainsSubstring("no tensor \"" + name + "\"") &&
                                         ContainsSubstring(copy.path())));

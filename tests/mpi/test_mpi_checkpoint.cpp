@@ -50,7 +50,8 @@ struct Run {
   Run(const ParallelGroups<Communicator>& g, std::uint64_t seed)
       : groups(g),
         layer(Router({hidden, experts, top_k, true, 1.0, {}}),
-              GLU({int(g.layout.local_experts(experts, g.ep_rank).size()), hidden, ffn / g.layout.tp}),
+              GLU({int(g.layout.local_experts(experts, g.ep_rank).size()), hidden,
+                   ffn / g.layout.tp}),
               {}, GLU({1, hidden, shared_ffn}, "shared_experts"), g),
         optimizer(layer.parameters(), {1e-2, 0.9, 0.99, 1e-8, 0.05}) {
     initialize(layer.parameters(), InitConfig{0.3, 0.3, 0.2, 0.0, 0.3}, seed);
@@ -84,8 +85,8 @@ struct Run {
 
 std::vector<ParallelLayout> layouts_of(int world) {
   std::vector<ParallelLayout> all;
-  for (auto [tp, ep, dp] : {std::array<int, 3>{1, 2, 1}, {2, 1, 1}, {1, 1, 2}, {1, 4, 1},
-                            {1, 2, 2}, {2, 2, 1}}) {
+  for (auto [tp, ep, dp] :
+       {std::array<int, 3>{1, 2, 1}, {2, 1, 1}, {1, 1, 2}, {1, 4, 1}, {1, 2, 2}, {2, 2, 1}}) {
     ParallelLayout l;
     l.tp = tp, l.ep = ep, l.dp = dp;
     l.placement = ep == 2 ? Placement::round_robin : Placement::block;
@@ -107,8 +108,9 @@ double max_error(const Run<Communicator>& run, const ParameterList<X, S>& full) 
   for (std::size_t p = 0; p < full.size(); ++p) {
     const bool routed = test::is_routed_expert(mine[p].name);
     for (std::size_t i = 0; i < mine[p].value.size(); ++i) {
-      const auto j = test::full_index(full[p].shape, mine[p].shape, i,
-                                      routed ? owned : std::vector<int>{}, routed ? run.groups.tp_rank : 0);
+      const auto j =
+          test::full_index(full[p].shape, mine[p].shape, i, routed ? owned : std::vector<int>{},
+                           routed ? run.groups.tp_rank : 0);
       worst = std::max(worst, std::abs(mine[p].value(i) - full[p].value(j)));
     }
   }
@@ -122,11 +124,14 @@ std::vector<S> values_of(const ParameterList<X, S>& list) {
   return all;
 }
 
-std::string checkpoint_root() { return (std::filesystem::temp_directory_path() / "kmoe_test_checkpoint").string(); }
+std::string checkpoint_root() {
+  return (std::filesystem::temp_directory_path() / "kmoe_test_checkpoint").string();
+}
 
 }  // namespace
 
-TEST_CASE("a checkpoint restarts bitwise on its layout and equal on any other", "[mpi][checkpoint]") {
+TEST_CASE("a checkpoint restarts bitwise on its layout and equal on any other",
+          "[mpi][checkpoint]") {
   MpiCommunicator world = MpiCommunicator::world();
   const int W = world.size();
   // The reference: one rank, every global batch, every step.
@@ -227,8 +232,9 @@ TEST_CASE("broken checkpoints raise on every rank and load nothing", "[mpi][chec
              GLU({1, hidden, shared_ffn}, "shared_experts"), groups);
   AdamW<X, S> other_optimizer(other.parameters(), {});
   CHECK_THROWS_WITH(io::load_checkpoint(dir, other, other_optimizer),
-                    ContainsSubstring("tensor experts.w_gate has shape [4, 12, 8] in the checkpoint but "
-                                      "[4, 14, 8] in this model"));
+                    ContainsSubstring(
+                        "tensor experts.w_gate has shape [4, 12, 8] in the checkpoint but "
+                        "[4, 14, 8] in this model"));
 
   // An interrupted save (no index yet) is not a checkpoint.
   on_rank0([&] { fs::remove(fs::path(dir) / "index.json"); });

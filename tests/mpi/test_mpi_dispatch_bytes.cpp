@@ -54,8 +54,14 @@ class CountingCommunicator {
     record<SendView>(send_counts);
     return inner_.all_to_all_v_start(send, send_counts, recv, recv_counts);
   }
-  template <class View> void all_reduce_sum(const View& data) const { inner_.all_reduce_sum(data); }
-  template <class View> void all_reduce_max(const View& data) const { inner_.all_reduce_max(data); }
+  template <class View>
+  void all_reduce_sum(const View& data) const {
+    inner_.all_reduce_sum(data);
+  }
+  template <class View>
+  void all_reduce_max(const View& data) const {
+    inner_.all_reduce_max(data);
+  }
   template <class SendView, class RecvView>
   void all_gather(const SendView& send, const RecvView& recv) const {
     inner_.all_gather(send, recv);
@@ -95,8 +101,8 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
         ParallelLayout layout;
         layout.ep = ranks;
         layout.placement = placement;
-        const auto groups = ParallelGroups<CountingCommunicator>::create(
-            CountingCommunicator(world, log), layout);
+        const auto groups =
+            ParallelGroups<CountingCommunicator>::create(CountingCommunicator(world, log), layout);
         const auto owned = layout.local_experts(experts, groups.ep_rank);
         LayerOptions options;
         options.capacity.factor = capacity_factor;
@@ -111,8 +117,10 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
         const auto stats = layer.forward(x, y, context);
 
         // The minimum, from the routing by a plain loop.
-        const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
-        const auto position = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.positions());
+        const auto expert =
+            Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+        const auto position =
+            Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.positions());
         std::vector<int> owner(experts);
         for (int r = 0; r < ranks; ++r)
           for (int e : layout.local_experts(experts, r)) owner[e] = r;

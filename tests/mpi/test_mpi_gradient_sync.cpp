@@ -34,8 +34,13 @@ constexpr int hidden = 8, ffn = 12, shared_ffn = 10, experts = 4, top_k = 2, tok
 
 std::vector<ParallelLayout> layouts_of_world(int world) {
   std::vector<ParallelLayout> all;
-  for (auto [tp, ep, dp] : {std::array<int, 3>{1, 2, 1}, {2, 1, 1}, {1, 1, 2}, {1, 4, 1},
-                            {1, 2, 2}, {2, 2, 1}, {1, 1, 4}}) {
+  for (auto [tp, ep, dp] : {std::array<int, 3>{1, 2, 1},
+                            {2, 1, 1},
+                            {1, 1, 2},
+                            {1, 4, 1},
+                            {1, 2, 2},
+                            {2, 2, 1},
+                            {1, 1, 4}}) {
     ParallelLayout l;
     l.tp = tp, l.ep = ep, l.dp = dp;
     if (l.world_size() == world) all.push_back(l);
@@ -53,8 +58,9 @@ Layer make_layer(const ParallelGroups<MpiCommunicator>& groups, const ParallelLa
   options.gradient_sync = sync;
   const auto owned = layout.local_experts(experts, groups.ep_rank);
   // The Communicator deduced from the groups, the Combiner defaulted.
-  MoELayer layer(Router({hidden, experts, top_k}), GLU({int(owned.size()), hidden, ffn / layout.tp}),
-                 options, GLU({1, hidden, shared_ffn}, "shared_experts"), groups);
+  MoELayer layer(Router({hidden, experts, top_k}),
+                 GLU({int(owned.size()), hidden, ffn / layout.tp}), options,
+                 GLU({1, hidden, shared_ffn}, "shared_experts"), groups);
   static_assert(std::is_same_v<decltype(layer), Layer>);
   InitConfig init;
   init.router_std = 0.4, init.input_std = 0.3, init.output_std = 0.2;
@@ -79,7 +85,8 @@ void step(Layer& layer, const ParallelGroups<MpiCommunicator>& groups, bool sync
 
 std::vector<std::vector<S>> gradients(const Layer& layer) {
   std::vector<std::vector<S>> all;
-  for (const auto& p : layer.parameters()) all.emplace_back(p.grad.data(), p.grad.data() + p.grad.size());
+  for (const auto& p : layer.parameters())
+    all.emplace_back(p.grad.data(), p.grad.data() + p.grad.size());
   return all;
 }
 
@@ -103,7 +110,8 @@ std::vector<std::vector<S>> averaged_by_hand(const Layer& layer,
 }
 
 /// Largest |a - b| relative to the largest |b|, over every tensor.
-double relative_difference(const std::vector<std::vector<S>>& a, const std::vector<std::vector<S>>& b) {
+double relative_difference(const std::vector<std::vector<S>>& a,
+                           const std::vector<std::vector<S>>& b) {
   double worst = 0, scale = 0;
   for (std::size_t t = 0; t < b.size(); ++t)
     for (std::size_t i = 0; i < b[t].size(); ++i) {
@@ -115,8 +123,9 @@ double relative_difference(const std::vector<std::vector<S>>& a, const std::vect
 
 }  // namespace
 
-TEST_CASE("overlapped bucketed gradient sync gives the blocking sync's bits and the per-tensor mean",
-          "[mpi][gradient_sync]") {
+TEST_CASE(
+    "overlapped bucketed gradient sync gives the blocking sync's bits and the per-tensor mean",
+    "[mpi][gradient_sync]") {
   const MpiCommunicator world = MpiCommunicator::world();
   for (const auto& layout : layouts_of_world(world.size())) {
     CAPTURE(describe(layout), world.rank());
@@ -127,7 +136,8 @@ TEST_CASE("overlapped bucketed gradient sync gives the blocking sync's bits and 
     const auto reference = averaged_by_hand(unsynchronised, groups);
 
     // 0: every tensor alone, in place; 64 bytes: several packed buckets; the default: one.
-    for (std::size_t bucket_bytes : {std::size_t(0), std::size_t(64), GradientSyncOptions{}.bucket_bytes}) {
+    for (std::size_t bucket_bytes :
+         {std::size_t(0), std::size_t(64), GradientSyncOptions{}.bucket_bytes}) {
       CAPTURE(bucket_bytes);
       Layer blocking = make_layer(groups, layout, {false, bucket_bytes});
       Layer overlapped = make_layer(groups, layout, {true, bucket_bytes});

@@ -88,8 +88,8 @@ std::vector<ParallelLayout> layouts_of_world(int world) {
 }
 
 std::string describe(const ParallelLayout& l) {
-  return "TP" + std::to_string(l.tp) + " EP" + std::to_string(l.ep) + " DP" +
-         std::to_string(l.dp) + " order " + std::to_string(int(l.order)) + " placement " +
+  return "TP" + std::to_string(l.tp) + " EP" + std::to_string(l.ep) + " DP" + std::to_string(l.dp) +
+         " order " + std::to_string(int(l.order)) + " placement " +
          std::to_string(int(l.placement));
 }
 
@@ -110,7 +110,8 @@ void copy_shard(const ParameterList<X, S>& full, const ParameterList<X, S>& shar
   REQUIRE(full.size() == shard.size());
   for (std::size_t p = 0; p < full.size(); ++p)
     for (std::size_t i = 0; i < shard[p].value.size(); ++i)
-      shard[p].value(i) = full[p].value(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank));
+      shard[p].value(i) =
+          full[p].value(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank));
 }
 
 /// Largest |distributed - reference / groups| over a list, relative to the reference scale.
@@ -120,7 +121,9 @@ double gradient_error(const ParameterList<X, S>& full, const ParameterList<X, S>
   for (std::size_t p = 0; p < full.size(); ++p) {
     const double scale = std::max(1e-30, max_abs(full[p].grad) / groups);
     for (std::size_t i = 0; i < shard[p].grad.size(); ++i) {
-      const double want = full[p].grad(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank)) / groups;
+      const double want =
+          full[p].grad(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank)) /
+          groups;
       error = std::max(error, std::abs(shard[p].grad(i) - want) / scale);
     }
   }
@@ -195,8 +198,8 @@ void run_case(const Case& c, ParallelLayout layout) {
     ref_shared = make_experts<E>(1, ffn, c, "shared_experts");
     shared = make_experts<E>(1, ffn, c, "shared_experts");
   }
-  RefLayer<R, E> ref(make_router(c, (R*)nullptr), make_experts<E>(c.experts, ffn, c),
-                     ref_options, ref_shared);
+  RefLayer<R, E> ref(make_router(c, (R*)nullptr), make_experts<E>(c.experts, ffn, c), ref_options,
+                     ref_shared);
   fill_normal(ref.parameters(), 0.3, 1234);
   set_selection_bias(ref.router(), c, layout);
 
@@ -226,8 +229,9 @@ void run_case(const Case& c, ParallelLayout layout) {
   fill_normal(upstream, 1.0, 78);
   Matrix<S, X> grad_y("grad_y", global_tokens, hidden);
   Kokkos::deep_copy(grad_y, upstream);
-  Kokkos::parallel_for(Kokkos::RangePolicy<X>(0, grad_y.size()),
-                       KOKKOS_LAMBDA(std::size_t i) { grad_y.data()[i] /= tokens_per_rank; });
+  Kokkos::parallel_for(
+      Kokkos::RangePolicy<X>(0, grad_y.size()),
+      KOKKOS_LAMBDA(std::size_t i) { grad_y.data()[i] /= tokens_per_rank; });
   RouteContext<X> context;
   context.training = true;
 
@@ -384,8 +388,8 @@ TEST_CASE("a configuration that differs across ranks raises on every rank", "[mp
   const int experts = 2 * world.size();
   const int top_k = world.rank() == 1 ? 2 : 1;
   using Layer = DistLayer<SoftmaxRouter, GLU>;
-  CHECK_THROWS_AS(Layer(SoftmaxRouter({hidden, experts, top_k}),
-                        GLU({2, hidden, ffn}), {}, std::nullopt, groups),
+  CHECK_THROWS_AS(Layer(SoftmaxRouter({hidden, experts, top_k}), GLU({2, hidden, ffn}), {},
+                        std::nullopt, groups),
                   kmoe::invalid_argument);
 }
 
@@ -448,7 +452,8 @@ TEST_CASE("a rank that fails in forward makes every rank throw, without a hang",
   CHECK_NOTHROW(layer.forward(x, out));
 }
 
-TEST_CASE("overlapping the shared experts with the dispatch leaves the results unchanged", "[mpi]") {
+TEST_CASE("overlapping the shared experts with the dispatch leaves the results unchanged",
+          "[mpi]") {
   const auto world = MpiCommunicator::world();
   const auto groups = expert_parallel_groups(world);
   const int experts = 2 * world.size();

@@ -75,7 +75,8 @@ void copy_shard(const ParameterList<X, S>& full, const ParameterList<X, S>& shar
   REQUIRE(full.size() == shard.size());
   for (std::size_t p = 0; p < full.size(); ++p)
     for (std::size_t i = 0; i < shard[p].value.size(); ++i)
-      shard[p].value(i) = full[p].value(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank));
+      shard[p].value(i) =
+          full[p].value(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank));
 }
 
 /// Largest |distributed - reference / groups| over a list, relative to the reference scale.
@@ -87,7 +88,9 @@ double gradient_error(const ParameterList<X, S>& full, const ParameterList<X, S>
     for (std::size_t i = 0; i < full[p].grad.size(); ++i)
       scale = std::max(scale, std::abs(full[p].grad(i)) / groups);
     for (std::size_t i = 0; i < shard[p].grad.size(); ++i) {
-      const double want = full[p].grad(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank)) / groups;
+      const double want =
+          full[p].grad(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank)) /
+          groups;
       error = std::max(error, std::abs(shard[p].grad(i) - want) / scale);
     }
   }
@@ -150,8 +153,9 @@ void run_layout(const ParallelLayout& layout, bool zero_upstream) {
     // Upstream 0 leaves the balance terms alone in the gradients.
     if (!zero_upstream) {
       fill_normal(grad_y, 1.0, 95 + m);
-      Kokkos::parallel_for(Kokkos::RangePolicy<X>(0, grad_y.size()),
-                           KOKKOS_LAMBDA(std::size_t i) { grad_y.data()[i] /= tokens_per_rank; });
+      Kokkos::parallel_for(
+          Kokkos::RangePolicy<X>(0, grad_y.size()),
+          KOKKOS_LAMBDA(std::size_t i) { grad_y.data()[i] /= tokens_per_rank; });
     }
     Matrix<S, X> ref_y("ref_y", global_tokens, hidden), ref_gx("ref_gx", global_tokens, hidden);
     const auto ref_stats = ref.forward(x, ref_y, context);
@@ -164,7 +168,8 @@ void run_layout(const ParallelLayout& layout, bool zero_upstream) {
     if (!zero_upstream) CHECK(rows_error(gx, ref_gx, g * tokens_per_rank) < tolerance);
 
     // KL: the global batch's value on every rank (the reference's has G times gamma).
-    CHECK(stats.losses.kl_uniform * token_groups == Catch::Approx(ref_stats.losses.kl_uniform).epsilon(1e-12));
+    CHECK(stats.losses.kl_uniform * token_groups ==
+          Catch::Approx(ref_stats.losses.kl_uniform).epsilon(1e-12));
     CHECK(ref_stats.losses.kl_uniform > 1e-4);
     // Global-batch aux: the token groups' values (one TP rank each) sum to the reference's.
     Kokkos::View<double*, Kokkos::HostSpace> terms("terms", 2);
@@ -178,7 +183,8 @@ void run_layout(const ParallelLayout& layout, bool zero_upstream) {
     // The window's first micro-batch is the Switch term; the second also counts the first's
     // assignments, so the two differ there.
     if (m == 0)
-      CHECK(ref_stats.losses.global_batch_aux == Catch::Approx(ref_stats.losses.switch_aux).epsilon(1e-12));
+      CHECK(ref_stats.losses.global_batch_aux ==
+            Catch::Approx(ref_stats.losses.switch_aux).epsilon(1e-12));
     else
       CHECK(std::abs(ref_stats.losses.global_batch_aux - ref_stats.losses.switch_aux) > 1e-6);
   }

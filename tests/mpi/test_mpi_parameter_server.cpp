@@ -78,7 +78,8 @@ void forward_backward(Layer& layer, int step) {
   Matrix<S, X> x("x", tokens_per_rank, hidden), grad_y("grad_y", tokens_per_rank, hidden),
       y("y", tokens_per_rank, hidden), grad_x("grad_x", tokens_per_rank, hidden);
   fill_normal(x, 1.0, 1000 * std::uint64_t(step) + 2 * std::uint64_t(group));
-  fill_normal(grad_y, 1.0 / tokens_per_rank, 1000 * std::uint64_t(step) + 2 * std::uint64_t(group) + 1);
+  fill_normal(grad_y, 1.0 / tokens_per_rank,
+              1000 * std::uint64_t(step) + 2 * std::uint64_t(group) + 1);
   RouteContext<X> training;
   training.training = true;
   layer.zero_gradients();
@@ -100,7 +101,8 @@ std::pair<double, double> difference(const ParameterList<X, S>& a, const Paramet
 /// Bitwise with one or two workers (the server adds g0 + g1, which the all-reduce's single
 /// addition equals); with three the all-reduce's association is MPI's choice, so equal to
 /// rounding.
-void check_equal(const ParameterList<X, S>& trained, const ParameterList<X, S>& reference, int workers) {
+void check_equal(const ParameterList<X, S>& trained, const ParameterList<X, S>& reference,
+                 int workers) {
   const auto [worst, scale] = difference(trained, reference);
   CAPTURE(worst, scale);
   if (workers <= 2)
@@ -144,7 +146,8 @@ void train_stale_reference(Layer& layer, int steps, int staleness) {
     master_optimizer.step();
     expert_optimizer.step();
     versions.emplace_back();
-    for (const auto& q : master) versions.back().emplace_back(q.value.data(), q.value.data() + q.value.size());
+    for (const auto& q : master)
+      versions.back().emplace_back(q.value.data(), q.value.data() + q.value.size());
   }
   install(versions.back());
 }
@@ -180,7 +183,8 @@ TEST_CASE("synchronous parameter server equals synchronize_gradients and AdamW o
     check_equal(trained->parameters(), reference->parameters(), server.worker_count());
     // The comparison means something only if training moved the replicated tensors.
     CHECK(difference(replicated_parameters(reference->parameters()),
-                     replicated_parameters(initial->parameters())).first > 1e-3);
+                     replicated_parameters(initial->parameters()))
+              .first > 1e-3);
     trained->check_replicas();
   }
 }
@@ -198,7 +202,8 @@ TEST_CASE("bounded staleness s computes with the replicated values of s updates 
         continue;
       }
       const auto groups = ParallelGroups<MpiCommunicator>::create(server.workers(), setup.layout);
-      auto reference = make_layer(groups), trained = make_layer(groups), synchronous = make_layer(groups);
+      auto reference = make_layer(groups), trained = make_layer(groups),
+           synchronous = make_layer(groups);
       train_stale_reference(*reference, steps, staleness);
       train_stale_reference(*synchronous, steps, 0);
       AdamW<X, S> expert_optimizer(expert_parallel_parameters(trained->parameters()), adam);
@@ -243,10 +248,12 @@ TEST_CASE("the toy task converges with stale replicated parameters", "[mpi][para
     ToyLayer layer(BiasRouter({toy_hidden, toy_experts, 2, true, 1.0, {}}),
                    GLU({int(owned.size()), toy_hidden, toy_ffn}), options, std::nullopt, groups);
     fill_normal(layer.parameters(), 0.2, 1);
-    AdamW<X, S> expert_optimizer(expert_parallel_parameters(layer.parameters()), {3e-3, 0.9, 0.999, 1e-8, 0.0});
+    AdamW<X, S> expert_optimizer(expert_parallel_parameters(layer.parameters()),
+                                 {3e-3, 0.9, 0.999, 1e-8, 0.0});
     server.attach(layer);
-    Matrix<S, X> x("x", batch, toy_hidden), target("target", batch, toy_hidden), y("y", batch, toy_hidden),
-        grad_y("grad_y", batch, toy_hidden), grad_x("grad_x", batch, toy_hidden), noise("noise", batch, toy_hidden);
+    Matrix<S, X> x("x", batch, toy_hidden), target("target", batch, toy_hidden),
+        y("y", batch, toy_hidden), grad_y("grad_y", batch, toy_hidden),
+        grad_x("grad_x", batch, toy_hidden), noise("noise", batch, toy_hidden);
     std::vector<double> losses;
     for (int step = 0; step < steps; ++step) {
       fill_normal(noise, 0.1, 100 + std::uint64_t(step) * 64 + std::uint64_t(groups.ep_rank));

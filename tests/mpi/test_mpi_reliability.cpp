@@ -91,8 +91,10 @@ TEST_CASE("a rank that skips a training step's forward makes every rank raise at
   } catch (const kmoe::runtime_error& e) {
     const std::string what = e.what();
     CHECK_THAT(what, ContainsSubstring("the ranks are at different calls of the layer"));
-    CHECK_THAT(what, ContainsSubstring("rank 1 is in backward #2 (calls so far: 1 forward, 2 backward"));
-    CHECK_THAT(what, ContainsSubstring(others_are_in(world, 1, "forward #2 (calls so far: 2 forward, 1 backward")));
+    CHECK_THAT(what,
+               ContainsSubstring("rank 1 is in backward #2 (calls so far: 1 forward, 2 backward"));
+    CHECK_THAT(what, ContainsSubstring(others_are_in(
+                         world, 1, "forward #2 (calls so far: 2 forward, 1 backward")));
   }
 }
 
@@ -113,8 +115,10 @@ TEST_CASE("only one rank calling backward makes every rank raise at the next cal
     FAIL("the mismatched calls completed");
   } catch (const kmoe::runtime_error& e) {
     const std::string what = e.what();
-    CHECK_THAT(what, ContainsSubstring("rank 0 is in backward #1 (calls so far: 1 forward, 1 backward"));
-    CHECK_THAT(what, ContainsSubstring(others_are_in(world, 0, "forward #2 (calls so far: 2 forward, 0 backward")));
+    CHECK_THAT(what,
+               ContainsSubstring("rank 0 is in backward #1 (calls so far: 1 forward, 1 backward"));
+    CHECK_THAT(what, ContainsSubstring(others_are_in(
+                         world, 0, "forward #2 (calls so far: 2 forward, 0 backward")));
   }
 }
 
@@ -168,11 +172,14 @@ TEST_CASE("the watchdog's non-blocking collectives give the blocking ones' resul
   }
 }
 
-TEST_CASE("a collective timeout that differs across ranks raises on every rank", "[mpi][watchdog]") {
+TEST_CASE("a collective timeout that differs across ranks raises on every rank",
+          "[mpi][watchdog]") {
   MpiOptions options;
-  options.collective_timeout = std::chrono::milliseconds(MpiCommunicator::world().rank() == 1 ? 0 : 2000);
-  CHECK_THROWS_WITH(MpiCommunicator::world(options),
-                    ContainsSubstring("options.collective_timeout = rank 0 has 2000 ms, rank 1 has 0 ms"));
+  options.collective_timeout =
+      std::chrono::milliseconds(MpiCommunicator::world().rank() == 1 ? 0 : 2000);
+  CHECK_THROWS_WITH(
+      MpiCommunicator::world(options),
+      ContainsSubstring("options.collective_timeout = rank 0 has 2000 ms, rank 1 has 0 ms"));
 }
 
 /// The parameter called `name` of `layer` (REQUIREs that there is one).
@@ -247,9 +254,8 @@ TEST_CASE("expert replicas that differ across the data-parallel group are named"
   fill_normal(layer.parameters(), 0.3, 11);
   CHECK_NOTHROW(layer.check_replicas());
   if (world.rank() == world.size() - 1) parameter_named(layer, "experts.w_up").value(5) = 0;
-  CHECK_THROWS_WITH(layer.check_replicas(),
-                    ContainsSubstring("ranks of the dp group") &&
-                        ContainsSubstring("'experts.w_up'"));
+  CHECK_THROWS_WITH(layer.check_replicas(), ContainsSubstring("ranks of the dp group") &&
+                                                ContainsSubstring("'experts.w_up'"));
 }
 
 TEST_CASE("expert replicas of different EP ranks are not compared", "[mpi][replicas]") {
@@ -267,13 +273,13 @@ TEST_CASE("an FFN output bias that differs across TP ranks is named", "[mpi][rep
   layout.ep = world.size() / 2;
   const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
   const int experts = 2 * layout.ep;
-  Layer<FFN> layer(Router({hidden, experts, 2}),
-                   FFN({2, hidden, ffn / 2, true}), {}, std::nullopt, groups);
+  Layer<FFN> layer(Router({hidden, experts, 2}), FFN({2, hidden, ffn / 2, true}), {}, std::nullopt,
+                   groups);
   fill_normal(layer.parameters(), 0.3, 11);
   CHECK_NOTHROW(layer.check_replicas());
   if (groups.tp_rank == 1) parameter_named(layer, "experts.b2").value(0) += 1;
-  CHECK_THROWS_WITH(layer.check_replicas(),
-                    ContainsSubstring("ranks of the tp group") && ContainsSubstring("'experts.b2'"));
+  CHECK_THROWS_WITH(layer.check_replicas(), ContainsSubstring("ranks of the tp group") &&
+                                                ContainsSubstring("'experts.b2'"));
 }
 
 TEST_CASE("a configuration mismatch shows each rank's value", "[mpi][configuration]") {
@@ -302,11 +308,11 @@ TEST_CASE("a router setting that differs across ranks is named with each rank's 
   config.temperature = world.rank() == 1 ? 0.5 : 1.0;
   config.group = world.rank() == 1 ? GroupLimit{2, 1, 2} : GroupLimit{};
   const std::string rest = world.size() == 2 ? "rank 0 has " : "ranks 0, 2, 3 have ";
-  CHECK_THROWS_WITH(
-      Layer<>(Router(config), GLU({2, hidden, ffn}), {}, std::nullopt, groups_of(world, world.size(), 1)),
-      ContainsSubstring("router.temperature: " + rest + "1, rank 1 has 0.5") &&
-          ContainsSubstring("router.group.n_group: " + rest + "1, rank 1 has 2") &&
-          ContainsSubstring("every rank must build the same layer"));
+  CHECK_THROWS_WITH(Layer<>(Router(config), GLU({2, hidden, ffn}), {}, std::nullopt,
+                            groups_of(world, world.size(), 1)),
+                    ContainsSubstring("router.temperature: " + rest + "1, rank 1 has 0.5") &&
+                        ContainsSubstring("router.group.n_group: " + rest + "1, rank 1 has 2") &&
+                        ContainsSubstring("every rank must build the same layer"));
 }
 
 TEST_CASE("an expert type mismatch shows each rank's type name", "[mpi][configuration]") {
@@ -322,6 +328,7 @@ TEST_CASE("an expert type mismatch shows each rank's type name", "[mpi][configur
   };
   CHECK_THROWS_WITH(build(), ContainsSubstring("Expert type: ") &&
                                  ContainsSubstring("rank 1 has kmoe::FFNExperts<") &&
-                                 ContainsSubstring(world.size() == 2 ? "rank 0 has kmoe::GLUExperts<"
-                                                                 : "ranks 0, 2, 3 have kmoe::GLUExperts<"));
+                                 ContainsSubstring(world.size() == 2
+                                                       ? "rank 0 has kmoe::GLUExperts<"
+                                                       : "ranks 0, 2, 3 have kmoe::GLUExperts<"));
 }

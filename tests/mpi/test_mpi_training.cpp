@@ -41,8 +41,14 @@ constexpr int hidden = 8, ffn = 12, shared_ffn = 10, experts = 6, top_k = 2, tok
 std::vector<ParallelLayout> layouts_of_world(int world) {
   std::vector<ParallelLayout> all;
   for (auto placement : {Placement::block, Placement::round_robin})
-    for (auto [tp, ep, dp] : {std::array<int, 3>{1, 2, 1}, {2, 1, 1}, {1, 1, 2}, {1, 4, 1},
-                              {1, 2, 2}, {2, 2, 1}, {2, 1, 2}, {1, 1, 4}}) {
+    for (auto [tp, ep, dp] : {std::array<int, 3>{1, 2, 1},
+                              {2, 1, 1},
+                              {1, 1, 2},
+                              {1, 4, 1},
+                              {1, 2, 2},
+                              {2, 2, 1},
+                              {2, 1, 2},
+                              {1, 1, 4}}) {
       ParallelLayout l;
       l.tp = tp, l.ep = ep, l.dp = dp, l.placement = placement;
       if (l.world_size() == world) all.push_back(l);
@@ -51,8 +57,8 @@ std::vector<ParallelLayout> layouts_of_world(int world) {
 }
 
 std::string describe(const ParallelLayout& l) {
-  return "TP" + std::to_string(l.tp) + " EP" + std::to_string(l.ep) + " DP" +
-         std::to_string(l.dp) + " placement " + std::to_string(int(l.placement));
+  return "TP" + std::to_string(l.tp) + " EP" + std::to_string(l.ep) + " DP" + std::to_string(l.dp) +
+         " placement " + std::to_string(int(l.placement));
 }
 
 template <class E>
@@ -97,8 +103,9 @@ void check_layout(const MpiCommunicator& world, const ParallelLayout& layout) {
   for (std::size_t p = 0; p < full.size(); ++p) {
     const bool routed = kmoe::test::is_routed_expert(mine[p].name);
     for (std::size_t i = 0; i < mine[p].value.size(); ++i) {
-      const auto j = kmoe::test::full_index(full[p].shape, mine[p].shape, i, routed ? owned : std::vector<int>{},
-                                routed ? groups.tp_rank : 0);
+      const auto j =
+          kmoe::test::full_index(full[p].shape, mine[p].shape, i,
+                                 routed ? owned : std::vector<int>{}, routed ? groups.tp_rank : 0);
       if (mine[p].value(i) != full[p].value(j)) ++mismatches;
     }
   }
@@ -144,8 +151,9 @@ void check_layout(const MpiCommunicator& world, const ParallelLayout& layout) {
   for (std::size_t p = 0; p < full.size(); ++p) {
     const bool routed = kmoe::test::is_routed_expert(mine[p].name);
     for (std::size_t i = 0; i < mine[p].grad.size(); ++i) {
-      const auto j = kmoe::test::full_index(full[p].shape, mine[p].shape, i, routed ? owned : std::vector<int>{},
-                                routed ? groups.tp_rank : 0);
+      const auto j =
+          kmoe::test::full_index(full[p].shape, mine[p].shape, i,
+                                 routed ? owned : std::vector<int>{}, routed ? groups.tp_rank : 0);
       worst = std::max(worst, std::abs(mine[p].grad(i) - full[p].grad(j)));
       scale = std::max(scale, std::abs(full[p].grad(j)));
     }

@@ -108,7 +108,8 @@ TEMPLATE_LIST_TEST_CASE("parameter groups scale the learning rate and turn weigh
       w[i] -= rate * decay * w[i];
       m[i] = b1 * m[i] + (1 - b1) * g[i];
       v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
-      w[i] -= rate * (m[i] / (1 - std::pow(b1, t))) / (std::sqrt(v[i] / (1 - std::pow(b2, t))) + eps);
+      w[i] -=
+          rate * (m[i] / (1 - std::pow(b1, t))) / (std::sqrt(v[i] / (1 - std::pow(b2, t))) + eps);
     }
   };
   for (int t = 1; t <= 4; ++t) {
@@ -118,11 +119,13 @@ TEMPLATE_LIST_TEST_CASE("parameter groups scale the learning rate and turn weigh
     reference(w_bias, m_b, v_b, host_values(model.g_bias), lr, 0.0, t);
   }
   const auto got_router = host_values(model.w_router), got_bias = host_values(model.w_bias);
-  for (std::size_t i = 0; i < 5; ++i) CHECK(got_router[i] == Catch::Approx(w_router[i]).epsilon(1e-12));
+  for (std::size_t i = 0; i < 5; ++i)
+    CHECK(got_router[i] == Catch::Approx(w_router[i]).epsilon(1e-12));
   for (std::size_t i = 0; i < 3; ++i) CHECK(got_bias[i] == Catch::Approx(w_bias[i]).epsilon(1e-12));
 
   config.groups = {{"router.", std::nullopt, -1.0, true}};
-  CHECK_THROWS_WITH((AdamW<X, double>(model.list(), config)), ContainsSubstring("learning_rate_scale = -1"));
+  CHECK_THROWS_WITH((AdamW<X, double>(model.list(), config)),
+                    ContainsSubstring("learning_rate_scale = -1"));
 }
 
 TEMPLATE_LIST_TEST_CASE("SGD state and a scheduled learning rate", "[optimizer]", ExecutionSpaces) {

@@ -55,7 +55,8 @@ void softmax_cases() {
   CAPTURE(tokens, experts, top_k, normalize);
   using R = SoftmaxTopKRouter<X, S>;
   using Ex = SwiGLUExperts<X, S>;
-  MoELayer<R, Ex> layer(R({16, experts, top_k, normalize, normalize ? 1.0 : 2.5}), Ex({experts, 16, 24}));
+  MoELayer<R, Ex> layer(R({16, experts, top_k, normalize, normalize ? 1.0 : 2.5}),
+                        Ex({experts, 16, 24}));
   RefRouterConfig rc;
   rc.kind = RouterKind::softmax_topk;
   rc.experts = experts;
@@ -67,7 +68,8 @@ void softmax_cases() {
 
 }  // namespace
 
-TEMPLATE_LIST_TEST_CASE("softmax-then-top-k layer matches the reference", "[router]", ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("softmax-then-top-k layer matches the reference", "[router]",
+                        ExecutionSpaces) {
   softmax_cases<TestType, double>();
   softmax_cases<TestType, float>();
 }
@@ -138,7 +140,8 @@ TEMPLATE_LIST_TEST_CASE("sigmoid router without normalisation and top-k-then-sof
   }
 }
 
-TEMPLATE_LIST_TEST_CASE("noisy top-k adds seeded noise in training only", "[router]", ExecutionSpaces) {
+TEMPLATE_LIST_TEST_CASE("noisy top-k adds seeded noise in training only", "[router]",
+                        ExecutionSpaces) {
   using X = TestType;
   using S = double;
   using R = NoisyTopKRouter<X, S>;
@@ -167,7 +170,8 @@ TEMPLATE_LIST_TEST_CASE("noisy top-k adds seeded noise in training only", "[rout
       noise(t, e) = R::noise(1234, 3, t, e);
       for (int h = 0; h < 8; ++h) noise_logits(t, e) += xr(t, h) * wn(e, h);
     }
-  const auto cmp = compare_forward(layer, rc, x, y_train, train_stats, &gate, nullptr, &noise, &noise_logits);
+  const auto cmp =
+      compare_forward(layer, rc, x, y_train, train_stats, &gate, nullptr, &noise, &noise_logits);
   CHECK(cmp.output_error < 1e-6);
   CHECK(relative_error(to_ref(y_train), to_ref(y_eval)) > 1e-3);  // the noise changed something
 }
@@ -212,7 +216,8 @@ BalanceLosses reference_losses(const RefMatrix& logits, const RefRouting& routin
     double sum = 0, largest = logits(t, 0);
     for (int e = 0; e < E; ++e) largest = std::max(largest, logits(t, e));
     for (int e = 0; e < E; ++e)
-      sum += p(t, e) = sigmoid ? 1 / (1 + std::exp(-logits(t, e))) : std::exp(logits(t, e) - largest);
+      sum += p(t, e) =
+          sigmoid ? 1 / (1 + std::exp(-logits(t, e))) : std::exp(logits(t, e) - largest);
     for (int e = 0; e < E; ++e) p(t, e) /= sum;
   }
   const auto term = [&](int first, int count) {
@@ -230,7 +235,8 @@ BalanceLosses reference_losses(const RefMatrix& logits, const RefRouting& routin
   BalanceLosses out;
   out.switch_aux = c.switch_aux * term(0, T);
   double sequences = 0;
-  for (int first = 0; first < T; first += c.sequence_length) sequences += term(first, c.sequence_length);
+  for (int first = 0; first < T; first += c.sequence_length)
+    sequences += term(first, c.sequence_length);
   out.sequence_aux = c.sequence_aux * sequences / (T / c.sequence_length);
   double z = 0;
   for (int t = 0; t < T; ++t) {

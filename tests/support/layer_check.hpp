@@ -33,8 +33,11 @@ std::vector<double> row_to_vector(const View2& v, int e) {
 
 template <class X, class S, class A, class G>
 RefExpertWeights expert_weights(const GLUExperts<X, S, A, G>& experts, int e) {
-  return {slice_to_ref(experts.w_gate().value, e), slice_to_ref(experts.w_up().value, e),
-          slice_to_ref(experts.w_down().value, e), {}, {}};
+  return {slice_to_ref(experts.w_gate().value, e),
+          slice_to_ref(experts.w_up().value, e),
+          slice_to_ref(experts.w_down().value, e),
+          {},
+          {}};
 }
 
 template <class X, class S, class A, class G>
@@ -45,9 +48,9 @@ RefExpertWeights expert_weights(const FFNExperts<X, S, A, G>& experts, int e) {
 
 template <class Experts>
 constexpr ExpertKind expert_kind_of() {
-  return std::is_same_v<Experts, GLUExperts<typename Experts::execution_space,
-                                            typename Experts::scalar_type,
-                                            typename Experts::activation_type>>
+  return std::is_same_v<Experts,
+                        GLUExperts<typename Experts::execution_space, typename Experts::scalar_type,
+                                   typename Experts::activation_type>>
              ? ExpertKind::glu
              : ExpertKind::ffn;
 }
@@ -85,13 +88,13 @@ struct ForwardComparison {
 /// Forward of `layer` on x; reference routing from the layer's own logits (checked
 /// separately against x W^T) so that float rounding cannot flip a near-tie.
 template <class Layer>
-ForwardComparison compare_forward(Layer& layer, const RefRouterConfig& rc,
-                                  const ConstMatrix<typename Layer::scalar_type, typename Layer::execution_space>& x,
-                                  const Matrix<typename Layer::scalar_type, typename Layer::execution_space>& y,
-                                  const ForwardStats& stats, const RefMatrix* gate_weight,
-                                  const std::vector<std::int64_t>* token_ids = nullptr,
-                                  const RefMatrix* noise = nullptr,
-                                  const RefMatrix* noise_logits = nullptr) {
+ForwardComparison compare_forward(
+    Layer& layer, const RefRouterConfig& rc,
+    const ConstMatrix<typename Layer::scalar_type, typename Layer::execution_space>& x,
+    const Matrix<typename Layer::scalar_type, typename Layer::execution_space>& y,
+    const ForwardStats& stats, const RefMatrix* gate_weight,
+    const std::vector<std::int64_t>* token_ids = nullptr, const RefMatrix* noise = nullptr,
+    const RefMatrix* noise_logits = nullptr) {
   using Experts = std::decay_t<decltype(layer.experts())>;
   ForwardComparison out;
   const RefMatrix xr = to_ref(x);
@@ -111,7 +114,10 @@ ForwardComparison compare_forward(Layer& layer, const RefRouterConfig& rc,
   const RefRouting routing = ref_route(rc, logits, noise, noise_logits, token_ids);
   const int k = layer.router().slots_per_token();
   const auto& cap = layer.options().capacity;
-  const long long C = cap.dropless() ? -1 : std::max<long long>((long long)std::ceil(double(k) * T * cap.factor / E), cap.minimum);
+  const long long C =
+      cap.dropless()
+          ? -1
+          : std::max<long long>((long long)std::ceil(double(k) * T * cap.factor / E), cap.minimum);
   const auto kept = ref_capacity(routing, E, C, cap.drop == DropPolicy::by_probability);
   std::vector<RefExpertWeights> w;
   for (int e = 0; e < E; ++e) w.push_back(expert_weights(layer.experts(), e));

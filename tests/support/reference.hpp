@@ -35,15 +35,18 @@ struct RefRouterConfig {
 };
 
 struct RefRouting {
-  std::vector<std::vector<int>> expert;      // per token, chosen experts in slot order
-  std::vector<std::vector<double>> weight;   // matching weights
+  std::vector<std::vector<int>> expert;     // per token, chosen experts in slot order
+  std::vector<std::vector<double>> weight;  // matching weights
 };
 
 inline double ref_act(ActKind a, double x) {
   switch (a) {
-    case ActKind::relu: return x > 0 ? x : 0;
-    case ActKind::silu: return x / (1 + std::exp(-x));
-    case ActKind::gelu_erf: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    case ActKind::relu:
+      return x > 0 ? x : 0;
+    case ActKind::silu:
+      return x / (1 + std::exp(-x));
+    case ActKind::gelu_erf:
+      return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
     case ActKind::gelu_tanh:
       return 0.5 * x * (1 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
   }
@@ -99,7 +102,8 @@ inline std::vector<bool> ref_group_mask(const std::vector<double>& score, int n_
 /// Routes T tokens given logits [T, E] (noise: the standard normal samples and the noise
 /// gate's logits, used by noisy top-k in training; token_ids for hash routing).
 inline RefRouting ref_route(const RefRouterConfig& c, const RefMatrix& logits,
-                            const RefMatrix* noise = nullptr, const RefMatrix* noise_logits = nullptr,
+                            const RefMatrix* noise = nullptr,
+                            const RefMatrix* noise_logits = nullptr,
                             const std::vector<std::int64_t>* token_ids = nullptr) {
   const int T = logits.rows, E = c.experts;
   RefRouting out;
@@ -136,7 +140,8 @@ inline RefRouting ref_route(const RefRouterConfig& c, const RefMatrix& logits,
     const std::vector<bool> all(E, true);
     if (c.kind == RouterKind::softmax_topk) {
       const auto p = ref_softmax(l);
-      const auto chosen = ref_top(p, c.top_k, ref_group_mask(p, c.n_group, c.topk_group, c.group_terms));
+      const auto chosen =
+          ref_top(p, c.top_k, ref_group_mask(p, c.n_group, c.topk_group, c.group_terms));
       double z = 0;
       for (int e : chosen) z += p[e];
       for (int e : chosen) {

@@ -33,7 +33,8 @@ using CudaSpaces =
     std::tuple<>;
 #endif
 
-using ExecutionSpaces = typename type_list_cat<
-    typename type_list_cat<SerialSpaces, OpenMPSpaces>::type, CudaSpaces>::type;
+using ExecutionSpaces =
+    typename type_list_cat<typename type_list_cat<SerialSpaces, OpenMPSpaces>::type,
+                           CudaSpaces>::type;
 
 }  // namespace kmoe::test

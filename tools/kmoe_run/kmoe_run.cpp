@@ -104,7 +104,8 @@ int parse_int(const std::string& flag, const std::string& text, int minimum) {
     used = 0;
   }
   if (used != text.size() || text.empty() || value < minimum || value > 0x7fffffff)
-    throw UsageError{flag + " needs an integer >= " + std::to_string(minimum) + ", got '" + text + "'"};
+    throw UsageError{flag + " needs an integer >= " + std::to_string(minimum) + ", got '" + text +
+                     "'"};
   return int(value);
 }
 
@@ -130,15 +131,24 @@ bool parse(int argc, char** argv, Options& o) {
     }
     if (i + 1 >= argc) throw UsageError{flag + " needs a value"};
     const std::string value = argv[++i];
-    if (flag == "--model") o.model = value;
-    else if (flag == "--layer") o.layer = parse_int(flag, value, 0);
-    else if (flag == "--input") o.input = value;
-    else if (flag == "--output") o.output = value;
-    else if (flag == "--grad-output") o.grad_output = value;
-    else if (flag == "--grads") o.grads = value;
-    else if (flag == "--threads") o.threads = parse_int(flag, value, 1);
-    else if (flag == "--repeats") o.repeats = parse_int(flag, value, 1);
-    else throw UsageError{"unknown argument '" + flag + "'"};
+    if (flag == "--model")
+      o.model = value;
+    else if (flag == "--layer")
+      o.layer = parse_int(flag, value, 0);
+    else if (flag == "--input")
+      o.input = value;
+    else if (flag == "--output")
+      o.output = value;
+    else if (flag == "--grad-output")
+      o.grad_output = value;
+    else if (flag == "--grads")
+      o.grads = value;
+    else if (flag == "--threads")
+      o.threads = parse_int(flag, value, 1);
+    else if (flag == "--repeats")
+      o.repeats = parse_int(flag, value, 1);
+    else
+      throw UsageError{"unknown argument '" + flag + "'"};
   }
   if (o.model.empty()) throw UsageError{"--model is required"};
   if (o.layer < 0) throw UsageError{"--layer is required"};
@@ -174,8 +184,8 @@ kmoe::Matrix<S, X> read_hidden(const std::string& path, const models::MoEBlockCo
     for (std::size_t h = 0; h < host.extent(1); ++h)
       if (!std::isfinite(host(t, h)))
         throw kmoe::runtime_error("kmoe-run: " + path + ": \"hidden_states\" element (" +
-                                  std::to_string(t) + ", " + std::to_string(h) + ") = " +
-                                  std::to_string(host(t, h)) + " is not finite");
+                                  std::to_string(t) + ", " + std::to_string(h) +
+                                  ") = " + std::to_string(host(t, h)) + " is not finite");
   Kokkos::deep_copy(m, host);
   return m;
 }
@@ -186,7 +196,8 @@ kmoe::Matrix<S, X> read_hidden(const std::string& path, const models::MoEBlockCo
 template <class S>
 void require_finite_f32(const S* data, std::size_t count, const std::string& what) {
   for (std::size_t i = 0; i < count; ++i)
-    if (!std::isfinite(data[i]) || std::abs(double(data[i])) > double(std::numeric_limits<float>::max()))
+    if (!std::isfinite(data[i]) ||
+        std::abs(double(data[i])) > double(std::numeric_limits<float>::max()))
       throw kmoe::runtime_error("kmoe-run: " + what + " element " + std::to_string(i) + " = " +
                                 std::to_string(double(data[i])) +
                                 " is not finite in F32 (inputs too large?); nothing was written");
@@ -286,7 +297,8 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
     add_f32(*grads, "hidden_states", grad_x, "the input gradient");
     models::visit_checkpoint_tensors(
         layer, b, true,
-        [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape, const S* data) {
+        [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape,
+            const S* data) {
           const auto count = std::accumulate(shape.begin(), shape.end(), std::int64_t(1),
                                              std::multiplies<std::int64_t>());
           require_finite_f32(data, std::size_t(count), "the gradient of " + t.checkpoint);
@@ -301,8 +313,8 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   if (staged_grads) staged_grads->commit();
 
   std::printf("model %s, layer %d: T=%d H=%d experts=%d top-k=%d%s, %s\n", b.model_type.c_str(),
-              b.layer, tokens, b.hidden, b.experts, b.top_k,
-              b.shared_ffn > 0 ? " +shared" : "", o.use_double ? "double" : "float");
+              b.layer, tokens, b.hidden, b.experts, b.top_k, b.shared_ffn > 0 ? " +shared" : "",
+              o.use_double ? "double" : "float");
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
   std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());

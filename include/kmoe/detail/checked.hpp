@@ -24,8 +24,7 @@ constexpr std::int64_t max_size = std::numeric_limits<std::int64_t>::max() / 2;
 inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* where,
                                 const char* parameter, std::int64_t limit = max_size) {
   const auto shown = [&] { return std::to_string(a) + " x " + std::to_string(b); };
-  if (a < 0 || b < 0)
-    throw invalid_argument(where, parameter, shown(), "sizes must be >= 0");
+  if (a < 0 || b < 0) throw invalid_argument(where, parameter, shown(), "sizes must be >= 0");
   if (a != 0 && b > limit / a)
     throw invalid_argument(where, parameter, shown(),
                            "the product exceeds " + std::to_string(limit));
@@ -33,9 +32,8 @@ inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* wher
 }
 
 /// a * b * c with the same checks (the intermediate product is checked too).
-inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, std::int64_t c,
-                                const char* where, const char* parameter,
-                                std::int64_t limit = max_size) {
+inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, std::int64_t c, const char* where,
+                                const char* parameter, std::int64_t limit = max_size) {
   const auto shown = [&] {
     return std::to_string(a) + " x " + std::to_string(b) + " x " + std::to_string(c);
   };
@@ -51,18 +49,15 @@ inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, std::int64_t c,
 inline std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* where,
                                 const char* parameter, std::int64_t limit = max_size) {
   const auto shown = [&] { return std::to_string(a) + " + " + std::to_string(b); };
-  if (a < 0 || b < 0)
-    throw invalid_argument(where, parameter, shown(), "sizes must be >= 0");
+  if (a < 0 || b < 0) throw invalid_argument(where, parameter, shown(), "sizes must be >= 0");
   if (a > limit - b)
-    throw invalid_argument(where, parameter, shown(),
-                           "the sum exceeds " + std::to_string(limit));
+    throw invalid_argument(where, parameter, shown(), "the sum exceeds " + std::to_string(limit));
   return a + b;
 }
 
 /// `value` rounded up to a multiple of `alignment` (>= 1), checked.
-inline std::int64_t checked_round_up(std::int64_t value, std::int64_t alignment,
-                                     const char* where, const char* parameter,
-                                     std::int64_t limit = max_size) {
+inline std::int64_t checked_round_up(std::int64_t value, std::int64_t alignment, const char* where,
+                                     const char* parameter, std::int64_t limit = max_size) {
   const std::int64_t padded = checked_add(value, alignment - 1, where, parameter, limit);
   return padded / alignment * alignment;
 }

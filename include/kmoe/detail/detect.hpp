@@ -20,9 +20,13 @@ template <template <class...> class Op, class... Args>
 inline constexpr bool is_detected_v = detector<void, Op, Args...>::value;
 
 template <class Default, class, template <class...> class Op, class... Args>
-struct detected_or { using type = Default; };
+struct detected_or {
+  using type = Default;
+};
 template <class Default, template <class...> class Op, class... Args>
-struct detected_or<Default, std::void_t<Op<Args...>>, Op, Args...> { using type = Op<Args...>; };
+struct detected_or<Default, std::void_t<Op<Args...>>, Op, Args...> {
+  using type = Op<Args...>;
+};
 
 /// Op<Args...> when well formed, else Default.
 template <class Default, template <class...> class Op, class... Args>
@@ -33,18 +37,24 @@ using detected_or_t = typename detected_or<Default, void, Op, Args...>::type;
 struct missing_type {};
 using fallback_space = Kokkos::DefaultHostExecutionSpace;
 
-template <class T> using execution_space_of = typename T::execution_space;
-template <class T> using scalar_type_of = typename T::scalar_type;
+template <class T>
+using execution_space_of = typename T::execution_space;
+template <class T>
+using scalar_type_of = typename T::scalar_type;
 
 template <class T, class = void>
-struct space_or_fallback { using type = fallback_space; };
+struct space_or_fallback {
+  using type = fallback_space;
+};
 template <class T>
 struct space_or_fallback<T, std::void_t<typename T::execution_space>> {
   using type = std::conditional_t<Kokkos::is_execution_space<typename T::execution_space>::value,
                                   typename T::execution_space, fallback_space>;
 };
 template <class T, class = void>
-struct scalar_or_fallback { using type = float; };
+struct scalar_or_fallback {
+  using type = float;
+};
 template <class T>
 struct scalar_or_fallback<T, std::void_t<typename T::scalar_type>> {
   using type = std::conditional_t<is_supported_scalar_v<typename T::scalar_type>,

@@ -14,15 +14,42 @@ namespace kmath = ::Kokkos;
 namespace kmath = ::Kokkos::Experimental;
 #endif
 
-template <class T> KOKKOS_INLINE_FUNCTION T exp(T x) { return kmath::exp(x); }
-template <class T> KOKKOS_INLINE_FUNCTION T log(T x) { return kmath::log(x); }
-template <class T> KOKKOS_INLINE_FUNCTION T log1p(T x) { return kmath::log1p(x); }
-template <class T> KOKKOS_INLINE_FUNCTION T tanh(T x) { return kmath::tanh(x); }
-template <class T> KOKKOS_INLINE_FUNCTION T erf(T x) { return kmath::erf(x); }
-template <class T> KOKKOS_INLINE_FUNCTION T sqrt(T x) { return kmath::sqrt(x); }
-template <class T> KOKKOS_INLINE_FUNCTION T abs(T x) { return x < T(0) ? -x : x; }
-template <class T> KOKKOS_INLINE_FUNCTION T cos(T x) { return kmath::cos(x); }
-template <class T> KOKKOS_INLINE_FUNCTION bool isfinite(T x) { return kmath::isfinite(x); }
+template <class T>
+KOKKOS_INLINE_FUNCTION T exp(T x) {
+  return kmath::exp(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T log(T x) {
+  return kmath::log(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T log1p(T x) {
+  return kmath::log1p(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T tanh(T x) {
+  return kmath::tanh(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T erf(T x) {
+  return kmath::erf(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T sqrt(T x) {
+  return kmath::sqrt(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T abs(T x) {
+  return x < T(0) ? -x : x;
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T cos(T x) {
+  return kmath::cos(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION bool isfinite(T x) {
+  return kmath::isfinite(x);
+}
 
 /// Logistic sigmoid, evaluated so that neither branch overflows.
 template <class T>

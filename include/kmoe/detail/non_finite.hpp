@@ -20,11 +20,12 @@ namespace kmoe::detail {
 template <class X, class Logits, class Weight>
 std::int64_t first_non_finite(const Logits& logits, const Weight& weight) {
   using route_type = typename Logits::non_const_value_type;
-  const std::int64_t n_logits = std::int64_t(logits.size()), n_weights = std::int64_t(weight.size());
+  const std::int64_t n_logits = std::int64_t(logits.size()),
+                     n_weights = std::int64_t(weight.size());
   std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
   Kokkos::parallel_reduce(
       "kmoe::MoELayer::check_finite", Kokkos::RangePolicy<X>(0, n_logits + n_weights),
-      KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
+      KOKKOS_LAMBDA(std::int64_t i, std::int64_t & found) {
         const route_type v = i < n_logits ? logits.data()[i] : weight.data()[i - n_logits];
         if (!detail::isfinite(v) && i < found) found = i;
       },
@@ -52,7 +53,7 @@ std::int64_t first_non_finite_element(const View& v) {
   std::int64_t first = 0;  // the reducer starts from the largest int64: "none found"
   Kokkos::parallel_reduce(
       "kmoe::MoELayer::check_finite_result", Kokkos::RangePolicy<X>(0, n),
-      KOKKOS_LAMBDA(std::int64_t i, std::int64_t& found) {
+      KOKKOS_LAMBDA(std::int64_t i, std::int64_t & found) {
         if (!detail::isfinite(flat_element(v, i, cols)) && i < found) found = i;
       },
       Kokkos::Min<std::int64_t>(first));
@@ -77,9 +78,8 @@ void raise_if_non_finite(const View& v, const char* where, const std::string& wh
     value = double(Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), one)());
     position = "at element " + std::to_string(first);
   }
-  throw runtime_error(std::string(where) + ": non-finite " + what + " " + to_display(value) +
-                      " " + position +
-                      " (set LayerOptions::non_finite = propagate to let it through)");
+  throw runtime_error(std::string(where) + ": non-finite " + what + " " + to_display(value) + " " +
+                      position + " (set LayerOptions::non_finite = propagate to let it through)");
 }
 
 /// Throws kmoe::runtime_error naming the first non-finite router logit (token, expert) or
@@ -89,15 +89,16 @@ void raise_if_non_finite_routing(const RoutingPlan<X, S>& plan) {
   const auto logits = plan.logits;
   const auto weight = plan.weight;
   const int experts = int(logits.extent(1)), slots = int(weight.extent(1));
-  const std::int64_t n_logits = std::int64_t(logits.size()), n_weights = std::int64_t(weight.size());
+  const std::int64_t n_logits = std::int64_t(logits.size()),
+                     n_weights = std::int64_t(weight.size());
   const std::int64_t first = first_non_finite<X>(logits, weight);
   if (first >= n_logits + n_weights) return;
   std::string what;
   if (first < n_logits) {
     auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), logits);
     const auto t = first / experts, e = first % experts;
-    what = "non-finite router logit " + to_display(host(t, e)) + " at token " +
-           std::to_string(t) + ", expert " + std::to_string(e);
+    what = "non-finite router logit " + to_display(host(t, e)) + " at token " + std::to_string(t) +
+           ", expert " + std::to_string(e);
   } else {
     auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), weight);
     auto chosen = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), plan.expert);

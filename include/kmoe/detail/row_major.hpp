@@ -26,15 +26,15 @@ bool overlaps(const A& a, const B& b) {
 /// True when element (i, j) of `v` sits at data() + i * extent(1) + j.
 template <class View>
 bool is_row_major_contiguous(const View& v) {
-  return (v.extent(1) <= 1 || v.stride(1) == 1) &&
-         (v.extent(0) <= 1 || v.stride(0) == v.extent(1));
+  return (v.extent(1) <= 1 || v.stride(1) == 1) && (v.extent(0) <= 1 || v.stride(0) == v.extent(1));
 }
 
 /// Compile-time rules for a view passed to the layer: rank 2, scalar S, memory of X.
 template <class View, class S, class X>
 constexpr bool check_layer_view() {
   static_assert(Kokkos::is_view<View>::value, "kmoe::MoELayer: arguments must be Kokkos views");
-  static_assert(unsigned(View::rank) == 2u, "kmoe::MoELayer: arguments must be rank-2 views [T, H]");
+  static_assert(unsigned(View::rank) == 2u,
+                "kmoe::MoELayer: arguments must be rank-2 views [T, H]");
   static_assert(std::is_same_v<std::remove_const_t<typename View::value_type>, S>,
                 "kmoe::MoELayer: a view's value type must be the layer's scalar_type");
   static_assert(std::is_same_v<typename View::memory_space, typename X::memory_space>,

@@ -56,8 +56,8 @@ KOKKOS_INLINE_FUNCTION std::uint64_t select_groups(int experts, int groups, int 
   Real group_score[max_groups];
   for (int g = 0; g < groups; ++g) {
     IndexBuffer<max_group_score_terms> best;
-    const int n = select_top_k(g * group_size, (g + 1) * group_size, terms, score,
-                               [](int) { return true; }, best);
+    const int n = select_top_k(
+        g * group_size, (g + 1) * group_size, terms, score, [](int) { return true; }, best);
     group_score[g] = 0;
     for (int j = 0; j < n; ++j) group_score[g] += score(best(j));
   }

@@ -27,7 +27,7 @@ std::int64_t count_routed(const Expert& expert) {
   std::int64_t routed = 0;
   Kokkos::parallel_reduce(
       "kmoe::MoELayer::check_accounting", Kokkos::RangePolicy<X>(0, expert.size()),
-      KOKKOS_LAMBDA(std::size_t i, std::int64_t& count) {
+      KOKKOS_LAMBDA(std::size_t i, std::int64_t & count) {
         if (expert(i / slots, i % slots) >= 0) ++count;
       },
       routed);
@@ -107,8 +107,7 @@ class Dispatch {
         });
     // 3. Stable scatter of flat indices into key order.
     Kokkos::parallel_for(
-        "kmoe::Dispatch::scatter", Kokkos::RangePolicy<ExecSpace>(0, chunks),
-        KOKKOS_LAMBDA(int b) {
+        "kmoe::Dispatch::scatter", Kokkos::RangePolicy<ExecSpace>(0, chunks), KOKKOS_LAMBDA(int b) {
           const int end = (b + 1) * chunk < assignments ? (b + 1) * chunk : assignments;
           for (int i = b * chunk; i < end; ++i) {
             const int key = key_at(i);

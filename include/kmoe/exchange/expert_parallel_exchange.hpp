@@ -27,8 +27,8 @@ namespace detail {
 /// each expert row (-1 for padding) the receive-order row it holds and, when `link` is not
 /// empty (deduplicated dispatch), the received row of its token, first(p) + link(receive row).
 template <class X, class Blocks, class Map, class Link, class First>
-void map_expert_rows(const Blocks& blocks, int local, const Map& receive_row,
-                     const Map& token_row, const Link& link, const First& first) {
+void map_expert_rows(const Blocks& blocks, int local, const Map& receive_row, const Map& token_row,
+                     const Link& link, const First& first) {
   using Team = typename Kokkos::TeamPolicy<X>::member_type;
   const bool deduplicated = link.extent(0) > 0;
   Kokkos::deep_copy(receive_row, -1);
@@ -56,9 +56,8 @@ void gather_mapped_rows(const Map& map, const In& in, const Out& out) {
       "kmoe::MoELayer::gather_mapped_rows", Kokkos::TeamPolicy<X>(int(out.extent(0)), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
         const int r = team.league_rank(), from = map(r);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width), [&](int h) {
-          out(r, h) = from < 0 ? S(0) : in(from, h);
-        });
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width),
+                             [&](int h) { out(r, h) = from < 0 ? S(0) : in(from, h); });
       });
 }
 
@@ -72,9 +71,8 @@ void scatter_mapped_rows(const Map& map, const In& in, const Out& out) {
       KOKKOS_LAMBDA(const Team& team) {
         const int r = team.league_rank(), to = map(r);
         if (to < 0) return;
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width), [&](int h) {
-          out(to, h) = in(r, h);
-        });
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width),
+                             [&](int h) { out(to, h) = in(r, h); });
       });
 }
 
@@ -193,9 +191,9 @@ class ExpertParallelExchange {
     const int experts = int(key_host_.size());
     send_rows_.assign(ranks, 0);
     std::vector<std::int64_t> send_counts(ranks), recv_counts(ranks, per_peer);
-    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send",
-                           std::size_t(experts + ranks));
-    detail::ensure_extents(count_recv_, "kmoe::MoELayer::count_recv", std::size_t(ranks) * per_peer);
+    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send", std::size_t(experts + ranks));
+    detail::ensure_extents(count_recv_, "kmoe::MoELayer::count_recv",
+                           std::size_t(ranks) * per_peer);
     auto send_host = Kokkos::create_mirror_view(count_send_);
     for (int r = 0, key = 0, at = 0; r < ranks; ++r) {
       send_counts[r] = local_count_[r] + 1;
@@ -214,7 +212,8 @@ class ExpertParallelExchange {
     // expert_offset in the expert buffer, where expert j's segment is padded to alignment.
     const int alignment = alignment_;
     recv_rows_.assign(ranks, 0);
-    segments_.offsets_host = Kokkos::View<int*, Kokkos::HostSpace>("kmoe::MoELayer::segments", local + 1);
+    segments_.offsets_host =
+        Kokkos::View<int*, Kokkos::HostSpace>("kmoe::MoELayer::segments", local + 1);
     auto blocks = Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace>(
         "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
     std::vector<std::int64_t> recv_begin(ranks + 1, 0);
@@ -266,10 +265,10 @@ class ExpertParallelExchange {
   /// Starts the payload exchange of the planned rows (after exchange_counts); the caller
   /// waits on the request (and may compute meanwhile) before arrive().
   Request dispatch_start() {
-    return deduplicated() ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_,
-                                           recv_token_rows_, "kmoe::MoELayer::recv_x")
-                          : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_,
-                                           "kmoe::MoELayer::recv_x");
+    return deduplicated()
+               ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_, recv_token_rows_,
+                                "kmoe::MoELayer::recv_x")
+               : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
   }
 
   /// The received rows in the expert order (segments()), after the dispatch's wait.
@@ -313,7 +312,8 @@ class ExpertParallelExchange {
   }
 
  private:
-  using FlatView = Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  using FlatView =
+      Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
 
   template <class View>
   static FlatView flat(const View& v) {

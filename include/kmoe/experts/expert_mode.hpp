@@ -28,8 +28,8 @@ struct StackedWeight {
   int ffn_axis = -1;  ///< 1 when `out` is F (H -> F projections), 2 when `in` is F
 
   StackedWeight() = default;
-  StackedWeight(const std::string& n, int experts, int out, int in, ParameterRole r = ParameterRole::other,
-                int f_axis = -1)
+  StackedWeight(const std::string& n, int experts, int out, int in,
+                ParameterRole r = ParameterRole::other, int f_axis = -1)
       : value(Kokkos::view_alloc(n), experts, out, in),
         grad(Kokkos::view_alloc(n + ".grad"), experts, out, in),
         name(n),
@@ -61,7 +61,8 @@ struct StackedBias {
   bool enabled() const { return value.extent(0) > 0; }
   void collect(ParameterList<ExecSpace, Scalar>& list) const {
     if (enabled())
-      list.push_back(make_parameter<ExecSpace>(name, value, grad, ParameterRole::bias, 0, ffn_axis));
+      list.push_back(
+          make_parameter<ExecSpace>(name, value, grad, ParameterRole::bias, 0, ffn_axis));
   }
 };
 

@@ -8,8 +8,8 @@
 #include <kmoe/error.hpp>
 #include <kmoe/experts/expert_mode.hpp>
 #include <kmoe/experts/glu.hpp>
-#include <kmoe/gemm/segmented.hpp>
 #include <kmoe/gemm.hpp>
+#include <kmoe/gemm/segmented.hpp>
 
 namespace kmoe {
 
@@ -20,8 +20,8 @@ template <class ExecSpace, class Owner, class Bias, class Out>
 void add_row_bias(const Owner& owner, const Bias& bias, int rows, const Out& out) {
   Kokkos::parallel_for(
       "kmoe::FFNExperts::add_bias",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
-          {0, 0}, {std::int64_t(rows), std::int64_t(out.extent(1))}),
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {std::int64_t(rows),
+                                                                 std::int64_t(out.extent(1))}),
       KOKKOS_LAMBDA(std::int64_t r, std::int64_t j) { out(r, j) += bias(owner(r), j); });
 }
 }  // namespace detail
@@ -37,8 +37,10 @@ class FFNExperts {
 
   explicit FFNExperts(const ExpertShape& shape, const std::string& name = "experts")
       : shape_(detail::validated_expert_shape("kmoe::FFNExperts", shape)),
-        w1_(name + ".w1", shape.experts, shape.ffn, shape.hidden, ParameterRole::input_projection, 1),
-        w2_(name + ".w2", shape.experts, shape.hidden, shape.ffn, ParameterRole::output_projection, 2),
+        w1_(name + ".w1", shape.experts, shape.ffn, shape.hidden, ParameterRole::input_projection,
+            1),
+        w2_(name + ".w2", shape.experts, shape.hidden, shape.ffn, ParameterRole::output_projection,
+            2),
         b1_(name + ".b1", shape.experts, shape.ffn, shape.bias, 1),
         b2_(name + ".b2", shape.experts, shape.hidden, shape.bias) {}
 
@@ -55,7 +57,9 @@ class FFNExperts {
   /// so only one rank may add it. Its gradient is the full one on every rank either way.
   void apply_output_bias(bool apply) { apply_output_bias_ = apply; }
   /// The parameters that are not split over F (b2): replicas across the TP group.
-  void collect_unsplit_parameters(ParameterList<ExecSpace, Scalar>& list) const { b2_.collect(list); }
+  void collect_unsplit_parameters(ParameterList<ExecSpace, Scalar>& list) const {
+    b2_.collect(list);
+  }
 
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                const Matrix<Scalar, ExecSpace>& y, ExpertMode mode) {
@@ -85,7 +89,7 @@ class FFNExperts {
     gemm::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w2_.grad);
     if (b2_.enabled()) gemm::segment_bias_gradient(segments, grad_y, b2_.grad);
     gemm::segment_times_weight<Gemm>(segments, grad_y, w2_.value, false, Scalar(1), Scalar(0),
-                                       hidden_);
+                                     hidden_);
     Kokkos::parallel_for(
         "kmoe::FFNExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
         KOKKOS_LAMBDA(std::size_t i) {
@@ -94,7 +98,7 @@ class FFNExperts {
     gemm::segment_weight_gradient<Gemm>(segments, pre_, x, w1_.grad);
     if (b1_.enabled()) gemm::segment_bias_gradient(segments, pre_, b1_.grad);
     gemm::segment_times_weight<Gemm>(segments, pre_, w1_.value, false, Scalar(1), Scalar(0),
-                                       grad_x);
+                                     grad_x);
   }
 
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {

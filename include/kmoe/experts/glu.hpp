@@ -8,15 +8,15 @@
 #include <kmoe/detail/checked.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/experts/expert_mode.hpp>
-#include <kmoe/gemm/segmented.hpp>
 #include <kmoe/gemm.hpp>
+#include <kmoe/gemm/segmented.hpp>
 
 namespace kmoe {
 
 struct ExpertShape {
-  int experts = 0;  ///< experts held by this object (the local ones under expert parallelism)
-  int hidden = 0;   ///< H
-  int ffn = 0;      ///< F (this rank's share under expert tensor parallelism)
+  int experts = 0;    ///< experts held by this object (the local ones under expert parallelism)
+  int hidden = 0;     ///< H
+  int ffn = 0;        ///< F (this rank's share under expert tensor parallelism)
   bool bias = false;  ///< FFN experts only: add b1 [F] and b2 [H]
 };
 
@@ -67,8 +67,8 @@ class GLUExperts {
         KOKKOS_LAMBDA(std::size_t i) {
           hidden.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
         });
-    gemm::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1),
-                                       Scalar(0), y);
+    gemm::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1), Scalar(0),
+                                     y);
     if (mode == ExpertMode::recompute) release_saved();
   }
 
@@ -85,8 +85,8 @@ class GLUExperts {
         });
     gemm::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w_down_.grad);
     // hidden_ now receives dL/dhidden; gate_ and up_ are overwritten by their gradients.
-    gemm::segment_times_weight<Gemm>(segments, grad_y, w_down_.value, false, Scalar(1),
-                                       Scalar(0), hidden_);
+    gemm::segment_times_weight<Gemm>(segments, grad_y, w_down_.value, false, Scalar(1), Scalar(0),
+                                     hidden_);
     Kokkos::parallel_for(
         "kmoe::GLUExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
         KOKKOS_LAMBDA(std::size_t i) {
@@ -96,10 +96,10 @@ class GLUExperts {
         });
     gemm::segment_weight_gradient<Gemm>(segments, gate_, x, w_gate_.grad);
     gemm::segment_weight_gradient<Gemm>(segments, up_, x, w_up_.grad);
-    gemm::segment_times_weight<Gemm>(segments, gate_, w_gate_.value, false, Scalar(1),
-                                       Scalar(0), grad_x);
+    gemm::segment_times_weight<Gemm>(segments, gate_, w_gate_.value, false, Scalar(1), Scalar(0),
+                                     grad_x);
     gemm::segment_times_weight<Gemm>(segments, up_, w_up_.value, false, Scalar(1), Scalar(1),
-                                       grad_x);
+                                     grad_x);
   }
 
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
@@ -118,8 +118,7 @@ class GLUExperts {
     detail::ensure_extents(gate_, "kmoe::GLUExperts::gate", rows, shape_.ffn);
     detail::ensure_extents(up_, "kmoe::GLUExperts::up", rows, shape_.ffn);
     detail::ensure_extents(hidden_, "kmoe::GLUExperts::hidden", rows, shape_.ffn);
-    gemm::segment_times_weight<Gemm>(segments, x, w_gate_.value, true, Scalar(1), Scalar(0),
-                                       gate_);
+    gemm::segment_times_weight<Gemm>(segments, x, w_gate_.value, true, Scalar(1), Scalar(0), gate_);
     gemm::segment_times_weight<Gemm>(segments, x, w_up_.value, true, Scalar(1), Scalar(0), up_);
   }
 

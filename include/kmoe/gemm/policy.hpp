@@ -29,10 +29,9 @@ namespace kmoe {
 namespace detail {
 
 template <class G, class X, class S>
-using gemm_call = decltype(G::gemm(std::declval<const X&>(), false, false, S(1),
-                                   std::declval<const ConstMatrix<S, X>&>(),
-                                   std::declval<const ConstMatrix<S, X>&>(), S(0),
-                                   std::declval<const Matrix<S, X>&>()));
+using gemm_call = decltype(G::gemm(
+    std::declval<const X&>(), false, false, S(1), std::declval<const ConstMatrix<S, X>&>(),
+    std::declval<const ConstMatrix<S, X>&>(), S(0), std::declval<const Matrix<S, X>&>()));
 
 }  // namespace detail
 

@@ -59,8 +59,8 @@ void for_each_segment(const Segments<ExecSpace>& segments, const SegmentGemm& ge
   std::vector<int> busy;
   for (int e = 0; e < segments.experts(); ++e)
     if (segments.end(e) > segments.begin(e)) busy.push_back(e);
-  constexpr bool host = Kokkos::SpaceAccessibility<Kokkos::HostSpace,
-                                                   typename ExecSpace::memory_space>::accessible;
+  constexpr bool host =
+      Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename ExecSpace::memory_space>::accessible;
   if constexpr (host && CallingThreadForm) {
     const int threads = ExecSpace().concurrency();
     const bool concurrent = threads > 1 && int(busy.size()) >= 4 * threads &&
@@ -78,8 +78,8 @@ void for_each_segment(const Segments<ExecSpace>& segments, const SegmentGemm& ge
 
 /// One segment's GEMM in the form for_each_segment asks for.
 template <class Gemm, class ExecSpace, bool OnCallingThread, class A, class B, class C>
-void segment_gemm(std::integral_constant<bool, OnCallingThread>, bool transpose_a,
-                  bool transpose_b, typename C::const_value_type alpha, const A& a, const B& b,
+void segment_gemm(std::integral_constant<bool, OnCallingThread>, bool transpose_a, bool transpose_b,
+                  typename C::const_value_type alpha, const A& a, const B& b,
                   typename C::const_value_type beta, const C& c) {
   if constexpr (OnCallingThread)
     Gemm::gemm_on_calling_thread(ExecSpace(), transpose_a, transpose_b, alpha, a, b, beta, c);
@@ -107,8 +107,10 @@ void segment_times_weight(const Segments<ExecSpace>& segments, const In& in, con
                           typename Out::const_value_type beta, const Out& out) {
   static_assert(check_valid_gemm<Gemm, ExecSpace, typename Out::non_const_value_type>());
   using namespace detail;
-  if constexpr (kmoe::detail::is_detected_v<grouped_times_weight, Gemm, ExecSpace, In, Weight, Out>) {
-    Gemm::segment_times_weight(ExecSpace(), segments, in, weight, transpose_weight, alpha, beta, out);
+  if constexpr (kmoe::detail::is_detected_v<grouped_times_weight, Gemm, ExecSpace, In, Weight,
+                                            Out>) {
+    Gemm::segment_times_weight(ExecSpace(), segments, in, weight, transpose_weight, alpha, beta,
+                               out);
     return;
   }
   using Rows = decltype(rows_of(in, 0, 0));

@@ -73,10 +73,10 @@ struct ShardedTensor {
 /// is split; otherwise the whole tensor under its name.
 struct Slice {
   std::string name;
-  std::int64_t local_expert = -1;  ///< -1: the whole tensor
-  std::vector<std::int64_t> shape; ///< the slice's own extents
-  int ffn_axis = -1;               ///< axis of F within the slice (-1: none)
-  std::int64_t ffn_begin = 0;      ///< F range this slice covers, in global F
+  std::int64_t local_expert = -1;   ///< -1: the whole tensor
+  std::vector<std::int64_t> shape;  ///< the slice's own extents
+  int ffn_axis = -1;                ///< axis of F within the slice (-1: none)
+  std::int64_t ffn_begin = 0;       ///< F range this slice covers, in global F
   std::int64_t ffn_end = 0;
 };
 
@@ -147,7 +147,8 @@ auto tensors_of(const Layer& layer, const Optimizer& optimizer) {
                                     [&](const auto& p) { return p.name == state.parameter; });
     require(owner != parameters.end(), "kmoe::io::checkpoint", "optimizer state", state.name,
             "belongs to no parameter of the layer");
-    all.push_back({state.name, owner->shape, owner->shard, Flat(state.value.data(), state.value.size())});
+    all.push_back(
+        {state.name, owner->shape, owner->shard, Flat(state.value.data(), state.value.size())});
   }
   return all;
 }
@@ -157,7 +158,8 @@ auto tensors_of(const Layer& layer, const Optimizer& optimizer) {
 template <class X, class Communicator>
 std::vector<std::string> gather_strings(Communicator& world, const std::string& text) {
   const int ranks = world.size();
-  Vector<std::int64_t, X> length("kmoe::io::length", 1), lengths("kmoe::io::lengths", std::size_t(ranks));
+  Vector<std::int64_t, X> length("kmoe::io::length", 1),
+      lengths("kmoe::io::lengths", std::size_t(ranks));
   auto one = Kokkos::create_mirror_view(length);
   one(0) = std::int64_t(text.size());
   Kokkos::deep_copy(length, one);
@@ -169,7 +171,9 @@ std::vector<std::string> gather_strings(Communicator& world, const std::string& 
       every("kmoe::io::texts", std::size_t(longest) * std::size_t(ranks));
   auto mine_host = Kokkos::create_mirror_view(mine);
   for (std::int64_t i = 0; i < longest; ++i)
-    mine_host(i) = i < std::int64_t(text.size()) ? std::int64_t(static_cast<unsigned char>(text[std::size_t(i)])) : 0;
+    mine_host(i) = i < std::int64_t(text.size())
+                       ? std::int64_t(static_cast<unsigned char>(text[std::size_t(i)]))
+                       : 0;
   Kokkos::deep_copy(mine, mine_host);
   if (longest > 0) world.all_gather(mine, every);
   auto every_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), every);
@@ -209,9 +213,11 @@ void save_checkpoint(const std::string& directory, Layer& layer, const Optimizer
     std::error_code ec;
     fs::create_directories(directory, ec);
     if (ec)
-      throw runtime_error(std::string(where) + ": cannot create " + directory + ": " + ec.message());
+      throw runtime_error(std::string(where) + ": cannot create " + directory + ": " +
+                          ec.message());
     fs::remove(fs::path(directory) / "index.json", ec);
-    if (ec) throw runtime_error(std::string(where) + ": cannot replace " + directory + "/index.json");
+    if (ec)
+      throw runtime_error(std::string(where) + ": cannot replace " + directory + "/index.json");
   });
   std::vector<std::string> written;
   agree_or_throw(world, where, [&] {
@@ -230,7 +236,8 @@ void save_checkpoint(const std::string& directory, Layer& layer, const Optimizer
     if constexpr (kmoe::detail::is_detected_v<detail::router_bias_of, RouterType>) {
       if (rank == 0) {
         auto bias = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
-        writer.add("router.selection_bias", detail::dtype_of<typename std::decay_t<decltype(bias)>::value_type>(),
+        writer.add("router.selection_bias",
+                   detail::dtype_of<typename std::decay_t<decltype(bias)>::value_type>(),
                    {std::int64_t(bias.size())}, bias.data());
         written.push_back("router.selection_bias");
       }
@@ -258,7 +265,8 @@ void save_checkpoint(const std::string& directory, Layer& layer, const Optimizer
     index["values"] = progress.values;
     index["pending_bias_counts"] = layer.pending_bias_counts();
     nlohmann::ordered_json shapes = nlohmann::ordered_json::object();
-    for (const auto& t : detail::tensors_of(layer, optimizer)) shapes[t.name] = t.shard.global_shape(t.shape);
+    for (const auto& t : detail::tensors_of(layer, optimizer))
+      shapes[t.name] = t.shard.global_shape(t.shape);
     index["global_shapes"] = shapes;
     nlohmann::ordered_json map = nlohmann::ordered_json::object();
     for (int r = 0; r < world.size(); ++r) {
@@ -346,7 +354,8 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
         read_small_file(index_path, io::detail::max_index_bytes, where), index_path, where);
     const auto field = [&](const char* name) -> const nlohmann::json& {
       if (!index.is_object() || !index.contains(name))
-        throw runtime_error(std::string(where) + ": " + index_path + ": missing field \"" + name + "\"");
+        throw runtime_error(std::string(where) + ": " + index_path + ": missing field \"" + name +
+                            "\"");
       return index[name];
     };
     try {
@@ -367,8 +376,9 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
       throw runtime_error(std::string(where) + ": " + index_path +
                           ": global_shapes and weight_map must be objects");
     require(counts.size() == layer.pending_bias_counts().size(), where, "pending_bias_counts",
-            counts.size(), "must have one count per expert (" +
-                               std::to_string(layer.pending_bias_counts().size()) + ")");
+            counts.size(),
+            "must have one count per expert (" +
+                std::to_string(layer.pending_bias_counts().size()) + ")");
     // Saved pieces by slice base name.
     std::map<std::string, std::vector<detail::SavedPiece>> pieces;
     for (auto it = weight_map.begin(); it != weight_map.end(); ++it) {
@@ -464,8 +474,8 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
                             ": no router.selection_bias for this router");
       const auto& file = open(found->second.front().file);
       const auto values = file.template read<double>("router.selection_bias");
-      require(values.size() == std::size_t(layer.num_experts()), where, "router.selection_bias size",
-              values.size(), "must equal the number of experts");
+      require(values.size() == std::size_t(layer.num_experts()), where,
+              "router.selection_bias size", values.size(), "must equal the number of experts");
       bias = values;
     }
   });

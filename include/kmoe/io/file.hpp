@@ -72,7 +72,8 @@ class RegularFile {
     if (flags < 0 || ::fcntl(fd_, F_SETFL, flags & ~O_NONBLOCK) != 0) {
       const int err = errno;
       close();
-      throw invalid_argument(where, "path", path, "cannot clear O_NONBLOCK: " + detail::errno_text(err));
+      throw invalid_argument(where, "path", path,
+                             "cannot clear O_NONBLOCK: " + detail::errno_text(err));
     }
     size_ = static_cast<std::uint64_t>(st.st_size);
   }
@@ -99,7 +100,8 @@ class RegularFile {
   /// \brief Reads exactly `count` bytes at byte `offset` into `dst`; throws
   /// kmoe::runtime_error "<where>: <path>: ..." on a read error or if the file now ends
   /// before offset + count (it was truncated after it was opened). Thread-safe.
-  void read_exact(void* dst, std::uint64_t count, std::uint64_t offset, const std::string& where) const {
+  void read_exact(void* dst, std::uint64_t count, std::uint64_t offset,
+                  const std::string& where) const {
     auto* out = static_cast<unsigned char*>(dst);
     std::uint64_t done = 0;
     while (done < count) {
@@ -181,17 +183,17 @@ class StagedFile {
     // A short name of its own, so that a destination name near NAME_MAX still works.
     const fs::path directory = fs::path(destination_).parent_path();
     for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
-      temporary_ = (directory / (".kmoe-" + std::to_string(::getpid()) + "-" +
-                                 std::to_string(counter++) + "-" +
-                                 std::to_string(stamp % 1000000007) + ".tmp"))
-                       .string();
+      temporary_ =
+          (directory / (".kmoe-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) +
+                        "-" + std::to_string(stamp % 1000000007) + ".tmp"))
+              .string();
       fd_ = ::open(temporary_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd_ < 0 && errno != EEXIST) break;
     }
     if (fd_ < 0)
       throw invalid_argument(where, "path", destination,
-                             "cannot create a temporary file " + temporary_ + " next to it: " +
-                                 detail::errno_text(errno));
+                             "cannot create a temporary file " + temporary_ +
+                                 " next to it: " + detail::errno_text(errno));
   }
 
   StagedFile(const StagedFile&) = delete;

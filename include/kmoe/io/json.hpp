@@ -6,10 +6,10 @@
 /// file; and short excerpts of untrusted text for error messages.
 
 #include <cstddef>
-#include <utility>
 #include <set>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -61,7 +61,8 @@ class StrictJsonChecker : public nlohmann::json::json_sax_t {
   }
   bool key(string_t& key) override {
     if (!keys_.back().insert(key).second)
-      throw runtime_error(prefix_ + "key \"" + excerpt(key) + "\" appears twice in one JSON object");
+      throw runtime_error(prefix_ + "key \"" + excerpt(key) +
+                          "\" appears twice in one JSON object");
     return true;
   }
   bool end_object() override {
@@ -110,8 +111,8 @@ inline nlohmann::json parse_json(std::string_view text, const std::string& path,
   try {
     return nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(prefix + "not valid JSON: " +
-                        excerpt(std::string_view(e.what()), 4 * max_excerpt_chars));
+    throw runtime_error(
+        prefix + "not valid JSON: " + excerpt(std::string_view(e.what()), 4 * max_excerpt_chars));
   }
 }
 

@@ -484,9 +484,8 @@ class SafetensorsWriter {
                              "no data for tensor " + detail::quoted(name));
     }
     const std::size_t size = dtype_size(dtype);
-    entry.bytes.resize(static_cast<std::size_t>(
-        kmoe::detail::checked_mul(static_cast<std::int64_t>(count),
-                                  static_cast<std::int64_t>(size), where, "bytes")));
+    entry.bytes.resize(static_cast<std::size_t>(kmoe::detail::checked_mul(
+        static_cast<std::int64_t>(count), static_cast<std::int64_t>(size), where, "bytes")));
     for (std::size_t i = 0; i < count; ++i) store(entry, i * size, data[i]);
     entries_.push_back(std::move(entry));
   }
@@ -500,9 +499,9 @@ class SafetensorsWriter {
       count = kmoe::detail::checked_mul(count, std::max<std::int64_t>(extent, 0),
                                         "SafetensorsWriter::add", "shape");
     if (data.size() != static_cast<std::uint64_t>(count)) {
-      throw invalid_argument(
-          "SafetensorsWriter::add", "data.size()", std::to_string(data.size()),
-          "tensor " + detail::quoted(name) + " has " + std::to_string(count) + " elements");
+      throw invalid_argument("SafetensorsWriter::add", "data.size()", std::to_string(data.size()),
+                             "tensor " + detail::quoted(name) + " has " + std::to_string(count) +
+                                 " elements");
     }
     add(name, dtype, shape, data.data());
   }
@@ -584,9 +583,9 @@ class SafetensorsWriter {
     } else {
       if constexpr (std::is_unsigned_v<T> && sizeof(T) >= sizeof(std::int64_t)) {
         if (value > static_cast<T>(std::numeric_limits<std::int64_t>::max())) {
-          throw invalid_argument(
-              "SafetensorsWriter::add", "data", std::to_string(value),
-              "does not fit in I64 for tensor " + detail::quoted(entry.info.name));
+          throw invalid_argument("SafetensorsWriter::add", "data", std::to_string(value),
+                                 "does not fit in I64 for tensor " +
+                                     detail::quoted(entry.info.name));
         }
       }
       const auto wide = static_cast<std::int64_t>(value);
@@ -594,9 +593,9 @@ class SafetensorsWriter {
         put(entry, at, wide);
       } else {
         if (!detail::fits<std::int32_t>(wide)) {
-          throw invalid_argument(
-              "SafetensorsWriter::add", "data", std::to_string(wide),
-              "does not fit in I32 for tensor " + detail::quoted(entry.info.name));
+          throw invalid_argument("SafetensorsWriter::add", "data", std::to_string(wide),
+                                 "does not fit in I32 for tensor " +
+                                     detail::quoted(entry.info.name));
         }
         put(entry, at, static_cast<std::int32_t>(wide));
       }

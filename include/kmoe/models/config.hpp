@@ -114,8 +114,8 @@ class ConfigFile {
                                  long long minimum, long long maximum,
                                  const std::string& why = "") const {
     throw runtime_error("kmoe::models: " + path_ + ": field \"" + field + "\" = " + value +
-                        " must be in [" + std::to_string(minimum) + ", " +
-                        std::to_string(maximum) + "]" + why);
+                        " must be in [" + std::to_string(minimum) + ", " + std::to_string(maximum) +
+                        "]" + why);
   }
 
  private:
@@ -125,8 +125,8 @@ class ConfigFile {
     return json_.at(field);
   }
   [[noreturn]] void wrong_type(const std::string& field, const char* expected) const {
-    throw runtime_error("kmoe::models: " + path_ + ": field \"" + field + "\" = " +
-                        io::json_excerpt(json_.at(field)) + " must be " + expected);
+    throw runtime_error("kmoe::models: " + path_ + ": field \"" + field +
+                        "\" = " + io::json_excerpt(json_.at(field)) + " must be " + expected);
   }
 
   std::string path_;
@@ -163,9 +163,9 @@ struct MoEBlockConfig {
 
 /// \brief One kmoe parameter, or one expert's slice of it, and its checkpoint name.
 struct CheckpointTensor {
-  std::string parameter;  ///< kmoe parameter name: "router.weight", "experts.w_gate", ...
-  int expert = -1;        ///< slice along the leading (expert) extent, -1 for the whole tensor
-  std::string checkpoint; ///< e.g. "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+  std::string parameter;   ///< kmoe parameter name: "router.weight", "experts.w_gate", ...
+  int expert = -1;         ///< slice along the leading (expert) extent, -1 for the whole tensor
+  std::string checkpoint;  ///< e.g. "model.layers.1.block_sparse_moe.experts.3.w1.weight"
 };
 
 namespace detail {
@@ -264,8 +264,7 @@ inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig
   require_value(config, "topk_method", "noaux_tc");
   const int first_moe = config.count("first_k_dense_replace", 0);
   if (b.layer < first_moe)
-    dense_layer(config, b.layer,
-                "\"first_k_dense_replace\" = " + std::to_string(first_moe));
+    dense_layer(config, b.layer, "\"first_k_dense_replace\" = " + std::to_string(first_moe));
   // transformers ignores moe_layer_freq; DeepSeek's own code honours it (1 in V3).
   const int freq = config.has("moe_layer_freq") ? config.count("moe_layer_freq", 1) : 1;
   if (b.layer % freq != 0)
@@ -291,9 +290,9 @@ inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig
   const int shared = config.has("n_shared_experts") ? config.count("n_shared_experts", 0) : 0;
   // The shared expert is one SwiGLU of width n_shared_experts × moe_intermediate_size: a
   // product that does not fit must fail, not shrink the expert.
-  b.shared_ffn = int(field_product(config, "n_shared_experts", shared, "moe_intermediate_size",
-                                   b.ffn, std::numeric_limits<int>::max(),
-                                   "a shared expert width"));
+  b.shared_ffn =
+      int(field_product(config, "n_shared_experts", shared, "moe_intermediate_size", b.ffn,
+                        std::numeric_limits<int>::max(), "a shared expert width"));
   field_product(config, "hidden_size", b.hidden, "n_shared_experts x moe_intermediate_size",
                 b.shared_ffn, max_matrix_elements, "a shared expert projection");
   b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
@@ -361,7 +360,8 @@ inline std::vector<CheckpointTensor> checkpoint_tensors(const MoEBlockConfig& b)
 }
 
 /// \brief The checkpoint extents config.json implies for tensor `t` of block `b`.
-inline std::vector<std::int64_t> expected_shape(const MoEBlockConfig& b, const CheckpointTensor& t) {
+inline std::vector<std::int64_t> expected_shape(const MoEBlockConfig& b,
+                                                const CheckpointTensor& t) {
   const std::int64_t ffn = t.parameter.rfind("shared.", 0) == 0 ? b.shared_ffn : b.ffn;
   if (t.parameter == "router.weight") return {b.experts, b.hidden};
   if (t.parameter.size() >= 6 && t.parameter.compare(t.parameter.size() - 6, 6, "w_down") == 0)
@@ -380,17 +380,16 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
 inline void require_tensor(const io::ShardedCheckpoint& checkpoint, const MoEBlockConfig& b,
                            const std::string& name, const std::vector<std::int64_t>& shape) {
   if (!checkpoint.contains(name))
-    throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + " (" +
-                        b.model_type + ", layer " + std::to_string(b.layer) +
-                        ") has no tensor \"" + name + "\"");
+    throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + " (" + b.model_type +
+                        ", layer " + std::to_string(b.layer) + ") has no tensor \"" + name + "\"");
   const io::TensorInfo& info = checkpoint.info(name);
   if (info.shape != shape)
-    throw runtime_error("kmoe::models: " + checkpoint.path_of(name) + ": tensor \"" +
-                        name + "\" has shape " + io::excerpt(shape_string(info.shape)) +
+    throw runtime_error("kmoe::models: " + checkpoint.path_of(name) + ": tensor \"" + name +
+                        "\" has shape " + io::excerpt(shape_string(info.shape)) +
                         ", config.json implies " + shape_string(shape));
   if (!io::is_floating(info.dtype))
-    throw runtime_error("kmoe::models: " + checkpoint.path_of(name) + ": tensor \"" +
-                        name + "\" has dtype " + io::dtype_name(info.dtype) +
+    throw runtime_error("kmoe::models: " + checkpoint.path_of(name) + ": tensor \"" + name +
+                        "\" has dtype " + io::dtype_name(info.dtype) +
                         "; weights must be F16, BF16, F32 or F64");
 }
 

@@ -30,13 +30,16 @@ namespace kmoe::models {
 
 /// \brief Mixtral's block: softmax over all experts, top-k, always renormalised.
 template <class ExecSpace, class Scalar>
-using MixtralLayer = MoELayer<SoftmaxTopKRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+using MixtralLayer =
+    MoELayer<SoftmaxTopKRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
 /// \brief Qwen3-MoE's block: Mixtral's, renormalised only if norm_topk_prob.
 template <class ExecSpace, class Scalar>
-using Qwen3MoeLayer = MoELayer<SoftmaxTopKRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+using Qwen3MoeLayer =
+    MoELayer<SoftmaxTopKRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
 /// \brief DeepSeek-V3's block: biased sigmoid selection, group limit, scaling, shared expert.
 template <class ExecSpace, class Scalar>
-using DeepseekV3Layer = MoELayer<SigmoidBiasRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+using DeepseekV3Layer =
+    MoELayer<SigmoidBiasRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
 
 namespace detail {
 
@@ -77,8 +80,8 @@ inline MoEBlockConfig family_block(const std::string& model_dir, int layer, cons
   MoEBlockConfig b = read_block_config(model_dir, layer);
   if (b.model_type != family)
     throw invalid_argument(where, "model_dir", model_dir,
-                           "config.json has model_type \"" + b.model_type + "\", not \"" +
-                               family + "\"");
+                           "config.json has model_type \"" + b.model_type + "\", not \"" + family +
+                               "\"");
   return b;
 }
 
@@ -100,8 +103,8 @@ MoELayer<SoftmaxTopKRouter<X, S>, SwiGLUExperts<X, S>> load_softmax_family(
   router.hidden = b.hidden, router.experts = b.experts, router.top_k = b.top_k;
   router.normalize = b.normalize;
   MoELayer<SoftmaxTopKRouter<X, S>, SwiGLUExperts<X, S>> moe(
-      SoftmaxTopKRouter<X, S>(router),
-      SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}), options);
+      SoftmaxTopKRouter<X, S>(router), SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}),
+      options);
   load_weights(moe, b, checkpoint);
   return moe;
 }
@@ -161,8 +164,8 @@ void visit_checkpoint_tensors(const Layer& layer, const MoEBlockConfig& b, bool 
   const auto tensors = checkpoint_tensors(b);
   for (const auto& p : layer.parameters()) {
     // One host copy per parameter, however many expert slices it has.
-    const auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(),
-                                                          gradient ? p.grad : p.value);
+    const auto host =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), gradient ? p.grad : p.value);
     for (const auto& t : tensors) {
       if (t.parameter != p.name) continue;
       const std::size_t size = t.expert < 0 ? host.size() : host.size() / std::size_t(p.shape[0]);

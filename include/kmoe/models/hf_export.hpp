@@ -75,9 +75,9 @@ nlohmann::ordered_json block_config(const Layer& moe, const std::string& model_t
     const auto& shared = moe.shared_experts();
     const int shared_ffn = shared ? shared->ffn_size() : 0;
     // n_shared_experts x moe_intermediate_size is the shared width the loaders build.
-    require(shared_ffn % ffn == 0, "kmoe::models::export_hf_block", "shared expert F",
-            shared_ffn, "must be a multiple of the routed F " + std::to_string(ffn) +
-                            " (DeepSeek-V3 writes n_shared_experts x moe_intermediate_size)");
+    require(shared_ffn % ffn == 0, "kmoe::models::export_hf_block", "shared expert F", shared_ffn,
+            "must be a multiple of the routed F " + std::to_string(ffn) +
+                " (DeepSeek-V3 writes n_shared_experts x moe_intermediate_size)");
     c["n_shared_experts"] = shared_ffn / ffn;
   }
   return c;
@@ -127,7 +127,8 @@ void export_hf_block(const Layer& moe, const std::string& model_type, const std:
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(directory, ec);
-  if (ec) throw runtime_error(std::string(where) + ": cannot create " + directory + ": " + ec.message());
+  if (ec)
+    throw runtime_error(std::string(where) + ": cannot create " + directory + ": " + ec.message());
   const std::string config_text = detail::block_config(moe, model_type, layer).dump(2) + "\n";
   io::StagedFile config((fs::path(directory) / "config.json").string(), where);
   config.write(config_text.data(), config_text.size());
@@ -141,8 +142,9 @@ void export_hf_block(const Layer& moe, const std::string& model_type, const std:
     require(std::any_of(names.begin(), names.end(),
                         [&](const CheckpointTensor& t) { return t.parameter == p.name; }),
             where, "parameter", p.name,
-            "has no " + model_type + " checkpoint name (the loaders name the routed experts "
-            "\"experts\" and the shared expert \"shared\")");
+            "has no " + model_type +
+                " checkpoint name (the loaders name the routed experts "
+                "\"experts\" and the shared expert \"shared\")");
   io::SafetensorsWriter writer;
   visit_checkpoint_tensors(moe, block, false,
                            [&](const CheckpointTensor& t, const std::vector<std::int64_t>& shape,

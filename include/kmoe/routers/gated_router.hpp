@@ -50,7 +50,8 @@ class GatedRouter {
   }
 
  private:
-  static LinearGate<ExecSpace, Scalar, Gemm> checked_gate(const char* where, int hidden, int experts) {
+  static LinearGate<ExecSpace, Scalar, Gemm> checked_gate(const char* where, int hidden,
+                                                          int experts) {
     detail::validate_router_shape(where, hidden, experts);
     return LinearGate<ExecSpace, Scalar, Gemm>("router", hidden, experts);
   }

@@ -44,8 +44,8 @@ class LinearGate {
   }
 
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
-    list.push_back(make_parameter<ExecSpace>(name_ + ".weight", weight_, grad_, ParameterRole::router,
-                                             -1, -1));
+    list.push_back(make_parameter<ExecSpace>(name_ + ".weight", weight_, grad_,
+                                             ParameterRole::router, -1, -1));
   }
 
  private:

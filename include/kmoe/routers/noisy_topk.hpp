@@ -83,8 +83,10 @@ class NoisyTopKRouter {
                             : logits(t, e);
           };
           auto row = [&](int j) -> int& { return expert(t, j); };
-          detail::select_top_k(0, experts, k, noisy, [](int) { return true; }, row);
-          detail::softmax_over_chosen(t, k, [&](int j) { return noisy(expert(t, j)); }, weight);
+          detail::select_top_k(
+              0, experts, k, noisy, [](int) { return true; }, row);
+          detail::softmax_over_chosen(
+              t, k, [&](int j) { return noisy(expert(t, j)); }, weight);
         });
   }
 

@@ -27,8 +27,8 @@ void scale_logits(const char* label, const Logits& logits, double factor) {
   const Real scale = Real(factor);
   Kokkos::parallel_for(
       label,
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
-          {0, 0}, {int(logits.extent(0)), int(logits.extent(1))}),
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {int(logits.extent(0)),
+                                                                 int(logits.extent(1))}),
       KOKKOS_LAMBDA(int t, int e) { logits(t, e) *= scale; });
 }
 
@@ -66,8 +66,8 @@ KOKKOS_INLINE_FUNCTION void softmax_backward_sparse(int t, int experts, int slot
 /// Gradient of w_j = scale * v_j / (sum_r v_r + eps) (or scale * v_j when not normalised)
 /// with respect to the chosen values v_j, given dLoss/dw_j.
 template <class Real, class Value, class GradWeight>
-KOKKOS_INLINE_FUNCTION Real normalized_weight_backward(int j, int slots, bool normalize,
-                                                       Real scale, Real eps, const Value& value,
+KOKKOS_INLINE_FUNCTION Real normalized_weight_backward(int j, int slots, bool normalize, Real scale,
+                                                       Real eps, const Value& value,
                                                        const GradWeight& grad_weight) {
   if (!normalize) return scale * grad_weight(j);
   Real z = eps, dot = 0;

@@ -95,7 +95,8 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
           route_type z = route_type(1e-20);
           for (int j = 0; j < k; ++j) z += probs(t, expert(t, j));
           for (int j = 0; j < k; ++j)
-            weight(t, j) = (normalize ? probs(t, expert(t, j)) / z : probs(t, expert(t, j))) * scale;
+            weight(t, j) =
+                (normalize ? probs(t, expert(t, j)) / z : probs(t, expert(t, j))) * scale;
           for (int e = 0; e < experts; ++e) probs(t, e) /= total;
         });
   }

@@ -72,7 +72,8 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
           route_type z = 0;
           for (int j = 0; j < k; ++j) z += probs(t, expert(t, j));
           for (int j = 0; j < k; ++j)
-            weight(t, j) = scale * (normalize ? probs(t, expert(t, j)) / z : probs(t, expert(t, j)));
+            weight(t, j) =
+                scale * (normalize ? probs(t, expert(t, j)) / z : probs(t, expert(t, j)));
         });
   }
 
@@ -91,14 +92,14 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
           const auto chosen = [&](int j) { return probs(t, expert(t, j)); };
           const auto grad_w = [&](int j) { return grad_weight(t, j); };
           const auto grad_p = [&](int j) {
-            return detail::normalized_weight_backward(j, k, normalize, scale, route_type(0),
-                                                      chosen, grad_w);
+            return detail::normalized_weight_backward(j, k, normalize, scale, route_type(0), chosen,
+                                                      grad_w);
           };
           detail::softmax_backward_sparse(t, experts, k, probs, expert, grad_p, grad_logits);
         });
     if (config_.temperature != 1.0)
-      detail::scale_logits<ExecSpace>("kmoe::SoftmaxTopKRouter::temperature_backward",
-                                      grad_logits, 1.0 / config_.temperature);
+      detail::scale_logits<ExecSpace>("kmoe::SoftmaxTopKRouter::temperature_backward", grad_logits,
+                                      1.0 / config_.temperature);
     this->gate_backward(x, grad_logits, grad_x);
   }
 

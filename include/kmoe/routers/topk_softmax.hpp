@@ -34,7 +34,6 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
       : Base("kmoe::TopKSoftmaxRouter", config.hidden, config.experts, config.top_k),
         config_(validated(config)) {}
 
-
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
                const RouteContext<ExecSpace>&) {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
@@ -53,7 +52,8 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
           auto row = [&](int j) -> int& { return expert(t, j); };
           detail::select_top_k(
               0, experts, k, [&](int e) { return logits(t, e); }, [](int) { return true; }, row);
-          detail::softmax_over_chosen(t, k, [&](int j) { return logits(t, expert(t, j)); }, weight);
+          detail::softmax_over_chosen(
+              t, k, [&](int j) { return logits(t, expert(t, j)); }, weight);
         });
   }
 
@@ -72,8 +72,8 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
                 detail::softmax_over_chosen_backward(t, j, k, weight, grad_weight);
         });
     if (config_.temperature != 1.0)
-      detail::scale_logits<ExecSpace>("kmoe::TopKSoftmaxRouter::temperature_backward",
-                                      grad_logits, 1.0 / config_.temperature);
+      detail::scale_logits<ExecSpace>("kmoe::TopKSoftmaxRouter::temperature_backward", grad_logits,
+                                      1.0 / config_.temperature);
     this->gate_backward(x, grad_logits, grad_x);
   }
 

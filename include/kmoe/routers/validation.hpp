@@ -17,8 +17,7 @@ inline void validate_router_shape(const char* where, int hidden, int experts) {
 }
 
 inline void validate_top_k(const char* where, int experts, int top_k, const GroupLimit& group) {
-  require(top_k >= 1 && top_k <= experts, where, "top_k", top_k,
-          "must be in [1, experts]");
+  require(top_k >= 1 && top_k <= experts, where, "top_k", top_k, "must be in [1, experts]");
   require(group.n_group >= 1 && group.n_group <= max_groups, where, "n_group", group.n_group,
           "must be in [1, 64]");
   require(experts % group.n_group == 0, where, "n_group", group.n_group,

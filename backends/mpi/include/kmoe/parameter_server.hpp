@@ -66,7 +66,8 @@ ParameterList<ExecSpace, Scalar> expert_parallel_parameters(
 
 /// The tensors a parameter server owns: router and shared experts, held by every worker.
 template <class ExecSpace, class Scalar>
-ParameterList<ExecSpace, Scalar> replicated_parameters(const ParameterList<ExecSpace, Scalar>& all) {
+ParameterList<ExecSpace, Scalar> replicated_parameters(
+    const ParameterList<ExecSpace, Scalar>& all) {
   ParameterList<ExecSpace, Scalar> replicated;
   for (const auto& p : all)
     if (!p.shard.expert_parallel) replicated.push_back(p);
@@ -77,9 +78,9 @@ ParameterList<ExecSpace, Scalar> replicated_parameters(const ParameterList<ExecS
 /// server (serve). Construction is collective over `world`.
 template <class ExecSpace, class Scalar>
 class ParameterServer {
-  static_assert(Kokkos::SpaceAccessibility<Kokkos::HostSpace,
-                                           typename ExecSpace::memory_space>::accessible,
-                "kmoe::ParameterServer: MPI point-to-point needs host-accessible parameters");
+  static_assert(
+      Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename ExecSpace::memory_space>::accessible,
+      "kmoe::ParameterServer: MPI point-to-point needs host-accessible parameters");
 
  public:
   using List = ParameterList<ExecSpace, Scalar>;
@@ -94,7 +95,8 @@ class ParameterServer {
     const int size = comm_.size();
     agree_or_throw(comm_, where, [&] {
       require(config.servers >= 1 && config.servers < size, where, "config.servers", config.servers,
-              "must be in [1, world size " + std::to_string(size) + ") so that a rank is left to train");
+              "must be in [1, world size " + std::to_string(size) +
+                  ") so that a rank is left to train");
       require(config.staleness >= 0, where, "config.staleness", config.staleness,
               "must be >= 0 (0 is synchronous)");
     });
@@ -245,19 +247,23 @@ class ParameterServer {
 
     const auto range = shard(comm_.rank() - worker_count_);
     const std::size_t begin = range.first, length = range.second;  // captured by the kernel
-    Buffer value("kmoe::ParameterServer::shard", length), grad("kmoe::ParameterServer::grad", length),
+    Buffer value("kmoe::ParameterServer::shard", length),
+        grad("kmoe::ParameterServer::grad", length),
         received("kmoe::ParameterServer::received", std::size_t(worker_count_) * length);
     Kokkos::deep_copy(value, Kokkos::subview(initial, std::make_pair(begin, begin + length)));
     List shard_list;
     for (std::size_t i = 0, first = 0; i < sizes_.size(); first += sizes_[i], ++i) {
-      const std::size_t lo = std::max(first, begin), hi = std::min(first + sizes_[i], begin + length);
+      const std::size_t lo = std::max(first, begin),
+                        hi = std::min(first + sizes_[i], begin + length);
       if (lo >= hi) continue;
       Parameter<ExecSpace, Scalar> p;
       p.name = names_[i];
       p.shape = {std::int64_t(hi - lo)};
       p.role = ParameterRole(roles_[i]);
-      p.value = typename Parameter<ExecSpace, Scalar>::flat_view(value.data() + (lo - begin), hi - lo);
-      p.grad = typename Parameter<ExecSpace, Scalar>::flat_view(grad.data() + (lo - begin), hi - lo);
+      p.value =
+          typename Parameter<ExecSpace, Scalar>::flat_view(value.data() + (lo - begin), hi - lo);
+      p.grad =
+          typename Parameter<ExecSpace, Scalar>::flat_view(grad.data() + (lo - begin), hi - lo);
       shard_list.push_back(p);
     }
     auto optimizer = make_optimizer(shard_list);
@@ -267,8 +273,8 @@ class ParameterServer {
     std::vector<MPI_Status> statuses(static_cast<std::size_t>(workers));
     for (;;) {
       for (int w = 0; w < workers; ++w)
-        MPI_Irecv(received.data() + std::size_t(w) * length, count(length), mpi_type(), w, MPI_ANY_TAG,
-                  comm_.native(), &receives[std::size_t(w)]);
+        MPI_Irecv(received.data() + std::size_t(w) * length, count(length), mpi_type(), w,
+                  MPI_ANY_TAG, comm_.native(), &receives[std::size_t(w)]);
       MPI_Waitall(workers, receives.data(), statuses.data());
       int stopped = 0;
       for (const auto& status : statuses) stopped += status.MPI_TAG == tag_stop ? 1 : 0;
@@ -314,8 +320,8 @@ class ParameterServer {
   static MPI_Datatype mpi_type() { return detail::mpi_datatype<Scalar>(); }
 
   static int count(std::size_t n) {
-    require(n <= std::size_t(INT_MAX), "kmoe::ParameterServer", "replicated elements per message", n,
-            "must fit MPI's int count");
+    require(n <= std::size_t(INT_MAX), "kmoe::ParameterServer", "replicated elements per message",
+            n, "must fit MPI's int count");
     return int(n);
   }
 
@@ -325,7 +331,8 @@ class ParameterServer {
     requests.clear();
   }
 
-  static void scale_in_place(const typename Parameter<ExecSpace, Scalar>::flat_view& g, Scalar scale) {
+  static void scale_in_place(const typename Parameter<ExecSpace, Scalar>::flat_view& g,
+                             Scalar scale) {
     Kokkos::parallel_for(
         "kmoe::ParameterServer::scale", Kokkos::RangePolicy<ExecSpace>(0, g.size()),
         KOKKOS_LAMBDA(std::size_t i) { g(i) *= scale; });
@@ -344,7 +351,8 @@ class ParameterServer {
     std::size_t offset = 0;
     for (const auto& p : replicated_) {
       const auto& source = p.*field;
-      Kokkos::deep_copy(Kokkos::subview(flat, std::make_pair(offset, offset + source.size())), source);
+      Kokkos::deep_copy(Kokkos::subview(flat, std::make_pair(offset, offset + source.size())),
+                        source);
       offset += source.size();
     }
   }
@@ -352,7 +360,8 @@ class ParameterServer {
   void unpack(const Buffer& flat) const {
     std::size_t offset = 0;
     for (const auto& p : replicated_) {
-      Kokkos::deep_copy(p.value, Kokkos::subview(flat, std::make_pair(offset, offset + p.value.size())));
+      Kokkos::deep_copy(p.value,
+                        Kokkos::subview(flat, std::make_pair(offset, offset + p.value.size())));
       offset += p.value.size();
     }
   }

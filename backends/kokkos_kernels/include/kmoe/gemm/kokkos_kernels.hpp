@@ -101,8 +101,8 @@ void gemm_row_major(const ExecSpace& space, bool transpose_a, bool transpose_b,
   using Scalar = typename CView::non_const_value_type;
   using Memory = typename ExecSpace::memory_space;
   using Device = Kokkos::Device<ExecSpace, Memory>;
-  using ColMajor = Kokkos::View<Scalar**, Kokkos::LayoutLeft, Device,
-                                Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  using ColMajor =
+      Kokkos::View<Scalar**, Kokkos::LayoutLeft, Device, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
   using ConstColMajor = Kokkos::View<const Scalar**, Kokkos::LayoutLeft, Device,
                                      Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
   const std::size_t m = c.extent(0), n = c.extent(1);
@@ -136,7 +136,7 @@ void gemm_row_major(const ExecSpace& space, bool transpose_a, bool transpose_b,
   if constexpr (host) {
     if (!transpose_a && transpose_b && m <= skinny_rows) {
       skinny_dispatch<Form>(space, m, n, k, Scalar(alpha), a.data(), b.data(), Scalar(beta),
-                              c.data());
+                            c.data());
       return;
     }
   }
@@ -198,7 +198,8 @@ struct KokkosKernels {
   static void gemm(const ExecSpace& space, bool transpose_a, bool transpose_b,
                    typename CView::const_value_type alpha, const AView& a, const BView& b,
                    typename CView::const_value_type beta, const CView& c) {
-    detail::gemm_row_major<detail::Dispatched>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
+    detail::gemm_row_major<detail::Dispatched>(space, transpose_a, transpose_b, alpha, a, b, beta,
+                                               c);
   }
 
   /// \brief The same product, with the same bits, computed on the calling thread of a host
@@ -211,10 +212,11 @@ struct KokkosKernels {
                                      typename CView::const_value_type alpha, const AView& a,
                                      const BView& b, typename CView::const_value_type beta,
                                      const CView& c) {
-    static_assert(Kokkos::SpaceAccessibility<Kokkos::HostSpace,
-                                             typename ExecSpace::memory_space>::accessible,
-                  "kmoe::gemm::KokkosKernels::gemm_on_calling_thread: host execution spaces only");
-    detail::gemm_row_major<detail::OnCallingThread>(space, transpose_a, transpose_b, alpha, a, b, beta, c);
+    static_assert(
+        Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename ExecSpace::memory_space>::accessible,
+        "kmoe::gemm::KokkosKernels::gemm_on_calling_thread: host execution spaces only");
+    detail::gemm_row_major<detail::OnCallingThread>(space, transpose_a, transpose_b, alpha, a, b,
+                                                    beta, c);
   }
 };
 

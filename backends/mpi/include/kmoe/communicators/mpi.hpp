@@ -31,9 +31,9 @@
 #include <array>
 #include <chrono>
 #include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstdint>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -65,15 +65,13 @@ enum class MpiCollective : long long {
 };
 
 inline const char* mpi_collective_name(long long what) {
-  static const char* const names[] = {"MPI_Comm_idup (constructor)",
-                                      "split (MPI_Ibarrier before MPI_Comm_split)",
-                                      "exchange_counts (MPI_Ialltoall)",
-                                      "all_to_all_v (MPI_Ialltoallv)",
-                                      "all_reduce (MPI_Iallreduce)",
-                                      "all_gather (MPI_Iallgather)",
-                                      "any_error (MPI_Iallreduce)"};
+  static const char* const names[] = {
+      "MPI_Comm_idup (constructor)",     "split (MPI_Ibarrier before MPI_Comm_split)",
+      "exchange_counts (MPI_Ialltoall)", "all_to_all_v (MPI_Ialltoallv)",
+      "all_reduce (MPI_Iallreduce)",     "all_gather (MPI_Iallgather)",
+      "any_error (MPI_Iallreduce)"};
   return what >= 0 && what < (long long)(MpiCollective::count) ? names[what]
-                                                                : "an unknown collective";
+                                                               : "an unknown collective";
 }
 
 /// What this process is doing, for the watchdog's diagnostic: one process runs one step
@@ -96,11 +94,16 @@ MPI_Datatype mpi_datatype() {
                     std::is_same_v<V, long> || std::is_same_v<V, long long>,
                 "kmoe::MpiCommunicator: value type must be float, double, int, long or long long "
                 "(std::int64_t is one of the last two)");
-  if constexpr (std::is_same_v<V, float>) return MPI_FLOAT;
-  else if constexpr (std::is_same_v<V, double>) return MPI_DOUBLE;
-  else if constexpr (std::is_same_v<V, int>) return MPI_INT;
-  else if constexpr (std::is_same_v<V, long>) return MPI_LONG;
-  else return MPI_LONG_LONG;
+  if constexpr (std::is_same_v<V, float>)
+    return MPI_FLOAT;
+  else if constexpr (std::is_same_v<V, double>)
+    return MPI_DOUBLE;
+  else if constexpr (std::is_same_v<V, int>)
+    return MPI_INT;
+  else if constexpr (std::is_same_v<V, long>)
+    return MPI_LONG;
+  else
+    return MPI_LONG_LONG;
 }
 
 inline void mpi_check(int code, const char* call) {
@@ -108,16 +111,16 @@ inline void mpi_check(int code, const char* call) {
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   MPI_Error_string(code, text, &length);
-  throw runtime_error(std::string("kmoe::MpiCommunicator: ") + call + " failed: " +
-                      std::string(text, std::size_t(length)));
+  throw runtime_error(std::string("kmoe::MpiCommunicator: ") + call +
+                      " failed: " + std::string(text, std::size_t(length)));
 }
 
 template <class View>
 constexpr void require_host_view() {
-  static_assert(Kokkos::SpaceAccessibility<Kokkos::HostSpace,
-                                           typename View::memory_space>::accessible,
-                "kmoe::MpiCommunicator: views must be host-accessible (use NcclCommunicator "
-                "for device memory)");
+  static_assert(
+      Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename View::memory_space>::accessible,
+      "kmoe::MpiCommunicator: views must be host-accessible (use NcclCommunicator "
+      "for device memory)");
   static_assert(View::rank == 1, "kmoe::MpiCommunicator: views must be rank 1");
 }
 
@@ -191,8 +194,8 @@ class MpiCommunicator {
     bool test() {
       if (!pending_) return true;
       int done = 0;
-      detail::mpi_check(MPI_Testall(int(pending_->requests.size()), pending_->requests.data(), &done,
-                                    MPI_STATUSES_IGNORE),
+      detail::mpi_check(MPI_Testall(int(pending_->requests.size()), pending_->requests.data(),
+                                    &done, MPI_STATUSES_IGNORE),
                         "MPI_Testall");
       if (done) pending_.reset();
       return done != 0;
@@ -211,8 +214,7 @@ class MpiCommunicator {
 
   /// \brief Duplicates `comm` (collective over it) so that kmoe's messages never match the
   /// application's own on the same ranks.
-  explicit MpiCommunicator(MPI_Comm comm, const MpiOptions& options = {})
-      : handle_(make_handle()) {
+  explicit MpiCommunicator(MPI_Comm comm, const MpiOptions& options = {}) : handle_(make_handle()) {
     int initialized = 0;
     MPI_Initialized(&initialized);
     require(initialized != 0, "kmoe::MpiCommunicator", "MPI state", "not initialized",
@@ -329,25 +331,28 @@ class MpiCommunicator {
     check_exchange_views<SendView, RecvView>();
     constexpr const char* where = "kmoe::MpiCommunicator::all_to_all_v_start";
     auto pending = std::make_shared<Pending>();
-    pending->send_counts = to_int(send_counts, send.size(), where, "send_counts",
-                                  pending->send_displs);
-    pending->recv_counts = to_int(recv_counts, recv.size(), where, "recv_counts",
-                                  pending->recv_displs);
+    pending->send_counts =
+        to_int(send_counts, send.size(), where, "send_counts", pending->send_displs);
+    pending->recv_counts =
+        to_int(recv_counts, recv.size(), where, "recv_counts", pending->recv_displs);
     pending->buffers = std::make_shared<std::pair<SendView, RecvView>>(send, recv);
     pending->comm = handle_ ? handle_ : make_handle();
     pending->sequences.push_back(begin_collective());
     pending->requests.push_back(MPI_REQUEST_NULL);
     const auto type = detail::mpi_datatype<typename SendView::value_type>();
     Kokkos::fence();
-    detail::mpi_check(
-        MPI_Ialltoallv(send.data(), pending->send_counts.data(), pending->send_displs.data(), type,
-                       recv.data(), pending->recv_counts.data(), pending->recv_displs.data(), type,
-                       native(), &pending->requests.back()),
-        "MPI_Ialltoallv");
+    detail::mpi_check(MPI_Ialltoallv(send.data(), pending->send_counts.data(),
+                                     pending->send_displs.data(), type, recv.data(),
+                                     pending->recv_counts.data(), pending->recv_displs.data(), type,
+                                     native(), &pending->requests.back()),
+                      "MPI_Ialltoallv");
     return Request(std::move(pending));
   }
 
-  template <class View> void all_reduce_sum(const View& data) const { all_reduce(data, MPI_SUM); }
+  template <class View>
+  void all_reduce_sum(const View& data) const {
+    all_reduce(data, MPI_SUM);
+  }
 
   /// \brief The in-place sum of all_reduce_sum, started (MPI_Iallreduce in pieces of at
   /// most INT_MAX elements); the Request's wait() completes it, under the watchdog when on.
@@ -373,7 +378,10 @@ class MpiCommunicator {
     }
     return Request(std::move(pending));
   }
-  template <class View> void all_reduce_max(const View& data) const { all_reduce(data, MPI_MAX); }
+  template <class View>
+  void all_reduce_max(const View& data) const {
+    all_reduce(data, MPI_MAX);
+  }
 
   template <class SendView, class RecvView>
   void all_gather(const SendView& send, const RecvView& recv) const {
@@ -382,8 +390,8 @@ class MpiCommunicator {
     require(recv.size() >= send.size() * std::size_t(size_), "kmoe::MpiCommunicator::all_gather",
             "recv.size()", recv.size(),
             "must hold size() * send.size() = " + std::to_string(send.size() * size_));
-    require(send.size() <= std::size_t(INT_MAX), "kmoe::MpiCommunicator::all_gather",
-            "send.size()", send.size(), "must not exceed INT_MAX elements");
+    require(send.size() <= std::size_t(INT_MAX), "kmoe::MpiCommunicator::all_gather", "send.size()",
+            send.size(), "must not exceed INT_MAX elements");
     const auto type = detail::mpi_datatype<typename SendView::value_type>();
     Kokkos::fence();
     if (!watched()) {
@@ -415,8 +423,7 @@ class MpiCommunicator {
     sub.handle_ = make_handle();
     sub.handle_->options = options();
     sub.handle_->name = name() + " split by color " + std::to_string(color);
-    detail::mpi_check(MPI_Comm_split(native(), color, key, &sub.handle_->comm),
-                      "MPI_Comm_split");
+    detail::mpi_check(MPI_Comm_split(native(), color, key, &sub.handle_->comm), "MPI_Comm_split");
     sub.cache_rank_size();
     return sub;
   }
@@ -424,8 +431,7 @@ class MpiCommunicator {
   bool any_error(bool local_error) const {
     int mine = local_error ? 1 : 0, any = 0;
     if (!watched()) {
-      detail::mpi_check(MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_LOR, native()),
-                        "MPI_Allreduce");
+      detail::mpi_check(MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_LOR, native()), "MPI_Allreduce");
       return any != 0;
     }
     const auto sequence = begin_collective();
@@ -500,10 +506,9 @@ class MpiCommunicator {
       detail::mpi_check(MPI_Test(&request, &done, MPI_STATUS_IGNORE), "MPI_Test");
       if (done) return;
       int reported = 0;
-      detail::mpi_check(
-          MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, group.comm, &reported,
-                     MPI_STATUS_IGNORE),
-          "MPI_Iprobe");
+      detail::mpi_check(MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, group.comm, &reported,
+                                   MPI_STATUS_IGNORE),
+                        "MPI_Iprobe");
       if (reported || clock::now() >= deadline) report_timeout(group, what, sequence);
     }
   }
@@ -573,11 +578,11 @@ class MpiCommunicator {
       else
         append(arrived, who(p));
     }
-    std::string message = std::string("kmoe watchdog: ") + detail::mpi_collective_name(
-                              (long long)what) + " #" + std::to_string(sequence) +
-                          " on group '" + group.name + "' (" + std::to_string(size) +
-                          " ranks) did not complete within " + seconds(group.options) +
-                          ", in step " + detail::mpi_current_step() + ". ";
+    std::string message = std::string("kmoe watchdog: ") +
+                          detail::mpi_collective_name((long long)what) + " #" +
+                          std::to_string(sequence) + " on group '" + group.name + "' (" +
+                          std::to_string(size) + " ranks) did not complete within " +
+                          seconds(group.options) + ", in step " + detail::mpi_current_step() + ". ";
     if (!missing.empty())
       message += "Did not arrive: " + missing + " (no answer within " +
                  std::to_string(grace.count()) +
@@ -628,8 +633,8 @@ class MpiCommunicator {
     displs.assign(counts.size(), 0);
     std::int64_t offset = 0;
     for (std::size_t p = 0; p < counts.size(); ++p) {
-      require(counts[p] >= 0 && counts[p] <= INT_MAX && offset <= INT_MAX, where, name,
-              counts[p], "counts and displacements must lie in [0, INT_MAX] elements");
+      require(counts[p] >= 0 && counts[p] <= INT_MAX && offset <= INT_MAX, where, name, counts[p],
+              "counts and displacements must lie in [0, INT_MAX] elements");
       out[p] = int(counts[p]);
       displs[p] = int(offset);
       offset += counts[p];
@@ -647,9 +652,9 @@ class MpiCommunicator {
     for (std::size_t begin = 0; begin < data.size(); begin += std::size_t(INT_MAX)) {
       const std::size_t n = std::min<std::size_t>(data.size() - begin, std::size_t(INT_MAX));
       if (!watched()) {
-        detail::mpi_check(
-            MPI_Allreduce(MPI_IN_PLACE, data.data() + begin, int(n), type, op, native()),
-            "MPI_Allreduce");
+        detail::mpi_check(MPI_Allreduce(MPI_IN_PLACE, data.data() + begin, int(n), type, op,
+                                        native()),
+                          "MPI_Allreduce");
         continue;
       }
       const auto sequence = begin_collective();

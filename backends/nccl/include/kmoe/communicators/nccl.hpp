@@ -39,25 +39,29 @@ template <class T>
 ncclDataType_t nccl_datatype() {
   using V = std::remove_cv_t<T>;
   static_assert(std::is_same_v<V, float> || std::is_same_v<V, double> || std::is_same_v<V, int> ||
-                    ((std::is_same_v<V, long> || std::is_same_v<V, long long>) && sizeof(V) == 8),
+                    ((std::is_same_v<V, long> || std::is_same_v<V, long long>)&&sizeof(V) == 8),
                 "kmoe::NcclCommunicator: value type must be float, double, int or a 64-bit "
                 "integer");
-  if constexpr (std::is_same_v<V, float>) return ncclFloat32;
-  else if constexpr (std::is_same_v<V, double>) return ncclFloat64;
-  else if constexpr (std::is_same_v<V, int>) return ncclInt32;
-  else return ncclInt64;
+  if constexpr (std::is_same_v<V, float>)
+    return ncclFloat32;
+  else if constexpr (std::is_same_v<V, double>)
+    return ncclFloat64;
+  else if constexpr (std::is_same_v<V, int>)
+    return ncclInt32;
+  else
+    return ncclInt64;
 }
 
 inline void nccl_check(ncclResult_t code, const char* call) {
   if (code != ncclSuccess)
-    throw runtime_error(std::string("kmoe::NcclCommunicator: ") + call + " failed: " +
-                        ncclGetErrorString(code));
+    throw runtime_error(std::string("kmoe::NcclCommunicator: ") + call +
+                        " failed: " + ncclGetErrorString(code));
 }
 
 inline void cuda_check(cudaError_t code, const char* call) {
   if (code != cudaSuccess)
-    throw runtime_error(std::string("kmoe::NcclCommunicator: ") + call + " failed: " +
-                        cudaGetErrorString(code));
+    throw runtime_error(std::string("kmoe::NcclCommunicator: ") + call +
+                        " failed: " + cudaGetErrorString(code));
 }
 
 /// NCCL reads device memory only: a host pointer would fault inside a kernel, so it is
@@ -67,8 +71,8 @@ inline void require_device_pointer(const void* data, const char* where, const ch
   cudaPointerAttributes attributes{};
   const cudaError_t code = cudaPointerGetAttributes(&attributes, data);
   if (code != cudaSuccess) cudaGetLastError();  // clear the sticky-free error of a host pointer
-  require(code == cudaSuccess && (attributes.type == cudaMemoryTypeDevice ||
-                                  attributes.type == cudaMemoryTypeManaged),
+  require(code == cudaSuccess &&
+              (attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged),
           where, parameter, "a host pointer", "must point to CUDA device or managed memory");
 }
 
@@ -214,7 +218,10 @@ class NcclCommunicator {
     return Request(state_);
   }
 
-  template <class View> void all_reduce_sum(const View& data) const { all_reduce(data, ncclSum); }
+  template <class View>
+  void all_reduce_sum(const View& data) const {
+    all_reduce(data, ncclSum);
+  }
 
   /// \brief The in-place sum enqueued on the communicator's stream; the Request's wait()
   /// synchronises that stream (kernels on Kokkos' stream run meanwhile).
@@ -230,7 +237,10 @@ class NcclCommunicator {
                        "ncclAllReduce");
     return Request(state_);
   }
-  template <class View> void all_reduce_max(const View& data) const { all_reduce(data, ncclMax); }
+  template <class View>
+  void all_reduce_max(const View& data) const {
+    all_reduce(data, ncclMax);
+  }
 
   template <class SendView, class RecvView>
   void all_gather(const SendView& send, const RecvView& recv) const {
@@ -268,15 +278,15 @@ class NcclCommunicator {
     if (!state_) return local_error;
     auto* device = static_cast<int*>(scratch(sizeof(int)));
     int flag = local_error ? 1 : 0;
-    detail::cuda_check(
-        cudaMemcpyAsync(device, &flag, sizeof(int), cudaMemcpyHostToDevice, state_->stream),
-        "cudaMemcpyAsync");
+    detail::cuda_check(cudaMemcpyAsync(device, &flag, sizeof(int), cudaMemcpyHostToDevice,
+                                       state_->stream),
+                       "cudaMemcpyAsync");
     detail::nccl_check(ncclAllReduce(device, device, 1, ncclInt32, ncclMax, state_->comm,
                                      state_->stream),
                        "ncclAllReduce");
-    detail::cuda_check(
-        cudaMemcpyAsync(&flag, device, sizeof(int), cudaMemcpyDeviceToHost, state_->stream),
-        "cudaMemcpyAsync");
+    detail::cuda_check(cudaMemcpyAsync(&flag, device, sizeof(int), cudaMemcpyDeviceToHost,
+                                       state_->stream),
+                       "cudaMemcpyAsync");
     synchronize();
     return flag != 0;
   }
