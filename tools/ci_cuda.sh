@@ -7,9 +7,10 @@
 # a GPU. Nothing runs unless nvidia-smi finds a GPU; then ctest runs too.
 #
 # By default it builds the targets that instantiate every router, expert, loss, optimizer,
-# the layer's forward and backward, the model loaders and the NCCL communicator on
-# Kokkos::Cuda (the list below); nvcc takes about 2 minutes per such file on 2 cores, so the
-# whole tree (about 70 files with the header self-containment checks) is KMOE_CUDA_ALL=1.
+# the layer's forward and backward, the model loaders, the NCCL communicator and the cuBLAS
+# grouped GEMM on Kokkos::Cuda (the list below); nvcc takes about 2 minutes per such file on
+# 2 cores, so the whole tree (about 70 files with the header self-containment checks) is
+# KMOE_CUDA_ALL=1.
 #
 # Environment: KMOE_CUDA_BUILD_DIR (default build-cuda), KMOE_CUDA_ARCH (default sm_90,
 # see tools/setup.sh), KMOE_JOBS (default 2), CUDA_HOME (default /usr/local/cuda),
@@ -50,9 +51,10 @@ cmake --preset cuda -B "$build" "${launcher[@]}"
 # kmoe-run: the three model families' layers; test_backward: every router, expert kind and
 # balance loss, forward and backward; test_forward_experts: FFN/GLU activations and
 # capacity; test_optimizer_state: the optimizers; custom_router: a user router on the
-# public base; nccl_compile: the NCCL communicator.
+# public base; nccl_compile: the NCCL communicator; test_cublas_grouped_gemm: the cuBLAS
+# grouped GEMM backend (kmoe::cublas) against a host loop (exit 77, skipped, without a GPU).
 device_targets=(kmoe-run test_backward test_forward_experts test_optimizer_state custom_router
-                nccl_compile)
+                nccl_compile test_cublas_grouped_gemm)
 if [ "${KMOE_CUDA_ALL:-0}" = 1 ]; then
   log "building every target with -j$jobs"
   target_args=()
