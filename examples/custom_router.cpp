@@ -17,38 +17,30 @@ class TemperatureTop1Router : public kmoe::GatedRouter<X, S> {
   void forward(const kmoe::ConstMatrix<S, X>& x, kmoe::RoutingPlan<X, S>& plan,
                const kmoe::RouteContext<X>&) {
     this->gate_forward(x, plan);
-    kmoe::scale_logits<X>("TemperatureTop1Router::temperature", plan.logits,
-                          1.0 / tau_);  // l / tau
-    const auto logits = plan.logits, probs = plan.probs, weight = plan.weight;
-    const auto expert = plan.expert;
+    kmoe::scale_logits<X>("TemperatureTop1Router::tau", plan.logits, 1.0 / tau_);  // l / tau
     const int experts = this->num_experts();
+    // A RoutingPlan is four views: the kernels capture it by value.
     Kokkos::parallel_for(
-        "TemperatureTop1Router::forward", Kokkos::RangePolicy<X>(0, x.extent(0)),
-        KOKKOS_LAMBDA(int t) {
-          kmoe::softmax_row(t, experts, logits, probs);
-          int best = 0;  // strict '>': the lower index wins ties (docs/semantics.md section 1)
-          for (int e = 1; e < experts; ++e) best = probs(t, e) > probs(t, best) ? e : best;
-          expert(t, 0) = best;
-          weight(t, 0) = probs(t, best);
+        Kokkos::RangePolicy<X>(0, x.extent(0)), KOKKOS_LAMBDA(int t) {
+          kmoe::softmax_row(t, experts, plan.logits, plan.probs);
+          plan.expert(t, 0) = kmoe::argmax_row(t, experts, plan.probs);  // ties: lower index
+          plan.weight(t, 0) = plan.probs(t, plan.expert(t, 0));
         });
   }
 
-  // w = p_best: dL/dl_e = g p_best (delta_e,best - p_e), then / tau for the raw logits (the
-  // balance losses' share of grad_logits is also with respect to l / tau).
+  // w = p_best: the softmax backward of dL/dw on the chosen expert, then / tau for the raw
+  // logits (the balance losses' share already in grad_logits is also with respect to l / tau).
   void backward(const kmoe::ConstMatrix<S, X>& x, const kmoe::RoutingPlan<X, S>& plan,
                 const kmoe::ConstMatrix<S, X>& grad_weight, const kmoe::Matrix<S, X>& grad_logits,
                 const kmoe::Matrix<S, X>& grad_x) const {
-    const auto probs = plan.probs;
-    const auto expert = plan.expert;
     const int experts = this->num_experts();
     Kokkos::parallel_for(
-        "TemperatureTop1Router::backward", Kokkos::RangePolicy<X>(0, x.extent(0)),
-        KOKKOS_LAMBDA(int t) {
-          const int best = expert(t, 0);
-          const S g = grad_weight(t, 0) * probs(t, best);
-          for (int e = 0; e < experts; ++e) grad_logits(t, e) += g * ((e == best) - probs(t, e));
+        Kokkos::RangePolicy<X>(0, x.extent(0)), KOKKOS_LAMBDA(int t) {
+          const auto grad_w = Kokkos::subview(grad_weight, t, Kokkos::ALL);
+          kmoe::softmax_backward_sparse(t, experts, 1, plan.probs, plan.expert, grad_w,
+                                        grad_logits);
         });
-    kmoe::scale_logits<X>("TemperatureTop1Router::temperature_backward", grad_logits, 1.0 / tau_);
+    kmoe::scale_logits<X>("TemperatureTop1Router::tau_backward", grad_logits, 1.0 / tau_);
     this->gate_backward(x, grad_logits, grad_x);
   }
 

@@ -106,4 +106,8 @@ constexpr bool check_valid_combiner() {
   return true;
 }
 
+// The shipped combiner meets its role wherever it is included.
+static_assert(
+    check_valid_combiner<WeightedSumCombiner<Kokkos::DefaultHostExecutionSpace, float>>());
+
 }  // namespace kmoe

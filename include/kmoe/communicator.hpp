@@ -225,4 +225,7 @@ void all_reduce_sum_values(const Communicator& comm, std::vector<std::int64_t>& 
   for (std::size_t i = 0; i < values.size(); ++i) values[i] = host(i);
 }
 
+// The shipped communicators meet their role wherever they are included.
+static_assert(check_valid_communicator<SingleProcessCommunicator>());
+
 }  // namespace kmoe

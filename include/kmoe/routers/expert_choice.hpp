@@ -7,6 +7,7 @@
 /// the plan has E slots per token, slot e meaning expert e.
 
 #include <kmoe/detail/select_top_count.hpp>
+#include <kmoe/router.hpp>
 #include <kmoe/routers/linear_gate.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
@@ -113,5 +114,8 @@ class ExpertChoiceRouter {
   ExpertChoiceConfig config_;
   LinearGate<ExecSpace, Scalar, Gemm> gate_;
 };
+
+// The shipped policy meets its role (kmoe/router.hpp) wherever it is included.
+static_assert(check_valid_router<ExpertChoiceRouter<Kokkos::DefaultHostExecutionSpace, float>>());
 
 }  // namespace kmoe

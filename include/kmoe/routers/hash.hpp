@@ -6,6 +6,7 @@
 
 #include <kmoe/detail/math.hpp>
 #include <kmoe/parameters.hpp>
+#include <kmoe/router.hpp>
 #include <kmoe/routers/validation.hpp>
 #include <kmoe/routing_plan.hpp>
 
@@ -71,5 +72,8 @@ class HashRouter {
  private:
   HashConfig config_;
 };
+
+// The shipped policy meets its role (kmoe/router.hpp) wherever it is included.
+static_assert(check_valid_router<HashRouter<Kokkos::DefaultHostExecutionSpace, float>>());
 
 }  // namespace kmoe

@@ -6,6 +6,7 @@
 /// softmax over the chosen H; at inference H = l. The noise is a fixed function of
 /// (seed, step, global token index, expert), so it is the same on every backend and rank.
 
+#include <kmoe/router.hpp>
 #include <kmoe/routers/linear_gate.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
@@ -156,5 +157,8 @@ class NoisyTopKRouter {
   std::uint64_t step_ = 0;
   std::int64_t token_offset_ = 0;
 };
+
+// The shipped policy meets its role (kmoe/router.hpp) wherever it is included.
+static_assert(check_valid_router<NoisyTopKRouter<Kokkos::DefaultHostExecutionSpace, float>>());
 
 }  // namespace kmoe

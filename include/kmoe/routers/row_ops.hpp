@@ -47,6 +47,15 @@ KOKKOS_INLINE_FUNCTION void softmax_row(int t, int experts, const Logits& logits
   for (int e = 0; e < experts; ++e) probs(t, e) /= sum;
 }
 
+/// The expert with the largest value(t, :) over E experts; ties go to the lower index (a
+/// strict '>' scanning in index order, as every shipped top-k, docs/semantics.md section 1).
+template <class Values>
+KOKKOS_INLINE_FUNCTION int argmax_row(int t, int experts, const Values& value) {
+  int best = 0;
+  for (int e = 1; e < experts; ++e) best = value(t, e) > value(t, best) ? e : best;
+  return best;
+}
+
 /// Adds to grad_logits(t, :) the softmax backward of a gradient that is non-zero only on
 /// the chosen slots: grad_probs(j) on expert(t, j) for j < slots (expert -1 is empty).
 template <class Probs, class Experts, class GradProb, class GradLogits>
@@ -107,8 +116,11 @@ KOKKOS_INLINE_FUNCTION typename Weight::non_const_value_type softmax_over_chosen
 namespace kmoe {
 
 /// The per-token helpers for a router's own kernels (examples/custom_router.cpp), as the
-/// shipped routers use them: softmax of one token's logits, and the temperature scaling.
+/// shipped routers use them: softmax of one token's logits, its top-1, the softmax backward
+/// of a gradient on the chosen experts, and the temperature scaling.
+using detail::argmax_row;
 using detail::scale_logits;
+using detail::softmax_backward_sparse;
 using detail::softmax_row;
 
 }  // namespace kmoe

@@ -7,6 +7,7 @@
 /// group-limited (n_group / topk_group).
 
 #include <kmoe/detail/topk.hpp>
+#include <kmoe/router.hpp>
 #include <kmoe/routers/gated_router.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
@@ -144,5 +145,8 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
   SigmoidBiasConfig config_;
   Vector<route_type, ExecSpace> bias_;
 };
+
+// The shipped policy meets its role (kmoe/router.hpp) wherever it is included.
+static_assert(check_valid_router<SigmoidBiasRouter<Kokkos::DefaultHostExecutionSpace, float>>());
 
 }  // namespace kmoe

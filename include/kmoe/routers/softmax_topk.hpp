@@ -6,6 +6,7 @@
 /// renormalised over the chosen), optionally group-limited and scaled.
 
 #include <kmoe/detail/topk.hpp>
+#include <kmoe/router.hpp>
 #include <kmoe/routers/gated_router.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
@@ -122,5 +123,8 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
 
   SoftmaxTopKConfig config_;
 };
+
+// The shipped policy meets its role (kmoe/router.hpp) wherever it is included.
+static_assert(check_valid_router<SoftmaxTopKRouter<Kokkos::DefaultHostExecutionSpace, float>>());
 
 }  // namespace kmoe

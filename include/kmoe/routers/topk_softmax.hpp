@@ -5,6 +5,7 @@
 /// largest logits are chosen and their weights are the softmax over those k logits only.
 
 #include <kmoe/detail/topk.hpp>
+#include <kmoe/router.hpp>
 #include <kmoe/routers/gated_router.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
@@ -91,5 +92,8 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
 
   TopKSoftmaxConfig config_;
 };
+
+// The shipped policy meets its role (kmoe/router.hpp) wherever it is included.
+static_assert(check_valid_router<TopKSoftmaxRouter<Kokkos::DefaultHostExecutionSpace, float>>());
 
 }  // namespace kmoe

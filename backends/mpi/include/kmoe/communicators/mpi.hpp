@@ -670,4 +670,6 @@ class MpiCommunicator {
   int rank_ = 0, size_ = 1;
 };
 
+static_assert(check_valid_communicator<MpiCommunicator>());
+
 }  // namespace kmoe

@@ -343,4 +343,6 @@ class NcclCommunicator {
   std::shared_ptr<State> state_;
 };
 
+static_assert(check_valid_communicator<NcclCommunicator>());
+
 }  // namespace kmoe
