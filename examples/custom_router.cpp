@@ -33,13 +33,9 @@ class TemperatureTop1Router : public kmoe::GatedRouter<X, S> {
   void backward(const kmoe::ConstMatrix<S, X>& x, const kmoe::RoutingPlan<X, S>& plan,
                 const kmoe::ConstMatrix<S, X>& grad_weight, const kmoe::Matrix<S, X>& grad_logits,
                 const kmoe::Matrix<S, X>& grad_x) const {
-    const int experts = this->num_experts();
     Kokkos::parallel_for(
-        Kokkos::RangePolicy<X>(0, x.extent(0)), KOKKOS_LAMBDA(int t) {
-          const auto grad_w = Kokkos::subview(grad_weight, t, Kokkos::ALL);
-          kmoe::softmax_backward_sparse(t, experts, 1, plan.probs, plan.expert, grad_w,
-                                        grad_logits);
-        });
+        Kokkos::RangePolicy<X>(0, x.extent(0)),
+        KOKKOS_LAMBDA(int t) { kmoe::softmax_backward_chosen(t, plan, grad_weight, grad_logits); });
     kmoe::scale_logits<X>("TemperatureTop1Router::tau_backward", grad_logits, 1.0 / tau_);
     this->gate_backward(x, grad_logits, grad_x);
   }

@@ -72,6 +72,17 @@ KOKKOS_INLINE_FUNCTION void softmax_backward_sparse(int t, int experts, int slot
     if (expert(t, j) >= 0) grad_logits(t, expert(t, j)) += probs(t, expert(t, j)) * grad_probs(j);
 }
 
+/// softmax_backward_sparse for a plan whose slot weights are the chosen experts'
+/// probabilities (w_j = probs(t, expert(t, j)): a top-k softmax without renormalisation),
+/// given dLoss/dw as grad_weight [T, S].
+template <class Plan, class GradWeight, class GradLogits>
+KOKKOS_INLINE_FUNCTION void softmax_backward_chosen(int t, const Plan& plan,
+                                                    const GradWeight& grad_weight,
+                                                    const GradLogits& grad_logits) {
+  softmax_backward_sparse(t, int(plan.probs.extent(1)), int(plan.expert.extent(1)), plan.probs,
+                          plan.expert, Kokkos::subview(grad_weight, t, Kokkos::ALL), grad_logits);
+}
+
 /// Gradient of w_j = scale * v_j / (sum_r v_r + eps) (or scale * v_j when not normalised)
 /// with respect to the chosen values v_j, given dLoss/dw_j.
 template <class Real, class Value, class GradWeight>
@@ -115,11 +126,13 @@ KOKKOS_INLINE_FUNCTION typename Weight::non_const_value_type softmax_over_chosen
 
 namespace kmoe {
 
-/// The per-token helpers for a router's own kernels (examples/custom_router.cpp), as the
-/// shipped routers use them: softmax of one token's logits, its top-1, the softmax backward
-/// of a gradient on the chosen experts, and the temperature scaling.
+/// The per-token helpers for a router's own kernels (examples/custom_router.cpp): softmax of
+/// one token's logits, its top-1, the softmax backward of a gradient on the chosen experts
+/// (softmax_backward_chosen when w = p), and the temperature scaling; the shipped softmax
+/// routers use softmax_row, softmax_backward_sparse and scale_logits.
 using detail::argmax_row;
 using detail::scale_logits;
+using detail::softmax_backward_chosen;
 using detail::softmax_backward_sparse;
 using detail::softmax_row;
 
