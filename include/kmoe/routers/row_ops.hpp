@@ -5,6 +5,7 @@
 /// and the router temperature, shared by the softmax-based routers.
 
 #include <kmoe/detail/math.hpp>
+#include <kmoe/detail/topk.hpp>
 #include <kmoe/error.hpp>
 
 #include <cmath>
@@ -47,13 +48,15 @@ KOKKOS_INLINE_FUNCTION void softmax_row(int t, int experts, const Logits& logits
   for (int e = 0; e < experts; ++e) probs(t, e) /= sum;
 }
 
-/// The expert with the largest value(t, :) over E experts; ties go to the lower index (a
-/// strict '>' scanning in index order, as every shipped top-k, docs/semantics.md section 1).
+/// The expert with the largest value(t, :) over E experts: the shipped routers' top-k
+/// (select_top_k) with k = 1, so ties go to the lower index as there (docs/semantics.md
+/// section 1).
 template <class Values>
 KOKKOS_INLINE_FUNCTION int argmax_row(int t, int experts, const Values& value) {
-  int best = 0;
-  for (int e = 1; e < experts; ++e) best = value(t, e) > value(t, best) ? e : best;
-  return best;
+  IndexBuffer<1> best;
+  select_top_k(
+      0, experts, 1, [&](int e) { return value(t, e); }, [](int) { return true; }, best);
+  return best(0);
 }
 
 /// Adds to grad_logits(t, :) the softmax backward of a gradient that is non-zero only on
