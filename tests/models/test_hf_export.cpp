@@ -94,8 +94,9 @@ TEST_CASE("a Mixtral and a Qwen3-MoE block round-trip through export and the loa
   check_same_block(qwen, loaded_qwen);
 }
 
-TEST_CASE("a DeepSeek-V3 block keeps its group limit, scaling, shared expert and selection bias",
-          "[models][export]") {
+TEST_CASE(
+    "a DeepSeek-V3 block keeps its group limit, scaling, shared expert and selection bias in both layouts",
+    "[models][export]") {
   SigmoidBiasConfig router;
   router.hidden = hidden, router.experts = experts, router.top_k = 2, router.normalize = true;
   router.scaling_factor = 2.5;
@@ -108,13 +109,20 @@ TEST_CASE("a DeepSeek-V3 block keeps its group limit, scaling, shared expert and
   for (std::size_t e = 0; e < bias.size(); ++e) bias(e) = 0.05f * float(e % 3) - 0.04f;
   Kokkos::deep_copy(layer.router().bias(), bias);
 
-  const auto dir = scratch("deepseek");
-  models::export_hf_block(layer, "deepseek_v3", dir, 1);
-  auto loaded = models::load_deepseek_v3<X, S>(dir, 1);
-  check_same_block(layer, loaded);
-  auto loaded_bias =
-      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), loaded.router().bias());
-  for (std::size_t e = 0; e < bias.size(); ++e) CHECK(loaded_bias(e) == bias(e));
+  for (const auto layout : {models::ExpertLayout::per_expert, models::ExpertLayout::fused}) {
+    CAPTURE(models::layout_name(layout));
+    const auto dir = scratch(std::string("deepseek_") + models::layout_name(layout));
+    models::export_hf_block(layer, "deepseek_v3", dir, 1, layout);
+    const io::ShardedCheckpoint checkpoint(dir);
+    CHECK(checkpoint.contains("model.layers.1.mlp.experts.gate_up_proj") ==
+          (layout == models::ExpertLayout::fused));
+    CHECK(checkpoint.contains("model.layers.1.mlp.shared_experts.up_proj.weight"));
+    auto loaded = models::load_deepseek_v3<X, S>(dir, 1);
+    check_same_block(layer, loaded);
+    auto loaded_bias =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), loaded.router().bias());
+    for (std::size_t e = 0; e < bias.size(); ++e) CHECK(loaded_bias(e) == bias(e));
+  }
 }
 
 TEST_CASE("a trained layer leaves its training checkpoint as an HF block", "[models][export]") {
@@ -141,6 +149,81 @@ TEST_CASE("a trained layer leaves its training checkpoint as an HF block", "[mod
   models::export_hf_block(restored, "mixtral", dir);
   auto loaded = models::load_mixtral<X, S>(dir, 0);
   check_same_block(trained, loaded);
+}
+
+TEST_CASE("a block exported in the fused layout holds the per-expert tensors, read back alike",
+          "[models][export][fused]") {
+  auto mixtral = softmax_layer(true);
+  const auto per_dir = scratch("mixtral_per_expert"), fused_dir = scratch("mixtral_fused");
+  models::export_hf_block(mixtral, "mixtral", per_dir, 1);
+  models::export_hf_block(mixtral, "mixtral", fused_dir, 1, models::ExpertLayout::fused);
+  const io::ShardedCheckpoint per(per_dir), fused(fused_dir);
+
+  // transformers 5.x's names and shapes: Mixtral's block is `mlp` there, gate_up_proj
+  // [E, 2F, H] with expert e's gate rows then its up rows, down_proj [E, H, F].
+  const std::string gate_up = "model.layers.1.mlp.experts.gate_up_proj";
+  const std::string down = "model.layers.1.mlp.experts.down_proj";
+  REQUIRE(fused.contains(gate_up));
+  CHECK(fused.info(gate_up).shape == std::vector<std::int64_t>{experts, 2 * ffn, hidden});
+  CHECK(fused.info(down).shape == std::vector<std::int64_t>{experts, hidden, ffn});
+  CHECK(fused.contains("model.layers.1.mlp.gate.weight"));
+  CHECK_FALSE(fused.contains("model.layers.1.block_sparse_moe.gate.weight"));
+  const auto fused_gate_up = fused.read<S>(gate_up), fused_down = fused.read<S>(down);
+  for (int e = 0; e < experts; ++e) {
+    const std::string expert = "model.layers.1.block_sparse_moe.experts." + std::to_string(e);
+    const auto w1 = per.read<S>(expert + ".w1.weight"), w3 = per.read<S>(expert + ".w3.weight");
+    const auto w2 = per.read<S>(expert + ".w2.weight");
+    CAPTURE(e);
+    for (int i = 0; i < ffn * hidden; ++i) {
+      CHECK(fused_gate_up[std::size_t(e) * 2 * ffn * hidden + i] == w1[i]);
+      CHECK(fused_gate_up[std::size_t(e) * 2 * ffn * hidden + ffn * hidden + i] == w3[i]);
+      CHECK(fused_down[std::size_t(e) * hidden * ffn + i] == w2[i]);
+    }
+  }
+
+  const auto block = models::read_block(fused_dir, 1, fused);
+  CHECK(block.layout == models::ExpertLayout::fused);
+  CHECK(block.prefix == "model.layers.1.mlp.");
+  auto loaded = models::load_mixtral<X, S>(fused_dir, 1);
+  check_same_block(mixtral, loaded);
+}
+
+TEST_CASE("a fused checkpoint with a stale or misshapen expert tensor is refused by name",
+          "[models][export][fused][errors]") {
+  auto mixtral = softmax_layer(true);
+  const auto dir = scratch("mixtral_broken_fused");
+  models::export_hf_block(mixtral, "mixtral", dir, 0, models::ExpertLayout::fused);
+  const io::SafetensorsFile exported(dir + "/model.safetensors");
+  const auto rewrite = [&](const std::string& target, const std::string& extra_name,
+                           std::vector<std::int64_t> extra_shape) {
+    io::SafetensorsWriter writer;
+    for (const auto& name : exported.names()) {
+      const auto& info = exported.info(name);
+      if (name == extra_name) continue;  // replaced below
+      writer.add(name, info.dtype, info.shape, exported.read<double>(name));
+    }
+    std::int64_t count = 1;
+    for (auto n : extra_shape) count *= n;
+    writer.add(extra_name, io::DType::F32, extra_shape, std::vector<double>(std::size_t(count)));
+    std::filesystem::create_directories(target);
+    std::filesystem::copy_file(dir + "/config.json", target + "/config.json",
+                               std::filesystem::copy_options::overwrite_existing);
+    writer.write(target + "/model.safetensors");
+  };
+  const auto load = [](const std::string& d) { models::load_mixtral<X, S>(d, 0); };
+  // Both layouts: either could be the stale copy, so neither is guessed.
+  const auto both = scratch("mixtral_both_layouts");
+  rewrite(both, "model.layers.0.block_sparse_moe.experts.0.w1.weight", {ffn, hidden});
+  CHECK_THROWS_MATCHES(load(both), runtime_error,
+                       MessageMatches(ContainsSubstring("holds both") &&
+                                      ContainsSubstring("experts.gate_up_proj")));
+  // A gate_up_proj one expert short.
+  const auto short_dir = scratch("mixtral_short_fused");
+  rewrite(short_dir, "model.layers.0.mlp.experts.gate_up_proj", {experts - 1, 2 * ffn, hidden});
+  CHECK_THROWS_MATCHES(
+      load(short_dir), runtime_error,
+      MessageMatches(ContainsSubstring("\"model.layers.0.mlp.experts.gate_up_proj\"") &&
+                     ContainsSubstring("[7, 48, 16]") && ContainsSubstring("[8, 48, 16]")));
 }
 
 TEST_CASE("export refuses what the family cannot express, naming it", "[models][export]") {

@@ -59,10 +59,15 @@ kmoe::Matrix<float, X> read_matrix(const fs::path& file) {
   return m;
 }
 
+/// Runs `layer` (loaded from `dir`/`model`) forward and backward on the fixture in `dir` and
+/// compares with transformers' results; `grads_file` holds the reference gradients under the
+/// names of that checkpoint's layout.
 template <class Layer>
-void check_against_fixture(Layer& layer, const std::string& family) {
-  const fs::path dir = fixtures / family;
-  const auto block = models::read_block_config((dir / "model").string(), fixture_layer);
+void check_against_fixture(Layer& layer, const fs::path& dir, const std::string& model = "model",
+                           const std::string& grads_file = "grads.safetensors") {
+  const std::string model_dir = (dir / model).string();
+  const auto block =
+      models::read_block(model_dir, fixture_layer, kmoe::io::ShardedCheckpoint(model_dir));
   const auto x = read_matrix(dir / "input.safetensors");
   const auto grad_y = read_matrix(dir / "grad_output.safetensors");
   const int tokens = int(x.extent(0)), hidden = int(x.extent(1));
@@ -74,7 +79,7 @@ void check_against_fixture(Layer& layer, const std::string& family) {
   layer.backward(grad_y, grad_x);
 
   const kmoe::io::SafetensorsFile output((dir / "output.safetensors").string());
-  const kmoe::io::SafetensorsFile grads((dir / "grads.safetensors").string());
+  const kmoe::io::SafetensorsFile grads((dir / grads_file).string());
   CHECK(relative_error(to_vector(y), output.read<double>("hidden_states")) < 1e-5);
   CHECK(relative_error(to_vector(layer.routing().logits), output.read<double>("router_logits")) <
         1e-5);
@@ -109,15 +114,15 @@ void check_against_fixture(Layer& layer, const std::string& family) {
   CHECK(relative_error(to_vector(grad_x), grads.read<double>("hidden_states")) < 1e-4);
   std::set<std::string> seen;
   models::visit_checkpoint_tensors(layer, block, true,
-                                   [&](const models::CheckpointTensor& t,
+                                   [&](const std::string& name,
                                        const std::vector<std::int64_t>& shape, const float* data) {
-                                     INFO(t.checkpoint);
-                                     REQUIRE(grads.contains(t.checkpoint));
-                                     CHECK(grads.info(t.checkpoint).shape == shape);
-                                     const auto ref = grads.read<double>(t.checkpoint);
+                                     INFO(name);
+                                     REQUIRE(grads.contains(name));
+                                     CHECK(grads.info(name).shape == shape);
+                                     const auto ref = grads.read<double>(name);
                                      const std::vector<double> mine(data, data + ref.size());
                                      CHECK(relative_error(mine, ref) < 1e-4);
-                                     seen.insert(t.checkpoint);
+                                     seen.insert(name);
                                    });
   // Every gradient in the reference is mapped; only the input gradient is not a parameter.
   for (const auto& name : grads.names())
@@ -171,7 +176,7 @@ TEST_CASE("Mixtral adapter reproduces the transformers fixture", "[models][hf][m
   const auto dir = (fixtures / "mixtral" / "model").string();
   CHECK(models::load_model_type(dir) == "mixtral");
   auto layer = models::load_mixtral<X, float>(dir, fixture_layer);
-  check_against_fixture(layer, "mixtral");
+  check_against_fixture(layer, fixtures / "mixtral");
 }
 
 TEST_CASE("DeepSeek-V3 adapter reproduces the transformers fixture", "[models][hf][deepseek]") {
@@ -179,14 +184,14 @@ TEST_CASE("DeepSeek-V3 adapter reproduces the transformers fixture", "[models][h
   CHECK(models::load_model_type(dir) == "deepseek_v3");
   auto layer = models::load_deepseek_v3<X, float>(dir, fixture_layer);
   REQUIRE(layer.shared_experts().has_value());
-  check_against_fixture(layer, "deepseek_v3");
+  check_against_fixture(layer, fixtures / "deepseek_v3");
 }
 
 TEST_CASE("Qwen3-MoE adapter reproduces the transformers fixture", "[models][hf][qwen3]") {
   const auto dir = (fixtures / "qwen3_moe" / "model").string();
   CHECK(models::load_model_type(dir) == "qwen3_moe");
   auto layer = models::load_qwen3_moe<X, float>(dir, fixture_layer);
-  check_against_fixture(layer, "qwen3_moe");
+  check_against_fixture(layer, fixtures / "qwen3_moe");
 }
 
 TEST_CASE("Checkpoint names cover every parameter slice", "[models][hf]") {
@@ -210,6 +215,24 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
     CHECK_THROWS_MATCHES(models::read_block_config(copy.path(), 1), kmoe::runtime_error,
                          MessageMatches(ContainsSubstring("\"model_type\" = \"llama\"") &&
                                         ContainsSubstring("config.json")));
+  }
+  SECTION("Qwen3-MoE expert count under transformers 5.x's key") {
+    BrokenCopy renamed("qwen3_moe", [](nlohmann::json& c) {
+      c["num_local_experts"] = c["num_experts"];
+      c.erase("num_experts");
+    });
+    CHECK(models::read_block_config(renamed.path(), 1).experts == 8);
+    BrokenCopy disagree("qwen3_moe", [](nlohmann::json& c) { c["num_local_experts"] = 4; });
+    CHECK_THROWS_MATCHES(models::read_block_config(disagree.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"num_experts\" = 8") &&
+                                        ContainsSubstring("\"num_local_experts\" = 4") &&
+                                        ContainsSubstring("disagree")));
+    BrokenCopy neither("qwen3_moe", [](nlohmann::json& c) { c.erase("num_experts"); });
+    CHECK_THROWS_MATCHES(
+        models::read_block_config(neither.path(), 1), kmoe::runtime_error,
+        MessageMatches(
+            ContainsSubstring("missing field \"num_experts\" or \"num_local_experts\"") &&
+            ContainsSubstring("config.json")));
   }
   SECTION("missing config field") {
     BrokenCopy copy("mixtral", [](nlohmann::json& c) { c.erase("num_experts_per_tok"); });

@@ -38,7 +38,8 @@ const char* const usage_text =
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
 model.safetensors or model.safetensors.index.json; model_type mixtral, deepseek_v3 or
-qwen3_moe) on the hidden states in X.
+qwen3_moe; experts stored per expert or fused, as transformers 4.x and 5.x write them) on
+the hidden states in X.
 
   --model DIR        model directory
   --layer L          decoder layer index (must be an MoE layer)
@@ -51,8 +52,10 @@ qwen3_moe) on the hidden states in X.
   --grad-output G    safetensors file with "hidden_states" [T, H] = dLoss/dOutput; runs a
                      training forward and the backward pass (needs --grads)
   --grads GRADS      written: "hidden_states" = dLoss/dInput and the gradient of every
-                     trainable block tensor under its checkpoint name (one tensor per
-                     expert, e.g. model.layers.1.block_sparse_moe.experts.3.w1.weight), F32
+                     trainable block tensor under its checkpoint name, in the layout the
+                     checkpoint uses (per expert, e.g.
+                     model.layers.1.block_sparse_moe.experts.3.w1.weight, or fused, e.g.
+                     model.layers.1.mlp.experts.gate_up_proj [E, 2F, H]), F32
   --threads N        host threads for Kokkos (default: Kokkos' own choice)
   --bench            also time forward (and forward + backward with --grad-output) and
                      print the median over the repeats
@@ -297,12 +300,11 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
     add_f32(*grads, "hidden_states", grad_x, "the input gradient");
     models::visit_checkpoint_tensors(
         layer, b, true,
-        [&](const models::CheckpointTensor& t, const std::vector<std::int64_t>& shape,
-            const S* data) {
+        [&](const std::string& name, const std::vector<std::int64_t>& shape, const S* data) {
           const auto count = std::accumulate(shape.begin(), shape.end(), std::int64_t(1),
                                              std::multiplies<std::int64_t>());
-          require_finite_f32(data, std::size_t(count), "the gradient of " + t.checkpoint);
-          grads->add(t.checkpoint, io::DType::F32, shape, data);
+          require_finite_f32(data, std::size_t(count), "the gradient of " + name);
+          grads->add(name, io::DType::F32, shape, data);
         });
   }
   // Both files are complete on disk before either replaces its destination.
@@ -312,8 +314,9 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   staged_output.commit();
   if (staged_grads) staged_grads->commit();
 
-  std::printf("model %s, layer %d: T=%d H=%d experts=%d top-k=%d%s, %s\n", b.model_type.c_str(),
-              b.layer, tokens, b.hidden, b.experts, b.top_k, b.shared_ffn > 0 ? " +shared" : "",
+  std::printf("model %s, layer %d (%s experts): T=%d H=%d experts=%d top-k=%d%s, %s\n",
+              b.model_type.c_str(), b.layer, models::layout_name(b.layout), tokens, b.hidden,
+              b.experts, b.top_k, b.shared_ffn > 0 ? " +shared" : "",
               o.use_double ? "double" : "float");
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
@@ -337,7 +340,8 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
 template <class S>
 void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
-  const models::MoEBlockConfig b = models::read_block_config(o.model, o.layer);
+  const models::MoEBlockConfig b =
+      models::read_block(o.model, o.layer, io::ShardedCheckpoint(o.model));
   if (b.model_type == "mixtral") {
     auto layer = models::load_mixtral<X, S>(o.model, o.layer);
     run(layer, b, o);

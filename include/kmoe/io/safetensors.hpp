@@ -251,14 +251,31 @@ class SafetensorsFile {
   /// to any integer T, with a kmoe::runtime_error if a value does not fit.
   template <class T>
   void read_into(const std::string& name, T* dst, std::size_t count) const {
-    static_assert(detail::is_float_element<T> || detail::is_int_element<T>,
-                  "read_into: T must be float, double or an integer type");
-    const TensorInfo& tensor = info(name);
-    const std::uint64_t elements = tensor.element_count();
+    const std::uint64_t elements = info(name).element_count();
     if (count != elements) {
       throw invalid_argument("SafetensorsFile::read_into", "count", std::to_string(count),
                              "tensor " + detail::quoted(name) + " in " + path_ + " has " +
                                  std::to_string(elements) + " elements");
+    }
+    read_range_into(name, 0, dst, count);
+  }
+
+  /// \brief Copies elements [first, first + count) of tensor `name` (in its row-major
+  /// order) into `dst`, converting as read_into does; reads only those bytes, so one
+  /// expert's slice of a fused [E, ...] tensor costs its own size.
+  template <class T>
+  void read_range_into(const std::string& name, std::uint64_t first_element, T* dst,
+                       std::size_t count) const {
+    static_assert(detail::is_float_element<T> || detail::is_int_element<T>,
+                  "read_into: T must be float, double or an integer type");
+    const TensorInfo& tensor = info(name);
+    const std::uint64_t elements = tensor.element_count();
+    if (first_element > elements || count > elements - first_element) {
+      throw invalid_argument("SafetensorsFile::read_range_into", "count", std::to_string(count),
+                             "elements [" + std::to_string(first_element) + ", +" +
+                                 std::to_string(count) + ") of tensor " + detail::quoted(name) +
+                                 " in " + path_ + ", which has " + std::to_string(elements) +
+                                 " elements");
     }
     if (detail::is_float_element<T> != is_floating(tensor.dtype)) {
       throw invalid_argument("SafetensorsFile::read_into", "name", name,
@@ -277,12 +294,13 @@ class SafetensorsFile {
     std::vector<unsigned char> staging(std::min(count, chunk_elements) * size);
     for (std::size_t first = 0; first < count; first += chunk_elements) {
       const std::size_t n = std::min(chunk_elements, count - first);
-      file_.read_exact(staging.data(), n * size, data_offset_ + tensor.begin + first * size,
+      file_.read_exact(staging.data(), n * size,
+                       data_offset_ + tensor.begin + (first_element + first) * size,
                        "SafetensorsFile: tensor " + detail::quoted(name));
       const std::size_t bad = detail::convert_from(tensor.dtype, staging.data(), dst + first, n);
       if (bad != n) {
         throw runtime_error("SafetensorsFile: " + path_ + ": tensor " + detail::quoted(name) +
-                            ": element " + std::to_string(first + bad) +
+                            ": element " + std::to_string(first_element + first + bad) +
                             " does not fit the requested integer type");
       }
     }
@@ -666,6 +684,14 @@ class ShardedCheckpoint {
   template <class T>
   void read_into(const std::string& name, T* dst, std::size_t count) const {
     file_for(name).read_into(name, dst, count);
+  }
+
+  /// \brief Copies elements [first_element, first_element + count) of tensor `name` into
+  /// `dst` (see SafetensorsFile::read_range_into).
+  template <class T>
+  void read_range_into(const std::string& name, std::uint64_t first_element, T* dst,
+                       std::size_t count) const {
+    file_for(name).read_range_into(name, first_element, dst, count);
   }
 
   /// \brief Tensor `name` as a new vector of T (see SafetensorsFile::read_into).

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <initializer_list>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -109,6 +110,25 @@ class ConfigFile {
     return out;
   }
 
+  /// The one of `fields` the file sets (a key transformers renamed between versions:
+  /// Qwen3-MoE's `num_experts` is `num_local_experts` in 5.x); runtime_error if none is
+  /// set, or if two are set to different values.
+  std::string either(std::initializer_list<const char*> fields) const {
+    std::string found, names;
+    for (const char* field : fields) {
+      names += std::string(names.empty() ? "" : " or ") + "\"" + field + "\"";
+      if (!has(field)) continue;
+      if (!found.empty() && json_.at(found) != json_.at(field))
+        throw runtime_error("kmoe::models: " + path_ + ": fields \"" + found +
+                            "\" = " + io::json_excerpt(json_.at(found)) + " and \"" + field +
+                            "\" = " + io::json_excerpt(json_.at(field)) +
+                            " name the same setting and disagree");
+      if (found.empty()) found = field;
+    }
+    if (found.empty()) throw runtime_error("kmoe::models: " + path_ + ": missing field " + names);
+    return found;
+  }
+
   /// runtime_error "<path>: field "<field>" = <value> must be in [minimum, maximum]".
   [[noreturn]] void out_of_range(const std::string& field, const std::string& value,
                                  long long minimum, long long maximum,
@@ -138,6 +158,17 @@ inline std::string load_model_type(const std::string& model_dir) {
   return ConfigFile(model_dir).string("model_type");
 }
 
+/// \brief How a checkpoint stores the routed experts: one tensor per expert and projection
+/// (`experts.3.w1.weight`, what released checkpoints and transformers' default
+/// save_pretrained write), or transformers 5.x's fused 3-D tensors (`experts.gate_up_proj`
+/// [E, 2F, H] with the gate rows first, `experts.down_proj` [E, H, F]), which
+/// save_pretrained(..., save_original_format=False) writes and some models are published in.
+enum class ExpertLayout { per_expert, fused };
+
+inline const char* layout_name(ExpertLayout layout) {
+  return layout == ExpertLayout::fused ? "fused" : "per-expert";
+}
+
 /// \brief Everything a loader needs about one layer's MoE block, read from config.json.
 /// Every size in it has been checked: each checkpoint matrix holds at most
 /// max_matrix_elements, top_k and the groups fit the experts.
@@ -145,7 +176,11 @@ struct MoEBlockConfig {
   std::string model_type;
   std::string config_path;
   int layer = 0;
-  std::string prefix;  ///< checkpoint name prefix of the block, e.g. "model.layers.1.mlp."
+  ExpertLayout layout = ExpertLayout::per_expert;
+  /// Checkpoint name prefix of the block in `layout`, e.g. "model.layers.1.mlp.": one of
+  /// the two below (Mixtral's block is `block_sparse_moe` per expert, `mlp` fused).
+  std::string prefix;
+  std::string per_expert_prefix, fused_prefix;
   int hidden = 0, experts = 0, top_k = 0, ffn = 0;
   bool normalize = false;
   double scaling_factor = 1.0;
@@ -161,11 +196,16 @@ struct MoEBlockConfig {
   std::string selection_bias;
 };
 
-/// \brief One kmoe parameter, or one expert's slice of it, and its checkpoint name.
+/// \brief One kmoe parameter, or one expert's slice of it, and where the checkpoint holds
+/// it: elements [offset, offset + count) of the checkpoint tensor `checkpoint` (the whole
+/// tensor in the per-expert layout; one expert's rows of a fused tensor otherwise).
 struct CheckpointTensor {
   std::string parameter;   ///< kmoe parameter name: "router.weight", "experts.w_gate", ...
   int expert = -1;         ///< slice along the leading (expert) extent, -1 for the whole tensor
   std::string checkpoint;  ///< e.g. "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+  std::vector<std::int64_t> shape;  ///< extents of the whole checkpoint tensor
+  std::int64_t offset = 0;          ///< first element of the slice in the checkpoint tensor
+  std::int64_t count = 0;           ///< elements of the slice
 };
 
 namespace detail {
@@ -224,7 +264,8 @@ inline void check_sizes(const ConfigFile& config, const MoEBlockConfig& b,
 }
 
 inline MoEBlockConfig mixtral_block(const ConfigFile& config, MoEBlockConfig b) {
-  b.prefix = "model.layers." + std::to_string(b.layer) + ".block_sparse_moe.";
+  b.prefix = b.per_expert_prefix = "model.layers." + std::to_string(b.layer) + ".block_sparse_moe.";
+  b.fused_prefix = "model.layers." + std::to_string(b.layer) + ".mlp.";
   b.hidden = config.count("hidden_size", 1);
   b.ffn = config.count("intermediate_size", 1);
   b.experts = config.count("num_local_experts", 1, max_experts);
@@ -245,14 +286,17 @@ inline MoEBlockConfig qwen3_moe_block(const ConfigFile& config, MoEBlockConfig b
   const int step = config.has("decoder_sparse_step") ? config.count("decoder_sparse_step", 1) : 1;
   if ((b.layer + 1) % step != 0)
     dense_layer(config, b.layer, "\"decoder_sparse_step\" = " + std::to_string(step));
-  b.prefix = "model.layers." + std::to_string(b.layer) + ".mlp.";
+  b.prefix = b.per_expert_prefix = b.fused_prefix =
+      "model.layers." + std::to_string(b.layer) + ".mlp.";
   b.hidden = config.count("hidden_size", 1);
   b.ffn = config.count("moe_intermediate_size", 1);
-  b.experts = config.count("num_experts", 1, max_experts);
+  // transformers 4.x writes num_experts, 5.x num_local_experts (its attribute_map).
+  const std::string experts_field = config.either({"num_experts", "num_local_experts"});
+  b.experts = config.count(experts_field, 1, max_experts);
   b.top_k = config.count("num_experts_per_tok", 1);
   b.normalize = config.boolean("norm_topk_prob");
   b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
-  check_sizes(config, b, "moe_intermediate_size", "num_experts");
+  check_sizes(config, b, "moe_intermediate_size", experts_field);
   return b;
 }
 
@@ -269,7 +313,8 @@ inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig
   const int freq = config.has("moe_layer_freq") ? config.count("moe_layer_freq", 1) : 1;
   if (b.layer % freq != 0)
     dense_layer(config, b.layer, "\"moe_layer_freq\" = " + std::to_string(freq));
-  b.prefix = "model.layers." + std::to_string(b.layer) + ".mlp.";
+  b.prefix = b.per_expert_prefix = b.fused_prefix =
+      "model.layers." + std::to_string(b.layer) + ".mlp.";
   b.hidden = config.count("hidden_size", 1);
   b.ffn = config.count("moe_intermediate_size", 1);
   b.experts = config.count("n_routed_experts", 1, max_experts);
@@ -332,22 +377,51 @@ inline MoEBlockConfig read_block_config(const std::string& model_dir, int layer)
   return detail::deepseek_v3_block(config, b);
 }
 
+/// \brief `b` with its routed experts stored in `layout`: the checkpoint names (and the
+/// block prefix, which differs for Mixtral) of that layout.
+inline MoEBlockConfig with_layout(MoEBlockConfig b, ExpertLayout layout) {
+  const std::string& to = layout == ExpertLayout::fused ? b.fused_prefix : b.per_expert_prefix;
+  if (!b.selection_bias.empty()) b.selection_bias = to + b.selection_bias.substr(b.prefix.size());
+  b.prefix = to;
+  b.layout = layout;
+  return b;
+}
+
 /// \brief Calls `visit(const CheckpointTensor&)` for every entry of checkpoint_tensors(b),
 /// in the same order, one at a time.
 template <class Visit>
 void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
-  visit(CheckpointTensor{"router.weight", -1, b.prefix + "gate.weight"});
+  using Shape = std::vector<std::int64_t>;
+  const std::int64_t E = b.experts, H = b.hidden, F = b.ffn;
+  visit(CheckpointTensor{"router.weight", -1, b.prefix + "gate.weight", Shape{E, H}, 0, E * H});
   const std::pair<const char*, const std::string*> projections[] = {
       {"w_gate", &b.gate_proj}, {"w_up", &b.up_proj}, {"w_down", &b.down_proj}};
-  for (const auto& [param, proj] : projections)
-    for (int e = 0; e < b.experts; ++e)
-      visit(CheckpointTensor{std::string("experts.") + param, e,
-                             b.prefix + b.experts_scope + std::to_string(e) + "." + *proj +
-                                 ".weight"});
-  if (b.shared_ffn > 0)
+  for (const auto& [param, proj] : projections) {
+    const bool down = std::string(param) == "w_down";
+    for (std::int64_t e = 0; e < E; ++e) {
+      CheckpointTensor t{std::string("experts.") + param, int(e), "", {}, 0, F * H};
+      if (b.layout == ExpertLayout::per_expert) {
+        t.checkpoint = b.prefix + b.experts_scope + std::to_string(e) + "." + *proj + ".weight";
+        t.shape = down ? Shape{H, F} : Shape{F, H};
+      } else if (down) {
+        t.checkpoint = b.prefix + b.experts_scope + "down_proj";
+        t.shape = Shape{E, H, F}, t.offset = e * H * F;
+      } else {
+        // [E, 2F, H]: expert e's gate rows, then its up rows.
+        t.checkpoint = b.prefix + b.experts_scope + "gate_up_proj";
+        t.shape = Shape{E, 2 * F, H},
+        t.offset = e * 2 * F * H + (std::string(param) == "w_up" ? F * H : 0);
+      }
+      visit(t);
+    }
+  }
+  if (b.shared_ffn > 0) {
+    const std::int64_t S = b.shared_ffn;
     for (const auto& [param, proj] : projections)
       visit(CheckpointTensor{std::string("shared.") + param, 0,
-                             b.prefix + b.shared_scope + *proj + ".weight"});
+                             b.prefix + b.shared_scope + *proj + ".weight",
+                             std::string(param) == "w_down" ? Shape{H, S} : Shape{S, H}, 0, S * H});
+  }
 }
 
 /// \brief Every trainable kmoe parameter of the block and the checkpoint tensor holding it:
@@ -357,16 +431,6 @@ inline std::vector<CheckpointTensor> checkpoint_tensors(const MoEBlockConfig& b)
   std::vector<CheckpointTensor> out;
   for_each_checkpoint_tensor(b, [&](const CheckpointTensor& t) { out.push_back(t); });
   return out;
-}
-
-/// \brief The checkpoint extents config.json implies for tensor `t` of block `b`.
-inline std::vector<std::int64_t> expected_shape(const MoEBlockConfig& b,
-                                                const CheckpointTensor& t) {
-  const std::int64_t ffn = t.parameter.rfind("shared.", 0) == 0 ? b.shared_ffn : b.ffn;
-  if (t.parameter == "router.weight") return {b.experts, b.hidden};
-  if (t.parameter.size() >= 6 && t.parameter.compare(t.parameter.size() - 6, 6, "w_down") == 0)
-    return {b.hidden, ffn};
-  return {ffn, b.hidden};
 }
 
 namespace detail {
@@ -381,7 +445,8 @@ inline void require_tensor(const io::ShardedCheckpoint& checkpoint, const MoEBlo
                            const std::string& name, const std::vector<std::int64_t>& shape) {
   if (!checkpoint.contains(name))
     throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + " (" + b.model_type +
-                        ", layer " + std::to_string(b.layer) + ") has no tensor \"" + name + "\"");
+                        ", layer " + std::to_string(b.layer) + ", " + layout_name(b.layout) +
+                        " layout) has no tensor \"" + name + "\"");
   const io::TensorInfo& info = checkpoint.info(name);
   if (info.shape != shape)
     throw runtime_error("kmoe::models: " + checkpoint.path_of(name) + ": tensor \"" + name +
@@ -395,17 +460,49 @@ inline void require_tensor(const io::ShardedCheckpoint& checkpoint, const MoEBlo
 
 }  // namespace detail
 
+/// \brief The layout `checkpoint` stores block `b`'s routed experts in, told from the tensor
+/// names: a fused `experts.gate_up_proj`, or expert 0's gate projection. A checkpoint
+/// holding both is refused, since either set could be the stale one; one holding neither
+/// is reported as per-expert, so that check_checkpoint names the first missing tensor.
+inline ExpertLayout detect_layout(const MoEBlockConfig& b,
+                                  const io::ShardedCheckpoint& checkpoint) {
+  const MoEBlockConfig per = with_layout(b, ExpertLayout::per_expert);
+  const MoEBlockConfig fused = with_layout(b, ExpertLayout::fused);
+  const std::string per_name = per.prefix + per.experts_scope + "0." + per.gate_proj + ".weight";
+  const std::string fused_name = fused.prefix + fused.experts_scope + "gate_up_proj";
+  const bool has_per = checkpoint.contains(per_name), has_fused = checkpoint.contains(fused_name);
+  if (has_per && has_fused)
+    throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + " (" + b.model_type +
+                        ", layer " + std::to_string(b.layer) + ") holds both \"" + per_name +
+                        "\" (per-expert layout) and \"" + fused_name +
+                        "\" (fused layout); it must hold one layout only");
+  return has_fused ? ExpertLayout::fused : ExpertLayout::per_expert;
+}
+
 /// \brief Checks that `checkpoint` holds every tensor of block `b` (router first, so an
 /// absurd expert count fails on one tensor), with the shape config.json implies and a
 /// floating dtype; throws kmoe::runtime_error naming the tensor and the directory. Run
 /// before any layer is allocated: the sizes in config.json are only claims until the
-/// checkpoint's data backs them.
+/// checkpoint's data backs them. A fused tensor is checked once, not once per slice.
 inline void check_checkpoint(const MoEBlockConfig& b, const io::ShardedCheckpoint& checkpoint) {
+  std::string previous;
   for_each_checkpoint_tensor(b, [&](const CheckpointTensor& t) {
-    detail::require_tensor(checkpoint, b, t.checkpoint, expected_shape(b, t));
+    if (t.checkpoint == previous) return;
+    detail::require_tensor(checkpoint, b, t.checkpoint, t.shape);
+    previous = t.checkpoint;
   });
   if (!b.selection_bias.empty())
     detail::require_tensor(checkpoint, b, b.selection_bias, {b.experts});
+}
+
+/// \brief read_block_config for the layout `checkpoint` stores the block in (detect_layout),
+/// with every tensor of it checked (check_checkpoint).
+inline MoEBlockConfig read_block(const std::string& model_dir, int layer,
+                                 const io::ShardedCheckpoint& checkpoint) {
+  const MoEBlockConfig b = read_block_config(model_dir, layer);
+  MoEBlockConfig resolved = with_layout(b, detect_layout(b, checkpoint));
+  check_checkpoint(resolved, checkpoint);
+  return resolved;
 }
 
 }  // namespace kmoe::models

@@ -22,6 +22,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -43,14 +46,8 @@ using DeepseekV3Layer =
 
 namespace detail {
 
-/// Extents of the checkpoint tensor for `t`: the parameter's, minus the expert extent.
-template <class Param>
-std::vector<std::int64_t> slice_shape(const Param& p, const CheckpointTensor& t) {
-  if (t.expert < 0) return p.shape;
-  return std::vector<std::int64_t>(p.shape.begin() + 1, p.shape.end());
-}
-
-/// Fills every parameter of `layer` from the checkpoint; check_checkpoint(b, checkpoint)
+/// Fills every parameter of `layer` from the checkpoint, each slice read on its own (one
+/// expert's rows of a fused tensor cost their own size); check_checkpoint(b, checkpoint)
 /// has already matched every tensor's shape to the layer's.
 template <class Layer>
 void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckpoint& checkpoint) {
@@ -63,9 +60,9 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
     bool mapped = false;
     for (const auto& t : tensors) {
       if (t.parameter != p.name) continue;
-      const std::size_t size = t.expert < 0 ? host.size() : host.size() / std::size_t(p.shape[0]);
-      checkpoint.read_into<S>(t.checkpoint, host.data() + size * std::size_t(std::max(t.expert, 0)),
-                              size);
+      const std::size_t size = std::size_t(t.count);
+      checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset),
+                                    host.data() + size * std::size_t(std::max(t.expert, 0)), size);
       mapped = true;
     }
     if (!mapped)
@@ -75,14 +72,14 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
   }
 }
 
-inline MoEBlockConfig family_block(const std::string& model_dir, int layer, const char* family,
+/// The block of `layer` in the layout `checkpoint` stores it, every tensor checked.
+inline MoEBlockConfig family_block(const std::string& model_dir, int layer,
+                                   const io::ShardedCheckpoint& checkpoint, const char* family,
                                    const char* where) {
-  MoEBlockConfig b = read_block_config(model_dir, layer);
-  if (b.model_type != family)
+  if (const std::string type = load_model_type(model_dir); type != family)
     throw invalid_argument(where, "model_dir", model_dir,
-                           "config.json has model_type \"" + b.model_type + "\", not \"" + family +
-                               "\"");
-  return b;
+                           "config.json has model_type \"" + type + "\", not \"" + family + "\"");
+  return read_block(model_dir, layer, checkpoint);
 }
 
 template <class X, class S>
@@ -96,9 +93,8 @@ template <class X, class S>
 MoELayer<SoftmaxTopKRouter<X, S>, SwiGLUExperts<X, S>> load_softmax_family(
     const std::string& model_dir, int layer, const LayerOptions& options, const char* family,
     const char* where) {
-  const MoEBlockConfig b = family_block(model_dir, layer, family, where);
   const io::ShardedCheckpoint checkpoint(model_dir);
-  check_checkpoint(b, checkpoint);
+  const MoEBlockConfig b = family_block(model_dir, layer, checkpoint, family, where);
   SoftmaxTopKConfig router;
   router.hidden = b.hidden, router.experts = b.experts, router.top_k = b.top_k;
   router.normalize = b.normalize;
@@ -135,9 +131,8 @@ template <class ExecSpace, class Scalar>
 DeepseekV3Layer<ExecSpace, Scalar> load_deepseek_v3(const std::string& model_dir, int layer,
                                                     const LayerOptions& options = {}) {
   constexpr const char* where = "kmoe::models::load_deepseek_v3";
-  const MoEBlockConfig b = detail::family_block(model_dir, layer, "deepseek_v3", where);
   const io::ShardedCheckpoint checkpoint(model_dir);
-  check_checkpoint(b, checkpoint);
+  const MoEBlockConfig b = detail::family_block(model_dir, layer, checkpoint, "deepseek_v3", where);
   SigmoidBiasConfig router;
   router.hidden = b.hidden, router.experts = b.experts, router.top_k = b.top_k;
   router.normalize = b.normalize;
@@ -155,22 +150,49 @@ DeepseekV3Layer<ExecSpace, Scalar> load_deepseek_v3(const std::string& model_dir
   return moe;
 }
 
-/// \brief Calls `visit(tensor, shape, data)` for every entry of checkpoint_tensors(b), with
-/// `data` pointing at the host copy of that slice of the parameter's value (`gradient`
-/// false) or gradient (true) and `shape` its checkpoint extents.
+/// \brief Calls `visit(name, shape, data)` once for every checkpoint tensor of block `b` (in
+/// the layout b.layout), in the order of checkpoint_tensors(b), with `data` pointing at a
+/// host copy of the whole tensor assembled from the parameters' values (`gradient` false)
+/// or gradients (true): the tensors a checkpoint in that layout holds, under its names.
 template <class Layer, class Visit>
 void visit_checkpoint_tensors(const Layer& layer, const MoEBlockConfig& b, bool gradient,
                               const Visit& visit) {
-  const auto tensors = checkpoint_tensors(b);
-  for (const auto& p : layer.parameters()) {
-    // One host copy per parameter, however many expert slices it has.
-    const auto host =
-        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), gradient ? p.grad : p.value);
-    for (const auto& t : tensors) {
-      if (t.parameter != p.name) continue;
-      const std::size_t size = t.expert < 0 ? host.size() : host.size() / std::size_t(p.shape[0]);
-      visit(t, detail::slice_shape(p, t), host.data() + size * std::size_t(std::max(t.expert, 0)));
+  using S = typename Layer::scalar_type;
+  using Flat = typename decltype(layer.parameters())::value_type::flat_view;
+  using HostFlat = decltype(Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), Flat()));
+  // One host copy per parameter (its flat storage), however many checkpoint tensors it feeds.
+  std::map<std::string, HostFlat> host;
+  for (const auto& p : layer.parameters())
+    host.emplace(p.name, Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(),
+                                                             gradient ? p.grad : p.value));
+  // A fused tensor is fed by many slices, not all adjacent (gate halves, then up halves).
+  std::vector<std::string> order;
+  std::map<std::string, std::vector<CheckpointTensor>> slices;
+  for (const auto& t : checkpoint_tensors(b)) {
+    if (!host.count(t.parameter))
+      throw invalid_argument("kmoe::models::visit_checkpoint_tensors", "parameter", t.parameter,
+                             "is not a parameter of the layer");
+    auto& list = slices[t.checkpoint];
+    if (list.empty()) order.push_back(t.checkpoint);
+    list.push_back(t);
+  }
+  const auto slice_data = [&](const CheckpointTensor& t) {
+    return host.at(t.parameter).data() + std::size_t(t.count) * std::size_t(std::max(t.expert, 0));
+  };
+  std::vector<S> assembled;
+  for (const auto& name : order) {
+    const auto& list = slices.at(name);
+    const auto& shape = list.front().shape;
+    const std::int64_t elements =
+        std::accumulate(shape.begin(), shape.end(), std::int64_t(1), std::multiplies<>());
+    if (list.size() == 1 && list.front().count == elements) {
+      visit(name, shape, static_cast<const S*>(slice_data(list.front())));
+      continue;
     }
+    assembled.assign(std::size_t(elements), S(0));
+    for (const auto& t : list)
+      std::copy(slice_data(t), slice_data(t) + t.count, assembled.begin() + t.offset);
+    visit(name, shape, static_cast<const S*>(assembled.data()));
   }
 }
 

@@ -88,10 +88,12 @@ nlohmann::ordered_json block_config(const Layer& moe, const std::string& model_t
 /// \brief Writes `moe` (one rank: every expert here) as decoder layer `layer`'s MoE block of
 /// a `model_type` model ("mixtral", "qwen3_moe" or "deepseek_v3", which fixes the router and
 /// expert kinds the layer must have) into `directory`: config.json and model.safetensors,
-/// each staged and renamed, so a reader never sees half a file.
+/// each staged and renamed, so a reader never sees half a file. `layout` chooses the routed
+/// experts' tensors: one per expert (what transformers' default save_pretrained writes) or
+/// fused 3-D tensors (save_original_format=False); transformers 5.x loads both.
 template <class Layer>
 void export_hf_block(const Layer& moe, const std::string& model_type, const std::string& directory,
-                     int layer = 0) {
+                     int layer = 0, ExpertLayout layout = ExpertLayout::per_expert) {
   constexpr const char* where = "kmoe::models::export_hf_block";
   using S = typename Layer::scalar_type;
   using X = typename Layer::execution_space;
@@ -135,7 +137,7 @@ void export_hf_block(const Layer& moe, const std::string& model_type, const std:
   config.commit();
 
   // The names come from the file just written, read back the way the loaders read it.
-  const MoEBlockConfig block = read_block_config(directory, layer);
+  const MoEBlockConfig block = with_layout(read_block_config(directory, layer), layout);
   // Every parameter needs a checkpoint name, or the export would drop it.
   const auto names = checkpoint_tensors(block);
   for (const auto& p : moe.parameters())
@@ -147,9 +149,9 @@ void export_hf_block(const Layer& moe, const std::string& model_type, const std:
                 "\"experts\" and the shared expert \"shared\")");
   io::SafetensorsWriter writer;
   visit_checkpoint_tensors(moe, block, false,
-                           [&](const CheckpointTensor& t, const std::vector<std::int64_t>& shape,
+                           [&](const std::string& name, const std::vector<std::int64_t>& shape,
                                const S* data) {
-                             writer.add(t.checkpoint, detail::export_dtype<S>(), shape, data);
+                             writer.add(name, detail::export_dtype<S>(), shape, data);
                            });
   if constexpr (deepseek_family) {
     const auto bias = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), moe.router().bias());
