@@ -48,20 +48,38 @@ if(NOT last_out MATCHES "forward: median")
 endif()
 
 # Values: every fixture model, outputs to 1e-5 and gradients to 1e-4 of the reference's
-# scale (float32 against PyTorch's float32 autograd), top-k indices exactly.
-foreach(model mixtral deepseek_v3 qwen3_moe)
-  set(dir ${FIXTURES}/${model})
-  expect_exit(0 --model ${dir}/model --layer 1 --input ${dir}/input.safetensors
-              --output ${WORK}/${model}_output.safetensors
-              --grad-output ${dir}/grad_output.safetensors --grads ${WORK}/${model}_grads.safetensors)
-  foreach(pair "output;1e-5" "grads;1e-4")
-    list(GET pair 0 kind)
-    list(GET pair 1 tolerance)
-    execute_process(COMMAND ${COMPARE} ${dir}/${kind}.safetensors
-                            ${WORK}/${model}_${kind}.safetensors ${tolerance}
+# scale (float32 against PyTorch's float32 autograd), top-k indices exactly. The
+# transformers 5.x fixtures (hf5/) run from both checkpoint layouts; the gradients must come
+# back under the names of the layout read (grads.safetensors per expert, grads_fused
+# fused).
+function(check_model name dir model grads_reference)
+  expect_exit(0 --model ${dir}/${model} --layer 1 --input ${dir}/input.safetensors
+              --output ${WORK}/${name}_output.safetensors
+              --grad-output ${dir}/grad_output.safetensors --grads ${WORK}/${name}_grads.safetensors)
+  foreach(pair "output.safetensors;output;1e-5" "${grads_reference};grads;1e-4")
+    list(GET pair 0 reference)
+    list(GET pair 1 kind)
+    list(GET pair 2 tolerance)
+    execute_process(COMMAND ${COMPARE} ${dir}/${reference} ${WORK}/${name}_${kind}.safetensors
+                            ${tolerance}
                     RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
     if(NOT rc EQUAL 0)
-      message(FATAL_ERROR "kmoe-run ${model} ${kind} differs from the fixture:\n${out}${err}")
+      message(FATAL_ERROR "kmoe-run ${name} ${kind} differs from the fixture:\n${out}${err}")
     endif()
   endforeach()
+endfunction()
+foreach(model mixtral deepseek_v3 qwen3_moe)
+  check_model(${model} ${FIXTURES}/${model} model grads.safetensors)
+endforeach()
+file(GLOB hf5_families LIST_DIRECTORIES true RELATIVE ${FIXTURES}/hf5 ${FIXTURES}/hf5/*)
+list(LENGTH hf5_families count)
+if(count LESS 8)
+  message(FATAL_ERROR "expected the transformers 5.x fixtures in ${FIXTURES}/hf5, found ${count}")
+endif()
+foreach(family ${hf5_families})
+  set(dir ${FIXTURES}/hf5/${family})
+  check_model(hf5_${family} ${dir} model grads.safetensors)
+  if(EXISTS ${dir}/model_fused)
+    check_model(hf5_${family}_fused ${dir} model_fused grads_fused.safetensors)
+  endif()
 endforeach()

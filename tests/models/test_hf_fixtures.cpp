@@ -194,6 +194,65 @@ TEST_CASE("Qwen3-MoE adapter reproduces the transformers fixture", "[models][hf]
   check_against_fixture(layer, fixtures / "qwen3_moe");
 }
 
+// Fixtures made with transformers 5.x (tests/fixtures/README.md, hf5/): every family whose
+// block kmoe reads, each checkpoint in both layouts transformers writes; the reference
+// gradients are named per layout (grads.safetensors per expert, grads_fused.safetensors).
+TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
+          "[models][hf][hf5]") {
+  struct Case {
+    const char* family;
+    models::BlockRouter router;
+  };
+  using R = models::BlockRouter;
+  const Case cases[] = {
+      {"mixtral", R::softmax_topk},         {"minimax", R::softmax_topk},
+      {"qwen3_moe", R::softmax_topk},       {"olmoe", R::softmax_topk},
+      {"flex_olmo", R::softmax_topk},       {"jamba", R::softmax_topk},
+      {"deepseek_v2", R::softmax_topk},     {"deepseek_v2_greedy", R::softmax_topk},
+      {"deepseek_v3", R::sigmoid_bias},     {"glm4_moe", R::sigmoid_bias},
+      {"dots1", R::sigmoid_bias},           {"granitemoe", R::topk_softmax},
+      {"granitemoeshared", R::topk_softmax}};
+  for (const auto& c : cases) {
+    const fs::path dir = fixtures / "hf5" / c.family;
+    for (const auto layout : {models::ExpertLayout::per_expert, models::ExpertLayout::fused}) {
+      const bool fused = layout == models::ExpertLayout::fused;
+      if (fused && !fs::exists(dir / "model_fused")) continue;
+      const std::string model = fused ? "model_fused" : "model";
+      const std::string model_dir = (dir / model).string();
+      INFO(c.family << " " << model);
+      const auto block =
+          models::read_block(model_dir, fixture_layer, kmoe::io::ShardedCheckpoint(model_dir));
+      CHECK(std::string(c.family).rfind(block.model_type, 0) == 0);
+      // Granite's own checkpoints are fused already (under other names than 5.x's).
+      const bool granite = block.model_type.rfind("granitemoe", 0) == 0;
+      CHECK(block.layout == (granite ? models::ExpertLayout::fused : layout));
+      REQUIRE(block.router == c.router);
+      const std::string grads = fused ? "grads_fused.safetensors" : "grads.safetensors";
+      if (c.router == R::softmax_topk) {
+        auto layer = models::load_softmax_block<X, float>(model_dir, fixture_layer);
+        CHECK(layer.shared_experts().has_value() == (block.shared_ffn > 0));
+        check_against_fixture(layer, dir, model, grads);
+      } else if (c.router == R::topk_softmax) {
+        auto layer = models::load_topk_softmax_block<X, float>(model_dir, fixture_layer);
+        CHECK(layer.shared_experts().has_value() == (block.model_type == "granitemoeshared"));
+        check_against_fixture(layer, dir, model, grads);
+      } else {
+        auto layer = models::load_sigmoid_bias_block<X, float>(model_dir, fixture_layer);
+        REQUIRE(layer.shared_experts().has_value());
+        check_against_fixture(layer, dir, model, grads);
+      }
+    }
+  }
+}
+
+TEST_CASE("GLM-4-MoE's dense first layer is refused, its MoE layers read", "[models][hf][hf5]") {
+  const auto dir = (fixtures / "hf5" / "glm4_moe" / "model").string();
+  CHECK_THROWS_MATCHES(models::read_block_config(dir, 0), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring("dense") &&
+                                      ContainsSubstring("first_k_dense_replace")));
+  CHECK(models::read_block_config(dir, 2).experts == 16);
+}
+
 TEST_CASE("Checkpoint names cover every parameter slice", "[models][hf]") {
   const auto block = models::read_block_config((fixtures / "deepseek_v3" / "model").string(), 1);
   const auto names = models::checkpoint_tensors(block);
@@ -233,6 +292,12 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
         MessageMatches(
             ContainsSubstring("missing field \"num_experts\" or \"num_local_experts\"") &&
             ContainsSubstring("config.json")));
+  }
+  SECTION("a known family kmoe does not reproduce names its reason") {
+    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["model_type"] = "qwen2_moe"; });
+    CHECK_THROWS_MATCHES(models::read_block_config(copy.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"model_type\" = \"qwen2_moe\"") &&
+                                        ContainsSubstring("sigmoid gate")));
   }
   SECTION("missing config field") {
     BrokenCopy copy("mixtral", [](nlohmann::json& c) { c.erase("num_experts_per_tok"); });

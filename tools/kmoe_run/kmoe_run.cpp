@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: BSD-3-Clause
-// kmoe-run: runs the MoE block of one decoder layer of a Hugging Face checkpoint (Mixtral,
-// DeepSeek-V3, Qwen3-MoE) on hidden states read from a safetensors file, writes the output
+// kmoe-run: runs the MoE block of one decoder layer of a Hugging Face checkpoint (the
+// families of docs/models.md) on hidden states read from a safetensors file, writes the output
 // and the routing, and optionally the backward pass's gradients under checkpoint names.
 // docs/models.md shows a run.
 
@@ -37,9 +37,9 @@ const char* const usage_text =
                 [--double]
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
-model.safetensors or model.safetensors.index.json; model_type mixtral, deepseek_v3 or
-qwen3_moe; experts stored per expert or fused, as transformers 4.x and 5.x write them) on
-the hidden states in X.
+model.safetensors or model.safetensors.index.json; a model_type docs/models.md lists:
+Mixtral, Qwen3-MoE, DeepSeek-V2/V3 and the families sharing their blocks; experts stored
+per expert or fused, as transformers 4.x and 5.x write them) on the hidden states in X.
 
   --model DIR        model directory
   --layer L          decoder layer index (must be an MoE layer)
@@ -342,14 +342,14 @@ void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b =
       models::read_block(o.model, o.layer, io::ShardedCheckpoint(o.model));
-  if (b.model_type == "mixtral") {
-    auto layer = models::load_mixtral<X, S>(o.model, o.layer);
+  if (b.router == models::BlockRouter::softmax_topk) {
+    auto layer = models::load_softmax_block<X, S>(o.model, o.layer);
     run(layer, b, o);
-  } else if (b.model_type == "qwen3_moe") {
-    auto layer = models::load_qwen3_moe<X, S>(o.model, o.layer);
+  } else if (b.router == models::BlockRouter::topk_softmax) {
+    auto layer = models::load_topk_softmax_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   } else {
-    auto layer = models::load_deepseek_v3<X, S>(o.model, o.layer);
+    auto layer = models::load_sigmoid_bias_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   }
 }

@@ -169,6 +169,21 @@ inline const char* layout_name(ExpertLayout layout) {
   return layout == ExpertLayout::fused ? "fused" : "per-expert";
 }
 
+/// \brief The router a family's block uses: softmax over all experts then top-k (Mixtral,
+/// Qwen3-MoE, DeepSeek-V2, ...: kmoe::SoftmaxTopKRouter), sigmoid scores with a selection
+/// bias (DeepSeek-V3 and its descendants: kmoe::SigmoidBiasRouter), or top-k of the logits
+/// then a softmax over the chosen (Granite-MoE: kmoe::TopKSoftmaxRouter).
+enum class BlockRouter { softmax_topk, sigmoid_bias, topk_softmax };
+
+/// \brief One way a family's checkpoints name a block's router and routed experts.
+struct CheckpointNaming {
+  ExpertLayout layout = ExpertLayout::per_expert;
+  std::string prefix;         ///< of the block, e.g. "model.layers.1.mlp."
+  std::string router_weight;  ///< relative to prefix, e.g. "gate.weight"
+  /// Fused layout: the [E, 2F, H] gate-then-up and [E, H, F] tensors, relative to prefix.
+  std::string fused_gate_up, fused_down;
+};
+
 /// \brief Everything a loader needs about one layer's MoE block, read from config.json.
 /// Every size in it has been checked: each checkpoint matrix holds at most
 /// max_matrix_elements, top_k and the groups fit the experts.
@@ -176,25 +191,64 @@ struct MoEBlockConfig {
   std::string model_type;
   std::string config_path;
   int layer = 0;
-  ExpertLayout layout = ExpertLayout::per_expert;
-  /// Checkpoint name prefix of the block in `layout`, e.g. "model.layers.1.mlp.": one of
-  /// the two below (Mixtral's block is `block_sparse_moe` per expert, `mlp` fused).
-  std::string prefix;
-  std::string per_expert_prefix, fused_prefix;
+  /// Every naming the family's checkpoints come in (transformers' per-expert and fused
+  /// ones; Mixtral's block is `block_sparse_moe` in one, `mlp` in the other), and the one
+  /// in use (namings[naming]; detect_naming picks it from a checkpoint's names).
+  std::vector<CheckpointNaming> namings;
+  std::size_t naming = 0;
+  ExpertLayout layout = ExpertLayout::per_expert;  ///< namings[naming].layout
+  std::string prefix;                              ///< namings[naming].prefix
   int hidden = 0, experts = 0, top_k = 0, ffn = 0;
   bool normalize = false;
   double scaling_factor = 1.0;
-  /// DeepSeek-V3 group-limited routing (n_group = topk_group = 1 disables it); the layer's
-  /// GroupLimit scores a group by the sum of its two best biased scores.
-  int n_group = 1, topk_group = 1;
+  BlockRouter router = BlockRouter::softmax_topk;
+  /// Group-limited routing (n_group = topk_group = 1 disables it): a group's score is the
+  /// sum of its `group_score_terms` best scores (DeepSeek-V3: 2; DeepSeek-V2: 1, the max).
+  int n_group = 1, topk_group = 1, group_score_terms = 2;
   int shared_ffn = 0;  ///< F of the shared expert (n_shared_experts folded in); 0 if none
-  /// Checkpoint names of an expert's gate, up and down projections, and the names of the
-  /// expert list and shared expert inside the block.
+  /// Per-expert layout: an expert's gate, up and down projections are named
+  /// prefix + experts_scope + e + "." + <proj> + ".weight".
   std::string gate_proj, up_proj, down_proj;
-  std::string experts_scope = "experts.", shared_scope;
-  /// Checkpoint name of the selection bias (DeepSeek-V3 e_score_correction_bias), or empty.
+  std::string experts_scope = "experts.";
+  /// The shared expert's tensors (absolute names, the same in every naming):
+  /// shared_prefix + <proj> + ".weight", or, if shared_gate_up is set, one [2F, H]
+  /// gate-then-up tensor and shared_down [H, F] (Granite's shared_mlp).
+  std::string shared_prefix, shared_gate_up, shared_down;
+  /// Selection bias relative to prefix (DeepSeek-V3 "gate.e_score_correction_bias"), or
+  /// empty; selection_bias_name() is its checkpoint name.
   std::string selection_bias;
+
+  const CheckpointNaming& current_naming() const { return namings.at(naming); }
+  std::string router_name() const { return prefix + current_naming().router_weight; }
+  std::string selection_bias_name() const { return prefix + selection_bias; }
 };
+
+/// \brief Namings of a block written by transformers: per expert under `per_expert_prefix`
+/// and fused (experts.gate_up_proj, experts.down_proj) under `fused_prefix`.
+inline std::vector<CheckpointNaming> transformers_namings(
+    const std::string& per_expert_prefix, const std::string& fused_prefix,
+    const std::string& router_weight = "gate.weight") {
+  return {{ExpertLayout::per_expert, per_expert_prefix, router_weight, "", ""},
+          {ExpertLayout::fused, fused_prefix, router_weight, "experts.gate_up_proj",
+           "experts.down_proj"}};
+}
+
+/// \brief `b` using namings[index].
+inline MoEBlockConfig with_naming(MoEBlockConfig b, std::size_t index) {
+  b.naming = index;
+  b.layout = b.current_naming().layout;
+  b.prefix = b.current_naming().prefix;
+  return b;
+}
+
+/// \brief `b` with its routed experts stored in `layout` (the family's first naming of that
+/// layout); kmoe::invalid_argument if the family has none.
+inline MoEBlockConfig with_layout(const MoEBlockConfig& b, ExpertLayout layout) {
+  for (std::size_t i = 0; i < b.namings.size(); ++i)
+    if (b.namings[i].layout == layout) return with_naming(b, i);
+  throw invalid_argument("kmoe::models::with_layout", "layout", layout_name(layout),
+                         "model_type \"" + b.model_type + "\" is not written in that layout");
+}
 
 /// \brief One kmoe parameter, or one expert's slice of it, and where the checkpoint holds
 /// it: elements [offset, offset + count) of the checkpoint tensor `checkpoint` (the whole
@@ -209,6 +263,11 @@ struct CheckpointTensor {
 };
 
 namespace detail {
+
+/// "model.layers.<layer>.", where transformers' decoder layers keep their blocks.
+inline std::string layer_prefix(const MoEBlockConfig& b) {
+  return "model.layers." + std::to_string(b.layer) + ".";
+}
 
 inline void require_silu(const ConfigFile& config) {
   const std::string act = config.string("hidden_act");
@@ -263,9 +322,10 @@ inline void check_sizes(const ConfigFile& config, const MoEBlockConfig& b,
   // Kokkos sizes in 64 bits.
 }
 
+/// Mixtral and MiniMax (MiniMaxSparseMoeBlock is Mixtral's block; MiniMax's residual
+/// scaling lies outside it).
 inline MoEBlockConfig mixtral_block(const ConfigFile& config, MoEBlockConfig b) {
-  b.prefix = b.per_expert_prefix = "model.layers." + std::to_string(b.layer) + ".block_sparse_moe.";
-  b.fused_prefix = "model.layers." + std::to_string(b.layer) + ".mlp.";
+  b.namings = transformers_namings(layer_prefix(b) + "block_sparse_moe.", layer_prefix(b) + "mlp.");
   b.hidden = config.count("hidden_size", 1);
   b.ffn = config.count("intermediate_size", 1);
   b.experts = config.count("num_local_experts", 1, max_experts);
@@ -273,6 +333,23 @@ inline MoEBlockConfig mixtral_block(const ConfigFile& config, MoEBlockConfig b) 
   b.normalize = true;  // MixtralSparseMoeBlock always renormalises the top-k weights
   b.gate_proj = "w1", b.up_proj = "w3", b.down_proj = "w2";
   check_sizes(config, b, "intermediate_size", "num_local_experts");
+  return b;
+}
+
+/// The fields of a Qwen3-MoE-style block (`mlp`, softmax top-k renormalised iff
+/// norm_topk_prob), its expert width under `ffn_field`.
+inline MoEBlockConfig qwen3_style_block(const ConfigFile& config, MoEBlockConfig b,
+                                        const std::string& ffn_field) {
+  b.namings = transformers_namings(layer_prefix(b) + "mlp.", layer_prefix(b) + "mlp.");
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count(ffn_field, 1);
+  // transformers 4.x writes num_experts, 5.x num_local_experts (its attribute_map).
+  const std::string experts_field = config.either({"num_experts", "num_local_experts"});
+  b.experts = config.count(experts_field, 1, max_experts);
+  b.top_k = config.count("num_experts_per_tok", 1);
+  b.normalize = config.boolean("norm_topk_prob");
+  b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
+  check_sizes(config, b, ffn_field, experts_field);
   return b;
 }
 
@@ -286,35 +363,49 @@ inline MoEBlockConfig qwen3_moe_block(const ConfigFile& config, MoEBlockConfig b
   const int step = config.has("decoder_sparse_step") ? config.count("decoder_sparse_step", 1) : 1;
   if ((b.layer + 1) % step != 0)
     dense_layer(config, b.layer, "\"decoder_sparse_step\" = " + std::to_string(step));
-  b.prefix = b.per_expert_prefix = b.fused_prefix =
-      "model.layers." + std::to_string(b.layer) + ".mlp.";
-  b.hidden = config.count("hidden_size", 1);
-  b.ffn = config.count("moe_intermediate_size", 1);
-  // transformers 4.x writes num_experts, 5.x num_local_experts (its attribute_map).
-  const std::string experts_field = config.either({"num_experts", "num_local_experts"});
-  b.experts = config.count(experts_field, 1, max_experts);
-  b.top_k = config.count("num_experts_per_tok", 1);
-  b.normalize = config.boolean("norm_topk_prob");
-  b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
-  check_sizes(config, b, "moe_intermediate_size", experts_field);
-  return b;
+  return qwen3_style_block(config, b, "moe_intermediate_size");
+}
+
+/// DeepSeek's shared expert: one SwiGLU of width n_shared_experts × moe_intermediate_size
+/// (absent or null: none); a product that does not fit must fail, not shrink the expert.
+inline void read_shared_experts(const ConfigFile& config, MoEBlockConfig& b) {
+  const int shared = config.has("n_shared_experts") ? config.count("n_shared_experts", 0) : 0;
+  b.shared_ffn =
+      int(field_product(config, "n_shared_experts", shared, "moe_intermediate_size", b.ffn,
+                        std::numeric_limits<int>::max(), "a shared expert width"));
+  field_product(config, "hidden_size", b.hidden, "n_shared_experts x moe_intermediate_size",
+                b.shared_ffn, max_matrix_elements, "a shared expert projection");
+  b.shared_prefix = layer_prefix(b) + "mlp.shared_experts.";
+}
+
+/// DeepSeek's dense prefix: layers below first_k_dense_replace, and off moe_layer_freq
+/// (transformers ignores moe_layer_freq; DeepSeek's own code honours it, 1 in V2 and V3).
+inline void require_deepseek_moe_layer(const ConfigFile& config, int layer) {
+  const int first_moe =
+      config.has("first_k_dense_replace") ? config.count("first_k_dense_replace", 0) : 0;
+  if (layer < first_moe)
+    dense_layer(config, layer, "\"first_k_dense_replace\" = " + std::to_string(first_moe));
+  const int freq = config.has("moe_layer_freq") ? config.count("moe_layer_freq", 1) : 1;
+  if (layer % freq != 0) dense_layer(config, layer, "\"moe_layer_freq\" = " + std::to_string(freq));
+}
+
+/// OLMoE and FlexOlmo: Qwen3-MoE's block, with the expert width under intermediate_size
+/// and every layer an MoE layer.
+inline MoEBlockConfig olmoe_block(const ConfigFile& config, MoEBlockConfig b) {
+  return qwen3_style_block(config, b, "intermediate_size");
 }
 
 /// The largest number of groups the sigmoid-bias router accepts (kmoe/detail/topk.hpp).
 inline constexpr int max_router_groups = 64;
 
+/// DeepSeek-V3, GLM-4-MoE and dots1 (transformers 5.x runs the same router code for all
+/// three).
 inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig b) {
   require_value(config, "scoring_func", "sigmoid");
   require_value(config, "topk_method", "noaux_tc");
-  const int first_moe = config.count("first_k_dense_replace", 0);
-  if (b.layer < first_moe)
-    dense_layer(config, b.layer, "\"first_k_dense_replace\" = " + std::to_string(first_moe));
-  // transformers ignores moe_layer_freq; DeepSeek's own code honours it (1 in V3).
-  const int freq = config.has("moe_layer_freq") ? config.count("moe_layer_freq", 1) : 1;
-  if (b.layer % freq != 0)
-    dense_layer(config, b.layer, "\"moe_layer_freq\" = " + std::to_string(freq));
-  b.prefix = b.per_expert_prefix = b.fused_prefix =
-      "model.layers." + std::to_string(b.layer) + ".mlp.";
+  config.count("first_k_dense_replace", 0);  // required: released V3 configs set it
+  require_deepseek_moe_layer(config, b.layer);
+  b.namings = transformers_namings(layer_prefix(b) + "mlp.", layer_prefix(b) + "mlp.");
   b.hidden = config.count("hidden_size", 1);
   b.ffn = config.count("moe_intermediate_size", 1);
   b.experts = config.count("n_routed_experts", 1, max_experts);
@@ -332,21 +423,166 @@ inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig
     config.out_of_range("num_experts_per_tok", std::to_string(b.top_k), 1, eligible,
                         " (the experts of topk_group = " + std::to_string(b.topk_group) +
                             " groups)");
-  const int shared = config.has("n_shared_experts") ? config.count("n_shared_experts", 0) : 0;
-  // The shared expert is one SwiGLU of width n_shared_experts × moe_intermediate_size: a
-  // product that does not fit must fail, not shrink the expert.
-  b.shared_ffn =
-      int(field_product(config, "n_shared_experts", shared, "moe_intermediate_size", b.ffn,
-                        std::numeric_limits<int>::max(), "a shared expert width"));
-  field_product(config, "hidden_size", b.hidden, "n_shared_experts x moe_intermediate_size",
-                b.shared_ffn, max_matrix_elements, "a shared expert projection");
+  read_shared_experts(config, b);
   b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
-  b.shared_scope = "shared_experts.";
-  b.selection_bias = b.prefix + "gate.e_score_correction_bias";
+  b.router = BlockRouter::sigmoid_bias;
+  b.selection_bias = "gate.e_score_correction_bias";
   return b;
 }
 
+/// DeepSeek-V2 (DeepseekV2Moe): softmax over all experts, top-k greedy or group-limited
+/// greedy (a group scored by its best expert), weights scaled by routed_scaling_factor and
+/// never renormalised, plus a shared expert.
+inline MoEBlockConfig deepseek_v2_block(const ConfigFile& config, MoEBlockConfig b) {
+  require_deepseek_moe_layer(config, b.layer);
+  if (config.has("mlp_bias") && config.boolean("mlp_bias"))
+    throw runtime_error("kmoe::models: " + config.path() +
+                        ": field \"mlp_bias\" = true is not supported (kmoe's experts have no "
+                        "biases)");
+  // transformers 5.x ignores norm_topk_prob for DeepSeek-V2, DeepSeek's own code honours
+  // it: with true the two references disagree, so neither is guessed.
+  if (config.has("norm_topk_prob") && config.boolean("norm_topk_prob"))
+    throw runtime_error("kmoe::models: " + config.path() +
+                        ": field \"norm_topk_prob\" = true is not supported for deepseek_v2 "
+                        "(transformers ignores it, DeepSeek's code renormalises)");
+  b.namings = transformers_namings(layer_prefix(b) + "mlp.", layer_prefix(b) + "mlp.");
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("moe_intermediate_size", 1);
+  b.experts = config.count("n_routed_experts", 1, max_experts);
+  b.top_k = config.count("num_experts_per_tok", 1);
+  b.normalize = false;
+  b.scaling_factor =
+      config.has("routed_scaling_factor") ? config.positive_number("routed_scaling_factor") : 1.0;
+  const std::string method = config.has("topk_method") ? config.string("topk_method") : "greedy";
+  if (method == "group_limited_greedy") {
+    b.n_group = config.count("n_group", 1, max_router_groups);
+    if (b.experts % b.n_group != 0)
+      config.out_of_range("n_group", std::to_string(b.n_group), 1, max_router_groups,
+                          " and divide n_routed_experts = " + std::to_string(b.experts));
+    b.topk_group = config.count("topk_group", 1, b.n_group);
+    b.group_score_terms = 1;
+  } else if (method != "greedy") {
+    throw runtime_error(
+        "kmoe::models: " + config.path() + ": field \"topk_method\" = \"" + io::excerpt(method) +
+        "\" is not supported (deepseek_v2: \"greedy\" or \"group_limited_greedy\")");
+  }
+  check_sizes(config, b, "moe_intermediate_size", "n_routed_experts");
+  const int eligible = b.topk_group * (b.experts / b.n_group);
+  if (b.top_k > eligible)
+    config.out_of_range("num_experts_per_tok", std::to_string(b.top_k), 1, eligible,
+                        " (the experts of topk_group = " + std::to_string(b.topk_group) +
+                            " groups)");
+  read_shared_experts(config, b);
+  b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
+  return b;
+}
+
+/// Jamba (JambaSparseMoeBlock, `feed_forward`): softmax top-k, never renormalised, the
+/// router named `router`; MoE on layers with layer % expert_layer_period ==
+/// expert_layer_offset (the others have a dense MLP).
+inline MoEBlockConfig jamba_block(const ConfigFile& config, MoEBlockConfig b) {
+  const int period = config.has("expert_layer_period") ? config.count("expert_layer_period", 1) : 2;
+  const int offset =
+      config.has("expert_layer_offset") ? config.count("expert_layer_offset", 0, period - 1) : 1;
+  if (b.layer % period != offset)
+    dense_layer(config, b.layer,
+                "\"expert_layer_period\" = " + std::to_string(period) +
+                    ", \"expert_layer_offset\" = " + std::to_string(offset));
+  b.namings = transformers_namings(layer_prefix(b) + "feed_forward.",
+                                   layer_prefix(b) + "feed_forward.", "router.weight");
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("intermediate_size", 1);
+  const std::string experts_field = config.either({"num_experts", "num_local_experts"});
+  b.experts = config.count(experts_field, 1, max_experts);
+  b.top_k = config.count("num_experts_per_tok", 1);
+  b.normalize = false;
+  b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
+  check_sizes(config, b, "intermediate_size", experts_field);
+  return b;
+}
+
+/// Granite-MoE and Granite-MoE-shared (GraniteMoeMoE, `block_sparse_moe`): top-k of the
+/// logits, softmax over the chosen. Its own checkpoints are already fused, under other
+/// names (input_linear [E, 2F, H] gate rows first, output_linear [E, H, F],
+/// router.layer.weight); transformers 5.x's fused names are the second naming. The shared
+/// MLP (shared_intermediate_size > 0) sits beside the block on the decoder layer and is
+/// added with weight 1, as kmoe's shared expert is.
+inline MoEBlockConfig granitemoe_block(const ConfigFile& config, MoEBlockConfig b) {
+  const std::string prefix = layer_prefix(b) + "block_sparse_moe.";
+  b.namings = {{ExpertLayout::fused, prefix, "router.layer.weight", "input_linear.weight",
+                "output_linear.weight"},
+               {ExpertLayout::fused, prefix, "router.weight", "experts.gate_up_proj",
+                "experts.down_proj"}};
+  b.router = BlockRouter::topk_softmax;
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("intermediate_size", 1);
+  b.experts = config.count("num_local_experts", 1, max_experts);
+  b.top_k = config.count("num_experts_per_tok", 1);
+  b.normalize = true;  // a softmax over the chosen logits sums to 1
+  check_sizes(config, b, "intermediate_size", "num_local_experts");
+  if (b.model_type == "granitemoeshared") {
+    b.shared_ffn =
+        config.has("shared_intermediate_size") ? config.count("shared_intermediate_size", 0) : 0;
+    field_product(config, "hidden_size", b.hidden, "shared_intermediate_size", b.shared_ffn,
+                  max_matrix_elements / 2, "a shared MLP projection");
+    b.shared_gate_up = layer_prefix(b) + "shared_mlp.input_linear.weight";
+    b.shared_down = layer_prefix(b) + "shared_mlp.output_linear.weight";
+  }
+  return b;
+}
+
+/// One model_type kmoe reads, and how its config describes the block.
+struct Family {
+  const char* model_type;
+  MoEBlockConfig (*read)(const ConfigFile&, MoEBlockConfig);
+};
+
+/// Every family read_block_config accepts. Families that share a block share its reader.
+inline const std::vector<Family>& families() {
+  static const std::vector<Family> table = {
+      {"mixtral", mixtral_block},         {"minimax", mixtral_block},
+      {"qwen3_moe", qwen3_moe_block},     {"olmoe", olmoe_block},
+      {"flex_olmo", olmoe_block},         {"deepseek_v3", deepseek_v3_block},
+      {"glm4_moe", deepseek_v3_block},    {"dots1", deepseek_v3_block},
+      {"deepseek_v2", deepseek_v2_block}, {"jamba", jamba_block},
+      {"granitemoe", granitemoe_block},   {"granitemoeshared", granitemoe_block},
+  };
+  return table;
+}
+
+/// MoE families of transformers 5.x that kmoe refuses, and why: each needs a router or
+/// expert variant kmoe does not have yet, and an approximation would be the silent kind of
+/// wrong (docs/models.md).
+struct RefusedFamily {
+  const char* model_type;
+  const char* reason;
+};
+
+inline const std::vector<RefusedFamily>& refused_families() {
+  static const std::vector<RefusedFamily> table = {
+      {"qwen2_moe", "its shared expert is scaled per token by a sigmoid gate"},
+      {"qwen3_next", "its shared expert is scaled per token by a sigmoid gate"},
+      {"hunyuan_v1_moe", "its expert count varies per layer and it has a shared MLP"},
+      {"ernie4_5_moe",
+       "it selects by softmax probability plus a bias and clamps the normalisation"},
+      {"gpt_oss",
+       "its router and experts have biases, gate/up are interleaved and its SwiGLU is clamped"},
+      {"llama4", "it scales the expert input by the sigmoid router weight"},
+      {"dbrx", "it normalises the top-k weights by an Lp norm"},
+      {"phimoe", "it routes by sparsemixer"},
+  };
+  return table;
+}
+
 }  // namespace detail
+
+/// \brief The model_type values read_block_config accepts, comma-separated.
+inline std::string supported_model_types() {
+  std::string out;
+  for (const auto& f : detail::families())
+    out += std::string(out.empty() ? "" : ", ") + f.model_type;
+  return out;
+}
 
 /// \brief Reads `model_dir/config.json` and describes the MoE block of decoder layer `layer`.
 ///
@@ -362,29 +598,29 @@ inline MoEBlockConfig read_block_config(const std::string& model_dir, int layer)
   b.model_type = config.string("model_type");
   b.config_path = config.path();
   b.layer = layer;
-  if (b.model_type != "mixtral" && b.model_type != "qwen3_moe" && b.model_type != "deepseek_v3")
+  const auto& table = detail::families();
+  const auto family = std::find_if(table.begin(), table.end(), [&](const detail::Family& f) {
+    return b.model_type == f.model_type;
+  });
+  const auto& refused = detail::refused_families();
+  const auto known =
+      std::find_if(refused.begin(), refused.end(),
+                   [&](const detail::RefusedFamily& f) { return b.model_type == f.model_type; });
+  if (known != refused.end())
+    throw runtime_error("kmoe::models: " + config.path() + ": field \"model_type\" = \"" +
+                        b.model_type + "\" is not supported: " + known->reason +
+                        ", which kmoe does not reproduce (docs/models.md)");
+  if (family == table.end())
     throw runtime_error("kmoe::models: " + config.path() + ": field \"model_type\" = \"" +
                         io::excerpt(b.model_type) +
-                        "\" is not supported (supported: mixtral, deepseek_v3, qwen3_moe)");
+                        "\" is not supported (supported: " + supported_model_types() + ")");
   const int layers = config.count("num_hidden_layers", 1);
   if (layer < 0 || layer >= layers)
     throw invalid_argument("kmoe::models", "layer", std::to_string(layer),
                            "must be in [0, " + std::to_string(layers) + ") (num_hidden_layers in " +
                                config.path() + ")");
   detail::require_silu(config);
-  if (b.model_type == "mixtral") return detail::mixtral_block(config, b);
-  if (b.model_type == "qwen3_moe") return detail::qwen3_moe_block(config, b);
-  return detail::deepseek_v3_block(config, b);
-}
-
-/// \brief `b` with its routed experts stored in `layout`: the checkpoint names (and the
-/// block prefix, which differs for Mixtral) of that layout.
-inline MoEBlockConfig with_layout(MoEBlockConfig b, ExpertLayout layout) {
-  const std::string& to = layout == ExpertLayout::fused ? b.fused_prefix : b.per_expert_prefix;
-  if (!b.selection_bias.empty()) b.selection_bias = to + b.selection_bias.substr(b.prefix.size());
-  b.prefix = to;
-  b.layout = layout;
-  return b;
+  return with_naming(family->read(config, b), 0);
 }
 
 /// \brief Calls `visit(const CheckpointTensor&)` for every entry of checkpoint_tensors(b),
@@ -393,7 +629,7 @@ template <class Visit>
 void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
   using Shape = std::vector<std::int64_t>;
   const std::int64_t E = b.experts, H = b.hidden, F = b.ffn;
-  visit(CheckpointTensor{"router.weight", -1, b.prefix + "gate.weight", Shape{E, H}, 0, E * H});
+  visit(CheckpointTensor{"router.weight", -1, b.router_name(), Shape{E, H}, 0, E * H});
   const std::pair<const char*, const std::string*> projections[] = {
       {"w_gate", &b.gate_proj}, {"w_up", &b.up_proj}, {"w_down", &b.down_proj}};
   for (const auto& [param, proj] : projections) {
@@ -404,11 +640,11 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
         t.checkpoint = b.prefix + b.experts_scope + std::to_string(e) + "." + *proj + ".weight";
         t.shape = down ? Shape{H, F} : Shape{F, H};
       } else if (down) {
-        t.checkpoint = b.prefix + b.experts_scope + "down_proj";
+        t.checkpoint = b.prefix + b.current_naming().fused_down;
         t.shape = Shape{E, H, F}, t.offset = e * H * F;
       } else {
         // [E, 2F, H]: expert e's gate rows, then its up rows.
-        t.checkpoint = b.prefix + b.experts_scope + "gate_up_proj";
+        t.checkpoint = b.prefix + b.current_naming().fused_gate_up;
         t.shape = Shape{E, 2 * F, H},
         t.offset = e * 2 * F * H + (std::string(param) == "w_up" ? F * H : 0);
       }
@@ -417,10 +653,18 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
   }
   if (b.shared_ffn > 0) {
     const std::int64_t S = b.shared_ffn;
-    for (const auto& [param, proj] : projections)
-      visit(CheckpointTensor{std::string("shared.") + param, 0,
-                             b.prefix + b.shared_scope + *proj + ".weight",
-                             std::string(param) == "w_down" ? Shape{H, S} : Shape{S, H}, 0, S * H});
+    for (const auto& [param, proj] : projections) {
+      const bool down = std::string(param) == "w_down";
+      CheckpointTensor t{std::string("shared.") + param,   0, b.shared_prefix + *proj + ".weight",
+                         down ? Shape{H, S} : Shape{S, H}, 0, S * H};
+      if (!b.shared_gate_up.empty() && down) {
+        t.checkpoint = b.shared_down;
+      } else if (!b.shared_gate_up.empty()) {
+        t.checkpoint = b.shared_gate_up, t.shape = Shape{2 * S, H};
+        t.offset = std::string(param) == "w_up" ? S * H : 0;
+      }
+      visit(t);
+    }
   }
 }
 
@@ -460,23 +704,29 @@ inline void require_tensor(const io::ShardedCheckpoint& checkpoint, const MoEBlo
 
 }  // namespace detail
 
-/// \brief The layout `checkpoint` stores block `b`'s routed experts in, told from the tensor
-/// names: a fused `experts.gate_up_proj`, or expert 0's gate projection. A checkpoint
-/// holding both is refused, since either set could be the stale one; one holding neither
-/// is reported as per-expert, so that check_checkpoint names the first missing tensor.
-inline ExpertLayout detect_layout(const MoEBlockConfig& b,
-                                  const io::ShardedCheckpoint& checkpoint) {
-  const MoEBlockConfig per = with_layout(b, ExpertLayout::per_expert);
-  const MoEBlockConfig fused = with_layout(b, ExpertLayout::fused);
-  const std::string per_name = per.prefix + per.experts_scope + "0." + per.gate_proj + ".weight";
-  const std::string fused_name = fused.prefix + fused.experts_scope + "gate_up_proj";
-  const bool has_per = checkpoint.contains(per_name), has_fused = checkpoint.contains(fused_name);
-  if (has_per && has_fused)
-    throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + " (" + b.model_type +
-                        ", layer " + std::to_string(b.layer) + ") holds both \"" + per_name +
-                        "\" (per-expert layout) and \"" + fused_name +
-                        "\" (fused layout); it must hold one layout only");
-  return has_fused ? ExpertLayout::fused : ExpertLayout::per_expert;
+/// \brief The index of the naming `checkpoint` uses for block `b`, told from the tensor
+/// names: a naming's first expert tensor (expert 0's gate projection, or the fused
+/// gate-up tensor). A checkpoint matching two namings is refused, since either set could
+/// be the stale one; one matching none gets the first naming, so that check_checkpoint
+/// names the first missing tensor.
+inline std::size_t detect_naming(const MoEBlockConfig& b, const io::ShardedCheckpoint& checkpoint) {
+  std::size_t found = b.namings.size();
+  std::string found_name;
+  for (std::size_t i = 0; i < b.namings.size(); ++i) {
+    const CheckpointNaming& n = b.namings[i];
+    const std::string name = n.layout == ExpertLayout::fused
+                                 ? n.prefix + n.fused_gate_up
+                                 : n.prefix + b.experts_scope + "0." + b.gate_proj + ".weight";
+    if (!checkpoint.contains(name)) continue;
+    if (found != b.namings.size())
+      throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + " (" +
+                          b.model_type + ", layer " + std::to_string(b.layer) + ") holds both \"" +
+                          found_name + "\" (" + layout_name(b.namings[found].layout) +
+                          " layout) and \"" + name + "\" (" + layout_name(n.layout) +
+                          " layout); it must hold one layout only");
+    found = i, found_name = name;
+  }
+  return found == b.namings.size() ? 0 : found;
 }
 
 /// \brief Checks that `checkpoint` holds every tensor of block `b` (router first, so an
@@ -492,15 +742,15 @@ inline void check_checkpoint(const MoEBlockConfig& b, const io::ShardedCheckpoin
     previous = t.checkpoint;
   });
   if (!b.selection_bias.empty())
-    detail::require_tensor(checkpoint, b, b.selection_bias, {b.experts});
+    detail::require_tensor(checkpoint, b, b.selection_bias_name(), {b.experts});
 }
 
-/// \brief read_block_config for the layout `checkpoint` stores the block in (detect_layout),
+/// \brief read_block_config for the naming `checkpoint` stores the block in (detect_naming),
 /// with every tensor of it checked (check_checkpoint).
 inline MoEBlockConfig read_block(const std::string& model_dir, int layer,
                                  const io::ShardedCheckpoint& checkpoint) {
   const MoEBlockConfig b = read_block_config(model_dir, layer);
-  MoEBlockConfig resolved = with_layout(b, detect_layout(b, checkpoint));
+  MoEBlockConfig resolved = with_naming(b, detect_naming(b, checkpoint));
   check_checkpoint(resolved, checkpoint);
   return resolved;
 }

@@ -19,6 +19,7 @@
 #include <kmoe/models/config.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
+#include <kmoe/routers/topk_softmax.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -27,22 +28,39 @@
 #include <numeric>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace kmoe::models {
 
+/// \brief The block of every family whose router is softmax-then-top-k (BlockRouter::
+/// softmax_topk: Mixtral, Qwen3-MoE, DeepSeek-V2 and the families sharing their blocks):
+/// optional renormalisation, scaling, group limit and shared expert come from config.json.
+template <class ExecSpace, class Scalar>
+using SoftmaxBlockLayer =
+    MoELayer<SoftmaxTopKRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+/// \brief The block of every family whose router is DeepSeek-V3's (BlockRouter::
+/// sigmoid_bias): biased sigmoid selection, group limit, scaling, shared expert.
+template <class ExecSpace, class Scalar>
+using SigmoidBiasBlockLayer =
+    MoELayer<SigmoidBiasRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+
+/// \brief The block of every family whose router takes the top-k logits and a softmax over
+/// them (BlockRouter::topk_softmax: Granite-MoE), with an optional shared expert.
+template <class ExecSpace, class Scalar>
+using TopKSoftmaxBlockLayer =
+    MoELayer<TopKSoftmaxRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+
 /// \brief Mixtral's block: softmax over all experts, top-k, always renormalised.
 template <class ExecSpace, class Scalar>
-using MixtralLayer =
-    MoELayer<SoftmaxTopKRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+using MixtralLayer = SoftmaxBlockLayer<ExecSpace, Scalar>;
 /// \brief Qwen3-MoE's block: Mixtral's, renormalised only if norm_topk_prob.
 template <class ExecSpace, class Scalar>
-using Qwen3MoeLayer =
-    MoELayer<SoftmaxTopKRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
-/// \brief DeepSeek-V3's block: biased sigmoid selection, group limit, scaling, shared expert.
+using Qwen3MoeLayer = SoftmaxBlockLayer<ExecSpace, Scalar>;
+/// \brief DeepSeek-V3's block.
 template <class ExecSpace, class Scalar>
-using DeepseekV3Layer =
-    MoELayer<SigmoidBiasRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+using DeepseekV3Layer = SigmoidBiasBlockLayer<ExecSpace, Scalar>;
 
 namespace detail {
 
@@ -72,14 +90,33 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
   }
 }
 
-/// The block of `layer` in the layout `checkpoint` stores it, every tensor checked.
+inline const char* loader_name(BlockRouter router) {
+  switch (router) {
+    case BlockRouter::sigmoid_bias:
+      return "load_sigmoid_bias_block";
+    case BlockRouter::topk_softmax:
+      return "load_topk_softmax_block";
+    default:
+      return "load_softmax_block";
+  }
+}
+
+/// The block of `layer` in the layout `checkpoint` stores it, every tensor checked; a
+/// family other than `family` (if given), or one whose block has another router than
+/// `router`, is refused naming the model directory.
 inline MoEBlockConfig family_block(const std::string& model_dir, int layer,
                                    const io::ShardedCheckpoint& checkpoint, const char* family,
-                                   const char* where) {
-  if (const std::string type = load_model_type(model_dir); type != family)
+                                   BlockRouter router, const char* where) {
+  const std::string type = load_model_type(model_dir);
+  if (family != nullptr && type != family)
     throw invalid_argument(where, "model_dir", model_dir,
                            "config.json has model_type \"" + type + "\", not \"" + family + "\"");
-  return read_block(model_dir, layer, checkpoint);
+  MoEBlockConfig b = read_block(model_dir, layer, checkpoint);
+  if (b.router != router)
+    throw invalid_argument(where, "model_dir", model_dir,
+                           "model_type \"" + type + "\" has another router; load it with " +
+                               loader_name(b.router));
+  return b;
 }
 
 template <class X, class S>
@@ -88,32 +125,101 @@ std::optional<SwiGLUExperts<X, S>> shared_experts(const MoEBlockConfig& b) {
   return SwiGLUExperts<X, S>(ExpertShape{1, b.hidden, b.shared_ffn}, "shared");
 }
 
-/// Mixtral and Qwen3-MoE differ only in their config fields and names.
-template <class X, class S>
-MoELayer<SoftmaxTopKRouter<X, S>, SwiGLUExperts<X, S>> load_softmax_family(
-    const std::string& model_dir, int layer, const LayerOptions& options, const char* family,
-    const char* where) {
+/// The router settings of block `b` (TopKSoftmaxConfig has no renormalisation, scaling
+/// or group limit: a softmax over the chosen logits is normalised by construction).
+template <class Config>
+Config router_config(const MoEBlockConfig& b) {
+  Config c;
+  c.hidden = b.hidden, c.experts = b.experts, c.top_k = b.top_k;
+  if constexpr (!std::is_same_v<Config, TopKSoftmaxConfig>) {
+    c.normalize = b.normalize;
+    c.scaling_factor = b.scaling_factor;
+    c.group = GroupLimit{b.n_group, b.topk_group, b.group_score_terms};
+  }
+  return c;
+}
+
+/// The block of `layer` with a `Router` (of kind `kind`) and SwiGLU experts, its weights
+/// read from the checkpoint; the selection bias too if the block has one.
+template <class Router, class X, class S>
+MoELayer<Router, SwiGLUExperts<X, S>> load_block(const std::string& model_dir, int layer,
+                                                 const LayerOptions& options, const char* family,
+                                                 BlockRouter kind, const char* where) {
+  using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
   const io::ShardedCheckpoint checkpoint(model_dir);
-  const MoEBlockConfig b = family_block(model_dir, layer, checkpoint, family, where);
-  SoftmaxTopKConfig router;
-  router.hidden = b.hidden, router.experts = b.experts, router.top_k = b.top_k;
-  router.normalize = b.normalize;
-  MoELayer<SoftmaxTopKRouter<X, S>, SwiGLUExperts<X, S>> moe(
-      SoftmaxTopKRouter<X, S>(router), SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}),
-      options);
+  const MoEBlockConfig b = family_block(model_dir, layer, checkpoint, family, kind, where);
+  MoELayer<Router, SwiGLUExperts<X, S>> moe(
+      Router(router_config<Config>(b)),
+      SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}), options,
+      shared_experts<X, S>(b));
   load_weights(moe, b, checkpoint);
+  if constexpr (std::is_same_v<Router, SigmoidBiasRouter<X, S>>) {
+    const auto bias = moe.router().bias();
+    auto host = Kokkos::create_mirror_view(bias);
+    checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
+    Kokkos::deep_copy(bias, host);
+  }
   return moe;
 }
 
+template <class X, class S>
+SoftmaxBlockLayer<X, S> load_softmax(const std::string& model_dir, int layer,
+                                     const LayerOptions& options, const char* family,
+                                     const char* where) {
+  return load_block<SoftmaxTopKRouter<X, S>, X, S>(model_dir, layer, options, family,
+                                                   BlockRouter::softmax_topk, where);
+}
+
+template <class X, class S>
+SigmoidBiasBlockLayer<X, S> load_sigmoid_bias(const std::string& model_dir, int layer,
+                                              const LayerOptions& options, const char* family,
+                                              const char* where) {
+  return load_block<SigmoidBiasRouter<X, S>, X, S>(model_dir, layer, options, family,
+                                                   BlockRouter::sigmoid_bias, where);
+}
+
 }  // namespace detail
+
+/// \brief The MoE block (and shared MLP, if any) of decoder layer `layer` of any model in
+/// `model_dir` whose block takes the top-k logits, then a softmax over them
+/// (BlockRouter::topk_softmax: Granite-MoE), weights converted to Scalar.
+template <class ExecSpace, class Scalar>
+TopKSoftmaxBlockLayer<ExecSpace, Scalar> load_topk_softmax_block(const std::string& model_dir,
+                                                                 int layer,
+                                                                 const LayerOptions& options = {}) {
+  return detail::load_block<TopKSoftmaxRouter<ExecSpace, Scalar>, ExecSpace, Scalar>(
+      model_dir, layer, options, nullptr, BlockRouter::topk_softmax,
+      "kmoe::models::load_topk_softmax_block");
+}
+
+/// \brief The MoE block of decoder layer `layer` of any model in `model_dir` whose block
+/// has a softmax-then-top-k router (read_block_config(...).router ==
+/// BlockRouter::softmax_topk), weights converted to Scalar.
+template <class ExecSpace, class Scalar>
+SoftmaxBlockLayer<ExecSpace, Scalar> load_softmax_block(const std::string& model_dir, int layer,
+                                                        const LayerOptions& options = {}) {
+  return detail::load_softmax<ExecSpace, Scalar>(model_dir, layer, options, nullptr,
+                                                 "kmoe::models::load_softmax_block");
+}
+
+/// \brief The MoE block (with its shared expert and selection bias) of decoder layer
+/// `layer` of any model in `model_dir` whose block has DeepSeek-V3's router
+/// (BlockRouter::sigmoid_bias), weights converted to Scalar.
+template <class ExecSpace, class Scalar>
+SigmoidBiasBlockLayer<ExecSpace, Scalar> load_sigmoid_bias_block(const std::string& model_dir,
+                                                                 int layer,
+                                                                 const LayerOptions& options = {}) {
+  return detail::load_sigmoid_bias<ExecSpace, Scalar>(model_dir, layer, options, nullptr,
+                                                      "kmoe::models::load_sigmoid_bias_block");
+}
 
 /// \brief The MoE block (`block_sparse_moe`) of decoder layer `layer` of the Mixtral model
 /// in `model_dir`, weights converted to Scalar.
 template <class ExecSpace, class Scalar>
 MixtralLayer<ExecSpace, Scalar> load_mixtral(const std::string& model_dir, int layer,
                                              const LayerOptions& options = {}) {
-  return detail::load_softmax_family<ExecSpace, Scalar>(model_dir, layer, options, "mixtral",
-                                                        "kmoe::models::load_mixtral");
+  return detail::load_softmax<ExecSpace, Scalar>(model_dir, layer, options, "mixtral",
+                                                 "kmoe::models::load_mixtral");
 }
 
 /// \brief The MoE block (`mlp`) of decoder layer `layer` of the Qwen3-MoE model in
@@ -121,8 +227,8 @@ MixtralLayer<ExecSpace, Scalar> load_mixtral(const std::string& model_dir, int l
 template <class ExecSpace, class Scalar>
 Qwen3MoeLayer<ExecSpace, Scalar> load_qwen3_moe(const std::string& model_dir, int layer,
                                                 const LayerOptions& options = {}) {
-  return detail::load_softmax_family<ExecSpace, Scalar>(model_dir, layer, options, "qwen3_moe",
-                                                        "kmoe::models::load_qwen3_moe");
+  return detail::load_softmax<ExecSpace, Scalar>(model_dir, layer, options, "qwen3_moe",
+                                                 "kmoe::models::load_qwen3_moe");
 }
 
 /// \brief The MoE block (`mlp`, with its shared expert and selection bias) of decoder layer
@@ -130,24 +236,8 @@ Qwen3MoeLayer<ExecSpace, Scalar> load_qwen3_moe(const std::string& model_dir, in
 template <class ExecSpace, class Scalar>
 DeepseekV3Layer<ExecSpace, Scalar> load_deepseek_v3(const std::string& model_dir, int layer,
                                                     const LayerOptions& options = {}) {
-  constexpr const char* where = "kmoe::models::load_deepseek_v3";
-  const io::ShardedCheckpoint checkpoint(model_dir);
-  const MoEBlockConfig b = detail::family_block(model_dir, layer, checkpoint, "deepseek_v3", where);
-  SigmoidBiasConfig router;
-  router.hidden = b.hidden, router.experts = b.experts, router.top_k = b.top_k;
-  router.normalize = b.normalize;
-  router.scaling_factor = b.scaling_factor;
-  router.group = GroupLimit{b.n_group, b.topk_group, 2};  // group score: sum of its top 2
-  DeepseekV3Layer<ExecSpace, Scalar> moe(
-      SigmoidBiasRouter<ExecSpace, Scalar>(router),
-      SwiGLUExperts<ExecSpace, Scalar>(ExpertShape{b.experts, b.hidden, b.ffn}), options,
-      detail::shared_experts<ExecSpace, Scalar>(b));
-  detail::load_weights(moe, b, checkpoint);
-  const auto bias = moe.router().bias();
-  auto host = Kokkos::create_mirror_view(bias);
-  checkpoint.read_into(b.selection_bias, host.data(), host.size());
-  Kokkos::deep_copy(bias, host);
-  return moe;
+  return detail::load_sigmoid_bias<ExecSpace, Scalar>(model_dir, layer, options, "deepseek_v3",
+                                                      "kmoe::models::load_deepseek_v3");
 }
 
 /// \brief Calls `visit(name, shape, data)` once for every checkpoint tensor of block `b` (in

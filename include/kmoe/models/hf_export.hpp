@@ -156,8 +156,8 @@ void export_hf_block(const Layer& moe, const std::string& model_type, const std:
   if constexpr (deepseek_family) {
     const auto bias = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), moe.router().bias());
     using Bias = typename std::decay_t<decltype(bias)>::non_const_value_type;
-    writer.add(block.selection_bias, detail::export_dtype<Bias>(), {std::int64_t(bias.size())},
-               bias.data());
+    writer.add(block.selection_bias_name(), detail::export_dtype<Bias>(),
+               {std::int64_t(bias.size())}, bias.data());
   }
   writer.write((fs::path(directory) / "model.safetensors").string());
 }

@@ -35,6 +35,8 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
       : Base("kmoe::TopKSoftmaxRouter", config.hidden, config.experts, config.top_k),
         config_(validated(config)) {}
 
+  const TopKSoftmaxConfig& config() const { return config_; }
+
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
                const RouteContext<ExecSpace>&) {
     const int tokens = int(x.extent(0)), experts = config_.experts, k = config_.top_k;
