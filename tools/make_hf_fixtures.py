@@ -9,6 +9,14 @@ gradients as safetensors. tests/fixtures/README.md documents every file.
 Usage (from the repository root, in a venv with torch, transformers 4.57.x, safetensors):
     python tools/make_hf_fixtures.py [--out tests/fixtures]
 
+Under transformers >= 5 (made with 5.24.0) the same script instead writes
+tests/fixtures/hf5/<name>/ for Mixtral, DeepSeek-V3, Qwen3-MoE, OLMoE, FlexOlmo, MiniMax,
+GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe and
+GraniteMoeShared: each checkpoint twice (model/: transformers' default per-expert
+"original" layout; model_fused/: save_original_format=False, fused 3-D expert tensors) and
+the gradients under both sets of names (see build5 and tests/fixtures/README.md):
+    python tools/make_hf_fixtures.py [--out tests/fixtures/hf5] [--only NAME ...]
+
 Deterministic: re-running with the same torch/transformers versions rewrites byte-identical
 files.
 
@@ -24,9 +32,11 @@ How routing is captured (no private HF code is copied):
 """
 
 import argparse
+import collections
 import json
 import os
 import shutil
+import tempfile
 
 import safetensors.torch
 import torch
@@ -57,6 +67,17 @@ COMMON = dict(
     tie_word_embeddings=False,
 )
 
+# DeepSeek-V3's and DeepSeek-V2's multi-head latent attention, kept small.
+SMALL_MLA_ATTENTION = dict(
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+
 
 def mixtral():
     config = MixtralConfig(
@@ -85,13 +106,7 @@ def deepseek_v3():
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
         first_k_dense_replace=0,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
+        **SMALL_MLA_ATTENTION,
     )
     return "deepseek_v3", config, DeepseekV3ForCausalLM, "mlp"
 
@@ -123,38 +138,80 @@ def softmax_topk_routing(block, router_logits):
     return selected_experts, routing_weights
 
 
-def softmax_margin(router_logits, k):
-    probs = F.softmax(router_logits, dim=1, dtype=torch.float).sort(dim=-1, descending=True)[0]
-    return (probs[:, k - 1] - probs[:, k]).min().item()
+# The routers' decisions, written independently of HF. build (4.x) uses them for the margins
+# of its input draws; build5 (5.x) also for the selections it checks the block's against.
+# Settings are passed in where the 4.x and 5.x routers name them differently.
 
 
-def deepseek_margin(gate, router_logits):
-    """Smallest winning gap of any of the router's decisions: which groups are kept, which
-    experts are picked inside them; also requires kept experts' biased scores to be > 0,
-    where HF's masked_fill(0.0) agrees with masking to -inf."""
-    e, g = gate.n_routed_experts, gate.n_group
-    choice = router_logits.sigmoid() + gate.e_score_correction_bias.unsqueeze(0)
-    grouped = choice.view(-1, g, e // g)
-    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-    ranked_groups = group_scores.sort(dim=-1, descending=True)[0]
-    group_gap = (ranked_groups[:, gate.topk_group - 1] - ranked_groups[:, gate.topk_group]).min()
+def softmax_router_choice(router_logits, k):
+    """Top-k experts of softmax(logits) (index rows sorted ascending) and the smallest gap
+    between any token's k-th and (k+1)-th probability."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float)
+    ranked, order = probs.sort(dim=-1, descending=True)
+    return order[:, :k].sort(dim=-1)[0], (ranked[:, k - 1] - ranked[:, k]).min().item()
+
+
+def group_limited_choice(grouped, group_scores, topk_group, top_k):
+    """The top_k experts of the topk_group best groups: the step that the grouped sigmoid
+    router and DeepSeek-V2's group_limited_greedy share (they score experts and groups
+    differently). grouped: [tokens, groups, experts per group] expert scores; group_scores:
+    [tokens, groups]. Returns the selection (index rows sorted ascending), all experts'
+    scores sorted descending with those of dropped groups at -inf, and the smallest winning
+    gaps of the group decisions and of the expert decisions."""
+    tokens, num_group = group_scores.shape
+    if topk_group < num_group:
+        ranked_groups = group_scores.sort(dim=-1, descending=True)[0]
+        group_gap = (ranked_groups[:, topk_group - 1] - ranked_groups[:, topk_group]).min().item()
+    else:  # every group is kept: there is no group decision to win
+        group_gap = float("inf")
     kept = torch.zeros_like(group_scores, dtype=torch.bool)
-    kept.scatter_(1, group_scores.topk(gate.topk_group, dim=-1)[1], True)
-    candidates = grouped[kept].view(choice.shape[0], -1).sort(dim=-1, descending=True)[0]
-    expert_gap = (candidates[:, gate.top_k - 1] - candidates[:, gate.top_k]).min()
-    positive = candidates[:, gate.top_k - 1].min()
-    return min(group_gap.item(), expert_gap.item(), positive.item())
+    kept.scatter_(1, group_scores.topk(topk_group, dim=-1)[1], True)
+    masked = torch.where(kept.unsqueeze(-1), grouped, float("-inf")).view(tokens, -1)
+    ranked, order = masked.sort(dim=-1, descending=True)
+    expert_gap = (ranked[:, top_k - 1] - ranked[:, top_k]).min().item()
+    return order[:, :top_k].sort(dim=-1)[0], ranked, group_gap, expert_gap
 
 
-def check_block_output(block, x, indices, weights, expected):
-    """Evaluates the block from the recorded routing, independently of its own dispatch."""
+def sigmoid_router_choice(router_logits, bias, num_group, topk_group, top_k):
+    """Selected experts (index rows sorted ascending) and the smallest winning gap of the
+    grouped sigmoid router (DeepSeek-V3 / GLM-4-MoE / dots1): choice = sigmoid(logits) +
+    bias; group score = sum of the group's top-2 choices; keep the topk_group best groups;
+    the top_k experts of the kept groups by choice."""
+    choice = router_logits.sigmoid() + bias.unsqueeze(0)
+    grouped = choice.view(-1, num_group, choice.shape[-1] // num_group)
+    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    chosen, ranked, group_gap, expert_gap = group_limited_choice(
+        grouped, group_scores, topk_group, top_k
+    )
+    # Kept experts' choices also > 0, where the 4.x router's masked_fill(0.0) of dropped
+    # groups agrees with the -inf masking above and in 5.x, so a fixture is equally valid
+    # for both.
+    positive = ranked[:, top_k - 1].min().item()
+    return chosen, min(group_gap, expert_gap, positive)
+
+
+def check_combine(x, indices, weights, expert, expected, shared=()):
+    """Evaluates an MoE block from its recorded routing, one token and one expert at a time
+    and independently of the block's own dispatch, and compares with its output `expected`:
+    out[t] = sum_j weights[t, j] * expert(indices[t, j], x[t]), plus each output in `shared`
+    (shared experts / MLPs applied to all of x). Shared by check_block_output (4.x: one module
+    per expert) and check_block_output_fused (5.x: fused expert tensors), which differ only
+    in how they evaluate one expert."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(indices.shape[1]):
-            out[t] += weights[t, j] * block.experts[int(indices[t, j])](x[t : t + 1])[0]
-    if hasattr(block, "shared_experts"):
-        out = out + block.shared_experts(x)
+            out[t] += weights[t, j] * expert(int(indices[t, j]), x[t])
+    for extra in shared:
+        out = out + extra
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def check_block_output(block, x, indices, weights, expected):
+    """check_combine for a 4.x block: experts[e] and shared_experts are MLP modules."""
+    shared = [block.shared_experts(x)] if hasattr(block, "shared_experts") else []
+    check_combine(
+        x, indices, weights, lambda e, row: block.experts[e](row.unsqueeze(0))[0], expected, shared
+    )
 
 
 def sort_by_weight(indices, weights):
@@ -165,95 +222,80 @@ def sort_by_weight(indices, weights):
     return indices.gather(1, order), weights
 
 
-def build(spec, out_root, seed):
-    name, config, model_class, mlp_attr = spec
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    block = getattr(model.model.layers[LAYER], mlp_attr)
-    prefix = f"model.layers.{LAYER}.{mlp_attr}."
-    is_deepseek = hasattr(block, "shared_experts")
+def require_effect(name, what, scores, top_k, chosen):
+    """Raises unless the top_k of `scores` (the routing without `what`) differ from `chosen`
+    (index rows sorted ascending) for some token, i.e. unless the fixture exercises `what`."""
+    without = torch.topk(scores, top_k, dim=-1)[1]
+    if torch.equal(without.sort(dim=-1)[0], chosen):
+        raise RuntimeError(f"{name}: {what} does not change any routing")
 
-    if is_deepseek:
-        # Nonzero correction biases of the size of the score spread, so they change routing.
-        generator = torch.Generator().manual_seed(seed + 1)
-        for layer in model.model.layers:
-            bias = layer.mlp.gate.e_score_correction_bias
-            bias.copy_((torch.rand(bias.shape, generator=generator) - 0.5) * 0.2)
 
-    # Checkpoints ship in bfloat16 like the real models (and to keep fixtures small); the
-    # correction bias stays float32 as in the released DeepSeek-V3 weights. The float32
-    # computation below uses exactly the stored (bf16-rounded) values.
+# The steps below are the same in build (4.x) and build5 (5.x), so that both write their
+# checkpoints and fixture files the same way.
+
+
+def bf16_checkpoint(model, bias_gates, seed):
+    """Gives the sigmoid routers in bias_gates nonzero correction biases of the size of the
+    score spread, so they change routing, then converts the model to bfloat16 like the
+    released checkpoints (and to keep fixtures small), except those biases: they stay
+    float32 as in the released DeepSeek-V3 weights. The float32 computation after saving uses
+    exactly the stored (bf16-rounded) values. Returns the converted model."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    for gate in bias_gates:
+        bias = gate.e_score_correction_bias
+        bias.copy_((torch.rand(bias.shape, generator=generator) - 0.5) * 0.2)
     model = model.to(torch.bfloat16)
-    if is_deepseek:
-        for layer in model.model.layers:
-            layer.mlp.gate.e_score_correction_bias.data = (
-                layer.mlp.gate.e_score_correction_bias.data.float()
-            )
-    model_dir = os.path.join(out_root, name, "model")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    for extra in os.listdir(model_dir):
-        if extra not in ("config.json", "model.safetensors"):
-            os.remove(os.path.join(model_dir, extra))
-    model = model.float()
-    block = getattr(model.model.layers[LAYER], mlp_attr)
-    hidden = config.hidden_size
+    for gate in bias_gates:
+        gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+    return model
 
-    generator = torch.Generator().manual_seed(seed + 2)
-    for attempt in range(100):
-        x = torch.randn(TOKENS, hidden, generator=generator)
-        with torch.no_grad():
-            if is_deepseek:
-                logits = F.linear(x.float(), block.gate.weight.float())
-                margin = deepseek_margin(block.gate, logits)
-            else:
-                logits = block.gate(x)
-                margin = softmax_margin(logits, block.top_k)
-        if margin > MIN_MARGIN:
-            break
-    else:
-        raise RuntimeError(f"{name}: no input with routing margin > {MIN_MARGIN}")
-    grad_output = torch.randn(TOKENS, hidden, generator=generator)
 
-    x = x.clone().requires_grad_(True)
+def save_checkpoint(model, directory, **kwargs):
+    """save_pretrained into a fresh directory, keeping only config.json and the model*
+    files (the weights, and the shard index of a sharded checkpoint)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    model.save_pretrained(directory, **kwargs)
+    for extra in os.listdir(directory):
+        if not (extra == "config.json" or extra.startswith("model")):
+            os.remove(os.path.join(directory, extra))
+
+
+def run_recording_router(block, gate, x):
+    """Runs the block on the tokens x (as a batch of one) and returns its output and what its
+    router returned, recorded by a forward hook: the routing exactly as the block used it."""
     recorded = {}
-    if is_deepseek:
-        handle = block.gate.register_forward_hook(
-            lambda module, args, result: recorded.update(routing=result)
-        )
-        y = block(x.unsqueeze(0))
-        handle.remove()
-        indices, weights = recorded["routing"]
-        router_logits = F.linear(x.detach().float(), block.gate.weight.detach().float())
-        scores = router_logits.sigmoid()
-        expected = scores.gather(1, indices)
-        expected = expected / (expected.sum(dim=-1, keepdim=True) + 1e-20) * config.routed_scaling_factor
-        torch.testing.assert_close(weights, expected, rtol=0, atol=0)
-        unbiased = torch.topk(scores, config.num_experts_per_tok, dim=-1)[1]
-        if torch.equal(unbiased.sort(dim=-1)[0], indices.sort(dim=-1)[0]):
-            raise RuntimeError("deepseek_v3: correction bias does not change any routing")
-    else:
-        y, router_logits = block(x.unsqueeze(0))
-        indices, weights = softmax_topk_routing(block, router_logits)
-    y = y.reshape(TOKENS, hidden)
-    y.backward(grad_output)
+    handle = gate.register_forward_hook(lambda module, args, result: recorded.update(r=result))
+    y = block(x.unsqueeze(0))
+    handle.remove()
+    return y, recorded["r"]
 
-    with torch.no_grad():
-        check_block_output(block, x.detach(), indices, weights.detach(), y.detach())
-    indices, weights = sort_by_weight(indices, weights.detach())
 
-    # One key only: safetensors writes a multi-key metadata map in hash order, which would
-    # make re-runs differ byte-wise.
-    metadata = {
-        "source": f"model={name} block={prefix.rstrip('.')} torch={torch.__version__} "
-        f"transformers={transformers.__version__}"
-    }
-    directory = os.path.join(out_root, name)
+def param_grads(named_params):
+    """{name: gradient} of (name, parameter) pairs. Experts no token was routed to get no
+    gradient from autograd; they get zeros."""
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in named_params}
+
+
+def fixture_writer(directory, name, blocks):
+    """Returns save(filename, tensors), which writes the tensors (detached, contiguous) to
+    directory/filename with one metadata key, "source": the model, its blocks' prefixes
+    (blocks: (label, prefix) pairs) and the torch and transformers versions. One key only:
+    safetensors writes a multi-key metadata map in hash order, which would make re-runs
+    differ byte-wise."""
+    fields = [f"model={name}"] + [f"{label}={prefix.rstrip('.')}" for label, prefix in blocks]
+    fields += [f"torch={torch.__version__}", f"transformers={transformers.__version__}"]
+    metadata = {"source": " ".join(fields)}
 
     def save(filename, tensors):
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         safetensors.torch.save_file(tensors, os.path.join(directory, filename), metadata)
 
+    return save
+
+
+def save_forward(save, x, y, grad_output, router_logits, indices, weights):
+    """Writes input / output / grad_output.safetensors (tests/fixtures/README.md) with a
+    save from fixture_writer."""
     save("input.safetensors", {"hidden_states": x})
     save(
         "output.safetensors",
@@ -265,12 +307,70 @@ def build(spec, out_root, seed):
         },
     )
     save("grad_output.safetensors", {"hidden_states": grad_output})
-    grads = {"hidden_states": x.grad}
-    for param_name, param in block.named_parameters():
-        # Experts no token was routed to get no gradient from autograd; store the zeros.
-        grads[prefix + param_name] = (
-            param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def build(spec, out_root, seed):
+    name, config, model_class, mlp_attr = spec
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    block = getattr(model.model.layers[LAYER], mlp_attr)
+    prefix = f"model.layers.{LAYER}.{mlp_attr}."
+    is_deepseek = hasattr(block, "shared_experts")
+
+    # Every DeepSeek-V3 layer is MoE (first_k_dense_replace=0).
+    bias_gates = [layer.mlp.gate for layer in model.model.layers] if is_deepseek else []
+    model = bf16_checkpoint(model, bias_gates, seed)
+    directory = os.path.join(out_root, name)
+    save_checkpoint(model, os.path.join(directory, "model"), safe_serialization=True)
+    model = model.float()
+    block = getattr(model.model.layers[LAYER], mlp_attr)
+    hidden = config.hidden_size
+
+    generator = torch.Generator().manual_seed(seed + 2)
+    for attempt in range(100):
+        x = torch.randn(TOKENS, hidden, generator=generator)
+        with torch.no_grad():
+            if is_deepseek:
+                gate = block.gate
+                logits = F.linear(x.float(), gate.weight.float())
+                bias = gate.e_score_correction_bias
+                margin = sigmoid_router_choice(
+                    logits, bias, gate.n_group, gate.topk_group, gate.top_k
+                )[1]
+            else:
+                logits = block.gate(x)
+                margin = softmax_router_choice(logits, block.top_k)[1]
+        if margin > MIN_MARGIN:
+            break
+    else:
+        raise RuntimeError(f"{name}: no input with routing margin > {MIN_MARGIN}")
+    grad_output = torch.randn(TOKENS, hidden, generator=generator)
+
+    x = x.clone().requires_grad_(True)
+    if is_deepseek:
+        y, (indices, weights) = run_recording_router(block, block.gate, x)
+        router_logits = F.linear(x.detach().float(), block.gate.weight.detach().float())
+        torch.testing.assert_close(
+            weights, expected_weights("sigmoid", block.gate, router_logits, indices), rtol=0, atol=0
         )
+        require_effect(
+            name, "correction bias", router_logits.sigmoid(), block.gate.top_k,
+            indices.sort(dim=-1)[0],
+        )
+    else:
+        y, router_logits = block(x.unsqueeze(0))
+        indices, weights = softmax_topk_routing(block, router_logits)
+    y = y.reshape(TOKENS, hidden)
+    y.backward(grad_output)
+
+    with torch.no_grad():
+        check_block_output(block, x.detach(), indices, weights.detach(), y.detach())
+    indices, weights = sort_by_weight(indices, weights.detach())
+
+    save = fixture_writer(directory, name, [("block", prefix)])
+    save_forward(save, x, y, grad_output, router_logits, indices, weights)
+    grads = {"hidden_states": x.grad}
+    grads.update(param_grads((prefix + n, p) for n, p in block.named_parameters()))
     save("grads.safetensors", grads)
     return {
         "routing_margin": margin,
@@ -279,12 +379,471 @@ def build(spec, out_root, seed):
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# transformers >= 5: fused experts, more families, written to tests/fixtures/hf5/<name>/.
+# ---------------------------------------------------------------------------------------------
+#
+# In 5.x every family's experts are one module holding 3-D tensors gate_up_proj [E, 2F, H]
+# (the F gate rows first, then the F up rows) and down_proj [E, H, F]; save_pretrained
+# converts them back to the per-expert checkpoint layout unless save_original_format=False.
+# Every 5.x router returns (router_logits, topk_weights, topk_indices); a forward hook on it
+# records the routing exactly as the block used it.
+
+# Attention of the new families kept small (4 heads of 16, 1 KV head) to save space.
+SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=1)
+
+
+Spec5 = collections.namedtuple(
+    "Spec5",
+    "name seed config model_class layer orig_attr kind shard block_attr router_attr shared_attr "
+    "layout",
+    # block_attr: the block's attribute on the decoder layer in the model (and in model_fused/);
+    # router_attr: the router's on the block; shared_attr: a shared MLP on the decoder layer
+    # whose output the layer adds to the block's (GraniteMoeShared), or None; layout:
+    # "per_expert" (experts.{e}.* in model/) or "granite" (3-D input_linear / output_linear).
+    defaults=("mlp", "gate", None, "per_expert"),
+)
+
+
+def specs5():
+    """Spec5 of each family: name, seed, config, model class, decoder layer, attribute of the
+    block in the original checkpoint layout, router kind, max_shard_size or None, ..."""
+    t = transformers
+    yield "mixtral", 1000, mixtral()[1], MixtralForCausalLM, 1, "block_sparse_moe", "softmax", None
+    yield "deepseek_v3", 2000, deepseek_v3()[1], DeepseekV3ForCausalLM, 1, "mlp", "sigmoid", None
+    yield "qwen3_moe", 3000, qwen3_moe()[1], Qwen3MoeForCausalLM, 1, "mlp", "softmax", None
+    olmoe = t.OlmoeConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=8,  # 64 experts: F 8 keeps the fixture small
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=False,
+    )
+    yield "olmoe", 4000, olmoe, t.OlmoeForCausalLM, 1, "mlp", "softmax", None
+    flex_olmo = t.FlexOlmoConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=16,
+        num_experts=7,
+        num_experts_per_tok=5,
+        norm_topk_prob=False,
+        pad_token_id=1,  # the defaults lie outside the 32-token vocabulary
+        eos_token_id=2,
+    )
+    yield "flex_olmo", 5000, flex_olmo, t.FlexOlmoForCausalLM, 1, "mlp", "softmax", None
+    minimax = t.MiniMaxConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        head_dim=16,
+        intermediate_size=16,
+        num_local_experts=16,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.0,
+        block_size=16,  # lightning attention's saved decay buffer is [1, heads, block, block]
+    )
+    # Saved in several shards plus model.safetensors.index.json.
+    yield "minimax", 6000, minimax, t.MiniMaxForCausalLM, 1, "block_sparse_moe", "softmax", "40KB"
+    glm4_moe = t.Glm4MoeConfig(
+        **dict(COMMON, num_hidden_layers=3),
+        **SMALL_ATTENTION,
+        intermediate_size=48,  # the dense MLP of layer 0
+        moe_intermediate_size=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+    )
+    yield "glm4_moe", 7000, glm4_moe, t.Glm4MoeForCausalLM, 1, "mlp", "sigmoid", None
+    dots1 = t.Dots1Config(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=48,  # dense MLP size; unused since every layer is MoE
+        moe_intermediate_size=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=2,
+        routed_scaling_factor=2.0,
+        norm_topk_prob=False,
+        first_k_dense_replace=0,
+    )
+    yield "dots1", 8000, dots1, t.Dots1ForCausalLM, 1, "mlp", "sigmoid", None
+    deepseek_v2 = t.DeepseekV2Config(
+        **dict(COMMON, num_hidden_layers=3),
+        **SMALL_MLA_ATTENTION,
+        intermediate_size=48,  # the dense MLP of layer 0
+        moe_intermediate_size=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.0,
+        norm_topk_prob=False,  # 5.24's DeepseekV2TopkRouter never renormalises anyway
+        first_k_dense_replace=1,
+    )
+    yield Spec5("deepseek_v2", 9000, deepseek_v2, t.DeepseekV2ForCausalLM, 1, "mlp", "v2", None)
+    deepseek_v2_greedy = t.DeepseekV2Config(
+        **COMMON,
+        **SMALL_MLA_ATTENTION,
+        intermediate_size=48,  # dense MLP size; unused since every layer is MoE
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        topk_method="greedy",
+        n_shared_experts=2,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        first_k_dense_replace=0,
+    )
+    yield Spec5(
+        "deepseek_v2_greedy", 10000, deepseek_v2_greedy, t.DeepseekV2ForCausalLM, 1, "mlp", "v2",
+        None,
+    )
+    jamba = t.JambaConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=16,  # the experts' F and the dense MLP of layer 0
+        num_experts=8,
+        num_experts_per_tok=2,
+        # Layer 0: attention + dense MLP; layer 1: Mamba + MoE.
+        attn_layer_period=2,
+        attn_layer_offset=0,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        use_mamba_kernels=False,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=1,
+    )
+    yield Spec5(
+        "jamba", 11000, jamba, t.JambaForCausalLM, 1, "feed_forward", "softmax_raw", None,
+        block_attr="feed_forward", router_attr="router",
+    )
+    granitemoe = t.GraniteMoeConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+    yield Spec5(
+        "granitemoe", 12000, granitemoe, t.GraniteMoeForCausalLM, 1, "block_sparse_moe",
+        "logit_topk", None, block_attr="block_sparse_moe", router_attr="router",
+        layout="granite",
+    )
+    granitemoeshared = t.GraniteMoeSharedConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=16,
+        shared_intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+    yield Spec5(
+        "granitemoeshared", 13000, granitemoeshared, t.GraniteMoeSharedForCausalLM, 1,
+        "block_sparse_moe", "logit_topk", None, block_attr="block_sparse_moe",
+        router_attr="router", shared_attr="shared_mlp", layout="granite",
+    )
+
+
+def deepseek_v2_router_choice(gate, router_logits):
+    """Selected experts and smallest winning gap of DeepSeek-V2's router, written
+    independently of HF: p = softmax(logits); "greedy": the top_k of p; "group_limited_greedy":
+    group score = max p of the group, keep the topk_group best groups, the top_k of the kept
+    experts' p (dropped groups masked with -inf here, 0.0 in HF: the same, as p > 0 and
+    top_k <= the kept experts)."""
+    if gate.topk_method == "greedy":
+        return softmax_router_choice(router_logits, gate.top_k)
+    assert gate.topk_method == "group_limited_greedy", gate.topk_method
+    e, g = gate.num_experts, gate.num_group
+    assert gate.top_k <= gate.topk_group * (e // g)
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float)
+    grouped = probs.view(-1, g, e // g)
+    chosen, _, group_gap, expert_gap = group_limited_choice(
+        grouped, grouped.max(dim=-1).values, gate.topk_group, gate.top_k
+    )
+    return chosen, min(group_gap, expert_gap)
+
+
+def logit_topk_router_choice(router_logits, k):
+    """GraniteMoe: top-k of the raw logits (the softmax comes after, over the k chosen)."""
+    ranked, order = router_logits.sort(dim=-1, descending=True)
+    return order[:, :k].sort(dim=-1)[0], (ranked[:, k - 1] - ranked[:, k]).min().item()
+
+
+def router_choice(kind, gate, router_logits):
+    if kind == "sigmoid":
+        return sigmoid_router_choice(
+            router_logits, gate.e_score_correction_bias, gate.num_group, gate.topk_group, gate.top_k
+        )
+    if kind == "v2":
+        return deepseek_v2_router_choice(gate, router_logits)
+    if kind == "logit_topk":
+        return logit_topk_router_choice(router_logits, gate.top_k)
+    assert kind in ("softmax", "softmax_raw"), kind
+    return softmax_router_choice(router_logits, gate.top_k)
+
+
+def expected_weights(kind, gate, router_logits, indices):
+    """The combine weights the family's router computes for the given selection."""
+    if kind == "sigmoid":
+        weights = router_logits.sigmoid().gather(1, indices)
+        if gate.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * gate.routed_scaling_factor
+    if kind == "logit_topk":  # softmax over the chosen logits, in the router's order
+        return torch.softmax(router_logits.gather(1, indices), dim=-1)
+    weights = F.softmax(router_logits, dim=-1, dtype=torch.float).gather(1, indices)
+    if kind == "v2":  # never renormalised in 5.24, whatever norm_topk_prob says
+        return weights * gate.routed_scaling_factor
+    if kind == "softmax_raw":  # Jamba: never renormalised, no flag
+        return weights
+    if getattr(gate, "norm_topk_prob", True):  # Mixtral's and MiniMax's always renormalise
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights
+
+
+def check_block_output_fused(block, x, indices, weights, expected, shared_mlp=None):
+    """check_combine for a 5.x block, from the fused expert tensors: gate, up =
+    chunk(gate_up_proj[e] @ x, 2) (gate rows first, as in every 5.x *Experts.forward);
+    down_proj[e] @ (silu(gate) * up); plus shared experts (GraniteMoeShared: gate, up =
+    chunk(input_linear @ x, 2); output_linear @ (silu(gate) * up))."""
+    experts = block.experts
+
+    def expert(e, row):
+        gate, up = (experts.gate_up_proj[e] @ row).chunk(2)
+        return experts.down_proj[e] @ (F.silu(gate) * up)
+
+    shared = []
+    if hasattr(block, "shared_experts"):
+        mlp = block.shared_experts
+        inner = F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+        shared.append(inner @ mlp.down_proj.weight.T)
+    if shared_mlp is not None:
+        gate, up = (x @ shared_mlp.input_linear.weight.T).chunk(2, dim=-1)
+        shared.append((F.silu(gate) * up) @ shared_mlp.output_linear.weight.T)
+    check_combine(x, indices, weights, expert, expected, shared)
+
+
+def read_checkpoint(directory):
+    tensors = {}
+    for filename in sorted(os.listdir(directory)):
+        if filename.endswith(".safetensors"):
+            tensors.update(safetensors.torch.load_file(os.path.join(directory, filename)))
+    return tensors
+
+
+def check_layouts(original, fused, blocks, layout="per_expert"):
+    """Checks that the per-expert tensors of the original layout are the gate rows / up rows
+    of gate_up_proj[e] and down_proj[e] of the fused layout, and that everything else is
+    only renamed. blocks: (original prefix, fused prefix, experts, F) of each MoE block.
+    layout "granite": the original layout holds the same 3-D tensors as input_linear.weight /
+    output_linear.weight and the router as router.layer.weight (renamed only)."""
+    original, fused = dict(original), dict(fused)
+    for orig_prefix, fused_prefix, num_experts, width in blocks:
+        gate_up = fused.pop(fused_prefix + "experts.gate_up_proj")
+        down = fused.pop(fused_prefix + "experts.down_proj")
+        assert gate_up.shape[:2] == (num_experts, 2 * width) and down.shape[0] == num_experts
+        if layout == "granite":
+            assert orig_prefix == fused_prefix
+            assert torch.equal(original.pop(orig_prefix + "input_linear.weight"), gate_up)
+            assert torch.equal(original.pop(orig_prefix + "output_linear.weight"), down)
+            router = fused.pop(fused_prefix + "router.weight")
+            assert torch.equal(original.pop(orig_prefix + "router.layer.weight"), router)
+            continue
+        assert layout == "per_expert", layout
+        if orig_prefix.endswith("block_sparse_moe."):
+            names = ("w1", "w3", "w2")
+        else:
+            names = ("gate_proj", "up_proj", "down_proj")
+        for e in range(num_experts):
+            parts = [original.pop(f"{orig_prefix}experts.{e}.{n}.weight") for n in names]
+            assert torch.equal(parts[0], gate_up[e, :width]), "gate rows are not first"
+            assert torch.equal(parts[1], gate_up[e, width:])
+            assert torch.equal(parts[2], down[e])
+        original = {k.replace(orig_prefix, fused_prefix): v for k, v in original.items()}
+    assert original.keys() == fused.keys(), sorted(original.keys() ^ fused.keys())
+    for k in fused:
+        assert torch.equal(original[k], fused[k]), k
+
+
+def build5(spec, out_root):
+    spec = Spec5(*spec)
+    name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
+    block_attr, router_attr, shared_attr, layout = spec[8:]
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    # The reference loop over experts (5.x defaults to grouped_mm where it can).
+    model.set_experts_implementation("eager")
+    fused_prefix = f"model.layers.{layer}.{block_attr}."
+    orig_prefix = f"model.layers.{layer}.{orig_attr}."
+    shared_prefix = f"model.layers.{layer}.{shared_attr}." if shared_attr else None
+    moe_layers = [
+        i
+        for i, m in enumerate(model.model.layers)
+        if hasattr(getattr(m, block_attr, None), "experts")
+    ]
+    assert layer in moe_layers
+
+    bias_gates = [model.model.layers[i].mlp.gate for i in moe_layers] if kind == "sigmoid" else []
+    model = bf16_checkpoint(model, bias_gates, seed)
+    directory = os.path.join(out_root, name)
+    model_dir = os.path.join(directory, "model")
+    fused_dir = os.path.join(directory, "model_fused")
+    save_checkpoint(model, model_dir, **({"max_shard_size": shard} if shard else {}))
+    save_checkpoint(model, fused_dir, save_original_format=False)
+    original, fused = read_checkpoint(model_dir), read_checkpoint(fused_dir)
+    assert original.keys() != fused.keys(), f"{name}: both layouts are identical"
+    layouts = [
+        (
+            f"model.layers.{i}.{orig_attr}.",
+            f"model.layers.{i}.{block_attr}.",
+            getattr(model.model.layers[i], block_attr).experts.num_experts,
+            getattr(model.model.layers[i], block_attr).experts.intermediate_dim,
+        )
+        for i in moe_layers
+    ]
+    check_layouts(original, fused, layouts, layout)
+    # Both directories load back into the same model.
+    reference = {k: v.float() for k, v in model.state_dict().items()}
+    for d in (model_dir, fused_dir):
+        loaded = model_class.from_pretrained(d).state_dict()
+        assert loaded.keys() == reference.keys(), d
+        for k, v in loaded.items():
+            assert torch.equal(v.float(), reference[k]), (d, k)
+
+    model = model.float()
+    block = getattr(model.model.layers[layer], block_attr)
+    gate = getattr(block, router_attr)
+    shared_mlp = getattr(model.model.layers[layer], shared_attr) if shared_attr else None
+    hidden = config.hidden_size
+    assert config.hidden_act == "silu"
+
+    # Tokens are drawn one at a time, each redrawn until its routing decisions win by more
+    # than MIN_MARGIN (with 64 experts a whole 13-token draw would hardly ever pass).
+    generator = torch.Generator().manual_seed(seed + 2)
+    rows, margins, draws = [], [], 0
+    while len(rows) < TOKENS:
+        row = torch.randn(1, hidden, generator=generator)
+        draws += 1
+        if draws > 100 * TOKENS:
+            raise RuntimeError(f"{name}: no input with routing margin > {MIN_MARGIN}")
+        with torch.no_grad():
+            margin = router_choice(kind, gate, F.linear(row, gate.weight))[1]
+        if margin > MIN_MARGIN:
+            rows.append(row)
+            margins.append(margin)
+    x = torch.cat(rows)
+    grad_output = torch.randn(TOKENS, hidden, generator=generator)
+
+    x = x.clone().requires_grad_(True)
+    y, (router_logits, weights, indices) = run_recording_router(block, gate, x)
+    assert isinstance(y, torch.Tensor)
+    if shared_mlp is not None:  # GraniteMoeSharedDecoderLayer: moe + shared_mlp(same input)
+        y = y + shared_mlp(x.unsqueeze(0))
+    y = y.reshape(TOKENS, hidden)
+    y.backward(grad_output)
+
+    with torch.no_grad():
+        torch.testing.assert_close(router_logits, x @ gate.weight.T, rtol=1e-6, atol=1e-6)
+        chosen, margin = router_choice(kind, gate, router_logits)
+        assert torch.equal(chosen, indices.sort(dim=-1)[0]), f"{name}: selection differs"
+        assert margin > MIN_MARGIN
+        torch.testing.assert_close(
+            weights, expected_weights(kind, gate, router_logits, indices), rtol=0, atol=0
+        )
+        if kind == "sigmoid":
+            require_effect(name, "correction bias", router_logits.sigmoid(), gate.top_k, chosen)
+        if kind == "v2" and gate.topk_method == "group_limited_greedy":
+            scores = router_logits.softmax(dim=-1)
+            require_effect(name, "the group limit", scores, gate.top_k, chosen)
+        check_block_output_fused(
+            block, x.detach(), indices, weights.detach(), y.detach(), shared_mlp
+        )
+    indices, weights = sort_by_weight(indices, weights.detach())
+
+    blocks = [("block", orig_prefix), ("fused_block", fused_prefix)]
+    if shared_prefix:
+        blocks.append(("shared", shared_prefix))
+    save = fixture_writer(directory, name, blocks)
+    save_forward(save, x, y, grad_output, router_logits, indices, weights)
+
+    def is_block_param(key, prefix):
+        if shared_prefix and key.startswith(shared_prefix):
+            return True
+        return key.startswith(prefix) and not key.endswith("e_score_correction_bias")
+
+    # Fused names are the block's own parameter names (and the shared MLP's, for
+    # GraniteMoeShared).
+    params = {fused_prefix + n: p for n, p in block.named_parameters()}
+    if shared_mlp is not None:
+        params.update({shared_prefix + n: p for n, p in shared_mlp.named_parameters()})
+    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
+    grads_fused = {"hidden_states": x.grad}
+    grads_fused.update(block_grads)
+    assert {k for k in fused if is_block_param(k, fused_prefix)} == grads_fused.keys() - {
+        "hidden_states"
+    }
+    # Original names: transformers' own conversion names and slices them, by saving the model
+    # with each block parameter replaced by its gradient.
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(block_grads[n])
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        converted = read_checkpoint(tmp)
+    grads = {"hidden_states": x.grad}
+    grads.update({k: v for k, v in converted.items() if is_block_param(k, orig_prefix)})
+    assert {k for k in original if is_block_param(k, orig_prefix)} == grads.keys() - {
+        "hidden_states"
+    }
+    assert all(v.dtype == torch.float32 for v in grads.values())
+    check_layouts(
+        {k: v for k, v in grads.items() if k != "hidden_states"},
+        {k: v for k, v in grads_fused.items() if k != "hidden_states"},
+        [(orig_prefix, fused_prefix, block.experts.num_experts, block.experts.intermediate_dim)],
+        layout,
+    )
+    save("grads.safetensors", grads)
+    save("grads_fused.safetensors", grads_fused)
+    hit = set(indices.flatten().tolist())
+    return {
+        "routing_margin": min(margins),
+        "input_draws": draws,
+        "experts_unused": sorted(set(range(block.experts.num_experts)) - hit),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.path.join("tests", "fixtures"))
+    major = int(transformers.__version__.split(".")[0])
+    parser.add_argument(
+        "--out",
+        default=os.path.join("tests", "fixtures", *(["hf5"] if major >= 5 else [])),
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="transformers >= 5: build only these families"
+    )
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
+    if major >= 5:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        for spec in specs5():
+            if args.only and spec[0] not in args.only:
+                continue
+            summary = build5(spec, args.out)
+            print(spec[0], json.dumps(summary))
+        return
     for seed, spec in ((1000, mixtral()), (2000, deepseek_v3()), (3000, qwen3_moe())):
         summary = build(spec, args.out, seed)
         print(spec[0], json.dumps(summary))
