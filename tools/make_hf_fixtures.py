@@ -11,9 +11,11 @@ Usage (from the repository root, in a venv with torch, transformers 4.57.x, safe
 
 Under transformers >= 5 (made with 5.24.0) the same script instead writes
 tests/fixtures/hf5/<name>/ for Mixtral, DeepSeek-V3, Qwen3-MoE, OLMoE, FlexOlmo, MiniMax,
-GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe and
-GraniteMoeShared: each checkpoint twice (model/: transformers' default per-expert
-"original" layout; model_fused/: save_original_format=False, fused 3-D expert tensors) and
+GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe,
+GraniteMoeShared and Qwen3-VL-MoE (its text decoder's block): each checkpoint twice
+(model/: transformers' default per-expert "original" layout; model_fused/:
+save_original_format=False, fused 3-D expert tensors; Qwen3-VL-MoE's model/ is the
+released fused-and-transposed layout, which save_pretrained does not write, see build5) and
 the gradients under both sets of names (see build5 and tests/fixtures/README.md):
     python tools/make_hf_fixtures.py [--out tests/fixtures/hf5] [--only NAME ...]
 
@@ -396,12 +398,14 @@ SMALL_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=1)
 Spec5 = collections.namedtuple(
     "Spec5",
     "name seed config model_class layer orig_attr kind shard block_attr router_attr shared_attr "
-    "layout",
+    "layout layers",
     # block_attr: the block's attribute on the decoder layer in the model (and in model_fused/);
     # router_attr: the router's on the block; shared_attr: a shared MLP on the decoder layer
     # whose output the layer adds to the block's (GraniteMoeShared), or None; layout:
-    # "per_expert" (experts.{e}.* in model/) or "granite" (3-D input_linear / output_linear).
-    defaults=("mlp", "gate", None, "per_expert"),
+    # "per_expert" (experts.{e}.* in model/), "granite" (3-D input_linear / output_linear) or
+    # "transposed" (Qwen3-VL-MoE's released fused tensors, see build5); layers: the decoder
+    # layers' module path (and name prefix) in the model.
+    defaults=("mlp", "gate", None, "per_expert", "model.layers"),
 )
 
 
@@ -552,6 +556,54 @@ def specs5():
         "block_sparse_moe", "logit_topk", None, block_attr="block_sparse_moe",
         router_attr="router", shared_attr="shared_mlp", layout="granite",
     )
+    # Qwen3-VL-MoE: the text decoder's blocks (the only ones run); config nested in
+    # text_config / vision_config; released checkpoints hold the experts fused and transposed.
+    qwen3_vl_moe_text = dict(
+        **COMMON,
+        **SMALL_ATTENTION,
+        head_dim=16,
+        intermediate_size=48,  # dense MLP size; unused since every layer is MoE
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        # Multimodal RoPE as released (the sections sum to head_dim / 2); outside the block.
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=5000000.0,
+            mrope_section=[2, 3, 3],
+            mrope_interleaved=True,
+        ),
+    )
+    # The smallest vision tower (never run): one block of width 8, one head, 2x2 patches.
+    qwen3_vl_moe_vision = dict(
+        depth=1,
+        hidden_size=8,
+        intermediate_size=16,
+        num_heads=1,
+        patch_size=2,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        out_hidden_size=COMMON["hidden_size"],
+        num_position_embeddings=4,
+        deepstack_visual_indexes=[],
+        initializer_range=COMMON["initializer_range"],
+    )
+    qwen3_vl_moe = t.Qwen3VLMoeConfig(
+        text_config=qwen3_vl_moe_text,
+        vision_config=qwen3_vl_moe_vision,
+        tie_word_embeddings=False,
+        # Special tokens inside the 32-token vocabulary (the defaults lie outside).
+        vision_start_token_id=28,
+        vision_end_token_id=29,
+        image_token_id=30,
+        video_token_id=31,
+    )
+    yield Spec5(
+        "qwen3_vl_moe", 14000, qwen3_vl_moe, t.Qwen3VLMoeForConditionalGeneration, 1, "mlp",
+        "softmax", None, layout="transposed", layers="model.language_model.layers",
+    )
 
 
 def deepseek_v2_router_choice(gate, router_logits):
@@ -641,17 +693,42 @@ def read_checkpoint(directory):
     return tensors
 
 
+FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def transposed(tensors):
+    """Qwen3-VL-MoE's released layout of a state dict in 5.x's: every fused expert tensor
+    with its last two dimensions swapped, gate_up_proj [E, H, 2F] (gate columns first) and
+    down_proj [E, F, H]. conversion_mapping.py ("qwen3_vl_moe") undoes this on load with
+    Transpose(1, 2, check_dims=True), which transposes only where the shape differs from the
+    model's, so it can tell the layouts apart only where 2F != H and F != H (here 32, 16 vs
+    64)."""
+    return {
+        k: v.transpose(1, 2).contiguous() if k.endswith(FUSED_EXPERTS) else v
+        for k, v in tensors.items()
+    }
+
+
 def check_layouts(original, fused, blocks, layout="per_expert"):
     """Checks that the per-expert tensors of the original layout are the gate rows / up rows
     of gate_up_proj[e] and down_proj[e] of the fused layout, and that everything else is
     only renamed. blocks: (original prefix, fused prefix, experts, F) of each MoE block.
     layout "granite": the original layout holds the same 3-D tensors as input_linear.weight /
-    output_linear.weight and the router as router.layer.weight (renamed only)."""
+    output_linear.weight and the router as router.layer.weight (renamed only); "transposed":
+    the same names, the fused expert tensors transposed (see transposed)."""
     original, fused = dict(original), dict(fused)
     for orig_prefix, fused_prefix, num_experts, width in blocks:
         gate_up = fused.pop(fused_prefix + "experts.gate_up_proj")
         down = fused.pop(fused_prefix + "experts.down_proj")
         assert gate_up.shape[:2] == (num_experts, 2 * width) and down.shape[0] == num_experts
+        if layout == "transposed":
+            assert orig_prefix == fused_prefix
+            released_gate_up = original.pop(orig_prefix + "experts.gate_up_proj")
+            assert released_gate_up.shape == (num_experts, gate_up.shape[2], 2 * width)
+            assert torch.equal(released_gate_up, gate_up.transpose(1, 2))
+            released_down = original.pop(orig_prefix + "experts.down_proj")
+            assert torch.equal(released_down, down.transpose(1, 2))
+            continue
         if layout == "granite":
             assert orig_prefix == fused_prefix
             assert torch.equal(original.pop(orig_prefix + "input_linear.weight"), gate_up)
@@ -678,22 +755,21 @@ def check_layouts(original, fused, blocks, layout="per_expert"):
 def build5(spec, out_root):
     spec = Spec5(*spec)
     name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
-    block_attr, router_attr, shared_attr, layout = spec[8:]
+    block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
     torch.manual_seed(seed)
     model = model_class(config).eval()
     # The reference loop over experts (5.x defaults to grouped_mm where it can).
     model.set_experts_implementation("eager")
-    fused_prefix = f"model.layers.{layer}.{block_attr}."
-    orig_prefix = f"model.layers.{layer}.{orig_attr}."
-    shared_prefix = f"model.layers.{layer}.{shared_attr}." if shared_attr else None
+    fused_prefix = f"{layers_path}.{layer}.{block_attr}."
+    orig_prefix = f"{layers_path}.{layer}.{orig_attr}."
+    shared_prefix = f"{layers_path}.{layer}.{shared_attr}." if shared_attr else None
+    layers = model.get_submodule(layers_path)
     moe_layers = [
-        i
-        for i, m in enumerate(model.model.layers)
-        if hasattr(getattr(m, block_attr, None), "experts")
+        i for i, m in enumerate(layers) if hasattr(getattr(m, block_attr, None), "experts")
     ]
     assert layer in moe_layers
 
-    bias_gates = [model.model.layers[i].mlp.gate for i in moe_layers] if kind == "sigmoid" else []
+    bias_gates = [layers[i].mlp.gate for i in moe_layers] if kind == "sigmoid" else []
     model = bf16_checkpoint(model, bias_gates, seed)
     directory = os.path.join(out_root, name)
     model_dir = os.path.join(directory, "model")
@@ -701,13 +777,28 @@ def build5(spec, out_root):
     save_checkpoint(model, model_dir, **({"max_shard_size": shard} if shard else {}))
     save_checkpoint(model, fused_dir, save_original_format=False)
     original, fused = read_checkpoint(model_dir), read_checkpoint(fused_dir)
-    assert original.keys() != fused.keys(), f"{name}: both layouts are identical"
+    if layout == "transposed":
+        # save_pretrained does not write the released layout in either mode (the reverse of
+        # Transpose(check_dims=True) compares with the model's own shapes, so it never
+        # transposes): model/ is what it wrote, the expert tensors transposed, with
+        # save_pretrained's metadata. The from_pretrained check below authenticates it.
+        assert original.keys() == fused.keys()
+        assert all(torch.equal(original[k], fused[k]) for k in fused)
+        assert [f for f in os.listdir(model_dir) if f.endswith(".safetensors")] == [
+            "model.safetensors"
+        ]
+        safetensors.torch.save_file(
+            transposed(fused), os.path.join(model_dir, "model.safetensors"), {"format": "pt"}
+        )
+        original = read_checkpoint(model_dir)
+    else:
+        assert original.keys() != fused.keys(), f"{name}: both layouts are identical"
     layouts = [
         (
-            f"model.layers.{i}.{orig_attr}.",
-            f"model.layers.{i}.{block_attr}.",
-            getattr(model.model.layers[i], block_attr).experts.num_experts,
-            getattr(model.model.layers[i], block_attr).experts.intermediate_dim,
+            f"{layers_path}.{i}.{orig_attr}.",
+            f"{layers_path}.{i}.{block_attr}.",
+            getattr(layers[i], block_attr).experts.num_experts,
+            getattr(layers[i], block_attr).experts.intermediate_dim,
         )
         for i in moe_layers
     ]
@@ -721,11 +812,12 @@ def build5(spec, out_root):
             assert torch.equal(v.float(), reference[k]), (d, k)
 
     model = model.float()
-    block = getattr(model.model.layers[layer], block_attr)
+    block = getattr(layers[layer], block_attr)
     gate = getattr(block, router_attr)
-    shared_mlp = getattr(model.model.layers[layer], shared_attr) if shared_attr else None
-    hidden = config.hidden_size
-    assert config.hidden_act == "silu"
+    shared_mlp = getattr(layers[layer], shared_attr) if shared_attr else None
+    text_config = config.get_text_config()  # config itself except for Qwen3-VL-MoE
+    hidden = text_config.hidden_size
+    assert text_config.hidden_act == "silu"
 
     # Tokens are drawn one at a time, each redrawn until its routing decisions win by more
     # than MIN_MARGIN (with 64 experts a whole 13-token draw would hardly ever pass).
@@ -800,6 +892,18 @@ def build5(spec, out_root):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         converted = read_checkpoint(tmp)
+        if layout == "transposed":
+            # Saved as the fused tensors (see above), then transposed like model/; a
+            # checkpoint of them loads into the block as exactly the fused gradients.
+            assert all(torch.equal(converted[k], block_grads[k]) for k in block_grads)
+            converted = transposed(converted)
+            safetensors.torch.save_file(
+                converted, os.path.join(tmp, "model.safetensors"), {"format": "pt"}
+            )
+            reloaded = model_class.from_pretrained(tmp, dtype=torch.float32)
+            reloaded_block = getattr(reloaded.get_submodule(layers_path)[layer], block_attr)
+            for n, p in reloaded_block.named_parameters():
+                assert torch.equal(p, block_grads[fused_prefix + n]), n
     grads = {"hidden_states": x.grad}
     grads.update({k: v for k, v in converted.items() if is_block_param(k, orig_prefix)})
     assert {k for k in original if is_block_param(k, orig_prefix)} == grads.keys() - {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // Backward against central finite differences in double precision, for every router and
-// expert kind, with and without capacity, with shared experts and every balance term on.
+// expert kind, with and without capacity, with shared experts (one with an output gate) and
+// every balance term on.
 // Loss L = sum(y * G) + the enabled balance terms; routing decisions are constants.
 #include <catch2/catch_template_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
@@ -123,6 +124,9 @@ TEMPLATE_LIST_TEST_CASE("gradients of the token-choice routers match finite diff
                std::optional<G>(G({1, 6, 4}, "shared_experts")), capacity_case, 4);
   check_router(NoisyTopKRouter<X, double>({6, 4, 2, 77}), G({4, 6, 5}), std::optional<G>(),
                capacity_case, 5);
+  // Qwen2-MoE's shared expert, its output scaled per token by sigmoid(x · w_output_gate).
+  check_router(SoftmaxTopKRouter<X, double>({6, 4, 2, true}), G({4, 6, 5}),
+               std::optional<G>(G({1, 6, 7, false, true}, "shared_experts")), capacity_case, 10);
 }
 
 TEMPLATE_LIST_TEST_CASE("gradients of expert choice, hash routing and FFN experts", "[backward]",

@@ -204,18 +204,23 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
     models::BlockRouter router;
   };
   using R = models::BlockRouter;
-  const Case cases[] = {
-      {"mixtral", R::softmax_topk},         {"minimax", R::softmax_topk},
-      {"qwen3_moe", R::softmax_topk},       {"olmoe", R::softmax_topk},
-      {"flex_olmo", R::softmax_topk},       {"jamba", R::softmax_topk},
-      {"deepseek_v2", R::softmax_topk},     {"deepseek_v2_greedy", R::softmax_topk},
-      {"deepseek_v3", R::sigmoid_bias},     {"glm4_moe", R::sigmoid_bias},
-      {"dots1", R::sigmoid_bias},           {"granitemoe", R::topk_softmax},
-      {"granitemoeshared", R::topk_softmax}};
+  const Case cases[] = {{"mixtral", R::softmax_topk},
+                        {"minimax", R::softmax_topk},
+                        {"qwen3_moe", R::softmax_topk},
+                        {"olmoe", R::softmax_topk},
+                        {"flex_olmo", R::softmax_topk},
+                        {"jamba", R::softmax_topk},
+                        {"deepseek_v2", R::softmax_topk},
+                        {"deepseek_v2_greedy", R::softmax_topk},
+                        {"deepseek_v3", R::sigmoid_bias},
+                        {"glm4_moe", R::sigmoid_bias},
+                        {"dots1", R::sigmoid_bias},
+                        {"granitemoe", R::topk_softmax},
+                        {"granitemoeshared", R::topk_softmax},
+                        {"qwen3_vl_moe", R::softmax_topk}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
-    for (const auto layout : {models::ExpertLayout::per_expert, models::ExpertLayout::fused}) {
-      const bool fused = layout == models::ExpertLayout::fused;
+    for (const bool fused : {false, true}) {
       if (fused && !fs::exists(dir / "model_fused")) continue;
       const std::string model = fused ? "model_fused" : "model";
       const std::string model_dir = (dir / model).string();
@@ -223,9 +228,9 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
       const auto block =
           models::read_block(model_dir, fixture_layer, kmoe::io::ShardedCheckpoint(model_dir));
       CHECK(std::string(c.family).rfind(block.model_type, 0) == 0);
-      // Granite's own checkpoints are fused already (under other names than 5.x's).
-      const bool granite = block.model_type.rfind("granitemoe", 0) == 0;
-      CHECK(block.layout == (granite ? models::ExpertLayout::fused : layout));
+      // model/ is each family's own naming (per expert; Granite's input_linear; Qwen3-VL-MoE's
+      // transposed tensors), model_fused/ transformers 5.x's fused one.
+      CHECK(block.naming == (fused ? 1u : 0u));
       REQUIRE(block.router == c.router);
       const std::string grads = fused ? "grads_fused.safetensors" : "grads.safetensors";
       if (c.router == R::softmax_topk) {
@@ -294,10 +299,10 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
             ContainsSubstring("config.json")));
   }
   SECTION("a known family kmoe does not reproduce names its reason") {
-    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["model_type"] = "qwen2_moe"; });
+    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["model_type"] = "gpt_oss"; });
     CHECK_THROWS_MATCHES(models::read_block_config(copy.path(), 1), kmoe::runtime_error,
-                         MessageMatches(ContainsSubstring("\"model_type\" = \"qwen2_moe\"") &&
-                                        ContainsSubstring("sigmoid gate")));
+                         MessageMatches(ContainsSubstring("\"model_type\" = \"gpt_oss\"") &&
+                                        ContainsSubstring("interleaved")));
   }
   SECTION("missing config field") {
     BrokenCopy copy("mixtral", [](nlohmann::json& c) { c.erase("num_experts_per_tok"); });

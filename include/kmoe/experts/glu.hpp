@@ -6,6 +6,7 @@
 
 #include <kmoe/activation.hpp>
 #include <kmoe/detail/checked.hpp>
+#include <kmoe/detail/math.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/experts/expert_mode.hpp>
 #include <kmoe/gemm.hpp>
@@ -18,6 +19,9 @@ struct ExpertShape {
   int hidden = 0;     ///< H
   int ffn = 0;        ///< F (this rank's share under expert tensor parallelism)
   bool bias = false;  ///< FFN experts only: add b1 [F] and b2 [H]
+  /// GLU experts, one expert only (a shared expert): scale each output row by
+  /// sigmoid(x · w_output_gate), w_output_gate [1, 1, H] (Qwen2-MoE's shared_expert_gate).
+  bool output_gate = false;
 };
 
 namespace detail {
@@ -25,11 +29,74 @@ inline ExpertShape validated_expert_shape(const char* where, const ExpertShape& 
   require(s.experts >= 1, where, "experts", s.experts, "must be at least 1");
   require(s.hidden >= 1, where, "hidden", s.hidden, "must be at least 1");
   require(s.ffn >= 1, where, "ffn", s.ffn, "must be at least 1");
+  require(!s.output_gate || s.experts == 1, where, "experts", s.experts,
+          "must be 1 with output_gate (a gated shared expert)");
   // Each weight tensor holds E * F * H values; its bytes must be addressable too.
   const auto values = checked_mul(s.experts, s.ffn, s.hidden, where, "experts x ffn x hidden");
   checked_mul(values, std::int64_t(sizeof(double)), where, "weight bytes");
   return s;
 }
+/// s[r] = sigmoid(x[r] · gate), and y[r] *= s[r] unless `y` is empty: the output gate's
+/// forward (backward recomputes s alone when the forward released it).
+template <class X, class Scalar>
+void output_gate_forward(const ConstMatrix<Scalar, X>& x, const Tensor3<Scalar, X>& gate,
+                         const Kokkos::View<Scalar*, typename X::memory_space>& s,
+                         const Matrix<Scalar, X>& y) {
+  const int hidden = int(x.extent(1));
+  const bool scale = y.extent(0) != 0;
+  Kokkos::parallel_for(
+      "kmoe::GLUExperts::output_gate", Kokkos::RangePolicy<X>(0, int(s.extent(0))),
+      KOKKOS_LAMBDA(int r) {
+        Scalar logit = 0;
+        for (int h = 0; h < hidden; ++h) logit += x(r, h) * gate(0, 0, h);
+        const Scalar sr = detail::sigmoid(logit);
+        s(r) = sr;
+        if (scale)
+          for (int h = 0; h < hidden; ++h) y(r, h) *= sr;
+      });
+}
+
+/// The output gate's backward for z = s · u (u the ungated rows): the gate logit's gradient
+/// s(1 - s) (grad_z · u) per row into `grad_logit`, and grad_z scaled by s into `scaled`.
+template <class X, class Scalar>
+void output_gate_backward(const ConstMatrix<Scalar, X>& grad_z, const Matrix<Scalar, X>& u,
+                          const Kokkos::View<Scalar*, typename X::memory_space>& s,
+                          const Kokkos::View<Scalar*, typename X::memory_space>& grad_logit,
+                          const Matrix<Scalar, X>& scaled) {
+  const int hidden = int(u.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::GLUExperts::output_gate_backward", Kokkos::RangePolicy<X>(0, int(s.extent(0))),
+      KOKKOS_LAMBDA(int r) {
+        Scalar dot = 0;
+        for (int h = 0; h < hidden; ++h) {
+          dot += grad_z(r, h) * u(r, h);
+          scaled(r, h) = s(r) * grad_z(r, h);
+        }
+        grad_logit(r) = s(r) * (Scalar(1) - s(r)) * dot;
+      });
+}
+
+/// grad_gate += sum_r grad_logit[r] x[r] and grad_x[r] += grad_logit[r] gate.
+template <class X, class Scalar>
+void output_gate_input_gradients(const ConstMatrix<Scalar, X>& x, const Tensor3<Scalar, X>& gate,
+                                 const Kokkos::View<Scalar*, typename X::memory_space>& grad_logit,
+                                 const Tensor3<Scalar, X>& grad_gate,
+                                 const Matrix<Scalar, X>& grad_x) {
+  const int rows = int(grad_logit.extent(0)), hidden = int(x.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::GLUExperts::output_gate_weight_gradient", Kokkos::RangePolicy<X>(0, hidden),
+      KOKKOS_LAMBDA(int h) {
+        Scalar sum = 0;
+        for (int r = 0; r < rows; ++r) sum += grad_logit(r) * x(r, h);
+        grad_gate(0, 0, h) += sum;
+      });
+  Kokkos::parallel_for(
+      "kmoe::GLUExperts::output_gate_input_gradient", Kokkos::RangePolicy<X>(0, rows),
+      KOKKOS_LAMBDA(int r) {
+        for (int h = 0; h < hidden; ++h) grad_x(r, h) += grad_logit(r) * gate(0, 0, h);
+      });
+}
+
 }  // namespace detail
 
 /// \brief E gated experts with weights w_gate [E, F, H], w_up [E, F, H], w_down [E, H, F].
@@ -48,7 +115,9 @@ class GLUExperts {
         w_up_(name + ".w_up", shape.experts, shape.ffn, shape.hidden,
               ParameterRole::input_projection, 1),
         w_down_(name + ".w_down", shape.experts, shape.hidden, shape.ffn,
-                ParameterRole::output_projection, 2) {}
+                ParameterRole::output_projection, 2) {
+    if (shape.output_gate) w_output_gate_ = {name + ".w_output_gate", 1, 1, shape.hidden};
+  }
 
   int num_experts() const { return shape_.experts; }
   int hidden_size() const { return shape_.hidden; }
@@ -56,6 +125,7 @@ class GLUExperts {
   const StackedWeight<ExecSpace, Scalar>& w_gate() const { return w_gate_; }
   const StackedWeight<ExecSpace, Scalar>& w_up() const { return w_up_; }
   const StackedWeight<ExecSpace, Scalar>& w_down() const { return w_down_; }
+  bool has_output_gate() const { return shape_.output_gate; }
 
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                const Matrix<Scalar, ExecSpace>& y, ExpertMode mode) {
@@ -69,6 +139,11 @@ class GLUExperts {
         });
     gemm::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1), Scalar(0),
                                      y);
+    if (shape_.output_gate) {
+      detail::ensure_extents(gate_value_, "kmoe::GLUExperts::output_gate_value",
+                             std::size_t(segments.rows()));
+      detail::output_gate_forward<ExecSpace, Scalar>(x, w_output_gate_.value, gate_value_, y);
+    }
     if (mode == ExpertMode::recompute) release_saved();
   }
 
@@ -83,9 +158,28 @@ class GLUExperts {
         KOKKOS_LAMBDA(std::size_t i) {
           hidden.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
         });
-    gemm::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w_down_.grad);
+    // With the output gate, the rest of the backward sees dL/du = s · grad_y (u the ungated
+    // output, recomputed from hidden; its saved gate values are recomputed with it).
+    ConstMatrix<Scalar, ExecSpace> grad_u = grad_y;
+    Kokkos::View<Scalar*, typename ExecSpace::memory_space> grad_logit;
+    if (shape_.output_gate) {
+      const std::size_t rows = std::size_t(segments.rows());
+      Matrix<Scalar, ExecSpace> ungated("kmoe::GLUExperts::ungated", rows, shape_.hidden);
+      gemm::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1), Scalar(0),
+                                       ungated);
+      if (gate_value_.extent(0) != rows) {
+        detail::ensure_extents(gate_value_, "kmoe::GLUExperts::output_gate_value", rows);
+        detail::output_gate_forward<ExecSpace, Scalar>(x, w_output_gate_.value, gate_value_, {});
+      }
+      grad_logit = decltype(grad_logit)("kmoe::GLUExperts::output_gate_grad_logit", rows);
+      Matrix<Scalar, ExecSpace> scaled("kmoe::GLUExperts::scaled_grad", rows, shape_.hidden);
+      detail::output_gate_backward<ExecSpace, Scalar>(grad_y, ungated, gate_value_, grad_logit,
+                                                      scaled);
+      grad_u = scaled;
+    }
+    gemm::segment_weight_gradient<Gemm>(segments, grad_u, hidden_, w_down_.grad);
     // hidden_ now receives dL/dhidden; gate_ and up_ are overwritten by their gradients.
-    gemm::segment_times_weight<Gemm>(segments, grad_y, w_down_.value, false, Scalar(1), Scalar(0),
+    gemm::segment_times_weight<Gemm>(segments, grad_u, w_down_.value, false, Scalar(1), Scalar(0),
                                      hidden_);
     Kokkos::parallel_for(
         "kmoe::GLUExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
@@ -100,12 +194,16 @@ class GLUExperts {
                                      grad_x);
     gemm::segment_times_weight<Gemm>(segments, up_, w_up_.value, false, Scalar(1), Scalar(1),
                                      grad_x);
+    if (shape_.output_gate)
+      detail::output_gate_input_gradients<ExecSpace, Scalar>(x, w_output_gate_.value, grad_logit,
+                                                             w_output_gate_.grad, grad_x);
   }
 
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     w_gate_.collect(list);
     w_up_.collect(list);
     w_down_.collect(list);
+    if (shape_.output_gate) w_output_gate_.collect(list);
   }
 
  private:
@@ -126,12 +224,15 @@ class GLUExperts {
     gate_ = {};
     up_ = {};
     hidden_ = {};
+    gate_value_ = {};
   }
 
   ExpertShape shape_;
   StackedWeight<ExecSpace, Scalar> w_gate_, w_up_, w_down_;
+  StackedWeight<ExecSpace, Scalar> w_output_gate_;  ///< [1, 1, H] with output_gate, else empty
   // Saved pre-activations (kept in store/inference mode) and the hidden workspace.
   Matrix<Scalar, ExecSpace> gate_, up_, hidden_;
+  Kokkos::View<Scalar*, typename ExecSpace::memory_space> gate_value_;  ///< s per row (gate)
 };
 
 /// \brief SwiGLU experts (Mixtral, DeepSeek, Qwen).

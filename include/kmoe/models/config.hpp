@@ -57,6 +57,21 @@ class ConfigFile {
   }
 
   const std::string& path() const { return path_; }
+
+  /// \brief The nested config object `field` (e.g. a multimodal model's "text_config"),
+  /// read like the file; its errors name the field by its path ("text_config.num_experts").
+  ConfigFile section(const std::string& field) const {
+    const auto& v = get(field);
+    if (!v.is_object()) wrong_type(field, "a JSON object");
+    ConfigFile nested(*this);
+    nested.json_ = v;
+    nested.scope_ = scope_ + field + ".";
+    return nested;
+  }
+
+  /// \brief `field` as error messages name it: its path from the top of the file.
+  std::string qualified(const std::string& field) const { return scope_ + field; }
+
   /// A field that is absent or null counts as missing, as it does for transformers.
   bool has(const std::string& field) const {
     const auto it = json_.find(field);
@@ -116,12 +131,12 @@ class ConfigFile {
   std::string either(std::initializer_list<const char*> fields) const {
     std::string found, names;
     for (const char* field : fields) {
-      names += std::string(names.empty() ? "" : " or ") + "\"" + field + "\"";
+      names += std::string(names.empty() ? "" : " or ") + "\"" + qualified(field) + "\"";
       if (!has(field)) continue;
       if (!found.empty() && json_.at(found) != json_.at(field))
-        throw runtime_error("kmoe::models: " + path_ + ": fields \"" + found +
-                            "\" = " + io::json_excerpt(json_.at(found)) + " and \"" + field +
-                            "\" = " + io::json_excerpt(json_.at(field)) +
+        throw runtime_error("kmoe::models: " + path_ + ": fields \"" + qualified(found) +
+                            "\" = " + io::json_excerpt(json_.at(found)) + " and \"" +
+                            qualified(field) + "\" = " + io::json_excerpt(json_.at(field)) +
                             " name the same setting and disagree");
       if (found.empty()) found = field;
     }
@@ -133,23 +148,25 @@ class ConfigFile {
   [[noreturn]] void out_of_range(const std::string& field, const std::string& value,
                                  long long minimum, long long maximum,
                                  const std::string& why = "") const {
-    throw runtime_error("kmoe::models: " + path_ + ": field \"" + field + "\" = " + value +
-                        " must be in [" + std::to_string(minimum) + ", " + std::to_string(maximum) +
-                        "]" + why);
+    throw runtime_error("kmoe::models: " + path_ + ": field \"" + qualified(field) +
+                        "\" = " + value + " must be in [" + std::to_string(minimum) + ", " +
+                        std::to_string(maximum) + "]" + why);
   }
 
  private:
   const nlohmann::json& get(const std::string& field) const {
     if (!has(field))
-      throw runtime_error("kmoe::models: " + path_ + ": missing field \"" + field + "\"");
+      throw runtime_error("kmoe::models: " + path_ + ": missing field \"" + qualified(field) +
+                          "\"");
     return json_.at(field);
   }
   [[noreturn]] void wrong_type(const std::string& field, const char* expected) const {
-    throw runtime_error("kmoe::models: " + path_ + ": field \"" + field +
+    throw runtime_error("kmoe::models: " + path_ + ": field \"" + qualified(field) +
                         "\" = " + io::json_excerpt(json_.at(field)) + " must be " + expected);
   }
 
   std::string path_;
+  std::string scope_;  ///< "" at the top of the file, "text_config." inside that section
   nlohmann::json json_;
 };
 
@@ -182,6 +199,9 @@ struct CheckpointNaming {
   std::string router_weight;  ///< relative to prefix, e.g. "gate.weight"
   /// Fused layout: the [E, 2F, H] gate-then-up and [E, H, F] tensors, relative to prefix.
   std::string fused_gate_up, fused_down;
+  /// Fused tensors stored transposed: gate_up [E, H, 2F] (gate columns first), down
+  /// [E, F, H] (Qwen3-VL-MoE's own checkpoints).
+  bool transposed = false;
 };
 
 /// \brief Everything a loader needs about one layer's MoE block, read from config.json.
@@ -214,6 +234,9 @@ struct MoEBlockConfig {
   /// shared_prefix + <proj> + ".weight", or, if shared_gate_up is set, one [2F, H]
   /// gate-then-up tensor and shared_down [H, F] (Granite's shared_mlp).
   std::string shared_prefix, shared_gate_up, shared_down;
+  /// The shared expert's output scaled per token by sigmoid(x · w), w [1, H] named
+  /// `shared_gate` (Qwen2-MoE's shared_expert_gate.weight); empty if ungated.
+  std::string shared_gate;
   /// Selection bias relative to prefix (DeepSeek-V3 "gate.e_score_correction_bias"), or
   /// empty; selection_bias_name() is its checkpoint name.
   std::string selection_bias;
@@ -260,6 +283,13 @@ struct CheckpointTensor {
   std::vector<std::int64_t> shape;  ///< extents of the whole checkpoint tensor
   std::int64_t offset = 0;          ///< first element of the slice in the checkpoint tensor
   std::int64_t count = 0;           ///< elements of the slice
+  /// A transposed slice (region_rows > 0): the checkpoint holds, from `offset`, a row-major
+  /// [region_rows, region_cols] matrix M, and the parameter slice P, of extents
+  /// [count / region_rows, region_rows], is P[i][j] = M[j][first_column + i].
+  std::int64_t region_rows = 0, region_cols = 0, first_column = 0;
+  bool transposed() const { return region_rows > 0; }
+  /// Elements read from the checkpoint for this slice.
+  std::int64_t region_count() const { return transposed() ? region_rows * region_cols : count; }
 };
 
 namespace detail {
@@ -272,8 +302,8 @@ inline std::string layer_prefix(const MoEBlockConfig& b) {
 inline void require_silu(const ConfigFile& config) {
   const std::string act = config.string("hidden_act");
   if (act != "silu")
-    throw runtime_error("kmoe::models: " + config.path() + ": field \"hidden_act\" = \"" +
-                        io::excerpt(act) +
+    throw runtime_error("kmoe::models: " + config.path() + ": field \"" +
+                        config.qualified("hidden_act") + "\" = \"" + io::excerpt(act) +
                         "\" is not supported: kmoe builds SwiGLU experts, which need \"silu\"");
 }
 
@@ -339,7 +369,8 @@ inline MoEBlockConfig mixtral_block(const ConfigFile& config, MoEBlockConfig b) 
 /// The fields of a Qwen3-MoE-style block (`mlp`, softmax top-k renormalised iff
 /// norm_topk_prob), its expert width under `ffn_field`.
 inline MoEBlockConfig qwen3_style_block(const ConfigFile& config, MoEBlockConfig b,
-                                        const std::string& ffn_field) {
+                                        const std::string& ffn_field,
+                                        const char* normalize_field = "norm_topk_prob") {
   b.namings = transformers_namings(layer_prefix(b) + "mlp.", layer_prefix(b) + "mlp.");
   b.hidden = config.count("hidden_size", 1);
   b.ffn = config.count(ffn_field, 1);
@@ -347,22 +378,29 @@ inline MoEBlockConfig qwen3_style_block(const ConfigFile& config, MoEBlockConfig
   const std::string experts_field = config.either({"num_experts", "num_local_experts"});
   b.experts = config.count(experts_field, 1, max_experts);
   b.top_k = config.count("num_experts_per_tok", 1);
-  b.normalize = config.boolean("norm_topk_prob");
+  // Without a normalize_field the block always renormalises.
+  b.normalize = normalize_field == nullptr || config.boolean(normalize_field);
   b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
   check_sizes(config, b, ffn_field, experts_field);
   return b;
 }
 
-inline MoEBlockConfig qwen3_moe_block(const ConfigFile& config, MoEBlockConfig b) {
-  // Qwen3MoeDecoderLayer: dense if listed in mlp_only_layers or off the sparse step.
+/// Qwen3MoeDecoderLayer (and Qwen3-VL-MoE's): dense if listed in mlp_only_layers or off
+/// the sparse step.
+inline void require_qwen3_moe_layer(const ConfigFile& config, int layer) {
   if (config.has("mlp_only_layers")) {
     const auto dense = config.integers("mlp_only_layers");
-    if (std::find(dense.begin(), dense.end(), b.layer) != dense.end())
-      dense_layer(config, b.layer, "listed in \"mlp_only_layers\"");
+    if (std::find(dense.begin(), dense.end(), layer) != dense.end())
+      dense_layer(config, layer, "listed in \"" + config.qualified("mlp_only_layers") + "\"");
   }
   const int step = config.has("decoder_sparse_step") ? config.count("decoder_sparse_step", 1) : 1;
-  if ((b.layer + 1) % step != 0)
-    dense_layer(config, b.layer, "\"decoder_sparse_step\" = " + std::to_string(step));
+  if ((layer + 1) % step != 0)
+    dense_layer(config, layer,
+                "\"" + config.qualified("decoder_sparse_step") + "\" = " + std::to_string(step));
+}
+
+inline MoEBlockConfig qwen3_moe_block(const ConfigFile& config, MoEBlockConfig b) {
+  require_qwen3_moe_layer(config, b.layer);
   return qwen3_style_block(config, b, "moe_intermediate_size");
 }
 
@@ -387,6 +425,38 @@ inline void require_deepseek_moe_layer(const ConfigFile& config, int layer) {
     dense_layer(config, layer, "\"first_k_dense_replace\" = " + std::to_string(first_moe));
   const int freq = config.has("moe_layer_freq") ? config.count("moe_layer_freq", 1) : 1;
   if (layer % freq != 0) dense_layer(config, layer, "\"moe_layer_freq\" = " + std::to_string(freq));
+}
+
+/// Qwen3-VL-MoE's text model (Qwen3VLMoeTextSparseMoeBlock, fields under text_config):
+/// Qwen3-MoE's block, always renormalised (its router ignores norm_topk_prob), under
+/// model.language_model. Its own checkpoints store the fused experts transposed,
+/// gate_up_proj [E, H, 2F] and down_proj [E, F, H]; transformers 5.x's fused naming is
+/// the second.
+inline MoEBlockConfig qwen3_vl_moe_block(const ConfigFile& config, MoEBlockConfig b) {
+  require_qwen3_moe_layer(config, b.layer);
+  b = qwen3_style_block(config, b, "moe_intermediate_size", nullptr);
+  const std::string prefix = "model.language_model.layers." + std::to_string(b.layer) + ".mlp.";
+  b.namings = {{ExpertLayout::fused, prefix, "gate.weight", "experts.gate_up_proj",
+                "experts.down_proj", true},
+               {ExpertLayout::fused, prefix, "gate.weight", "experts.gate_up_proj",
+                "experts.down_proj", false}};
+  return b;
+}
+
+/// Qwen2-MoE and Qwen3-Next (Qwen2MoeSparseMoeBlock, Qwen3NextSparseMoeBlock): Qwen3-MoE's
+/// block plus a shared expert of width shared_expert_intermediate_size whose output is
+/// scaled per token by sigmoid(x · shared_expert_gate).
+inline MoEBlockConfig qwen2_moe_block(const ConfigFile& config, MoEBlockConfig b) {
+  require_qwen3_moe_layer(config, b.layer);
+  b = qwen3_style_block(config, b, "moe_intermediate_size");
+  b.shared_ffn = config.count("shared_expert_intermediate_size", 0);
+  field_product(config, "hidden_size", b.hidden, "shared_expert_intermediate_size", b.shared_ffn,
+                max_matrix_elements, "a shared expert projection");
+  if (b.shared_ffn > 0) {
+    b.shared_prefix = layer_prefix(b) + "mlp.shared_expert.";
+    b.shared_gate = layer_prefix(b) + "mlp.shared_expert_gate.weight";
+  }
+  return b;
 }
 
 /// OLMoE and FlexOlmo: Qwen3-MoE's block, with the expert width under intermediate_size
@@ -535,17 +605,29 @@ inline MoEBlockConfig granitemoe_block(const ConfigFile& config, MoEBlockConfig 
 struct Family {
   const char* model_type;
   MoEBlockConfig (*read)(const ConfigFile&, MoEBlockConfig);
+  /// The config object holding the text model's fields (multimodal models: "text_config"),
+  /// or nullptr for the top level.
+  const char* section = nullptr;
 };
 
 /// Every family read_block_config accepts. Families that share a block share its reader.
 inline const std::vector<Family>& families() {
   static const std::vector<Family> table = {
-      {"mixtral", mixtral_block},         {"minimax", mixtral_block},
-      {"qwen3_moe", qwen3_moe_block},     {"olmoe", olmoe_block},
-      {"flex_olmo", olmoe_block},         {"deepseek_v3", deepseek_v3_block},
-      {"glm4_moe", deepseek_v3_block},    {"dots1", deepseek_v3_block},
-      {"deepseek_v2", deepseek_v2_block}, {"jamba", jamba_block},
-      {"granitemoe", granitemoe_block},   {"granitemoeshared", granitemoe_block},
+      {"mixtral", mixtral_block},
+      {"minimax", mixtral_block},
+      {"qwen3_moe", qwen3_moe_block},
+      {"olmoe", olmoe_block},
+      {"flex_olmo", olmoe_block},
+      {"deepseek_v3", deepseek_v3_block},
+      {"glm4_moe", deepseek_v3_block},
+      {"dots1", deepseek_v3_block},
+      {"deepseek_v2", deepseek_v2_block},
+      {"jamba", jamba_block},
+      {"granitemoe", granitemoe_block},
+      {"granitemoeshared", granitemoe_block},
+      {"qwen3_vl_moe", qwen3_vl_moe_block, "text_config"},
+      {"qwen2_moe", qwen2_moe_block},
+      {"qwen3_next", qwen2_moe_block},
   };
   return table;
 }
@@ -560,8 +642,6 @@ struct RefusedFamily {
 
 inline const std::vector<RefusedFamily>& refused_families() {
   static const std::vector<RefusedFamily> table = {
-      {"qwen2_moe", "its shared expert is scaled per token by a sigmoid gate"},
-      {"qwen3_next", "its shared expert is scaled per token by a sigmoid gate"},
       {"hunyuan_v1_moe", "its expert count varies per layer and it has a shared MLP"},
       {"ernie4_5_moe",
        "it selects by softmax probability plus a bias and clamps the normalisation"},
@@ -614,13 +694,14 @@ inline MoEBlockConfig read_block_config(const std::string& model_dir, int layer)
     throw runtime_error("kmoe::models: " + config.path() + ": field \"model_type\" = \"" +
                         io::excerpt(b.model_type) +
                         "\" is not supported (supported: " + supported_model_types() + ")");
-  const int layers = config.count("num_hidden_layers", 1);
+  const ConfigFile text = family->section ? config.section(family->section) : config;
+  const int layers = text.count("num_hidden_layers", 1);
   if (layer < 0 || layer >= layers)
     throw invalid_argument("kmoe::models", "layer", std::to_string(layer),
-                           "must be in [0, " + std::to_string(layers) + ") (num_hidden_layers in " +
-                               config.path() + ")");
-  detail::require_silu(config);
-  return with_naming(family->read(config, b), 0);
+                           "must be in [0, " + std::to_string(layers) + ") (" +
+                               text.qualified("num_hidden_layers") + " in " + config.path() + ")");
+  detail::require_silu(text);
+  return with_naming(family->read(text, b), 0);
 }
 
 /// \brief Calls `visit(const CheckpointTensor&)` for every entry of checkpoint_tensors(b),
@@ -639,6 +720,15 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
       if (b.layout == ExpertLayout::per_expert) {
         t.checkpoint = b.prefix + b.experts_scope + std::to_string(e) + "." + *proj + ".weight";
         t.shape = down ? Shape{H, F} : Shape{F, H};
+      } else if (b.current_naming().transposed) {
+        // [E, H, 2F] gate_up: expert e's matrix, gate columns then up columns; [E, F, H] down.
+        const bool up = std::string(param) == "w_up";
+        t.checkpoint =
+            b.prefix + (down ? b.current_naming().fused_down : b.current_naming().fused_gate_up);
+        t.shape = down ? Shape{E, F, H} : Shape{E, H, 2 * F};
+        t.offset = e * (down ? F * H : 2 * F * H);
+        t.region_rows = down ? F : H, t.region_cols = down ? H : 2 * F;
+        t.first_column = up ? F : 0;
       } else if (down) {
         t.checkpoint = b.prefix + b.current_naming().fused_down;
         t.shape = Shape{E, H, F}, t.offset = e * H * F;
@@ -665,6 +755,8 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
       }
       visit(t);
     }
+    if (!b.shared_gate.empty())
+      visit(CheckpointTensor{"shared.w_output_gate", 0, b.shared_gate, Shape{1, H}, 0, H});
   }
 }
 
@@ -704,29 +796,42 @@ inline void require_tensor(const io::ShardedCheckpoint& checkpoint, const MoEBlo
 
 }  // namespace detail
 
-/// \brief The index of the naming `checkpoint` uses for block `b`, told from the tensor
-/// names: a naming's first expert tensor (expert 0's gate projection, or the fused
-/// gate-up tensor). A checkpoint matching two namings is refused, since either set could
-/// be the stale one; one matching none gets the first naming, so that check_checkpoint
-/// names the first missing tensor.
+/// \brief The index of the naming `checkpoint` uses for block `b`, told from the names of
+/// expert 0's gate slice (its per-expert tensor or the fused gate-up tensor) and, where two
+/// namings share that name (Qwen3-VL-MoE's transposed and plain fused tensors), from its
+/// shape. A checkpoint matching two namings is refused, since either set could be the stale
+/// one or the shapes cannot tell them apart (hidden_size = 2F); one matching none gets the
+/// first naming, so that check_checkpoint names the first missing or misshapen tensor.
 inline std::size_t detect_naming(const MoEBlockConfig& b, const io::ShardedCheckpoint& checkpoint) {
-  std::size_t found = b.namings.size();
-  std::string found_name;
+  std::vector<std::size_t> named;
+  std::vector<CheckpointTensor> keys;
   for (std::size_t i = 0; i < b.namings.size(); ++i) {
-    const CheckpointNaming& n = b.namings[i];
-    const std::string name = n.layout == ExpertLayout::fused
-                                 ? n.prefix + n.fused_gate_up
-                                 : n.prefix + b.experts_scope + "0." + b.gate_proj + ".weight";
-    if (!checkpoint.contains(name)) continue;
-    if (found != b.namings.size())
-      throw runtime_error("kmoe::models: checkpoint " + checkpoint.directory() + " (" +
-                          b.model_type + ", layer " + std::to_string(b.layer) + ") holds both \"" +
-                          found_name + "\" (" + layout_name(b.namings[found].layout) +
-                          " layout) and \"" + name + "\" (" + layout_name(n.layout) +
-                          " layout); it must hold one layout only");
-    found = i, found_name = name;
+    const CheckpointTensor key = checkpoint_tensors(with_naming(b, i)).at(1);  // expert 0's gate
+    keys.push_back(key);
+    if (checkpoint.contains(key.checkpoint)) named.push_back(i);
   }
-  return found == b.namings.size() ? 0 : found;
+  const auto where = [&] {
+    return "kmoe::models: checkpoint " + checkpoint.directory() + " (" + b.model_type + ", layer " +
+           std::to_string(b.layer) + ")";
+  };
+  for (std::size_t n = 1; n < named.size(); ++n)
+    if (keys[named[n]].checkpoint != keys[named[0]].checkpoint)
+      throw runtime_error(where() + " holds both \"" + keys[named[0]].checkpoint + "\" (" +
+                          layout_name(b.namings[named[0]].layout) + " layout) and \"" +
+                          keys[named[n]].checkpoint + "\" (" +
+                          layout_name(b.namings[named[n]].layout) +
+                          " layout); it must hold one layout only");
+  if (named.size() < 2) return named.empty() ? 0 : named[0];
+  const auto& shape = checkpoint.info(keys[named[0]].checkpoint).shape;
+  std::vector<std::size_t> fitting;
+  for (const std::size_t i : named)
+    if (keys[i].shape == shape) fitting.push_back(i);
+  if (fitting.size() > 1)
+    throw runtime_error(where() + ": tensor \"" + keys[named[0]].checkpoint + "\" of shape " +
+                        io::excerpt(detail::shape_string(shape)) +
+                        " fits both its transposed and its plain fused layout (hidden_size = 2 x "
+                        "the expert width), so kmoe cannot tell which one it is");
+  return fitting.empty() ? named[0] : fitting[0];
 }
 
 /// \brief Checks that `checkpoint` holds every tensor of block `b` (router first, so an

@@ -72,6 +72,7 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
   using S = typename Layer::scalar_type;
   const auto params = layer.parameters();
   const auto tensors = checkpoint_tensors(b);
+  std::vector<S> region;  // a transposed slice's checkpoint matrix
   for (const auto& p : params) {
     // Parameters live in the layer's memory space: fill a host copy, then copy it once.
     auto host = Kokkos::create_mirror_view(p.value);
@@ -79,8 +80,18 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
     for (const auto& t : tensors) {
       if (t.parameter != p.name) continue;
       const std::size_t size = std::size_t(t.count);
-      checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset),
-                                    host.data() + size * std::size_t(std::max(t.expert, 0)), size);
+      S* slice = host.data() + size * std::size_t(std::max(t.expert, 0));
+      if (!t.transposed()) {
+        checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset), slice, size);
+      } else {
+        region.resize(std::size_t(t.region_count()));
+        checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset), region.data(),
+                                      region.size());
+        const std::int64_t rows = t.count / t.region_rows;
+        for (std::int64_t i = 0; i < rows; ++i)
+          for (std::int64_t j = 0; j < t.region_rows; ++j)
+            slice[i * t.region_rows + j] = region[j * t.region_cols + t.first_column + i];
+      }
       mapped = true;
     }
     if (!mapped)
@@ -122,7 +133,8 @@ inline MoEBlockConfig family_block(const std::string& model_dir, int layer,
 template <class X, class S>
 std::optional<SwiGLUExperts<X, S>> shared_experts(const MoEBlockConfig& b) {
   if (b.shared_ffn == 0) return std::nullopt;
-  return SwiGLUExperts<X, S>(ExpertShape{1, b.hidden, b.shared_ffn}, "shared");
+  return SwiGLUExperts<X, S>(ExpertShape{1, b.hidden, b.shared_ffn, false, !b.shared_gate.empty()},
+                             "shared");
 }
 
 /// The router settings of block `b` (TopKSoftmaxConfig has no renormalisation, scaling
@@ -275,13 +287,23 @@ void visit_checkpoint_tensors(const Layer& layer, const MoEBlockConfig& b, bool 
     const auto& shape = list.front().shape;
     const std::int64_t elements =
         std::accumulate(shape.begin(), shape.end(), std::int64_t(1), std::multiplies<>());
-    if (list.size() == 1 && list.front().count == elements) {
+    if (list.size() == 1 && list.front().count == elements && !list.front().transposed()) {
       visit(name, shape, static_cast<const S*>(slice_data(list.front())));
       continue;
     }
     assembled.assign(std::size_t(elements), S(0));
-    for (const auto& t : list)
-      std::copy(slice_data(t), slice_data(t) + t.count, assembled.begin() + t.offset);
+    for (const auto& t : list) {
+      const S* from = slice_data(t);
+      if (!t.transposed()) {
+        std::copy(from, from + t.count, assembled.begin() + t.offset);
+        continue;
+      }
+      const std::int64_t rows = t.count / t.region_rows;
+      for (std::int64_t i = 0; i < rows; ++i)
+        for (std::int64_t j = 0; j < t.region_rows; ++j)
+          assembled[std::size_t(t.offset + j * t.region_cols + t.first_column + i)] =
+              from[i * t.region_rows + j];
+    }
     visit(name, shape, static_cast<const S*>(assembled.data()));
   }
 }
