@@ -31,8 +31,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       // Listing the names is linear in the experts; bound the work per input.
       if (b.experts <= 4096) {
         const auto tensors = kmoe::models::checkpoint_tensors(b);
-        kmoe_fuzz::require(tensors.size() ==
-                               1 + 3 * std::size_t(b.experts) + (b.shared_ffn > 0 ? 3 : 0),
+        const std::size_t shared_tensors =
+            b.shared_ffn > 0 ? 3 + (b.shared_gate.empty() ? 0 : 1) : 0;
+        kmoe_fuzz::require(tensors.size() == 1 + 3 * std::size_t(b.experts) + shared_tensors,
                            "a parameter slice without a checkpoint name");
       }
     });

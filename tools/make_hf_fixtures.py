@@ -12,7 +12,8 @@ Usage (from the repository root, in a venv with torch, transformers 4.57.x, safe
 Under transformers >= 5 (made with 5.24.0) the same script instead writes
 tests/fixtures/hf5/<name>/ for Mixtral, DeepSeek-V3, Qwen3-MoE, OLMoE, FlexOlmo, MiniMax,
 GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe,
-GraniteMoeShared and Qwen3-VL-MoE (its text decoder's block): each checkpoint twice
+GraniteMoeShared, Qwen3-VL-MoE (its text decoder's block), Qwen2-MoE and Qwen3-Next (their
+shared expert scaled per token by a sigmoid gate): each checkpoint twice
 (model/: transformers' default per-expert "original" layout; model_fused/:
 save_original_format=False, fused 3-D expert tensors; Qwen3-VL-MoE's model/ is the
 released fused-and-transposed layout, which save_pretrained does not write, see build5) and
@@ -604,6 +605,43 @@ def specs5():
         "qwen3_vl_moe", 14000, qwen3_vl_moe, t.Qwen3VLMoeForConditionalGeneration, 1, "mlp",
         "softmax", None, layout="transposed", layers="model.language_model.layers",
     )
+    # Qwen2-MoE and Qwen3-Next: Qwen3-MoE's router plus a shared expert whose output is scaled
+    # per token by sigmoid(shared_expert_gate(x)); renormalisation off / on as released.
+    qwen2_moe = t.Qwen2MoeConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=48,  # dense MLP size; unused since every layer is MoE
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    yield "qwen2_moe", 15000, qwen2_moe, t.Qwen2MoeForCausalLM, 1, "mlp", "softmax", None
+    qwen3_next = t.Qwen3NextConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        head_dim=16,
+        intermediate_size=48,  # dense MLP size; unused since every layer is MoE
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        # Layer 0 gated DeltaNet (its torch fallback runs on CPU), layer 1 gated attention;
+        # outside the block.
+        layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+    )
+    yield "qwen3_next", 16000, qwen3_next, t.Qwen3NextForCausalLM, 1, "mlp", "softmax", None
 
 
 def deepseek_v2_router_choice(gate, router_logits):
@@ -666,23 +704,39 @@ def expected_weights(kind, gate, router_logits, indices):
 def check_block_output_fused(block, x, indices, weights, expected, shared_mlp=None):
     """check_combine for a 5.x block, from the fused expert tensors: gate, up =
     chunk(gate_up_proj[e] @ x, 2) (gate rows first, as in every 5.x *Experts.forward);
-    down_proj[e] @ (silu(gate) * up); plus shared experts (GraniteMoeShared: gate, up =
-    chunk(input_linear @ x, 2); output_linear @ (silu(gate) * up))."""
+    down_proj[e] @ (silu(gate) * up); plus shared experts (Qwen2-MoE / Qwen3-Next: one,
+    scaled per token by sigmoid(x @ shared_expert_gate.weight^T); GraniteMoeShared: gate,
+    up = chunk(input_linear @ x, 2); output_linear @ (silu(gate) * up))."""
     experts = block.experts
 
     def expert(e, row):
         gate, up = (experts.gate_up_proj[e] @ row).chunk(2)
         return experts.down_proj[e] @ (F.silu(gate) * up)
 
+    def mlp_output(mlp):
+        inner = F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+        return inner @ mlp.down_proj.weight.T
+
     shared = []
     if hasattr(block, "shared_experts"):
-        mlp = block.shared_experts
-        inner = F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
-        shared.append(inner @ mlp.down_proj.weight.T)
+        shared.append(mlp_output(block.shared_experts))
+    if hasattr(block, "shared_expert_gate"):
+        scale = torch.sigmoid(x @ block.shared_expert_gate.weight.T)  # [T, 1]
+        shared.append(scale * mlp_output(block.shared_expert))
     if shared_mlp is not None:
         gate, up = (x @ shared_mlp.input_linear.weight.T).chunk(2, dim=-1)
         shared.append((F.silu(gate) * up) @ shared_mlp.output_linear.weight.T)
     check_combine(x, indices, weights, expert, expected, shared)
+
+
+def shared_gate_range(name, block, x):
+    """Qwen2-MoE / Qwen3-Next: raises unless sigmoid(x @ shared_expert_gate.weight^T) lies in
+    (0.1, 0.9) for all but 2 tokens, so that the gate's gradient (a factor s (1 - s)) is not
+    vanishing; returns its smallest and largest value."""
+    scale = torch.sigmoid(x @ block.shared_expert_gate.weight.T).flatten()
+    if ((scale > 0.1) & (scale < 0.9)).sum().item() < len(scale) - 2:
+        raise RuntimeError(f"{name}: shared expert gate saturated: {scale.tolist()}")
+    return [round(scale.min().item(), 4), round(scale.max().item(), 4)]
 
 
 def read_checkpoint(directory):
@@ -860,6 +914,8 @@ def build5(spec, out_root):
         check_block_output_fused(
             block, x.detach(), indices, weights.detach(), y.detach(), shared_mlp
         )
+        gated = hasattr(block, "shared_expert_gate")
+        gate_range = shared_gate_range(name, block, x.detach()) if gated else None
     indices, weights = sort_by_weight(indices, weights.detach())
 
     blocks = [("block", orig_prefix), ("fused_block", fused_prefix)]
@@ -919,11 +975,14 @@ def build5(spec, out_root):
     save("grads.safetensors", grads)
     save("grads_fused.safetensors", grads_fused)
     hit = set(indices.flatten().tolist())
-    return {
+    summary = {
         "routing_margin": min(margins),
         "input_draws": draws,
         "experts_unused": sorted(set(range(block.experts.num_experts)) - hit),
     }
+    if gated:
+        summary["shared_gate_range"] = gate_range
+    return summary
 
 
 def main():

@@ -217,7 +217,9 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"dots1", R::sigmoid_bias},
                         {"granitemoe", R::topk_softmax},
                         {"granitemoeshared", R::topk_softmax},
-                        {"qwen3_vl_moe", R::softmax_topk}};
+                        {"qwen3_vl_moe", R::softmax_topk},
+                        {"qwen2_moe", R::softmax_topk},
+                        {"qwen3_next", R::softmax_topk}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {
