@@ -13,7 +13,8 @@ Under transformers >= 5 (made with 5.24.0) the same script instead writes
 tests/fixtures/hf5/<name>/ for Mixtral, DeepSeek-V3, Qwen3-MoE, OLMoE, FlexOlmo, MiniMax,
 GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe,
 GraniteMoeShared, Qwen3-VL-MoE (its text decoder's block), Qwen2-MoE and Qwen3-Next (their
-shared expert scaled per token by a sigmoid gate): each checkpoint twice
+shared expert scaled per token by a sigmoid gate) and DBRX (2-D expert tensors that
+transformers does not convert: model/ only, see build5_dbrx): each checkpoint twice
 (model/: transformers' default per-expert "original" layout; model_fused/:
 save_original_format=False, fused 3-D expert tensors; Qwen3-VL-MoE's model/ is the
 released fused-and-transposed layout, which save_pretrained does not write, see build5) and
@@ -642,6 +643,35 @@ def specs5():
         linear_conv_kernel_dim=4,
     )
     yield "qwen3_next", 16000, qwen3_next, t.Qwen3NextForCausalLM, 1, "mlp", "softmax", None
+    # DBRX: its own config names (d_model, n_layers, n_heads; the MoE settings nested in
+    # ffn_config) and its own experts, three 2-D [E * F, H] tensors with no 5.x conversion, so
+    # model/ and model_fused/ would be byte-identical (build5_dbrx writes model/ only).
+    dbrx = t.DbrxConfig(
+        d_model=COMMON["hidden_size"],
+        n_layers=COMMON["num_hidden_layers"],
+        n_heads=4,
+        max_seq_len=COMMON["max_position_embeddings"],
+        vocab_size=COMMON["vocab_size"],
+        initializer_range=COMMON["initializer_range"],
+        tie_word_embeddings=False,
+        # 5.24's DbrxAttention reads attn_config.rope_theta (the released configs have it),
+        # which DbrxAttentionConfig no longer declares; the rotary embedding itself uses
+        # rope_parameters, set to the same theta.
+        attn_config=dict(kv_n_heads=1, rope_theta=500000.0),
+        rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+        ffn_config=dict(
+            moe_num_experts=8,
+            moe_top_k=2,
+            ffn_hidden_size=16,
+            ffn_act_fn={"name": "silu"},
+            moe_normalize_expert_weights=1.0,
+            moe_jitter_eps=None,
+        ),
+    )
+    yield Spec5(
+        "dbrx", 17000, dbrx, t.DbrxForCausalLM, 1, "ffn", "dbrx", None, block_attr="ffn",
+        router_attr="router", layout="dbrx", layers="transformer.blocks",
+    )
 
 
 def deepseek_v2_router_choice(gate, router_logits):
@@ -806,8 +836,44 @@ def check_layouts(original, fused, blocks, layout="per_expert"):
         assert torch.equal(original[k], fused[k]), k
 
 
+def saved_as_gradients(model, params, block_grads):
+    """The checkpoint transformers' save_pretrained writes for `model` with each block
+    parameter (`params`, by name) replaced by its gradient: the gradients under the names
+    and slicing of the checkpoint layout, done by transformers rather than by us."""
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(block_grads[n])
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return read_checkpoint(tmp)
+
+
+def draw_inputs(name, seed, hidden, margin_of):
+    """The block input [TOKENS, hidden] and output gradient of a 5.x fixture. Tokens are
+    drawn one at a time, each redrawn until its routing decisions win by more than
+    MIN_MARGIN (`margin_of(row)`; with 64 experts a whole 13-token draw would hardly ever
+    pass). Returns (x, grad_output, per-token margins, draws)."""
+    generator = torch.Generator().manual_seed(seed + 2)
+    rows, margins, draws = [], [], 0
+    while len(rows) < TOKENS:
+        row = torch.randn(1, hidden, generator=generator)
+        draws += 1
+        if draws > 100 * TOKENS:
+            raise RuntimeError(f"{name}: no input with routing margin > {MIN_MARGIN}")
+        with torch.no_grad():
+            margin = margin_of(row)
+        if margin > MIN_MARGIN:
+            rows.append(row)
+            margins.append(margin)
+    x = torch.cat(rows)
+    grad_output = torch.randn(TOKENS, hidden, generator=generator)
+    return x, grad_output, margins, draws
+
+
 def build5(spec, out_root):
     spec = Spec5(*spec)
+    if spec.layout == "dbrx":
+        return build5_dbrx(spec, out_root)
     name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
     block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
     torch.manual_seed(seed)
@@ -873,22 +939,9 @@ def build5(spec, out_root):
     hidden = text_config.hidden_size
     assert text_config.hidden_act == "silu"
 
-    # Tokens are drawn one at a time, each redrawn until its routing decisions win by more
-    # than MIN_MARGIN (with 64 experts a whole 13-token draw would hardly ever pass).
-    generator = torch.Generator().manual_seed(seed + 2)
-    rows, margins, draws = [], [], 0
-    while len(rows) < TOKENS:
-        row = torch.randn(1, hidden, generator=generator)
-        draws += 1
-        if draws > 100 * TOKENS:
-            raise RuntimeError(f"{name}: no input with routing margin > {MIN_MARGIN}")
-        with torch.no_grad():
-            margin = router_choice(kind, gate, F.linear(row, gate.weight))[1]
-        if margin > MIN_MARGIN:
-            rows.append(row)
-            margins.append(margin)
-    x = torch.cat(rows)
-    grad_output = torch.randn(TOKENS, hidden, generator=generator)
+    x, grad_output, margins, draws = draw_inputs(
+        name, seed, hidden, lambda row: router_choice(kind, gate, F.linear(row, gate.weight))[1]
+    )
 
     x = x.clone().requires_grad_(True)
     y, (router_logits, weights, indices) = run_recording_router(block, gate, x)
@@ -940,26 +993,22 @@ def build5(spec, out_root):
     assert {k for k in fused if is_block_param(k, fused_prefix)} == grads_fused.keys() - {
         "hidden_states"
     }
-    # Original names: transformers' own conversion names and slices them, by saving the model
-    # with each block parameter replaced by its gradient.
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(block_grads[n])
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        converted = read_checkpoint(tmp)
-        if layout == "transposed":
-            # Saved as the fused tensors (see above), then transposed like model/; a
-            # checkpoint of them loads into the block as exactly the fused gradients.
-            assert all(torch.equal(converted[k], block_grads[k]) for k in block_grads)
-            converted = transposed(converted)
+    # Original names: transformers' own conversion names and slices them.
+    converted = saved_as_gradients(model, params, block_grads)
+    if layout == "transposed":
+        # Saved as the fused tensors (see above), then transposed like model/; a
+        # checkpoint of them loads into the block as exactly the fused gradients.
+        assert all(torch.equal(converted[k], block_grads[k]) for k in block_grads)
+        converted = transposed(converted)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.config.save_pretrained(tmp)
             safetensors.torch.save_file(
                 converted, os.path.join(tmp, "model.safetensors"), {"format": "pt"}
             )
             reloaded = model_class.from_pretrained(tmp, dtype=torch.float32)
-            reloaded_block = getattr(reloaded.get_submodule(layers_path)[layer], block_attr)
-            for n, p in reloaded_block.named_parameters():
-                assert torch.equal(p, block_grads[fused_prefix + n]), n
+        reloaded_block = getattr(reloaded.get_submodule(layers_path)[layer], block_attr)
+        for n, p in reloaded_block.named_parameters():
+            assert torch.equal(p, block_grads[fused_prefix + n]), n
     grads = {"hidden_states": x.grad}
     grads.update({k: v for k, v in converted.items() if is_block_param(k, orig_prefix)})
     assert {k for k in original if is_block_param(k, orig_prefix)} == grads.keys() - {
@@ -983,6 +1032,153 @@ def build5(spec, out_root):
     if gated:
         summary["shared_gate_range"] = gate_range
     return summary
+
+
+def dbrx_expected_weights(router_logits, indices, p):
+    """DbrxFFN.route_tokens_to_experts, written independently: softmax over all E in the
+    logits' dtype (float32 here), the chosen probabilities divided by their L_p norm
+    (moe_normalize_expert_weights = p; 1.0: by their sum, as they are positive)."""
+    weights = F.softmax(router_logits, dim=-1).gather(1, indices)
+    return weights / (weights.abs() ** p).sum(dim=-1, keepdim=True) ** (1.0 / p)
+
+
+def check_block_output_dbrx(experts, x, indices, weights, expected):
+    """check_combine for DBRX's experts: w1, v1, w2 are [E * F, H], expert e owning rows
+    e * F ... (e + 1) * F - 1 of each; gate = w1[e] @ x, up = v1[e] @ x, and the down
+    projection is (act(gate) * up) @ w2[e], w2[e] being [F, H] (not [H, F] like an nn.Linear
+    weight, as down_proj is elsewhere). Also checks that reading w2 as the [E, H, F] weights
+    of nn.Linear layers would not reproduce the output (so the check can tell)."""
+    mlp = experts.mlp
+    width = experts.ffn_hidden_size
+
+    def rows(tensor, e):
+        return tensor[e * width : (e + 1) * width]
+
+    def expert(e, row):
+        inner = F.silu(rows(mlp.w1, e) @ row) * (rows(mlp.v1, e) @ row)
+        return inner @ rows(mlp.w2, e)
+
+    check_combine(x, indices, weights, expert, expected)
+
+    as_linear = mlp.w2.reshape(experts.num_experts, experts.hidden_size, width)
+
+    def wrong(e, row):
+        return as_linear[e] @ (F.silu(rows(mlp.w1, e) @ row) * (rows(mlp.v1, e) @ row))
+
+    try:
+        check_combine(x, indices, weights, wrong, expected)
+    except AssertionError:
+        return
+    raise RuntimeError("dbrx: the w2 layout check cannot tell [F, H] from [H, F]")
+
+
+def build5_dbrx(spec, out_root):
+    """build5 for DBRX (DbrxFFN at transformer.blocks.{layer}.ffn: router.layer.weight [E, H],
+    experts.mlp.{w1, v1, w2} [E * F, H]). transformers has no conversion for these tensors:
+    save_pretrained writes the same bytes with and without save_original_format (checked), so
+    only model/ and grads.safetensors are written, under the block's own parameter names
+    (which are also what save_pretrained writes: checked with the gradients). The router
+    returns only its logits; the selection and weights the block used are recorded by a
+    forward pre-hook on its experts (DbrxExperts.forward(hidden_states, top_k_index,
+    top_k_weights))."""
+    name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
+    block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
+    assert kind == layout == "dbrx" and orig_attr == block_attr and not shard and not shared_attr
+    ffn_config = config.ffn_config
+    assert ffn_config.ffn_act_fn == {"name": "silu"} and ffn_config.moe_jitter_eps is None
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    prefix = f"{layers_path}.{layer}.{block_attr}."
+    layers = model.get_submodule(layers_path)
+    assert all(hasattr(getattr(m, block_attr), "experts") for m in layers)
+
+    model = bf16_checkpoint(model, [], seed)
+    directory = os.path.join(out_root, name)
+    model_dir = os.path.join(directory, "model")
+    save_checkpoint(model, model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, tmp, save_original_format=False)
+        for filename in ("config.json", "model.safetensors"):
+            with open(os.path.join(model_dir, filename), "rb") as a:
+                with open(os.path.join(tmp, filename), "rb") as b:
+                    assert a.read() == b.read(), f"{name}: {filename} differs in model_fused/"
+        assert sorted(os.listdir(tmp)) == sorted(os.listdir(model_dir))
+    shutil.rmtree(os.path.join(directory, "model_fused"), ignore_errors=True)
+    original = read_checkpoint(model_dir)
+    reference = {k: v.float() for k, v in model.state_dict().items()}
+    assert original.keys() == reference.keys()
+    for k, v in original.items():
+        assert torch.equal(v.float(), reference[k]), k
+    num_experts, width = ffn_config.moe_num_experts, ffn_config.ffn_hidden_size
+    hidden = config.d_model
+    for i in range(len(layers)):
+        for n in ("w1", "v1", "w2"):
+            assert original[f"{layers_path}.{i}.{block_attr}.experts.mlp.{n}"].shape == (
+                num_experts * width,
+                hidden,
+            )
+    loaded = model_class.from_pretrained(model_dir).state_dict()
+    assert loaded.keys() == reference.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v.float(), reference[k]), k
+
+    model = model.float()
+    block = getattr(layers[layer], block_attr)
+    gate = getattr(block, router_attr).layer
+    top_k, norm_p = block.top_k, block.moe_normalize_expert_weights
+    assert (top_k, norm_p) == (ffn_config.moe_top_k, 1.0)
+
+    x, grad_output, margins, draws = draw_inputs(
+        name, seed, hidden, lambda row: softmax_router_choice(F.linear(row, gate.weight), top_k)[1]
+    )
+
+    x = x.clone().requires_grad_(True)
+    recorded = {}
+    handles = [
+        gate.register_forward_hook(lambda module, args, result: recorded.update(logits=result)),
+        block.experts.register_forward_pre_hook(
+            lambda module, args: recorded.update(indices=args[1], weights=args[2])
+        ),
+    ]
+    y = block(x.unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    router_logits, indices, weights = recorded["logits"], recorded["indices"], recorded["weights"]
+    assert router_logits.dtype == torch.float32
+    y = y.reshape(TOKENS, hidden)
+    y.backward(grad_output)
+
+    with torch.no_grad():
+        torch.testing.assert_close(router_logits, x @ gate.weight.T, rtol=1e-6, atol=1e-6)
+        chosen, margin = softmax_router_choice(router_logits, top_k)
+        assert torch.equal(chosen, indices.sort(dim=-1)[0]), f"{name}: selection differs"
+        assert margin > MIN_MARGIN
+        torch.testing.assert_close(
+            weights, dbrx_expected_weights(router_logits, indices, norm_p), rtol=0, atol=0
+        )
+        check_block_output_dbrx(block.experts, x.detach(), indices, weights.detach(), y.detach())
+    indices, weights = sort_by_weight(indices, weights.detach())
+
+    save = fixture_writer(directory, name, [("block", prefix)])
+    save_forward(save, x, y, grad_output, router_logits, indices, weights)
+
+    params = {prefix + n: p for n, p in block.named_parameters()}
+    assert params.keys() == {k for k in original if k.startswith(prefix)}
+    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
+    # The names as transformers saves them (the same names and tensors, no conversion).
+    converted = saved_as_gradients(model, params, block_grads)
+    grads = {"hidden_states": x.grad}
+    grads.update({k: v for k, v in converted.items() if k.startswith(prefix)})
+    assert grads.keys() - {"hidden_states"} == block_grads.keys()
+    assert all(torch.equal(grads[k], block_grads[k]) for k in block_grads)
+    assert all(v.dtype == torch.float32 for v in grads.values())
+    save("grads.safetensors", grads)
+    hit = set(indices.flatten().tolist())
+    return {
+        "routing_margin": min(margins),
+        "input_draws": draws,
+        "experts_unused": sorted(set(range(num_experts)) - hit),
+    }
 
 
 def main():

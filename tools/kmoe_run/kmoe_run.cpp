@@ -340,8 +340,7 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
 template <class S>
 void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
-  const models::MoEBlockConfig b =
-      models::read_block(o.model, o.layer, io::ShardedCheckpoint(o.model));
+  const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
   if (b.router == models::BlockRouter::softmax_topk) {
     auto layer = models::load_softmax_block<X, S>(o.model, o.layer);
     run(layer, b, o);

@@ -202,6 +202,9 @@ struct CheckpointNaming {
   /// Fused tensors stored transposed: gate_up [E, H, 2F] (gate columns first), down
   /// [E, F, H] (Qwen3-VL-MoE's own checkpoints).
   bool transposed = false;
+  /// DBRX: three 2-D [E·F, H] tensors, relative to prefix: expert e's gate and up rows
+  /// e·F ... e·F + F - 1, and its down projection stored as its transpose [F, H].
+  std::string stacked_gate, stacked_up, stacked_down;
 };
 
 /// \brief Everything a loader needs about one layer's MoE block, read from config.json.
@@ -299,11 +302,11 @@ inline std::string layer_prefix(const MoEBlockConfig& b) {
   return "model.layers." + std::to_string(b.layer) + ".";
 }
 
-inline void require_silu(const ConfigFile& config) {
-  const std::string act = config.string("hidden_act");
+inline void require_silu(const ConfigFile& config, const std::string& field) {
+  const std::string act = config.string(field);
   if (act != "silu")
-    throw runtime_error("kmoe::models: " + config.path() + ": field \"" +
-                        config.qualified("hidden_act") + "\" = \"" + io::excerpt(act) +
+    throw runtime_error("kmoe::models: " + config.path() + ": field \"" + config.qualified(field) +
+                        "\" = \"" + io::excerpt(act) +
                         "\" is not supported: kmoe builds SwiGLU experts, which need \"silu\"");
 }
 
@@ -459,6 +462,42 @@ inline MoEBlockConfig qwen2_moe_block(const ConfigFile& config, MoEBlockConfig b
   return b;
 }
 
+/// DBRX (DbrxFFN, `transformer.blocks.<L>.ffn`, fields under ffn_config): softmax top-k,
+/// the weights divided by their Lp norm with p = moe_normalize_expert_weights (1, the
+/// released value, is renormalisation; absent or null, none; any other p is refused), and
+/// SwiGLU experts in three 2-D tensors (CheckpointNaming::stacked_*). moe_jitter_eps is
+/// training-time input noise kmoe does not add (as Mixtral's router_jitter_noise).
+inline MoEBlockConfig dbrx_block(const ConfigFile& config, MoEBlockConfig b) {
+  const ConfigFile ffn = config.section("ffn_config");
+  // transformers' default when ffn_act_fn is absent is {"name": "silu"}.
+  if (ffn.has("ffn_act_fn")) require_silu(ffn.section("ffn_act_fn"), "name");
+  CheckpointNaming naming;
+  naming.layout = ExpertLayout::fused;
+  naming.prefix = "transformer.blocks." + std::to_string(b.layer) + ".ffn.";
+  naming.router_weight = "router.layer.weight";
+  naming.stacked_gate = "experts.mlp.w1", naming.stacked_up = "experts.mlp.v1";
+  naming.stacked_down = "experts.mlp.w2";
+  b.namings = {naming};
+  b.hidden = config.count("d_model", 1);
+  b.ffn = ffn.count("ffn_hidden_size", 1);
+  b.experts = ffn.count("moe_num_experts", 1, max_experts);
+  b.top_k = ffn.count("moe_top_k", 1);
+  if (ffn.has("moe_normalize_expert_weights")) {
+    const double p = ffn.positive_number("moe_normalize_expert_weights");
+    if (p != 1.0)
+      throw runtime_error("kmoe::models: " + config.path() + ": field \"" +
+                          ffn.qualified("moe_normalize_expert_weights") +
+                          "\" = " + std::to_string(p) +
+                          " is not supported: kmoe renormalises by the sum (p = 1) or not at all");
+    b.normalize = true;
+  }
+  check_sizes(ffn, b, "ffn_hidden_size", "moe_num_experts");
+  field_product(config, "moe_num_experts x ffn_hidden_size", std::int64_t(b.experts) * b.ffn,
+                "d_model", b.hidden, std::numeric_limits<std::int64_t>::max() / 8,
+                "a stacked expert tensor");
+  return b;
+}
+
 /// OLMoE and FlexOlmo: Qwen3-MoE's block, with the expert width under intermediate_size
 /// and every layer an MoE layer.
 inline MoEBlockConfig olmoe_block(const ConfigFile& config, MoEBlockConfig b) {
@@ -608,6 +647,10 @@ struct Family {
   /// The config object holding the text model's fields (multimodal models: "text_config"),
   /// or nullptr for the top level.
   const char* section = nullptr;
+  /// The field holding the number of decoder layers.
+  const char* layers_field = "num_hidden_layers";
+  /// Whether `hidden_act` names the activation (DBRX's reader checks ffn_config's itself).
+  bool hidden_act = true;
 };
 
 /// Every family read_block_config accepts. Families that share a block share its reader.
@@ -628,6 +671,7 @@ inline const std::vector<Family>& families() {
       {"qwen3_vl_moe", qwen3_vl_moe_block, "text_config"},
       {"qwen2_moe", qwen2_moe_block},
       {"qwen3_next", qwen2_moe_block},
+      {"dbrx", dbrx_block, nullptr, "n_layers", false},
   };
   return table;
 }
@@ -648,7 +692,6 @@ inline const std::vector<RefusedFamily>& refused_families() {
       {"gpt_oss",
        "its router and experts have biases, gate/up are interleaved and its SwiGLU is clamped"},
       {"llama4", "it scales the expert input by the sigmoid router weight"},
-      {"dbrx", "it normalises the top-k weights by an Lp norm"},
       {"phimoe", "it routes by sparsemixer"},
   };
   return table;
@@ -695,12 +738,12 @@ inline MoEBlockConfig read_block_config(const std::string& model_dir, int layer)
                         io::excerpt(b.model_type) +
                         "\" is not supported (supported: " + supported_model_types() + ")");
   const ConfigFile text = family->section ? config.section(family->section) : config;
-  const int layers = text.count("num_hidden_layers", 1);
+  const int layers = text.count(family->layers_field, 1);
   if (layer < 0 || layer >= layers)
     throw invalid_argument("kmoe::models", "layer", std::to_string(layer),
                            "must be in [0, " + std::to_string(layers) + ") (" +
-                               text.qualified("num_hidden_layers") + " in " + config.path() + ")");
-  detail::require_silu(text);
+                               text.qualified(family->layers_field) + " in " + config.path() + ")");
+  if (family->hidden_act) detail::require_silu(text, "hidden_act");
   return with_naming(family->read(text, b), 0);
 }
 
@@ -717,9 +760,15 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
     const bool down = std::string(param) == "w_down";
     for (std::int64_t e = 0; e < E; ++e) {
       CheckpointTensor t{std::string("experts.") + param, int(e), "", {}, 0, F * H};
+      const CheckpointNaming& n = b.current_naming();
       if (b.layout == ExpertLayout::per_expert) {
         t.checkpoint = b.prefix + b.experts_scope + std::to_string(e) + "." + *proj + ".weight";
         t.shape = down ? Shape{H, F} : Shape{F, H};
+      } else if (!n.stacked_gate.empty()) {
+        const bool up = std::string(param) == "w_up";
+        t.checkpoint = b.prefix + (down ? n.stacked_down : up ? n.stacked_up : n.stacked_gate);
+        t.shape = Shape{E * F, H}, t.offset = e * F * H;
+        if (down) t.region_rows = F, t.region_cols = H;  // [F, H]: w_down[e] transposed
       } else if (b.current_naming().transposed) {
         // [E, H, 2F] gate_up: expert e's matrix, gate columns then up columns; [E, F, H] down.
         const bool up = std::string(param) == "w_up";
@@ -850,14 +899,27 @@ inline void check_checkpoint(const MoEBlockConfig& b, const io::ShardedCheckpoin
     detail::require_tensor(checkpoint, b, b.selection_bias_name(), {b.experts});
 }
 
-/// \brief read_block_config for the naming `checkpoint` stores the block in (detect_naming),
-/// with every tensor of it checked (check_checkpoint).
-inline MoEBlockConfig read_block(const std::string& model_dir, int layer,
-                                 const io::ShardedCheckpoint& checkpoint) {
-  const MoEBlockConfig b = read_block_config(model_dir, layer);
+/// \brief Block `b` (from read_block_config) in the naming `checkpoint` stores it in
+/// (detect_naming), with every tensor of it checked (check_checkpoint).
+inline MoEBlockConfig resolve_naming(const MoEBlockConfig& b,
+                                     const io::ShardedCheckpoint& checkpoint) {
   MoEBlockConfig resolved = with_naming(b, detect_naming(b, checkpoint));
   check_checkpoint(resolved, checkpoint);
   return resolved;
+}
+
+/// \brief read_block_config resolved against the checkpoint of `model_dir`.
+inline MoEBlockConfig read_block(const std::string& model_dir, int layer,
+                                 const io::ShardedCheckpoint& checkpoint) {
+  return resolve_naming(read_block_config(model_dir, layer), checkpoint);
+}
+
+/// \brief read_block_config resolved against the checkpoint of `model_dir`, opened only
+/// after config.json has been read, so that a broken model directory is reported by its
+/// config.json first.
+inline MoEBlockConfig read_block(const std::string& model_dir, int layer) {
+  const MoEBlockConfig b = read_block_config(model_dir, layer);
+  return resolve_naming(b, io::ShardedCheckpoint(model_dir));
 }
 
 }  // namespace kmoe::models

@@ -112,17 +112,16 @@ inline const char* loader_name(BlockRouter router) {
   }
 }
 
-/// The block of `layer` in the layout `checkpoint` stores it, every tensor checked; a
-/// family other than `family` (if given), or one whose block has another router than
-/// `router`, is refused naming the model directory.
-inline MoEBlockConfig family_block(const std::string& model_dir, int layer,
-                                   const io::ShardedCheckpoint& checkpoint, const char* family,
+/// The block of `layer` as config.json describes it; a family other than `family` (if
+/// given), or one whose block has another router than `router`, is refused naming the
+/// model directory.
+inline MoEBlockConfig family_block(const std::string& model_dir, int layer, const char* family,
                                    BlockRouter router, const char* where) {
   const std::string type = load_model_type(model_dir);
   if (family != nullptr && type != family)
     throw invalid_argument(where, "model_dir", model_dir,
                            "config.json has model_type \"" + type + "\", not \"" + family + "\"");
-  MoEBlockConfig b = read_block(model_dir, layer, checkpoint);
+  MoEBlockConfig b = read_block_config(model_dir, layer);
   if (b.router != router)
     throw invalid_argument(where, "model_dir", model_dir,
                            "model_type \"" + type + "\" has another router; load it with " +
@@ -158,8 +157,10 @@ MoELayer<Router, SwiGLUExperts<X, S>> load_block(const std::string& model_dir, i
                                                  const LayerOptions& options, const char* family,
                                                  BlockRouter kind, const char* where) {
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
+  const MoEBlockConfig config = family_block(model_dir, layer, family, kind, where);
+  // Opened after config.json, whose errors come first.
   const io::ShardedCheckpoint checkpoint(model_dir);
-  const MoEBlockConfig b = family_block(model_dir, layer, checkpoint, family, kind, where);
+  const MoEBlockConfig b = resolve_naming(config, checkpoint);
   MoELayer<Router, SwiGLUExperts<X, S>> moe(
       Router(router_config<Config>(b)),
       SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}), options,
