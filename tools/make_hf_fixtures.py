@@ -13,8 +13,9 @@ Under transformers >= 5 (made with 5.24.0) the same script instead writes
 tests/fixtures/hf5/<name>/ for Mixtral, DeepSeek-V3, Qwen3-MoE, OLMoE, FlexOlmo, MiniMax,
 GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe,
 GraniteMoeShared, Qwen3-VL-MoE (its text decoder's block), Qwen2-MoE and Qwen3-Next (their
-shared expert scaled per token by a sigmoid gate) and DBRX (2-D expert tensors that
-transformers does not convert: model/ only, see build5_dbrx): each checkpoint twice
+shared expert scaled per token by a sigmoid gate), DBRX (2-D expert tensors that
+transformers does not convert: model/ only, see build5_dbrx) and Hunyuan-MoE (router
+gate.wg, per-layer top-k, a shared MLP inside the block): each checkpoint twice
 (model/: transformers' default per-expert "original" layout; model_fused/:
 save_original_format=False, fused 3-D expert tensors; Qwen3-VL-MoE's model/ is the
 released fused-and-transposed layout, which save_pretrained does not write, see build5) and
@@ -672,6 +673,21 @@ def specs5():
         "dbrx", 17000, dbrx, t.DbrxForCausalLM, 1, "ffn", "dbrx", None, block_attr="ffn",
         router_attr="router", layout="dbrx", layers="transformer.blocks",
     )
+    # Hunyuan-MoE (HunYuanMoEV1Moe): softmax top-k, always renormalised, router gate.wg (built
+    # in float32); top-k per layer (moe_topk a list: layer 1 picks 3); a shared MLP of width
+    # intermediate_size (= the experts' F) inside the block, added with weight 1.
+    hunyuan_v1_moe = t.HunYuanMoEV1Config(
+        **COMMON,
+        **SMALL_ATTENTION,
+        head_dim=16,  # None (the default) breaks HunYuanMoEV1Attention
+        intermediate_size=16,
+        num_experts=8,  # an int: the config and HunYuanMoEV1Experts reject a list
+        moe_topk=[2, 3],
+    )
+    yield (
+        "hunyuan_v1_moe", 18000, hunyuan_v1_moe, t.HunYuanMoEV1ForCausalLM, 1, "mlp", "softmax",
+        None,
+    )
 
 
 def deepseek_v2_router_choice(gate, router_logits):
@@ -697,6 +713,11 @@ def logit_topk_router_choice(router_logits, k):
     """GraniteMoe: top-k of the raw logits (the softmax comes after, over the k chosen)."""
     ranked, order = router_logits.sort(dim=-1, descending=True)
     return order[:, :k].sort(dim=-1)[0], (ranked[:, k - 1] - ranked[:, k]).min().item()
+
+
+def router_weight(gate):
+    """The router's [E, H] weight: gate.weight, or Hunyuan-MoE's gate.wg.weight."""
+    return gate.wg.weight if hasattr(gate, "wg") else gate.weight
 
 
 def router_choice(kind, gate, router_logits):
@@ -735,8 +756,9 @@ def check_block_output_fused(block, x, indices, weights, expected, shared_mlp=No
     """check_combine for a 5.x block, from the fused expert tensors: gate, up =
     chunk(gate_up_proj[e] @ x, 2) (gate rows first, as in every 5.x *Experts.forward);
     down_proj[e] @ (silu(gate) * up); plus shared experts (Qwen2-MoE / Qwen3-Next: one,
-    scaled per token by sigmoid(x @ shared_expert_gate.weight^T); GraniteMoeShared: gate,
-    up = chunk(input_linear @ x, 2); output_linear @ (silu(gate) * up))."""
+    scaled per token by sigmoid(x @ shared_expert_gate.weight^T); Hunyuan-MoE: the block's
+    shared_mlp, weight 1; GraniteMoeShared: gate, up = chunk(input_linear @ x, 2);
+    output_linear @ (silu(gate) * up))."""
     experts = block.experts
 
     def expert(e, row):
@@ -753,6 +775,8 @@ def check_block_output_fused(block, x, indices, weights, expected, shared_mlp=No
     if hasattr(block, "shared_expert_gate"):
         scale = torch.sigmoid(x @ block.shared_expert_gate.weight.T)  # [T, 1]
         shared.append(scale * mlp_output(block.shared_expert))
+    if hasattr(block, "shared_mlp"):
+        shared.append(mlp_output(block.shared_mlp))
     if shared_mlp is not None:
         gate, up = (x @ shared_mlp.input_linear.weight.T).chunk(2, dim=-1)
         shared.append((F.silu(gate) * up) @ shared_mlp.output_linear.weight.T)
@@ -940,7 +964,10 @@ def build5(spec, out_root):
     assert text_config.hidden_act == "silu"
 
     x, grad_output, margins, draws = draw_inputs(
-        name, seed, hidden, lambda row: router_choice(kind, gate, F.linear(row, gate.weight))[1]
+        name,
+        seed,
+        hidden,
+        lambda row: router_choice(kind, gate, F.linear(row, router_weight(gate)))[1],
     )
 
     x = x.clone().requires_grad_(True)
@@ -952,7 +979,9 @@ def build5(spec, out_root):
     y.backward(grad_output)
 
     with torch.no_grad():
-        torch.testing.assert_close(router_logits, x @ gate.weight.T, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            router_logits, x @ router_weight(gate).T, rtol=1e-6, atol=1e-6
+        )
         chosen, margin = router_choice(kind, gate, router_logits)
         assert torch.equal(chosen, indices.sort(dim=-1)[0]), f"{name}: selection differs"
         assert margin > MIN_MARGIN

@@ -220,7 +220,8 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"qwen3_vl_moe", R::softmax_topk},
                         {"qwen2_moe", R::softmax_topk},
                         {"qwen3_next", R::softmax_topk},
-                        {"dbrx", R::softmax_topk}};
+                        {"dbrx", R::softmax_topk},
+                        {"hunyuan_v1_moe", R::softmax_topk}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {

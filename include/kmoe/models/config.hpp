@@ -72,6 +72,9 @@ class ConfigFile {
   /// \brief `field` as error messages name it: its path from the top of the file.
   std::string qualified(const std::string& field) const { return scope_ + field; }
 
+  /// Whether `field` is set to a JSON array.
+  bool is_array(const std::string& field) const { return has(field) && json_.at(field).is_array(); }
+
   /// A field that is absent or null counts as missing, as it does for transformers.
   bool has(const std::string& field) const {
     const auto it = json_.find(field);
@@ -249,14 +252,33 @@ struct MoEBlockConfig {
   std::string selection_bias_name() const { return prefix + selection_bias; }
 };
 
+/// \brief A naming with one tensor per expert and projection.
+inline CheckpointNaming per_expert_naming(const std::string& prefix,
+                                          const std::string& router_weight) {
+  CheckpointNaming n;
+  n.prefix = prefix, n.router_weight = router_weight;
+  return n;
+}
+
+/// \brief A naming with the fused gate-up and down tensors `gate_up`, `down` (relative to
+/// `prefix`), stored [E, 2F, H] / [E, H, F], or transposed [E, H, 2F] / [E, F, H].
+inline CheckpointNaming fused_naming(const std::string& prefix, const std::string& router_weight,
+                                     const std::string& gate_up, const std::string& down,
+                                     bool transposed = false) {
+  CheckpointNaming n;
+  n.layout = ExpertLayout::fused;
+  n.prefix = prefix, n.router_weight = router_weight;
+  n.fused_gate_up = gate_up, n.fused_down = down, n.transposed = transposed;
+  return n;
+}
+
 /// \brief Namings of a block written by transformers: per expert under `per_expert_prefix`
 /// and fused (experts.gate_up_proj, experts.down_proj) under `fused_prefix`.
 inline std::vector<CheckpointNaming> transformers_namings(
     const std::string& per_expert_prefix, const std::string& fused_prefix,
     const std::string& router_weight = "gate.weight") {
-  return {{ExpertLayout::per_expert, per_expert_prefix, router_weight, "", ""},
-          {ExpertLayout::fused, fused_prefix, router_weight, "experts.gate_up_proj",
-           "experts.down_proj"}};
+  return {per_expert_naming(per_expert_prefix, router_weight),
+          fused_naming(fused_prefix, router_weight, "experts.gate_up_proj", "experts.down_proj")};
 }
 
 /// \brief `b` using namings[index].
@@ -439,10 +461,9 @@ inline MoEBlockConfig qwen3_vl_moe_block(const ConfigFile& config, MoEBlockConfi
   require_qwen3_moe_layer(config, b.layer);
   b = qwen3_style_block(config, b, "moe_intermediate_size", nullptr);
   const std::string prefix = "model.language_model.layers." + std::to_string(b.layer) + ".mlp.";
-  b.namings = {{ExpertLayout::fused, prefix, "gate.weight", "experts.gate_up_proj",
-                "experts.down_proj", true},
-               {ExpertLayout::fused, prefix, "gate.weight", "experts.gate_up_proj",
-                "experts.down_proj", false}};
+  b.namings = {fused_naming(prefix, "gate.weight", "experts.gate_up_proj", "experts.down_proj",
+                            true),
+               fused_naming(prefix, "gate.weight", "experts.gate_up_proj", "experts.down_proj")};
   return b;
 }
 
@@ -495,6 +516,36 @@ inline MoEBlockConfig dbrx_block(const ConfigFile& config, MoEBlockConfig b) {
   field_product(config, "moe_num_experts x ffn_hidden_size", std::int64_t(b.experts) * b.ffn,
                 "d_model", b.hidden, std::numeric_limits<std::int64_t>::max() / 8,
                 "a stacked expert tensor");
+  return b;
+}
+
+/// Hunyuan-MoE (HunYuanMoEV1Moe): softmax top-k, always renormalised, router `gate.wg`,
+/// plus a shared MLP of the experts' width (intermediate_size) added with weight 1.
+/// moe_topk may list one top-k per layer; num_experts must be one count, because
+/// transformers sizes the experts by num_local_experts, its alias of the whole field.
+inline MoEBlockConfig hunyuan_v1_moe_block(const ConfigFile& config, MoEBlockConfig b) {
+  b.namings =
+      transformers_namings(layer_prefix(b) + "mlp.", layer_prefix(b) + "mlp.", "gate.wg.weight");
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("intermediate_size", 1);
+  b.experts = config.count("num_experts", 1, max_experts);
+  if (config.has("moe_topk") && config.is_array("moe_topk")) {
+    const auto per_layer = config.integers("moe_topk");
+    if (std::size_t(b.layer) >= per_layer.size())
+      config.out_of_range("moe_topk", "a list of " + std::to_string(per_layer.size()), b.layer + 1,
+                          max_experts, " entries (one top-k per layer)");
+    if (per_layer[std::size_t(b.layer)] < 1 || per_layer[std::size_t(b.layer)] > b.experts)
+      config.out_of_range("moe_topk[" + std::to_string(b.layer) + "]",
+                          std::to_string(per_layer[std::size_t(b.layer)]), 1, b.experts);
+    b.top_k = int(per_layer[std::size_t(b.layer)]);
+  } else {
+    b.top_k = config.count(config.either({"moe_topk", "num_experts_per_tok"}), 1);
+  }
+  b.normalize = true;
+  b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
+  check_sizes(config, b, "intermediate_size", "num_experts");
+  b.shared_ffn = b.ffn;
+  b.shared_prefix = layer_prefix(b) + "mlp.shared_mlp.";
   return b;
 }
 
@@ -618,10 +669,9 @@ inline MoEBlockConfig jamba_block(const ConfigFile& config, MoEBlockConfig b) {
 /// added with weight 1, as kmoe's shared expert is.
 inline MoEBlockConfig granitemoe_block(const ConfigFile& config, MoEBlockConfig b) {
   const std::string prefix = layer_prefix(b) + "block_sparse_moe.";
-  b.namings = {{ExpertLayout::fused, prefix, "router.layer.weight", "input_linear.weight",
-                "output_linear.weight"},
-               {ExpertLayout::fused, prefix, "router.weight", "experts.gate_up_proj",
-                "experts.down_proj"}};
+  b.namings = {fused_naming(prefix, "router.layer.weight", "input_linear.weight",
+                            "output_linear.weight"),
+               fused_naming(prefix, "router.weight", "experts.gate_up_proj", "experts.down_proj")};
   b.router = BlockRouter::topk_softmax;
   b.hidden = config.count("hidden_size", 1);
   b.ffn = config.count("intermediate_size", 1);
@@ -672,6 +722,7 @@ inline const std::vector<Family>& families() {
       {"qwen2_moe", qwen2_moe_block},
       {"qwen3_next", qwen2_moe_block},
       {"dbrx", dbrx_block, nullptr, "n_layers", false},
+      {"hunyuan_v1_moe", hunyuan_v1_moe_block},
   };
   return table;
 }
@@ -686,7 +737,6 @@ struct RefusedFamily {
 
 inline const std::vector<RefusedFamily>& refused_families() {
   static const std::vector<RefusedFamily> table = {
-      {"hunyuan_v1_moe", "its expert count varies per layer and it has a shared MLP"},
       {"ernie4_5_moe",
        "it selects by softmax probability plus a bias and clamps the normalisation"},
       {"gpt_oss",
