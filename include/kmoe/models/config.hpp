@@ -441,6 +441,27 @@ inline void read_shared_experts(const ConfigFile& config, MoEBlockConfig& b) {
   b.shared_prefix = layer_prefix(b) + "mlp.shared_experts.";
 }
 
+/// The largest number of groups the sigmoid-bias router accepts (kmoe/detail/topk.hpp).
+inline constexpr int max_router_groups = 64;
+
+/// DeepSeek's group limit: n_group groups dividing the routed experts, topk_group kept.
+inline void read_groups(const ConfigFile& config, MoEBlockConfig& b) {
+  b.n_group = config.count("n_group", 1, max_router_groups);
+  if (b.experts % b.n_group != 0)
+    config.out_of_range("n_group", std::to_string(b.n_group), 1, max_router_groups,
+                        " and divide n_routed_experts = " + std::to_string(b.experts));
+  b.topk_group = config.count("topk_group", 1, b.n_group);
+}
+
+/// top_k must fit in the experts of the kept groups.
+inline void require_top_k_in_groups(const ConfigFile& config, const MoEBlockConfig& b) {
+  const int eligible = b.topk_group * (b.experts / b.n_group);
+  if (b.top_k > eligible)
+    config.out_of_range("num_experts_per_tok", std::to_string(b.top_k), 1, eligible,
+                        " (the experts of topk_group = " + std::to_string(b.topk_group) +
+                            " groups)");
+}
+
 /// DeepSeek's dense prefix: layers below first_k_dense_replace, and off moe_layer_freq
 /// (transformers ignores moe_layer_freq; DeepSeek's own code honours it, 1 in V2 and V3).
 inline void require_deepseek_moe_layer(const ConfigFile& config, int layer) {
@@ -555,9 +576,6 @@ inline MoEBlockConfig olmoe_block(const ConfigFile& config, MoEBlockConfig b) {
   return qwen3_style_block(config, b, "intermediate_size");
 }
 
-/// The largest number of groups the sigmoid-bias router accepts (kmoe/detail/topk.hpp).
-inline constexpr int max_router_groups = 64;
-
 /// DeepSeek-V3, GLM-4-MoE and dots1 (transformers 5.x runs the same router code for all
 /// three).
 inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig b) {
@@ -572,17 +590,9 @@ inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig
   b.top_k = config.count("num_experts_per_tok", 1);
   b.normalize = config.boolean("norm_topk_prob");
   b.scaling_factor = config.positive_number("routed_scaling_factor");
-  b.n_group = config.count("n_group", 1, max_router_groups);
-  if (b.experts % b.n_group != 0)
-    config.out_of_range("n_group", std::to_string(b.n_group), 1, max_router_groups,
-                        " and divide n_routed_experts = " + std::to_string(b.experts));
-  b.topk_group = config.count("topk_group", 1, b.n_group);
+  read_groups(config, b);
   check_sizes(config, b, "moe_intermediate_size", "n_routed_experts");
-  const int eligible = b.topk_group * (b.experts / b.n_group);
-  if (b.top_k > eligible)
-    config.out_of_range("num_experts_per_tok", std::to_string(b.top_k), 1, eligible,
-                        " (the experts of topk_group = " + std::to_string(b.topk_group) +
-                            " groups)");
+  require_top_k_in_groups(config, b);
   read_shared_experts(config, b);
   b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
   b.router = BlockRouter::sigmoid_bias;
@@ -615,11 +625,7 @@ inline MoEBlockConfig deepseek_v2_block(const ConfigFile& config, MoEBlockConfig
       config.has("routed_scaling_factor") ? config.positive_number("routed_scaling_factor") : 1.0;
   const std::string method = config.has("topk_method") ? config.string("topk_method") : "greedy";
   if (method == "group_limited_greedy") {
-    b.n_group = config.count("n_group", 1, max_router_groups);
-    if (b.experts % b.n_group != 0)
-      config.out_of_range("n_group", std::to_string(b.n_group), 1, max_router_groups,
-                          " and divide n_routed_experts = " + std::to_string(b.experts));
-    b.topk_group = config.count("topk_group", 1, b.n_group);
+    read_groups(config, b);
     b.group_score_terms = 1;
   } else if (method != "greedy") {
     throw runtime_error(
@@ -627,11 +633,7 @@ inline MoEBlockConfig deepseek_v2_block(const ConfigFile& config, MoEBlockConfig
         "\" is not supported (deepseek_v2: \"greedy\" or \"group_limited_greedy\")");
   }
   check_sizes(config, b, "moe_intermediate_size", "n_routed_experts");
-  const int eligible = b.topk_group * (b.experts / b.n_group);
-  if (b.top_k > eligible)
-    config.out_of_range("num_experts_per_tok", std::to_string(b.top_k), 1, eligible,
-                        " (the experts of topk_group = " + std::to_string(b.topk_group) +
-                            " groups)");
+  require_top_k_in_groups(config, b);
   read_shared_experts(config, b);
   b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
   return b;
