@@ -250,6 +250,9 @@ class MoELayer {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
       wait_for_slowest_rank(phase_clock, stats.phase_ms);
       exchange_.exchange_counts();
+      stats.dispatch_rows_received = exchange_.dispatch_rows_received();
+      stats.combine_rows_sent = exchange_.combine_rows_sent();
+      stats.combine_rows_received = exchange_.combine_rows_received();
       auto request = exchange_.dispatch_start();
       if (options_.overlap_shared_experts && shared_) {
         run_shared();

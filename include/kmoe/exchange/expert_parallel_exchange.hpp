@@ -152,8 +152,17 @@ class ExpertParallelExchange {
   bool deduplicated() const { return ranks_ > 1; }
   /// Hidden-state rows sent to each EP rank by the last plan(); empty on one EP rank.
   const std::vector<std::int64_t>& dispatch_rows() const {
-    static const std::vector<std::int64_t> none;
-    return deduplicated() ? deduplicated_.rows_per_rank : none;
+    return across_ranks(deduplicated_.rows_per_rank);
+  }
+  /// Rows received from each EP rank by the last exchange_counts(): hidden states of the
+  /// dispatch (one per token) and expert outputs the combine returns to each rank (one per
+  /// assignment) and receives from it. Empty on one EP rank.
+  const std::vector<std::int64_t>& dispatch_rows_received() const {
+    return across_ranks(recv_token_rows_);
+  }
+  const std::vector<std::int64_t>& combine_rows_sent() const { return across_ranks(recv_rows_); }
+  const std::vector<std::int64_t>& combine_rows_received() const {
+    return across_ranks(send_rows_);
   }
   /// This rank's expert segments of the last forward (padded to the alignment).
   const Segments<X>& segments() const { return segments_; }
@@ -383,6 +392,12 @@ class ExpertParallelExchange {
     }
     detail::ensure_extents(out, label, std::size_t(recv_total_), std::size_t(hidden_));
     detail::scatter_mapped_rows<X>(expert_receive_row_, in, out);
+  }
+
+  /// Per-peer row counts are reported only across ranks (one EP rank exchanges nothing).
+  const std::vector<std::int64_t>& across_ranks(const std::vector<std::int64_t>& rows) const {
+    static const std::vector<std::int64_t> none;
+    return deduplicated() ? rows : none;
   }
 
   Communicator ep_;
