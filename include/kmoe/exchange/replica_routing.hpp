@@ -110,11 +110,11 @@ class ReplicaRouting {
 
  private:
   ExpertPlacement placement_;
-  int replicated_ = 0;               ///< logical experts with more than one replica
-  Vector<int, X> offsets_;           ///< [E + 1] into replica_slots_
-  Vector<int, X> replica_slots_;     ///< physical slots of each logical expert, slot order
-  Vector<int, X> local_rows_;        ///< row of each local slot's expert in the sum, or -1
-  std::vector<int> local_logical_;   ///< logical expert of each local slot
+  int replicated_ = 0;              ///< logical experts with more than one replica
+  Vector<int, X> offsets_;          ///< [E + 1] into replica_slots_
+  Vector<int, X> replica_slots_;    ///< physical slots of each logical expert, slot order
+  Vector<int, X> local_rows_;       ///< row of each local slot's expert in the sum, or -1
+  std::vector<int> local_logical_;  ///< logical expert of each local slot
 };
 
 }  // namespace kmoe
