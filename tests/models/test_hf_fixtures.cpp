@@ -221,7 +221,8 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"qwen2_moe", R::softmax_topk},
                         {"qwen3_next", R::softmax_topk},
                         {"dbrx", R::softmax_topk},
-                        {"hunyuan_v1_moe", R::softmax_topk}};
+                        {"hunyuan_v1_moe", R::softmax_topk},
+                        {"phimoe", R::sparse_mixer}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {
@@ -244,6 +245,10 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
       } else if (c.router == R::topk_softmax) {
         auto layer = models::load_topk_softmax_block<X, float>(model_dir, fixture_layer);
         CHECK(layer.shared_experts().has_value() == (block.model_type == "granitemoeshared"));
+        check_against_fixture(layer, dir, model, grads);
+      } else if (c.router == R::sparse_mixer) {
+        auto layer = models::load_sparse_mixer_block<X, float>(model_dir, fixture_layer);
+        CHECK(layer.router().config().jitter_eps == block.jitter_eps);
         check_against_fixture(layer, dir, model, grads);
       } else {
         auto layer = models::load_sigmoid_bias_block<X, float>(model_dir, fixture_layer);

@@ -369,6 +369,9 @@ void dispatch(const Options& o) {
   } else if (b.router == models::BlockRouter::topk_softmax) {
     auto layer = models::load_topk_softmax_block<X, S>(o.model, o.layer);
     run(layer, b, o);
+  } else if (b.router == models::BlockRouter::sparse_mixer) {
+    auto layer = models::load_sparse_mixer_block<X, S>(o.model, o.layer);
+    run(layer, b, o);
   } else {
     auto layer = models::load_sigmoid_bias_block<X, S>(o.model, o.layer);
     run(layer, b, o);
