@@ -36,7 +36,8 @@ class FFNExperts {
   using activation_type = Activation;
 
   explicit FFNExperts(const ExpertShape& shape, const std::string& name = "experts")
-      : shape_(detail::validated_expert_shape("kmoe::FFNExperts", shape)),
+      : name_(name),
+        shape_(detail::validated_expert_shape("kmoe::FFNExperts", shape)),
         w1_(name + ".w1", shape.experts, shape.ffn, shape.hidden, ParameterRole::input_projection,
             1),
         w2_(name + ".w2", shape.experts, shape.hidden, shape.ffn, ParameterRole::output_projection,
@@ -44,6 +45,10 @@ class FFNExperts {
         b1_(name + ".b1", shape.experts, shape.ffn, shape.bias, 1),
         b2_(name + ".b2", shape.experts, shape.hidden, shape.bias) {}
 
+  /// The shape and name it was built with (a layer of another expert count builds its
+  /// experts from them: placement/elastic.hpp).
+  const ExpertShape& shape() const { return shape_; }
+  const std::string& name() const { return name_; }
   int num_experts() const { return shape_.experts; }
   int hidden_size() const { return shape_.hidden; }
   int ffn_size() const { return shape_.ffn; }
@@ -124,6 +129,7 @@ class FFNExperts {
     detail::add_row_bias<ExecSpace>(segments.expert_of_row, bias.value, segments.rows(), out);
   }
 
+  std::string name_;
   ExpertShape shape_;
   StackedWeight<ExecSpace, Scalar> w1_, w2_;
   StackedBias<ExecSpace, Scalar> b1_, b2_;

@@ -109,7 +109,8 @@ class GLUExperts {
   using activation_type = Activation;
 
   explicit GLUExperts(const ExpertShape& shape, const std::string& name = "experts")
-      : shape_(validated(shape)),
+      : name_(name),
+        shape_(validated(shape)),
         w_gate_(name + ".w_gate", shape.experts, shape.ffn, shape.hidden,
                 ParameterRole::input_projection, 1),
         w_up_(name + ".w_up", shape.experts, shape.ffn, shape.hidden,
@@ -119,6 +120,10 @@ class GLUExperts {
     if (shape.output_gate) w_output_gate_ = {name + ".w_output_gate", 1, 1, shape.hidden};
   }
 
+  /// The shape and name it was built with (a layer of another expert count builds its
+  /// experts from them: placement/elastic.hpp).
+  const ExpertShape& shape() const { return shape_; }
+  const std::string& name() const { return name_; }
   int num_experts() const { return shape_.experts; }
   int hidden_size() const { return shape_.hidden; }
   int ffn_size() const { return shape_.ffn; }
@@ -227,6 +232,7 @@ class GLUExperts {
     gate_value_ = {};
   }
 
+  std::string name_;
   ExpertShape shape_;
   StackedWeight<ExecSpace, Scalar> w_gate_, w_up_, w_down_;
   StackedWeight<ExecSpace, Scalar> w_output_gate_;  ///< [1, 1, H] with output_gate, else empty
