@@ -61,8 +61,8 @@ RefMatrix reference_output(const L& layer, const RefMatrix& x, const Kept& kept,
       const double w = 1 / (1 + std::exp(-logit[e]));
       std::vector<double> scaled(hidden);
       for (int h = 0; h < hidden; ++h) scaled[h] = w * x(t, h);
-      const auto out =
-          ref_expert(ExpertKind::glu, ActKind::silu, expert_weights(layer.experts(), e), &scaled[0]);
+      const auto out = ref_expert(ExpertKind::glu, ActKind::silu,
+                                  expert_weights(layer.experts(), e), &scaled[0]);
       for (int h = 0; h < hidden; ++h) y(t, h) += out[h];
     }
   }
@@ -83,8 +83,8 @@ double loss(L& layer, const M& x, const M& y, const M& g) {
 /// Every element of v (flat, host-accessible through deep_copy of one element) against
 /// the central difference of loss(), relative to the analytic gradient's largest entry.
 template <class L, class M, class Flat>
-void check_all(L& layer, const M& x, const M& y, const M& g, const std::string& name,
-               const Flat& v, const Flat& analytic) {
+void check_all(L& layer, const M& x, const M& y, const M& g, const std::string& name, const Flat& v,
+               const Flat& analytic) {
   auto analytic_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), analytic);
   double scale = 1e-12;
   for (std::size_t i = 0; i < analytic_host.size(); ++i)

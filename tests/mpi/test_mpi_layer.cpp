@@ -57,6 +57,8 @@ struct Case {
   bool starve = false;  // sigmoid router: no token goes to the last EP rank's experts
   Placement placement = Placement::block;
   bool losses = false;  // balance losses on (dropless only: one reference pass)
+  // input: the weights scale the expert inputs (the EP dispatch then sends a row per slot)
+  RoutingWeightPlacement routing_weight = RoutingWeightPlacement::output;
 };
 
 /// Every rank of `world` in one expert-parallel group.
@@ -182,6 +184,7 @@ void run_case(const Case& c, ParallelLayout layout) {
 
   LayerOptions options;
   options.capacity.factor = c.capacity_factor;
+  options.routing_weight = c.routing_weight;
   // Each token group's balance terms use the global f_i and its own P_i (one sequence per
   // group), and gradients are averaged over the groups: their mean is the reference's
   // terms over the global batch, so the reference carries the coefficients times G.
@@ -472,4 +475,23 @@ TEST_CASE("overlapping the shared experts with the dispatch leaves the results u
   }
   for (std::size_t i = 0; i < outputs[0].size(); ++i)
     CHECK(outputs[0].data()[i] == outputs[1].data()[i]);
+}
+
+TEST_CASE("weights on the expert inputs (Llama 4) across ranks equal the single-rank layer",
+          "[mpi]") {
+  Case c;
+  c.routing_weight = RoutingWeightPlacement::input;
+  c.experts = 8;
+  c.shared = true;
+  SECTION("sigmoid, SwiGLU, dropless") {
+    c.name = "input-weighted sigmoid dropless";
+    run_all_layouts<SigmoidRouter, GLU>(c);
+  }
+  SECTION("softmax, FFN with biases, capacity, round robin") {
+    c.name = "input-weighted softmax capacity";
+    c.bias = true;
+    c.capacity_factor = 0.75;
+    c.placement = Placement::round_robin;
+    run_all_layouts<SoftmaxRouter, FFN>(c);
+  }
 }

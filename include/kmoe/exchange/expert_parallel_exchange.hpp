@@ -175,9 +175,6 @@ class ExpertParallelExchange {
   /// order; across ranks each token once per destination rank. A non-empty `input_weight`
   /// [T, S] (RoutingWeightPlacement::input, never deduplicated) scales each assignment's row
   /// by its slot's weight.
-  void plan(const Dispatch<X>& dispatch, const Matrix<int, X>& expert, const ConstMatrix<S, X>& x) {
-    plan(dispatch, expert, x, Matrix<routing_t<S>, X>());
-  }
   template <class R>
   void plan(const Dispatch<X>& dispatch, const Matrix<int, X>& expert, const ConstMatrix<S, X>& x,
             const Matrix<R, X>& input_weight) {
@@ -196,6 +193,10 @@ class ExpertParallelExchange {
       detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch.kept_total, hidden_);
       detail::gather_rows<X>(x, dispatch.source, int(expert.extent(1)), send_x_);
     }
+  }
+  /// plan() of unweighted rows.
+  void plan(const Dispatch<X>& dispatch, const Matrix<int, X>& expert, const ConstMatrix<S, X>& x) {
+    plan(dispatch, expert, x, Matrix<routing_t<S>, X>());
   }
 
   /// Per-peer counts of the dispatch exchange: each destination gets its local experts'
