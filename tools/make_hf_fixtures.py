@@ -693,7 +693,7 @@ def specs5():
     # experts fused and transposed with no 5.x conversion (build5_llama4 writes model/ only).
     # k = 2 (the released models route to 1) so that a token's slots are summed; layer 0 is
     # dense (interleave step 2, as in the 128-expert model).
-    llama4_text = t.Llama4TextConfig(
+    llama4_text_fields = dict(
         **COMMON,
         **SMALL_ATTENTION,
         head_dim=16,
@@ -706,9 +706,39 @@ def specs5():
         bos_token_id=0,
         eos_token_id=2,
     )
+    llama4_text = t.Llama4TextConfig(**llama4_text_fields)
     yield Spec5(
         "llama4_text", 19000, llama4_text, t.Llama4ForCausalLM, 1, "feed_forward", "llama4",
         None, block_attr="feed_forward", router_attr="router", layout="llama4",
+    )
+    # Llama 4 multimodal (Llama4ForConditionalGeneration): the same text model under
+    # text_config and language_model.model.layers, with the smallest vision tower (never run).
+    llama4_vision = dict(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=16,
+        vision_output_dim=8,
+        image_size=8,
+        patch_size=2,
+        projector_input_dim=8,
+        projector_output_dim=COMMON["hidden_size"],
+        initializer_range=COMMON["initializer_range"],
+    )
+    llama4 = t.Llama4Config(
+        # The fields, not llama4_text (building a model writes into its config).
+        text_config=dict(llama4_text_fields),
+        vision_config=llama4_vision,
+        tie_word_embeddings=False,
+        # Special tokens inside the 32-token vocabulary (the defaults lie outside).
+        boi_token_index=28,
+        eoi_token_index=29,
+        image_token_index=30,
+    )
+    yield Spec5(
+        "llama4", 20000, llama4, t.Llama4ForConditionalGeneration, 1, "feed_forward", "llama4",
+        None, block_attr="feed_forward", router_attr="router", layout="llama4",
+        layers="language_model.model.layers",
     )
 
 
@@ -1279,7 +1309,8 @@ def build5_llama4(spec, out_root):
     name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
     block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
     assert kind == layout == "llama4" and orig_attr == block_attr and not shard and not shared_attr
-    assert config.hidden_act == "silu" and config.moe_layers == [layer]
+    text = getattr(config, "text_config", config)  # the multimodal model's text fields
+    assert text.hidden_act == "silu" and text.moe_layers == [layer]
     torch.manual_seed(seed)
     model = model_class(config).eval()
     prefix = f"{layers_path}.{layer}.{block_attr}."
@@ -1302,7 +1333,7 @@ def build5_llama4(spec, out_root):
     assert original.keys() == reference.keys()
     for k, v in original.items():
         assert torch.equal(v.float(), reference[k]), k
-    num_experts, width, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
+    num_experts, width, hidden = text.num_local_experts, text.intermediate_size, text.hidden_size
     assert original[prefix + "experts.gate_up_proj"].shape == (num_experts, hidden, 2 * width)
     assert original[prefix + "experts.down_proj"].shape == (num_experts, width, hidden)
     assert original[prefix + "experts.gate_up_proj"].abs().min() > 0
@@ -1315,7 +1346,7 @@ def build5_llama4(spec, out_root):
     block = getattr(layers[layer], block_attr)
     gate = getattr(block, router_attr)
     top_k = block.top_k
-    assert top_k == config.num_experts_per_tok
+    assert top_k == text.num_experts_per_tok
 
     x, grad_output, margins, draws = draw_inputs(
         name, seed, hidden, lambda row: logit_router_choice(F.linear(row, gate.weight), top_k)[1]

@@ -222,7 +222,8 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"qwen3_next", R::softmax_topk},
                         {"dbrx", R::softmax_topk},
                         {"hunyuan_v1_moe", R::softmax_topk},
-                        {"llama4_text", R::sigmoid_bias}};
+                        {"llama4_text", R::sigmoid_bias},
+                        {"llama4", R::sigmoid_bias}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {

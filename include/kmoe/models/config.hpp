@@ -712,14 +712,15 @@ inline void require_llama4_moe_layer(const ConfigFile& config, int layer) {
                     "\" = " + std::to_string(step));
 }
 
-/// Llama 4 (Llama4TextMoe under `feed_forward`): router.weight [E, H]; experts chosen by
-/// the top-k logits, each run on sigmoid(logit) * x and added with weight 1
-/// (weight_on_input); experts fused and transposed (gate_up_proj [E, H, 2F], down_proj
-/// [E, F, H], the only layout: transformers 5.x has no conversion for them); a shared
-/// expert of the experts' width, added with weight 1.
-inline MoEBlockConfig llama4_block(const ConfigFile& config, MoEBlockConfig b) {
+/// Llama 4 (Llama4TextMoe under `feed_forward` of the decoder layers named `layers`):
+/// router.weight [E, H]; experts chosen by the top-k logits, each run on sigmoid(logit) * x
+/// and added with weight 1 (weight_on_input); experts fused and transposed (gate_up_proj
+/// [E, H, 2F], down_proj [E, F, H], the only layout: transformers 5.x has no conversion for
+/// them); a shared expert of the experts' width, added with weight 1.
+inline MoEBlockConfig llama4_style_block(const ConfigFile& config, MoEBlockConfig b,
+                                         const std::string& layers) {
   require_llama4_moe_layer(config, b.layer);
-  const std::string prefix = layer_prefix(b) + "feed_forward.";
+  const std::string prefix = layers + std::to_string(b.layer) + ".feed_forward.";
   b.namings = {fused_naming(prefix, "router.weight", "experts.gate_up_proj", "experts.down_proj",
                             /*transposed=*/true)};
   b.hidden = config.count("hidden_size", 1);
@@ -735,6 +736,17 @@ inline MoEBlockConfig llama4_block(const ConfigFile& config, MoEBlockConfig b) {
   b.shared_ffn = b.ffn;
   b.shared_prefix = prefix + "shared_expert.";
   return b;
+}
+
+/// Llama4ForCausalLM (model_type llama4_text): decoder layers under model.layers.
+inline MoEBlockConfig llama4_text_block(const ConfigFile& config, MoEBlockConfig b) {
+  return llama4_style_block(config, b, "model.layers.");
+}
+
+/// Llama4ForConditionalGeneration (model_type llama4): the text model's fields under
+/// text_config, its decoder layers under language_model.model.layers.
+inline MoEBlockConfig llama4_block(const ConfigFile& config, MoEBlockConfig b) {
+  return llama4_style_block(config, b, "language_model.model.layers.");
 }
 
 /// One model_type kmoe reads, and how its config describes the block.
@@ -770,7 +782,8 @@ inline const std::vector<Family>& families() {
       {"qwen3_next", qwen2_moe_block},
       {"dbrx", dbrx_block, nullptr, "n_layers", false},
       {"hunyuan_v1_moe", hunyuan_v1_moe_block},
-      {"llama4_text", llama4_block},
+      {"llama4_text", llama4_text_block},
+      {"llama4", llama4_block, "text_config"},
   };
   return table;
 }
