@@ -3,15 +3,21 @@
 // (EP = N), routes each rank's tokens to the experts' owners and back, and prints each
 // rank's expert load and the checksum of the global output next to the checksum of one
 // rank running the same layer on the whole batch. Exits non-zero if they differ.
+// `--stats-jsonl PREFIX` writes each rank's monitoring line (kmoe::StatsLog, with the bytes
+// it exchanged with every peer) to PREFIX.rank<r>.jsonl.
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
+#include <kmoe/monitoring/stats_log.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -31,7 +37,7 @@ double sum(const kmoe::Matrix<S, X>& y) {
   return total;
 }
 
-int run() {
+int run(const char* stats_prefix) {
   const auto world = kmoe::MpiCommunicator::world();
   const int ranks = world.size(), rank = world.rank();
   kmoe::ParallelLayout layout;
@@ -47,6 +53,12 @@ int run() {
   kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator> layer(
       Router({hidden, experts, top_k, true}), Experts({int(owned.size()), hidden, ffn}), {},
       std::nullopt, groups);
+  std::optional<kmoe::StatsLog> stats_log;
+  if (stats_prefix) {
+    stats_log.emplace(std::string(stats_prefix) + ".rank" + std::to_string(rank) + ".jsonl",
+                      kmoe::StatsLogContext{rank, hidden, sizeof(S)});
+    layer.set_phase_timing(true);
+  }
   const auto full = single.parameters();
   const auto mine = layer.parameters();
   const std::size_t router_tensors = 1;  // router.weight comes first in both lists
@@ -66,6 +78,7 @@ int run() {
   Kokkos::deep_copy(x_local, Kokkos::subview(x, rows, Kokkos::ALL));
 
   const auto stats = layer.forward(x_local, y);
+  if (stats_log) stats_log->write(0, "moe", stats);
   std::int64_t load = 0;  // assignments this rank's experts process, from every rank
   for (int e : owned) load += stats.tokens_per_expert[e];
 
@@ -101,7 +114,10 @@ int main(int argc, char* argv[]) {
   int status = 0;
   {
     Kokkos::ScopeGuard kokkos(argc, argv);
-    status = run();
+    const char* stats_prefix = nullptr;
+    for (int i = 1; i + 1 < argc; ++i)
+      if (std::strcmp(argv[i], "--stats-jsonl") == 0) stats_prefix = argv[i + 1];
+    status = run(stats_prefix);
   }
   MPI_Finalize();
   return status;

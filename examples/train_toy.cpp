@@ -3,14 +3,18 @@
 // aux-loss-free bias update, Switch aux loss) on a task with a known answer: inputs come
 // from 8 clusters and each cluster maps through its own random linear map. Prints loss, aux
 // loss and per-expert load; exits 1 unless the loss fell by --min-drop and the final
-// max/mean load is under 1.3.
+// max/mean load is under 1.3. With --stats-jsonl, writes one monitoring line per step
+// (kmoe::StatsLog; tools/plot_routing.py draws it).
 //
-//   train_toy [--steps N] [--print-every N] [--min-drop R]
+//   train_toy [--steps N] [--print-every N] [--min-drop R] [--stats-jsonl FILE]
 #include <kmoe/kmoe.hpp>
+#include <kmoe/monitoring/stats_log.hpp>
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -18,6 +22,11 @@ double parse(int argc, char** argv, const char* flag, double fallback) {
   for (int i = 1; i + 1 < argc; ++i)
     if (std::strcmp(argv[i], flag) == 0) return std::atof(argv[i + 1]);
   return fallback;
+}
+const char* parse_text(int argc, char** argv, const char* flag) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::strcmp(argv[i], flag) == 0) return argv[i + 1];
+  return nullptr;
 }
 }  // namespace
 
@@ -30,10 +39,15 @@ int main(int argc, char** argv) {
   const int steps = int(parse(argc, argv, "--steps", 600));
   const int print_every = int(parse(argc, argv, "--print-every", 100));
   const double min_drop = parse(argc, argv, "--min-drop", 10.0);
+  const char* stats_path = parse_text(argc, argv, "--stats-jsonl");
   const int hidden = 16, ffn = 32, experts = 8, clusters = 8, batch = 256;
 
   kmoe::LayerOptions options;
   options.losses.switch_aux = 1e-2;
+  options.time_phases = stats_path != nullptr;
+  std::optional<kmoe::StatsLog> stats_log;
+  if (stats_path) stats_log.emplace(stats_path, kmoe::StatsLogContext{0, hidden, sizeof(S)});
+  kmoe::ExpertLoadWindow load_window(experts, 50);
   kmoe::MoELayer<Router, Experts> layer(Router({hidden, experts, 2, true, 1.0, {}}),
                                         Experts({experts, hidden, ffn}), options);
   kmoe::fill_normal(layer.parameters(), 0.2, 1);
@@ -67,6 +81,10 @@ int main(int argc, char** argv) {
     kmoe::RouteContext<X> context;
     context.training = true;
     const auto stats = layer.forward(x, y, context);
+    if (stats_log) {
+      load_window.record(stats.tokens_per_expert);
+      stats_log->write(step, "moe", stats, &load_window);
+    }
     auto y_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), y);
     auto grad_host = Kokkos::create_mirror_view(grad_y);
     loss = 0;

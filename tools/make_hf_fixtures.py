@@ -14,8 +14,9 @@ tests/fixtures/hf5/<name>/ for Mixtral, DeepSeek-V3, Qwen3-MoE, OLMoE, FlexOlmo,
 GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe,
 GraniteMoeShared, Qwen3-VL-MoE (its text decoder's block), Qwen2-MoE and Qwen3-Next (their
 shared expert scaled per token by a sigmoid gate), DBRX (2-D expert tensors that
-transformers does not convert: model/ only, see build5_dbrx) and Hunyuan-MoE (router
-gate.wg, per-layer top-k, a shared MLP inside the block): each checkpoint twice
+transformers does not convert: model/ only, see build5_dbrx), Hunyuan-MoE (router
+gate.wg, per-layer top-k, a shared MLP inside the block) and Phi-MoE (sparsemixer, run in
+eval mode: its inference path and that path's gradient): each checkpoint twice
 (model/: transformers' default per-expert "original" layout; model_fused/:
 save_original_format=False, fused 3-D expert tensors; Qwen3-VL-MoE's model/ is the
 released fused-and-transposed layout, which save_pretrained does not write, see build5) and
@@ -688,6 +689,24 @@ def specs5():
         "hunyuan_v1_moe", 18000, hunyuan_v1_moe, t.HunYuanMoEV1ForCausalLM, 1, "mlp", "softmax",
         None,
     )
+    # Phi-MoE (PhimoeSparseMoeBlock, `mlp` in the model, `block_sparse_moe` with router
+    # `gate.weight` in the original layout): sparsemixer, two slots each weighted by a softmax
+    # over the experts within a relative distance 2 router_jitter_noise of the slot's winner.
+    # The released 0.01 keeps almost only the winner for logits of this size; 0.2 keeps some
+    # runners-up and masks others (build5 checks both happen in each slot).
+    phimoe = t.PhimoeConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.2,
+        input_jitter_noise=0.0,
+    )
+    yield Spec5(
+        "phimoe", 19000, phimoe, t.PhimoeForCausalLM, 1, "block_sparse_moe", "sparsemixer", None,
+        router_attr="router",
+    )
     # Llama 4 (Llama4TextMoe under feed_forward): top-k of the logits, each chosen expert run
     # on sigmoid(logit) * x and added with weight 1, a shared expert of the experts' width;
     # experts fused and transposed with no 5.x conversion (build5_llama4 writes model/ only).
@@ -708,7 +727,7 @@ def specs5():
     )
     llama4_text = t.Llama4TextConfig(**llama4_text_fields)
     yield Spec5(
-        "llama4_text", 19000, llama4_text, t.Llama4ForCausalLM, 1, "feed_forward", "llama4",
+        "llama4_text", 20000, llama4_text, t.Llama4ForCausalLM, 1, "feed_forward", "llama4",
         None, block_attr="feed_forward", router_attr="router", layout="llama4",
     )
     # Llama 4 multimodal (Llama4ForConditionalGeneration): the same text model under
@@ -736,7 +755,7 @@ def specs5():
         image_token_index=30,
     )
     yield Spec5(
-        "llama4", 20000, llama4, t.Llama4ForConditionalGeneration, 1, "feed_forward", "llama4",
+        "llama4", 21000, llama4, t.Llama4ForConditionalGeneration, 1, "feed_forward", "llama4",
         None, block_attr="feed_forward", router_attr="router", layout="llama4",
         layers="language_model.model.layers",
     )
@@ -767,6 +786,58 @@ def logit_topk_router_choice(router_logits, k):
     return order[:, :k].sort(dim=-1)[0], (ranked[:, k - 1] - ranked[:, k]).min().item()
 
 
+def sparsemixer_choice(router_logits, eps):
+    """Phi-MoE's sparsemixer on its inference path, written independently of HF: slot 1 is the
+    largest logit's expert i1, slot 2 the largest of the others' i2; a slot won with logit m
+    keeps expert e unless (m - l_e) / max(|l_e|, m) > 2 eps (slot 2 never keeps i1), and its
+    weight is the softmax over the kept logits at its winner. Returns the winners [T, 2]
+    (slot order), both keep masks [T, E] and the smallest winning gap: of the two selections
+    (in logits) and of every mask decision (|ratio - 2 eps|, which is dimensionless but of
+    the logits' size here, O(1))."""
+    threshold = 2 * eps
+    ranked, order = router_logits.sort(dim=-1, descending=True, stable=True)
+    winners = order[:, :2]
+    gaps = [(ranked[:, 0] - ranked[:, 1]).min().item(), (ranked[:, 1] - ranked[:, 2]).min().item()]
+    keeps = []
+    for slot in range(2):
+        best = ranked[:, slot : slot + 1]
+        ratio = (best - router_logits) / torch.maximum(router_logits.abs(), best)
+        keep = ~(ratio > threshold)
+        if slot == 1:  # slot 1's expert is out of slot 2's race
+            keep.scatter_(1, winners[:, :1], False)
+            ratio = ratio.scatter(1, winners[:, :1], float("inf"))
+        keeps.append(keep)
+        gaps.append((ratio - threshold).abs().min().item())
+    return winners, keeps, min(gaps)
+
+
+def sparsemixer_weights(router_logits, keeps, winners):
+    """Each slot's weight: the softmax over the logits its mask keeps, at its winner."""
+    return torch.cat(
+        [
+            torch.softmax(router_logits.masked_fill(~keep, float("-inf")), dim=-1).gather(
+                1, winners[:, slot : slot + 1]
+            )
+            for slot, keep in enumerate(keeps)
+        ],
+        dim=-1,
+    )
+
+
+def require_sparsemixer_masks(name, keeps):
+    """Raises unless each sparsemixer slot keeps a runner-up (besides its winner) for some
+    token and masks some expert it could choose for some token, so that the fixture tells the
+    masks from a plain softmax and from a weight of 1. Returns the kept counts per slot."""
+    counts = []
+    for slot, keep in enumerate(keeps):
+        kept = keep.sum(dim=-1)
+        candidates = keep.shape[-1] - slot
+        if not (kept > 1).any() or not (kept < candidates).any():
+            raise RuntimeError(f"{name}: slot {slot + 1}'s mask is trivial: kept {kept.tolist()}")
+        counts.append(kept.tolist())
+    return counts
+
+
 def router_weight(gate):
     """The router's [E, H] weight: gate.weight, or Hunyuan-MoE's gate.wg.weight."""
     return gate.wg.weight if hasattr(gate, "wg") else gate.weight
@@ -781,6 +852,9 @@ def router_choice(kind, gate, router_logits):
         return deepseek_v2_router_choice(gate, router_logits)
     if kind == "logit_topk":
         return logit_topk_router_choice(router_logits, gate.top_k)
+    if kind == "sparsemixer":
+        winners, _, margin = sparsemixer_choice(router_logits, gate.router_jitter_noise)
+        return winners.sort(dim=-1)[0], margin
     assert kind in ("softmax", "softmax_raw"), kind
     return softmax_router_choice(router_logits, gate.top_k)
 
@@ -794,6 +868,10 @@ def expected_weights(kind, gate, router_logits, indices):
         return weights * gate.routed_scaling_factor
     if kind == "logit_topk":  # softmax over the chosen logits, in the router's order
         return torch.softmax(router_logits.gather(1, indices), dim=-1)
+    if kind == "sparsemixer":  # in slot order: indices are (slot 1, slot 2)
+        winners, keeps, _ = sparsemixer_choice(router_logits, gate.router_jitter_noise)
+        assert torch.equal(winners, indices)
+        return sparsemixer_weights(router_logits, keeps, indices)
     weights = F.softmax(router_logits, dim=-1, dtype=torch.float).gather(1, indices)
     if kind == "v2":  # never renormalised in 5.24, whatever norm_topk_prob says
         return weights * gate.routed_scaling_factor
@@ -901,6 +979,9 @@ def check_layouts(original, fused, blocks, layout="per_expert"):
             names = ("w1", "w3", "w2")
         else:
             names = ("gate_proj", "up_proj", "down_proj")
+        # Phi-MoE's router: gate.weight in the original layout, router.weight in the fused one.
+        if orig_prefix + "gate.weight" in original and fused_prefix + "router.weight" in fused:
+            original[orig_prefix + "router.weight"] = original.pop(orig_prefix + "gate.weight")
         for e in range(num_experts):
             parts = [original.pop(f"{orig_prefix}experts.{e}.{n}.weight") for n in names]
             assert torch.equal(parts[0], gate_up[e, :width]), "gate rows are not first"
@@ -1047,6 +1128,11 @@ def build5(spec, out_root):
         if kind == "v2" and gate.topk_method == "group_limited_greedy":
             scores = router_logits.softmax(dim=-1)
             require_effect(name, "the group limit", scores, gate.top_k, chosen)
+        if kind == "sparsemixer":  # the inference path, whose gradient kmoe reproduces
+            assert not block.training and gate.top_k == 2
+            kept = require_sparsemixer_masks(
+                name, sparsemixer_choice(router_logits, gate.router_jitter_noise)[1]
+            )
         check_block_output_fused(
             block, x.detach(), indices, weights.detach(), y.detach(), shared_mlp
         )
@@ -1114,6 +1200,8 @@ def build5(spec, out_root):
     }
     if gated:
         summary["shared_gate_range"] = gate_range
+    if kind == "sparsemixer":
+        summary["experts_kept_per_slot"] = kept
     return summary
 
 
@@ -1366,8 +1454,10 @@ def build5_llama4(spec, out_root):
         indices = scores.topk(top_k, dim=-1)[1]
         assert torch.equal(chosen, indices.sort(dim=-1)[0]), f"{name}: selection differs"
         weights = scores.gather(1, indices)
+        # To the last bit but one: torch's vectorised sigmoid can round differently for the
+        # same value in a [T, E] tensor (the router's) and a [T, k] one.
         torch.testing.assert_close(
-            weights, torch.sigmoid(router_logits.gather(1, indices)), rtol=0, atol=0
+            weights, torch.sigmoid(router_logits.gather(1, indices)), rtol=2e-7, atol=0
         )
         check_block_output_llama4(block, x.detach(), indices, weights, y.detach())
     indices, weights = sort_by_weight(indices, weights.detach())

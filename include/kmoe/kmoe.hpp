@@ -24,5 +24,6 @@
 #include <kmoe/routers/noisy_topk.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
+#include <kmoe/routers/sparse_mixer.hpp>
 #include <kmoe/routers/topk_softmax.hpp>
 #include <kmoe/sharding.hpp>

@@ -12,6 +12,7 @@
 #include <kmoe/detail/profiling.hpp>
 #include <kmoe/detail/row_major.hpp>
 #include <kmoe/exchange/expert_parallel_exchange.hpp>
+#include <kmoe/exchange/replica_routing.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/fingerprint.hpp>
 #include <kmoe/forward_stats.hpp>
@@ -197,6 +198,10 @@ class MoELayer {
     const int tokens = int(x.extent(0));
     const int slots = int(plan_.slots());
     const int experts = num_experts();
+    // With replicas the dispatch and the exchange work on physical experts (each a replica
+    // of the logical expert the router chose); the losses and stats stay logical.
+    const int physical = replicas_.active() ? replicas_.physical_experts() : experts;
+    const RoutingPlan<X, S>& routed = replicas_.active() ? physical_plan() : plan_;
 
     phase_clock.lap(stats.phase_ms.route);
     {
@@ -204,13 +209,15 @@ class MoELayer {
       stats.capacity = options_.capacity.per_expert(tokens, slots, experts);
       if (stats.capacity >= 0)
         stats.capacity = all_reduce_max_value<memory_space>(groups_.ep, stats.capacity);
-      dispatch_.build(plan_, exchange_.expert_key(), experts, stats.capacity,
+      dispatch_.build(routed, exchange_.expert_key(), physical, stats.capacity,
                       options_.capacity.drop);
 
       // Per-expert counts and, last, the token count, summed over the token groups in one
       // all-reduce: local batches may differ in size.
-      std::vector<std::int64_t> counts(experts + 1);
-      for (int e = 0; e < experts; ++e) counts[e] = dispatch_.routed_per_key[exchange_.key(e)];
+      std::vector<std::int64_t> counts(experts + 1, 0);
+      for (int e = 0; e < physical; ++e)
+        counts[replicas_.active() ? replicas_.logical_of(e) : e] +=
+            dispatch_.routed_per_key[exchange_.key(e)];
       counts[experts] = tokens;
       all_reduce_sum_values<memory_space>(groups_.tokens, counts);
       const std::int64_t global_tokens = counts[experts];
@@ -219,7 +226,7 @@ class MoELayer {
       // The bias update follows the training batches only (evaluation passes do not move it).
       if (training_)
         for (int e = 0; e < experts; ++e) bias_counts_[e] += stats.tokens_per_expert[e];
-      for (int e = 0; e < experts; ++e) stats.assignments += dispatch_.routed_per_key[e];
+      for (int e = 0; e < physical; ++e) stats.assignments += dispatch_.routed_per_key[e];
       stats.dropped = stats.assignments - dispatch_.kept_total;
 #ifndef NDEBUG
       dispatch_.check_accounting(plan_.expert, stats.assignments, stats.capacity);
@@ -228,15 +235,15 @@ class MoELayer {
                                      global_tokens, training_, groups_.tokens);
 
       // Gather the rows to send (on one EP rank: every kept assignment in key order; across
-      // ranks: each token once per destination rank).
+      // ranks: each token once per destination rank, or, with the weights on the expert
+      // inputs, every kept assignment's scaled row).
       if (input_weighted()) {
-        exchange_.plan(dispatch_, plan_.expert, x, plan_.weight);
+        exchange_.plan(dispatch_, routed.expert, x, plan_.weight);
         detail::ensure_extents(unit_weight_, "kmoe::MoELayer::unit_weight", tokens, slots);
         Kokkos::deep_copy(unit_weight_, route_type(1));
       } else {
-        exchange_.plan(dispatch_, plan_.expert, x);
+        exchange_.plan(dispatch_, routed.expert, x);
       }
-      stats.dispatch_rows = exchange_.dispatch_rows();
       phase_clock.lap(stats.phase_ms.dispatch);
     }
 
@@ -256,6 +263,10 @@ class MoELayer {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
       wait_for_slowest_rank(phase_clock, stats.phase_ms);
       exchange_.exchange_counts();
+      stats.dispatch_rows = exchange_.dispatch_rows();
+      stats.dispatch_rows_received = exchange_.dispatch_rows_received();
+      stats.combine_rows_sent = exchange_.combine_rows_sent();
+      stats.combine_rows_received = exchange_.combine_rows_received();
       auto request = exchange_.dispatch_start();
       if (options_.overlap_shared_experts && shared_) {
         run_shared();
@@ -367,6 +378,8 @@ class MoELayer {
       detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x", segments.rows(),
                              hidden_size());
       experts_.backward(exchange_.expert_x(), segments, grad_expert_y, grad_expert_x_);
+      if (replicas_.active())
+        replicas_.sum_replica_gradients(groups_.ep, gradient_group(GradientGroup::experts));
       gradients_produced(GradientGroup::experts);
       if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
     }
@@ -449,7 +462,7 @@ class MoELayer {
     experts_.collect_parameters(list);
     const std::size_t first_shared = list.size();
     if (shared_) shared_->collect_parameters(list);
-    const auto owned = groups_.layout.local_experts(num_experts(), groups_.ep_rank);
+    const auto owned = local_experts();
     for (std::size_t i = first_expert; i < list.size(); ++i) {
       ShardMap& shard = list[i].shard;
       // An expert policy that names no axes stacks its experts first, as the shipped ones do.
@@ -559,8 +572,20 @@ class MoELayer {
     options_.capacity.validate(where);
     require(options_.training_mode != ExpertMode::inference, where, "options.training_mode",
             "inference", "must be store or recompute");
-    const int experts_global = router_.num_experts();
-    const auto owned = groups_.layout.local_experts(experts_global, groups_.ep_rank);
+    const ExpertPlacement& replicas = options_.expert_placement;
+    if (replicas.ranks > 0) {
+      replicas.validate(where);
+      require(replicas.ranks == groups_.layout.ep, where, "options.expert_placement.ranks",
+              replicas.ranks, "must equal the EP ranks " + std::to_string(groups_.layout.ep));
+      require(replicas.logical_experts == router_.num_experts(), where,
+              "options.expert_placement.logical_experts", replicas.logical_experts,
+              "must equal the router's experts " + std::to_string(router_.num_experts()));
+      require(options_.capacity.dropless(), where, "options.capacity.factor",
+              options_.capacity.factor,
+              "must be 0 (dropless) with replicated experts: a capacity per replica would "
+              "drop other tokens than the unreplicated layer");
+    }
+    const auto owned = local_experts();
     require(experts_.num_experts() == int(owned.size()), where, "experts.num_experts()",
             experts_.num_experts(),
             "must equal the experts placed on this rank (" + std::to_string(owned.size()) + ")");
@@ -585,13 +610,43 @@ class MoELayer {
   /// Where each global expert lives and how rows reach it (exchange/expert_parallel_exchange.hpp).
   void build_placement() {
     const int experts = num_experts();
-    // Rows scaled per slot cannot be shared by a token's slots on one rank.
-    exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment,
-                         /*deduplicate=*/!input_weighted());
     bias_counts_.assign(experts, 0);
+    if (options_.expert_placement.ranks == 0) {
+      exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment,
+                           deduplicate_dispatch());
+      return;
+    }
+    // Physical slot i lives on EP rank i / slots_per_rank: block placement of the slots.
+    replicas_ = ReplicaRouting<X>(options_.expert_placement, groups_.ep_rank);
+    ParallelGroups<Communicator> slots = groups_;
+    slots.layout.placement = Placement::block;
+    exchange_ = Exchange(slots, replicas_.physical_experts(), hidden_size(),
+                         options_.capacity.alignment, deduplicate_dispatch());
+  }
+
+  /// Global (logical) expert of each of this rank's expert slots.
+  std::vector<int> local_experts() const {
+    if (options_.expert_placement.ranks > 0) {
+      const ExpertPlacement& p = options_.expert_placement;
+      const auto first = p.logical.begin() + std::ptrdiff_t(groups_.ep_rank) * p.slots_per_rank;
+      return std::vector<int>(first, first + p.slots_per_rank);
+    }
+    return groups_.layout.local_experts(num_experts(), groups_.ep_rank);
+  }
+
+  /// plan_ with each logical expert replaced by the replica that takes the token.
+  const RoutingPlan<X, S>& physical_plan() {
+    physical_plan_ = plan_;  // shares every view but the expert table
+    detail::ensure_extents(physical_expert_, "kmoe::MoELayer::physical_expert",
+                           plan_.expert.extent(0), plan_.expert.extent(1));
+    replicas_.map(plan_.expert, physical_expert_);
+    physical_plan_.expert = physical_expert_;
+    return physical_plan_;
   }
 
   bool input_weighted() const { return options_.routing_weight == RoutingWeightPlacement::input; }
+  /// Rows scaled per slot cannot be shared by a token's slots on one rank.
+  bool deduplicate_dispatch() const { return !input_weighted(); }
   /// The weights the Combiner applies to the expert outputs: the routing weights, or 1 when
   /// they scaled the expert inputs instead.
   ConstMatrix<route_type, X> combine_weight() const {
@@ -678,6 +733,10 @@ class MoELayer {
   // Placement and the exchange plan of the last forward.
   using Exchange = ExpertParallelExchange<X, S, Communicator>;
   Exchange exchange_;
+  // Replicated placement (LayerOptions::expert_placement): the physical routing table.
+  ReplicaRouting<X> replicas_;
+  RoutingPlan<X, S> physical_plan_;
+  Matrix<int, X> physical_expert_;
   Segments<X> shared_segments_;
 
   // Saved for backward: x_, plan_, dispatch_, the exchange's expert inputs and expert outputs

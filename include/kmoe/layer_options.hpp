@@ -10,8 +10,10 @@
 #include <kmoe/fingerprint.hpp>
 #include <kmoe/gradient_buckets.hpp>
 #include <kmoe/losses.hpp>
+#include <kmoe/placement/expert_placement.hpp>
 
 #include <cstdint>
+#include <string>
 
 namespace kmoe {
 
@@ -46,6 +48,12 @@ struct LayerOptions {
   bool time_phases = false;
   /// Bucketed gradient averaging; overlap starts it inside backward (gradient_buckets.hpp).
   GradientSyncOptions gradient_sync = {};
+  /// Replicated experts (placement/expert_placement.hpp): the logical expert each EP rank's
+  /// expert slots hold, one rank's replicas of an expert sharing its tokens by token index.
+  /// Left empty (ranks = 0), each expert has one replica, placed by
+  /// ParallelLayout::placement. Dropless only (a capacity per replica would drop other
+  /// tokens than the unreplicated layer).
+  ExpertPlacement expert_placement = {};
 
   /// The settings that change results or the collectives a step runs, which every rank
   /// must share. overlap_shared_experts changes neither; time_phases adds a synchronisation
@@ -67,6 +75,11 @@ struct LayerOptions {
     print.choice("training_mode", int(training_mode), {"inference", "store", "recompute"});
     print.flag("gradient_sync.overlap", gradient_sync.overlap);
     print.integer("gradient_sync.bucket_bytes", std::int64_t(gradient_sync.bucket_bytes));
+    print.integer("expert_placement.ranks", expert_placement.ranks);
+    print.integer("expert_placement.slots_per_rank", expert_placement.slots_per_rank);
+    for (std::size_t slot = 0; slot < expert_placement.logical.size(); ++slot)
+      print.integer("expert_placement.logical[" + std::to_string(slot) + "]",
+                    expert_placement.logical[slot]);
     print.choice("routing_weight", int(routing_weight), {"output", "input"});
   }
 };

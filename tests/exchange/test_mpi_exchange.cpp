@@ -90,6 +90,43 @@ TEST_CASE("the exchange dispatches every token to its experts' ranks and combine
       }
       CHECK(segments.rows() == row);
 
+      // Rows exchanged with each peer (the monitoring counts), from the gathered routing:
+      // the dispatch carries each token once per rank holding any of its experts, the
+      // combine one row per assignment.
+      const auto owner = [&](int e) {
+        for (int r = 0; r < ranks; ++r) {
+          const auto held = layout.local_experts(experts, r);
+          if (std::find(held.begin(), held.end(), e) != held.end()) return r;
+        }
+        return -1;
+      };
+      std::vector<std::int64_t> tokens_from(ranks, 0), assignments_from(ranks, 0),
+          tokens_to(ranks, 0), assignments_to(ranks, 0);
+      for (int p = 0; p < ranks; ++p)
+        for (int t = 0; t < tokens; ++t) {
+          bool to_me = false;
+          std::vector<bool> to_rank(ranks, false);
+          for (int s = 0; s < slots; ++s) {
+            const int e = routed((std::size_t(p) * tokens + t) * slots + s);
+            if (e < 0) continue;
+            const int r = owner(e);
+            if (r == groups.ep_rank) {
+              to_me = true;
+              ++assignments_from[p];
+            }
+            if (p == groups.ep_rank) {
+              to_rank[r] = true;
+              ++assignments_to[r];
+            }
+          }
+          tokens_from[p] += to_me;
+          for (int r = 0; r < ranks; ++r) tokens_to[r] += to_rank[r];
+        }
+      CHECK(exchange.dispatch_rows() == tokens_to);
+      CHECK(exchange.dispatch_rows_received() == tokens_from);
+      CHECK(exchange.combine_rows_sent() == assignments_from);
+      CHECK(exchange.combine_rows_received() == assignments_to);
+
       // Identity experts, then the way back: every kept slot's row is its token's.
       const Matrix<S, X> send_y = exchange.combine(expert_x);
       const auto back = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), send_y);

@@ -11,6 +11,7 @@
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
 
+#include <algorithm>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_exception.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -41,8 +42,10 @@ struct ModelCopy {
   fs::path dir;
   ModelCopy(const std::string& family, const std::function<std::string(std::string)>& edit) {
     static int counter = 0;
-    dir = fs::temp_directory_path() / ("kmoe_cfg_" + family + "_" + std::to_string(::getpid()) +
-                                       "_" + std::to_string(counter++));
+    std::string tag = family;  // "hf5/phimoe" names one scratch directory, not two
+    std::replace(tag.begin(), tag.end(), '/', '_');
+    dir = fs::temp_directory_path() /
+          ("kmoe_cfg_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
     fs::remove_all(dir);
     fs::create_directories(dir);
     const fs::path source = fixtures / family / "model";
@@ -207,6 +210,18 @@ TEST_CASE("config values are checked against each other before loading",
              ContainsSubstring("finite number > 0"));
   CHECK_THAT(message_for("mixtral", "hidden_size", "18446744073709551615"),
              ContainsSubstring("below 2^63"));
+  // Phi-MoE: sparsemixer routes to exactly two experts whatever the field says in
+  // transformers, so another value is refused, as are one expert and a negative eps.
+  CHECK_THAT(message_for("hf5/phimoe", "num_experts_per_tok", "3"),
+             ContainsSubstring("\"num_experts_per_tok\" = 3 is not supported") &&
+                 ContainsSubstring("exactly 2"));
+  CHECK_THAT(message_for("hf5/phimoe", "num_local_experts", "1"),
+             ContainsSubstring("\"num_local_experts\" = 1 must be in [2, "));
+  CHECK_THAT(message_for("hf5/phimoe", "router_jitter_noise", "-0.1"),
+             ContainsSubstring("\"router_jitter_noise\" = -0.1 must be a finite number >= 0"));
+  CHECK(message_for("hf5/phimoe", "router_jitter_noise", "0") == "accepted");
+  ModelCopy released_eps("hf5/phimoe", with("router_jitter_noise", "null"));
+  CHECK(models::read_block_config(released_eps.path(), 1).jitter_eps == 0.01);
 }
 
 TEST_CASE("config.json hazards raise naming the file: depth, numbers, duplicates, FIFOs",

@@ -222,6 +222,7 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"qwen3_next", R::softmax_topk},
                         {"dbrx", R::softmax_topk},
                         {"hunyuan_v1_moe", R::softmax_topk},
+                        {"phimoe", R::sparse_mixer},
                         {"llama4_text", R::sigmoid_bias},
                         {"llama4", R::sigmoid_bias}};
   for (const auto& c : cases) {
@@ -246,6 +247,10 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
       } else if (c.router == R::topk_softmax) {
         auto layer = models::load_topk_softmax_block<X, float>(model_dir, fixture_layer);
         CHECK(layer.shared_experts().has_value() == (block.model_type == "granitemoeshared"));
+        check_against_fixture(layer, dir, model, grads);
+      } else if (c.router == R::sparse_mixer) {
+        auto layer = models::load_sparse_mixer_block<X, float>(model_dir, fixture_layer);
+        CHECK(layer.router().config().jitter_eps == block.jitter_eps);
         check_against_fixture(layer, dir, model, grads);
       } else {
         auto layer = models::load_sigmoid_bias_block<X, float>(model_dir, fixture_layer);

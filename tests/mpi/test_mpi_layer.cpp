@@ -16,6 +16,7 @@
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
 #include <kmoe/parallel.hpp>
+#include <kmoe/placement/rebalance.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 
@@ -56,10 +57,21 @@ struct Case {
   bool bias = false;    // FFN experts with b1, b2
   bool starve = false;  // sigmoid router: no token goes to the last EP rank's experts
   Placement placement = Placement::block;
-  bool losses = false;  // balance losses on (dropless only: one reference pass)
+  bool losses = false;     // balance losses on (dropless only: one reference pass)
+  bool replicate = false;  // LayerOptions::expert_placement with replicas of the hot experts
   // input: the weights scale the expert inputs (the EP dispatch then sends a row per slot)
   RoutingWeightPlacement routing_weight = RoutingWeightPlacement::output;
 };
+
+/// The placement of the replicated cases: one spare slot per EP rank (none on one rank),
+/// filled by EPLB from a load where experts 0 and 1 are hot.
+ExpertPlacement replicated_placement(int experts, int ep) {
+  std::vector<std::int64_t> load(experts, 100);
+  load[0] = 400;
+  load[1] = 250;
+  const int per_rank = (experts + ep - 1) / ep + (ep > 1 ? 1 : 0);
+  return balanced_placement(load, ep, per_rank);
+}
 
 /// Every rank of `world` in one expert-parallel group.
 ParallelGroups<MpiCommunicator> expert_parallel_groups(const MpiCommunicator& world) {
@@ -179,16 +191,22 @@ void run_case(const Case& c, ParallelLayout layout) {
   const int token_groups = layout.ep * layout.dp;
   const int g = groups.ep_rank + layout.ep * groups.dp_rank;
   const int global_tokens = tokens_per_rank * token_groups;
-  const auto owned = layout.local_experts(c.experts, groups.ep_rank);
-  CAPTURE(c.name, describe(layout), world.rank());
-
   LayerOptions options;
   options.capacity.factor = c.capacity_factor;
   options.routing_weight = c.routing_weight;
+  std::vector<int> owned = layout.local_experts(c.experts, groups.ep_rank);
+  if (c.replicate) {
+    options.expert_placement = replicated_placement(c.experts, layout.ep);
+    const auto& p = options.expert_placement;
+    owned.assign(p.logical.begin() + groups.ep_rank * p.slots_per_rank,
+                 p.logical.begin() + (groups.ep_rank + 1) * p.slots_per_rank);
+  }
+  CAPTURE(c.name, describe(layout), world.rank(), owned);
   // Each token group's balance terms use the global f_i and its own P_i (one sequence per
   // group), and gradients are averaged over the groups: their mean is the reference's
   // terms over the global batch, so the reference carries the coefficients times G.
   LayerOptions ref_options = options;
+  ref_options.expert_placement = {};  // the reference holds every expert once
   if (c.losses) {
     options.losses = {0.1, 0.05, tokens_per_rank, 0.01};
     ref_options.losses = {0.1 * token_groups, 0.05 * token_groups, tokens_per_rank,
@@ -269,6 +287,12 @@ void run_case(const Case& c, ParallelLayout layout) {
   layer.synchronize_gradients();
 
   CHECK(matrix_error(y, ref_y, g * tokens_per_rank) < tolerance);
+  if (c.routing_weight == RoutingWeightPlacement::input && layout.ep > 1) {
+    // One scaled row per kept assignment, none shared by a token's slots.
+    std::int64_t sent = 0;
+    for (auto rows : stats.dispatch_rows) sent += rows;
+    CHECK(sent == stats.assignments - stats.dropped);
+  }
   CHECK(matrix_error(gx, ref_gx, g * tokens_per_rank) < tolerance);
   {
     ParameterList<X, S> full, mine;
@@ -309,6 +333,8 @@ void run_case(const Case& c, ParallelLayout layout) {
     CHECK(ref_stats.losses.switch_aux > 0);
     CHECK(layer.pending_bias_counts() == ref.pending_bias_counts());
   }
+  // Replicas split tokens, but the counts stay per logical expert.
+  if (c.replicate) CHECK(stats.tokens_per_expert == ref_stats.tokens_per_expert);
   if (c.starve && layout.ep > 1) {
     const auto last = layout.local_experts(c.experts, layout.ep - 1);
     for (int e : last) CHECK(stats.tokens_per_expert[e] == 0);
@@ -329,6 +355,47 @@ TEST_CASE("softmax top-k, SwiGLU, shared expert, dropless, block placement", "[m
   c.experts = 5;  // E % EP != 0 for EP = 2 and 4
   c.shared = true;
   run_all_layouts<SoftmaxRouter, GLU>(c);
+}
+
+TEST_CASE("replicated experts equal the unreplicated single-rank layer", "[mpi][replicas]") {
+  // Replicas split their experts' tokens; outputs, input gradients and the summed replica
+  // gradients must equal the reference, and every replica of an expert its gradient.
+  Case c;
+  c.name = "softmax dropless, replicas of the hot experts";
+  c.experts = 5;
+  c.shared = true;
+  c.replicate = true;
+  run_all_layouts<SoftmaxRouter, GLU>(c);
+  Case d;
+  d.name = "sigmoid, FFN with biases, replicas";
+  d.experts = 8;
+  d.bias = true;
+  d.replicate = true;
+  run_all_layouts<SigmoidRouter, FFN>(d);
+}
+
+TEST_CASE("a replicated placement the layer cannot run raises on every rank", "[mpi][replicas]") {
+  const MpiCommunicator world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
+  LayerOptions options;
+  options.expert_placement = replicated_placement(5, world.size());
+  const auto build = [&](const LayerOptions& o, int router_experts) {
+    DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, router_experts, 2, true, 1.0}),
+                                        GLU({o.expert_placement.slots_per_rank, hidden, ffn}), o,
+                                        std::nullopt, groups);
+  };
+  CHECK_NOTHROW(build(options, 5));
+  LayerOptions capped = options;
+  capped.capacity.factor = 1.0;
+  CHECK_THROWS_WITH(build(capped, 5),
+                    Catch::Matchers::ContainsSubstring("options.capacity.factor"));
+  LayerOptions doubled = options;
+  doubled.expert_placement.logical[1] = doubled.expert_placement.logical[0];
+  CHECK_THROWS_WITH(build(doubled, 5),
+                    Catch::Matchers::ContainsSubstring("two replicas on rank 0") ||
+                        Catch::Matchers::ContainsSubstring("drops it"));
+  CHECK_THROWS_WITH(build(options, 6),
+                    Catch::Matchers::ContainsSubstring("options.expert_placement.logical_experts"));
 }
 
 TEST_CASE("softmax top-k, SwiGLU, round-robin placement", "[mpi]") {
@@ -485,6 +552,11 @@ TEST_CASE("weights on the expert inputs (Llama 4) across ranks equal the single-
   c.shared = true;
   SECTION("sigmoid, SwiGLU, dropless") {
     c.name = "input-weighted sigmoid dropless";
+    run_all_layouts<SigmoidRouter, GLU>(c);
+  }
+  SECTION("sigmoid, SwiGLU, replicas of the hot experts") {
+    c.name = "input-weighted sigmoid replicas";
+    c.replicate = true;
     run_all_layouts<SigmoidRouter, GLU>(c);
   }
   SECTION("softmax, FFN with biases, capacity, round robin") {

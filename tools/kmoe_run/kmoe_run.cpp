@@ -6,6 +6,7 @@
 
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
+#include <kmoe/monitoring/stats_log.hpp>
 
 #if defined(KOKKOS_ENABLE_OPENMP)
 #include <omp.h>
@@ -34,7 +35,7 @@ namespace models = kmoe::models;
 const char* const usage_text =
     R"(usage: kmoe-run --model DIR --layer L --input X --output Y
                 [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
-                [--double]
+                [--double] [--stats-jsonl FILE]
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
 model.safetensors or model.safetensors.index.json; a model_type docs/models.md lists:
@@ -61,6 +62,10 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
                      print the median over the repeats
   --repeats R        repeats for --bench (default 20)
   --double           compute in double instead of float
+  --stats-jsonl FILE write one monitoring line per forward (kmoe::StatsLog: tokens per
+                     expert, load spread, drops, phase times, bytes per peer, peak memory;
+                     docs/placement.md); with --bench every timed forward is logged too,
+                     and phase timing adds a fence per phase to the timed runs
   --help             this text
 
 Inputs are validated before anything is written: both files must be regular files holding
@@ -86,7 +91,7 @@ constexpr int max_host_threads = std::numeric_limits<int>::max();
 #endif
 
 struct Options {
-  std::string model, input, output, grad_output, grads;
+  std::string model, input, output, grad_output, grads, stats_jsonl;
   int layer = -1;
   int threads = -1;
   int repeats = 20;
@@ -150,6 +155,8 @@ bool parse(int argc, char** argv, Options& o) {
       o.threads = parse_int(flag, value, 1);
     else if (flag == "--repeats")
       o.repeats = parse_int(flag, value, 1);
+    else if (flag == "--stats-jsonl")
+      o.stats_jsonl = value;
     else
       throw UsageError{"unknown argument '" + flag + "'"};
   }
@@ -282,8 +289,18 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   kmoe::RouteContext<X> context;
   context.training = training;
 
+  // The log is opened before the first forward, so a path it cannot write fails first.
+  std::optional<kmoe::StatsLog> stats_log;
+  if (!o.stats_jsonl.empty()) {
+    stats_log.emplace(o.stats_jsonl, kmoe::StatsLogContext{0, b.hidden, sizeof(S)});
+    layer.set_phase_timing(true);
+  }
+  const std::string block = b.prefix.substr(0, b.prefix.empty() ? 0 : b.prefix.size() - 1);
+  std::int64_t step = 0;
+
   layer.zero_gradients();
   const kmoe::ForwardStats stats = layer.forward(x, y, context);
+  if (stats_log) stats_log->write(step++, block, stats);
   const std::string source = "kmoe-run " + b.model_type + " layer " + std::to_string(b.layer);
   io::SafetensorsWriter output;
   output.set_metadata("source", source);
@@ -325,14 +342,19 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
 
   if (o.bench) {
     kmoe::RouteContext<X> inference;
-    const double fwd = median_ms(o.repeats, [&] { layer.forward(x, y, inference); });
+    const double fwd = median_ms(o.repeats, [&] {
+      const auto timed = layer.forward(x, y, inference);
+      if (stats_log) stats_log->write(step++, block, timed);
+    });
     std::printf("forward: median %.3f ms over %d repeats\n", fwd, o.repeats);
     if (training) {
-      const double step = median_ms(o.repeats, [&] {
-        layer.forward(x, y, context);
+      const double fwd_bwd = median_ms(o.repeats, [&] {
+        const auto timed = layer.forward(x, y, context);
+        if (stats_log) stats_log->write(step++, block, timed);
         layer.backward(grad_y, grad_x);
       });
-      std::printf("training forward + backward: median %.3f ms over %d repeats\n", step, o.repeats);
+      std::printf("training forward + backward: median %.3f ms over %d repeats\n", fwd_bwd,
+                  o.repeats);
     }
   }
 }
@@ -346,6 +368,9 @@ void dispatch(const Options& o) {
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::topk_softmax) {
     auto layer = models::load_topk_softmax_block<X, S>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::sparse_mixer) {
+    auto layer = models::load_sparse_mixer_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   } else {
     auto layer = models::load_sigmoid_bias_block<X, S>(o.model, o.layer);

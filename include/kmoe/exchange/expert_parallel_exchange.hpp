@@ -156,12 +156,23 @@ class ExpertParallelExchange {
   /// Sort key of each global expert (the Dispatch's keys), on the device and the host.
   const Vector<int, X>& expert_key() const { return expert_key_; }
   int key(int expert) const { return key_host_[expert]; }
-  /// Whether the dispatch sends each token once per destination rank (EP > 1).
+  /// Whether the dispatch sends each token once per destination rank (EP > 1, unless built
+  /// with deduplicate = false).
   bool deduplicated() const { return deduplicate_ && ranks_ > 1; }
-  /// Hidden-state rows sent to each EP rank by the last plan(); empty on one EP rank.
+  /// Hidden-state rows sent to each EP rank by the last exchange_counts() (one per token, or
+  /// one per kept assignment without deduplication); empty on one EP rank.
   const std::vector<std::int64_t>& dispatch_rows() const {
-    static const std::vector<std::int64_t> none;
-    return deduplicated() ? deduplicated_.rows_per_rank : none;
+    return across_ranks(deduplicated() ? deduplicated_.rows_per_rank : send_rows_);
+  }
+  /// Rows received from each EP rank by the last exchange_counts(): hidden states of the
+  /// dispatch (one per token) and expert outputs the combine returns to each rank (one per
+  /// assignment) and receives from it. Empty on one EP rank.
+  const std::vector<std::int64_t>& dispatch_rows_received() const {
+    return across_ranks(recv_token_rows_);
+  }
+  const std::vector<std::int64_t>& combine_rows_sent() const { return across_ranks(recv_rows_); }
+  const std::vector<std::int64_t>& combine_rows_received() const {
+    return across_ranks(send_rows_);
   }
   /// This rank's expert segments of the last forward (padded to the alignment).
   const Segments<X>& segments() const { return segments_; }
@@ -416,6 +427,12 @@ class ExpertParallelExchange {
     }
     detail::ensure_extents(out, label, std::size_t(recv_total_), std::size_t(hidden_));
     detail::scatter_mapped_rows<X>(expert_receive_row_, in, out);
+  }
+
+  /// Per-peer row counts are reported only across ranks (one EP rank exchanges nothing).
+  const std::vector<std::int64_t>& across_ranks(const std::vector<std::int64_t>& rows) const {
+    static const std::vector<std::int64_t> none;
+    return ranks_ > 1 ? rows : none;
   }
 
   Communicator ep_;

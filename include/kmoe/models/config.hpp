@@ -109,6 +109,14 @@ class ConfigFile {
     if (!(x > 0) || !std::isfinite(x)) wrong_type(field, "a finite number > 0");
     return x;
   }
+  /// A finite number, zero or more.
+  double non_negative_number(const std::string& field) const {
+    const auto& v = get(field);
+    if (!v.is_number()) wrong_type(field, "a number");
+    const double x = v.get<double>();
+    if (!(x >= 0) || !std::isfinite(x)) wrong_type(field, "a finite number >= 0");
+    return x;
+  }
   bool boolean(const std::string& field) const {
     const auto& v = get(field);
     if (!v.is_boolean()) wrong_type(field, "true or false");
@@ -191,9 +199,10 @@ inline const char* layout_name(ExpertLayout layout) {
 
 /// \brief The router a family's block uses: softmax over all experts then top-k (Mixtral,
 /// Qwen3-MoE, DeepSeek-V2, ...: kmoe::SoftmaxTopKRouter), sigmoid scores with a selection
-/// bias (DeepSeek-V3 and its descendants: kmoe::SigmoidBiasRouter), or top-k of the logits
-/// then a softmax over the chosen (Granite-MoE: kmoe::TopKSoftmaxRouter).
-enum class BlockRouter { softmax_topk, sigmoid_bias, topk_softmax };
+/// bias (DeepSeek-V3 and its descendants: kmoe::SigmoidBiasRouter), top-k of the logits
+/// then a softmax over the chosen (Granite-MoE: kmoe::TopKSoftmaxRouter), or sparsemixer's
+/// inference path (Phi-MoE: kmoe::SparseMixerRouter).
+enum class BlockRouter { softmax_topk, sigmoid_bias, topk_softmax, sparse_mixer };
 
 /// \brief One way a family's checkpoints name a block's router and routed experts.
 struct CheckpointNaming {
@@ -228,6 +237,8 @@ struct MoEBlockConfig {
   bool normalize = false;
   double scaling_factor = 1.0;
   BlockRouter router = BlockRouter::softmax_topk;
+  /// BlockRouter::sparse_mixer: eps of its masks (Phi-MoE's router_jitter_noise).
+  double jitter_eps = 0.0;
   /// Group-limited routing (n_group = topk_group = 1 disables it): a group's score is the
   /// sum of its `group_score_terms` best scores (DeepSeek-V3: 2; DeepSeek-V2: 1, the max).
   int n_group = 1, topk_group = 1, group_score_terms = 2;
@@ -695,6 +706,35 @@ inline MoEBlockConfig granitemoe_block(const ConfigFile& config, MoEBlockConfig 
   return b;
 }
 
+/// Phi-MoE (PhimoeSparseMoeBlock; `block_sparse_moe` with router `gate.weight` in the
+/// original layout, `mlp` with `router.weight` in 5.x's fused one): sparsemixer routing to
+/// exactly two experts (transformers ignores num_experts_per_tok and routes to two, so any
+/// other value is refused rather than followed or overridden), its masks' eps from
+/// router_jitter_noise (default 0.01, as transformers'), SwiGLU experts w1 / w3 / w2.
+/// input_jitter_noise only acts in training, on the random path kmoe does not take.
+inline MoEBlockConfig phimoe_block(const ConfigFile& config, MoEBlockConfig b) {
+  b.namings = {per_expert_naming(layer_prefix(b) + "block_sparse_moe.", "gate.weight"),
+               fused_naming(layer_prefix(b) + "mlp.", "router.weight", "experts.gate_up_proj",
+                            "experts.down_proj")};
+  b.router = BlockRouter::sparse_mixer;
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("intermediate_size", 1);
+  b.experts = config.count("num_local_experts", 2, max_experts);
+  b.top_k = config.has("num_experts_per_tok") ? config.count("num_experts_per_tok", 1) : 2;
+  if (b.top_k != 2)
+    throw runtime_error("kmoe::models: " + config.path() + ": field \"" +
+                        config.qualified("num_experts_per_tok") +
+                        "\" = " + std::to_string(b.top_k) +
+                        " is not supported: phimoe's sparsemixer routes every token to exactly 2 "
+                        "experts (transformers ignores the field), so only 2 is read");
+  b.jitter_eps =
+      config.has("router_jitter_noise") ? config.non_negative_number("router_jitter_noise") : 0.01;
+  b.normalize = false;  // each slot's weight is its own masked softmax; the two do not sum to 1
+  b.gate_proj = "w1", b.up_proj = "w3", b.down_proj = "w2";
+  check_sizes(config, b, "intermediate_size", "num_local_experts");
+  return b;
+}
+
 /// Llama4TextDecoderLayer: MoE iff listed in moe_layers, or, without that list, on the
 /// interleave step (layers step - 1, 2 step - 1, ...: transformers' default list).
 inline void require_llama4_moe_layer(const ConfigFile& config, int layer) {
@@ -782,6 +822,7 @@ inline const std::vector<Family>& families() {
       {"qwen3_next", qwen2_moe_block},
       {"dbrx", dbrx_block, nullptr, "n_layers", false},
       {"hunyuan_v1_moe", hunyuan_v1_moe_block},
+      {"phimoe", phimoe_block},
       {"llama4_text", llama4_text_block},
       {"llama4", llama4_block, "text_config"},
   };
@@ -802,7 +843,6 @@ inline const std::vector<RefusedFamily>& refused_families() {
        "it selects by softmax probability plus a bias and clamps the normalisation"},
       {"gpt_oss",
        "its router and experts have biases, gate/up are interleaved and its SwiGLU is clamped"},
-      {"phimoe", "it routes by sparsemixer"},
   };
   return table;
 }

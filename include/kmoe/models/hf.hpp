@@ -19,6 +19,7 @@
 #include <kmoe/models/config.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
+#include <kmoe/routers/sparse_mixer.hpp>
 #include <kmoe/routers/topk_softmax.hpp>
 
 #include <algorithm>
@@ -51,6 +52,12 @@ using SigmoidBiasBlockLayer =
 template <class ExecSpace, class Scalar>
 using TopKSoftmaxBlockLayer =
     MoELayer<TopKSoftmaxRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+
+/// \brief The block of every family whose router is sparsemixer's inference path
+/// (BlockRouter::sparse_mixer: Phi-MoE).
+template <class ExecSpace, class Scalar>
+using SparseMixerBlockLayer =
+    MoELayer<SparseMixerRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
 
 /// \brief Mixtral's block: softmax over all experts, top-k, always renormalised.
 template <class ExecSpace, class Scalar>
@@ -107,6 +114,8 @@ inline const char* loader_name(BlockRouter router) {
       return "load_sigmoid_bias_block";
     case BlockRouter::topk_softmax:
       return "load_topk_softmax_block";
+    case BlockRouter::sparse_mixer:
+      return "load_sparse_mixer_block";
     default:
       return "load_softmax_block";
   }
@@ -137,12 +146,19 @@ std::optional<SwiGLUExperts<X, S>> shared_experts(const MoEBlockConfig& b) {
 }
 
 /// The router settings of block `b` (TopKSoftmaxConfig has no renormalisation, scaling
-/// or group limit: a softmax over the chosen logits is normalised by construction).
+/// or group limit: a softmax over the chosen logits is normalised by construction;
+/// SparseMixerConfig has two slots by construction and its masks' eps).
 template <class Config>
 Config router_config(const MoEBlockConfig& b) {
   Config c;
-  c.hidden = b.hidden, c.experts = b.experts, c.top_k = b.top_k;
-  if constexpr (!std::is_same_v<Config, TopKSoftmaxConfig>) {
+  c.hidden = b.hidden, c.experts = b.experts;
+  if constexpr (std::is_same_v<Config, SparseMixerConfig>) {
+    c.jitter_eps = b.jitter_eps;
+  } else {
+    c.top_k = b.top_k;
+  }
+  if constexpr (!std::is_same_v<Config, TopKSoftmaxConfig> &&
+                !std::is_same_v<Config, SparseMixerConfig>) {
     c.normalize = b.normalize;
     c.scaling_factor = b.scaling_factor;
     c.group = GroupLimit{b.n_group, b.topk_group, b.group_score_terms};
@@ -210,6 +226,18 @@ TopKSoftmaxBlockLayer<ExecSpace, Scalar> load_topk_softmax_block(const std::stri
   return detail::load_block<TopKSoftmaxRouter<ExecSpace, Scalar>, ExecSpace, Scalar>(
       model_dir, layer, options, nullptr, BlockRouter::topk_softmax,
       "kmoe::models::load_topk_softmax_block");
+}
+
+/// \brief The MoE block of decoder layer `layer` of any model in `model_dir` whose block
+/// routes by sparsemixer (BlockRouter::sparse_mixer: Phi-MoE; kmoe::SparseMixerRouter, its
+/// inference path in training too), weights converted to Scalar.
+template <class ExecSpace, class Scalar>
+SparseMixerBlockLayer<ExecSpace, Scalar> load_sparse_mixer_block(const std::string& model_dir,
+                                                                 int layer,
+                                                                 const LayerOptions& options = {}) {
+  return detail::load_block<SparseMixerRouter<ExecSpace, Scalar>, ExecSpace, Scalar>(
+      model_dir, layer, options, nullptr, BlockRouter::sparse_mixer,
+      "kmoe::models::load_sparse_mixer_block");
 }
 
 /// \brief The MoE block of decoder layer `layer` of any model in `model_dir` whose block
