@@ -135,7 +135,15 @@ double value_sum(const Flat& values) {
 /// Every rank of the group must pass the same point to the same agreement.
 class CallSequence {
  public:
-  enum Call : int { construct, forward, backward, synchronize_gradients, check_replicas, kinds };
+  enum Call : int {
+    construct,
+    forward,
+    backward,
+    synchronize_gradients,
+    check_replicas,
+    apply_placement,
+    kinds
+  };
 
   /// Counts one more call of `call` and returns the point it is.
   const CallSequence& enter(Call call) {
@@ -157,8 +165,9 @@ class CallSequence {
 
   /// "backward #2 (calls so far: 3 forward, 2 backward)" from fields().
   static std::string describe(const std::int64_t* f) {
-    static const char* const names[kinds] = {"construction", "forward", "backward",
-                                             "synchronize_gradients", "check_replicas"};
+    static const char* const names[kinds] = {"construction",   "forward",
+                                             "backward",       "synchronize_gradients",
+                                             "check_replicas", "apply_placement"};
     const auto name = [](std::int64_t k) {
       return k >= 0 && k < kinds ? names[k] : "an unknown call";
     };

@@ -19,7 +19,9 @@
 #include <kmoe/gradient_buckets.hpp>
 #include <kmoe/layer_options.hpp>
 #include <kmoe/losses.hpp>
+#include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
+#include <kmoe/placement/placement_change.hpp>
 #include <kmoe/router.hpp>
 
 #include <algorithm>
@@ -530,6 +532,55 @@ class MoELayer {
     std::fill(bias_counts_.begin(), bias_counts_.end(), 0);
   }
 
+  /// \brief What apply_placement moved on this rank.
+  struct PlacementChange {
+    int moved_slots = 0;          ///< slots (of all ranks) whose expert changed
+    std::int64_t bytes_sent = 0;  ///< weights and optimizer state this rank sent
+  };
+
+  /// \brief Moves a replicated layer (LayerOptions::expert_placement) to placement `next`
+  /// at a step boundary: every slot whose logical expert changes receives that expert's
+  /// weights, and the given optimizer state tensors of the routed experts (e.g.
+  /// `optimizer.state()`: AdamW's moments) their slices, from the first rank holding it
+  /// under the current placement, through the EP communicator. Gradients are not moved:
+  /// call it after the optimizer step and zero the gradients before the next backward.
+  /// Collective over the world; every rank must pass the same `next` (same ranks, slots per
+  /// rank and experts as now), else every rank raises.
+  template <class OptimizerStates = std::vector<OptimizerState<X, S>>>
+  PlacementChange apply_placement(const ExpertPlacement& next,
+                                  const OptimizerStates& optimizer_state = {}) {
+    constexpr const char* where = "kmoe::MoELayer::apply_placement";
+    std::vector<SlotMove> moves;
+    kmoe::agree_or_throw<memory_space>(
+        groups_.world, where, calls_.enter(CallSequence::apply_placement), [&] {
+          require(options_.expert_placement.ranks > 0, where, "options.expert_placement.ranks", 0,
+                  "the layer was built without a replicated placement to change");
+          require(!gradient_buckets_.pending(), where, "state", "gradient sync pending",
+                  "apply the placement at a step boundary, after synchronize_gradients()");
+          moves = placement_moves(options_.expert_placement, next);
+        });
+    Fingerprint print;
+    for (std::size_t slot = 0; slot < next.logical.size(); ++slot)
+      print.integer("next.logical[" + std::to_string(slot) + "]", next.logical[slot]);
+    check_fingerprints_agree<memory_space>(groups_.world, print, where,
+                                           "every rank must apply the same placement");
+    PlacementChange change;
+    change.moved_slots = int(moves.size());
+    const int slots = next.slots_per_rank;
+    ParameterList<X, S> expert_parameters;
+    experts_.collect_parameters(expert_parameters);
+    for (const auto& p : expert_parameters) {
+      change.bytes_sent += move_expert_slices(groups_.ep, moves, slots, p.value);
+      for (const auto& state : optimizer_state)
+        if (state.parameter == p.name)
+          change.bytes_sent += move_expert_slices(groups_.ep, moves, slots, state.value);
+    }
+    X().fence();
+    options_.expert_placement = next;
+    build_placement();
+    return change;
+  }
+
   /// Assignment counts accumulated for the next bias update.
   const std::vector<std::int64_t>& pending_bias_counts() const { return bias_counts_; }
   /// Restores the counts (checkpoints); one per expert, each >= 0.
@@ -604,13 +655,13 @@ class MoELayer {
       for (std::size_t j = 0; j < i; ++j)
         require(list[i].name != list[j].name, where, "parameter name", list[i].name,
                 "is used twice; give the shared experts their own name (e.g. \"shared_experts\")");
+    bias_counts_.assign(std::size_t(router_.num_experts()), 0);
     build_placement();
   }
 
   /// Where each global expert lives and how rows reach it (exchange/expert_parallel_exchange.hpp).
   void build_placement() {
     const int experts = num_experts();
-    bias_counts_.assign(experts, 0);
     if (options_.expert_placement.ranks == 0) {
       exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment,
                            deduplicate_dispatch());

@@ -15,7 +15,9 @@
 #include <kmoe/expert.hpp>
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
+#include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
+#include <kmoe/placement/placement_change.hpp>
 #include <kmoe/placement/rebalance.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
@@ -396,6 +398,92 @@ TEST_CASE("a replicated placement the layer cannot run raises on every rank", "[
                         Catch::Matchers::ContainsSubstring("drops it"));
   CHECK_THROWS_WITH(build(options, 6),
                     Catch::Matchers::ContainsSubstring("options.expert_placement.logical_experts"));
+}
+
+TEST_CASE("apply_placement moves weights and optimizer state to the new slots", "[mpi][replicas]") {
+  // Yesterday's placement (experts 0 and 1 hot) moved to today's (3 and 4 hot): every slot
+  // must then hold its new expert's weights and AdamW moments, and the layer must compute
+  // what a layer built with today's placement computes.
+  const MpiCommunicator world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
+  const int ep = world.size(), experts = 5;
+  LayerOptions before, after;
+  before.expert_placement = replicated_placement(experts, ep);
+  std::vector<std::int64_t> today(experts, 100);
+  today[3] = 500;
+  today[4] = 300;
+  after.expert_placement = balanced_placement(today, ep, before.expert_placement.slots_per_rank);
+  const auto slots_of = [&](const ExpertPlacement& p) {
+    return std::vector<int>(p.logical.begin() + groups.ep_rank * p.slots_per_rank,
+                            p.logical.begin() + (groups.ep_rank + 1) * p.slots_per_rank);
+  };
+  const auto owned_before = slots_of(before.expert_placement);
+  const auto owned_after = slots_of(after.expert_placement);
+  CAPTURE(world.rank(), owned_before, owned_after);
+  REQUIRE(placement_moves(before.expert_placement, after.expert_placement).size() > 0);
+
+  RefLayer<SoftmaxRouter, GLU> ref(SoftmaxRouter({hidden, experts, 2, true, 1.0}),
+                                   GLU({experts, hidden, ffn}));
+  fill_normal(ref.parameters(), 0.3, 99);
+  const int slots = before.expert_placement.slots_per_rank;
+  auto make = [&](const LayerOptions& o, const std::vector<int>& owned) {
+    DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, experts, 2, true, 1.0}),
+                                        GLU({slots, hidden, ffn}), o, std::nullopt, groups);
+    ParameterList<X, S> from, to;
+    ref.router().collect_parameters(from);
+    layer.router().collect_parameters(to);
+    copy_shard(from, to, {}, 0);
+    from.clear(), to.clear();
+    ref.experts().collect_parameters(from);
+    layer.experts().collect_parameters(to);
+    copy_shard(from, to, owned, 0);
+    return layer;
+  };
+  auto moved = make(before, owned_before);
+  auto built = make(after, owned_after);
+  // Moments with a value per (logical expert, element): they must follow their expert.
+  ParameterList<X, S> experts_list;
+  moved.experts().collect_parameters(experts_list);
+  AdamW<X, S> optimizer(experts_list, {});
+  const auto state = optimizer.state();
+  for (const auto& st : state) {
+    const std::size_t width = st.value.size() / slots;
+    for (std::size_t i = 0; i < st.value.size(); ++i)
+      st.value(i) = 1000.0 * owned_before[i / width] + double(i % width) +
+                    (st.name.find("exp_avg_sq") != std::string::npos ? 0.5 : 0.0);
+  }
+  const auto change = moved.apply_placement(after.expert_placement, state);
+  CHECK(change.moved_slots ==
+        int(placement_moves(before.expert_placement, after.expert_placement).size()));
+  for (const auto& st : state) {
+    const std::size_t width = st.value.size() / slots;
+    for (std::size_t i = 0; i < st.value.size(); ++i)
+      CHECK(st.value(i) == 1000.0 * owned_after[i / width] + double(i % width) +
+                               (st.name.find("exp_avg_sq") != std::string::npos ? 0.5 : 0.0));
+  }
+  ParameterList<X, S> got, want;
+  moved.experts().collect_parameters(got);
+  built.experts().collect_parameters(want);
+  for (std::size_t p = 0; p < got.size(); ++p)
+    for (std::size_t i = 0; i < got[p].value.size(); ++i)
+      CHECK(got[p].value(i) == want[p].value(i));
+
+  Matrix<S, X> x("x", tokens_per_rank, hidden), y_moved("y_moved", tokens_per_rank, hidden),
+      y_built("y_built", tokens_per_rank, hidden);
+  fill_normal(x, 1.0, 5 + world.rank());
+  moved.forward(x, y_moved);
+  built.forward(x, y_built);
+  for (int t = 0; t < tokens_per_rank; ++t)
+    for (int h = 0; h < hidden; ++h) CHECK(y_moved(t, h) == y_built(t, h));
+
+  // A placement of another shape, or one that differs across ranks, raises everywhere.
+  ExpertPlacement wider = replicated_placement(experts, ep);
+  wider.slots_per_rank += 1;
+  CHECK_THROWS_WITH(moved.apply_placement(wider), Catch::Matchers::ContainsSubstring("placement"));
+  ExpertPlacement odd = after.expert_placement;
+  if (world.rank() == 1) odd = before.expert_placement;
+  CHECK_THROWS_WITH(moved.apply_placement(odd),
+                    Catch::Matchers::ContainsSubstring("every rank must apply the same placement"));
 }
 
 TEST_CASE("softmax top-k, SwiGLU, round-robin placement", "[mpi]") {
