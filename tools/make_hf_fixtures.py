@@ -707,6 +707,58 @@ def specs5():
         "phimoe", 19000, phimoe, t.PhimoeForCausalLM, 1, "block_sparse_moe", "sparsemixer", None,
         router_attr="router",
     )
+    # Llama 4 (Llama4TextMoe under feed_forward): top-k of the logits, each chosen expert run
+    # on sigmoid(logit) * x and added with weight 1, a shared expert of the experts' width;
+    # experts fused and transposed with no 5.x conversion (build5_llama4 writes model/ only).
+    # k = 2 (the released models route to 1) so that a token's slots are summed; layer 0 is
+    # dense (interleave step 2, as in the 128-expert model).
+    llama4_text_fields = dict(
+        **COMMON,
+        **SMALL_ATTENTION,
+        head_dim=16,
+        intermediate_size=16,
+        intermediate_size_mlp=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        interleave_moe_layer_step=2,
+        pad_token_id=1,  # the defaults lie outside the 32-token vocabulary
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    llama4_text = t.Llama4TextConfig(**llama4_text_fields)
+    yield Spec5(
+        "llama4_text", 20000, llama4_text, t.Llama4ForCausalLM, 1, "feed_forward", "llama4",
+        None, block_attr="feed_forward", router_attr="router", layout="llama4",
+    )
+    # Llama 4 multimodal (Llama4ForConditionalGeneration): the same text model under
+    # text_config and language_model.model.layers, with the smallest vision tower (never run).
+    llama4_vision = dict(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=16,
+        vision_output_dim=8,
+        image_size=8,
+        patch_size=2,
+        projector_input_dim=8,
+        projector_output_dim=COMMON["hidden_size"],
+        initializer_range=COMMON["initializer_range"],
+    )
+    llama4 = t.Llama4Config(
+        # The fields, not llama4_text (building a model writes into its config).
+        text_config=dict(llama4_text_fields),
+        vision_config=llama4_vision,
+        tie_word_embeddings=False,
+        # Special tokens inside the 32-token vocabulary (the defaults lie outside).
+        boi_token_index=28,
+        eoi_token_index=29,
+        image_token_index=30,
+    )
+    yield Spec5(
+        "llama4", 21000, llama4, t.Llama4ForConditionalGeneration, 1, "feed_forward", "llama4",
+        None, block_attr="feed_forward", router_attr="router", layout="llama4",
+        layers="language_model.model.layers",
+    )
 
 
 def deepseek_v2_router_choice(gate, router_logits):
@@ -979,6 +1031,8 @@ def build5(spec, out_root):
     spec = Spec5(*spec)
     if spec.layout == "dbrx":
         return build5_dbrx(spec, out_root)
+    if spec.layout == "llama4":
+        return build5_llama4(spec, out_root)
     name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
     block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
     torch.manual_seed(seed)
@@ -1274,6 +1328,138 @@ def build5_dbrx(spec, out_root):
             weights, dbrx_expected_weights(router_logits, indices, norm_p), rtol=0, atol=0
         )
         check_block_output_dbrx(block.experts, x.detach(), indices, weights.detach(), y.detach())
+    indices, weights = sort_by_weight(indices, weights.detach())
+
+    save = fixture_writer(directory, name, [("block", prefix)])
+    save_forward(save, x, y, grad_output, router_logits, indices, weights)
+
+    params = {prefix + n: p for n, p in block.named_parameters()}
+    assert params.keys() == {k for k in original if k.startswith(prefix)}
+    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
+    # The names as transformers saves them (the same names and tensors, no conversion).
+    converted = saved_as_gradients(model, params, block_grads)
+    grads = {"hidden_states": x.grad}
+    grads.update({k: v for k, v in converted.items() if k.startswith(prefix)})
+    assert grads.keys() - {"hidden_states"} == block_grads.keys()
+    assert all(torch.equal(grads[k], block_grads[k]) for k in block_grads)
+    assert all(v.dtype == torch.float32 for v in grads.values())
+    save("grads.safetensors", grads)
+    hit = set(indices.flatten().tolist())
+    return {
+        "routing_margin": min(margins),
+        "input_draws": draws,
+        "experts_unused": sorted(set(range(num_experts)) - hit),
+    }
+
+
+def logit_router_choice(router_logits, k):
+    """Top-k experts of the logits (index rows sorted ascending) and the smallest gap between
+    any token's k-th and (k+1)-th logit."""
+    ranked, order = router_logits.sort(dim=-1, descending=True)
+    return order[:, :k].sort(dim=-1)[0], (ranked[:, k - 1] - ranked[:, k]).min().item()
+
+
+def check_block_output_llama4(block, x, indices, weights, expected):
+    """Llama4TextMoe evaluated independently from its recorded routing: out[t] =
+    shared_expert(x[t]) + sum_j expert(indices[t, j], weights[t, j] * x[t]), expert e's
+    gate_up_proj[e] [H, 2F] holding the gate columns then the up columns and down_proj[e]
+    [F, H] (x @ W, not nn.Linear's W @ x). Also checks that weighting the expert outputs
+    instead (every other family's combine) would not reproduce the output (so the check
+    can tell)."""
+    experts = block.experts
+    width = experts.expert_dim
+
+    def expert(e, row):
+        gate_up = row @ experts.gate_up_proj[e]
+        return (F.silu(gate_up[:width]) * gate_up[width:]) @ experts.down_proj[e]
+
+    out = block.shared_expert(x)
+    wrong = out.clone()
+    for t in range(x.shape[0]):
+        for j in range(indices.shape[1]):
+            e, w = int(indices[t, j]), weights[t, j]
+            out[t] += expert(e, w * x[t])
+            wrong[t] += w * expert(e, x[t])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if torch.allclose(wrong, expected, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("llama4: weighting the outputs gives the same block output")
+
+
+def build5_llama4(spec, out_root):
+    """build5 for Llama 4 (Llama4TextMoe at model.layers.{layer}.feed_forward: router.weight
+    [E, H], experts.gate_up_proj [E, H, 2F], experts.down_proj [E, F, H], shared_expert.
+    {gate,up,down}_proj). transformers has no conversion for these tensors: save_pretrained
+    writes the same bytes with and without save_original_format (checked), so only model/ and
+    grads.safetensors are written, under the block's own parameter names (which are also what
+    save_pretrained writes: checked with the gradients). The router returns (scores, logits),
+    scores [T, E] holding sigmoid(logit) at the chosen experts and 0 elsewhere; a forward hook
+    records them as the block used them."""
+    name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
+    block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
+    assert kind == layout == "llama4" and orig_attr == block_attr and not shard and not shared_attr
+    text = getattr(config, "text_config", config)  # the multimodal model's text fields
+    assert text.hidden_act == "silu" and text.moe_layers == [layer]
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    prefix = f"{layers_path}.{layer}.{block_attr}."
+    layers = model.get_submodule(layers_path)
+
+    model = bf16_checkpoint(model, [], seed)
+    directory = os.path.join(out_root, name)
+    model_dir = os.path.join(directory, "model")
+    save_checkpoint(model, model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, tmp, save_original_format=False)
+        for filename in ("config.json", "model.safetensors"):
+            with open(os.path.join(model_dir, filename), "rb") as a:
+                with open(os.path.join(tmp, filename), "rb") as b:
+                    assert a.read() == b.read(), f"{name}: {filename} differs in model_fused/"
+        assert sorted(os.listdir(tmp)) == sorted(os.listdir(model_dir))
+    shutil.rmtree(os.path.join(directory, "model_fused"), ignore_errors=True)
+    original = read_checkpoint(model_dir)
+    reference = {k: v.float() for k, v in model.state_dict().items()}
+    assert original.keys() == reference.keys()
+    for k, v in original.items():
+        assert torch.equal(v.float(), reference[k]), k
+    num_experts, width, hidden = text.num_local_experts, text.intermediate_size, text.hidden_size
+    assert original[prefix + "experts.gate_up_proj"].shape == (num_experts, hidden, 2 * width)
+    assert original[prefix + "experts.down_proj"].shape == (num_experts, width, hidden)
+    assert original[prefix + "experts.gate_up_proj"].abs().min() > 0
+    loaded = model_class.from_pretrained(model_dir).state_dict()
+    assert loaded.keys() == reference.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v.float(), reference[k]), k
+
+    model = model.float()
+    block = getattr(layers[layer], block_attr)
+    gate = getattr(block, router_attr)
+    top_k = block.top_k
+    assert top_k == text.num_experts_per_tok
+
+    x, grad_output, margins, draws = draw_inputs(
+        name, seed, hidden, lambda row: logit_router_choice(F.linear(row, gate.weight), top_k)[1]
+    )
+
+    x = x.clone().requires_grad_(True)
+    y, (scores, router_logits) = run_recording_router(block, gate, x)
+    assert router_logits.dtype == torch.float32
+    y = y[0].reshape(TOKENS, hidden)
+    y.backward(grad_output)
+
+    with torch.no_grad():
+        torch.testing.assert_close(router_logits, x @ gate.weight.T, rtol=1e-6, atol=1e-6)
+        chosen, margin = logit_router_choice(router_logits, top_k)
+        assert margin > MIN_MARGIN
+        assert torch.equal((scores > 0).sum(dim=-1), torch.full((TOKENS,), top_k))
+        indices = scores.topk(top_k, dim=-1)[1]
+        assert torch.equal(chosen, indices.sort(dim=-1)[0]), f"{name}: selection differs"
+        weights = scores.gather(1, indices)
+        # To the last bit but one: torch's vectorised sigmoid can round differently for the
+        # same value in a [T, E] tensor (the router's) and a [T, k] one.
+        torch.testing.assert_close(
+            weights, torch.sigmoid(router_logits.gather(1, indices)), rtol=2e-7, atol=0
+        )
+        check_block_output_llama4(block, x.detach(), indices, weights, y.detach())
     indices, weights = sort_by_weight(indices, weights.detach())
 
     save = fixture_writer(directory, name, [("block", prefix)])

@@ -33,7 +33,8 @@ struct ForwardStats {
   std::int64_t dropped = 0;      ///< this rank's assignments dropped by capacity
   long long capacity = -1;       ///< tokens per expert per rank, -1 when dropless
   /// Hidden-state rows the dispatch sent to each EP rank (this one included): one per
-  /// token and rank holding any of its kept experts. Empty on one EP rank (no exchange).
+  /// token and rank holding any of its kept experts (one per kept assignment under
+  /// RoutingWeightPlacement::input). Empty on one EP rank (no exchange).
   std::vector<std::int64_t> dispatch_rows;
   /// Hidden-state rows the dispatch received from each EP rank (its dispatch_rows for this
   /// rank). Empty on one EP rank, as are the two below.

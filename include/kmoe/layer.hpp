@@ -237,9 +237,15 @@ class MoELayer {
                                      global_tokens, training_, groups_.tokens);
 
       // Gather the rows to send (on one EP rank: every kept assignment in key order; across
-      // ranks: each token once per destination rank).
-      exchange_.plan(dispatch_, routed.expert, x);
-      stats.dispatch_rows = exchange_.dispatch_rows();
+      // ranks: each token once per destination rank, or, with the weights on the expert
+      // inputs, every kept assignment's scaled row).
+      if (input_weighted()) {
+        exchange_.plan(dispatch_, routed.expert, x, plan_.weight);
+        detail::ensure_extents(unit_weight_, "kmoe::MoELayer::unit_weight", tokens, slots);
+        Kokkos::deep_copy(unit_weight_, route_type(1));
+      } else {
+        exchange_.plan(dispatch_, routed.expert, x);
+      }
       phase_clock.lap(stats.phase_ms.dispatch);
     }
 
@@ -259,6 +265,7 @@ class MoELayer {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
       wait_for_slowest_rank(phase_clock, stats.phase_ms);
       exchange_.exchange_counts();
+      stats.dispatch_rows = exchange_.dispatch_rows();
       stats.dispatch_rows_received = exchange_.dispatch_rows_received();
       stats.combine_rows_sent = exchange_.combine_rows_sent();
       stats.combine_rows_received = exchange_.combine_rows_received();
@@ -287,7 +294,8 @@ class MoELayer {
       phase_clock.lap(stats.phase_ms.exchange);
     }
     const detail::ProfilingRegion combine_region("kmoe::MoELayer::combine");
-    combiner_.combine(exchange_.send_y(), dispatch_.position, plan_.weight,
+    // Input-weighted rows already carry their weight: the combine adds them with weight 1.
+    combiner_.combine(exchange_.send_y(), dispatch_.position, combine_weight(),
                       shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
     phase_clock.lap(stats.phase_ms.combine);
   }
@@ -356,8 +364,10 @@ class MoELayer {
       detail::ensure_extents(grad_send_y_, "kmoe::MoELayer::grad_send_y", dispatch_.kept_total,
                              hidden_size());
       detail::ensure_extents(grad_weight_, "kmoe::MoELayer::grad_weight", tokens, slots);
-      combiner_.backward(grad_y, exchange_.send_y(), dispatch_.position, plan_.weight, grad_send_y_,
-                         grad_weight_);
+      // Input-weighted: the combine's weights are the constant 1, so what it writes into
+      // grad_weight_ is replaced by the weights' gradient at the expert inputs (from_experts).
+      combiner_.backward(grad_y, exchange_.send_y(), dispatch_.position, combine_weight(),
+                         grad_send_y_, grad_weight_);
     }
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
@@ -378,7 +388,10 @@ class MoELayer {
     {
       // Back to the tokens: the rows' way home and their sum per token.
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
-      exchange_.from_experts(grad_expert_x_, grad_x);
+      if (input_weighted())
+        exchange_.from_experts(grad_expert_x_, grad_x, x_, plan_.weight, grad_weight_);
+      else
+        exchange_.from_experts(grad_expert_x_, grad_x);
       gradient_buckets_.progress();  // overlap: let the expert gradients' sums advance
     }
     if (shared_) {
@@ -650,15 +663,16 @@ class MoELayer {
   void build_placement() {
     const int experts = num_experts();
     if (options_.expert_placement.ranks == 0) {
-      exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment);
+      exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment,
+                           deduplicate_dispatch());
       return;
     }
     // Physical slot i lives on EP rank i / slots_per_rank: block placement of the slots.
     replicas_ = ReplicaRouting<X>(options_.expert_placement, groups_.ep_rank);
     ParallelGroups<Communicator> slots = groups_;
     slots.layout.placement = Placement::block;
-    exchange_ =
-        Exchange(slots, replicas_.physical_experts(), hidden_size(), options_.capacity.alignment);
+    exchange_ = Exchange(slots, replicas_.physical_experts(), hidden_size(),
+                         options_.capacity.alignment, deduplicate_dispatch());
   }
 
   /// Global (logical) expert of each of this rank's expert slots.
@@ -679,6 +693,16 @@ class MoELayer {
     replicas_.map(plan_.expert, physical_expert_);
     physical_plan_.expert = physical_expert_;
     return physical_plan_;
+  }
+
+  bool input_weighted() const { return options_.routing_weight == RoutingWeightPlacement::input; }
+  /// Rows scaled per slot cannot be shared by a token's slots on one rank.
+  bool deduplicate_dispatch() const { return !input_weighted(); }
+  /// The weights the Combiner applies to the expert outputs: the routing weights, or 1 when
+  /// they scaled the expert inputs instead.
+  ConstMatrix<route_type, X> combine_weight() const {
+    return input_weighted() ? ConstMatrix<route_type, X>(unit_weight_)
+                            : ConstMatrix<route_type, X>(plan_.weight);
   }
 
   /// Ranks must agree on the configuration before the first collective of a step; every
@@ -783,6 +807,8 @@ class MoELayer {
   // Backward buffers.
   Matrix<S, X> grad_send_y_, grad_expert_x_, shared_grad_x_;
   Matrix<route_type, X> grad_weight_, grad_logits_;
+  // The combine's weights under RoutingWeightPlacement::input (all 1).
+  Matrix<route_type, X> unit_weight_;
 };
 
 namespace detail {

@@ -23,6 +23,15 @@ enum class NonFinitePolicy {
   propagate  ///< let NaN/Inf flow to the output, as the PyTorch systems do
 };
 
+/// \brief Where a slot's routing weight w_{t,s} enters its expert's contribution to token t.
+enum class RoutingWeightPlacement {
+  output,  ///< y_t += w * expert(x_t): the weighted sum of the expert outputs (default)
+  input    ///< y_t += expert(w * x_t): the expert runs on the scaled input and its output
+           ///< is added with weight 1 (Llama 4). Across EP ranks the dispatch then sends one
+           ///< row per kept assignment instead of one per token and rank (each row is scaled
+           ///< by its own slot's weight).
+};
+
 /// \brief Run-time options of a layer.
 struct LayerOptions {
   Capacity capacity = {};
@@ -30,6 +39,7 @@ struct LayerOptions {
   /// What experts keep for backward in training (ExpertMode::store or ExpertMode::recompute).
   ExpertMode training_mode = ExpertMode::store;
   NonFinitePolicy non_finite = NonFinitePolicy::raise;
+  RoutingWeightPlacement routing_weight = RoutingWeightPlacement::output;
   /// Compute the shared experts while the dispatch exchange is in flight (DeepSeek's
   /// overlap); false runs them after it, for measuring what the overlap saves.
   bool overlap_shared_experts = true;
@@ -70,6 +80,7 @@ struct LayerOptions {
     for (std::size_t slot = 0; slot < expert_placement.logical.size(); ++slot)
       print.integer("expert_placement.logical[" + std::to_string(slot) + "]",
                     expert_placement.logical[slot]);
+    print.choice("routing_weight", int(routing_weight), {"output", "input"});
   }
 };
 

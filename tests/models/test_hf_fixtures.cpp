@@ -222,7 +222,9 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"qwen3_next", R::softmax_topk},
                         {"dbrx", R::softmax_topk},
                         {"hunyuan_v1_moe", R::softmax_topk},
-                        {"phimoe", R::sparse_mixer}};
+                        {"phimoe", R::sparse_mixer},
+                        {"llama4_text", R::sigmoid_bias},
+                        {"llama4", R::sigmoid_bias}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {
@@ -378,4 +380,43 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
                          MessageMatches(ContainsSubstring("has shape [48, 64]") &&
                                         ContainsSubstring("[40, 64]")));
   }
+}
+
+TEST_CASE("Llama 4: MoE layers by moe_layers or the interleave step, weights on the inputs",
+          "[models][hf][hf5][llama4]") {
+  const auto dir = (fixtures / "hf5" / "llama4_text" / "model").string();
+  CHECK_THROWS_MATCHES(models::read_block_config(dir, 0), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring("dense") &&
+                                      ContainsSubstring("not listed in \"moe_layers\"")));
+  const auto block = models::read_block_config(dir, 1);
+  CHECK(block.weight_on_input);
+  CHECK(block.router == models::BlockRouter::sigmoid_bias);
+  CHECK(!block.normalize);
+  CHECK(block.selection_bias.empty());
+  CHECK(!models::read_block_config((fixtures / "hf5" / "deepseek_v3" / "model").string(), 1)
+             .weight_on_input);
+  // The family decides where the weights go, whatever the options say.
+  kmoe::LayerOptions options;
+  options.routing_weight = kmoe::RoutingWeightPlacement::output;
+  auto layer = models::load_sigmoid_bias_block<X, float>(dir, 1, options);
+  CHECK(layer.options().routing_weight == kmoe::RoutingWeightPlacement::input);
+
+  BrokenCopy stepped("hf5/llama4_text", [](nlohmann::json& c) {
+    c.erase("moe_layers");
+    c["interleave_moe_layer_step"] = 2;
+  });
+  CHECK(models::read_block_config(stepped.path(), 1).experts == 8);
+  CHECK_THROWS_MATCHES(models::read_block_config(stepped.path(), 0), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring("\"interleave_moe_layer_step\" = 2")));
+  BrokenCopy every("hf5/llama4_text", [](nlohmann::json& c) {
+    c.erase("moe_layers");
+    c.erase("interleave_moe_layer_step");
+  });
+  CHECK(models::read_block_config(every.path(), 0).experts == 8);
+
+  BrokenCopy multimodal("hf5/llama4",
+                        [](nlohmann::json& c) { c["text_config"].erase("num_local_experts"); });
+  CHECK_THROWS_MATCHES(
+      models::read_block_config(multimodal.path(), 1), kmoe::runtime_error,
+      MessageMatches(ContainsSubstring("missing field \"text_config.num_local_experts\"")));
 }

@@ -61,6 +61,8 @@ struct Case {
   Placement placement = Placement::block;
   bool losses = false;     // balance losses on (dropless only: one reference pass)
   bool replicate = false;  // LayerOptions::expert_placement with replicas of the hot experts
+  // input: the weights scale the expert inputs (the EP dispatch then sends a row per slot)
+  RoutingWeightPlacement routing_weight = RoutingWeightPlacement::output;
 };
 
 /// The placement of the replicated cases: one spare slot per EP rank (none on one rank),
@@ -193,6 +195,7 @@ void run_case(const Case& c, ParallelLayout layout) {
   const int global_tokens = tokens_per_rank * token_groups;
   LayerOptions options;
   options.capacity.factor = c.capacity_factor;
+  options.routing_weight = c.routing_weight;
   std::vector<int> owned = layout.local_experts(c.experts, groups.ep_rank);
   if (c.replicate) {
     options.expert_placement = replicated_placement(c.experts, layout.ep);
@@ -286,6 +289,12 @@ void run_case(const Case& c, ParallelLayout layout) {
   layer.synchronize_gradients();
 
   CHECK(matrix_error(y, ref_y, g * tokens_per_rank) < tolerance);
+  if (c.routing_weight == RoutingWeightPlacement::input && layout.ep > 1) {
+    // One scaled row per kept assignment, none shared by a token's slots.
+    std::int64_t sent = 0;
+    for (auto rows : stats.dispatch_rows) sent += rows;
+    CHECK(sent == stats.assignments - stats.dropped);
+  }
   CHECK(matrix_error(gx, ref_gx, g * tokens_per_rank) < tolerance);
   {
     ParameterList<X, S> full, mine;
@@ -621,4 +630,28 @@ TEST_CASE("overlapping the shared experts with the dispatch leaves the results u
   }
   for (std::size_t i = 0; i < outputs[0].size(); ++i)
     CHECK(outputs[0].data()[i] == outputs[1].data()[i]);
+}
+
+TEST_CASE("weights on the expert inputs (Llama 4) across ranks equal the single-rank layer",
+          "[mpi]") {
+  Case c;
+  c.routing_weight = RoutingWeightPlacement::input;
+  c.experts = 8;
+  c.shared = true;
+  SECTION("sigmoid, SwiGLU, dropless") {
+    c.name = "input-weighted sigmoid dropless";
+    run_all_layouts<SigmoidRouter, GLU>(c);
+  }
+  SECTION("sigmoid, SwiGLU, replicas of the hot experts") {
+    c.name = "input-weighted sigmoid replicas";
+    c.replicate = true;
+    run_all_layouts<SigmoidRouter, GLU>(c);
+  }
+  SECTION("softmax, FFN with biases, capacity, round robin") {
+    c.name = "input-weighted softmax capacity";
+    c.bias = true;
+    c.capacity_factor = 0.75;
+    c.placement = Placement::round_robin;
+    run_all_layouts<SoftmaxRouter, FFN>(c);
+  }
 }

@@ -8,8 +8,10 @@
 /// padding, every arrangement is an alias (no copy).
 
 #include <kmoe/communicator.hpp>
+#include <kmoe/error.hpp>
 #include <kmoe/exchange/deduplicated_dispatch.hpp>
 #include <kmoe/exchange/dispatch.hpp>
+#include <kmoe/exchange/input_weighting.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/segments.hpp>
 #include <kmoe/types.hpp>
@@ -118,12 +120,18 @@ class ExpertParallelExchange {
   ExpertParallelExchange() = default;
 
   /// Placement of `experts` global experts over the EP group of `groups` (layout.placement);
-  /// rows of `hidden` elements; expert segments padded to `alignment` rows.
+  /// rows of `hidden` elements; expert segments padded to `alignment` rows. `deduplicate`
+  /// false sends one row per kept assignment across EP ranks too (rows scaled per slot,
+  /// RoutingWeightPlacement::input, differ between the slots of one token).
   /// Keys sort experts by (owner EP rank, local index): the send buffer is then grouped by
   /// destination rank and, within it, by the destination's local expert order.
   ExpertParallelExchange(const ParallelGroups<Communicator>& groups, int experts, int hidden,
-                         int alignment)
-      : ep_(groups.ep), ranks_(groups.layout.ep), hidden_(hidden), alignment_(alignment) {
+                         int alignment, bool deduplicate = true)
+      : ep_(groups.ep),
+        ranks_(groups.layout.ep),
+        hidden_(hidden),
+        alignment_(alignment),
+        deduplicate_(deduplicate) {
     const int ranks = ranks_;
     key_host_.assign(experts, -1);
     local_count_.assign(ranks, 0);
@@ -148,11 +156,13 @@ class ExpertParallelExchange {
   /// Sort key of each global expert (the Dispatch's keys), on the device and the host.
   const Vector<int, X>& expert_key() const { return expert_key_; }
   int key(int expert) const { return key_host_[expert]; }
-  /// Whether the dispatch sends each token once per destination rank (EP > 1).
-  bool deduplicated() const { return ranks_ > 1; }
-  /// Hidden-state rows sent to each EP rank by the last plan(); empty on one EP rank.
+  /// Whether the dispatch sends each token once per destination rank (EP > 1, unless built
+  /// with deduplicate = false).
+  bool deduplicated() const { return deduplicate_ && ranks_ > 1; }
+  /// Hidden-state rows sent to each EP rank by the last exchange_counts() (one per token, or
+  /// one per kept assignment without deduplication); empty on one EP rank.
   const std::vector<std::int64_t>& dispatch_rows() const {
-    return across_ranks(deduplicated_.rows_per_rank);
+    return across_ranks(deduplicated() ? deduplicated_.rows_per_rank : send_rows_);
   }
   /// Rows received from each EP rank by the last exchange_counts(): hidden states of the
   /// dispatch (one per token) and expert outputs the combine returns to each rank (one per
@@ -173,11 +183,20 @@ class ExpertParallelExchange {
 
   /// Plans the exchange of a forward from its dispatch and routing table (expert [T, S]),
   /// and gathers the rows to send from x: on one EP rank every kept assignment in key
-  /// order; across ranks each token once per destination rank.
-  void plan(const Dispatch<X>& dispatch, const Matrix<int, X>& expert, const ConstMatrix<S, X>& x) {
+  /// order; across ranks each token once per destination rank. A non-empty `input_weight`
+  /// [T, S] (RoutingWeightPlacement::input, never deduplicated) scales each assignment's row
+  /// by its slot's weight.
+  template <class R>
+  void plan(const Dispatch<X>& dispatch, const Matrix<int, X>& expert, const ConstMatrix<S, X>& x,
+            const Matrix<R, X>& input_weight) {
     kept_per_key_ = dispatch.kept_per_key;
     position_ = dispatch.position;
-    if (deduplicated()) {
+    if (input_weight.extent(0) > 0) {
+      require(!deduplicated(), "kmoe::ExpertParallelExchange::plan", "input_weight",
+              "per-slot scaled rows", "need an exchange built with deduplicate = false");
+      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch.kept_total, hidden_);
+      detail::gather_weighted_rows<X>(x, dispatch.source, input_weight, send_x_);
+    } else if (deduplicated()) {
       deduplicated_.build(dispatch.position, expert, expert_rank_, ranks_, dispatch.kept_total);
       detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", deduplicated_.rows_total, hidden_);
       detail::gather_mapped_rows<X>(deduplicated_.token, x, send_x_);
@@ -185,6 +204,10 @@ class ExpertParallelExchange {
       detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch.kept_total, hidden_);
       detail::gather_rows<X>(x, dispatch.source, int(expert.extent(1)), send_x_);
     }
+  }
+  /// plan() of unweighted rows.
+  void plan(const Dispatch<X>& dispatch, const Matrix<int, X>& expert, const ConstMatrix<S, X>& x) {
+    plan(dispatch, expert, x, Matrix<routing_t<S>, X>());
   }
 
   /// Per-peer counts of the dispatch exchange: each destination gets its local experts'
@@ -319,6 +342,18 @@ class ExpertParallelExchange {
     exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
     detail::scatter_add_rows<X>(position_, grad_send_x_, grad_x);
   }
+  /// from_experts for rows that were scaled by `input_weight` in plan(): grad_x(t) = the sum
+  /// over t's kept slots, in slot order, of w(t, s) times the returned row, and
+  /// grad_weight(t, s) = <returned row, x(t)> (overwritten; 0 for empty or dropped slots).
+  template <class R>
+  void from_experts(const Matrix<S, X>& grad_expert_x, const Matrix<S, X>& grad_x,
+                    const ConstMatrix<S, X>& x, const Matrix<R, X>& input_weight,
+                    const Matrix<R, X>& grad_weight) {
+    arrange_from_experts(grad_expert_x, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
+    exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
+    detail::scatter_add_weighted_rows<X>(position_, input_weight, grad_send_x_, x, grad_x,
+                                         grad_weight);
+  }
 
  private:
   using FlatView =
@@ -397,11 +432,12 @@ class ExpertParallelExchange {
   /// Per-peer row counts are reported only across ranks (one EP rank exchanges nothing).
   const std::vector<std::int64_t>& across_ranks(const std::vector<std::int64_t>& rows) const {
     static const std::vector<std::int64_t> none;
-    return deduplicated() ? rows : none;
+    return ranks_ > 1 ? rows : none;
   }
 
   Communicator ep_;
   int ranks_ = 1, local_ = 0, hidden_ = 0, alignment_ = 1;
+  bool deduplicate_ = true;
 
   // Placement: sort key of each global expert, experts per EP rank.
   std::vector<int> key_host_;

@@ -257,6 +257,9 @@ struct MoEBlockConfig {
   /// Selection bias relative to prefix (DeepSeek-V3 "gate.e_score_correction_bias"), or
   /// empty; selection_bias_name() is its checkpoint name.
   std::string selection_bias;
+  /// The routing weight scales each expert's input and the expert outputs are added with
+  /// weight 1 (Llama 4); the loaders build the layer with RoutingWeightPlacement::input.
+  bool weight_on_input = false;
 
   const CheckpointNaming& current_naming() const { return namings.at(naming); }
   std::string router_name() const { return prefix + current_naming().router_weight; }
@@ -732,6 +735,60 @@ inline MoEBlockConfig phimoe_block(const ConfigFile& config, MoEBlockConfig b) {
   return b;
 }
 
+/// Llama4TextDecoderLayer: MoE iff listed in moe_layers, or, without that list, on the
+/// interleave step (layers step - 1, 2 step - 1, ...: transformers' default list).
+inline void require_llama4_moe_layer(const ConfigFile& config, int layer) {
+  if (config.has("moe_layers")) {
+    const auto sparse = config.integers("moe_layers");
+    if (std::find(sparse.begin(), sparse.end(), layer) == sparse.end())
+      dense_layer(config, layer, "not listed in \"" + config.qualified("moe_layers") + "\"");
+    return;
+  }
+  const int step =
+      config.has("interleave_moe_layer_step") ? config.count("interleave_moe_layer_step", 1) : 1;
+  if ((layer + 1) % step != 0)
+    dense_layer(config, layer,
+                "\"" + config.qualified("interleave_moe_layer_step") +
+                    "\" = " + std::to_string(step));
+}
+
+/// Llama 4 (Llama4TextMoe under `feed_forward` of the decoder layers named `layers`):
+/// router.weight [E, H]; experts chosen by the top-k logits, each run on sigmoid(logit) * x
+/// and added with weight 1 (weight_on_input); experts fused and transposed (gate_up_proj
+/// [E, H, 2F], down_proj [E, F, H], the only layout: transformers 5.x has no conversion for
+/// them); a shared expert of the experts' width, added with weight 1.
+inline MoEBlockConfig llama4_style_block(const ConfigFile& config, MoEBlockConfig b,
+                                         const std::string& layers) {
+  require_llama4_moe_layer(config, b.layer);
+  const std::string prefix = layers + std::to_string(b.layer) + ".feed_forward.";
+  b.namings = {fused_naming(prefix, "router.weight", "experts.gate_up_proj", "experts.down_proj",
+                            /*transposed=*/true)};
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("intermediate_size", 1);
+  b.experts = config.count("num_local_experts", 1, max_experts);
+  b.top_k = config.count("num_experts_per_tok", 1);
+  // SigmoidBiasRouter without bias, normalisation or scaling: sigmoid of the chosen logits.
+  b.router = BlockRouter::sigmoid_bias;
+  b.normalize = false;
+  b.weight_on_input = true;
+  b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
+  check_sizes(config, b, "intermediate_size", "num_local_experts");
+  b.shared_ffn = b.ffn;
+  b.shared_prefix = prefix + "shared_expert.";
+  return b;
+}
+
+/// Llama4ForCausalLM (model_type llama4_text): decoder layers under model.layers.
+inline MoEBlockConfig llama4_text_block(const ConfigFile& config, MoEBlockConfig b) {
+  return llama4_style_block(config, b, "model.layers.");
+}
+
+/// Llama4ForConditionalGeneration (model_type llama4): the text model's fields under
+/// text_config, its decoder layers under language_model.model.layers.
+inline MoEBlockConfig llama4_block(const ConfigFile& config, MoEBlockConfig b) {
+  return llama4_style_block(config, b, "language_model.model.layers.");
+}
+
 /// One model_type kmoe reads, and how its config describes the block.
 struct Family {
   const char* model_type;
@@ -766,6 +823,8 @@ inline const std::vector<Family>& families() {
       {"dbrx", dbrx_block, nullptr, "n_layers", false},
       {"hunyuan_v1_moe", hunyuan_v1_moe_block},
       {"phimoe", phimoe_block},
+      {"llama4_text", llama4_text_block},
+      {"llama4", llama4_block, "text_config"},
   };
   return table;
 }
@@ -784,7 +843,6 @@ inline const std::vector<RefusedFamily>& refused_families() {
        "it selects by softmax probability plus a bias and clamps the normalisation"},
       {"gpt_oss",
        "its router and experts have biases, gate/up are interleaved and its SwiGLU is clamped"},
-      {"llama4", "it scales the expert input by the sigmoid router weight"},
   };
   return table;
 }

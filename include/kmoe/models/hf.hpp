@@ -167,7 +167,9 @@ Config router_config(const MoEBlockConfig& b) {
 }
 
 /// The block of `layer` with a `Router` (of kind `kind`) and SwiGLU experts, its weights
-/// read from the checkpoint; the selection bias too if the block has one.
+/// read from the checkpoint; the selection bias too if the block has one. The routing
+/// weight's placement is the family's (Llama 4 scales the expert inputs), whatever
+/// `options` says.
 template <class Router, class X, class S>
 MoELayer<Router, SwiGLUExperts<X, S>> load_block(const std::string& model_dir, int layer,
                                                  const LayerOptions& options, const char* family,
@@ -177,12 +179,17 @@ MoELayer<Router, SwiGLUExperts<X, S>> load_block(const std::string& model_dir, i
   // Opened after config.json, whose errors come first.
   const io::ShardedCheckpoint checkpoint(model_dir);
   const MoEBlockConfig b = resolve_naming(config, checkpoint);
+  LayerOptions block_options = options;
+  block_options.routing_weight =
+      b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
   MoELayer<Router, SwiGLUExperts<X, S>> moe(
       Router(router_config<Config>(b)),
-      SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}), options,
+      SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}), block_options,
       shared_experts<X, S>(b));
   load_weights(moe, b, checkpoint);
+  // Llama 4's sigmoid router has no selection bias: it stays zero.
   if constexpr (std::is_same_v<Router, SigmoidBiasRouter<X, S>>) {
+    if (b.selection_bias.empty()) return moe;
     const auto bias = moe.router().bias();
     auto host = Kokkos::create_mirror_view(bias);
     checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
