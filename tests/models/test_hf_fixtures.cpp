@@ -221,7 +221,8 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"qwen2_moe", R::softmax_topk},
                         {"qwen3_next", R::softmax_topk},
                         {"dbrx", R::softmax_topk},
-                        {"hunyuan_v1_moe", R::softmax_topk}};
+                        {"hunyuan_v1_moe", R::softmax_topk},
+                        {"ernie4_5_moe", R::softmax_topk}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {
@@ -260,6 +261,41 @@ TEST_CASE("GLM-4-MoE's dense first layer is refused, its MoE layers read", "[mod
                        MessageMatches(ContainsSubstring("dense") &&
                                       ContainsSubstring("first_k_dense_replace")));
   CHECK(models::read_block_config(dir, 2).experts == 16);
+}
+
+TEST_CASE("ERNIE-4.5-MoE: dense first layer, selection bias and norm_min in both layouts",
+          "[models][hf][hf5]") {
+  const fs::path dir = fixtures / "hf5" / "ernie4_5_moe";
+  CHECK_THROWS_MATCHES(
+      models::read_block_config((dir / "model").string(), 0), kmoe::invalid_argument,
+      MessageMatches(ContainsSubstring("dense") && ContainsSubstring("moe_layer_start_index")));
+  for (const char* model : {"model", "model_fused"}) {
+    INFO(model);
+    const std::string model_dir = (dir / model).string();
+    const auto block = models::read_block(model_dir, 1);
+    CHECK(block.selection_bias_name() ==
+          (std::string(model) == "model"
+               ? "model.layers.1.mlp.moe_statics.e_score_correction_bias"
+               : "model.layers.1.mlp.gate.moe_statics.e_score_correction_bias"));
+    CHECK(block.norm_min == 1e-12);
+    CHECK(block.shared_ffn == 2 * block.ffn);
+    auto layer = models::load_softmax_block<X, float>(model_dir, 1);
+    CHECK(layer.router().config().selection_bias);
+    CHECK(layer.router().config().norm_min == 1e-12);
+    // The bias read is the checkpoint's (float32 there), not the zeros it starts at.
+    const auto bias =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
+    const kmoe::io::SafetensorsFile file((fs::path(model_dir) / "model.safetensors").string());
+    REQUIRE(file.info(block.selection_bias_name()).dtype == kmoe::io::DType::F32);
+    std::vector<float> stored(bias.size());
+    file.read_into(block.selection_bias_name(), stored.data(), stored.size());
+    bool nonzero = false;
+    for (std::size_t e = 0; e < stored.size(); ++e) {
+      CHECK(bias(e) == stored[e]);
+      nonzero = nonzero || stored[e] != 0;
+    }
+    CHECK(nonzero);
+  }
 }
 
 TEST_CASE("Checkpoint names cover every parameter slice", "[models][hf]") {
