@@ -298,6 +298,57 @@ TEST_CASE("ERNIE-4.5-MoE: dense first layer, selection bias and norm_min in both
   }
 }
 
+TEST_CASE("ERNIE-4.5-MoE's layer placement and settings are read as transformers reads them",
+          "[models][hf][hf5]") {
+  const fs::path source = fixtures / "hf5" / "ernie4_5_moe" / "model" / "config.json";
+  const fs::path dir = fs::temp_directory_path() / ("kmoe_ernie_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  // What read_block_config says of `layer` (config.json only) with `edit` applied.
+  const auto read = [&](int layer, const std::function<void(nlohmann::json&)>& edit) {
+    std::ifstream in(source);
+    nlohmann::json config = nlohmann::json::parse(in);
+    edit(config);
+    std::ofstream(dir / "config.json") << config.dump(2);
+    try {
+      const auto b = models::read_block_config(dir.string(), layer);
+      return "MoE top-" + std::to_string(b.top_k) + " of " + std::to_string(b.experts) +
+             ", shared " + std::to_string(b.shared_ffn);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+  };
+  const auto set = [](const char* field, nlohmann::json value) {
+    return [=](nlohmann::json& c) { c[field] = value; };
+  };
+  // -1 (what released configs say) is the last layer; transformers writes it resolved.
+  CHECK(read(1, set("moe_layer_end_index", -1)) == "MoE top-2 of 8, shared 32");
+  CHECK_THAT(read(1, set("moe_layer_end_index", 0)),
+             ContainsSubstring("dense") && ContainsSubstring("\"moe_layer_end_index\" = 0"));
+  CHECK_THAT(read(0, set("moe_layer_start_index", 0)), ContainsSubstring("MoE top-2"));
+  CHECK_THAT(read(0, set("moe_layer_interval", 2)),
+             ContainsSubstring("dense") && ContainsSubstring("\"moe_layer_interval\" = 2"));
+  CHECK_THAT(read(1, set("moe_layer_interval", 2)), ContainsSubstring("MoE top-2"));
+  // Absent fields take transformers' defaults: start 1, end -1, interval 1, 2 shared experts.
+  CHECK(read(1, [](nlohmann::json& c) {
+          for (const char* f :
+               {"moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval",
+                "moe_num_shared_experts", "moe_norm_min", "use_bias"})
+            c.erase(f);
+        }) == "MoE top-2 of 8, shared 32");
+  CHECK(read(1, set("moe_num_shared_experts", 0)) == "MoE top-2 of 8, shared 0");
+  // transformers' attribute aliases, and disagreement between the two names.
+  CHECK(read(1, [](nlohmann::json& c) {
+          c["num_experts"] = c["moe_num_experts"], c["num_experts_per_tok"] = c["moe_k"];
+          c.erase("moe_num_experts"), c.erase("moe_k");
+        }) == "MoE top-2 of 8, shared 32");
+  CHECK_THAT(read(1, set("num_experts", 4)), ContainsSubstring("disagree"));
+  CHECK_THAT(read(1, set("moe_k", 9)), ContainsSubstring("\"moe_k\" = 9 must be in [1, 8]"));
+  CHECK_THAT(read(1, set("moe_norm_min", -1)),
+             ContainsSubstring("\"moe_norm_min\"") && ContainsSubstring("finite number >= 0"));
+  CHECK_THAT(read(1, set("use_bias", true)), ContainsSubstring("\"use_bias\" = true"));
+  fs::remove_all(dir);
+}
+
 TEST_CASE("Checkpoint names cover every parameter slice", "[models][hf]") {
   const auto block = models::read_block_config((fixtures / "deepseek_v3" / "model").string(), 1);
   const auto names = models::checkpoint_tensors(block);

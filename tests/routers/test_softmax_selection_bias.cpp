@@ -65,7 +65,8 @@ double loss(const std::vector<double>& logits_row, const std::vector<int>& chose
   double sum = 0;
   for (int e : chosen) sum += p[e];
   double l = 0;
-  for (std::size_t j = 0; j < chosen.size(); ++j) l += c[j] * p[chosen[j]] / std::max(sum, norm_min);
+  for (std::size_t j = 0; j < chosen.size(); ++j)
+    l += c[j] * p[chosen[j]] / std::max(sum, norm_min);
   return l;
 }
 
@@ -140,9 +141,9 @@ void check(double norm_min, bool expect_clamped, bool expect_unclamped) {
     for (int e = 0; e < experts; ++e) {
       auto up = logits[t], down = logits[t];
       up[e] += h, down[e] -= h;
-      const double fd = (loss(up, ref.chosen[t], c[t], norm_min) -
-                         loss(down, ref.chosen[t], c[t], norm_min)) /
-                        (2 * h);
+      const double fd =
+          (loss(up, ref.chosen[t], c[t], norm_min) - loss(down, ref.chosen[t], c[t], norm_min)) /
+          (2 * h);
       CAPTURE(t, e, fd, gl(t, e));
       CHECK(std::abs(gl(t, e) - fd) < 1e-7 * (1 + std::abs(fd)));
     }
