@@ -15,8 +15,10 @@ GLM-4-MoE, dots1, DeepSeek-V2 (group-limited and greedy), Jamba, GraniteMoe,
 GraniteMoeShared, Qwen3-VL-MoE (its text decoder's block), Qwen2-MoE and Qwen3-Next (their
 shared expert scaled per token by a sigmoid gate), DBRX (2-D expert tensors that
 transformers does not convert: model/ only, see build5_dbrx), Hunyuan-MoE (router
-gate.wg, per-layer top-k, a shared MLP inside the block) and Phi-MoE (sparsemixer, run in
-eval mode: its inference path and that path's gradient): each checkpoint twice
+gate.wg, per-layer top-k, a shared MLP inside the block), Phi-MoE (sparsemixer, run in
+eval mode: its inference path and that path's gradient) and ERNIE-4.5-MoE (selection by
+softmax probability plus a bias, clamped renormalisation, a dense layer before the MoE
+one): each checkpoint twice
 (model/: transformers' default per-expert "original" layout; model_fused/:
 save_original_format=False, fused 3-D expert tensors; Qwen3-VL-MoE's model/ is the
 released fused-and-transposed layout, which save_pretrained does not write, see build5) and
@@ -241,7 +243,8 @@ def require_effect(name, what, scores, top_k, chosen):
 
 
 def bf16_checkpoint(model, bias_gates, seed):
-    """Gives the sigmoid routers in bias_gates nonzero correction biases of the size of the
+    """Gives the routers in bias_gates (the modules holding e_score_correction_bias: the
+    sigmoid routers, ERNIE-4.5's moe_statics) nonzero correction biases of the size of the
     score spread, so they change routing, then converts the model to bfloat16 like the
     released checkpoints (and to keep fixtures small), except those biases: they stay
     float32 as in the released DeepSeek-V3 weights. The float32 computation after saving uses
@@ -759,6 +762,27 @@ def specs5():
         None, block_attr="feed_forward", router_attr="router", layout="llama4",
         layers="language_model.model.layers",
     )
+    # ERNIE-4.5-MoE (Ernie4_5_MoeSparseMoeBlock): top-k of softmax(logits) + the correction
+    # bias gate.moe_statics.e_score_correction_bias [1, E] (mlp.moe_statics.* in model/),
+    # weights p / clamp(sum, moe_norm_min); 2 shared experts as one MLP of width 2 F; layer 0
+    # dense (moe_layer_start_index 1, its MLP intermediate_size wide).
+    ernie4_5_moe = t.Ernie4_5_MoeConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        intermediate_size=48,  # the dense MLP of layer 0
+        moe_intermediate_size=16,
+        moe_num_experts=8,
+        moe_k=2,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=-1,
+        moe_layer_interval=1,
+        moe_norm_min=1e-12,
+        pad_token_id=0,  # the defaults lie inside the 32-token vocabulary, kept explicit
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    yield "ernie4_5_moe", 19000, ernie4_5_moe, t.Ernie4_5_MoeForCausalLM, 1, "mlp", "ernie", None
 
 
 def deepseek_v2_router_choice(gate, router_logits):
@@ -836,6 +860,12 @@ def require_sparsemixer_masks(name, keeps):
             raise RuntimeError(f"{name}: slot {slot + 1}'s mask is trivial: kept {kept.tolist()}")
         counts.append(kept.tolist())
     return counts
+def ernie_router_choice(router_logits, bias, k):
+    """ERNIE-4.5-MoE: top-k of softmax(logits) + bias (bias [1, E]; the weights are the
+    unbiased probabilities), and the smallest winning gap of that biased score."""
+    choice = F.softmax(router_logits, dim=-1, dtype=torch.float) + bias
+    ranked, order = choice.sort(dim=-1, descending=True)
+    return order[:, :k].sort(dim=-1)[0], (ranked[:, k - 1] - ranked[:, k]).min().item()
 
 
 def router_weight(gate):
@@ -855,6 +885,10 @@ def router_choice(kind, gate, router_logits):
     if kind == "sparsemixer":
         winners, _, margin = sparsemixer_choice(router_logits, gate.router_jitter_noise)
         return winners.sort(dim=-1)[0], margin
+    if kind == "ernie":
+        return ernie_router_choice(
+            router_logits, gate.moe_statics.e_score_correction_bias, gate.top_k
+        )
     assert kind in ("softmax", "softmax_raw"), kind
     return softmax_router_choice(router_logits, gate.top_k)
 
@@ -877,6 +911,8 @@ def expected_weights(kind, gate, router_logits, indices):
         return weights * gate.routed_scaling_factor
     if kind == "softmax_raw":  # Jamba: never renormalised, no flag
         return weights
+    if kind == "ernie":  # the divisor clamped from below by moe_norm_min
+        return weights / weights.sum(dim=-1, keepdim=True).clamp(min=gate.norm_min)
     if getattr(gate, "norm_topk_prob", True):  # Mixtral's and MiniMax's always renormalise
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights
@@ -947,10 +983,12 @@ def transposed(tensors):
     }
 
 
-def check_layouts(original, fused, blocks, layout="per_expert"):
+def check_layouts(original, fused, blocks, layout="per_expert", renames=()):
     """Checks that the per-expert tensors of the original layout are the gate rows / up rows
     of gate_up_proj[e] and down_proj[e] of the fused layout, and that everything else is
-    only renamed. blocks: (original prefix, fused prefix, experts, F) of each MoE block.
+    only renamed. blocks: (original prefix, fused prefix, experts, F) of each MoE block;
+    renames: (original, fused) names relative to the block prefixes of tensors that move
+    within the block (ERNIE-4.5: moe_statics. -> gate.moe_statics.).
     layout "granite": the original layout holds the same 3-D tensors as input_linear.weight /
     output_linear.weight and the router as router.layer.weight (renamed only); "transposed":
     the same names, the fused expert tensors transposed (see transposed)."""
@@ -987,6 +1025,9 @@ def check_layouts(original, fused, blocks, layout="per_expert"):
             assert torch.equal(parts[0], gate_up[e, :width]), "gate rows are not first"
             assert torch.equal(parts[1], gate_up[e, width:])
             assert torch.equal(parts[2], down[e])
+        for old, new in renames:
+            for k in [k for k in original if k.startswith(orig_prefix + old)]:
+                original[fused_prefix + new + k[len(orig_prefix + old) :]] = original.pop(k)
         original = {k.replace(orig_prefix, fused_prefix): v for k, v in original.items()}
     assert original.keys() == fused.keys(), sorted(original.keys() ^ fused.keys())
     for k in fused:
@@ -1049,6 +1090,8 @@ def build5(spec, out_root):
     assert layer in moe_layers
 
     bias_gates = [layers[i].mlp.gate for i in moe_layers] if kind == "sigmoid" else []
+    if kind == "ernie":
+        bias_gates = [layers[i].mlp.gate.moe_statics for i in moe_layers]
     model = bf16_checkpoint(model, bias_gates, seed)
     directory = os.path.join(out_root, name)
     model_dir = os.path.join(directory, "model")
@@ -1081,7 +1124,9 @@ def build5(spec, out_root):
         )
         for i in moe_layers
     ]
-    check_layouts(original, fused, layouts, layout)
+    # conversion_mapping.py: ernie4_5_moe is qwen2_moe's mapping plus this renaming.
+    renames = [("moe_statics.", "gate.moe_statics.")] if kind == "ernie" else []
+    check_layouts(original, fused, layouts, layout, renames)
     # Both directories load back into the same model.
     reference = {k: v.float() for k, v in model.state_dict().items()}
     for d in (model_dir, fused_dir):
@@ -1125,6 +1170,9 @@ def build5(spec, out_root):
         )
         if kind == "sigmoid":
             require_effect(name, "correction bias", router_logits.sigmoid(), gate.top_k, chosen)
+        if kind == "ernie":
+            scores = router_logits.softmax(dim=-1)
+            require_effect(name, "correction bias", scores, gate.top_k, chosen)
         if kind == "v2" and gate.topk_method == "group_limited_greedy":
             scores = router_logits.softmax(dim=-1)
             require_effect(name, "the group limit", scores, gate.top_k, chosen)
@@ -1152,8 +1200,8 @@ def build5(spec, out_root):
         return key.startswith(prefix) and not key.endswith("e_score_correction_bias")
 
     # Fused names are the block's own parameter names (and the shared MLP's, for
-    # GraniteMoeShared).
-    params = {fused_prefix + n: p for n, p in block.named_parameters()}
+    # GraniteMoeShared); not ERNIE-4.5's correction bias, a parameter without gradient.
+    params = {fused_prefix + n: p for n, p in block.named_parameters() if p.requires_grad}
     if shared_mlp is not None:
         params.update({shared_prefix + n: p for n, p in shared_mlp.named_parameters()})
     block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}

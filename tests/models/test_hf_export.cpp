@@ -244,6 +244,20 @@ TEST_CASE("export refuses what the family cannot express, naming it", "[models][
   CHECK_THROWS_MATCHES(models::export_hf_block(tempered, "mixtral", scratch("wrong")),
                        invalid_argument, MessageMatches(ContainsSubstring("temperature")));
 
+  // ERNIE-4.5's options: neither Mixtral nor Qwen3-MoE has a selection bias or a clamp.
+  SoftmaxTopKConfig biased = hot;
+  biased.temperature = 1.0, biased.selection_bias = true;
+  models::MixtralLayer<X, S> with_bias(SoftmaxTopKRouter<X, S>(biased),
+                                       SwiGLUExperts<X, S>({experts, hidden, ffn}));
+  CHECK_THROWS_MATCHES(models::export_hf_block(with_bias, "qwen3_moe", scratch("wrong")),
+                       invalid_argument, MessageMatches(ContainsSubstring("selection_bias")));
+  SoftmaxTopKConfig clamped = hot;
+  clamped.temperature = 1.0, clamped.norm_min = 1e-12;
+  models::MixtralLayer<X, S> with_clamp(SoftmaxTopKRouter<X, S>(clamped),
+                                        SwiGLUExperts<X, S>({experts, hidden, ffn}));
+  CHECK_THROWS_MATCHES(models::export_hf_block(with_clamp, "mixtral", scratch("wrong")),
+                       invalid_argument, MessageMatches(ContainsSubstring("norm_min")));
+
   // A shared expert under a name the loaders do not use would be dropped silently.
   SigmoidBiasConfig router;
   router.hidden = hidden, router.experts = experts, router.top_k = 2;

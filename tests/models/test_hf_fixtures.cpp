@@ -224,7 +224,8 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"hunyuan_v1_moe", R::softmax_topk},
                         {"phimoe", R::sparse_mixer},
                         {"llama4_text", R::sigmoid_bias},
-                        {"llama4", R::sigmoid_bias}};
+                        {"llama4", R::sigmoid_bias},
+                        {"ernie4_5_moe", R::softmax_topk}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {
@@ -267,6 +268,92 @@ TEST_CASE("GLM-4-MoE's dense first layer is refused, its MoE layers read", "[mod
                        MessageMatches(ContainsSubstring("dense") &&
                                       ContainsSubstring("first_k_dense_replace")));
   CHECK(models::read_block_config(dir, 2).experts == 16);
+}
+
+TEST_CASE("ERNIE-4.5-MoE: dense first layer, selection bias and norm_min in both layouts",
+          "[models][hf][hf5]") {
+  const fs::path dir = fixtures / "hf5" / "ernie4_5_moe";
+  CHECK_THROWS_MATCHES(
+      models::read_block_config((dir / "model").string(), 0), kmoe::invalid_argument,
+      MessageMatches(ContainsSubstring("dense") && ContainsSubstring("moe_layer_start_index")));
+  for (const char* model : {"model", "model_fused"}) {
+    INFO(model);
+    const std::string model_dir = (dir / model).string();
+    const auto block = models::read_block(model_dir, 1);
+    CHECK(block.selection_bias_name() ==
+          (std::string(model) == "model"
+               ? "model.layers.1.mlp.moe_statics.e_score_correction_bias"
+               : "model.layers.1.mlp.gate.moe_statics.e_score_correction_bias"));
+    CHECK(block.norm_min == 1e-12);
+    CHECK(block.shared_ffn == 2 * block.ffn);
+    auto layer = models::load_softmax_block<X, float>(model_dir, 1);
+    CHECK(layer.router().config().selection_bias);
+    CHECK(layer.router().config().norm_min == 1e-12);
+    // The bias read is the checkpoint's (float32 there), not the zeros it starts at.
+    const auto bias =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
+    const kmoe::io::SafetensorsFile file((fs::path(model_dir) / "model.safetensors").string());
+    REQUIRE(file.info(block.selection_bias_name()).dtype == kmoe::io::DType::F32);
+    std::vector<float> stored(bias.size());
+    file.read_into(block.selection_bias_name(), stored.data(), stored.size());
+    bool nonzero = false;
+    for (std::size_t e = 0; e < stored.size(); ++e) {
+      CHECK(bias(e) == stored[e]);
+      nonzero = nonzero || stored[e] != 0;
+    }
+    CHECK(nonzero);
+  }
+}
+
+TEST_CASE("ERNIE-4.5-MoE's layer placement and settings are read as transformers reads them",
+          "[models][hf][hf5]") {
+  const fs::path source = fixtures / "hf5" / "ernie4_5_moe" / "model" / "config.json";
+  const fs::path dir = fs::temp_directory_path() / ("kmoe_ernie_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  // What read_block_config says of `layer` (config.json only) with `edit` applied.
+  const auto read = [&](int layer, const std::function<void(nlohmann::json&)>& edit) {
+    std::ifstream in(source);
+    nlohmann::json config = nlohmann::json::parse(in);
+    edit(config);
+    std::ofstream(dir / "config.json") << config.dump(2);
+    try {
+      const auto b = models::read_block_config(dir.string(), layer);
+      return "MoE top-" + std::to_string(b.top_k) + " of " + std::to_string(b.experts) +
+             ", shared " + std::to_string(b.shared_ffn);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+  };
+  const auto set = [](const char* field, nlohmann::json value) {
+    return [=](nlohmann::json& c) { c[field] = value; };
+  };
+  // -1 (what released configs say) is the last layer; transformers writes it resolved.
+  CHECK(read(1, set("moe_layer_end_index", -1)) == "MoE top-2 of 8, shared 32");
+  CHECK_THAT(read(1, set("moe_layer_end_index", 0)),
+             ContainsSubstring("dense") && ContainsSubstring("\"moe_layer_end_index\" = 0"));
+  CHECK_THAT(read(0, set("moe_layer_start_index", 0)), ContainsSubstring("MoE top-2"));
+  CHECK_THAT(read(0, set("moe_layer_interval", 2)),
+             ContainsSubstring("dense") && ContainsSubstring("\"moe_layer_interval\" = 2"));
+  CHECK_THAT(read(1, set("moe_layer_interval", 2)), ContainsSubstring("MoE top-2"));
+  // Absent fields take transformers' defaults: start 1, end -1, interval 1, 2 shared experts.
+  CHECK(read(1, [](nlohmann::json& c) {
+          for (const char* f :
+               {"moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval",
+                "moe_num_shared_experts", "moe_norm_min", "use_bias"})
+            c.erase(f);
+        }) == "MoE top-2 of 8, shared 32");
+  CHECK(read(1, set("moe_num_shared_experts", 0)) == "MoE top-2 of 8, shared 0");
+  // transformers' attribute aliases, and disagreement between the two names.
+  CHECK(read(1, [](nlohmann::json& c) {
+          c["num_experts"] = c["moe_num_experts"], c["num_experts_per_tok"] = c["moe_k"];
+          c.erase("moe_num_experts"), c.erase("moe_k");
+        }) == "MoE top-2 of 8, shared 32");
+  CHECK_THAT(read(1, set("num_experts", 4)), ContainsSubstring("disagree"));
+  CHECK_THAT(read(1, set("moe_k", 9)), ContainsSubstring("\"moe_k\" = 9 must be in [1, 8]"));
+  CHECK_THAT(read(1, set("moe_norm_min", -1)),
+             ContainsSubstring("\"moe_norm_min\"") && ContainsSubstring("finite number >= 0"));
+  CHECK_THAT(read(1, set("use_bias", true)), ContainsSubstring("\"use_bias\" = true"));
+  fs::remove_all(dir);
 }
 
 TEST_CASE("Checkpoint names cover every parameter slice", "[models][hf]") {
@@ -392,7 +479,7 @@ TEST_CASE("Llama 4: MoE layers by moe_layers or the interleave step, weights on 
   CHECK(block.weight_on_input);
   CHECK(block.router == models::BlockRouter::sigmoid_bias);
   CHECK(!block.normalize);
-  CHECK(block.selection_bias.empty());
+  CHECK_FALSE(block.has_selection_bias());
   CHECK(!models::read_block_config((fixtures / "hf5" / "deepseek_v3" / "model").string(), 1)
              .weight_on_input);
   // The family decides where the weights go, whatever the options say.

@@ -3,7 +3,8 @@
 // clipping) checkpoints after 3 of 6 steps; restored on the same layout it continues bitwise
 // like the uninterrupted run; restored on another layout (a sub-group of the world, or one
 // rank alone) it continues like the single-rank run of the same global batches, computed on
-// every rank as the reference. Broken checkpoints raise on every rank and change nothing.
+// every rank as the reference. Broken checkpoints raise on every rank and change nothing. A
+// softmax router saves its selection bias only when it has one.
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/expert.hpp>
@@ -15,6 +16,7 @@
 #include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
+#include <kmoe/routers/softmax_topk.hpp>
 
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -240,4 +242,53 @@ TEST_CASE("broken checkpoints raise on every rank and load nothing", "[mpi][chec
   on_rank0([&] { fs::remove(fs::path(dir) / "index.json"); });
   CHECK(io::latest_checkpoint(checkpoint_root()).find("broken") == std::string::npos);
   refused("no complete checkpoint");
+}
+
+TEST_CASE("a softmax router's selection bias is saved and restored only when it has one",
+          "[mpi][checkpoint]") {
+  using Softmax = SoftmaxTopKRouter<X, S>;
+  using SoftmaxLayer = MoELayer<Softmax, GLU, WeightedSumCombiner<X, S>, MpiCommunicator>;
+  MpiCommunicator world = MpiCommunicator::world();
+  ParallelLayout layout;
+  layout.ep = world.size();
+  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const auto make = [&](bool biased) {
+    SoftmaxTopKConfig config{hidden, experts, top_k, true};
+    config.selection_bias = biased;
+    return SoftmaxLayer(
+        Softmax(config),
+        GLU({int(layout.local_experts(experts, groups.ep_rank).size()), hidden, ffn}), {},
+        std::nullopt, groups);
+  };
+  const auto bias_of = [](const SoftmaxLayer& layer) {
+    const auto host =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
+    return std::vector<S>(host.data(), host.data() + host.size());
+  };
+  const std::string root = checkpoint_root() + "/softmax-np" + std::to_string(world.size());
+  const std::string with_bias = root + "/biased", without_bias = root + "/plain";
+
+  auto saved = make(true);
+  AdamW<X, S> saved_optimizer(saved.parameters(), {});
+  auto bias = Kokkos::create_mirror_view(saved.router().bias());
+  for (int e = 0; e < experts; ++e) bias(e) = 0.01 * (e - 1.5);
+  Kokkos::deep_copy(saved.router().bias(), bias);
+  io::save_checkpoint(with_bias, saved, saved_optimizer, {1, {}});
+  auto restored = make(true);
+  AdamW<X, S> restored_optimizer(restored.parameters(), {});
+  CHECK(bias_of(restored) == std::vector<S>(experts, 0.0));
+  io::load_checkpoint(with_bias, restored, restored_optimizer);
+  CHECK(bias_of(restored) == bias_of(saved));
+
+  // A router without a bias writes none, and neither kind takes the other's checkpoint.
+  auto plain = make(false);
+  AdamW<X, S> plain_optimizer(plain.parameters(), {});
+  io::save_checkpoint(without_bias, plain, plain_optimizer, {1, {}});
+  CHECK_NOTHROW(io::load_checkpoint(without_bias, plain, plain_optimizer));
+  CHECK_THROWS_WITH(io::load_checkpoint(with_bias, plain, plain_optimizer),
+                    ContainsSubstring("router.selection_bias saved, but this router has none") ||
+                        ContainsSubstring("another rank failed"));
+  CHECK_THROWS_WITH(io::load_checkpoint(without_bias, restored, restored_optimizer),
+                    ContainsSubstring("no router.selection_bias") ||
+                        ContainsSubstring("another rank failed"));
 }

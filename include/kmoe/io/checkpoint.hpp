@@ -234,7 +234,8 @@ void save_checkpoint(const std::string& directory, Layer& layer, const Optimizer
     }
     using RouterType = std::decay_t<decltype(layer.router())>;
     if constexpr (kmoe::detail::is_detected_v<detail::router_bias_of, RouterType>) {
-      if (rank == 0) {
+      // An empty bias() is none (a SoftmaxTopKRouter without selection_bias).
+      if (rank == 0 && layer.router().bias().size() > 0) {
         auto bias = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
         writer.add("router.selection_bias",
                    detail::dtype_of<typename std::decay_t<decltype(bias)>::value_type>(),
@@ -469,14 +470,20 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
     using RouterType = std::decay_t<decltype(layer.router())>;
     if constexpr (kmoe::detail::is_detected_v<detail::router_bias_of, RouterType>) {
       const auto found = pieces.find("router.selection_bias");
-      if (found == pieces.end())
+      if (layer.router().bias().size() == 0) {
+        if (found != pieces.end())
+          throw runtime_error(std::string(where) + ": " + index_path +
+                              ": router.selection_bias saved, but this router has none");
+      } else if (found == pieces.end()) {
         throw runtime_error(std::string(where) + ": " + index_path +
                             ": no router.selection_bias for this router");
-      const auto& file = open(found->second.front().file);
-      const auto values = file.template read<double>("router.selection_bias");
-      require(values.size() == std::size_t(layer.num_experts()), where,
-              "router.selection_bias size", values.size(), "must equal the number of experts");
-      bias = values;
+      } else {
+        const auto& file = open(found->second.front().file);
+        const auto values = file.template read<double>("router.selection_bias");
+        require(values.size() == std::size_t(layer.num_experts()), where,
+                "router.selection_bias size", values.size(), "must equal the number of experts");
+        bias = values;
+      }
     }
   });
   // Everything read and checked on every rank: only now does anything change.

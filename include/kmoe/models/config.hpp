@@ -217,6 +217,9 @@ struct CheckpointNaming {
   /// DBRX: three 2-D [E·F, H] tensors, relative to prefix: expert e's gate and up rows
   /// e·F ... e·F + F - 1, and its down projection stored as its transpose [F, H].
   std::string stacked_gate, stacked_up, stacked_down;
+  /// Selection bias relative to prefix (DeepSeek-V3 "gate.e_score_correction_bias"), or
+  /// empty; ERNIE-4.5 names it differently in its two layouts.
+  std::string selection_bias;
 };
 
 /// \brief Everything a loader needs about one layer's MoE block, read from config.json.
@@ -254,16 +257,19 @@ struct MoEBlockConfig {
   /// The shared expert's output scaled per token by sigmoid(x · w), w [1, H] named
   /// `shared_gate` (Qwen2-MoE's shared_expert_gate.weight); empty if ungated.
   std::string shared_gate;
-  /// Selection bias relative to prefix (DeepSeek-V3 "gate.e_score_correction_bias"), or
-  /// empty; selection_bias_name() is its checkpoint name.
-  std::string selection_bias;
+  /// The selection bias's checkpoint shape ([E]; ERNIE-4.5: [1, E]), if the namings have one.
+  std::vector<std::int64_t> selection_bias_shape;
+  /// Renormalisation divides by max(sum of the chosen weights, norm_min) (ERNIE-4.5).
+  double norm_min = 0.0;
   /// The routing weight scales each expert's input and the expert outputs are added with
   /// weight 1 (Llama 4); the loaders build the layer with RoutingWeightPlacement::input.
   bool weight_on_input = false;
 
   const CheckpointNaming& current_naming() const { return namings.at(naming); }
   std::string router_name() const { return prefix + current_naming().router_weight; }
-  std::string selection_bias_name() const { return prefix + selection_bias; }
+  bool has_selection_bias() const { return !current_naming().selection_bias.empty(); }
+  /// The checkpoint name of the selection bias (has_selection_bias()).
+  std::string selection_bias_name() const { return prefix + current_naming().selection_bias; }
 };
 
 /// \brief A naming with one tensor per expert and projection.
@@ -584,6 +590,62 @@ inline MoEBlockConfig hunyuan_v1_moe_block(const ConfigFile& config, MoEBlockCon
   return b;
 }
 
+/// Ernie4_5_MoeDecoderLayer: an MoE block on layer i if (i + 1) % moe_layer_interval == 0
+/// and moe_layer_start_index <= i <= moe_layer_end_index (-1: the last layer), a dense MLP
+/// otherwise; absent fields take transformers' defaults (1, -1, 1).
+inline void require_ernie4_5_moe_layer(const ConfigFile& config, int layer) {
+  const int interval = config.has("moe_layer_interval") ? config.count("moe_layer_interval", 1) : 1;
+  if ((layer + 1) % interval != 0)
+    dense_layer(config, layer, "\"moe_layer_interval\" = " + std::to_string(interval));
+  const long long start =
+      config.has("moe_layer_start_index") ? config.integer("moe_layer_start_index") : 1;
+  if (layer < start)
+    dense_layer(config, layer, "\"moe_layer_start_index\" = " + std::to_string(start));
+  const long long end =
+      config.has("moe_layer_end_index") ? config.integer("moe_layer_end_index") : -1;
+  const long long last = end == -1 ? config.count("num_hidden_layers", 1) - 1 : end;
+  if (layer > last) dense_layer(config, layer, "\"moe_layer_end_index\" = " + std::to_string(end));
+}
+
+/// ERNIE-4.5-MoE (Ernie4_5_MoeSparseMoeBlock): softmax over all experts; the top-k chosen by
+/// p + moe_statics.e_score_correction_bias ([1, E], under the router `gate` in the fused
+/// layout); the chosen p divided by max(their sum, moe_norm_min); plus the shared experts,
+/// one MLP of width moe_num_shared_experts x moe_intermediate_size added with weight 1.
+/// Absent optional fields take transformers' defaults (moe_num_shared_experts 2,
+/// moe_norm_min 1e-12, use_bias false).
+inline MoEBlockConfig ernie4_5_moe_block(const ConfigFile& config, MoEBlockConfig b) {
+  require_ernie4_5_moe_layer(config, b.layer);
+  if (config.has("use_bias") && config.boolean("use_bias"))
+    throw runtime_error("kmoe::models: " + config.path() +
+                        ": field \"use_bias\" = true is not supported (kmoe's shared expert has "
+                        "no biases)");
+  const std::string prefix = layer_prefix(b) + "mlp.";
+  b.namings = transformers_namings(prefix, prefix);
+  b.namings[0].selection_bias = "moe_statics.e_score_correction_bias";
+  b.namings[1].selection_bias = "gate.moe_statics.e_score_correction_bias";
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("moe_intermediate_size", 1);
+  // config.json says moe_num_experts / moe_k; num_experts / num_experts_per_tok are
+  // transformers' attribute aliases of them.
+  const std::string experts_field = config.either({"moe_num_experts", "num_experts"});
+  b.experts = config.count(experts_field, 1, max_experts);
+  b.top_k = config.count(config.either({"moe_k", "num_experts_per_tok"}), 1, b.experts);
+  b.normalize = true;
+  b.norm_min = config.has("moe_norm_min") ? config.non_negative_number("moe_norm_min") : 1e-12;
+  b.selection_bias_shape = {1, b.experts};
+  b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
+  check_sizes(config, b, "moe_intermediate_size", experts_field);
+  const int shared =
+      config.has("moe_num_shared_experts") ? config.count("moe_num_shared_experts", 0) : 2;
+  b.shared_ffn =
+      int(field_product(config, "moe_num_shared_experts", shared, "moe_intermediate_size", b.ffn,
+                        std::numeric_limits<int>::max(), "a shared expert width"));
+  field_product(config, "hidden_size", b.hidden, "moe_num_shared_experts x moe_intermediate_size",
+                b.shared_ffn, max_matrix_elements, "a shared expert projection");
+  b.shared_prefix = prefix + "shared_experts.";
+  return b;
+}
+
 /// OLMoE and FlexOlmo: Qwen3-MoE's block, with the expert width under intermediate_size
 /// and every layer an MoE layer.
 inline MoEBlockConfig olmoe_block(const ConfigFile& config, MoEBlockConfig b) {
@@ -610,7 +672,8 @@ inline MoEBlockConfig deepseek_v3_block(const ConfigFile& config, MoEBlockConfig
   read_shared_experts(config, b);
   b.gate_proj = "gate_proj", b.up_proj = "up_proj", b.down_proj = "down_proj";
   b.router = BlockRouter::sigmoid_bias;
-  b.selection_bias = "gate.e_score_correction_bias";
+  for (auto& naming : b.namings) naming.selection_bias = "gate.e_score_correction_bias";
+  b.selection_bias_shape = {b.experts};
   return b;
 }
 
@@ -825,6 +888,7 @@ inline const std::vector<Family>& families() {
       {"phimoe", phimoe_block},
       {"llama4_text", llama4_text_block},
       {"llama4", llama4_block, "text_config"},
+      {"ernie4_5_moe", ernie4_5_moe_block},
   };
   return table;
 }
@@ -839,8 +903,6 @@ struct RefusedFamily {
 
 inline const std::vector<RefusedFamily>& refused_families() {
   static const std::vector<RefusedFamily> table = {
-      {"ernie4_5_moe",
-       "it selects by softmax probability plus a bias and clamps the normalisation"},
       {"gpt_oss",
        "its router and experts have biases, gate/up are interleaved and its SwiGLU is clamped"},
   };
@@ -1045,8 +1107,8 @@ inline void check_checkpoint(const MoEBlockConfig& b, const io::ShardedCheckpoin
     detail::require_tensor(checkpoint, b, t.checkpoint, t.shape);
     previous = t.checkpoint;
   });
-  if (!b.selection_bias.empty())
-    detail::require_tensor(checkpoint, b, b.selection_bias_name(), {b.experts});
+  if (b.has_selection_bias())
+    detail::require_tensor(checkpoint, b, b.selection_bias_name(), b.selection_bias_shape);
 }
 
 /// \brief Block `b` (from read_block_config) in the naming `checkpoint` stores it in

@@ -12,6 +12,7 @@
 ///
 /// Needs nlohmann-json (link kmoe::io).
 
+#include <kmoe/detail/detect.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/experts/glu.hpp>
 #include <kmoe/io/safetensors.hpp>
@@ -147,7 +148,8 @@ std::optional<SwiGLUExperts<X, S>> shared_experts(const MoEBlockConfig& b) {
 
 /// The router settings of block `b` (TopKSoftmaxConfig has no renormalisation, scaling
 /// or group limit: a softmax over the chosen logits is normalised by construction;
-/// SparseMixerConfig has two slots by construction and its masks' eps).
+/// SparseMixerConfig has two slots by construction and its masks' eps; SigmoidBiasConfig
+/// always has a selection bias and no clamped normalisation).
 template <class Config>
 Config router_config(const MoEBlockConfig& b) {
   Config c;
@@ -163,8 +165,16 @@ Config router_config(const MoEBlockConfig& b) {
     c.scaling_factor = b.scaling_factor;
     c.group = GroupLimit{b.n_group, b.topk_group, b.group_score_terms};
   }
+  if constexpr (std::is_same_v<Config, SoftmaxTopKConfig>) {
+    c.selection_bias = b.has_selection_bias();
+    c.norm_min = b.norm_min;
+  }
   return c;
 }
+
+/// A router's selection bias (SigmoidBiasRouter, SoftmaxTopKRouter), if it can hold one.
+template <class R>
+using selection_bias_of = decltype(std::declval<const R&>().bias());
 
 /// The block of `layer` with a `Router` (of kind `kind`) and SwiGLU experts, its weights
 /// read from the checkpoint; the selection bias too if the block has one. The routing
@@ -187,13 +197,16 @@ MoELayer<Router, SwiGLUExperts<X, S>> load_block(const std::string& model_dir, i
       SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}), block_options,
       shared_experts<X, S>(b));
   load_weights(moe, b, checkpoint);
-  // Llama 4's sigmoid router has no selection bias: it stays zero.
-  if constexpr (std::is_same_v<Router, SigmoidBiasRouter<X, S>>) {
-    if (b.selection_bias.empty()) return moe;
-    const auto bias = moe.router().bias();
-    auto host = Kokkos::create_mirror_view(bias);
-    checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
-    Kokkos::deep_copy(bias, host);
+  if (b.has_selection_bias()) {
+    if constexpr (kmoe::detail::is_detected_v<selection_bias_of, Router>) {
+      const auto bias = moe.router().bias();
+      auto host = Kokkos::create_mirror_view(bias);
+      checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
+      Kokkos::deep_copy(bias, host);
+    } else {
+      throw invalid_argument(where, "model_dir", model_dir,
+                             "the block has a selection bias, which this router cannot hold");
+    }
   }
   return moe;
 }

@@ -118,6 +118,10 @@ void export_hf_block(const Layer& moe, const std::string& model_type, const std:
             "false", "Mixtral always renormalises the top-k weights; export as \"qwen3_moe\"");
     require(!moe.shared_experts().has_value(), where, "shared experts", "present",
             model_type + " blocks have none; export as \"deepseek_v3\"");
+    require(!router.selection_bias, where, "router selection_bias", "true",
+            model_type + " has no selection bias");
+    require(router.norm_min == 0.0, where, "router norm_min", router.norm_min,
+            "must be 0: " + model_type + " does not clamp the normalisation");
   } else {
     require(model_type == "deepseek_v3", where, "model_type", model_type,
             "a SigmoidBiasRouter layer exports as \"deepseek_v3\"");

@@ -3,7 +3,8 @@
 /// \file softmax_topk.hpp
 /// \brief Softmax-then-top-k routing (Mixtral, Qwen-MoE, Switch, DeepSpeed, Tutel,
 /// MegaBlocks): p = softmax(l), choose the k largest p, weight p_e (optionally
-/// renormalised over the chosen), optionally group-limited and scaled.
+/// renormalised over the chosen), optionally group-limited and scaled; optionally chosen by
+/// p + b with a per-expert selection bias b and renormalised by a clamped sum (ERNIE-4.5).
 
 #include <kmoe/detail/topk.hpp>
 #include <kmoe/router.hpp>
@@ -11,6 +12,8 @@
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
 #include <kmoe/routing_plan.hpp>
+
+#include <cmath>
 
 namespace kmoe {
 
@@ -25,6 +28,13 @@ struct SoftmaxTopKConfig {
   GroupLimit group = {};
   /// Router temperature tau: p = softmax(l / tau); 1 leaves the logits untouched.
   double temperature = 1.0;
+  /// Choose the top-k of p + b, with a per-expert bias b [E] that gradients never touch
+  /// (ERNIE-4.5's moe_statics.e_score_correction_bias); the weights stay p. b starts at 0
+  /// and is set through bias(); false: no bias, bias() is empty.
+  bool selection_bias = false;
+  /// With normalize, divide by max(sum of the chosen p, norm_min) (ERNIE-4.5's
+  /// moe_norm_min), so that a tiny sum does not blow the weights up; 0 divides by the sum.
+  double norm_min = 0.0;
 };
 
 /// \brief Softmax-then-top-k router with a learned gate weight [E, H].
@@ -39,9 +49,12 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
 
   explicit SoftmaxTopKRouter(const SoftmaxTopKConfig& config)
       : Base("kmoe::SoftmaxTopKRouter", config.hidden, config.experts, config.top_k),
-        config_(validated(config)) {}
+        config_(validated(config)),
+        bias_("router.selection_bias", config.selection_bias ? config.experts : 0) {}
 
   const SoftmaxTopKConfig& config() const { return config_; }
+  /// Selection bias b [E] (empty without config().selection_bias); set it directly.
+  const Vector<route_type, ExecSpace>& bias() const { return bias_; }
 
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan,
                const RouteContext<ExecSpace>&) {
@@ -54,14 +67,17 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     const auto probs = plan.probs;
     const auto expert = plan.expert;
     const auto weight = plan.weight;
+    const auto bias = bias_;
+    const bool biased = config_.selection_bias;
     const GroupLimit group = config_.group;
     const bool normalize = config_.normalize;
     const route_type scale = route_type(config_.scaling_factor);
+    const route_type norm_min = route_type(config_.norm_min);
     Kokkos::parallel_for(
         "kmoe::SoftmaxTopKRouter::forward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
         KOKKOS_LAMBDA(int t) {
           detail::softmax_row(t, experts, logits, probs);
-          const auto score = [&](int e) { return probs(t, e); };
+          const auto score = [&](int e) { return biased ? probs(t, e) + bias(e) : probs(t, e); };
           const std::uint64_t groups =
               group.enabled() ? detail::select_groups(experts, group.n_group, group.topk_group,
                                                       group.score_terms, score)
@@ -72,6 +88,7 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
           detail::select_top_k(0, experts, k, score, eligible, row);
           route_type z = 0;
           for (int j = 0; j < k; ++j) z += probs(t, expert(t, j));
+          if (z < norm_min) z = norm_min;
           for (int j = 0; j < k; ++j)
             weight(t, j) =
                 scale * (normalize ? probs(t, expert(t, j)) / z : probs(t, expert(t, j)));
@@ -87,14 +104,20 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     const auto expert = plan.expert;
     const bool normalize = config_.normalize;
     const route_type scale = route_type(config_.scaling_factor);
+    const route_type norm_min = route_type(config_.norm_min);
     Kokkos::parallel_for(
         "kmoe::SoftmaxTopKRouter::backward", Kokkos::RangePolicy<ExecSpace>(0, tokens),
         KOKKOS_LAMBDA(int t) {
           const auto chosen = [&](int j) { return probs(t, expert(t, j)); };
           const auto grad_w = [&](int j) { return grad_weight(t, j); };
+          // Below norm_min the divisor is the constant norm_min: no gradient through the sum.
+          route_type z = 0;
+          for (int j = 0; j < k; ++j) z += chosen(j);
+          const bool clamped = normalize && z < norm_min;
           const auto grad_p = [&](int j) {
-            return detail::normalized_weight_backward(j, k, normalize, scale, route_type(0), chosen,
-                                                      grad_w);
+            return clamped ? scale * grad_w(j) / norm_min
+                           : detail::normalized_weight_backward(j, k, normalize, scale,
+                                                                route_type(0), chosen, grad_w);
           };
           detail::softmax_backward_sparse(t, experts, k, probs, expert, grad_p, grad_logits);
         });
@@ -110,6 +133,9 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     f.flag("normalize", config_.normalize);
     f.real("scaling_factor", config_.scaling_factor);
     f.real("temperature", config_.temperature);
+    // Only when set, so that the fingerprints of routers without them stay as they were.
+    if (config_.selection_bias) f.flag("selection_bias", true);
+    if (config_.norm_min != 0) f.real("norm_min", config_.norm_min);
   }
 
  private:
@@ -118,10 +144,13 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     detail::validate_router_shape(where, c.hidden, c.experts);
     detail::validate_top_k(where, c.experts, c.top_k, c.group);
     detail::validate_temperature(where, c.temperature);
+    require(std::isfinite(c.norm_min) && c.norm_min >= 0, where, "norm_min", c.norm_min,
+            "must be finite and >= 0");
     return c;
   }
 
   SoftmaxTopKConfig config_;
+  Vector<route_type, ExecSpace> bias_;
 };
 
 // The shipped policy meets its role (kmoe/router.hpp) wherever it is included.
