@@ -72,6 +72,9 @@ class ConfigFile {
   /// \brief `field` as error messages name it: its path from the top of the file.
   std::string qualified(const std::string& field) const { return scope_ + field; }
 
+  /// `field`'s JSON value as it stands (for an error message quoting it).
+  const nlohmann::json& raw(const std::string& field) const { return get(field); }
+
   /// Whether `field` is set to a JSON array.
   bool is_array(const std::string& field) const { return has(field) && json_.at(field).is_array(); }
 
@@ -195,6 +198,11 @@ inline const char* layout_name(ExpertLayout layout) {
 /// then a softmax over the chosen (Granite-MoE: kmoe::TopKSoftmaxRouter).
 enum class BlockRouter { softmax_topk, sigmoid_bias, topk_softmax };
 
+/// \brief The routed experts a family's block uses: SwiGLU (kmoe::SwiGLUExperts, every family
+/// but one), or GPT-OSS's clamped, alpha-scaled SwiGLU with biases
+/// (kmoe::ClampedSwiGLUExperts).
+enum class BlockExperts { swiglu, clamped_swiglu };
+
 /// \brief One way a family's checkpoints name a block's router and routed experts.
 struct CheckpointNaming {
   ExpertLayout layout = ExpertLayout::per_expert;
@@ -205,6 +213,11 @@ struct CheckpointNaming {
   /// Fused tensors stored transposed: gate_up [E, H, 2F] (gate columns first), down
   /// [E, F, H] (Qwen3-VL-MoE's own checkpoints).
   bool transposed = false;
+  /// With `transposed`: gate and up columns interleaved (gate 2f, up 2f + 1; GPT-OSS).
+  bool interleaved = false;
+  /// Biases relative to prefix, empty if none: the router's [E] (GPT-OSS "router.bias"),
+  /// the fused gate-up [E, 2F] (laid out as gate_up's columns) and down [E, H] ones.
+  std::string router_bias, fused_gate_up_bias, fused_down_bias;
   /// DBRX: three 2-D [E·F, H] tensors, relative to prefix: expert e's gate and up rows
   /// e·F ... e·F + F - 1, and its down projection stored as its transpose [F, H].
   std::string stacked_gate, stacked_up, stacked_down;
@@ -228,6 +241,9 @@ struct MoEBlockConfig {
   bool normalize = false;
   double scaling_factor = 1.0;
   BlockRouter router = BlockRouter::softmax_topk;
+  BlockExperts expert_kind = BlockExperts::swiglu;
+  /// BlockExperts::clamped_swiglu: the sigmoid gain and the clamp (kmoe::ClampedSwiGLU).
+  double swiglu_alpha = 1.702, swiglu_limit = 7.0;
   /// Group-limited routing (n_group = topk_group = 1 disables it): a group's score is the
   /// sum of its `group_score_terms` best scores (DeepSeek-V3: 2; DeepSeek-V2: 1, the max).
   int n_group = 1, topk_group = 1, group_score_terms = 2;
@@ -249,6 +265,8 @@ struct MoEBlockConfig {
 
   const CheckpointNaming& current_naming() const { return namings.at(naming); }
   std::string router_name() const { return prefix + current_naming().router_weight; }
+  bool has_router_bias() const { return !current_naming().router_bias.empty(); }
+  bool has_expert_bias() const { return !current_naming().fused_gate_up_bias.empty(); }
   std::string selection_bias_name() const { return prefix + selection_bias; }
 };
 
@@ -310,8 +328,13 @@ struct CheckpointTensor {
   std::int64_t count = 0;           ///< elements of the slice
   /// A transposed slice (region_rows > 0): the checkpoint holds, from `offset`, a row-major
   /// [region_rows, region_cols] matrix M, and the parameter slice P, of extents
-  /// [count / region_rows, region_rows], is P[i][j] = M[j][first_column + i].
-  std::int64_t region_rows = 0, region_cols = 0, first_column = 0;
+  /// [count / region_rows, region_rows], is P[i][j] = M[j][first_column + i * column_stride]
+  /// (column_stride 2: every other column, GPT-OSS's interleaved gate and up).
+  std::int64_t region_rows = 0, region_cols = 0, first_column = 0, column_stride = 1;
+  /// Where P[i][j] lies in M (row-major, from `offset`).
+  std::int64_t region_index(std::int64_t i, std::int64_t j) const {
+    return j * region_cols + first_column + i * column_stride;
+  }
   bool transposed() const { return region_rows > 0; }
   /// Elements read from the checkpoint for this slice.
   std::int64_t region_count() const { return transposed() ? region_rows * region_cols : count; }
@@ -692,6 +715,45 @@ inline MoEBlockConfig granitemoe_block(const ConfigFile& config, MoEBlockConfig 
   return b;
 }
 
+/// GPT-OSS (GptOssMLP: router GptOssTopKRouter, experts GptOssExperts): the top-k logits of
+/// x W^T + b and a softmax over them; experts with biases whose gate and up columns are
+/// interleaved in one transposed tensor, gate_up_proj [E, H, 2F] (gate 2f, up 2f + 1),
+/// down_proj [E, F, H], and the clamped SwiGLU with swiglu_alpha and swiglu_limit.
+/// transformers 5.24 has no conversion for these tensors, so this is its only layout.
+/// hidden_act is not read: GptOssExperts ignores it. Released checkpoints are MXFP4
+/// (quantization_config, `…_blocks` / `…_scales` tensors), which kmoe refuses.
+inline MoEBlockConfig gpt_oss_block(const ConfigFile& config, MoEBlockConfig b) {
+  if (config.has("quantization_config")) {
+    const std::string what = io::json_excerpt(config.raw("quantization_config"));
+    throw runtime_error("kmoe::models: " + config.path() + ": field \"" +
+                        config.qualified("quantization_config") + "\" = " + what +
+                        " is not supported: kmoe reads unquantised weights (F16, BF16, F32, F64); "
+                        "dequantise the checkpoint first (transformers: Mxfp4Config(dequantize="
+                        "True), then save_pretrained)");
+  }
+  CheckpointNaming n = fused_naming(layer_prefix(b) + "mlp.", "router.weight",
+                                    "experts.gate_up_proj", "experts.down_proj", true);
+  n.interleaved = true;
+  n.router_bias = "router.bias";
+  n.fused_gate_up_bias = "experts.gate_up_proj_bias", n.fused_down_bias = "experts.down_proj_bias";
+  b.namings = {n};
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("intermediate_size", 1);
+  const std::string experts_field = config.either({"num_local_experts", "num_experts"});
+  b.experts = config.count(experts_field, 1, max_experts);
+  b.top_k = config.count("num_experts_per_tok", 1);
+  b.normalize = true;  // a softmax over the chosen logits sums to 1
+  b.router = BlockRouter::topk_softmax;
+  b.expert_kind = BlockExperts::clamped_swiglu;
+  // transformers' defaults (GptOssConfig) when absent.
+  if (config.has("swiglu_alpha")) b.swiglu_alpha = config.positive_number("swiglu_alpha");
+  if (config.has("swiglu_limit")) b.swiglu_limit = config.positive_number("swiglu_limit");
+  check_sizes(config, b, "intermediate_size", experts_field);
+  field_product(config, "hidden_size", b.hidden, "2 x intermediate_size", 2 * std::int64_t(b.ffn),
+                max_matrix_elements, "an expert's gate_up_proj");
+  return b;
+}
+
 /// One model_type kmoe reads, and how its config describes the block.
 struct Family {
   const char* model_type;
@@ -725,6 +787,7 @@ inline const std::vector<Family>& families() {
       {"qwen3_next", qwen2_moe_block},
       {"dbrx", dbrx_block, nullptr, "n_layers", false},
       {"hunyuan_v1_moe", hunyuan_v1_moe_block},
+      {"gpt_oss", gpt_oss_block, nullptr, "num_hidden_layers", false},
   };
   return table;
 }
@@ -741,8 +804,6 @@ inline const std::vector<RefusedFamily>& refused_families() {
   static const std::vector<RefusedFamily> table = {
       {"ernie4_5_moe",
        "it selects by softmax probability plus a bias and clamps the normalisation"},
-      {"gpt_oss",
-       "its router and experts have biases, gate/up are interleaved and its SwiGLU is clamped"},
       {"llama4", "it scales the expert input by the sigmoid router weight"},
       {"phimoe", "it routes by sparsemixer"},
   };
@@ -822,14 +883,18 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
         t.shape = Shape{E * F, H}, t.offset = e * F * H;
         if (down) t.region_rows = F, t.region_cols = H;  // [F, H]: w_down[e] transposed
       } else if (b.current_naming().transposed) {
-        // [E, H, 2F] gate_up: expert e's matrix, gate columns then up columns; [E, F, H] down.
+        // [E, H, 2F] gate_up: expert e's matrix, gate columns then up columns (or gate and
+        // up interleaved); [E, F, H] down.
         const bool up = std::string(param) == "w_up";
         t.checkpoint =
             b.prefix + (down ? b.current_naming().fused_down : b.current_naming().fused_gate_up);
         t.shape = down ? Shape{E, F, H} : Shape{E, H, 2 * F};
         t.offset = e * (down ? F * H : 2 * F * H);
         t.region_rows = down ? F : H, t.region_cols = down ? H : 2 * F;
-        t.first_column = up ? F : 0;
+        if (!down && n.interleaved)
+          t.first_column = up ? 1 : 0, t.column_stride = 2;
+        else
+          t.first_column = up ? F : 0;
       } else if (down) {
         t.checkpoint = b.prefix + b.current_naming().fused_down;
         t.shape = Shape{E, H, F}, t.offset = e * H * F;
@@ -841,6 +906,32 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
       }
       visit(t);
     }
+  }
+  const CheckpointNaming& n = b.current_naming();
+  if (b.has_router_bias())
+    visit(CheckpointTensor{"router.bias", -1, b.prefix + n.router_bias, Shape{E}, 0, E});
+  if (b.has_expert_bias()) {
+    // gate_up's bias [E, 2F] is laid out as its columns: a one-row region per expert.
+    for (const char* param : {"b_gate", "b_up"}) {
+      const bool up = std::string(param) == "b_up";
+      for (std::int64_t e = 0; e < E; ++e) {
+        CheckpointTensor t{std::string("experts.") + param,
+                           int(e),
+                           b.prefix + n.fused_gate_up_bias,
+                           Shape{E, 2 * F},
+                           e * 2 * F,
+                           F};
+        t.region_rows = 1, t.region_cols = 2 * F;
+        if (n.interleaved)
+          t.first_column = up ? 1 : 0, t.column_stride = 2;
+        else
+          t.first_column = up ? F : 0;
+        visit(t);
+      }
+    }
+    for (std::int64_t e = 0; e < E; ++e)
+      visit(CheckpointTensor{"experts.b_down", int(e), b.prefix + n.fused_down_bias, Shape{E, H},
+                             e * H, H});
   }
   if (b.shared_ffn > 0) {
     const std::int64_t S = b.shared_ffn;
