@@ -826,8 +826,8 @@ inline std::string supported_model_types() {
 /// kmoe::runtime_error for an unreadable or malformed file, an unknown model_type, a
 /// missing, mistyped or out-of-range field, sizes whose products do not fit (see
 /// max_matrix_elements), or a setting kmoe cannot reproduce (hidden_act other than silu,
-/// DeepSeek scoring other than sigmoid / noaux_tc); every message names the field and the
-/// file.
+/// DeepSeek scoring other than sigmoid / noaux_tc, a quantised GPT-OSS checkpoint); every
+/// message names the field and the file.
 inline MoEBlockConfig read_block_config(const std::string& model_dir, int layer) {
   const ConfigFile config(model_dir);
   MoEBlockConfig b;
