@@ -33,7 +33,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         const auto tensors = kmoe::models::checkpoint_tensors(b);
         const std::size_t shared_tensors =
             b.shared_ffn > 0 ? 3 + (b.shared_gate.empty() ? 0 : 1) : 0;
-        kmoe_fuzz::require(tensors.size() == 1 + 3 * std::size_t(b.experts) + shared_tensors,
+        const std::size_t bias_tensors =
+            (b.has_router_bias() ? 1 : 0) + (b.has_expert_bias() ? 3 * std::size_t(b.experts) : 0);
+        kmoe_fuzz::require(tensors.size() ==
+                               1 + 3 * std::size_t(b.experts) + shared_tensors + bias_tensors,
                            "a parameter slice without a checkpoint name");
       }
     });

@@ -16,9 +16,10 @@ GraniteMoeShared, Qwen3-VL-MoE (its text decoder's block), Qwen2-MoE and Qwen3-N
 shared expert scaled per token by a sigmoid gate), DBRX (2-D expert tensors that
 transformers does not convert: model/ only, see build5_dbrx), Hunyuan-MoE (router
 gate.wg, per-layer top-k, a shared MLP inside the block), Phi-MoE (sparsemixer, run in
-eval mode: its inference path and that path's gradient) and ERNIE-4.5-MoE (selection by
+eval mode: its inference path and that path's gradient), ERNIE-4.5-MoE (selection by
 softmax probability plus a bias, clamped renormalisation, a dense layer before the MoE
-one): each checkpoint twice
+one) and GPT-OSS (router and expert biases, interleaved gate/up, clamped SwiGLU; model/
+only, see build5_gpt_oss): each checkpoint twice
 (model/: transformers' default per-expert "original" layout; model_fused/:
 save_original_format=False, fused 3-D expert tensors; Qwen3-VL-MoE's model/ is the
 released fused-and-transposed layout, which save_pretrained does not write, see build5) and
@@ -783,6 +784,29 @@ def specs5():
         eos_token_id=2,
     )
     yield "ernie4_5_moe", 19000, ernie4_5_moe, t.Ernie4_5_MoeForCausalLM, 1, "mlp", "ernie", None
+    # GPT-OSS (GptOssMLP): router with a bias, top-k logits then a softmax over them; experts
+    # with biases, gate/up interleaved in gate_up_proj [E, H, 2F], and the clamped SwiGLU.
+    # transformers has no conversion for these tensors: model/ only (build5_gpt_oss).
+    # swiglu_limit 1.0 (released: 7.0) so that every clamp is active for some elements at
+    # this scale; the attention settings (sliding window, layer types, rope) lie outside
+    # the block and are only kept small and valid.
+    gpt_oss = t.GptOssConfig(
+        **COMMON,
+        **SMALL_ATTENTION,
+        head_dim=16,
+        intermediate_size=16,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        swiglu_alpha=1.702,
+        swiglu_limit=1.0,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=150000.0),
+    )
+    yield Spec5(
+        "gpt_oss", 19000, gpt_oss, t.GptOssForCausalLM, 1, "mlp", "gpt_oss", None,
+        router_attr="router", layout="gpt_oss",
+    )
 
 
 def deepseek_v2_router_choice(gate, router_logits):
@@ -1074,6 +1098,8 @@ def build5(spec, out_root):
         return build5_dbrx(spec, out_root)
     if spec.layout == "llama4":
         return build5_llama4(spec, out_root)
+    if spec.layout == "gpt_oss":
+        return build5_gpt_oss(spec, out_root)
     name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
     block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
     torch.manual_seed(seed)
@@ -1529,6 +1555,182 @@ def build5_llama4(spec, out_root):
         "routing_margin": min(margins),
         "input_draws": draws,
         "experts_unused": sorted(set(range(num_experts)) - hit),
+    }
+
+
+def gpt_oss_expert(experts, e, row, interleaved=True):
+    """GptOssExperts for one token and expert, written independently: gate_up = row @
+    gate_up_proj[e] + gate_up_proj_bias[e] ([H] @ [H, 2F]); gate the even columns, up the odd
+    ones (interleaved; chunked halves with interleaved=False, to show the check can tell);
+    gate clamped above at limit, up to [-limit, limit]; (up + 1) * gate * sigmoid(alpha *
+    gate) @ down_proj[e] ([F, H]) + down_proj_bias[e]."""
+    gate_up = row @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+    if interleaved:
+        gate, up = gate_up[0::2], gate_up[1::2]
+    else:
+        gate, up = gate_up.chunk(2)
+    gate = torch.minimum(gate, torch.tensor(experts.limit))
+    up = torch.maximum(torch.minimum(up, torch.tensor(experts.limit)), torch.tensor(-experts.limit))
+    return ((up + 1) * gate * torch.sigmoid(experts.alpha * gate)) @ experts.down_proj[
+        e
+    ] + experts.down_proj_bias[e]
+
+
+def gpt_oss_pre_activations(experts, x, indices):
+    """Gate and up pre-activations [T, k, F] of the chosen experts (interleaved columns)."""
+    gate_up = torch.stack(
+        [
+            torch.stack(
+                [x[t] @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e] for e in row]
+            )
+            for t, row in enumerate(indices.tolist())
+        ]
+    )
+    return gate_up[..., 0::2], gate_up[..., 1::2]
+
+
+def build5_gpt_oss(spec, out_root):
+    """build5 for GPT-OSS (GptOssMLP at model.layers.{layer}.mlp: router.weight [E, H],
+    router.bias [E], experts.gate_up_proj [E, H, 2F], gate_up_proj_bias [E, 2F], down_proj
+    [E, F, H], down_proj_bias [E, H]). transformers has no conversion for these tensors:
+    save_pretrained writes the same bytes with and without save_original_format (checked), so
+    only model/ and grads.safetensors are written (as for DBRX). transformers initialises the
+    expert biases to zero; they are drawn here (before the bf16 conversion) so that they
+    matter. Tokens are drawn until the routing margin and every chosen expert's distance of
+    its gate and up pre-activations from the clamp's kinks (gate = limit, up = +-limit)
+    exceed MIN_MARGIN; the script checks that the clamps are active for some elements (gate
+    above, up above and below), so their gradient paths are exercised."""
+    name, seed, config, model_class, layer, orig_attr, kind, shard = spec[:8]
+    block_attr, router_attr, shared_attr, layout, layers_path = spec[8:]
+    assert kind == layout == "gpt_oss" and orig_attr == block_attr and not shard and not shared_attr
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.set_experts_implementation("eager")
+    prefix = f"{layers_path}.{layer}.{block_attr}."
+    layers = model.get_submodule(layers_path)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in layers:
+            experts = getattr(m, block_attr).experts
+            assert not experts.gate_up_proj_bias.any() and not experts.down_proj_bias.any()
+            experts.gate_up_proj_bias.copy_(
+                torch.randn(experts.gate_up_proj_bias.shape, generator=generator) * 0.3
+            )
+            experts.down_proj_bias.copy_(
+                torch.randn(experts.down_proj_bias.shape, generator=generator) * 0.1
+            )
+
+    model = bf16_checkpoint(model, [], seed)
+    directory = os.path.join(out_root, name)
+    model_dir = os.path.join(directory, "model")
+    save_checkpoint(model, model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, tmp, save_original_format=False)
+        for filename in ("config.json", "model.safetensors"):
+            with open(os.path.join(model_dir, filename), "rb") as a:
+                with open(os.path.join(tmp, filename), "rb") as b:
+                    assert a.read() == b.read(), f"{name}: {filename} differs in model_fused/"
+        assert sorted(os.listdir(tmp)) == sorted(os.listdir(model_dir))
+    shutil.rmtree(os.path.join(directory, "model_fused"), ignore_errors=True)
+    original = read_checkpoint(model_dir)
+    reference = {k: v.float() for k, v in model.state_dict().items()}
+    assert original.keys() == reference.keys()
+    for k, v in original.items():
+        assert torch.equal(v.float(), reference[k]), k
+    num_experts, width = config.num_local_experts, config.intermediate_size
+    hidden = config.hidden_size
+    for i in range(len(layers)):
+        p = f"{layers_path}.{i}.{block_attr}."
+        assert original[p + "router.weight"].shape == (num_experts, hidden)
+        assert original[p + "router.bias"].shape == (num_experts,)
+        assert original[p + "experts.gate_up_proj"].shape == (num_experts, hidden, 2 * width)
+        assert original[p + "experts.gate_up_proj_bias"].shape == (num_experts, 2 * width)
+        assert original[p + "experts.down_proj"].shape == (num_experts, width, hidden)
+        assert original[p + "experts.down_proj_bias"].shape == (num_experts, hidden)
+    loaded = model_class.from_pretrained(model_dir).state_dict()
+    assert loaded.keys() == reference.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v.float(), reference[k]), k
+
+    model = model.float()
+    block = getattr(layers[layer], block_attr)
+    router, experts = getattr(block, router_attr), block.experts
+    top_k, limit = router.top_k, experts.limit
+    assert (top_k, limit, experts.alpha) == (
+        config.num_experts_per_tok,
+        config.swiglu_limit,
+        config.swiglu_alpha,
+    )
+
+    def margin_of(row):
+        chosen, margin = logit_topk_router_choice(F.linear(row, router.weight, router.bias), top_k)
+        gate, up = gpt_oss_pre_activations(experts, row, chosen)
+        kink = min((gate - limit).abs().min().item(), (up.abs() - limit).abs().min().item())
+        return min(margin, kink)
+
+    x, grad_output, margins, draws = draw_inputs(name, seed, hidden, margin_of)
+
+    x = x.clone().requires_grad_(True)
+    y, (router_logits, weights, indices) = run_recording_router(block, router, x)
+    y = y[0].reshape(TOKENS, hidden)
+    y.backward(grad_output)
+
+    with torch.no_grad():
+        torch.testing.assert_close(
+            router_logits, x @ router.weight.T + router.bias, rtol=1e-6, atol=1e-6
+        )
+        chosen, margin = logit_topk_router_choice(router_logits, top_k)
+        assert torch.equal(chosen, indices.sort(dim=-1)[0]), f"{name}: selection differs"
+        assert margin > MIN_MARGIN
+        torch.testing.assert_close(
+            weights, torch.softmax(router_logits.gather(1, indices), dim=-1), rtol=0, atol=0
+        )
+        require_effect(name, "the router bias", router_logits - router.bias, top_k, chosen)
+        xd = x.detach()
+        check_combine(
+            xd, indices, weights, lambda e, row: gpt_oss_expert(experts, e, row), y.detach()
+        )
+        try:
+            check_combine(
+                xd,
+                indices,
+                weights,
+                lambda e, row: gpt_oss_expert(experts, e, row, interleaved=False),
+                y.detach(),
+            )
+        except AssertionError:
+            pass
+        else:
+            raise RuntimeError(f"{name}: the check cannot tell interleaved from chunked gate/up")
+        gate, up = gpt_oss_pre_activations(experts, xd, indices)
+        clamped = {
+            "gate_above": int((gate > limit).sum()),
+            "up_above": int((up > limit).sum()),
+            "up_below": int((up < -limit).sum()),
+        }
+        assert all(clamped.values()), f"{name}: a clamp is never active: {clamped}"
+    indices, weights = sort_by_weight(indices, weights.detach())
+
+    save = fixture_writer(directory, name, [("block", prefix)])
+    save_forward(save, x, y, grad_output, router_logits, indices, weights)
+
+    params = {prefix + n: p for n, p in block.named_parameters()}
+    assert params.keys() == {k for k in original if k.startswith(prefix)}
+    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
+    # The names as transformers saves them (the same names and tensors, no conversion).
+    converted = saved_as_gradients(model, params, block_grads)
+    grads = {"hidden_states": x.grad}
+    grads.update({k: v for k, v in converted.items() if k.startswith(prefix)})
+    assert grads.keys() - {"hidden_states"} == block_grads.keys()
+    assert all(torch.equal(grads[k], block_grads[k]) for k in block_grads)
+    assert all(v.dtype == torch.float32 for v in grads.values())
+    save("grads.safetensors", grads)
+    hit = set(indices.flatten().tolist())
+    return {
+        "routing_margin": min(margins),
+        "input_draws": draws,
+        "experts_unused": sorted(set(range(num_experts)) - hit),
+        "clamped_elements": clamped,
     }
 
 

@@ -18,9 +18,11 @@
 /// TP rank 0 only, since the TP all-reduce sums the shards' outputs) and
 /// `void collect_unsplit_parameters(ParameterList<X,S>&) const` (whose replicas the layer
 /// compares over the TP group).
-/// Shipped: GLUExperts (SwiGLU, GeGLU) and FFNExperts (relu, gelu, silu; optional biases).
+/// Shipped: GLUExperts (SwiGLU, GeGLU), FFNExperts (relu, gelu, silu; optional biases) and
+/// ClampedSwiGLUExperts (GPT-OSS's clamped, alpha-scaled SwiGLU; optional biases).
 
 #include <kmoe/detail/detect.hpp>
+#include <kmoe/experts/clamped_swiglu.hpp>
 #include <kmoe/experts/expert_mode.hpp>
 #include <kmoe/experts/ffn.hpp>
 #include <kmoe/experts/glu.hpp>

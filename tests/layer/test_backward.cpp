@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // Backward against central finite differences in double precision, for every router and
-// expert kind, with and without capacity, with shared experts (one with an output gate) and
+// expert kind (GPT-OSS's clamped SwiGLU with biases, behind a router with a logit bias,
+// included), with and without capacity, with shared experts (one with an output gate) and
 // every balance term on.
 // Loss L = sum(y * G) + the enabled balance terms; routing decisions are constants.
 #include <catch2/catch_template_test_macros.hpp>
@@ -127,6 +128,13 @@ TEMPLATE_LIST_TEST_CASE("gradients of the token-choice routers match finite diff
   // Qwen2-MoE's shared expert, its output scaled per token by sigmoid(x · w_output_gate).
   check_router(SoftmaxTopKRouter<X, double>({6, 4, 2, true}), G({4, 6, 5}),
                std::optional<G>(G({1, 6, 7, false, true}, "shared_experts")), capacity_case, 10);
+  // GPT-OSS: the router's logit bias, clamped SwiGLU experts with biases (limit 0.5: the
+  // clamps are active at this scale).
+  using C = ClampedSwiGLUExperts<X, double>;
+  TopKSoftmaxConfig biased{6, 4, 2};
+  biased.bias = true;
+  check_router(TopKSoftmaxRouter<X, double>(biased), C({4, 6, 5, true}, ClampedSwiGLU{1.702, 0.5}),
+               std::optional<C>(), capacity_case, 11);
 }
 
 TEMPLATE_LIST_TEST_CASE("gradients of expert choice, hash routing and FFN experts", "[backward]",

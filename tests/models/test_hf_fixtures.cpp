@@ -169,6 +169,12 @@ void load_qwen3_moe(const std::string& dir, int layer) {
 void load_deepseek_v3(const std::string& dir, int layer) {
   models::load_deepseek_v3<X, float>(dir, layer);
 }
+void load_topk_softmax_block(const std::string& dir, int layer) {
+  models::load_topk_softmax_block<X, float>(dir, layer);
+}
+void load_clamped_swiglu_block(const std::string& dir, int layer) {
+  models::load_clamped_swiglu_block<X, float>(dir, layer);
+}
 
 }  // namespace
 
@@ -225,7 +231,8 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
                         {"phimoe", R::sparse_mixer},
                         {"llama4_text", R::sigmoid_bias},
                         {"llama4", R::sigmoid_bias},
-                        {"ernie4_5_moe", R::softmax_topk}};
+                        {"ernie4_5_moe", R::softmax_topk},
+                        {"gpt_oss", R::topk_softmax}};
   for (const auto& c : cases) {
     const fs::path dir = fixtures / "hf5" / c.family;
     for (const bool fused : {false, true}) {
@@ -241,7 +248,11 @@ TEST_CASE("transformers 5.x checkpoints of every family, per-expert and fused",
       CHECK(block.naming == (fused ? 1u : 0u));
       REQUIRE(block.router == c.router);
       const std::string grads = fused ? "grads_fused.safetensors" : "grads.safetensors";
-      if (c.router == R::softmax_topk) {
+      if (block.expert_kind == models::BlockExperts::clamped_swiglu) {
+        auto layer = models::load_clamped_swiglu_block<X, float>(model_dir, fixture_layer);
+        CHECK(layer.router().gate().has_bias());
+        check_against_fixture(layer, dir, model, grads);
+      } else if (c.router == R::softmax_topk) {
         auto layer = models::load_softmax_block<X, float>(model_dir, fixture_layer);
         CHECK(layer.shared_experts().has_value() == (block.shared_ffn > 0));
         check_against_fixture(layer, dir, model, grads);
@@ -356,6 +367,74 @@ TEST_CASE("ERNIE-4.5-MoE's layer placement and settings are read as transformers
   fs::remove_all(dir);
 }
 
+TEST_CASE("GPT-OSS: interleaved gate/up columns, biases, swiglu fields, MXFP4 refused",
+          "[models][hf][hf5][gpt_oss]") {
+  const std::string family = "hf5/gpt_oss";
+  const auto dir = (fixtures / family / "model").string();
+  const auto block = models::read_block_config(dir, 1);
+  CHECK(block.expert_kind == models::BlockExperts::clamped_swiglu);
+  CHECK(block.swiglu_alpha == 1.702);
+  CHECK(block.swiglu_limit == 1.0);
+  CHECK(block.has_router_bias());
+  CHECK(block.has_expert_bias());
+  const auto names = models::checkpoint_tensors(block);
+  // router weight + 3 projections x 8 experts + router bias + 3 biases x 8 experts.
+  REQUIRE(names.size() == 1 + 3 * 8 + 1 + 3 * 8);
+  const auto find = [&](const std::string& parameter, int expert) {
+    const auto it = std::find_if(names.begin(), names.end(), [&](const auto& t) {
+      return t.parameter == parameter && t.expert == expert;
+    });
+    REQUIRE(it != names.end());
+    return *it;
+  };
+  // Expert 2's up projection: the odd columns of gate_up_proj[2] [H = 64, 2F = 32].
+  const auto up = find("experts.w_up", 2);
+  CHECK(up.checkpoint == "model.layers.1.mlp.experts.gate_up_proj");
+  CHECK(up.offset == 2 * 64 * 32);
+  CHECK(up.first_column == 1);
+  CHECK(up.column_stride == 2);
+  CHECK(up.region_index(3, 5) == 5 * 32 + 1 + 3 * 2);  // w_up[2][f = 3][h = 5]
+  const auto b_gate = find("experts.b_gate", 4);
+  CHECK(b_gate.checkpoint == "model.layers.1.mlp.experts.gate_up_proj_bias");
+  CHECK(b_gate.offset == 4 * 32);
+  CHECK(b_gate.region_index(7, 0) == 14);  // b_gate[4][f = 7]: column 2f
+  CHECK(find("experts.b_down", 1).checkpoint == "model.layers.1.mlp.experts.down_proj_bias");
+  CHECK(find("router.bias", -1).checkpoint == "model.layers.1.mlp.router.bias");
+
+  SECTION("swiglu_alpha and swiglu_limit default as in transformers, and are checked") {
+    BrokenCopy defaults(family, [](nlohmann::json& c) {
+      c.erase("swiglu_alpha");
+      c.erase("swiglu_limit");
+    });
+    const auto b = models::read_block_config(defaults.path(), 1);
+    CHECK(b.swiglu_alpha == 1.702);
+    CHECK(b.swiglu_limit == 7.0);
+    BrokenCopy negative(family, [](nlohmann::json& c) { c["swiglu_limit"] = -1.0; });
+    CHECK_THROWS_MATCHES(models::read_block_config(negative.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"swiglu_limit\"") &&
+                                        ContainsSubstring("config.json")));
+  }
+  SECTION("a released (MXFP4) checkpoint is refused by its quantization_config") {
+    BrokenCopy quantised(family, [](nlohmann::json& c) {
+      c["quantization_config"] = {{"quant_method", "mxfp4"}};
+    });
+    CHECK_THROWS_MATCHES(models::read_block_config(quantised.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("\"quantization_config\"") &&
+                                        ContainsSubstring("mxfp4") &&
+                                        ContainsSubstring("dequantise")));
+  }
+  SECTION("the SwiGLU loaders send it to load_clamped_swiglu_block") {
+    CHECK_THROWS_MATCHES(load_topk_softmax_block(dir, 1), kmoe::invalid_argument,
+                         MessageMatches(ContainsSubstring("load_clamped_swiglu_block")));
+  }
+  SECTION("a missing expert bias is named") {
+    BrokenCopy dropped(
+        family, [](nlohmann::json&) {}, "model.layers.1.mlp.experts.down_proj_bias");
+    CHECK_THROWS_MATCHES(load_clamped_swiglu_block(dropped.path(), 1), kmoe::runtime_error,
+                         MessageMatches(ContainsSubstring("experts.down_proj_bias")));
+  }
+}
+
 TEST_CASE("Checkpoint names cover every parameter slice", "[models][hf]") {
   const auto block = models::read_block_config((fixtures / "deepseek_v3" / "model").string(), 1);
   const auto names = models::checkpoint_tensors(block);
@@ -396,11 +475,12 @@ TEST_CASE("Loaders reject broken model directories with clear messages", "[model
             ContainsSubstring("missing field \"num_experts\" or \"num_local_experts\"") &&
             ContainsSubstring("config.json")));
   }
-  SECTION("a known family kmoe does not reproduce names its reason") {
-    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["model_type"] = "gpt_oss"; });
+  SECTION("an unknown model_type names the supported ones") {
+    BrokenCopy copy("qwen3_moe", [](nlohmann::json& c) { c["model_type"] = "qwen3_omni_moe"; });
     CHECK_THROWS_MATCHES(models::read_block_config(copy.path(), 1), kmoe::runtime_error,
-                         MessageMatches(ContainsSubstring("\"model_type\" = \"gpt_oss\"") &&
-                                        ContainsSubstring("interleaved")));
+                         MessageMatches(ContainsSubstring("\"model_type\" = \"qwen3_omni_moe\"") &&
+                                        ContainsSubstring("gpt_oss") &&
+                                        ContainsSubstring("phimoe")));
   }
   SECTION("missing config field") {
     BrokenCopy copy("mixtral", [](nlohmann::json& c) { c.erase("num_experts_per_tok"); });

@@ -363,7 +363,10 @@ template <class S>
 void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
-  if (b.router == models::BlockRouter::softmax_topk) {
+  if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
+    auto layer = models::load_clamped_swiglu_block<X, S>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::softmax_topk) {
     auto layer = models::load_softmax_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::topk_softmax) {

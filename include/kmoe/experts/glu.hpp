@@ -18,7 +18,7 @@ struct ExpertShape {
   int experts = 0;    ///< experts held by this object (the local ones under expert parallelism)
   int hidden = 0;     ///< H
   int ffn = 0;        ///< F (this rank's share under expert tensor parallelism)
-  bool bias = false;  ///< FFN experts only: add b1 [F] and b2 [H]
+  bool bias = false;  ///< biases: FFN b1 [F], b2 [H]; ClampedSwiGLU b_gate, b_up [F], b_down [H]
   /// GLU experts, one expert only (a shared expert): scale each output row by
   /// sigmoid(x · w_output_gate), w_output_gate [1, 1, H] (Qwen2-MoE's shared_expert_gate).
   bool output_gate = false;

@@ -72,6 +72,9 @@ class ConfigFile {
   /// \brief `field` as error messages name it: its path from the top of the file.
   std::string qualified(const std::string& field) const { return scope_ + field; }
 
+  /// `field`'s JSON value as it stands (for an error message quoting it).
+  const nlohmann::json& raw(const std::string& field) const { return get(field); }
+
   /// Whether `field` is set to a JSON array.
   bool is_array(const std::string& field) const { return has(field) && json_.at(field).is_array(); }
 
@@ -204,6 +207,11 @@ inline const char* layout_name(ExpertLayout layout) {
 /// inference path (Phi-MoE: kmoe::SparseMixerRouter).
 enum class BlockRouter { softmax_topk, sigmoid_bias, topk_softmax, sparse_mixer };
 
+/// \brief The routed experts a family's block uses: SwiGLU (kmoe::SwiGLUExperts, every family
+/// but one), or GPT-OSS's clamped, alpha-scaled SwiGLU with biases
+/// (kmoe::ClampedSwiGLUExperts).
+enum class BlockExperts { swiglu, clamped_swiglu };
+
 /// \brief One way a family's checkpoints name a block's router and routed experts.
 struct CheckpointNaming {
   ExpertLayout layout = ExpertLayout::per_expert;
@@ -214,6 +222,11 @@ struct CheckpointNaming {
   /// Fused tensors stored transposed: gate_up [E, H, 2F] (gate columns first), down
   /// [E, F, H] (Qwen3-VL-MoE's own checkpoints).
   bool transposed = false;
+  /// With `transposed`: gate and up columns interleaved (gate 2f, up 2f + 1; GPT-OSS).
+  bool interleaved = false;
+  /// Biases relative to prefix, empty if none: the router's [E] (GPT-OSS "router.bias"),
+  /// the fused gate-up [E, 2F] (laid out as gate_up's columns) and down [E, H] ones.
+  std::string router_bias, fused_gate_up_bias, fused_down_bias;
   /// DBRX: three 2-D [E·F, H] tensors, relative to prefix: expert e's gate and up rows
   /// e·F ... e·F + F - 1, and its down projection stored as its transpose [F, H].
   std::string stacked_gate, stacked_up, stacked_down;
@@ -242,6 +255,9 @@ struct MoEBlockConfig {
   BlockRouter router = BlockRouter::softmax_topk;
   /// BlockRouter::sparse_mixer: eps of its masks (Phi-MoE's router_jitter_noise).
   double jitter_eps = 0.0;
+  BlockExperts expert_kind = BlockExperts::swiglu;
+  /// BlockExperts::clamped_swiglu: the sigmoid gain and the clamp (kmoe::ClampedSwiGLU).
+  double swiglu_alpha = 1.702, swiglu_limit = 7.0;
   /// Group-limited routing (n_group = topk_group = 1 disables it): a group's score is the
   /// sum of its `group_score_terms` best scores (DeepSeek-V3: 2; DeepSeek-V2: 1, the max).
   int n_group = 1, topk_group = 1, group_score_terms = 2;
@@ -270,6 +286,8 @@ struct MoEBlockConfig {
   bool has_selection_bias() const { return !current_naming().selection_bias.empty(); }
   /// The checkpoint name of the selection bias (has_selection_bias()).
   std::string selection_bias_name() const { return prefix + current_naming().selection_bias; }
+  bool has_router_bias() const { return !current_naming().router_bias.empty(); }
+  bool has_expert_bias() const { return !current_naming().fused_gate_up_bias.empty(); }
 };
 
 /// \brief A naming with one tensor per expert and projection.
@@ -330,8 +348,13 @@ struct CheckpointTensor {
   std::int64_t count = 0;           ///< elements of the slice
   /// A transposed slice (region_rows > 0): the checkpoint holds, from `offset`, a row-major
   /// [region_rows, region_cols] matrix M, and the parameter slice P, of extents
-  /// [count / region_rows, region_rows], is P[i][j] = M[j][first_column + i].
-  std::int64_t region_rows = 0, region_cols = 0, first_column = 0;
+  /// [count / region_rows, region_rows], is P[i][j] = M[j][first_column + i * column_stride]
+  /// (column_stride 2: every other column, GPT-OSS's interleaved gate and up).
+  std::int64_t region_rows = 0, region_cols = 0, first_column = 0, column_stride = 1;
+  /// Where P[i][j] lies in M (row-major, from `offset`).
+  std::int64_t region_index(std::int64_t i, std::int64_t j) const {
+    return j * region_cols + first_column + i * column_stride;
+  }
   bool transposed() const { return region_rows > 0; }
   /// Elements read from the checkpoint for this slice.
   std::int64_t region_count() const { return transposed() ? region_rows * region_cols : count; }
@@ -852,6 +875,45 @@ inline MoEBlockConfig llama4_block(const ConfigFile& config, MoEBlockConfig b) {
   return llama4_style_block(config, b, "language_model.model.layers.");
 }
 
+/// GPT-OSS (GptOssMLP: router GptOssTopKRouter, experts GptOssExperts): the top-k logits of
+/// x W^T + b and a softmax over them; experts with biases whose gate and up columns are
+/// interleaved in one transposed tensor, gate_up_proj [E, H, 2F] (gate 2f, up 2f + 1),
+/// down_proj [E, F, H], and the clamped SwiGLU with swiglu_alpha and swiglu_limit.
+/// transformers 5.24 has no conversion for these tensors, so this is its only layout.
+/// hidden_act is not read: GptOssExperts ignores it. Released checkpoints are MXFP4
+/// (quantization_config, `…_blocks` / `…_scales` tensors), which kmoe refuses.
+inline MoEBlockConfig gpt_oss_block(const ConfigFile& config, MoEBlockConfig b) {
+  if (config.has("quantization_config")) {
+    const std::string what = io::json_excerpt(config.raw("quantization_config"));
+    throw runtime_error("kmoe::models: " + config.path() + ": field \"" +
+                        config.qualified("quantization_config") + "\" = " + what +
+                        " is not supported: kmoe reads unquantised weights (F16, BF16, F32, F64); "
+                        "dequantise the checkpoint first (transformers: Mxfp4Config(dequantize="
+                        "True), then save_pretrained)");
+  }
+  CheckpointNaming n = fused_naming(layer_prefix(b) + "mlp.", "router.weight",
+                                    "experts.gate_up_proj", "experts.down_proj", true);
+  n.interleaved = true;
+  n.router_bias = "router.bias";
+  n.fused_gate_up_bias = "experts.gate_up_proj_bias", n.fused_down_bias = "experts.down_proj_bias";
+  b.namings = {n};
+  b.hidden = config.count("hidden_size", 1);
+  b.ffn = config.count("intermediate_size", 1);
+  const std::string experts_field = config.either({"num_local_experts", "num_experts"});
+  b.experts = config.count(experts_field, 1, max_experts);
+  b.top_k = config.count("num_experts_per_tok", 1);
+  b.normalize = true;  // a softmax over the chosen logits sums to 1
+  b.router = BlockRouter::topk_softmax;
+  b.expert_kind = BlockExperts::clamped_swiglu;
+  // transformers' defaults (GptOssConfig) when absent.
+  if (config.has("swiglu_alpha")) b.swiglu_alpha = config.positive_number("swiglu_alpha");
+  if (config.has("swiglu_limit")) b.swiglu_limit = config.positive_number("swiglu_limit");
+  check_sizes(config, b, "intermediate_size", experts_field);
+  field_product(config, "hidden_size", b.hidden, "2 x intermediate_size", 2 * std::int64_t(b.ffn),
+                max_matrix_elements, "an expert's gate_up_proj");
+  return b;
+}
+
 /// One model_type kmoe reads, and how its config describes the block.
 struct Family {
   const char* model_type;
@@ -889,22 +951,7 @@ inline const std::vector<Family>& families() {
       {"llama4_text", llama4_text_block},
       {"llama4", llama4_block, "text_config"},
       {"ernie4_5_moe", ernie4_5_moe_block},
-  };
-  return table;
-}
-
-/// MoE families of transformers 5.x that kmoe refuses, and why: each needs a router or
-/// expert variant kmoe does not have yet, and an approximation would be the silent kind of
-/// wrong (docs/models.md).
-struct RefusedFamily {
-  const char* model_type;
-  const char* reason;
-};
-
-inline const std::vector<RefusedFamily>& refused_families() {
-  static const std::vector<RefusedFamily> table = {
-      {"gpt_oss",
-       "its router and experts have biases, gate/up are interleaved and its SwiGLU is clamped"},
+      {"gpt_oss", gpt_oss_block, nullptr, "num_hidden_layers", false},
   };
   return table;
 }
@@ -925,8 +972,8 @@ inline std::string supported_model_types() {
 /// kmoe::runtime_error for an unreadable or malformed file, an unknown model_type, a
 /// missing, mistyped or out-of-range field, sizes whose products do not fit (see
 /// max_matrix_elements), or a setting kmoe cannot reproduce (hidden_act other than silu,
-/// DeepSeek scoring other than sigmoid / noaux_tc); every message names the field and the
-/// file.
+/// DeepSeek scoring other than sigmoid / noaux_tc, a quantised GPT-OSS checkpoint); every
+/// message names the field and the file.
 inline MoEBlockConfig read_block_config(const std::string& model_dir, int layer) {
   const ConfigFile config(model_dir);
   MoEBlockConfig b;
@@ -937,14 +984,6 @@ inline MoEBlockConfig read_block_config(const std::string& model_dir, int layer)
   const auto family = std::find_if(table.begin(), table.end(), [&](const detail::Family& f) {
     return b.model_type == f.model_type;
   });
-  const auto& refused = detail::refused_families();
-  const auto known =
-      std::find_if(refused.begin(), refused.end(),
-                   [&](const detail::RefusedFamily& f) { return b.model_type == f.model_type; });
-  if (known != refused.end())
-    throw runtime_error("kmoe::models: " + config.path() + ": field \"model_type\" = \"" +
-                        b.model_type + "\" is not supported: " + known->reason +
-                        ", which kmoe does not reproduce (docs/models.md)");
   if (family == table.end())
     throw runtime_error("kmoe::models: " + config.path() + ": field \"model_type\" = \"" +
                         io::excerpt(b.model_type) +
@@ -982,14 +1021,18 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
         t.shape = Shape{E * F, H}, t.offset = e * F * H;
         if (down) t.region_rows = F, t.region_cols = H;  // [F, H]: w_down[e] transposed
       } else if (b.current_naming().transposed) {
-        // [E, H, 2F] gate_up: expert e's matrix, gate columns then up columns; [E, F, H] down.
+        // [E, H, 2F] gate_up: expert e's matrix, gate columns then up columns (or gate and
+        // up interleaved); [E, F, H] down.
         const bool up = std::string(param) == "w_up";
         t.checkpoint =
             b.prefix + (down ? b.current_naming().fused_down : b.current_naming().fused_gate_up);
         t.shape = down ? Shape{E, F, H} : Shape{E, H, 2 * F};
         t.offset = e * (down ? F * H : 2 * F * H);
         t.region_rows = down ? F : H, t.region_cols = down ? H : 2 * F;
-        t.first_column = up ? F : 0;
+        if (!down && n.interleaved)
+          t.first_column = up ? 1 : 0, t.column_stride = 2;
+        else
+          t.first_column = up ? F : 0;
       } else if (down) {
         t.checkpoint = b.prefix + b.current_naming().fused_down;
         t.shape = Shape{E, H, F}, t.offset = e * H * F;
@@ -1001,6 +1044,32 @@ void for_each_checkpoint_tensor(const MoEBlockConfig& b, const Visit& visit) {
       }
       visit(t);
     }
+  }
+  const CheckpointNaming& n = b.current_naming();
+  if (b.has_router_bias())
+    visit(CheckpointTensor{"router.bias", -1, b.prefix + n.router_bias, Shape{E}, 0, E});
+  if (b.has_expert_bias()) {
+    // gate_up's bias [E, 2F] is laid out as its columns: a one-row region per expert.
+    for (const char* param : {"b_gate", "b_up"}) {
+      const bool up = std::string(param) == "b_up";
+      for (std::int64_t e = 0; e < E; ++e) {
+        CheckpointTensor t{std::string("experts.") + param,
+                           int(e),
+                           b.prefix + n.fused_gate_up_bias,
+                           Shape{E, 2 * F},
+                           e * 2 * F,
+                           F};
+        t.region_rows = 1, t.region_cols = 2 * F;
+        if (n.interleaved)
+          t.first_column = up ? 1 : 0, t.column_stride = 2;
+        else
+          t.first_column = up ? F : 0;
+        visit(t);
+      }
+    }
+    for (std::int64_t e = 0; e < E; ++e)
+      visit(CheckpointTensor{"experts.b_down", int(e), b.prefix + n.fused_down_bias, Shape{E, H},
+                             e * H, H});
   }
   if (b.shared_ffn > 0) {
     const std::int64_t S = b.shared_ffn;

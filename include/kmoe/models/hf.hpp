@@ -14,6 +14,7 @@
 
 #include <kmoe/detail/detect.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/experts/clamped_swiglu.hpp>
 #include <kmoe/experts/glu.hpp>
 #include <kmoe/io/safetensors.hpp>
 #include <kmoe/layer.hpp>
@@ -59,6 +60,12 @@ using TopKSoftmaxBlockLayer =
 template <class ExecSpace, class Scalar>
 using SparseMixerBlockLayer =
     MoELayer<SparseMixerRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>;
+/// \brief The block of every family whose experts are GPT-OSS's (BlockExperts::
+/// clamped_swiglu): top-k logits (with the router's bias) then a softmax over them, experts
+/// with biases and the clamped, alpha-scaled SwiGLU.
+template <class ExecSpace, class Scalar>
+using ClampedSwiGLUBlockLayer =
+    MoELayer<TopKSoftmaxRouter<ExecSpace, Scalar>, ClampedSwiGLUExperts<ExecSpace, Scalar>>;
 
 /// \brief Mixtral's block: softmax over all experts, top-k, always renormalised.
 template <class ExecSpace, class Scalar>
@@ -98,7 +105,7 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
         const std::int64_t rows = t.count / t.region_rows;
         for (std::int64_t i = 0; i < rows; ++i)
           for (std::int64_t j = 0; j < t.region_rows; ++j)
-            slice[i * t.region_rows + j] = region[j * t.region_cols + t.first_column + i];
+            slice[i * t.region_rows + j] = region[std::size_t(t.region_index(i, j))];
       }
       mapped = true;
     }
@@ -109,8 +116,9 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
   }
 }
 
-inline const char* loader_name(BlockRouter router) {
-  switch (router) {
+inline const char* loader_name(const MoEBlockConfig& b) {
+  if (b.expert_kind == BlockExperts::clamped_swiglu) return "load_clamped_swiglu_block";
+  switch (b.router) {
     case BlockRouter::sigmoid_bias:
       return "load_sigmoid_bias_block";
     case BlockRouter::topk_softmax:
@@ -123,19 +131,20 @@ inline const char* loader_name(BlockRouter router) {
 }
 
 /// The block of `layer` as config.json describes it; a family other than `family` (if
-/// given), or one whose block has another router than `router`, is refused naming the
-/// model directory.
+/// given), or one whose block has another router than `router` or other experts than
+/// `experts`, is refused naming the model directory.
 inline MoEBlockConfig family_block(const std::string& model_dir, int layer, const char* family,
-                                   BlockRouter router, const char* where) {
+                                   BlockRouter router, BlockExperts experts, const char* where) {
   const std::string type = load_model_type(model_dir);
   if (family != nullptr && type != family)
     throw invalid_argument(where, "model_dir", model_dir,
                            "config.json has model_type \"" + type + "\", not \"" + family + "\"");
   MoEBlockConfig b = read_block_config(model_dir, layer);
-  if (b.router != router)
+  if (b.router != router || b.expert_kind != experts)
     throw invalid_argument(where, "model_dir", model_dir,
-                           "model_type \"" + type + "\" has another router; load it with " +
-                               loader_name(b.router));
+                           "model_type \"" + type + "\" has another " +
+                               (b.router != router ? "router" : "kind of experts") +
+                               "; load it with " + loader_name(b));
   return b;
 }
 
@@ -147,9 +156,9 @@ std::optional<SwiGLUExperts<X, S>> shared_experts(const MoEBlockConfig& b) {
 }
 
 /// The router settings of block `b` (TopKSoftmaxConfig has no renormalisation, scaling
-/// or group limit: a softmax over the chosen logits is normalised by construction;
-/// SparseMixerConfig has two slots by construction and its masks' eps; SigmoidBiasConfig
-/// always has a selection bias and no clamped normalisation).
+/// or group limit: a softmax over the chosen logits is normalised by construction, and it
+/// alone has a logit bias; SparseMixerConfig has two slots by construction and its masks'
+/// eps; SigmoidBiasConfig always has a selection bias and no clamped normalisation).
 template <class Config>
 Config router_config(const MoEBlockConfig& b) {
   Config c;
@@ -158,6 +167,12 @@ Config router_config(const MoEBlockConfig& b) {
     c.jitter_eps = b.jitter_eps;
   } else {
     c.top_k = b.top_k;
+  }
+  if constexpr (std::is_same_v<Config, TopKSoftmaxConfig>) {
+    c.bias = b.has_router_bias();
+  } else {
+    require(!b.has_router_bias(), "kmoe::models", "router bias", b.current_naming().router_bias,
+            "is read only with a top-k-softmax router");
   }
   if constexpr (!std::is_same_v<Config, TopKSoftmaxConfig> &&
                 !std::is_same_v<Config, SparseMixerConfig>) {
@@ -176,26 +191,54 @@ Config router_config(const MoEBlockConfig& b) {
 template <class R>
 using selection_bias_of = decltype(std::declval<const R&>().bias());
 
-/// The block of `layer` with a `Router` (of kind `kind`) and SwiGLU experts, its weights
-/// read from the checkpoint; the selection bias too if the block has one. The routing
-/// weight's placement is the family's (Llama 4 scales the expert inputs), whatever
-/// `options` says.
-template <class Router, class X, class S>
-MoELayer<Router, SwiGLUExperts<X, S>> load_block(const std::string& model_dir, int layer,
-                                                 const LayerOptions& options, const char* family,
-                                                 BlockRouter kind, const char* where) {
+/// The routed experts of block `b`: SwiGLU, or clamped SwiGLU (with biases if the block has
+/// them).
+template <class Experts>
+Experts routed_experts(const MoEBlockConfig& b) {
+  using X = typename Experts::execution_space;
+  using S = typename Experts::scalar_type;
+  if constexpr (std::is_same_v<Experts, ClampedSwiGLUExperts<X, S>>)
+    return Experts(ExpertShape{b.experts, b.hidden, b.ffn, b.has_expert_bias()},
+                   ClampedSwiGLU{b.swiglu_alpha, b.swiglu_limit});
+  else
+    return Experts(ExpertShape{b.experts, b.hidden, b.ffn});
+}
+
+/// The shared expert of block `b`, if any (SwiGLU; no family with other experts has one).
+template <class Experts>
+std::optional<Experts> block_shared_experts(const MoEBlockConfig& b) {
+  using X = typename Experts::execution_space;
+  using S = typename Experts::scalar_type;
+  if constexpr (std::is_same_v<Experts, SwiGLUExperts<X, S>>) {
+    return shared_experts<X, S>(b);
+  } else {
+    require(b.shared_ffn == 0, "kmoe::models", "shared expert F", b.shared_ffn,
+            "a shared expert is SwiGLU, built beside SwiGLU experts only");
+    return std::nullopt;
+  }
+}
+
+/// The block of `layer` with a `Router` (of kind `kind`) and `Experts` (of kind
+/// `expert_kind`), its weights read from the checkpoint; the selection bias too if the block
+/// has one. The routing weight's placement is the family's (Llama 4 scales the expert
+/// inputs), whatever `options` says.
+template <class Router, class Experts>
+MoELayer<Router, Experts> load_block(const std::string& model_dir, int layer,
+                                     const LayerOptions& options, const char* family,
+                                     BlockRouter kind, BlockExperts expert_kind,
+                                     const char* where) {
+  using X = typename Experts::execution_space;
+  using S = typename Experts::scalar_type;
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
-  const MoEBlockConfig config = family_block(model_dir, layer, family, kind, where);
+  const MoEBlockConfig config = family_block(model_dir, layer, family, kind, expert_kind, where);
   // Opened after config.json, whose errors come first.
   const io::ShardedCheckpoint checkpoint(model_dir);
   const MoEBlockConfig b = resolve_naming(config, checkpoint);
   LayerOptions block_options = options;
   block_options.routing_weight =
       b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
-  MoELayer<Router, SwiGLUExperts<X, S>> moe(
-      Router(router_config<Config>(b)),
-      SwiGLUExperts<X, S>(ExpertShape{b.experts, b.hidden, b.ffn}), block_options,
-      shared_experts<X, S>(b));
+  MoELayer<Router, Experts> moe(Router(router_config<Config>(b)), routed_experts<Experts>(b),
+                                block_options, block_shared_experts<Experts>(b));
   load_weights(moe, b, checkpoint);
   if (b.has_selection_bias()) {
     if constexpr (kmoe::detail::is_detected_v<selection_bias_of, Router>) {
@@ -215,16 +258,16 @@ template <class X, class S>
 SoftmaxBlockLayer<X, S> load_softmax(const std::string& model_dir, int layer,
                                      const LayerOptions& options, const char* family,
                                      const char* where) {
-  return load_block<SoftmaxTopKRouter<X, S>, X, S>(model_dir, layer, options, family,
-                                                   BlockRouter::softmax_topk, where);
+  return load_block<SoftmaxTopKRouter<X, S>, SwiGLUExperts<X, S>>(
+      model_dir, layer, options, family, BlockRouter::softmax_topk, BlockExperts::swiglu, where);
 }
 
 template <class X, class S>
 SigmoidBiasBlockLayer<X, S> load_sigmoid_bias(const std::string& model_dir, int layer,
                                               const LayerOptions& options, const char* family,
                                               const char* where) {
-  return load_block<SigmoidBiasRouter<X, S>, X, S>(model_dir, layer, options, family,
-                                                   BlockRouter::sigmoid_bias, where);
+  return load_block<SigmoidBiasRouter<X, S>, SwiGLUExperts<X, S>>(
+      model_dir, layer, options, family, BlockRouter::sigmoid_bias, BlockExperts::swiglu, where);
 }
 
 }  // namespace detail
@@ -236,9 +279,21 @@ template <class ExecSpace, class Scalar>
 TopKSoftmaxBlockLayer<ExecSpace, Scalar> load_topk_softmax_block(const std::string& model_dir,
                                                                  int layer,
                                                                  const LayerOptions& options = {}) {
-  return detail::load_block<TopKSoftmaxRouter<ExecSpace, Scalar>, ExecSpace, Scalar>(
-      model_dir, layer, options, nullptr, BlockRouter::topk_softmax,
+  return detail::load_block<TopKSoftmaxRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>(
+      model_dir, layer, options, nullptr, BlockRouter::topk_softmax, BlockExperts::swiglu,
       "kmoe::models::load_topk_softmax_block");
+}
+
+/// \brief The MoE block of decoder layer `layer` of any model in `model_dir` whose experts
+/// are clamped SwiGLU (read_block_config(...).expert_kind == BlockExperts::clamped_swiglu:
+/// GPT-OSS), with its router bias and expert biases, weights converted to Scalar.
+template <class ExecSpace, class Scalar>
+ClampedSwiGLUBlockLayer<ExecSpace, Scalar> load_clamped_swiglu_block(
+    const std::string& model_dir, int layer, const LayerOptions& options = {}) {
+  return detail::load_block<TopKSoftmaxRouter<ExecSpace, Scalar>,
+                            ClampedSwiGLUExperts<ExecSpace, Scalar>>(
+      model_dir, layer, options, nullptr, BlockRouter::topk_softmax, BlockExperts::clamped_swiglu,
+      "kmoe::models::load_clamped_swiglu_block");
 }
 
 /// \brief The MoE block of decoder layer `layer` of any model in `model_dir` whose block
@@ -248,8 +303,8 @@ template <class ExecSpace, class Scalar>
 SparseMixerBlockLayer<ExecSpace, Scalar> load_sparse_mixer_block(const std::string& model_dir,
                                                                  int layer,
                                                                  const LayerOptions& options = {}) {
-  return detail::load_block<SparseMixerRouter<ExecSpace, Scalar>, ExecSpace, Scalar>(
-      model_dir, layer, options, nullptr, BlockRouter::sparse_mixer,
+  return detail::load_block<SparseMixerRouter<ExecSpace, Scalar>, SwiGLUExperts<ExecSpace, Scalar>>(
+      model_dir, layer, options, nullptr, BlockRouter::sparse_mixer, BlockExperts::swiglu,
       "kmoe::models::load_sparse_mixer_block");
 }
 
@@ -350,8 +405,7 @@ void visit_checkpoint_tensors(const Layer& layer, const MoEBlockConfig& b, bool 
       const std::int64_t rows = t.count / t.region_rows;
       for (std::int64_t i = 0; i < rows; ++i)
         for (std::int64_t j = 0; j < t.region_rows; ++j)
-          assembled[std::size_t(t.offset + j * t.region_cols + t.first_column + i)] =
-              from[i * t.region_rows + j];
+          assembled[std::size_t(t.offset + t.region_index(i, j))] = from[i * t.region_rows + j];
     }
     visit(name, shape, static_cast<const S*>(assembled.data()));
   }

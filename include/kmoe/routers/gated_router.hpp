@@ -2,7 +2,7 @@
 #pragma once
 /// \file gated_router.hpp
 /// \brief What every router with a learned gate shares, as a base class: the gate
-/// (logits = x W^T, kmoe::LinearGate), the sizes the Router role asks for, the parameter
+/// (logits = x W^T, optionally + b: kmoe::LinearGate), the sizes the Router role asks for, the parameter
 /// list, and the checks of those sizes. A router derives from it and writes its own
 /// forward and backward kernels (see examples/custom_router.cpp); the shipped softmax and
 /// sigmoid routers do the same.
@@ -34,8 +34,9 @@ class GatedRouter {
  protected:
   /// \param where the router's name in error messages (hidden and experts must be >= 1)
   /// \param slots assignments per token (top-k)
-  GatedRouter(const char* where, int hidden, int experts, int slots)
-      : gate_(checked_gate(where, hidden, experts)), slots_(slots) {}
+  /// \param bias whether the gate adds a learned bias to the logits (LinearGate)
+  GatedRouter(const char* where, int hidden, int experts, int slots, bool bias = false)
+      : gate_(checked_gate(where, hidden, experts, bias)), slots_(slots) {}
 
   /// Sizes `plan` for x's tokens (with logits) and fills plan.logits = x W^T.
   void gate_forward(const ConstMatrix<Scalar, ExecSpace>& x, RoutingPlan<ExecSpace, Scalar>& plan) {
@@ -51,9 +52,9 @@ class GatedRouter {
 
  private:
   static LinearGate<ExecSpace, Scalar, Gemm> checked_gate(const char* where, int hidden,
-                                                          int experts) {
+                                                          int experts, bool bias) {
     detail::validate_router_shape(where, hidden, experts);
-    return LinearGate<ExecSpace, Scalar, Gemm>("router", hidden, experts);
+    return LinearGate<ExecSpace, Scalar, Gemm>("router", hidden, experts, bias);
   }
 
   LinearGate<ExecSpace, Scalar, Gemm> gate_;

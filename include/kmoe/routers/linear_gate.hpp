@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
 /// \file linear_gate.hpp
-/// \brief The learned linear map x -> x W^T that most routers start from.
+/// \brief The learned linear map x -> x W^T (+ b) that most routers start from.
 
 #include <kmoe/error.hpp>
 #include <kmoe/gemm.hpp>
@@ -13,45 +13,79 @@
 namespace kmoe {
 
 /// \brief Weight [E, H] stored as torch.nn.Linear stores it (out features first), so a
-/// checkpoint's `gate.weight` is copied as is; logits = x W^T.
+/// checkpoint's `gate.weight` is copied as is; logits = x W^T, plus a learned bias b [E] if
+/// built with one (GPT-OSS's router.bias: torch.nn.Linear with bias=True).
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
 class LinearGate {
   static_assert(check_valid_gemm<Gemm, ExecSpace, Scalar>());
 
  public:
+  using Vector = Kokkos::View<Scalar*, typename ExecSpace::memory_space>;
+
   LinearGate() = default;
-  LinearGate(const std::string& name, int hidden, int experts)
+  LinearGate(const std::string& name, int hidden, int experts, bool bias = false)
       : name_(name),
         weight_(Kokkos::view_alloc(name + ".weight"), experts, hidden),
-        grad_(Kokkos::view_alloc(name + ".weight.grad"), experts, hidden) {}
+        grad_(Kokkos::view_alloc(name + ".weight.grad"), experts, hidden) {
+    if (bias) {
+      bias_ = Vector(Kokkos::view_alloc(name + ".bias"), experts);
+      bias_grad_ = Vector(Kokkos::view_alloc(name + ".bias.grad"), experts);
+    }
+  }
 
   int experts() const { return int(weight_.extent(0)); }
   int hidden() const { return int(weight_.extent(1)); }
   const Matrix<Scalar, ExecSpace>& weight() const { return weight_; }
   const Matrix<Scalar, ExecSpace>& grad() const { return grad_; }
+  bool has_bias() const { return bias_.extent(0) != 0; }
+  /// The bias [E] and its gradient; empty views without a bias.
+  const Vector& bias() const { return bias_; }
+  const Vector& bias_grad() const { return bias_grad_; }
 
-  /// logits[T, E] = x[T, H] W^T.
+  /// logits[T, E] = x[T, H] W^T (+ b).
   template <class XView, class LogitView>
   void forward(const XView& x, const LogitView& logits) const {
     Gemm::gemm(ExecSpace(), false, true, Scalar(1), x, weight_, Scalar(0), logits);
+    if (!has_bias()) return;
+    const auto bias = bias_;
+    Kokkos::parallel_for(
+        "kmoe::LinearGate::add_bias",
+        Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {std::int64_t(logits.extent(0)),
+                                                                   std::int64_t(logits.extent(1))}),
+        KOKKOS_LAMBDA(std::int64_t t, std::int64_t e) { logits(t, e) += bias(e); });
   }
 
-  /// Accumulates dW += g^T x and grad_x += g W for g = dLoss/dlogits [T, E].
+  /// Accumulates dW += g^T x, db += sum over tokens of g (with a bias) and grad_x += g W for
+  /// g = dLoss/dlogits [T, E].
   template <class XView, class GradLogitView, class GradXView>
   void backward(const XView& x, const GradLogitView& grad_logits, const GradXView& grad_x) const {
     Gemm::gemm(ExecSpace(), true, false, Scalar(1), grad_logits, x, Scalar(1), grad_);
     Gemm::gemm(ExecSpace(), false, false, Scalar(1), grad_logits, weight_, Scalar(1), grad_x);
+    if (!has_bias()) return;
+    const auto bias_grad = bias_grad_;
+    const int tokens = int(grad_logits.extent(0));
+    Kokkos::parallel_for(
+        "kmoe::LinearGate::bias_gradient",
+        Kokkos::RangePolicy<ExecSpace>(0, int(grad_logits.extent(1))), KOKKOS_LAMBDA(int e) {
+          Scalar sum = 0;
+          for (int t = 0; t < tokens; ++t) sum += grad_logits(t, e);
+          bias_grad(e) += sum;
+        });
   }
 
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     list.push_back(make_parameter<ExecSpace>(name_ + ".weight", weight_, grad_,
                                              ParameterRole::router, -1, -1));
+    if (has_bias())
+      list.push_back(make_parameter<ExecSpace>(name_ + ".bias", bias_, bias_grad_,
+                                               ParameterRole::router, -1, -1));
   }
 
  private:
   std::string name_;
   Matrix<Scalar, ExecSpace> weight_;
   Matrix<Scalar, ExecSpace> grad_;
+  Vector bias_, bias_grad_;  ///< [E], or empty without a bias
 };
 
 }  // namespace kmoe

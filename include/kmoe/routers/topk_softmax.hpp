@@ -2,7 +2,8 @@
 #pragma once
 /// \file topk_softmax.hpp
 /// \brief Top-k-then-softmax routing (Megatron-Core default, FastMoE NaiveGate): the k
-/// largest logits are chosen and their weights are the softmax over those k logits only.
+/// largest logits are chosen and their weights are the softmax over those k logits only;
+/// optionally with a learned logit bias (GPT-OSS).
 
 #include <kmoe/detail/topk.hpp>
 #include <kmoe/router.hpp>
@@ -19,6 +20,9 @@ struct TopKSoftmaxConfig {
   int top_k = 1;
   /// Router temperature tau: the logits are l / tau; 1 leaves them untouched.
   double temperature = 1.0;
+  /// A learned logit bias b [E], l = x W^T + b (GPT-OSS's router.bias), read and trained
+  /// as `router.bias`.
+  bool bias = false;
 };
 
 /// \brief Top-k-then-softmax router with a learned gate weight [E, H].
@@ -32,7 +36,7 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
   static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit TopKSoftmaxRouter(const TopKSoftmaxConfig& config)
-      : Base("kmoe::TopKSoftmaxRouter", config.hidden, config.experts, config.top_k),
+      : Base("kmoe::TopKSoftmaxRouter", config.hidden, config.experts, config.top_k, config.bias),
         config_(validated(config)) {}
 
   const TopKSoftmaxConfig& config() const { return config_; }
@@ -81,7 +85,10 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
   }
 
   /// The settings every rank must share (MoELayer's configuration check).
-  void fingerprint(Fingerprint& f) const { f.real("temperature", config_.temperature); }
+  void fingerprint(Fingerprint& f) const {
+    f.real("temperature", config_.temperature);
+    f.flag("bias", config_.bias);
+  }
 
  private:
   static TopKSoftmaxConfig validated(const TopKSoftmaxConfig& c) {
