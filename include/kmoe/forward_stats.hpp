@@ -45,6 +45,11 @@ struct ForwardStats {
   /// Expert-output rows the combine received from each EP rank.
   std::vector<std::int64_t> combine_rows_received;
   PhaseTimes phase_ms;  ///< filled when LayerOptions::time_phases
+  /// Failover (LayerOptions::failover): the failed physical expert slots every rank agreed
+  /// on for this forward, and this rank's assignments rerouted to another expert because
+  /// theirs had no healthy replica (degraded serving).
+  std::vector<int> failed_slots;
+  std::int64_t rerouted = 0;
   /// max / mean of tokens_per_expert (1 = perfectly balanced).
   double imbalance() const {
     if (tokens_per_expert.empty()) return 0.0;

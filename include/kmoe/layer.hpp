@@ -21,10 +21,12 @@
 #include <kmoe/losses.hpp>
 #include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
+#include <kmoe/placement/failover.hpp>
 #include <kmoe/placement/placement_change.hpp>
 #include <kmoe/router.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <exception>
 #include <optional>
@@ -178,9 +180,29 @@ class MoELayer {
       compare_replicas(where);
       replicas_compared_ = true;
     }
+    // Failover's agreement point: every rank then holds the same failed set, so a refusal
+    // to route around it is raised by all of them together.
+    if (options_.failover.enabled) {
+      agree_on_health();
+      route_around_failures(where, stats);
+    }
     // From here on the ranks are inside the step's collectives: see agreement.hpp.
-    abort_on_failure(groups_.world, where,
-                     [&] { forward_after_routing(x_, y_rows, stats, phase_clock); });
+    abort_on_failure(groups_.world, where, [&] {
+      const ForwardStats routed = stats;
+      const auto bias_counts = bias_counts_;
+      forward_after_routing(x_, y_rows, stats, phase_clock);
+      // A health check failed a slot during this step: redo it around the new failure, if
+      // that needs no refusal (else the next forward's agreement raises it).
+      while (options_.failover.health_checks() && agree_on_health() &&
+             (failures_have_replicas() || (!training_ && options_.failover.reroute))) {
+        const std::int64_t rerouted = stats.rerouted;
+        stats = routed;
+        bias_counts_ = bias_counts;
+        route_around_failures(where, stats);
+        stats.rerouted += rerouted;
+        forward_after_routing(x_, y_rows, stats, phase_clock);
+      }
+    });
     if (copy_back) Kokkos::deep_copy(y, y_rows);
     // Finite inputs can still overflow inside the experts (3e38), and routers without
     // logits (hash routing) pass a NaN token straight through: under `raise`, the output
@@ -284,8 +306,13 @@ class MoELayer {
       const auto& expert_x = exchange_.arrive();
       const auto& segments = exchange_.segments();
       detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments.rows(), hidden_size());
-      experts_.forward(expert_x, segments, expert_y_, mode);
+      if (options_.failover.health_checks())
+        run_experts_checked(expert_x, segments, mode);
+      else
+        experts_.forward(expert_x, segments, expert_y_, mode);
       if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
+      if (options_.failover.enabled && options_.failover.check_non_finite)
+        mark_non_finite_slots(segments);
       phase_clock.lap(stats.phase_ms.experts);
     }
     {
@@ -581,6 +608,33 @@ class MoELayer {
     return change;
   }
 
+  /// \brief Marks a physical expert slot (the global expert, without replicas) failed, as
+  /// of the next forward's agreement point: marks made on any rank reach every rank there.
+  /// Needs LayerOptions::failover.enabled.
+  void mark_failed_slot(int slot) {
+    require_failover("kmoe::MoELayer::mark_failed_slot");
+    require(slot >= 0 && slot < health_.slots(), "kmoe::MoELayer::mark_failed_slot", "slot", slot,
+            "must be in [0, " + std::to_string(health_.slots()) + ")");
+    health_.mark_slot(slot);
+  }
+  /// \brief Marks every replica of logical expert `expert` failed (see mark_failed_slot).
+  void mark_failed_expert(int expert) {
+    require_failover("kmoe::MoELayer::mark_failed_expert");
+    require(expert >= 0 && expert < num_experts(), "kmoe::MoELayer::mark_failed_expert", "expert",
+            expert, "must be in [0, " + std::to_string(num_experts()) + ")");
+    for (int slot = 0; slot < health_.slots(); ++slot)
+      if (logical_of_slot(slot) == expert) health_.mark_slot(slot);
+  }
+  /// \brief Marks every slot of EP rank `ep_rank` failed (see mark_failed_slot).
+  void mark_failed_rank(int ep_rank) {
+    require_failover("kmoe::MoELayer::mark_failed_rank");
+    require(ep_rank >= 0 && ep_rank < groups_.layout.ep, "kmoe::MoELayer::mark_failed_rank",
+            "ep_rank", ep_rank, "must be in [0, " + std::to_string(groups_.layout.ep) + ")");
+    health_.mark_rank(ep_rank);
+  }
+  /// \brief The failed slots every rank agreed on at the last agreement point.
+  std::vector<int> failed_slots() const { return health_.failed_slots(); }
+
   /// Assignment counts accumulated for the next bias update.
   const std::vector<std::int64_t>& pending_bias_counts() const { return bias_counts_; }
   /// Restores the counts (checkpoints); one per expert, each >= 0.
@@ -621,6 +675,7 @@ class MoELayer {
   void check_arguments() {
     constexpr const char* where = "kmoe::MoELayer";
     options_.capacity.validate(where);
+    options_.failover.validate(where);
     require(options_.training_mode != ExpertMode::inference, where, "options.training_mode",
             "inference", "must be store or recompute");
     const ExpertPlacement& replicas = options_.expert_placement;
@@ -659,9 +714,89 @@ class MoELayer {
     build_placement();
   }
 
+  void require_failover(const char* where) const {
+    require(options_.failover.enabled, where, "options.failover.enabled", "false",
+            "marking experts failed needs failover on");
+  }
+
+  int logical_of_slot(int slot) const {
+    return replicas_.active() ? replicas_.logical_of(slot) : slot;
+  }
+
+  /// Failover's agreement: every rank's marks and experts-phase time, all-reduced over the
+  /// world. Returns whether the failed set grew.
+  bool agree_on_health() {
+    const auto share = [&](std::vector<std::int64_t>& buffer) {
+      all_reduce_sum_values<memory_space>(groups_.world, buffer);
+    };
+    const std::int64_t experts_us = experts_us_;
+    experts_us_ = -1;  // each forward's time is compared once
+    return health_.agree(share, groups_.world.rank(), ep_rank_of_world_, experts_us,
+                         options_.failover.latency_factor, options_.failover.latency_window);
+  }
+
+  /// The logical experts with no healthy replica under the agreed failed set (the healthy
+  /// replicas take the others' tokens).
+  std::vector<int> dead_experts() {
+    if (replicas_.active()) return replicas_.set_failed(health_.failed());
+    return health_.failed_slots();  // one replica per expert: the slot is the expert
+  }
+  bool failures_have_replicas() { return dead_experts().empty(); }
+
+  /// Routes around the agreed failed set: replicas first; experts with none left are
+  /// rerouted (inference with reroute on) or refused. Same decision on every rank.
+  void route_around_failures(const char* where, ForwardStats& stats) {
+    const auto dead = dead_experts();
+    stats.failed_slots = health_.failed_slots();
+    if (dead.empty()) return;
+    require(!training_ && options_.failover.reroute, where, "failed expert", dead.front(),
+            training_ ? "has no healthy replica; rerouting its tokens is for inference only "
+                        "(training would differentiate another routing than the router's)"
+                      : "has no healthy replica and options.failover.reroute is false");
+    detail::ensure_extents(dead_flags_, "kmoe::MoELayer::dead_flags", std::size_t(num_experts()));
+    auto flags = Kokkos::create_mirror_view(dead_flags_);
+    Kokkos::deep_copy(flags, 0);
+    for (int e : dead) flags(e) = 1;
+    Kokkos::deep_copy(dead_flags_, flags);
+    stats.rerouted += reroute_dead_experts<X, S>(plan_, dead_flags_);
+  }
+
+  /// Slot of each local expert segment (the global expert without replicas).
+  int slot_of_local(int j) const {
+    if (replicas_.active()) return groups_.ep_rank * options_.expert_placement.slots_per_rank + j;
+    return local_experts()[std::size_t(j)];
+  }
+
+  /// The experts' forward under health checks: an exception fails every local slot (the
+  /// rows become zeros, so the exchange goes on and no rank waits forever); the time of
+  /// the phase is kept for the latency check.
+  void run_experts_checked(const Matrix<S, X>& expert_x, const Segments<X>& segments,
+                           ExpertMode mode) {
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      experts_.forward(expert_x, segments, expert_y_, mode);
+      X().fence();
+    } catch (const std::exception&) {
+      if (!options_.failover.catch_exceptions) throw;
+      Kokkos::deep_copy(expert_y_, S(0));
+      for (int j = 0; j < segments.experts(); ++j) health_.mark_slot(slot_of_local(j));
+    }
+    experts_us_ = std::chrono::duration_cast<std::chrono::microseconds>(
+                      std::chrono::steady_clock::now() - start)
+                      .count();
+  }
+
+  /// Marks each local slot whose output rows hold a non-finite value.
+  void mark_non_finite_slots(const Segments<X>& segments) {
+    for (int j = 0; j < segments.experts(); ++j)
+      if (detail::rows_have_non_finite<X>(expert_y_, segments.begin(j), segments.end(j)))
+        health_.mark_slot(slot_of_local(j));
+  }
+
   /// Where each global expert lives and how rows reach it (exchange/expert_parallel_exchange.hpp).
   void build_placement() {
     const int experts = num_experts();
+    build_health();
     if (options_.expert_placement.ranks == 0) {
       exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment,
                            deduplicate_dispatch());
@@ -673,6 +808,28 @@ class MoELayer {
     slots.layout.placement = Placement::block;
     exchange_ = Exchange(slots, replicas_.physical_experts(), hidden_size(),
                          options_.capacity.alignment, deduplicate_dispatch());
+  }
+
+  /// A failed set over this placement's slots (none failed yet).
+  void build_health() {
+    const ExpertPlacement& p = options_.expert_placement;
+    std::vector<int> rank_of_slot;
+    if (p.ranks > 0) {
+      for (int slot = 0; slot < p.physical_experts(); ++slot)
+        rank_of_slot.push_back(p.rank_of_slot(slot));
+    } else {
+      rank_of_slot.assign(std::size_t(num_experts()), 0);
+      for (int r = 0; r < groups_.layout.ep; ++r)
+        for (int e : groups_.layout.local_experts(num_experts(), r))
+          rank_of_slot[std::size_t(e)] = r;
+    }
+    health_ = ExpertHealth(rank_of_slot, groups_.layout.ep);
+    ep_rank_of_world_.assign(std::size_t(groups_.world.size()), 0);
+    for (int r = 0; r < groups_.world.size(); ++r) {
+      int tp_rank = 0, ep_rank = 0, dp_rank = 0;
+      groups_.layout.coordinates(r, tp_rank, ep_rank, dp_rank);
+      ep_rank_of_world_[std::size_t(r)] = ep_rank;
+    }
   }
 
   /// Global (logical) expert of each of this rank's expert slots.
@@ -784,6 +941,12 @@ class MoELayer {
   // Placement and the exchange plan of the last forward.
   using Exchange = ExpertParallelExchange<X, S, Communicator>;
   Exchange exchange_;
+  // Failover (LayerOptions::failover): the failed set, the EP rank of each world rank, the
+  // last experts-phase time (microseconds, -1 when none) and the dead-expert flags.
+  ExpertHealth health_;
+  std::vector<int> ep_rank_of_world_;
+  std::int64_t experts_us_ = -1;
+  Vector<int, X> dead_flags_;
   // Replicated placement (LayerOptions::expert_placement): the physical routing table.
   ReplicaRouting<X> replicas_;
   RoutingPlan<X, S> physical_plan_;

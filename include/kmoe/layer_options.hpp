@@ -11,6 +11,7 @@
 #include <kmoe/gradient_buckets.hpp>
 #include <kmoe/losses.hpp>
 #include <kmoe/placement/expert_placement.hpp>
+#include <kmoe/placement/failover.hpp>
 
 #include <cstdint>
 #include <string>
@@ -54,6 +55,8 @@ struct LayerOptions {
   /// ParallelLayout::placement. Dropless only (a capacity per replica would drop other
   /// tokens than the unreplicated layer).
   ExpertPlacement expert_placement = {};
+  /// Failed experts and health checks (placement/failover.hpp); off by default.
+  FailoverOptions failover = {};
 
   /// The settings that change results or the collectives a step runs, which every rank
   /// must share. overlap_shared_experts changes neither; time_phases adds a synchronisation
@@ -75,6 +78,7 @@ struct LayerOptions {
     print.choice("training_mode", int(training_mode), {"inference", "store", "recompute"});
     print.flag("gradient_sync.overlap", gradient_sync.overlap);
     print.integer("gradient_sync.bucket_bytes", std::int64_t(gradient_sync.bucket_bytes));
+    failover.fingerprint(print);
     print.integer("expert_placement.ranks", expert_placement.ranks);
     print.integer("expert_placement.slots_per_rank", expert_placement.slots_per_rank);
     for (std::size_t slot = 0; slot < expert_placement.logical.size(); ++slot)

@@ -198,6 +198,8 @@ TEMPLATE_LIST_TEST_CASE("the stats log's fields equal counts taken from the rout
                    (1.0 - double(kept) / double(experts * capacity))) < 1e-9);
     CHECK(record.at("dead_experts").get<std::vector<int>>() == dead);
     CHECK(record.at("dead_experts_window").get<std::vector<int>>() == dead);
+    CHECK(record.at("failed_slots").empty());  // failover is off
+    CHECK(record.at("rerouted") == 0);
     for (const char* phase : {"route", "dispatch", "exchange", "experts", "combine"})
       CHECK(record.at("phase_ms").at(phase).get<double>() >= 0.0);
     // One EP rank: nothing crosses a wire.

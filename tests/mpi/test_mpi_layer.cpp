@@ -27,8 +27,11 @@
 #include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "shard_index.hpp"
@@ -484,6 +487,149 @@ TEST_CASE("apply_placement moves weights and optimizer state to the new slots", 
   if (world.rank() == 1) odd = before.expert_placement;
   CHECK_THROWS_WITH(moved.apply_placement(odd),
                     Catch::Matchers::ContainsSubstring("every rank must apply the same placement"));
+}
+
+/// SwiGLU experts that throw (a broken device, a bad allocation) or stall when told to:
+/// the failures failover's health checks must catch.
+struct FlakyGLU : GLU {
+  using GLU::GLU;
+  bool fail = false;
+  int stall_ms = 0;
+  void forward(const ConstMatrix<S, X>& x, const Segments<X>& segments, const Matrix<S, X>& y,
+               ExpertMode mode) {
+    if (fail) throw std::runtime_error("FlakyGLU: device lost");
+    if (stall_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(stall_ms));
+    GLU::forward(x, segments, y, mode);
+  }
+};
+
+TEST_CASE("failover: a slot marked on one rank fails everywhere; its replicas take its tokens",
+          "[mpi][failover]") {
+  const MpiCommunicator world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
+  const int ep = world.size(), experts = 5, tokens = tokens_per_rank;
+  LayerOptions options;
+  options.expert_placement = replicated_placement(experts, ep);
+  options.failover.enabled = true;
+  const ExpertPlacement& p = options.expert_placement;
+  const int slots = p.slots_per_rank;
+  const std::vector<int> owned(p.logical.begin() + groups.ep_rank * slots,
+                               p.logical.begin() + (groups.ep_rank + 1) * slots);
+  // The first slot whose expert has another replica.
+  int victim = -1;
+  for (const auto& held : p.replicas())
+    if (held.size() > 1 && victim < 0) victim = held.front();
+  REQUIRE(victim >= 0);
+
+  RefLayer<SoftmaxRouter, GLU> ref(SoftmaxRouter({hidden, experts, 2, true, 1.0}),
+                                   GLU({experts, hidden, ffn}));
+  fill_normal(ref.parameters(), 0.3, 404);
+  DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, experts, 2, true, 1.0}),
+                                      GLU({slots, hidden, ffn}), options, std::nullopt, groups);
+  {
+    ParameterList<X, S> from, to;
+    ref.router().collect_parameters(from);
+    layer.router().collect_parameters(to);
+    copy_shard(from, to, {}, 0);
+    from.clear(), to.clear();
+    ref.experts().collect_parameters(from);
+    layer.experts().collect_parameters(to);
+    copy_shard(from, to, owned, 0);
+  }
+  const int global = tokens * ep;
+  Matrix<S, X> x("x", global, hidden), ref_y("ref_y", global, hidden);
+  fill_normal(x, 1.0, 405);
+  ref.forward(x, ref_y);
+  const auto x_local = rows_of(x, groups.ep_rank * tokens, tokens);
+  Matrix<S, X> y("y", tokens, hidden);
+
+  if (world.rank() == 0) layer.mark_failed_slot(victim);  // one rank's word is enough
+  RouteContext<X> training;
+  training.training = true;  // replicas cover the failure, so training may go on
+  const auto stats = layer.forward(x_local, y, training);
+  CHECK(stats.failed_slots == std::vector<int>{victim});
+  CHECK(stats.rerouted == 0);
+  CHECK(matrix_error(y, ref_y, groups.ep_rank * tokens) < tolerance);
+  // The failed slot's expert still served its tokens, through its other replicas.
+  CHECK(stats.tokens_per_expert[std::size_t(p.logical[std::size_t(victim)])] > 0);
+}
+
+TEST_CASE("failover: experts that throw on one rank fail its slots; serving goes on",
+          "[mpi][failover]") {
+  const MpiCommunicator world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
+  const int ep = world.size(), experts = 2 * ep, tokens = tokens_per_rank;
+  LayerOptions options;
+  options.failover.enabled = true;
+  const auto owned = groups.layout.local_experts(experts, groups.ep_rank);
+  const auto lost = groups.layout.local_experts(experts, 1);
+
+  // The reference: one rank holding every expert, with rank 1's experts marked failed.
+  MoELayer<SoftmaxRouter, GLU> ref(SoftmaxRouter({hidden, experts, 2, true, 1.0}),
+                                   GLU({experts, hidden, ffn}), options);
+  fill_normal(ref.parameters(), 0.3, 505);
+  for (int e : lost) ref.mark_failed_expert(e);
+  MoELayer<SoftmaxRouter, FlakyGLU, WeightedSumCombiner<X, S>, MpiCommunicator> layer(
+      SoftmaxRouter({hidden, experts, 2, true, 1.0}), FlakyGLU({int(owned.size()), hidden, ffn}),
+      options, std::nullopt, groups);
+  {
+    ParameterList<X, S> from, to;
+    ref.router().collect_parameters(from);
+    layer.router().collect_parameters(to);
+    copy_shard(from, to, {}, 0);
+    from.clear(), to.clear();
+    ref.experts().collect_parameters(from);
+    layer.experts().collect_parameters(to);
+    copy_shard(from, to, owned, 0);
+  }
+  const int global = tokens * ep;
+  Matrix<S, X> x("x", global, hidden), ref_y("ref_y", global, hidden);
+  fill_normal(x, 1.0, 506);
+  ref.forward(x, ref_y);
+  const auto x_local = rows_of(x, groups.ep_rank * tokens, tokens);
+  Matrix<S, X> y("y", tokens, hidden);
+
+  layer.experts().fail = groups.ep_rank == 1;
+  const auto stats = layer.forward(x_local, y);  // inference: rerouting allowed
+  CHECK(stats.failed_slots == lost);
+  CHECK(matrix_error(y, ref_y, groups.ep_rank * tokens) < tolerance);
+  Kokkos::View<std::int64_t*, Kokkos::HostSpace> rerouted("rerouted", 1);
+  rerouted(0) = stats.rerouted;
+  world.all_reduce_sum(rerouted);
+  CHECK(rerouted(0) > 0);
+  // Training cannot reroute: every rank raises the same error, none hangs.
+  RouteContext<X> training;
+  training.training = true;
+  CHECK_THROWS_WITH(layer.forward(x_local, y, training),
+                    Catch::Matchers::ContainsSubstring("has no healthy replica"));
+}
+
+TEST_CASE("failover: a rank whose experts stall for a window of forwards is failed",
+          "[mpi][failover]") {
+  const MpiCommunicator world = MpiCommunicator::world();
+  const auto groups = expert_parallel_groups(world);
+  const int ep = world.size(), experts = 2 * ep, tokens = tokens_per_rank;
+  LayerOptions options;
+  options.failover.enabled = true;
+  options.failover.latency_factor = 20;
+  options.failover.latency_window = 2;
+  const auto owned = groups.layout.local_experts(experts, groups.ep_rank);
+  MoELayer<SoftmaxRouter, FlakyGLU, WeightedSumCombiner<X, S>, MpiCommunicator> layer(
+      SoftmaxRouter({hidden, experts, 2, true, 1.0}), FlakyGLU({int(owned.size()), hidden, ffn}),
+      options, std::nullopt, groups);
+  fill_normal(layer.parameters(), 0.3, 606);
+  Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
+  fill_normal(x, 1.0, 607 + world.rank());
+  layer.experts().stall_ms = groups.ep_rank == 1 ? 400 : 0;
+  const auto first = layer.forward(x, y);
+  CHECK(first.failed_slots.empty());  // one slow forward is not yet a window
+  const auto second = layer.forward(x, y);
+  // Rank 1's slots fail on every rank (other ranks may be slow too on a loaded machine:
+  // only rank 1's are required).
+  for (int e : groups.layout.local_experts(experts, 1))
+    CHECK(std::count(second.failed_slots.begin(), second.failed_slots.end(), e) == 1);
+  const auto yh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), y);
+  for (std::size_t i = 0; i < yh.size(); ++i) CHECK(std::isfinite(yh.data()[i]));
 }
 
 TEST_CASE("softmax top-k, SwiGLU, round-robin placement", "[mpi]") {

@@ -60,6 +60,24 @@ std::int64_t first_non_finite_element(const View& v) {
   return first < n ? first : n;
 }
 
+/// Whether rows [begin, end) of the row-major matrix m hold a non-finite value (failover's
+/// health check of one expert's outputs).
+template <class X, class Matrix>
+bool rows_have_non_finite(const Matrix& m, int begin, int end) {
+  const std::int64_t cols = std::int64_t(m.extent(1));
+  const std::int64_t first = std::int64_t(begin) * cols, last = std::int64_t(end) * cols;
+  if (last <= first) return false;
+  const auto data = m.data();
+  std::int64_t bad = 0;
+  Kokkos::parallel_reduce(
+      "kmoe::MoELayer::check_finite_rows", Kokkos::RangePolicy<X>(first, last),
+      KOKKOS_LAMBDA(std::int64_t i, std::int64_t & count) {
+        if (!detail::isfinite(data[i])) ++count;
+      },
+      bad);
+  return bad > 0;
+}
+
 /// Throws kmoe::runtime_error naming `what`, the first non-finite element of v and its
 /// position (row = token for [T, H] views); returns if there is none.
 template <class X, class View>

@@ -31,17 +31,10 @@ class ReplicaRouting {
     const auto held = placement.replicas();
     offsets_ = Vector<int, X>("kmoe::ReplicaRouting::offsets", std::size_t(experts) + 1);
     replica_slots_ = Vector<int, X>("kmoe::ReplicaRouting::slots", std::size_t(slots));
-    auto offsets = Kokkos::create_mirror_view(offsets_);
-    auto replica_slots = Kokkos::create_mirror_view(replica_slots_);
+    set_failed(std::vector<char>(std::size_t(slots), 0));
     std::vector<int> row_of_logical(std::size_t(experts), -1);
-    for (int e = 0, at = 0; e < experts; ++e) {
-      offsets(e) = at;
-      for (int slot : held[e]) replica_slots(at++) = slot;
+    for (int e = 0; e < experts; ++e)
       if (held[e].size() > 1) row_of_logical[e] = replicated_++;
-    }
-    offsets(experts) = slots;
-    Kokkos::deep_copy(offsets_, offsets);
-    Kokkos::deep_copy(replica_slots_, replica_slots);
     const int per_rank = placement.slots_per_rank;
     local_rows_ = Vector<int, X>("kmoe::ReplicaRouting::local_rows", std::size_t(per_rank));
     auto local_rows = Kokkos::create_mirror_view(local_rows_);
@@ -60,7 +53,29 @@ class ReplicaRouting {
   /// Logical expert of physical slot `slot`.
   int logical_of(int slot) const { return placement_.logical[std::size_t(slot)]; }
 
-  /// physical(t, s) = a replica of logical(t, s) chosen by t (or -1 where it is -1).
+  /// Routes only to the slots not `failed` (one flag per slot, failover.hpp); returns the
+  /// logical experts left without a healthy replica (their assignments map to -1).
+  std::vector<int> set_failed(const std::vector<char>& failed) {
+    const int experts = placement_.logical_experts;
+    const auto held = placement_.replicas();
+    auto offsets = Kokkos::create_mirror_view(offsets_);
+    auto replica_slots = Kokkos::create_mirror_view(replica_slots_);
+    std::vector<int> dead;
+    int at = 0;
+    for (int e = 0; e < experts; ++e) {
+      offsets(e) = at;
+      for (int slot : held[e])
+        if (!failed[std::size_t(slot)]) replica_slots(at++) = slot;
+      if (at == offsets(e)) dead.push_back(e);
+    }
+    offsets(experts) = at;
+    Kokkos::deep_copy(offsets_, offsets);
+    Kokkos::deep_copy(replica_slots_, replica_slots);
+    return dead;
+  }
+
+  /// physical(t, s) = a replica of logical(t, s) chosen by t (or -1 where it is -1 or the
+  /// expert has no healthy replica).
   void map(const Matrix<int, X>& logical, const Matrix<int, X>& physical) const {
     const auto offsets = offsets_;
     const auto replica_slots = replica_slots_;
@@ -75,7 +90,7 @@ class ReplicaRouting {
             return;
           }
           const int first = offsets(e), count = offsets(e + 1) - first;
-          physical(t, s) = replica_slots(first + t % count);
+          physical(t, s) = count > 0 ? replica_slots(first + t % count) : -1;
         });
   }
 

@@ -227,8 +227,6 @@ MoELayer<Router, Experts> load_block(const std::string& model_dir, int layer,
                                      const LayerOptions& options, const char* family,
                                      BlockRouter kind, BlockExperts expert_kind,
                                      const char* where) {
-  using X = typename Experts::execution_space;
-  using S = typename Experts::scalar_type;
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
   const MoEBlockConfig config = family_block(model_dir, layer, family, kind, expert_kind, where);
   // Opened after config.json, whose errors come first.

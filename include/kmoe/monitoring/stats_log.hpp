@@ -136,6 +136,8 @@ class StatsLog {
     json.number("padding_fraction", padding_fraction(stats));
     json.integers("dead_experts", spread.dead);
     if (window != nullptr) json.integers("dead_experts_window", window->dead_experts());
+    json.integers("failed_slots", stats.failed_slots);
+    json.integer("rerouted", stats.rerouted);
     json.begin("phase_ms");
     json.number("route", stats.phase_ms.route);
     json.number("dispatch", stats.phase_ms.dispatch);
