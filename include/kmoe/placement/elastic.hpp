@@ -12,6 +12,7 @@
 
 #include <kmoe/detail/detect.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/expert.hpp>
 #include <kmoe/init.hpp>
 #include <kmoe/parameters.hpp>
 
