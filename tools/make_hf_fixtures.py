@@ -1317,6 +1317,64 @@ def check_block_output_dbrx(experts, x, indices, weights, expected):
     raise RuntimeError("dbrx: the w2 layout check cannot tell [F, H] from [H, F]")
 
 
+def save_single_layout(model, name, out_root):
+    """model/ of a family whose experts transformers 5.x does not convert: save_pretrained
+    writes the same bytes with and without save_original_format (checked), so there is no
+    model_fused/ (a stale one is removed). Returns the fixture directory, model/, the saved
+    tensors (checked equal to the model's) and the model's state in float32."""
+    directory = os.path.join(out_root, name)
+    model_dir = os.path.join(directory, "model")
+    save_checkpoint(model, model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, tmp, save_original_format=False)
+        for filename in ("config.json", "model.safetensors"):
+            with open(os.path.join(model_dir, filename), "rb") as a:
+                with open(os.path.join(tmp, filename), "rb") as b:
+                    assert a.read() == b.read(), f"{name}: {filename} differs in model_fused/"
+        assert sorted(os.listdir(tmp)) == sorted(os.listdir(model_dir))
+    shutil.rmtree(os.path.join(directory, "model_fused"), ignore_errors=True)
+    original = read_checkpoint(model_dir)
+    reference = {k: v.float() for k, v in model.state_dict().items()}
+    assert original.keys() == reference.keys()
+    for k, v in original.items():
+        assert torch.equal(v.float(), reference[k]), k
+    return directory, model_dir, original, reference
+
+
+def check_reloads(model_class, model_dir, reference):
+    """from_pretrained(model_dir) gives back the model's state (`reference`, float32)."""
+    loaded = model_class.from_pretrained(model_dir).state_dict()
+    assert loaded.keys() == reference.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v.float(), reference[k]), k
+
+
+def save_single_layout_fixture(directory, name, prefix, model, block, original, run, routing):
+    """Writes input / output / grad_output and grads.safetensors of a single-layout family
+    (block parameters under `prefix`, the names transformers saves: the same names and
+    tensors, no conversion). run: (x with its gradient, y, grad_output); routing:
+    (router_logits, indices, weights). Returns the unused experts for the summary."""
+    x, y, grad_output = run
+    router_logits, indices, weights = routing
+    indices, weights = sort_by_weight(indices, weights.detach())
+
+    save = fixture_writer(directory, name, [("block", prefix)])
+    save_forward(save, x, y, grad_output, router_logits, indices, weights)
+
+    params = {prefix + n: p for n, p in block.named_parameters()}
+    assert params.keys() == {k for k in original if k.startswith(prefix)}
+    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
+    converted = saved_as_gradients(model, params, block_grads)
+    grads = {"hidden_states": x.grad}
+    grads.update({k: v for k, v in converted.items() if k.startswith(prefix)})
+    assert grads.keys() - {"hidden_states"} == block_grads.keys()
+    assert all(torch.equal(grads[k], block_grads[k]) for k in block_grads)
+    assert all(v.dtype == torch.float32 for v in grads.values())
+    save("grads.safetensors", grads)
+    hit = set(indices.flatten().tolist())
+    return {"experts_unused": sorted(set(range(block.experts.num_experts)) - hit)}
+
+
 def build5_dbrx(spec, out_root):
     """build5 for DBRX (DbrxFFN at transformer.blocks.{layer}.ffn: router.layer.weight [E, H],
     experts.mlp.{w1, v1, w2} [E * F, H]). transformers has no conversion for these tensors:
@@ -1338,22 +1396,7 @@ def build5_dbrx(spec, out_root):
     assert all(hasattr(getattr(m, block_attr), "experts") for m in layers)
 
     model = bf16_checkpoint(model, [], seed)
-    directory = os.path.join(out_root, name)
-    model_dir = os.path.join(directory, "model")
-    save_checkpoint(model, model_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, tmp, save_original_format=False)
-        for filename in ("config.json", "model.safetensors"):
-            with open(os.path.join(model_dir, filename), "rb") as a:
-                with open(os.path.join(tmp, filename), "rb") as b:
-                    assert a.read() == b.read(), f"{name}: {filename} differs in model_fused/"
-        assert sorted(os.listdir(tmp)) == sorted(os.listdir(model_dir))
-    shutil.rmtree(os.path.join(directory, "model_fused"), ignore_errors=True)
-    original = read_checkpoint(model_dir)
-    reference = {k: v.float() for k, v in model.state_dict().items()}
-    assert original.keys() == reference.keys()
-    for k, v in original.items():
-        assert torch.equal(v.float(), reference[k]), k
+    directory, model_dir, original, reference = save_single_layout(model, name, out_root)
     num_experts, width = ffn_config.moe_num_experts, ffn_config.ffn_hidden_size
     hidden = config.d_model
     for i in range(len(layers)):
@@ -1362,10 +1405,7 @@ def build5_dbrx(spec, out_root):
                 num_experts * width,
                 hidden,
             )
-    loaded = model_class.from_pretrained(model_dir).state_dict()
-    assert loaded.keys() == reference.keys()
-    for k, v in loaded.items():
-        assert torch.equal(v.float(), reference[k]), k
+    check_reloads(model_class, model_dir, reference)
 
     model = model.float()
     block = getattr(layers[layer], block_attr)
@@ -1402,27 +1442,13 @@ def build5_dbrx(spec, out_root):
             weights, dbrx_expected_weights(router_logits, indices, norm_p), rtol=0, atol=0
         )
         check_block_output_dbrx(block.experts, x.detach(), indices, weights.detach(), y.detach())
-    indices, weights = sort_by_weight(indices, weights.detach())
-
-    save = fixture_writer(directory, name, [("block", prefix)])
-    save_forward(save, x, y, grad_output, router_logits, indices, weights)
-
-    params = {prefix + n: p for n, p in block.named_parameters()}
-    assert params.keys() == {k for k in original if k.startswith(prefix)}
-    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
-    # The names as transformers saves them (the same names and tensors, no conversion).
-    converted = saved_as_gradients(model, params, block_grads)
-    grads = {"hidden_states": x.grad}
-    grads.update({k: v for k, v in converted.items() if k.startswith(prefix)})
-    assert grads.keys() - {"hidden_states"} == block_grads.keys()
-    assert all(torch.equal(grads[k], block_grads[k]) for k in block_grads)
-    assert all(v.dtype == torch.float32 for v in grads.values())
-    save("grads.safetensors", grads)
-    hit = set(indices.flatten().tolist())
     return {
+        **save_single_layout_fixture(
+            directory, name, prefix, model, block, original, (x, y, grad_output),
+            (router_logits, indices, weights),
+        ),
         "routing_margin": min(margins),
         "input_draws": draws,
-        "experts_unused": sorted(set(range(num_experts)) - hit),
     }
 
 
@@ -1479,30 +1505,12 @@ def build5_llama4(spec, out_root):
     layers = model.get_submodule(layers_path)
 
     model = bf16_checkpoint(model, [], seed)
-    directory = os.path.join(out_root, name)
-    model_dir = os.path.join(directory, "model")
-    save_checkpoint(model, model_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, tmp, save_original_format=False)
-        for filename in ("config.json", "model.safetensors"):
-            with open(os.path.join(model_dir, filename), "rb") as a:
-                with open(os.path.join(tmp, filename), "rb") as b:
-                    assert a.read() == b.read(), f"{name}: {filename} differs in model_fused/"
-        assert sorted(os.listdir(tmp)) == sorted(os.listdir(model_dir))
-    shutil.rmtree(os.path.join(directory, "model_fused"), ignore_errors=True)
-    original = read_checkpoint(model_dir)
-    reference = {k: v.float() for k, v in model.state_dict().items()}
-    assert original.keys() == reference.keys()
-    for k, v in original.items():
-        assert torch.equal(v.float(), reference[k]), k
+    directory, model_dir, original, reference = save_single_layout(model, name, out_root)
     num_experts, width, hidden = text.num_local_experts, text.intermediate_size, text.hidden_size
     assert original[prefix + "experts.gate_up_proj"].shape == (num_experts, hidden, 2 * width)
     assert original[prefix + "experts.down_proj"].shape == (num_experts, width, hidden)
     assert original[prefix + "experts.gate_up_proj"].abs().min() > 0
-    loaded = model_class.from_pretrained(model_dir).state_dict()
-    assert loaded.keys() == reference.keys()
-    for k, v in loaded.items():
-        assert torch.equal(v.float(), reference[k]), k
+    check_reloads(model_class, model_dir, reference)
 
     model = model.float()
     block = getattr(layers[layer], block_attr)
@@ -1534,27 +1542,13 @@ def build5_llama4(spec, out_root):
             weights, torch.sigmoid(router_logits.gather(1, indices)), rtol=2e-7, atol=0
         )
         check_block_output_llama4(block, x.detach(), indices, weights, y.detach())
-    indices, weights = sort_by_weight(indices, weights.detach())
-
-    save = fixture_writer(directory, name, [("block", prefix)])
-    save_forward(save, x, y, grad_output, router_logits, indices, weights)
-
-    params = {prefix + n: p for n, p in block.named_parameters()}
-    assert params.keys() == {k for k in original if k.startswith(prefix)}
-    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
-    # The names as transformers saves them (the same names and tensors, no conversion).
-    converted = saved_as_gradients(model, params, block_grads)
-    grads = {"hidden_states": x.grad}
-    grads.update({k: v for k, v in converted.items() if k.startswith(prefix)})
-    assert grads.keys() - {"hidden_states"} == block_grads.keys()
-    assert all(torch.equal(grads[k], block_grads[k]) for k in block_grads)
-    assert all(v.dtype == torch.float32 for v in grads.values())
-    save("grads.safetensors", grads)
-    hit = set(indices.flatten().tolist())
     return {
+        **save_single_layout_fixture(
+            directory, name, prefix, model, block, original, (x, y, grad_output),
+            (router_logits, indices, weights),
+        ),
         "routing_margin": min(margins),
         "input_draws": draws,
-        "experts_unused": sorted(set(range(num_experts)) - hit),
     }
 
 
@@ -1621,22 +1615,7 @@ def build5_gpt_oss(spec, out_root):
             )
 
     model = bf16_checkpoint(model, [], seed)
-    directory = os.path.join(out_root, name)
-    model_dir = os.path.join(directory, "model")
-    save_checkpoint(model, model_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, tmp, save_original_format=False)
-        for filename in ("config.json", "model.safetensors"):
-            with open(os.path.join(model_dir, filename), "rb") as a:
-                with open(os.path.join(tmp, filename), "rb") as b:
-                    assert a.read() == b.read(), f"{name}: {filename} differs in model_fused/"
-        assert sorted(os.listdir(tmp)) == sorted(os.listdir(model_dir))
-    shutil.rmtree(os.path.join(directory, "model_fused"), ignore_errors=True)
-    original = read_checkpoint(model_dir)
-    reference = {k: v.float() for k, v in model.state_dict().items()}
-    assert original.keys() == reference.keys()
-    for k, v in original.items():
-        assert torch.equal(v.float(), reference[k]), k
+    directory, model_dir, original, reference = save_single_layout(model, name, out_root)
     num_experts, width = config.num_local_experts, config.intermediate_size
     hidden = config.hidden_size
     for i in range(len(layers)):
@@ -1647,10 +1626,7 @@ def build5_gpt_oss(spec, out_root):
         assert original[p + "experts.gate_up_proj_bias"].shape == (num_experts, 2 * width)
         assert original[p + "experts.down_proj"].shape == (num_experts, width, hidden)
         assert original[p + "experts.down_proj_bias"].shape == (num_experts, hidden)
-    loaded = model_class.from_pretrained(model_dir).state_dict()
-    assert loaded.keys() == reference.keys()
-    for k, v in loaded.items():
-        assert torch.equal(v.float(), reference[k]), k
+    check_reloads(model_class, model_dir, reference)
 
     model = model.float()
     block = getattr(layers[layer], block_attr)
@@ -1709,27 +1685,13 @@ def build5_gpt_oss(spec, out_root):
             "up_below": int((up < -limit).sum()),
         }
         assert all(clamped.values()), f"{name}: a clamp is never active: {clamped}"
-    indices, weights = sort_by_weight(indices, weights.detach())
-
-    save = fixture_writer(directory, name, [("block", prefix)])
-    save_forward(save, x, y, grad_output, router_logits, indices, weights)
-
-    params = {prefix + n: p for n, p in block.named_parameters()}
-    assert params.keys() == {k for k in original if k.startswith(prefix)}
-    block_grads = {n: g.detach().clone() for n, g in param_grads(params.items()).items()}
-    # The names as transformers saves them (the same names and tensors, no conversion).
-    converted = saved_as_gradients(model, params, block_grads)
-    grads = {"hidden_states": x.grad}
-    grads.update({k: v for k, v in converted.items() if k.startswith(prefix)})
-    assert grads.keys() - {"hidden_states"} == block_grads.keys()
-    assert all(torch.equal(grads[k], block_grads[k]) for k in block_grads)
-    assert all(v.dtype == torch.float32 for v in grads.values())
-    save("grads.safetensors", grads)
-    hit = set(indices.flatten().tolist())
     return {
+        **save_single_layout_fixture(
+            directory, name, prefix, model, block, original, (x, y, grad_output),
+            (router_logits, indices, weights),
+        ),
         "routing_margin": min(margins),
         "input_draws": draws,
-        "experts_unused": sorted(set(range(num_experts)) - hit),
         "clamped_elements": clamped,
     }
 

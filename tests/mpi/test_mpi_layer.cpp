@@ -133,6 +133,20 @@ void copy_shard(const ParameterList<X, S>& full, const ParameterList<X, S>& shar
           full[p].value(kmoe::test::full_index(full[p].shape, shard[p].shape, i, owned, tp_rank));
 }
 
+/// The reference's router and, for this rank's experts `owned` (whole F), its expert
+/// weights, into `layer`.
+template <class Ref, class Layer>
+void copy_router_and_experts(const Ref& ref, const Layer& layer, const std::vector<int>& owned) {
+  ParameterList<X, S> from, to;
+  ref.router().collect_parameters(from);
+  layer.router().collect_parameters(to);
+  copy_shard(from, to, {}, 0);
+  from.clear(), to.clear();
+  ref.experts().collect_parameters(from);
+  layer.experts().collect_parameters(to);
+  copy_shard(from, to, owned, 0);
+}
+
 /// Largest |distributed - reference / groups| over a list, relative to the reference scale.
 double gradient_error(const ParameterList<X, S>& full, const ParameterList<X, S>& shard,
                       const std::vector<int>& owned, int tp_rank, int groups) {
@@ -432,14 +446,7 @@ TEST_CASE("apply_placement moves weights and optimizer state to the new slots", 
   auto make = [&](const LayerOptions& o, const std::vector<int>& owned) {
     DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, experts, 2, true, 1.0}),
                                         GLU({slots, hidden, ffn}), o, std::nullopt, groups);
-    ParameterList<X, S> from, to;
-    ref.router().collect_parameters(from);
-    layer.router().collect_parameters(to);
-    copy_shard(from, to, {}, 0);
-    from.clear(), to.clear();
-    ref.experts().collect_parameters(from);
-    layer.experts().collect_parameters(to);
-    copy_shard(from, to, owned, 0);
+    copy_router_and_experts(ref, layer, owned);
     return layer;
   };
   auto moved = make(before, owned_before);
@@ -526,16 +533,7 @@ TEST_CASE("failover: a slot marked on one rank fails everywhere; its replicas ta
   fill_normal(ref.parameters(), 0.3, 404);
   DistLayer<SoftmaxRouter, GLU> layer(SoftmaxRouter({hidden, experts, 2, true, 1.0}),
                                       GLU({slots, hidden, ffn}), options, std::nullopt, groups);
-  {
-    ParameterList<X, S> from, to;
-    ref.router().collect_parameters(from);
-    layer.router().collect_parameters(to);
-    copy_shard(from, to, {}, 0);
-    from.clear(), to.clear();
-    ref.experts().collect_parameters(from);
-    layer.experts().collect_parameters(to);
-    copy_shard(from, to, owned, 0);
-  }
+  copy_router_and_experts(ref, layer, owned);
   const int global = tokens * ep;
   Matrix<S, X> x("x", global, hidden), ref_y("ref_y", global, hidden);
   fill_normal(x, 1.0, 405);
@@ -572,16 +570,7 @@ TEST_CASE("failover: experts that throw on one rank fail its slots; serving goes
   MoELayer<SoftmaxRouter, FlakyGLU, WeightedSumCombiner<X, S>, MpiCommunicator> layer(
       SoftmaxRouter({hidden, experts, 2, true, 1.0}), FlakyGLU({int(owned.size()), hidden, ffn}),
       options, std::nullopt, groups);
-  {
-    ParameterList<X, S> from, to;
-    ref.router().collect_parameters(from);
-    layer.router().collect_parameters(to);
-    copy_shard(from, to, {}, 0);
-    from.clear(), to.clear();
-    ref.experts().collect_parameters(from);
-    layer.experts().collect_parameters(to);
-    copy_shard(from, to, owned, 0);
-  }
+  copy_router_and_experts(ref, layer, owned);
   const int global = tokens * ep;
   Matrix<S, X> x("x", global, hidden), ref_y("ref_y", global, hidden);
   fill_normal(x, 1.0, 506);

@@ -44,7 +44,8 @@ void copy_experts(const RefLayer& from_layer, const DistLayer& to_layer,
   to_layer.experts().collect_parameters(to);
   for (std::size_t p = 0; p < to.size(); ++p)
     for (std::size_t i = 0; i < to[p].value.size(); ++i)
-      to[p].value(i) = from[p].value(kmoe::test::full_index(from[p].shape, to[p].shape, i, owned, 0));
+      to[p].value(i) =
+          from[p].value(kmoe::test::full_index(from[p].shape, to[p].shape, i, owned, 0));
 }
 
 }  // namespace
@@ -88,8 +89,8 @@ TEST_CASE("an elastic resize of a data-parallel layer equals the single-rank res
   const int experts = 5;
   RefLayer ref(Router({hidden, experts, 2, true}), GLU({experts, hidden, ffn}));
   fill_normal(ref.parameters(), 0.4, 81);
-  DistLayer layer(Router({hidden, experts, 2, true}), GLU({experts, hidden, ffn}), {},
-                  std::nullopt, groups);
+  DistLayer layer(Router({hidden, experts, 2, true}), GLU({experts, hidden, ffn}), {}, std::nullopt,
+                  groups);
   std::vector<int> all(experts);
   for (int e = 0; e < experts; ++e) all[e] = e;
   copy_experts(ref, layer, all);

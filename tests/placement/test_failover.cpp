@@ -71,6 +71,17 @@ std::vector<double> reference(const Layer& layer, const XView& x, const std::vec
   return y;
 }
 
+/// The softmax top-k (renormalised) SwiGLU layer of these tests, weights drawn from `seed`.
+template <class X>
+MoELayer<SoftmaxTopKRouter<X, double>, SwiGLUExperts<X, double>> failover_layer(
+    const LayerOptions& options, std::uint64_t seed) {
+  MoELayer<SoftmaxTopKRouter<X, double>, SwiGLUExperts<X, double>> layer(
+      SoftmaxTopKRouter<X, double>({hidden, experts, top_k, true}),
+      SwiGLUExperts<X, double>({experts, hidden, ffn}), options);
+  fill_normal(layer.parameters(), 0.5, seed);
+  return layer;
+}
+
 template <class YView>
 double max_error(const YView& y, const std::vector<double>& want) {
   const auto yh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), y);
@@ -90,9 +101,7 @@ TEMPLATE_LIST_TEST_CASE("failover reroutes a failed expert's tokens to their bes
   using Experts = SwiGLUExperts<X, S>;
   LayerOptions options;
   options.failover.enabled = true;
-  MoELayer<Router, Experts> layer(Router({hidden, experts, top_k, true}),
-                                  Experts({experts, hidden, ffn}), options);
-  fill_normal(layer.parameters(), 0.5, 21);
+  auto layer = failover_layer<X>(options, 21);
   Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
   fill_normal(x, 1.0, 22);
 
@@ -136,13 +145,9 @@ TEMPLATE_LIST_TEST_CASE("a non-finite expert output fails its slot and the step 
                         "[failover]", kmoe::test::ExecutionSpaces) {
   using X = TestType;
   using S = double;
-  using Router = SoftmaxTopKRouter<X, S>;
-  using Experts = SwiGLUExperts<X, S>;
   LayerOptions options;
   options.failover.enabled = true;
-  MoELayer<Router, Experts> layer(Router({hidden, experts, top_k, true}),
-                                  Experts({experts, hidden, ffn}), options);
-  fill_normal(layer.parameters(), 0.5, 31);
+  auto layer = failover_layer<X>(options, 31);
   Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
   fill_normal(x, 1.0, 32);
   // Expert 4 breaks: one NaN in its down projection poisons every row it computes.
