@@ -132,13 +132,16 @@ Layer resized_layer(const Layer& layer, const std::vector<int>& keep,
   }
   if constexpr (detail::is_detected_v<detail::router_selection_bias, Router>) {
     // A selection bias that is not a trained parameter (DeepSeek's, moved by the bias
-    // update) follows its experts; an added expert starts without one.
+    // update) follows its experts; an added expert starts without one. A router whose bias
+    // is switched off (SoftmaxTopKRouter without selection_bias) holds an empty one.
     const auto old_bias =
         Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.router().bias());
     auto bias = Kokkos::create_mirror_view(resized.router().bias());
-    for (int row = 0; row < after; ++row)
-      bias(row) = row < int(keep.size()) ? old_bias(keep[std::size_t(row)]) : 0;
-    Kokkos::deep_copy(resized.router().bias(), bias);
+    if (old_bias.extent(0) == std::size_t(before) && bias.extent(0) == std::size_t(after)) {
+      for (int row = 0; row < after; ++row)
+        bias(row) = row < int(keep.size()) ? old_bias(keep[std::size_t(row)]) : 0;
+      Kokkos::deep_copy(resized.router().bias(), bias);
+    }
   }
   typename Layer::execution_space().fence();
   resized.check_replicas();
