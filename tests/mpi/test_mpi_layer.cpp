@@ -600,7 +600,7 @@ TEST_CASE("failover: a rank whose experts stall for a window of forwards is fail
   const int ep = world.size(), experts = 2 * ep, tokens = tokens_per_rank;
   LayerOptions options;
   options.failover.enabled = true;
-  options.failover.latency_factor = 20;
+  options.failover.latency_factor = 5;
   options.failover.latency_window = 2;
   const auto owned = groups.layout.local_experts(experts, groups.ep_rank);
   MoELayer<SoftmaxRouter, FlakyGLU, WeightedSumCombiner<X, S>, MpiCommunicator> layer(
@@ -609,7 +609,7 @@ TEST_CASE("failover: a rank whose experts stall for a window of forwards is fail
   fill_normal(layer.parameters(), 0.3, 606);
   Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
   fill_normal(x, 1.0, 607 + world.rank());
-  layer.experts().stall_ms = groups.ep_rank == 1 ? 400 : 0;
+  layer.experts().stall_ms = groups.ep_rank == 1 ? 1000 : 0;
   const auto first = layer.forward(x, y);
   CHECK(first.failed_slots.empty());  // one slow forward is not yet a window
   const auto second = layer.forward(x, y);
