@@ -188,12 +188,17 @@ class MoELayer {
     }
     // From here on the ranks are inside the step's collectives: see agreement.hpp.
     abort_on_failure(groups_.world, where, [&] {
+      if (!options_.failover.health_checks()) {
+        forward_after_routing(x_, y_rows, stats, phase_clock);
+        return;
+      }
+      // The state a redo starts from (only health checks can ask for one).
       const ForwardStats routed = stats;
       const auto bias_counts = bias_counts_;
       forward_after_routing(x_, y_rows, stats, phase_clock);
       // A health check failed a slot during this step: redo it around the new failure, if
       // that needs no refusal (else the next forward's agreement raises it).
-      while (options_.failover.health_checks() && agree_on_health() &&
+      while (agree_on_health() &&
              (failures_have_replicas() || (!training_ && options_.failover.reroute))) {
         const std::int64_t rerouted = stats.rerouted;
         stats = routed;
@@ -803,7 +808,7 @@ class MoELayer {
       return;
     }
     // Physical slot i lives on EP rank i / slots_per_rank: block placement of the slots.
-    replicas_ = ReplicaRouting<X>(options_.expert_placement, groups_.ep_rank);
+    replicas_ = ReplicaRouting<X, S>(options_.expert_placement, groups_.ep_rank);
     ParallelGroups<Communicator> slots = groups_;
     slots.layout.placement = Placement::block;
     exchange_ = Exchange(slots, replicas_.physical_experts(), hidden_size(),
@@ -948,7 +953,7 @@ class MoELayer {
   std::int64_t experts_us_ = -1;
   Vector<int, X> dead_flags_;
   // Replicated placement (LayerOptions::expert_placement): the physical routing table.
-  ReplicaRouting<X> replicas_;
+  ReplicaRouting<X, S> replicas_;
   RoutingPlan<X, S> physical_plan_;
   Matrix<int, X> physical_expert_;
   Segments<X> shared_segments_;

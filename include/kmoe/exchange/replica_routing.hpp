@@ -14,12 +14,13 @@
 #include <kmoe/placement/expert_placement.hpp>
 #include <kmoe/types.hpp>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
 namespace kmoe {
 
-template <class ExecSpace>
+template <class ExecSpace, class Scalar>
 class ReplicaRouting {
  public:
   using X = ExecSpace;
@@ -55,7 +56,11 @@ class ReplicaRouting {
 
   /// Routes only to the slots not `failed` (one flag per slot, failover.hpp); returns the
   /// logical experts left without a healthy replica (their assignments map to -1).
+  /// The tables are rebuilt only when the failed set changed (failover calls this every
+  /// forward).
   std::vector<int> set_failed(const std::vector<char>& failed) {
+    if (failed == failed_) return dead_;
+    failed_ = failed;
     const int experts = placement_.logical_experts;
     const auto held = placement_.replicas();
     auto offsets = Kokkos::create_mirror_view(offsets_);
@@ -71,6 +76,7 @@ class ReplicaRouting {
     offsets(experts) = at;
     Kokkos::deep_copy(offsets_, offsets);
     Kokkos::deep_copy(replica_slots_, replica_slots);
+    dead_ = dead;
     return dead;
   }
 
@@ -96,14 +102,19 @@ class ReplicaRouting {
 
   /// Sums every per-expert gradient of `parameters` (this rank's expert slots first on
   /// each tensor) over the replicas of each replicated expert, through `ep`.
-  template <class Communicator, class Scalar>
+  template <class Communicator>
   void sum_replica_gradients(Communicator& ep, const ParameterList<X, Scalar>& parameters) {
     if (replicated_ == 0) return;
     const int per_rank = placement_.slots_per_rank;
     for (const auto& p : parameters) {
       const std::size_t width = p.grad.size() / std::size_t(per_rank);
       const std::size_t rows = std::size_t(replicated_);
-      Vector<Scalar, X> sum("kmoe::ReplicaRouting::sum", rows * width);
+      // One buffer, grown to the largest tensor, serves every tensor of every backward.
+      detail::ensure_extents(sum_, "kmoe::ReplicaRouting::sum",
+                             std::max(sum_.extent(0), rows * width));
+      const Kokkos::View<Scalar*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>
+          sum(sum_.data(), rows * width);
+      Kokkos::deep_copy(sum, Scalar(0));
       const auto grad = p.grad;
       const auto local_rows = local_rows_;
       Kokkos::parallel_for(
@@ -130,6 +141,9 @@ class ReplicaRouting {
   Vector<int, X> replica_slots_;    ///< physical slots of each logical expert, slot order
   Vector<int, X> local_rows_;       ///< row of each local slot's expert in the sum, or -1
   std::vector<int> local_logical_;  ///< logical expert of each local slot
+  std::vector<char> failed_;        ///< the failed set the tables were built for
+  std::vector<int> dead_;           ///< its logical experts without a healthy replica
+  Vector<Scalar, X> sum_;           ///< the replica-gradient sum's buffer
 };
 
 }  // namespace kmoe
