@@ -2,9 +2,12 @@
 // kmoe_bench: times MoELayer forward / backward against the dense equivalent (the same
 // expert GEMMs and activation on one weight set for all T*k assignments, through the same
 // GEMM backend), timed in turn with the layer so that the machine's drift cancels in the
-// ratio; with a phase breakdown and, for decode, the weight-streaming floor.
+// ratio; with a phase breakdown and, for decode, the weight-streaming floor and the same
+// layer with weight-only INT8 experts (timed in turn with the fp32 layer, against its own
+// floor: one read of the INT8 weights of the experts the batch chose).
 // Usage: kmoe_bench [--config NAME]... [--repeats N] [--quick] [--json FILE]
 #include <kmoe/kmoe.hpp>
+#include <kmoe/quantized_layer.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -50,6 +53,8 @@ struct Record {
   double route_ms = none, permute_ms = none, comm_ms = none, experts_ms = none, shared_ms = none,
          combine_ms = none;
   double floor_ms = none, floor_bytes = none;
+  // Weight-only INT8 experts (decode): the INT8 layer and the fp32 layer timed in turn.
+  double int8_ms = none, int8_fp32_ms = none, int8_floor_ms = none, int8_floor_bytes = none;
   int active_experts = 0;
   double imbalance = 0;
   double gflop = 0;  // expert (+ shared) GEMM FLOPs of one forward
@@ -94,21 +99,23 @@ std::string machine_name() {
 }
 
 // Reads the given contiguous weight blocks once (a sum, so nothing is optimised away): the
-// time no decode step can beat, since every activated expert's weights must be read.
-double stream_ms(int repeats, const std::vector<const S*>& blocks, std::size_t block_elements) {
+// time no decode step can beat, since every activated expert's weights must be read. T is
+// the stored type, Sum the type the lanes add in.
+template <class T, class Sum>
+double stream_ms(int repeats, const std::vector<const T*>& blocks, std::size_t block_elements) {
   constexpr std::size_t lanes = 16, chunk = 256;
   const std::size_t chunks = block_elements / chunk;
   volatile double sink = 0;
   const double ms = time_ms(repeats, [&] {
     double total = 0;
-    for (const S* p : blocks) {
-      S sum = 0;
+    for (const T* p : blocks) {
+      Sum sum = 0;
       Kokkos::parallel_reduce(
           "bench::stream", Kokkos::RangePolicy<X>(0, chunks),
-          KOKKOS_LAMBDA(std::size_t i, S & acc) {
+          KOKKOS_LAMBDA(std::size_t i, Sum & acc) {
             // Independent lanes let the compiler vectorise without reassociating.
-            S lane[lanes] = {};
-            const S* q = p + i * chunk;
+            Sum lane[lanes] = {};
+            const T* q = p + i * chunk;
             for (std::size_t j = 0; j < chunk; j += lanes)
               for (std::size_t l = 0; l < lanes; ++l) lane[l] += q[j + l];
             for (std::size_t l = 0; l < lanes; ++l) acc += lane[l];
@@ -244,7 +251,22 @@ void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x, DenseEq
         for (const auto* w : {&ex_.w_gate(), &ex_.w_up(), &ex_.w_down()})
           blocks.push_back(w->value.data() + e * block);
     r.floor_bytes = double(blocks.size()) * double(block) * sizeof(S);
-    r.floor_ms = stream_ms(std::max(c.repeats, 5), blocks, block);
+    r.floor_ms = stream_ms<S, S>(std::max(c.repeats, 5), blocks, block);
+
+    auto quantized = kmoe::int8_layer(layer);
+    kmoe::Matrix<S, X> y_int8("bench::y_int8", c.T, c.H);
+    std::tie(r.int8_fp32_ms, r.int8_ms) = interleaved_ms(
+        c.repeats, [&] { layer.forward(x, y, infer); },
+        [&] { quantized.forward(x, y_int8, infer); });
+    std::vector<const std::int8_t*> int8_blocks;
+    const auto& q = quantized.experts();
+    for (int e = 0; e < c.E; ++e)
+      if (stats.tokens_per_expert[e] > 0)
+        for (const auto* w : {&q.w_gate(), &q.w_up(), &q.w_down()})
+          int8_blocks.push_back(w->values.data() + e * block);
+    // The scales (one float per output channel) add under 0.1% at these shapes.
+    r.int8_floor_bytes = double(int8_blocks.size()) * double(block);
+    r.int8_floor_ms = stream_ms<std::int8_t, int>(std::max(c.repeats, 5), int8_blocks, block);
   }
 }
 
@@ -318,6 +340,10 @@ std::vector<Config> all_configs() {
   Config decode = mixtral("decode", 8, 20);
   decode.decode_floor = true;
   list.push_back(decode);
+  Config decode_64 = mixtral("decode-64", 64, 20);
+  decode_64.decode_floor = true;
+  decode_64.backward = false;
+  list.push_back(decode_64);
   // Token sweep on Mixtral shapes, forward only (fwd+bwd at T = 16384 would take minutes).
   for (int T : {64, 256, 1024, 4096, 16384}) {
     Config c = mixtral("sweep-T-" + std::to_string(T), T, T >= 16384 ? 2 : 3);
@@ -393,6 +419,12 @@ void write_json(const std::string& path, const std::vector<Record>& records,
     json_number(f, "floor_bytes", r.floor_bytes);
     json_number(f, "floor_ms", r.floor_ms);
     json_number(f, "decode_floor_ratio", ratio(r.layer_ms, r.floor_ms));
+    json_number(f, "int8_ms", r.int8_ms);
+    json_number(f, "int8_fp32_ms", r.int8_fp32_ms);
+    json_number(f, "int8_ratio", ratio(r.int8_ms, r.int8_fp32_ms));
+    json_number(f, "int8_floor_bytes", r.int8_floor_bytes);
+    json_number(f, "int8_floor_ms", r.int8_floor_ms);
+    json_number(f, "int8_floor_ratio", ratio(r.int8_ms, r.int8_floor_ms));
     std::fprintf(f, "\"breakdown\": {");
     json_number(f, "route_ms", r.route_ms);
     json_number(f, "permute_ms", r.permute_ms);
@@ -495,5 +527,15 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     if (!json.empty()) write_json(json, records, machine, backend, threads);
   }
+  std::printf("\nweight-only INT8 experts (fp32 and INT8 layers timed in turn; floors: one read "
+              "of the chosen experts' weights)\n%-18s | %9s %9s %6s | %9s %9s %6s\n",
+              "config", "fp32_ms", "int8_ms", "ratio", "fp32_flr", "int8_flr", "/floor");
+  for (const Record& r : records)
+    if (r.int8_ms != none)
+      std::printf("%-18s | %9s %9s %6s | %9s %9s %6s\n", r.c.name.c_str(),
+                  cell(r.int8_fp32_ms).c_str(), cell(r.int8_ms).c_str(),
+                  cell(ratio(r.int8_ms, r.int8_fp32_ms), "%.3f").c_str(), cell(r.floor_ms).c_str(),
+                  cell(r.int8_floor_ms).c_str(),
+                  cell(ratio(r.int8_ms, r.int8_floor_ms), "%.3f").c_str());
   return 0;
 }

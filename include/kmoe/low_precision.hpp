@@ -37,7 +37,7 @@ KOKKOS_INLINE_FUNCTION float float_from_bits(std::uint32_t bits) {
 
 /// Drops the low `shift` bits of `magnitude`, rounding to nearest, ties to even.
 KOKKOS_INLINE_FUNCTION std::uint32_t shift_right_to_nearest_even(std::uint32_t magnitude,
-                                                                  int shift) {
+                                                                 int shift) {
   const std::uint32_t kept = magnitude >> shift;
   const std::uint32_t rest = magnitude & ((std::uint32_t{1} << shift) - 1);
   const std::uint32_t half = std::uint32_t{1} << (shift - 1);
@@ -113,7 +113,9 @@ class PackedFloat {
 };
 
 struct BFloat16Format {
-  KOKKOS_INLINE_FUNCTION static std::uint16_t narrow(float v) { return bfloat16_bits_from_float(v); }
+  KOKKOS_INLINE_FUNCTION static std::uint16_t narrow(float v) {
+    return bfloat16_bits_from_float(v);
+  }
   KOKKOS_INLINE_FUNCTION static float widen(std::uint16_t b) { return float_from_bfloat16_bits(b); }
 };
 

@@ -36,7 +36,8 @@ std::vector<float> rounding_boundaries(Widen widen) {
     values.push_back(v);
     if (!std::isfinite(w) || (bits_of(v) >> 31) != (bits_of(w) >> 31)) continue;
     const float mid = float((double(v) + double(w)) / 2);  // exact: 16-bit values are short
-    values.insert(values.end(), {mid, std::nextafter(mid, -INFINITY), std::nextafter(mid, INFINITY)});
+    values.insert(values.end(),
+                  {mid, std::nextafter(mid, -INFINITY), std::nextafter(mid, INFINITY)});
   }
   std::mt19937 generator(15);
   for (int i = 0; i < 200000; ++i) {
@@ -45,8 +46,8 @@ std::vector<float> rounding_boundaries(Widen widen) {
     std::memcpy(&value, &bits, sizeof value);
     values.push_back(value);
   }
-  values.insert(values.end(), {65504.f, 65519.99f, 65520.f, 3.4e38f, INFINITY, -INFINITY, NAN,
-                               -NAN, 1e-45f, -1e-45f, 2.9802322e-8f, 0.f, -0.f});
+  values.insert(values.end(), {65504.f, 65519.99f, 65520.f, 3.4e38f, INFINITY, -INFINITY, NAN, -NAN,
+                               1e-45f, -1e-45f, 2.9802322e-8f, 0.f, -0.f});
   return values;
 }
 

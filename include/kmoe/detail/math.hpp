@@ -6,6 +6,8 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <cmath>
+
 namespace kmoe::detail {
 
 #if KOKKOS_VERSION >= 40000
@@ -13,6 +15,17 @@ namespace kmath = ::Kokkos;
 #else
 namespace kmath = ::Kokkos::Experimental;
 #endif
+
+/// a * b + c rounded once (Kokkos 3.4 has no fma): CUDA's overloads on the device, std::fma
+/// on the host, where only a target with FMA instructions makes it cheap.
+template <class T>
+KOKKOS_INLINE_FUNCTION T fused_multiply_add(T a, T b, T c) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
 
 template <class T>
 KOKKOS_INLINE_FUNCTION T exp(T x) {
