@@ -83,3 +83,37 @@ foreach(family ${hf5_families})
     check_model(hf5_${family}_fused ${dir} model_fused grads_fused.safetensors)
   endif()
 endforeach()
+
+# --dtype int8: every family with GLU experts, outputs within 2% of the reference's scale
+# (weight-only INT8 per output channel; the float router keeps top-k exact); the errors are
+# printed for docs/precision.md. GPT-OSS's clamped experts and training are refused.
+function(check_int8 name dir model)
+  expect_exit(0 --model ${dir}/${model} --layer 1 --input ${dir}/input.safetensors
+              --output ${WORK}/${name}_int8.safetensors --dtype int8)
+  execute_process(COMMAND ${COMPARE} ${dir}/output.safetensors ${WORK}/${name}_int8.safetensors 0.02
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "kmoe-run --dtype int8 ${name} is not within 2% of the fixture:\n${out}${err}")
+  endif()
+  string(REGEX MATCH "hidden_states[^\n]*" line "${out}")
+  message(STATUS "int8 ${name}: ${line}")
+endfunction()
+foreach(model mixtral deepseek_v3 qwen3_moe)
+  check_int8(${model} ${FIXTURES}/${model} model)
+endforeach()
+foreach(family ${hf5_families})
+  if(NOT family STREQUAL "gpt_oss")
+    check_int8(hf5_${family} ${FIXTURES}/hf5/${family} model)
+  endif()
+endforeach()
+expect_exit(1 --model ${FIXTURES}/hf5/gpt_oss/model --layer 1
+            --input ${FIXTURES}/hf5/gpt_oss/input.safetensors --output ${WORK}/gpt_oss_int8.safetensors
+            --dtype int8)
+if(NOT last_err MATCHES "clamped SwiGLU experts")
+  message(FATAL_ERROR "--dtype int8 on GPT-OSS did not name the expert kind:\n${last_err}")
+endif()
+expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
+            --output ${WORK}/y.safetensors --dtype int8 --grad-output ${FIXTURE}/grad_output.safetensors
+            --grads ${WORK}/g.safetensors)
+expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
+            --output ${WORK}/y.safetensors --dtype bf16)

@@ -7,6 +7,7 @@
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
 #include <kmoe/monitoring/stats_log.hpp>
+#include <kmoe/quantized_layer.hpp>
 
 #if defined(KOKKOS_ENABLE_OPENMP)
 #include <omp.h>
@@ -25,6 +26,7 @@
 #include <numeric>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -35,7 +37,7 @@ namespace models = kmoe::models;
 const char* const usage_text =
     R"(usage: kmoe-run --model DIR --layer L --input X --output Y
                 [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
-                [--double] [--stats-jsonl FILE]
+                [--dtype f32|f64|int8] [--stats-jsonl FILE]
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
 model.safetensors or model.safetensors.index.json; a model_type docs/models.md lists:
@@ -61,7 +63,10 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
   --bench            also time forward (and forward + backward with --grad-output) and
                      print the median over the repeats
   --repeats R        repeats for --bench (default 20)
-  --double           compute in double instead of float
+  --dtype D          f32 (default) or f64: the layer's float type; int8: f32 with the
+                     routed and shared experts' weights quantised to INT8 per output
+                     channel at load (inference only: not with --grad-output; GLU
+                     experts only); --double is --dtype f64
   --stats-jsonl FILE write one monitoring line per forward (kmoe::StatsLog: tokens per
                      expert, load spread, drops, phase times, bytes per peer, peak memory;
                      docs/placement.md); with --bench every timed forward is logged too,
@@ -96,7 +101,7 @@ struct Options {
   int threads = -1;
   int repeats = 20;
   bool bench = false;
-  bool use_double = false;
+  std::string dtype = "f32";  ///< f32, f64 or int8
 };
 
 struct UsageError {
@@ -134,7 +139,7 @@ bool parse(int argc, char** argv, Options& o) {
       continue;
     }
     if (flag == "--double") {
-      o.use_double = true;
+      o.dtype = "f64";
       continue;
     }
     if (i + 1 >= argc) throw UsageError{flag + " needs a value"};
@@ -157,6 +162,8 @@ bool parse(int argc, char** argv, Options& o) {
       o.repeats = parse_int(flag, value, 1);
     else if (flag == "--stats-jsonl")
       o.stats_jsonl = value;
+    else if (flag == "--dtype")
+      o.dtype = value;
     else
       throw UsageError{"unknown argument '" + flag + "'"};
   }
@@ -166,6 +173,11 @@ bool parse(int argc, char** argv, Options& o) {
   if (o.output.empty()) throw UsageError{"--output is required"};
   if (o.grad_output.empty() != o.grads.empty())
     throw UsageError{"--grad-output and --grads go together"};
+  if (o.dtype != "f32" && o.dtype != "f64" && o.dtype != "int8")
+    throw UsageError{"--dtype must be f32, f64 or int8, got '" + o.dtype +
+                     "' (bf16 and fp16 storage are not available yet: docs/precision.md)"};
+  if (o.dtype == "int8" && !o.grad_output.empty())
+    throw UsageError{"--dtype int8 is inference only: it does not take --grad-output"};
   if (!o.grads.empty() && same_file(o.output, o.grads))
     throw UsageError{"--output and --grads name the same file '" + o.output + "'"};
   return true;
@@ -269,6 +281,12 @@ double median_ms(int repeats, const Step& step) {
   return ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
 }
 
+/// Whether the layer has a backward pass: INT8 experts are inference only.
+template <class Layer>
+constexpr bool trainable = true;
+template <class R, class X, class S, class A, class G, class C, class M>
+constexpr bool trainable<kmoe::MoELayer<R, kmoe::Int8GLUExperts<X, S, A, G>, C, M>> = false;
+
 template <class Layer>
 void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   using X = typename Layer::execution_space;
@@ -309,21 +327,22 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   add_topk(output, layer.routing());
 
   std::optional<io::SafetensorsWriter> grads;
-  if (training) {
-    grad_x = kmoe::Matrix<S, X>("grad_input", tokens, b.hidden);
-    layer.backward(grad_y, grad_x);
-    grads.emplace();
-    grads->set_metadata("source", source);
-    add_f32(*grads, "hidden_states", grad_x, "the input gradient");
-    models::visit_checkpoint_tensors(
-        layer, b, true,
-        [&](const std::string& name, const std::vector<std::int64_t>& shape, const S* data) {
-          const auto count = std::accumulate(shape.begin(), shape.end(), std::int64_t(1),
-                                             std::multiplies<std::int64_t>());
-          require_finite_f32(data, std::size_t(count), "the gradient of " + name);
-          grads->add(name, io::DType::F32, shape, data);
-        });
-  }
+  if constexpr (trainable<Layer>)
+    if (training) {
+      grad_x = kmoe::Matrix<S, X>("grad_input", tokens, b.hidden);
+      layer.backward(grad_y, grad_x);
+      grads.emplace();
+      grads->set_metadata("source", source);
+      add_f32(*grads, "hidden_states", grad_x, "the input gradient");
+      models::visit_checkpoint_tensors(
+          layer, b, true,
+          [&](const std::string& name, const std::vector<std::int64_t>& shape, const S* data) {
+            const auto count = std::accumulate(shape.begin(), shape.end(), std::int64_t(1),
+                                               std::multiplies<std::int64_t>());
+            require_finite_f32(data, std::size_t(count), "the gradient of " + name);
+            grads->add(name, io::DType::F32, shape, data);
+          });
+    }
   // Both files are complete on disk before either replaces its destination.
   io::StagedFile staged_output = output.stage(o.output);
   std::optional<io::StagedFile> staged_grads;
@@ -334,7 +353,7 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   std::printf("model %s, layer %d (%s experts): T=%d H=%d experts=%d top-k=%d%s, %s\n",
               b.model_type.c_str(), b.layer, models::layout_name(b.layout), tokens, b.hidden,
               b.experts, b.top_k, b.shared_ffn > 0 ? " +shared" : "",
-              o.use_double ? "double" : "float");
+              o.dtype == "f64" ? "double" : (o.dtype == "int8" ? "INT8 experts" : "float"));
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
   std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());
@@ -347,16 +366,31 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
       if (stats_log) stats_log->write(step++, block, timed);
     });
     std::printf("forward: median %.3f ms over %d repeats\n", fwd, o.repeats);
-    if (training) {
-      const double fwd_bwd = median_ms(o.repeats, [&] {
-        const auto timed = layer.forward(x, y, context);
-        if (stats_log) stats_log->write(step++, block, timed);
-        layer.backward(grad_y, grad_x);
-      });
-      std::printf("training forward + backward: median %.3f ms over %d repeats\n", fwd_bwd,
-                  o.repeats);
-    }
+    if constexpr (trainable<Layer>)
+      if (training) {
+        const double fwd_bwd = median_ms(o.repeats, [&] {
+          const auto timed = layer.forward(x, y, context);
+          if (stats_log) stats_log->write(step++, block, timed);
+          layer.backward(grad_y, grad_x);
+        });
+        std::printf("training forward + backward: median %.3f ms over %d repeats\n", fwd_bwd,
+                    o.repeats);
+      }
   }
+}
+
+/// Runs the layer `load` returns, or for --dtype int8 its INT8 copy: the float experts
+/// are freed once quantised, so only the INT8 weights stay resident.
+template <class S, class Load>
+void run_loaded(const Load& load, const models::MoEBlockConfig& b, const Options& o) {
+  if constexpr (std::is_same_v<S, float>)
+    if (o.dtype == "int8") {
+      auto quantized = kmoe::int8_layer(load());
+      run(quantized, b, o);
+      return;
+    }
+  auto layer = load();
+  run(layer, b, o);
 }
 
 template <class S>
@@ -364,20 +398,20 @@ void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
   if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
+    if (o.dtype == "int8")
+      throw kmoe::runtime_error("--dtype int8: " + b.model_type +
+                                " has clamped SwiGLU experts (GPT-OSS); INT8 experts are GLU "
+                                "experts (SwiGLU) only");
     auto layer = models::load_clamped_swiglu_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::softmax_topk) {
-    auto layer = models::load_softmax_block<X, S>(o.model, o.layer);
-    run(layer, b, o);
+    run_loaded<S>([&] { return models::load_softmax_block<X, S>(o.model, o.layer); }, b, o);
   } else if (b.router == models::BlockRouter::topk_softmax) {
-    auto layer = models::load_topk_softmax_block<X, S>(o.model, o.layer);
-    run(layer, b, o);
+    run_loaded<S>([&] { return models::load_topk_softmax_block<X, S>(o.model, o.layer); }, b, o);
   } else if (b.router == models::BlockRouter::sparse_mixer) {
-    auto layer = models::load_sparse_mixer_block<X, S>(o.model, o.layer);
-    run(layer, b, o);
+    run_loaded<S>([&] { return models::load_sparse_mixer_block<X, S>(o.model, o.layer); }, b, o);
   } else {
-    auto layer = models::load_sigmoid_bias_block<X, S>(o.model, o.layer);
-    run(layer, b, o);
+    run_loaded<S>([&] { return models::load_sigmoid_bias_block<X, S>(o.model, o.layer); }, b, o);
   }
 }
 
@@ -418,7 +452,7 @@ int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(settings);
 #endif
   try {
-    if (o.use_double)
+    if (o.dtype == "f64")
       dispatch<double>(o);
     else
       dispatch<float>(o);
