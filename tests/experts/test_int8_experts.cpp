@@ -75,14 +75,16 @@ void check_int8_layer(int tokens, bool with_shared, std::uint64_t seed) {
 
   // The float layer on the dequantised weights: the INT8 layer's exact arithmetic up to the
   // order of the sums (scale * sum(x q) against sum(x (scale q))).
-  MoELayer<R, E> dequantized_layer(layer.router(), E({experts, hidden, ffn}), {},
-                                   with_shared ? std::optional<E>(E({1, hidden, 24, false, true},
-                                                                    "shared_experts"))
-                                               : std::nullopt);
+  MoELayer<R, E> dequantized_layer(
+      layer.router(), E({experts, hidden, ffn}), {},
+      with_shared ? std::optional<E>(E({1, hidden, 24, false, true}, "shared_experts"))
+                  : std::nullopt);
   const auto copy_dequantized = [](const E& from, const Int8GLUExperts<X, S>& q, E& to) {
-    Kokkos::deep_copy(to.w_gate().value, check_and_dequantize<X, S>(from.w_gate().value, q.w_gate()));
+    Kokkos::deep_copy(to.w_gate().value,
+                      check_and_dequantize<X, S>(from.w_gate().value, q.w_gate()));
     Kokkos::deep_copy(to.w_up().value, check_and_dequantize<X, S>(from.w_up().value, q.w_up()));
-    Kokkos::deep_copy(to.w_down().value, check_and_dequantize<X, S>(from.w_down().value, q.w_down()));
+    Kokkos::deep_copy(to.w_down().value,
+                      check_and_dequantize<X, S>(from.w_down().value, q.w_down()));
   };
   copy_dequantized(layer.experts(), quantized.experts(), dequantized_layer.experts());
   if (with_shared) {

@@ -29,9 +29,12 @@ class Int8GLUExperts {
   explicit Int8GLUExperts(const GLUExperts<ExecSpace, Scalar, Activation, Gemm>& experts)
       : name_(experts.name()),
         shape_(experts.shape()),
-        w_gate_(quantize_per_output_channel<ExecSpace, Scalar>(experts.w_gate().value, name_ + ".w_gate")),
-        w_up_(quantize_per_output_channel<ExecSpace, Scalar>(experts.w_up().value, name_ + ".w_up")),
-        w_down_(quantize_per_output_channel<ExecSpace, Scalar>(experts.w_down().value, name_ + ".w_down")) {
+        w_gate_(quantize_per_output_channel<ExecSpace, Scalar>(experts.w_gate().value,
+                                                               name_ + ".w_gate")),
+        w_up_(
+            quantize_per_output_channel<ExecSpace, Scalar>(experts.w_up().value, name_ + ".w_up")),
+        w_down_(quantize_per_output_channel<ExecSpace, Scalar>(experts.w_down().value,
+                                                               name_ + ".w_down")) {
     if (shape_.output_gate) {
       ParameterList<ExecSpace, Scalar> list;
       experts.collect_parameters(list);

@@ -86,7 +86,7 @@ inline constexpr int int8_lanes = 16;
 /// host's FMA, within INT8's error.
 template <int Rows, bool Fused, class Scalar>
 KOKKOS_FORCEINLINE_FUNCTION void int8_rows_dot_fixed(const std::int8_t* q, const Scalar* x,
-                                                std::size_t stride, int inputs, Scalar* acc) {
+                                                     std::size_t stride, int inputs, Scalar* acc) {
   constexpr int chunk = 16 * int8_lanes;
   Scalar lanes[Rows][int8_lanes] = {};
   Scalar w[chunk];
@@ -116,12 +116,21 @@ KOKKOS_FORCEINLINE_FUNCTION void int8_rows_dot_fixed(const std::int8_t* q, const
 /// compiles them for its target only where they are inlined into it.
 template <bool Fused, class Scalar>
 KOKKOS_FORCEINLINE_FUNCTION void int8_rows_dot(const std::int8_t* q, const Scalar* x,
-                                          std::size_t stride, int rows, int inputs, Scalar* acc) {
+                                               std::size_t stride, int rows, int inputs,
+                                               Scalar* acc) {
   switch (rows) {
-    case 4: int8_rows_dot_fixed<4, Fused>(q, x, stride, inputs, acc); break;
-    case 3: int8_rows_dot_fixed<3, Fused>(q, x, stride, inputs, acc); break;
-    case 2: int8_rows_dot_fixed<2, Fused>(q, x, stride, inputs, acc); break;
-    default: int8_rows_dot_fixed<1, Fused>(q, x, stride, inputs, acc); break;
+    case 4:
+      int8_rows_dot_fixed<4, Fused>(q, x, stride, inputs, acc);
+      break;
+    case 3:
+      int8_rows_dot_fixed<3, Fused>(q, x, stride, inputs, acc);
+      break;
+    case 2:
+      int8_rows_dot_fixed<2, Fused>(q, x, stride, inputs, acc);
+      break;
+    default:
+      int8_rows_dot_fixed<1, Fused>(q, x, stride, inputs, acc);
+      break;
   }
 }
 
@@ -130,9 +139,9 @@ KOKKOS_FORCEINLINE_FUNCTION void int8_rows_dot(const std::int8_t* q, const Scala
 /// where converting INT8 to float takes several SSE2 instructions and there is no fused
 /// multiply-add); chosen at run time.
 template <class Scalar>
-__attribute__((target("avx2,fma"))) void int8_rows_dot_avx2(const std::int8_t* q,
-                                                            const Scalar* x, std::size_t stride,
-                                                            int rows, int inputs, Scalar* acc) {
+__attribute__((target("avx2,fma"))) void int8_rows_dot_avx2(const std::int8_t* q, const Scalar* x,
+                                                            std::size_t stride, int rows,
+                                                            int inputs, Scalar* acc) {
   int8_rows_dot<true>(q, x, stride, rows, inputs, acc);
 }
 inline bool host_has_avx2() {
@@ -156,8 +165,8 @@ void int8_stream_segments(const Segments<ExecSpace>& segments, const In& in,
   const std::size_t stride = in.stride(0);
   // Device code fuses (a GPU multiply-add costs one instruction); the host's portable form
   // does not, since a baseline x86-64 build would call fma() from libm.
-  constexpr bool host_space = Kokkos::SpaceAccessibility<Kokkos::HostSpace,
-                                                         typename ExecSpace::memory_space>::accessible;
+  constexpr bool host_space =
+      Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename ExecSpace::memory_space>::accessible;
   bool avx2 = false;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDA_ARCH__)
   avx2 = host_space && host_has_avx2();
@@ -180,7 +189,8 @@ void int8_stream_segments(const Segments<ExecSpace>& segments, const In& in,
 #endif
             int8_rows_dot<!host_space>(q, &in(r, 0), stride, rows, inputs, acc);
           for (int j = 0; j < rows; ++j)
-            out(r + j, n) = alpha * scale * acc[j] + (beta == Scalar(0) ? Scalar(0) : beta * out(r + j, n));
+            out(r + j, n) =
+                alpha * scale * acc[j] + (beta == Scalar(0) ? Scalar(0) : beta * out(r + j, n));
         }
       });
   (void)avx2;
