@@ -96,7 +96,7 @@ class MoELayer {
         options_(options),
         groups_(std::move(groups)),
         losses_(options.losses),
-        gradient_buckets_(options.gradient_sync.bucket_bytes) {
+        gradient_buckets_(options.gradient_sync.bucket_bytes, options.gradient_sync.compression) {
     constexpr const char* where = "kmoe::MoELayer";
     // The TP all-reduce sums the F shards' outputs: a bias held whole by every TP rank is
     // added by rank 0 alone.

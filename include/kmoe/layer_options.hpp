@@ -78,6 +78,7 @@ struct LayerOptions {
     print.choice("training_mode", int(training_mode), {"inference", "store", "recompute"});
     print.flag("gradient_sync.overlap", gradient_sync.overlap);
     print.integer("gradient_sync.bucket_bytes", std::int64_t(gradient_sync.bucket_bytes));
+    print.integer("gradient_sync.compression", std::int64_t(gradient_sync.compression));
     failover.fingerprint(print);
     print.integer("expert_placement.ranks", expert_placement.ranks);
     print.integer("expert_placement.slots_per_rank", expert_placement.slots_per_rank);

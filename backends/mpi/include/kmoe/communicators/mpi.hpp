@@ -23,6 +23,7 @@
 
 #include <kmoe/communicator.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/low_precision.hpp>
 
 #include <Kokkos_Core.hpp>
 #include <mpi.h>
@@ -86,14 +87,16 @@ inline std::string& mpi_current_step() {
 /// traffic with point-to-point messages on the same communicator.
 constexpr int mpi_watchdog_tag = 27181;
 
-/// MPI datatype of a view's value type; a static_assert names the unsupported ones.
+/// MPI datatype of a view's value type; a static_assert names the unsupported ones. The
+/// 16-bit floats (kmoe::bfloat16, kmoe::float16) travel as MPI_UINT16_T: MPI only moves
+/// them (exchanges, all-gather); sums of them are refused (no_16_bit_reduction).
 template <class T>
 MPI_Datatype mpi_datatype() {
   using V = std::remove_cv_t<T>;
   static_assert(std::is_same_v<V, float> || std::is_same_v<V, double> || std::is_same_v<V, int> ||
-                    std::is_same_v<V, long> || std::is_same_v<V, long long>,
-                "kmoe::MpiCommunicator: value type must be float, double, int, long or long long "
-                "(std::int64_t is one of the last two)");
+                    std::is_same_v<V, long> || std::is_same_v<V, long long> || is_packed_float_v<V>,
+                "kmoe::MpiCommunicator: value type must be float, double, int, long, long long "
+                "(std::int64_t is one of the last two), kmoe::bfloat16 or kmoe::float16");
   if constexpr (std::is_same_v<V, float>)
     return MPI_FLOAT;
   else if constexpr (std::is_same_v<V, double>)
@@ -102,8 +105,18 @@ MPI_Datatype mpi_datatype() {
     return MPI_INT;
   else if constexpr (std::is_same_v<V, long>)
     return MPI_LONG;
+  else if constexpr (is_packed_float_v<V>)
+    return MPI_UINT16_T;
   else
     return MPI_LONG_LONG;
+}
+
+/// MPI would add 16-bit patterns as integers: reductions take float, double or integers.
+template <class T>
+constexpr void no_16_bit_reduction() {
+  static_assert(!is_packed_float_v<std::remove_cv_t<T>>,
+                "kmoe::MpiCommunicator: no all-reduce of kmoe::bfloat16/float16 (MPI has no such "
+                "sum); kmoe::CompressedAllReduce sums 16-bit payloads in float");
 }
 
 inline void mpi_check(int code, const char* call) {
@@ -361,6 +374,7 @@ class MpiCommunicator {
   template <class View>
   Request all_reduce_sum_start(const View& data) const {
     detail::require_host_view<View>();
+    detail::no_16_bit_reduction<typename View::value_type>();
     if (size_ == 1 || data.size() == 0) return Request();
     auto pending = std::make_shared<Pending>();
     pending->what = detail::MpiCollective::all_reduce;
@@ -647,6 +661,7 @@ class MpiCommunicator {
   template <class View>
   void all_reduce(const View& data, MPI_Op op) const {
     detail::require_host_view<View>();
+    detail::no_16_bit_reduction<typename View::value_type>();
     const auto type = detail::mpi_datatype<typename View::value_type>();
     Kokkos::fence();
     for (std::size_t begin = 0; begin < data.size(); begin += std::size_t(INT_MAX)) {

@@ -16,6 +16,7 @@
 
 #include <kmoe/communicator.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/low_precision.hpp>
 
 #include <Kokkos_Core.hpp>
 #include <cuda_runtime_api.h>
@@ -39,10 +40,15 @@ template <class T>
 ncclDataType_t nccl_datatype() {
   using V = std::remove_cv_t<T>;
   static_assert(std::is_same_v<V, float> || std::is_same_v<V, double> || std::is_same_v<V, int> ||
-                    ((std::is_same_v<V, long> || std::is_same_v<V, long long>)&&sizeof(V) == 8),
-                "kmoe::NcclCommunicator: value type must be float, double, int or a 64-bit "
-                "integer");
-  if constexpr (std::is_same_v<V, float>)
+                    ((std::is_same_v<V, long> || std::is_same_v<V, long long>)&&sizeof(V) == 8) ||
+                    is_packed_float_v<V>,
+                "kmoe::NcclCommunicator: value type must be float, double, int, a 64-bit "
+                "integer, kmoe::bfloat16 or kmoe::float16");
+  if constexpr (std::is_same_v<V, bfloat16>)
+    return ncclBfloat16;
+  else if constexpr (std::is_same_v<V, float16>)
+    return ncclFloat16;
+  else if constexpr (std::is_same_v<V, float>)
     return ncclFloat32;
   else if constexpr (std::is_same_v<V, double>)
     return ncclFloat64;
