@@ -3,8 +3,8 @@
 // expert GEMMs and activation on one weight set for all T*k assignments, through the same
 // GEMM backend), timed in turn with the layer so that the machine's drift cancels in the
 // ratio; with a phase breakdown and, for decode, the weight-streaming floor and the same
-// layer with weight-only INT8 experts (timed in turn with the fp32 layer, against its own
-// floor: one read of the INT8 weights of the experts the batch chose).
+// layer with weight-only bf16 and INT8 experts (each timed in turn with the fp32 layer, and
+// against its own floor: one read of the packed weights of the experts the batch chose).
 // Usage: kmoe_bench [--config NAME]... [--repeats N] [--quick] [--json FILE]
 #include <kmoe/kmoe.hpp>
 #include <kmoe/quantized_layer.hpp>
@@ -53,8 +53,10 @@ struct Record {
   double route_ms = none, permute_ms = none, comm_ms = none, experts_ms = none, shared_ms = none,
          combine_ms = none;
   double floor_ms = none, floor_bytes = none;
-  // Weight-only INT8 experts (decode): the INT8 layer and the fp32 layer timed in turn.
-  double int8_ms = none, int8_fp32_ms = none, int8_floor_ms = none, int8_floor_bytes = none;
+  // Weight-only experts (decode): each packed layer and the fp32 layer timed in turn.
+  struct Packed {
+    double ms = none, fp32_ms = none, floor_ms = none, floor_bytes = none;
+  } bf16, int8;
   int active_experts = 0;
   double imbalance = 0;
   double gflop = 0;  // expert (+ shared) GEMM FLOPs of one forward
@@ -193,6 +195,30 @@ std::pair<double, double> interleaved_ms(int repeats, const std::function<void()
   return {median(ta), median(tb)};
 }
 
+// The layer with weight-only experts in Element, timed in turn with the float layer, and
+// its floor: the packed weights of the experts the batch chose, read once (Sum: the type
+// the floor's lanes add in). INT8's scales (one float per output channel) add under 0.1%
+// at these shapes and are not in the floor.
+template <class Element, class Sum, class Layer>
+void measure_packed(Layer& layer, const Record& r, const kmoe::Matrix<S, X>& x,
+                    const kmoe::ForwardStats& stats, Record::Packed& out) {
+  const Config& c = r.c;
+  auto packed = kmoe::weight_only_layer<Element>(layer);
+  kmoe::Matrix<S, X> y("bench::y", c.T, c.H), y_packed("bench::y_packed", c.T, c.H);
+  kmoe::RouteContext<X> infer;
+  std::tie(out.fp32_ms, out.ms) = interleaved_ms(
+      c.repeats, [&] { layer.forward(x, y, infer); }, [&] { packed.forward(x, y_packed, infer); });
+  std::vector<const Element*> blocks;
+  const std::size_t block = std::size_t(c.F) * c.H;
+  const auto& experts = packed.experts();
+  for (int e = 0; e < c.E; ++e)
+    if (stats.tokens_per_expert[e] > 0)
+      for (const auto* w : {&experts.w_gate(), &experts.w_up(), &experts.w_down()})
+        blocks.push_back(w->values.data() + e * block);
+  out.floor_bytes = double(blocks.size()) * double(block) * sizeof(Element);
+  out.floor_ms = stream_ms<Element, Sum>(std::max(c.repeats, 5), blocks, block);
+}
+
 template <class Layer>
 void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x, DenseEquivalent& dense) {
   const Config& c = r.c;
@@ -253,20 +279,8 @@ void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x, DenseEq
     r.floor_bytes = double(blocks.size()) * double(block) * sizeof(S);
     r.floor_ms = stream_ms<S, S>(std::max(c.repeats, 5), blocks, block);
 
-    auto quantized = kmoe::int8_layer(layer);
-    kmoe::Matrix<S, X> y_int8("bench::y_int8", c.T, c.H);
-    std::tie(r.int8_fp32_ms, r.int8_ms) = interleaved_ms(
-        c.repeats, [&] { layer.forward(x, y, infer); },
-        [&] { quantized.forward(x, y_int8, infer); });
-    std::vector<const std::int8_t*> int8_blocks;
-    const auto& q = quantized.experts();
-    for (int e = 0; e < c.E; ++e)
-      if (stats.tokens_per_expert[e] > 0)
-        for (const auto* w : {&q.w_gate(), &q.w_up(), &q.w_down()})
-          int8_blocks.push_back(w->values.data() + e * block);
-    // The scales (one float per output channel) add under 0.1% at these shapes.
-    r.int8_floor_bytes = double(int8_blocks.size()) * double(block);
-    r.int8_floor_ms = stream_ms<std::int8_t, int>(std::max(c.repeats, 5), int8_blocks, block);
+    measure_packed<kmoe::bfloat16, float>(layer, r, x, stats, r.bf16);
+    measure_packed<std::int8_t, int>(layer, r, x, stats, r.int8);
   }
 }
 
@@ -419,12 +433,16 @@ void write_json(const std::string& path, const std::vector<Record>& records,
     json_number(f, "floor_bytes", r.floor_bytes);
     json_number(f, "floor_ms", r.floor_ms);
     json_number(f, "decode_floor_ratio", ratio(r.layer_ms, r.floor_ms));
-    json_number(f, "int8_ms", r.int8_ms);
-    json_number(f, "int8_fp32_ms", r.int8_fp32_ms);
-    json_number(f, "int8_ratio", ratio(r.int8_ms, r.int8_fp32_ms));
-    json_number(f, "int8_floor_bytes", r.int8_floor_bytes);
-    json_number(f, "int8_floor_ms", r.int8_floor_ms);
-    json_number(f, "int8_floor_ratio", ratio(r.int8_ms, r.int8_floor_ms));
+    for (const auto& [name, p] :
+         {std::pair<const char*, const Record::Packed&>{"bf16", r.bf16}, {"int8", r.int8}}) {
+      const std::string key = name;
+      json_number(f, (key + "_ms").c_str(), p.ms);
+      json_number(f, (key + "_fp32_ms").c_str(), p.fp32_ms);
+      json_number(f, (key + "_ratio").c_str(), ratio(p.ms, p.fp32_ms));
+      json_number(f, (key + "_floor_bytes").c_str(), p.floor_bytes);
+      json_number(f, (key + "_floor_ms").c_str(), p.floor_ms);
+      json_number(f, (key + "_floor_ratio").c_str(), ratio(p.ms, p.floor_ms));
+    }
     std::fprintf(f, "\"breakdown\": {");
     json_number(f, "route_ms", r.route_ms);
     json_number(f, "permute_ms", r.permute_ms);
@@ -527,15 +545,17 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     if (!json.empty()) write_json(json, records, machine, backend, threads);
   }
-  std::printf("\nweight-only INT8 experts (fp32 and INT8 layers timed in turn; floors: one read "
-              "of the chosen experts' weights)\n%-18s | %9s %9s %6s | %9s %9s %6s\n",
-              "config", "fp32_ms", "int8_ms", "ratio", "fp32_flr", "int8_flr", "/floor");
+  std::printf("\nweight-only experts (the fp32 layer and each packed one timed in turn; "
+              "floors: one read of the chosen experts' weights)\n%-18s %5s | %9s %9s %6s | %9s "
+              "%9s %6s\n",
+              "config", "dtype", "fp32_ms", "ms", "ratio", "fp32_flr", "floor", "/floor");
   for (const Record& r : records)
-    if (r.int8_ms != none)
-      std::printf("%-18s | %9s %9s %6s | %9s %9s %6s\n", r.c.name.c_str(),
-                  cell(r.int8_fp32_ms).c_str(), cell(r.int8_ms).c_str(),
-                  cell(ratio(r.int8_ms, r.int8_fp32_ms), "%.3f").c_str(), cell(r.floor_ms).c_str(),
-                  cell(r.int8_floor_ms).c_str(),
-                  cell(ratio(r.int8_ms, r.int8_floor_ms), "%.3f").c_str());
+    for (const auto& [name, p] :
+         {std::pair<const char*, const Record::Packed&>{"bf16", r.bf16}, {"int8", r.int8}})
+      if (p.ms != none)
+        std::printf("%-18s %5s | %9s %9s %6s | %9s %9s %6s\n", r.c.name.c_str(), name,
+                    cell(p.fp32_ms).c_str(), cell(p.ms).c_str(),
+                    cell(ratio(p.ms, p.fp32_ms), "%.3f").c_str(), cell(r.floor_ms).c_str(),
+                    cell(p.floor_ms).c_str(), cell(ratio(p.ms, p.floor_ms), "%.3f").c_str());
   return 0;
 }

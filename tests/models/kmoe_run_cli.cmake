@@ -84,26 +84,34 @@ foreach(family ${hf5_families})
   endif()
 endforeach()
 
-# --dtype int8: every family with GLU experts, outputs within 2% of the reference's scale
-# (weight-only INT8 per output channel; the float router keeps top-k exact); the errors are
+# Weight-only experts: --dtype int8 on every family with GLU experts, outputs within 2% of
+# the reference's scale (INT8 per output channel; the float router keeps top-k exact), and
+# bf16 / fp16 on the 4.x fixtures and a shared-expert family within 1%; the errors are
 # printed for docs/precision.md. GPT-OSS's clamped experts and training are refused.
-function(check_int8 name dir model)
-  expect_exit(0 --model ${dir}/${model} --layer 1 --input ${dir}/input.safetensors
-              --output ${WORK}/${name}_int8.safetensors --dtype int8)
-  execute_process(COMMAND ${COMPARE} ${dir}/output.safetensors ${WORK}/${name}_int8.safetensors 0.02
+function(check_weight_only dtype tolerance name dir)
+  expect_exit(0 --model ${dir}/model --layer 1 --input ${dir}/input.safetensors
+              --output ${WORK}/${name}_${dtype}.safetensors --dtype ${dtype})
+  execute_process(COMMAND ${COMPARE} ${dir}/output.safetensors ${WORK}/${name}_${dtype}.safetensors
+                          ${tolerance}
                   RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
   if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "kmoe-run --dtype int8 ${name} is not within 2% of the fixture:\n${out}${err}")
+    message(FATAL_ERROR "kmoe-run --dtype ${dtype} ${name} is not within ${tolerance} of the "
+                        "fixture:\n${out}${err}")
   endif()
   string(REGEX MATCH "hidden_states[^\n]*" line "${out}")
-  message(STATUS "int8 ${name}: ${line}")
+  message(STATUS "${dtype} ${name}: ${line}")
 endfunction()
 foreach(model mixtral deepseek_v3 qwen3_moe)
-  check_int8(${model} ${FIXTURES}/${model} model)
+  foreach(pair "int8;0.02" "bf16;0.01" "fp16;0.01")
+    list(GET pair 0 dtype)
+    list(GET pair 1 tolerance)
+    check_weight_only(${dtype} ${tolerance} ${model} ${FIXTURES}/${model})
+  endforeach()
 endforeach()
+check_weight_only(bf16 0.01 hf5_qwen2_moe ${FIXTURES}/hf5/qwen2_moe)
 foreach(family ${hf5_families})
   if(NOT family STREQUAL "gpt_oss")
-    check_int8(hf5_${family} ${FIXTURES}/hf5/${family} model)
+    check_weight_only(int8 0.02 hf5_${family} ${FIXTURES}/hf5/${family})
   endif()
 endforeach()
 expect_exit(1 --model ${FIXTURES}/hf5/gpt_oss/model --layer 1
@@ -113,7 +121,7 @@ if(NOT last_err MATCHES "clamped SwiGLU experts")
   message(FATAL_ERROR "--dtype int8 on GPT-OSS did not name the expert kind:\n${last_err}")
 endif()
 expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
-            --output ${WORK}/y.safetensors --dtype int8 --grad-output ${FIXTURE}/grad_output.safetensors
+            --output ${WORK}/y.safetensors --dtype bf16 --grad-output ${FIXTURE}/grad_output.safetensors
             --grads ${WORK}/g.safetensors)
 expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
-            --output ${WORK}/y.safetensors --dtype bf16)
+            --output ${WORK}/y.safetensors --dtype f8)

@@ -99,7 +99,8 @@ void check_sum(const MpiCommunicator& world, std::size_t n) {
       exact += double(all[r * n + i]);
       magnitudes += std::abs(double(all[r * n + i]));
     }
-    out_of_bound += std::abs(double(data(i)) - exact) > eps * (magnitudes + std::abs(exact)) * 1.0001;
+    out_of_bound +=
+        std::abs(double(data(i)) - exact) > eps * (magnitudes + std::abs(exact)) * 1.0001;
   }
   CAPTURE(n, ranks);
   CHECK(not_bitwise == 0);
@@ -140,8 +141,9 @@ Layer make_layer(const ParallelGroups<MpiCommunicator>& groups, GradientCompress
   options.gradient_sync.compression = compression;
   options.gradient_sync.bucket_bytes = 512;  // both packed buckets and tensors alone
   const auto owned = groups.layout.local_experts(experts, groups.ep_rank);
-  Layer layer(Router({hidden, experts, top_k}), GLU({int(owned.size()), hidden, ffn / groups.layout.tp}),
-              options, GLU({1, hidden, 10}, "shared_experts"), groups);
+  Layer layer(Router({hidden, experts, top_k}),
+              GLU({int(owned.size()), hidden, ffn / groups.layout.tp}), options,
+              GLU({1, hidden, 10}, "shared_experts"), groups);
   InitConfig init;
   init.router_std = 0.4, init.input_std = 0.3, init.output_std = 0.2;
   initialize(layer.parameters(), init, 7);
@@ -167,8 +169,8 @@ TEST_CASE("Gradient sync with bf16 compression: each gradient is the compressed 
           "ranks' gradients, on every layout",
           "[compressed]") {
   const MpiCommunicator world = MpiCommunicator::world();
-  for (auto [tp, ep, dp] : {std::array<int, 3>{1, 1, 2}, {1, 2, 1}, {2, 1, 1}, {1, 2, 2},
-                            {2, 1, 2}, {1, 1, 4}}) {
+  for (auto [tp, ep, dp] :
+       {std::array<int, 3>{1, 1, 2}, {1, 2, 1}, {2, 1, 1}, {1, 2, 2}, {2, 1, 2}, {1, 1, 4}}) {
     ParallelLayout layout;
     layout.tp = tp, layout.ep = ep, layout.dp = dp;
     if (layout.world_size() != world.size()) continue;

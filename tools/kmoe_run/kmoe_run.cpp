@@ -37,7 +37,7 @@ namespace models = kmoe::models;
 const char* const usage_text =
     R"(usage: kmoe-run --model DIR --layer L --input X --output Y
                 [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
-                [--dtype f32|f64|int8] [--stats-jsonl FILE]
+                [--dtype f32|f64|bf16|fp16|int8] [--stats-jsonl FILE]
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
 model.safetensors or model.safetensors.index.json; a model_type docs/models.md lists:
@@ -63,10 +63,10 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
   --bench            also time forward (and forward + backward with --grad-output) and
                      print the median over the repeats
   --repeats R        repeats for --bench (default 20)
-  --dtype D          f32 (default) or f64: the layer's float type; int8: f32 with the
-                     routed and shared experts' weights quantised to INT8 per output
-                     channel at load (inference only: not with --grad-output; GLU
-                     experts only); --double is --dtype f64
+  --dtype D          f32 (default) or f64: the layer's float type; bf16, fp16, int8:
+                     f32 activations with the routed and shared experts' weights stored
+                     as bf16, fp16 or INT8 (per output channel) from load on (inference
+                     only: not with --grad-output; GLU experts only); --double is f64
   --stats-jsonl FILE write one monitoring line per forward (kmoe::StatsLog: tokens per
                      expert, load spread, drops, phase times, bytes per peer, peak memory;
                      docs/placement.md); with --bench every timed forward is logged too,
@@ -173,11 +173,11 @@ bool parse(int argc, char** argv, Options& o) {
   if (o.output.empty()) throw UsageError{"--output is required"};
   if (o.grad_output.empty() != o.grads.empty())
     throw UsageError{"--grad-output and --grads go together"};
-  if (o.dtype != "f32" && o.dtype != "f64" && o.dtype != "int8")
-    throw UsageError{"--dtype must be f32, f64 or int8, got '" + o.dtype +
-                     "' (bf16 and fp16 storage are not available yet: docs/precision.md)"};
-  if (o.dtype == "int8" && !o.grad_output.empty())
-    throw UsageError{"--dtype int8 is inference only: it does not take --grad-output"};
+  const bool weight_only = o.dtype == "bf16" || o.dtype == "fp16" || o.dtype == "int8";
+  if (o.dtype != "f32" && o.dtype != "f64" && !weight_only)
+    throw UsageError{"--dtype must be f32, f64, bf16, fp16 or int8, got '" + o.dtype + "'"};
+  if (weight_only && !o.grad_output.empty())
+    throw UsageError{"--dtype " + o.dtype + " is inference only: it does not take --grad-output"};
   if (!o.grads.empty() && same_file(o.output, o.grads))
     throw UsageError{"--output and --grads name the same file '" + o.output + "'"};
   return true;
@@ -281,11 +281,11 @@ double median_ms(int repeats, const Step& step) {
   return ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
 }
 
-/// Whether the layer has a backward pass: INT8 experts are inference only.
+/// Whether the layer has a backward pass: weight-only experts are inference only.
 template <class Layer>
 constexpr bool trainable = true;
-template <class R, class X, class S, class A, class G, class C, class M>
-constexpr bool trainable<kmoe::MoELayer<R, kmoe::Int8GLUExperts<X, S, A, G>, C, M>> = false;
+template <class R, class X, class S, class P, class A, class G, class C, class M>
+constexpr bool trainable<kmoe::MoELayer<R, kmoe::PackedGLUExperts<X, S, P, A, G>, C, M>> = false;
 
 template <class Layer>
 void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
@@ -353,7 +353,9 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   std::printf("model %s, layer %d (%s experts): T=%d H=%d experts=%d top-k=%d%s, %s\n",
               b.model_type.c_str(), b.layer, models::layout_name(b.layout), tokens, b.hidden,
               b.experts, b.top_k, b.shared_ffn > 0 ? " +shared" : "",
-              o.dtype == "f64" ? "double" : (o.dtype == "int8" ? "INT8 experts" : "float"));
+              o.dtype == "f64"
+                  ? "double"
+                  : (o.dtype == "f32" ? "float" : (o.dtype + " expert weights").c_str()));
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
   std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());
@@ -379,16 +381,19 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   }
 }
 
-/// Runs the layer `load` returns, or for --dtype int8 its INT8 copy: the float experts
-/// are freed once quantised, so only the INT8 weights stay resident.
+/// Runs the layer `load` returns, or for --dtype bf16/fp16/int8 its weight-only copy: the
+/// float experts are freed once packed, so only the packed weights stay resident.
 template <class S, class Load>
 void run_loaded(const Load& load, const models::MoEBlockConfig& b, const Options& o) {
-  if constexpr (std::is_same_v<S, float>)
-    if (o.dtype == "int8") {
-      auto quantized = kmoe::int8_layer(load());
-      run(quantized, b, o);
-      return;
-    }
+  if constexpr (std::is_same_v<S, float>) {
+    const auto run_packed = [&](auto element) {
+      auto packed = kmoe::weight_only_layer<decltype(element)>(load());
+      run(packed, b, o);
+    };
+    if (o.dtype == "int8") return run_packed(std::int8_t{});
+    if (o.dtype == "bf16") return run_packed(kmoe::bfloat16{});
+    if (o.dtype == "fp16") return run_packed(kmoe::float16{});
+  }
   auto layer = load();
   run(layer, b, o);
 }
@@ -398,10 +403,10 @@ void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
   if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
-    if (o.dtype == "int8")
-      throw kmoe::runtime_error("--dtype int8: " + b.model_type +
-                                " has clamped SwiGLU experts (GPT-OSS); INT8 experts are GLU "
-                                "experts (SwiGLU) only");
+    if (o.dtype != "f32" && o.dtype != "f64")
+      throw kmoe::runtime_error("--dtype " + o.dtype + ": " + b.model_type +
+                                " has clamped SwiGLU experts (GPT-OSS); weight-only experts are "
+                                "GLU experts (SwiGLU) only");
     auto layer = models::load_clamped_swiglu_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::softmax_topk) {

@@ -1,40 +1,40 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
-/// \file int8_glu.hpp
-/// \brief Int8GLUExperts: GLU experts (SwiGLU, GeGLU) with weight-only INT8 weights for
-/// inference, quantised per output channel from a float GLUExperts (gemm/int8_weight.hpp).
+/// \file packed_glu.hpp
+/// \brief PackedGLUExperts: GLU experts (SwiGLU, GeGLU) with weight-only INT8, bf16 or fp16
+/// weights for inference, packed from a float GLUExperts (gemm/packed_weight.hpp).
 ///
 /// Activations, the activation function and the accumulation stay in Scalar; only the three
-/// projection weights are INT8 (a quarter of fp32's bytes, which is what decode streams).
+/// projection weights are packed (a quarter (INT8) or half (16-bit) of fp32's bytes, which is
+/// what decode streams).
 /// A shared expert's output gate (Qwen2-MoE), a vector, stays in Scalar. The experts hold no
 /// trainable parameters and refuse training at compile time: calling the layer's backward
 /// on them does not compile.
 
 #include <kmoe/experts/glu.hpp>
-#include <kmoe/gemm/int8_weight.hpp>
+#include <kmoe/gemm/packed_weight.hpp>
 
 #include <type_traits>
 
 namespace kmoe {
 
-template <class ExecSpace, class Scalar, class Activation = activation::Silu,
+template <class ExecSpace, class Scalar, class Element, class Activation = activation::Silu,
           class Gemm = DefaultGemm>
-class Int8GLUExperts {
+class PackedGLUExperts {
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
   using activation_type = Activation;
+  using element_type = Element;
 
-  /// Quantises `experts`' three projections (the float experts are not kept).
-  explicit Int8GLUExperts(const GLUExperts<ExecSpace, Scalar, Activation, Gemm>& experts)
+  /// Packs `experts`' three projections (the float experts are not kept).
+  explicit PackedGLUExperts(const GLUExperts<ExecSpace, Scalar, Activation, Gemm>& experts)
       : name_(experts.name()),
         shape_(experts.shape()),
-        w_gate_(quantize_per_output_channel<ExecSpace, Scalar>(experts.w_gate().value,
-                                                               name_ + ".w_gate")),
-        w_up_(
-            quantize_per_output_channel<ExecSpace, Scalar>(experts.w_up().value, name_ + ".w_up")),
-        w_down_(quantize_per_output_channel<ExecSpace, Scalar>(experts.w_down().value,
-                                                               name_ + ".w_down")) {
+        w_gate_(pack_weight<Element, ExecSpace, Scalar>(experts.w_gate().value, name_ + ".w_gate")),
+        w_up_(pack_weight<Element, ExecSpace, Scalar>(experts.w_up().value, name_ + ".w_up")),
+        w_down_(
+            pack_weight<Element, ExecSpace, Scalar>(experts.w_down().value, name_ + ".w_down")) {
     if (shape_.output_gate) {
       ParameterList<ExecSpace, Scalar> list;
       experts.collect_parameters(list);
@@ -48,28 +48,28 @@ class Int8GLUExperts {
   int num_experts() const { return shape_.experts; }
   int hidden_size() const { return shape_.hidden; }
   int ffn_size() const { return shape_.ffn; }
-  const Int8Weight<ExecSpace>& w_gate() const { return w_gate_; }
-  const Int8Weight<ExecSpace>& w_up() const { return w_up_; }
-  const Int8Weight<ExecSpace>& w_down() const { return w_down_; }
-  /// Bytes of the quantised weights and their scales.
+  const PackedWeight<ExecSpace, Element>& w_gate() const { return w_gate_; }
+  const PackedWeight<ExecSpace, Element>& w_up() const { return w_up_; }
+  const PackedWeight<ExecSpace, Element>& w_down() const { return w_down_; }
+  /// Bytes of the packed weights (and INT8's scales).
   std::size_t weight_bytes() const { return w_gate_.bytes() + w_up_.bytes() + w_down_.bytes(); }
 
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                const Matrix<Scalar, ExecSpace>& y, ExpertMode) {
     const std::size_t rows = std::size_t(segments.rows());
-    detail::ensure_extents(gate_, "kmoe::Int8GLUExperts::gate", rows, shape_.ffn);
-    detail::ensure_extents(up_, "kmoe::Int8GLUExperts::up", rows, shape_.ffn);
-    segment_times_int8_weight<Gemm>(segments, x, w_gate_, Scalar(1), Scalar(0), gate_);
-    segment_times_int8_weight<Gemm>(segments, x, w_up_, Scalar(1), Scalar(0), up_);
+    detail::ensure_extents(gate_, "kmoe::PackedGLUExperts::gate", rows, shape_.ffn);
+    detail::ensure_extents(up_, "kmoe::PackedGLUExperts::up", rows, shape_.ffn);
+    segment_times_packed_weight<Gemm>(segments, x, w_gate_, Scalar(1), Scalar(0), gate_);
+    segment_times_packed_weight<Gemm>(segments, x, w_up_, Scalar(1), Scalar(0), up_);
     const auto gate = gate_, up = up_;
     Kokkos::parallel_for(
-        "kmoe::Int8GLUExperts::activation", Kokkos::RangePolicy<ExecSpace>(0, rows * shape_.ffn),
+        "kmoe::PackedGLUExperts::activation", Kokkos::RangePolicy<ExecSpace>(0, rows * shape_.ffn),
         KOKKOS_LAMBDA(std::size_t i) {
           gate.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
         });
-    segment_times_int8_weight<Gemm>(segments, gate_, w_down_, Scalar(1), Scalar(0), y);
+    segment_times_packed_weight<Gemm>(segments, gate_, w_down_, Scalar(1), Scalar(0), y);
     if (shape_.output_gate) {
-      detail::ensure_extents(gate_value_, "kmoe::Int8GLUExperts::output_gate_value", rows);
+      detail::ensure_extents(gate_value_, "kmoe::PackedGLUExperts::output_gate_value", rows);
       detail::output_gate_forward<ExecSpace, Scalar>(x, w_output_gate_, gate_value_, y);
     }
   }
@@ -79,24 +79,26 @@ class Int8GLUExperts {
   void backward(const ConstMatrix<Scalar, ExecSpace>&, const Segments<ExecSpace>&,
                 const ConstMatrix<Scalar, ExecSpace>&, const Matrix<Scalar, ExecSpace>&) {
     static_assert(!std::is_void_v<Training> && std::is_void_v<Training>,
-                  "kmoe::Int8GLUExperts: INT8 experts are inference only; INT8 training is not "
-                  "supported (train the float experts, quantise for inference)");
+                  "kmoe::PackedGLUExperts: weight-only experts are inference only; training with "
+                  "INT8, bf16 or fp16 expert weights is not supported (train the float experts, "
+                  "pack them for inference)");
   }
 
-  /// No trainable parameters: the INT8 weights are a quantised copy.
+  /// No trainable parameters: the packed weights are a copy.
   void collect_parameters(ParameterList<ExecSpace, Scalar>&) const {}
 
  private:
   std::string name_;
   ExpertShape shape_;
-  Int8Weight<ExecSpace> w_gate_, w_up_, w_down_;
+  PackedWeight<ExecSpace, Element> w_gate_, w_up_, w_down_;
   Tensor3<Scalar, ExecSpace> w_output_gate_;  ///< [1, 1, H] with output_gate, else empty
   Matrix<Scalar, ExecSpace> gate_, up_;       ///< projections; gate_ then holds the hidden
   Kokkos::View<Scalar*, typename ExecSpace::memory_space> gate_value_;
 };
 
-/// \brief INT8 SwiGLU experts (Mixtral, DeepSeek, Qwen).
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-using Int8SwiGLUExperts = Int8GLUExperts<ExecSpace, Scalar, activation::Silu, Gemm>;
+/// \brief INT8 GLU experts (per-output-channel scales).
+template <class ExecSpace, class Scalar, class Activation = activation::Silu,
+          class Gemm = DefaultGemm>
+using Int8GLUExperts = PackedGLUExperts<ExecSpace, Scalar, std::int8_t, Activation, Gemm>;
 
 }  // namespace kmoe
