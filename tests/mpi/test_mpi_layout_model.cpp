@@ -48,8 +48,7 @@ struct AllocationTracker {
     live += std::int64_t(size);
     peak = std::max(peak, live);
   }
-  static void deallocate(Kokkos::Tools::SpaceHandle, const char*, const void*,
-                         std::uint64_t size) {
+  static void deallocate(Kokkos::Tools::SpaceHandle, const char*, const void*, std::uint64_t size) {
     live -= std::int64_t(size);
   }
 };
@@ -89,7 +88,8 @@ Measured classify(const CommunicationLedger& step, const CommunicationLedger& sy
 // Each token group's routing table (kept global expert per slot, -1 when empty), from the
 // layer of the group's first TP rank, gathered on every rank.
 std::vector<std::vector<int>> gather_routing(const Layer& layer, const ParallelLayout& layout) {
-  const auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+  const auto expert =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
   const auto position = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.positions());
   std::vector<int> mine(std::size_t(tokens) * top_k);
   for (int t = 0; t < tokens; ++t)

@@ -25,7 +25,14 @@
 namespace kmoe {
 
 /// \brief The collectives a Communicator offers.
-enum class CollectiveKind { exchange_counts, all_to_all_v, all_reduce_sum, all_reduce_max, all_gather, any_error };
+enum class CollectiveKind {
+  exchange_counts,
+  all_to_all_v,
+  all_reduce_sum,
+  all_reduce_max,
+  all_gather,
+  any_error
+};
 
 /// \brief Bytes one rank handed to its communicators, accumulated until reset().
 /// Groups of one rank are not recorded (nothing leaves the rank).

@@ -14,6 +14,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,9 @@ struct ModelShape {
   int shared_experts = 0;
   int shared_ffn = 0;
   int dtype_bytes = 4;  ///< the layer's scalar (and gradient, optimizer moment) size
+  /// MoE layers of the model, each its own MoELayer with this shape: memory, bytes and
+  /// FLOPs are per layer times this (a training step keeps every layer's activations).
+  int layers = 1;
   /// LayerOptions::gradient_sync.bucket_bytes: gradient tensors below it are copied into
   /// staging buckets for their all-reduce (memory), larger ones are reduced in place.
   std::int64_t bucket_bytes = 25 << 20;
@@ -45,6 +49,7 @@ struct ModelShape {
     require(dtype_bytes == 2 || dtype_bytes == 4 || dtype_bytes == 8, where, "dtype_bytes",
             dtype_bytes, "must be 2, 4 or 8");
     require(bucket_bytes >= 0, where, "bucket_bytes", bucket_bytes, "must be >= 0");
+    require(layers >= 1, where, "layers", layers, "must be >= 1");
   }
   /// The fused shared expert's FFN size (0 without shared experts).
   std::int64_t shared_width() const { return std::int64_t(shared_experts) * shared_ffn; }
@@ -106,8 +111,8 @@ struct ExchangeCounts {
     const std::vector<int> owner = owners(shape.experts, layout);
     for (int g = 0; g < groups; ++g) {
       const auto& table = expert[g];
-      require(table.size() % std::size_t(shape.top_k) == 0, where, "expert[g].size()",
-              table.size(), "must be a multiple of top_k");
+      require(table.size() % std::size_t(shape.top_k) == 0, where, "expert[g].size()", table.size(),
+              "must be a multiple of top_k");
       counts.tokens[g] = double(table.size() / shape.top_k);
       std::vector<char> reached(layout.ep);
       for (std::size_t t = 0; t < table.size(); t += shape.top_k) {
@@ -119,7 +124,8 @@ struct ExchangeCounts {
           counts.assignments[std::size_t(g) * layout.ep + owner[e]] += 1;
           reached[owner[e]] = 1;
         }
-        for (int r = 0; r < layout.ep; ++r) counts.rows[std::size_t(g) * layout.ep + r] += reached[r];
+        for (int r = 0; r < layout.ep; ++r)
+          counts.rows[std::size_t(g) * layout.ep + r] += reached[r];
       }
     }
     return counts;
@@ -239,15 +245,7 @@ struct LayoutRanks {
   LayoutRanks(const ParallelLayout& l, int rank) : layout(l), world_rank(rank) {
     layout.coordinates(rank, tp_rank, ep_rank, dp_rank);
   }
-  /// World rank of the coordinates (inverse of ParallelLayout::coordinates).
-  int world_of(int tp, int ep, int dp) const {
-    for (int r = 0; r < layout.world_size(); ++r) {
-      int t, e, d;
-      layout.coordinates(r, t, e, d);
-      if (t == tp && e == ep && d == dp) return r;
-    }
-    return -1;
-  }
+  int world_of(int tp, int ep, int dp) const { return layout.world_rank(tp, ep, dp); }
   int token_group() const { return ep_rank + layout.ep * dp_rank; }
   std::vector<int> tp_group() const {
     std::vector<int> g;
@@ -284,7 +282,8 @@ class LayoutModel {
     return local * 3.0 * shape_.hidden * (double(shape_.ffn) / at.layout.tp);
   }
   double replicated_parameters() const {
-    return double(shape_.experts) * shape_.hidden + 3.0 * shape_.hidden * double(shape_.shared_width());
+    return double(shape_.experts) * shape_.hidden +
+           3.0 * shape_.hidden * double(shape_.shared_width());
   }
 
   /// The bytes `world_rank` hands its communicators in one training step.
@@ -302,8 +301,7 @@ class LayoutModel {
         const int peer_group = q + layout.ep * at.dp_rank;
         const double local_of_q = double(layout.local_experts(shape_.experts, q).size());
         // Forward: the deduplicated rows, then (backward) dL/dy per assignment.
-        add(out[Traffic::dispatch], inter,
-            (counts.row(g, q) + counts.assigned(g, q)) * row);
+        add(out[Traffic::dispatch], inter, (counts.row(g, q) + counts.assigned(g, q)) * row);
         // Forward return and backward dL/dx: one row per assignment of q's tokens here.
         add(out[Traffic::combine], inter, 2 * counts.assigned(peer_group, at.ep_rank) * row);
         // Counts: q's local experts' assignment counts and the row count (int64); links:
@@ -328,6 +326,11 @@ class LayoutModel {
       reduce(out, Traffic::gradient_all_reduce, replicated_parameters() * shape_.dtype_bytes,
              world);
     }
+    for (auto& link : out.bytes) {
+      link.intra *= shape_.layers;
+      link.inter *= shape_.layers;
+    }
+    for (auto& r : out.reductions) r.bytes *= shape_.layers;
     return out;
   }
 
@@ -380,6 +383,8 @@ class LayoutModel {
     // Routing: logits, probabilities, their gradient [T, E]; weights, their gradient [T, k].
     m.activations += 3 * t * e * route + 2 * t * k * route;
     m.activations += staging(at);
+    for (double* part : {&m.weights, &m.gradients, &m.optimizer, &m.activations})
+      *part *= shape_.layers;
     return m;
   }
 
@@ -392,8 +397,9 @@ class LayoutModel {
       expert_rows += counts.assigned(p + layout.ep * at.dp_rank, at.ep_rank);
     const double t = counts.tokens[at.token_group()], h = shape_.hidden;
     const double gemm = 2.0 * 3.0 * 3.0;  // 2 FLOPs per multiply-add, 3 matrices, 3 passes
-    return gemm * expert_rows * h * (double(shape_.ffn) / layout.tp) +
-           gemm * t * h * double(shape_.shared_width()) + 3.0 * 2.0 * t * h * shape_.experts;
+    return shape_.layers *
+           (gemm * expert_rows * h * (double(shape_.ffn) / layout.tp) +
+            gemm * t * h * double(shape_.shared_width()) + 3.0 * 2.0 * t * h * shape_.experts);
   }
 
   /// Seconds a rank spends communicating: exchanges at the link's bandwidth, all-reduces as
