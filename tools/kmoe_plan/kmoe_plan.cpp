@@ -42,10 +42,23 @@ struct Arguments {
   std::map<std::string, std::string> values;
 
   Arguments(int argc, char** argv) {
-    static const char* known[] = {"--hidden", "--ffn", "--experts", "--top-k", "--tokens",
-                                  "--ranks", "--memory-per-rank", "--ranks-per-node",
-                                  "--shared-experts", "--shared-ffn", "--dtype-bytes", "--layers",
-                                  "--intra-bw", "--inter-bw", "--tflops", "--bucket-mb", "--top"};
+    static const char* known[] = {"--hidden",
+                                  "--ffn",
+                                  "--experts",
+                                  "--top-k",
+                                  "--tokens",
+                                  "--ranks",
+                                  "--memory-per-rank",
+                                  "--ranks-per-node",
+                                  "--shared-experts",
+                                  "--shared-ffn",
+                                  "--dtype-bytes",
+                                  "--layers",
+                                  "--intra-bw",
+                                  "--inter-bw",
+                                  "--tflops",
+                                  "--bucket-mb",
+                                  "--top"};
     for (int i = 1; i < argc; i += 2) {
       const std::string flag = argv[i];
       if (flag == "--help" || flag == "-h") {
@@ -84,8 +97,7 @@ struct Arguments {
     const long long v = std::strtoll(it->second.c_str(), &end, 10);
     if (it->second.empty() || *end || errno)
       fail(flag + ": '" + it->second + "' is not an integer");
-    if (v < minimum)
-      fail(flag + ": must be >= " + std::to_string(minimum) + ", got " + it->second);
+    if (v < minimum) fail(flag + ": must be >= " + std::to_string(minimum) + ", got " + it->second);
     return v;
   }
   double parse_positive(const std::string& flag, const double* fallback) const {
@@ -134,7 +146,8 @@ int main(int argc, char** argv) {
   shape.shared_experts = narrow("--shared-experts", args.integer_or("--shared-experts", 0, 0));
   shape.shared_ffn = narrow("--shared-ffn", args.integer_or("--shared-ffn", 0, 0));
   if (shape.shared_experts > 0 && shape.shared_ffn < 1)
-    fail("--shared-ffn: must be >= 1 with --shared-experts " + std::to_string(shape.shared_experts));
+    fail("--shared-ffn: must be >= 1 with --shared-experts " +
+         std::to_string(shape.shared_experts));
   shape.dtype_bytes = narrow("--dtype-bytes", args.integer_or("--dtype-bytes", 1, 2));
   if (shape.dtype_bytes != 2 && shape.dtype_bytes != 4 && shape.dtype_bytes != 8)
     fail("--dtype-bytes: must be 2, 4 or 8, got " + std::to_string(shape.dtype_bytes));
@@ -171,16 +184,18 @@ int main(int argc, char** argv) {
       fail("--memory-per-rank: " + gib(machine.memory_per_rank) +
            " GiB is less than any layout needs (the least: " + gib(plan.smallest_memory) +
            " GiB, " + plan.smallest_memory_layout + "); layouts excluded: " + reasons);
-    fail("no layout of --ranks " + std::to_string(machine.ranks) + " is valid: excluded " + reasons);
+    fail("no layout of --ranks " + std::to_string(machine.ranks) + " is valid: excluded " +
+         reasons);
   }
 
-  std::printf("kmoe-plan: %d layer(s) of H=%d F=%d E=%d top-%d, shared %d x %d, %d-byte elements, %lld tokens "
-              "per step; %d ranks (%d per node), %s GiB per rank, %.0f / %.0f GB/s within / "
-              "between nodes, %.0f TFLOP/s per rank\n",
-              shape.layers, shape.hidden, shape.ffn, shape.experts, shape.top_k, shape.shared_experts,
-              shape.shared_ffn, shape.dtype_bytes, tokens, machine.ranks, machine.ranks_per_node,
-              gib(machine.memory_per_rank).c_str(), machine.intra_node_bandwidth / 1e9,
-              machine.inter_node_bandwidth / 1e9, machine.flop_rate / 1e12);
+  std::printf(
+      "kmoe-plan: %d layer(s) of H=%d F=%d E=%d top-%d, shared %d x %d, %d-byte elements, %lld tokens "
+      "per step; %d ranks (%d per node), %s GiB per rank, %.0f / %.0f GB/s within / "
+      "between nodes, %.0f TFLOP/s per rank\n",
+      shape.layers, shape.hidden, shape.ffn, shape.experts, shape.top_k, shape.shared_experts,
+      shape.shared_ffn, shape.dtype_bytes, tokens, machine.ranks, machine.ranks_per_node,
+      gib(machine.memory_per_rank).c_str(), machine.intra_node_bandwidth / 1e9,
+      machine.inter_node_bandwidth / 1e9, machine.flop_rate / 1e12);
   std::printf("uniform top-k routing; a training step (forward, backward, gradient all-reduce, "
               "AdamW); per rank, the worst rank shown\n\n");
   int shown = 0;
@@ -195,9 +210,9 @@ int main(int argc, char** argv) {
     };
     std::printf("%2d. %-26s placement %-22s step %9.3f ms (compute %.3f, communication %.3f)\n",
                 shown, describe(c.layout).c_str(),
-                c.any_placement ? "block or round_robin"
-                                : (c.layout.placement == kmoe::Placement::block ? "block"
-                                                                                : "round_robin"),
+                c.any_placement
+                    ? "block or round_robin"
+                    : (c.layout.placement == kmoe::Placement::block ? "block" : "round_robin"),
                 c.step_seconds() * 1e3, c.compute_seconds * 1e3, c.communication_seconds * 1e3);
     std::printf("    memory %s GiB = weights %s + gradients %s + optimizer %s + activations %s\n",
                 gib(c.memory.total()).c_str(), gib(c.memory.weights).c_str(),

@@ -286,12 +286,15 @@ class LayoutModel {
            3.0 * shape_.hidden * double(shape_.shared_width());
   }
 
-  /// The bytes `world_rank` hands its communicators in one training step.
-  RankTraffic traffic(const ParallelLayout& layout, const ExchangeCounts& counts,
-                      int world_rank) const {
+  /// The bytes `world_rank` hands its communicators in one training step (forward,
+  /// backward, gradient sync), or in a forward alone (`training` false: inference, or
+  /// ep_bench's forward).
+  RankTraffic traffic(const ParallelLayout& layout, const ExchangeCounts& counts, int world_rank,
+                      bool training = true) const {
     const LayoutRanks at(layout, world_rank);
     RankTraffic out;
     const double row = double(shape_.hidden) * shape_.dtype_bytes;
+    const double passes = training ? 2 : 1;  // backward repeats each exchange's rows
     const int g = at.token_group();
     const auto ep_group = at.ep_group();
     if (layout.ep > 1) {
@@ -300,10 +303,11 @@ class LayoutModel {
         const bool inter = crosses(world_rank, ep_group[q]);
         const int peer_group = q + layout.ep * at.dp_rank;
         const double local_of_q = double(layout.local_experts(shape_.experts, q).size());
-        // Forward: the deduplicated rows, then (backward) dL/dy per assignment.
-        add(out[Traffic::dispatch], inter, (counts.row(g, q) + counts.assigned(g, q)) * row);
+        // Forward: the deduplicated rows; backward: dL/dy per assignment.
+        add(out[Traffic::dispatch], inter,
+            (counts.row(g, q) + (passes - 1) * counts.assigned(g, q)) * row);
         // Forward return and backward dL/dx: one row per assignment of q's tokens here.
-        add(out[Traffic::combine], inter, 2 * counts.assigned(peer_group, at.ep_rank) * row);
+        add(out[Traffic::combine], inter, passes * counts.assigned(peer_group, at.ep_rank) * row);
         // Counts: q's local experts' assignment counts and the row count (int64); links:
         // one int per kept assignment sent to q.
         add(out[Traffic::exchange_metadata], inter,
@@ -315,12 +319,12 @@ class LayoutModel {
       double expert_rows = 0;
       for (int p = 0; p < layout.ep; ++p)
         expert_rows += counts.assigned(p + layout.ep * at.dp_rank, at.ep_rank);
-      reduce(out, Traffic::tp_all_reduce, 2 * expert_rows * row, at.tp_group());
+      reduce(out, Traffic::tp_all_reduce, passes * expert_rows * row, at.tp_group());
     }
-    if (layout.dp > 1)
+    if (training && layout.dp > 1)
       reduce(out, Traffic::gradient_all_reduce, expert_parameters(at) * shape_.dtype_bytes,
              at.dp_group());
-    if (layout.world_size() > 1) {
+    if (training && layout.world_size() > 1) {
       std::vector<int> world(layout.world_size());
       for (int r = 0; r < layout.world_size(); ++r) world[r] = r;
       reduce(out, Traffic::gradient_all_reduce, replicated_parameters() * shape_.dtype_bytes,

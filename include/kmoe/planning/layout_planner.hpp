@@ -123,8 +123,8 @@ inline std::string main_difference(const Candidate& a, const Candidate& b) {
   const Term communication{"communication", a.communication_seconds, b.communication_seconds};
   const bool by_communication = communication.a - communication.b >= compute.a - compute.b;
   const Term& term = by_communication ? communication : compute;
-  std::string why = std::string(term.name) + " " + milliseconds(term.a) + " against " +
-                    milliseconds(term.b);
+  std::string why =
+      std::string(term.name) + " " + milliseconds(term.a) + " against " + milliseconds(term.b);
   if (by_communication)
     why += " (all-to-all " + megabytes(exchange(a)) + " against " + megabytes(exchange(b)) +
            ", TP all-reduce " + megabytes(bytes(a, Traffic::tp_all_reduce)) + " against " +
@@ -239,11 +239,11 @@ inline Plan plan_layouts(const ModelShape& shape, const Machine& machine, long l
              prior->layout.dp == best.layout.dp) {
     plan.explanation.push_back("the model agrees with the prior");
   } else {
-    plan.explanation.push_back(
-        "the model refines the prior: its best prior-shaped layout (" + describe(prior->layout) +
-        ") takes " + detail::milliseconds(prior->step_seconds()) + ", slower by " +
-        detail::milliseconds(prior->step_seconds() - best.step_seconds()) + ": " +
-        detail::main_difference(*prior, best));
+    plan.explanation.push_back("the model refines the prior: its best prior-shaped layout (" +
+                               describe(prior->layout) + ") takes " +
+                               detail::milliseconds(prior->step_seconds()) + ", slower by " +
+                               detail::milliseconds(prior->step_seconds() - best.step_seconds()) +
+                               ": " + detail::main_difference(*prior, best));
   }
   return plan;
 }
