@@ -10,7 +10,12 @@
 #
 #   multihost.sh --mpirun PATH [--layer-test PATH] [--layer-filter TAGS] [--bench PATH]
 #                [--exchange flat|hierarchical] [--hosts N] [--ranks-per-host R]
-#                [--bench-tokens T] [--extra-host ADDRESS] [--step-timeout SECONDS]
+#                [--layer-ranks-per-host R] [--bench-tokens T] [--extra-host ADDRESS]
+#                [--step-timeout SECONDS]
+#
+# The layer tests run with --layer-ranks-per-host ranks per host (1: every EP/TP/DP layout
+# of --hosts ranks, each rank alone on its host so that every exchange crosses a link),
+# ep_bench with --ranks-per-host (2: traffic within and between hosts).
 #
 # Exit status: 0 every step passed; 1 a step failed, timed out, or a host is unreachable
 # (named on stderr); 77 this machine cannot make network namespaces (not root, no `ip`).
@@ -25,9 +30,10 @@ bench=""
 exchange="flat"
 hosts=2
 ranks_per_host=2
-bench_tokens=256
+layer_ranks_per_host=1
+bench_tokens=64
 extra_host=""
-step_timeout=90
+step_timeout=60
 
 die() {
   echo "multihost: $*" >&2
@@ -43,6 +49,7 @@ while [ $# -gt 0 ]; do
     --exchange) exchange=$2 ;;
     --hosts) hosts=$2 ;;
     --ranks-per-host) ranks_per_host=$2 ;;
+    --layer-ranks-per-host) layer_ranks_per_host=$2 ;;
     --bench-tokens) bench_tokens=$2 ;;
     --extra-host) extra_host=$2 ;;
     --step-timeout) step_timeout=$2 ;;
@@ -57,11 +64,22 @@ case "$hosts" in '' | *[!0-9]*) die "--hosts must be a positive integer, not '$h
 case "$ranks_per_host" in '' | *[!0-9]*) die "--ranks-per-host must be a positive integer, not '$ranks_per_host'" ;; esac
 { [ "$hosts" -ge 2 ] && [ "$hosts" -le 200 ]; } || die "--hosts must be in [2, 200], not $hosts"
 [ "$ranks_per_host" -ge 1 ] || die "--ranks-per-host must be >= 1, not $ranks_per_host"
+case "$layer_ranks_per_host" in '' | *[!0-9]* | 0) die "--layer-ranks-per-host must be a positive integer, not '$layer_ranks_per_host'" ;; esac
 
 if [ "$(id -u)" != 0 ] || ! command -v ip > /dev/null; then
   echo "multihost: skipped: network namespaces need root and iproute2's ip" >&2
   exit 77
 fi
+
+# Namespaces of an earlier run that was killed outright (SIGKILL leaves no trap to run):
+# kmoe_mh<pid>_* whose script is gone.
+for ns in $(timeout 10 ip netns list | awk '{print $1}' | grep -E '^kmoe_mh[0-9]+_'); do
+  owner=${ns#kmoe_mh}
+  owner=${owner%%_*}
+  kill -0 "$owner" 2> /dev/null && continue
+  for pid in $(timeout 10 ip netns pids "$ns" 2> /dev/null); do kill -9 "$pid" 2> /dev/null; done
+  timeout 10 ip netns del "$ns" 2> /dev/null && echo "multihost: removed $ns, left by a killed run"
+done
 
 prefix="kmoe_mh$$"
 bridge_ns="${prefix}_br"
@@ -152,33 +170,41 @@ tx_total() {
   echo "$total"
 }
 
-hosts_flag=$(
-  IFS=,
-  echo "${host_list[*]/%/:$ranks_per_host}"
-)
-ranks=$((hosts * ranks_per_host))
-mpi_flags=(--allow-run-as-root --oversubscribe --host "$hosts_flag" -np "$ranks"
-  --mca plm_rsh_agent "$agent" --mca btl tcp,self --mca btl_tcp_if_include kmoe0
-  --mca oob_tcp_if_include kmoe0 -x OMP_NUM_THREADS=1 -x OMP_PROC_BIND=false)
+# host_flag RANKS_PER_HOST: Open MPI's --host list, every host with that many slots.
+host_flag() {
+  local IFS=,
+  echo "${host_list[*]/%/:$1}"
+}
+# mpi_flags RANKS_PER_HOST: the launch over the hosts' links (yield when idle: ranks share
+# the machine's cores, and busy-polling ranks would starve the others).
+mpi_flags() {
+  echo --allow-run-as-root --oversubscribe --host "$(host_flag "$1")" -np $((${#host_list[@]} * $1)) \
+    --mca plm_rsh_agent "$agent" --mca btl tcp,self --mca btl_tcp_if_include kmoe0 \
+    --mca oob_tcp_if_include kmoe0 --mca mpi_yield_when_idle 1 \
+    -x OMP_NUM_THREADS=1 -x OMP_PROC_BIND=false
+}
 
 failed=0
-# run_step NAME COMMAND...: mpirun in the launching host's namespace, bounded; prints the
-# wall time and the bytes that crossed the links.
+# run_step NAME RANKS_PER_HOST COMMAND...: mpirun in the launching host's namespace,
+# bounded; prints the wall time and the bytes that crossed the links. Run in the background
+# and waited for, so that a signal reaches the trap at once.
 run_step() {
-  local name=$1
-  shift
+  local name=$1 per_host=$2
+  shift 2
   local before after start end status
   before=$(tx_total)
   start=$(date +%s.%N)
+  # shellcheck disable=SC2046 # mpi_flags' words are split on purpose (no spaces inside).
   timeout --kill-after=5 "$step_timeout" ip netns exec "$launch_ns" \
-    "$mpirun" "${mpi_flags[@]}" "$@" > "$workdir/$name.log" 2>&1
+    "$mpirun" $(mpi_flags "$per_host") "$@" > "$workdir/$name.log" 2>&1 &
+  wait $!
   status=$?
   end=$(date +%s.%N)
   after=$(tx_total)
   grep -v -e "^Kokkos::OpenMP::initialize WARNING" -e "^  " -e "Detected:" -e "Requested:" \
     "$workdir/$name.log" | tail -n 25
-  printf 'multihost: %s: %.1f s, %d bytes across the hosts'"'"' links (veth tx, all hosts, with TCP/IP headers and launch traffic), exit %d\n' \
-    "$name" "$(echo "$end - $start" | bc)" "$((after - before))" "$status"
+  printf 'multihost: %s (%d hosts x %d ranks): %.1f s, %d bytes across the hosts'"'"' links (veth tx, all hosts, with TCP/IP headers and launch traffic), exit %d\n' \
+    "$name" "${#host_list[@]}" "$per_host" "$(echo "$end - $start" | bc)" "$((after - before))" "$status"
   if [ $status -eq 124 ] || [ $status -eq 137 ]; then
     echo "multihost: $name did not finish within $step_timeout s" >&2
     failed=1
@@ -189,22 +215,22 @@ run_step() {
 }
 
 if [ -n "$layer_test" ]; then
-  run_step "layer_tests" "$layer_test" "$layer_filter"
+  run_step "layer_tests" "$layer_ranks_per_host" "$layer_test" "$layer_filter"
 else
   echo "multihost: no --layer-test given: layer tests skipped"
 fi
 
 if [ -n "$bench" ]; then
-  bench_args=(--tokens "$bench_tokens" --repeats 3)
+  bench_args=(--tokens "$bench_tokens" --repeats 2)
   # ep_bench silently ignores flags it does not know, so a flag is passed only where the
   # binary contains it; a hierarchical run without the flag would measure the flat one.
   knows() { grep -a -q -e "$1" "$bench"; }
   if knows --exchange; then
     bench_args+=(--exchange "$exchange")
     knows --ranks-per-node && bench_args+=(--ranks-per-node "$ranks_per_host")
-    run_step "ep_bench_$exchange" "$bench" "${bench_args[@]}"
+    run_step "ep_bench_$exchange" "$ranks_per_host" "$bench" "${bench_args[@]}"
   elif [ "$exchange" = flat ]; then
-    run_step "ep_bench_flat" "$bench" "${bench_args[@]}"
+    run_step "ep_bench_flat" "$ranks_per_host" "$bench" "${bench_args[@]}"
   else
     echo "multihost: skipped: this ep_bench has no --exchange flag (no hierarchical exchange in this build)"
   fi

@@ -103,7 +103,7 @@ inline std::string milliseconds(double seconds) {
 
 inline std::string megabytes(double bytes) {
   char text[32];
-  std::snprintf(text, sizeof text, "%.3g MB", bytes / 1e6);
+  std::snprintf(text, sizeof text, "%.1f MB", bytes / 1e6);
   return text;
 }
 
