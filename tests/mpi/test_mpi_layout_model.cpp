@@ -6,7 +6,7 @@
 // group (exchange payload and metadata per peer, TP all-reduce, gradient all-reduce), split
 // into links within and between nodes, must equal the model's prediction exactly, given
 // the routing the layer measured (each token group's routing table, gathered from the
-// ranks); the memory the layer and the optimizer hold at the step's peak (Kokkos
+// ranks), and so must the forward's rows in ForwardStats; the memory the layer and the optimizer hold at the step's peak (Kokkos
 // allocation bytes, from the Kokkos Tools allocation callbacks) must be within 10% of the
 // model's.
 #include <kmoe/combiner.hpp>
@@ -187,6 +187,7 @@ void check_layout(const ParallelLayout& layout) {
   Kokkos::Tools::Experimental::set_deallocate_data_callback(AllocationTracker::deallocate);
   double peak = 0;
   Measured measured, measured_forward;
+  double stats_payload = 0;
   std::vector<std::vector<int>> routing;
   {
     const auto owned = layout.local_experts(experts, groups.ep_rank);
@@ -201,8 +202,14 @@ void check_layout(const ParallelLayout& layout) {
     for (int s = 0; s < 2; ++s) {  // the second step is measured: the first allocates
       AllocationTracker::peak = AllocationTracker::live;
       ledger->reset();
-      layer.forward(x, y, context);
+      const ForwardStats stats = layer.forward(x, y, context);
       forward = *ledger;
+      // ForwardStats' rows to the other EP ranks (dispatch and return), as bytes.
+      stats_payload = 0;
+      for (std::size_t q = 0; q < stats.dispatch_rows.size(); ++q)
+        if (int(q) != groups.ep_rank)
+          stats_payload +=
+              double(stats.dispatch_rows[q] + stats.combine_rows_sent[q]) * hidden * sizeof(S);
       layer.zero_gradients();
       layer.backward(grad_y, grad_x);
       step = *ledger;
@@ -224,7 +231,10 @@ void check_layout(const ParallelLayout& layout) {
   INFO(describe(layout) << ", rank " << rank);
   check_bytes(measured, predicted);
   INFO("the forward alone");
-  check_bytes(measured_forward, model.traffic(layout, counts, rank, false));
+  const auto forward_only = model.traffic(layout, counts, rank, false);
+  check_bytes(measured_forward, forward_only);
+  CHECK(stats_payload == forward_only[planning::Traffic::dispatch].total() +
+                             forward_only[planning::Traffic::combine].total());
   // Every layout but one rank exchanges something: the comparison is never 0 == 0 alone.
   CHECK(measured.payload.total() + measured.tp.total() + measured.gradients.total() > 0);
 
