@@ -37,6 +37,7 @@ using Counting = CountingCommunicator<MpiCommunicator, X::memory_space>;
 using Router = SoftmaxTopKRouter<X, S>;
 using Experts = SwiGLUExperts<X, S>;
 using Layer = MoELayer<Router, Experts, WeightedSumCombiner<X, S>, Counting>;
+static_assert(check_valid_communicator<Counting>());
 
 constexpr int hidden = 24, ffn = 32, shared_ffn = 16, experts = 6, top_k = 2, tokens = 40;
 

@@ -90,7 +90,6 @@ struct Machine {
 /// assignments to r's experts (the rows of the return and of both backward exchanges).
 /// Real numbers so that an expectation fits too.
 struct ExchangeCounts {
-  int token_groups = 0;
   int ep = 1;
   std::vector<double> tokens;       ///< [g] tokens of group g
   std::vector<double> rows;         ///< [g * ep + r]
@@ -165,7 +164,6 @@ struct ExchangeCounts {
  private:
   static ExchangeCounts empty(const ParallelLayout& layout, int groups) {
     ExchangeCounts counts;
-    counts.token_groups = groups;
     counts.ep = layout.ep;
     counts.tokens.assign(groups, 0);
     counts.rows.assign(std::size_t(groups) * layout.ep, 0);
@@ -195,11 +193,6 @@ enum class Traffic {
   gradient_all_reduce,  ///< routed experts over dp; router and shared experts over world
 };
 constexpr int traffic_kinds = 5;
-inline const char* traffic_name(Traffic t) {
-  static const char* names[traffic_kinds] = {"dispatch", "combine", "exchange_metadata",
-                                             "tp_all_reduce", "gradient_all_reduce"};
-  return names[int(t)];
-}
 
 /// \brief Bytes one rank hands its communicators in one training step, by traffic class and
 /// link class: for an all-to-all-v the blocks sent to other ranks (by where each peer
@@ -208,10 +201,9 @@ inline const char* traffic_name(Traffic t) {
 /// reductions (a few integers per call) are not modelled.
 struct RankTraffic {
   std::array<LinkBytes, traffic_kinds> bytes{};
-  /// All-reduce buffers by class, with the size of the group: the roofline charges a ring
+  /// Every all-reduce's buffer with the size of its group: the roofline charges a ring
   /// 2 (n - 1) / n of each.
   struct Reduction {
-    Traffic traffic;
     double bytes;
     int ranks;
     bool inter;
@@ -245,21 +237,20 @@ struct LayoutRanks {
   LayoutRanks(const ParallelLayout& l, int rank) : layout(l), world_rank(rank) {
     layout.coordinates(rank, tp_rank, ep_rank, dp_rank);
   }
-  int world_of(int tp, int ep, int dp) const { return layout.world_rank(tp, ep, dp); }
   int token_group() const { return ep_rank + layout.ep * dp_rank; }
   std::vector<int> tp_group() const {
     std::vector<int> g;
-    for (int t = 0; t < layout.tp; ++t) g.push_back(world_of(t, ep_rank, dp_rank));
+    for (int t = 0; t < layout.tp; ++t) g.push_back(layout.world_rank(t, ep_rank, dp_rank));
     return g;
   }
   std::vector<int> ep_group() const {
     std::vector<int> g;
-    for (int e = 0; e < layout.ep; ++e) g.push_back(world_of(tp_rank, e, dp_rank));
+    for (int e = 0; e < layout.ep; ++e) g.push_back(layout.world_rank(tp_rank, e, dp_rank));
     return g;
   }
   std::vector<int> dp_group() const {
     std::vector<int> g;
-    for (int d = 0; d < layout.dp; ++d) g.push_back(world_of(tp_rank, ep_rank, d));
+    for (int d = 0; d < layout.dp; ++d) g.push_back(layout.world_rank(tp_rank, ep_rank, d));
     return g;
   }
 };
@@ -431,7 +422,7 @@ class LayoutModel {
     bool inter = false;
     for (int r : group) inter = inter || crosses(group.front(), r);
     add(out[kind], inter, bytes);
-    out.reductions.push_back({kind, bytes, int(group.size()), inter});
+    out.reductions.push_back({bytes, int(group.size()), inter});
   }
 
   /// Gradient staging buckets: tensors below bucket_bytes, of groups larger than one rank,
