@@ -193,18 +193,19 @@ run_step() {
   shift 2
   local before after start end status
   before=$(tx_total)
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
   # shellcheck disable=SC2046 # mpi_flags' words are split on purpose (no spaces inside).
   timeout --kill-after=5 "$step_timeout" ip netns exec "$launch_ns" \
     "$mpirun" $(mpi_flags "$per_host") "$@" > "$workdir/$name.log" 2>&1 &
   wait $!
   status=$?
-  end=$(date +%s.%N)
+  end=$(date +%s%N)
   after=$(tx_total)
   grep -v -e "^Kokkos::OpenMP::initialize WARNING" -e "^  " -e "Detected:" -e "Requested:" \
     "$workdir/$name.log" | tail -n 25
-  printf 'multihost: %s (%d hosts x %d ranks): %.1f s, %d bytes across the hosts'"'"' links (veth tx, all hosts, with TCP/IP headers and launch traffic), exit %d\n' \
-    "$name" "${#host_list[@]}" "$per_host" "$(echo "$end - $start" | bc)" "$((after - before))" "$status"
+  printf 'multihost: %s (%d hosts x %d ranks): %s s, %d bytes across the hosts'"'"' links (veth tx, all hosts, with TCP/IP headers and launch traffic), exit %d\n' \
+    "$name" "${#host_list[@]}" "$per_host" "$(((end - start) / 1000000000)).$(((end - start) / 100000000 % 10))" \
+    "$((after - before))" "$status"
   if [ $status -eq 124 ] || [ $status -eq 137 ]; then
     echo "multihost: $name did not finish within $step_timeout s" >&2
     failed=1
