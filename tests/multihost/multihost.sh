@@ -8,7 +8,8 @@
 # bytes that crossed the hosts' links (tx_bytes of every host's veth, before and after).
 # Nothing outside the namespaces is touched; they are removed on exit, failure or signal.
 #
-#   multihost.sh --mpirun PATH [--layer-test PATH] [--layer-filter TAGS] [--bench PATH]
+#   multihost.sh --mpirun PATH [--node-probe PATH] [--layer-test PATH] [--layer-filter TAGS]
+#                [--bench PATH]
 #                [--exchange flat|hierarchical] [--hosts N] [--ranks-per-host R]
 #                [--layer-ranks-per-host R] [--bench-tokens T] [--extra-host ADDRESS]
 #                [--step-timeout SECONDS]
@@ -24,6 +25,7 @@
 set -u
 
 mpirun=""
+node_probe=""
 layer_test=""
 layer_filter="[mpi]~[replicas]"
 bench=""
@@ -43,6 +45,7 @@ die() {
 while [ $# -gt 0 ]; do
   case "$1" in
     --mpirun) mpirun=$2 ;;
+    --node-probe) node_probe=$2 ;;
     --layer-test) layer_test=$2 ;;
     --layer-filter) layer_filter=$2 ;;
     --bench) bench=$2 ;;
@@ -124,19 +127,25 @@ for ((i = 0; i < hosts; ++i)); do
   run_ip -n "$ns" link set lo up
 done
 
+# Each host also gets a host name of its own (a UTS namespace, `unshare --uts`): Open MPI
+# tells nodes apart by the names its daemons report, and with the machine's one name for
+# every host MPI_COMM_TYPE_SHARED grouped ranks of different hosts together (and crashed).
+#
 # The launch agent: Open MPI runs `<agent> <host> <orted command line>` where it would run
-# ssh; this one enters the namespace holding that address and runs the line with sh, as
-# sshd would.
+# ssh; this one enters the namespaces of the host holding that address and runs the line
+# with sh, as sshd would.
 agent="$workdir/netns_agent.sh"
 {
   echo '#!/usr/bin/env bash'
   echo 'while [ "${1#-}" != "$1" ]; do shift; done  # ssh-style options, if any'
   echo 'host=$1; shift'
   echo 'case "$host" in'
-  for ((i = 0; i < hosts; ++i)); do echo "  $(address_of "$i")) ns=${prefix}_h$i ;;"; done
+  for ((i = 0; i < hosts; ++i)); do
+    echo "  $(address_of "$i")) ns=${prefix}_h$i name=kmoe-host$i ;;"
+  done
   echo '  *) echo "netns_agent: no namespace holds host $host" >&2; exit 255 ;;'
   echo 'esac'
-  echo 'exec ip netns exec "$ns" sh -c "$*"'
+  echo 'exec ip netns exec "$ns" unshare --uts sh -c "hostname $name && $*"'
 } > "$agent"
 chmod +x "$agent"
 
@@ -195,7 +204,8 @@ run_step() {
   before=$(tx_total)
   start=$(date +%s%N)
   # shellcheck disable=SC2046 # mpi_flags' words are split on purpose (no spaces inside).
-  timeout --kill-after=5 "$step_timeout" ip netns exec "$launch_ns" \
+  timeout --kill-after=5 "$step_timeout" ip netns exec "$launch_ns" unshare --uts \
+    sh -c 'hostname kmoe-host0 && exec "$@"' sh \
     "$mpirun" $(mpi_flags "$per_host") "$@" > "$workdir/$name.log" 2>&1 &
   wait $!
   status=$?
@@ -214,6 +224,9 @@ run_step() {
     failed=1
   fi
 }
+
+# MPI must see the hosts as nodes (node_probe.cpp), as a hierarchical exchange needs.
+[ -n "$node_probe" ] && run_step "node_probe" "$ranks_per_host" "$node_probe" "$ranks_per_host"
 
 if [ -n "$layer_test" ]; then
   run_step "layer_tests" "$layer_ranks_per_host" "$layer_test" "$layer_filter"
