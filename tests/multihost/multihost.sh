@@ -19,7 +19,8 @@
 # ep_bench with --ranks-per-host (2: traffic within and between hosts).
 #
 # Exit status: 0 every step passed; 1 a step failed, timed out, or a host is unreachable
-# (named on stderr); 77 this machine cannot make network namespaces (not root, no `ip`).
+# (named on stderr); 77 this machine cannot make network namespaces (not root, no `ip` or
+# `unshare`).
 # --extra-host adds a host by address only (no namespace holds it unless it is one of ours):
 # the reachability check names it and exits 1 within about 10 s.
 set -u
@@ -69,8 +70,8 @@ case "$ranks_per_host" in '' | *[!0-9]*) die "--ranks-per-host must be a positiv
 [ "$ranks_per_host" -ge 1 ] || die "--ranks-per-host must be >= 1, not $ranks_per_host"
 case "$layer_ranks_per_host" in '' | *[!0-9]* | 0) die "--layer-ranks-per-host must be a positive integer, not '$layer_ranks_per_host'" ;; esac
 
-if [ "$(id -u)" != 0 ] || ! command -v ip > /dev/null; then
-  echo "multihost: skipped: network namespaces need root and iproute2's ip" >&2
+if [ "$(id -u)" != 0 ] || ! command -v ip > /dev/null || ! command -v unshare > /dev/null; then
+  echo "multihost: skipped: network namespaces need root, iproute2's ip and util-linux's unshare" >&2
   exit 77
 fi
 
