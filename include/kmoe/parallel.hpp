@@ -47,11 +47,15 @@ struct ParallelLayout {
 
   int world_size() const { return tp * ep * dp; }
 
+  /// The dimensions (0 tp, 1 ep, 2 dp) from the fastest-varying to the slowest.
+  const int* dimension_order() const {
+    static const int orders[4][3] = {{0, 1, 2}, {1, 0, 2}, {0, 2, 1}, {2, 0, 1}};
+    return orders[int(order)];
+  }
+
   /// (tp, ep, dp) coordinates of a world rank.
   void coordinates(int rank, int& tp_rank, int& ep_rank, int& dp_rank) const {
-    // orders[o][i]: which dimension (0 tp, 1 ep, 2 dp) varies i-th fastest.
-    static const int orders[4][3] = {{0, 1, 2}, {1, 0, 2}, {0, 2, 1}, {2, 0, 1}};
-    const int* order_index = orders[int(order)];
+    const int* order_index = dimension_order();
     int dims[3], sizes[3];
     const int all_sizes[3] = {tp, ep, dp};
     for (int i = 0; i < 3; ++i) sizes[i] = all_sizes[order_index[i]];
@@ -63,6 +67,17 @@ struct ParallelLayout {
     tp_rank = dims[0];
     ep_rank = dims[1];
     dp_rank = dims[2];
+  }
+
+  /// The world rank at (tp, ep, dp) coordinates (the inverse of coordinates()).
+  int world_rank(int tp_rank, int ep_rank, int dp_rank) const {
+    const int coordinate[3] = {tp_rank, ep_rank, dp_rank}, size[3] = {tp, ep, dp};
+    int rank = 0, stride = 1;
+    for (int i = 0; i < 3; ++i) {
+      rank += coordinate[dimension_order()[i]] * stride;
+      stride *= size[dimension_order()[i]];
+    }
+    return rank;
   }
 
   /// Experts owned by EP rank `ep_rank` out of `experts`, in local order.
