@@ -11,6 +11,7 @@
 #include <kmoe/error.hpp>
 #include <kmoe/exchange/deduplicated_dispatch.hpp>
 #include <kmoe/exchange/dispatch.hpp>
+#include <kmoe/exchange/hierarchical_exchange.hpp>
 #include <kmoe/exchange/input_weighting.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/segments.hpp>
@@ -152,6 +153,10 @@ class ExpertParallelExchange {
     Kokkos::deep_copy(expert_key_, key_mirror);
     Kokkos::deep_copy(expert_rank_, rank_mirror);
   }
+
+  /// Sends the rows over `route` (flat or hierarchical, exchange/hierarchical_exchange.hpp)
+  /// instead of the EP communicator's own all-to-all-v.
+  void set_route(ExchangeRoute<Communicator> route) { ep_ = std::move(route); }
 
   /// Sort key of each global expert (the Dispatch's keys), on the device and the host.
   const Vector<int, X>& expert_key() const { return expert_key_; }
@@ -435,7 +440,7 @@ class ExpertParallelExchange {
     return ranks_ > 1 ? rows : none;
   }
 
-  Communicator ep_;
+  ExchangeRoute<Communicator> ep_;  ///< the EP group's all-to-all-v, flat unless set_route()
   int ranks_ = 1, local_ = 0, hidden_ = 0, alignment_ = 1;
   bool deduplicate_ = true;
 
