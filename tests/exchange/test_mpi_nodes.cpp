@@ -167,8 +167,8 @@ TEST_CASE("a node map that differs across ranks or misses ranks raises on every 
   const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
   const auto build = [&](const LayerOptions& options) {
     const int owned = int(layout.local_experts(8, groups.ep_rank).size());
-    Layer layer(Router({hidden, 8, 2, true}), Experts({owned, hidden, ffn}), options,
-                std::nullopt, groups);
+    Layer layer(Router({hidden, 8, 2, true}), Experts({owned, hidden, ffn}), options, std::nullopt,
+                groups);
   };
   SECTION("ranks_per_node differing across ranks") {
     LayerOptions options;
@@ -256,11 +256,11 @@ TEST_CASE("node-limited routing: no token reaches more than M nodes; M above the
       CHECK(limited_stats.traffic.inter_node_bytes < free_stats.traffic.inter_node_bytes);
 
       config.node_limit.max_nodes = 3;
-      CHECK_THROWS_WITH(
-          Layer(Router(config), Experts({owned, hidden, ffn}), options, std::nullopt, groups),
-          Catch::Matchers::ContainsSubstring("max_nodes") &&
-              Catch::Matchers::ContainsSubstring("3") &&
-              Catch::Matchers::ContainsSubstring("exceeds the 2 nodes"));
+      CHECK_THROWS_WITH(Layer(Router(config), Experts({owned, hidden, ffn}), options, std::nullopt,
+                              groups),
+                        Catch::Matchers::ContainsSubstring("max_nodes") &&
+                            Catch::Matchers::ContainsSubstring("3") &&
+                            Catch::Matchers::ContainsSubstring("exceeds the 2 nodes"));
     }
   }
 }

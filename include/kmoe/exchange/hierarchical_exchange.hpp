@@ -153,7 +153,8 @@ class ExchangeRoute {
     Communicator node = nodes_->node;
     node.all_gather(mine, gathered);
     for (int j = 0; j < per_node; ++j)
-      if (j != local) traffic_->add(false, std::int64_t(ranks) * std::int64_t(sizeof(std::int64_t)));
+      if (j != local)
+        traffic_->add(false, std::int64_t(ranks) * std::int64_t(sizeof(std::int64_t)));
     const auto gathered_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), gathered);
     const auto received = [&](int j, int q) { return gathered_host(std::size_t(j) * ranks + q); };
 

@@ -40,9 +40,8 @@ struct NodeMap {
 
   int ranks() const { return int(node_of_rank.size()); }
   int nodes() const {
-    return node_of_rank.empty()
-               ? 0
-               : 1 + *std::max_element(node_of_rank.begin(), node_of_rank.end());
+    return node_of_rank.empty() ? 0
+                                : 1 + *std::max_element(node_of_rank.begin(), node_of_rank.end());
   }
   int node(int rank) const { return node_of_rank[std::size_t(rank)]; }
   bool same_node(int a, int b) const { return node(a) == node(b); }

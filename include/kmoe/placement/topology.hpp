@@ -87,7 +87,9 @@ inline std::vector<int> partition_by_co_occurrence(const std::vector<int>& items
                                                    const CoOccurrence& co) {
   const int n = int(items.size()), bins = int(capacity.size());
   const int largest = *std::max_element(capacity.begin(), capacity.end());
-  const auto weight = [&](int a, int b) { return co(items[std::size_t(a)], items[std::size_t(b)]); };
+  const auto weight = [&](int a, int b) {
+    return co(items[std::size_t(a)], items[std::size_t(b)]);
+  };
   // 1. Agglomeration: union of clusters along the heaviest pairs while they fit a bin.
   std::vector<int> cluster(static_cast<std::size_t>(n));
   std::iota(cluster.begin(), cluster.end(), 0);
@@ -154,8 +156,8 @@ inline std::vector<int> partition_by_co_occurrence(const std::vector<int>& items
       for (int b = a + 1; b < n; ++b) {
         const int A = bin[std::size_t(a)], B = bin[std::size_t(b)];
         if (A == B) continue;
-        const std::int64_t gain = affinity(a, B) - affinity(a, A) + affinity(b, A) -
-                                  affinity(b, B) - 2 * weight(a, b);
+        const std::int64_t gain =
+            affinity(a, B) - affinity(a, A) + affinity(b, A) - affinity(b, B) - 2 * weight(a, b);
         if (gain <= 0) continue;
         std::swap(bin[std::size_t(a)], bin[std::size_t(b)]);
         improved = true;

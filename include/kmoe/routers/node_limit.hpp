@@ -53,8 +53,8 @@ KOKKOS_INLINE_FUNCTION std::uint64_t select_nodes(int experts, int nodes, int ke
   Real node_score[max_groups];
   for (int g = 0; g < nodes; ++g) {
     IndexBuffer<max_group_score_terms> best;
-    const int n =
-        select_top_k(0, experts, terms, score, [&](int e) { return node_of(e) == g; }, best);
+    const int n = select_top_k(
+        0, experts, terms, score, [&](int e) { return node_of(e) == g; }, best);
     node_score[g] = 0;
     for (int j = 0; j < n; ++j) node_score[g] += score(best(j));
   }
@@ -94,7 +94,8 @@ struct ExpertNodes {
     require(limit.max_nodes >= 0, where, "node_limit.max_nodes", limit.max_nodes,
             "must be >= 0 (0: no node limit)");
     require(limit.score_terms >= 0 && limit.score_terms <= max_group_score_terms, where,
-            "node_limit.score_terms", limit.score_terms, "must be in [0, 8] (0: top_k / max_nodes)");
+            "node_limit.score_terms", limit.score_terms,
+            "must be in [0, 8] (0: top_k / max_nodes)");
     require(!(limit.enabled() && group_limited), where, "node_limit.max_nodes", limit.max_nodes,
             "cannot be combined with a group limit (n_group > 1): choose one");
   }
@@ -121,9 +122,10 @@ struct ExpertNodes {
             "exceeds the " + std::to_string(fewest) + " experts of the " +
                 std::to_string(limit.max_nodes) + " smallest nodes (node_limit.max_nodes)");
     nodes = node_count;
-    terms = limit.score_terms > 0 ? limit.score_terms
-                                  : std::max(1, std::min(max_group_score_terms,
-                                                         top_k / std::max(1, limit.max_nodes)));
+    terms =
+        limit.score_terms > 0
+            ? limit.score_terms
+            : std::max(1, std::min(max_group_score_terms, top_k / std::max(1, limit.max_nodes)));
     node_of = Vector<int, ExecSpace>("kmoe::router::node_of_expert", node_of_expert.size());
     auto host = Kokkos::create_mirror_view(node_of);
     for (std::size_t e = 0; e < node_of_expert.size(); ++e) host(e) = node_of_expert[e];
