@@ -43,14 +43,18 @@ std::vector<int> top(int n, int k, const Score& score, const Eligible& eligible)
 std::vector<int> node_limited_choice(const std::vector<double>& s, int max_nodes, int terms) {
   std::vector<double> node_score(nodes, 0.0);
   for (int g = 0; g < nodes; ++g)
-    for (int e : top(experts, terms, [&](int i) { return s[i]; },
-                     [&](int i) { return node_of[std::size_t(i)] == g; }))
+    for (int e : top(
+             experts, terms, [&](int i) { return s[i]; },
+             [&](int i) { return node_of[std::size_t(i)] == g; }))
       node_score[std::size_t(g)] += s[std::size_t(e)];
-  const auto kept = top(nodes, max_nodes, [&](int g) { return node_score[std::size_t(g)]; },
-                        [](int) { return true; });
-  return top(experts, top_k, [&](int i) { return s[std::size_t(i)]; }, [&](int i) {
-    return std::find(kept.begin(), kept.end(), node_of[std::size_t(i)]) != kept.end();
-  });
+  const auto kept = top(
+      nodes, max_nodes, [&](int g) { return node_score[std::size_t(g)]; },
+      [](int) { return true; });
+  return top(
+      experts, top_k, [&](int i) { return s[std::size_t(i)]; },
+      [&](int i) {
+        return std::find(kept.begin(), kept.end(), node_of[std::size_t(i)]) != kept.end();
+      });
 }
 
 template <class X, class Router, class Config>
@@ -110,8 +114,8 @@ TEMPLATE_LIST_TEST_CASE("node-limited routers match the plain-loop reference", "
   using X = TestType;
   for (int max_nodes : {1, 2, 3}) {
     CAPTURE(max_nodes);
-    check_router<X, SoftmaxTopKRouter<X, double>>(
-        SoftmaxTopKConfig{hidden, experts, top_k, true}, max_nodes, false);
+    check_router<X, SoftmaxTopKRouter<X, double>>(SoftmaxTopKConfig{hidden, experts, top_k, true},
+                                                  max_nodes, false);
     check_router<X, SigmoidBiasRouter<X, double>>(
         SigmoidBiasConfig{hidden, experts, top_k, true, 1.0, {}}, max_nodes, true);
   }
