@@ -302,10 +302,13 @@ class ExpertParallelExchange {
   /// Starts the payload exchange of the planned rows (after exchange_counts); the caller
   /// waits on the request (and may compute meanwhile) before arrive().
   Request dispatch_start() {
-    return deduplicated()
-               ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_, recv_token_rows_,
-                                "kmoe::MoELayer::recv_x")
-               : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
+    if (!deduplicated())
+      return start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
+    // A token's rows for several ranks of one node cross nodes once (hierarchical route).
+    if (receive_in_place(send_x_, recv_x_, recv_token_rows_, "kmoe::MoELayer::recv_x")) return {};
+    return ep_.all_to_all_rows_start(flat(send_x_), elements(deduplicated_.rows_per_rank),
+                                     flat(recv_x_), elements(recv_token_rows_), hidden_,
+                                     deduplicated_.token);
   }
 
   /// The received rows in the expert order (segments()), after the dispatch's wait.
