@@ -11,7 +11,8 @@
 // into nodes of N consecutive ranks, docs/parallel.md "Nodes"), also the flat against the
 // hierarchical exchange in the same run: the forward time and the bytes and messages each
 // rank hands the communicators for peers on other nodes and on its own (ForwardStats::traffic).
-// --exchange chooses the exchange of the figures above (flat by default).
+// --exchange chooses the exchange of the layer's figures above (flat by default; the
+// exchange-alone figure is always the flat ExpertParallelExchange).
 //
 //   mpiexec -n 2 ep_bench [--tokens T] [--repeats N] [--exchange flat|hierarchical]
 //                         [--ranks-per-node N]

@@ -180,6 +180,22 @@ TEST_CASE("a node map that differs across ranks or misses ranks raises on every 
     Layer layer(Router({hidden, 8, 2, true}), Experts({owned, hidden, ffn}), options, std::nullopt,
                 groups);
   };
+  SECTION("without a setting, the shared-memory split: one node on this host") {
+    unsetenv("KMOE_RANKS_PER_NODE");
+    LayerOptions options;
+    options.nodes.exchange = ExchangeKind::hierarchical;
+    const int owned = int(layout.local_experts(8, groups.ep_rank).size());
+    Layer layer(Router({hidden, 8, 2, true}), Experts({owned, hidden, ffn}), options, std::nullopt,
+                groups);
+    CHECK(layer.node_map().ranks() == ranks);
+    CHECK(layer.node_map().nodes() == 1);
+    fill_normal(layer.parameters(), 0.5, 3);
+    Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
+    fill_normal(x, 1.0, 30 + world.rank());
+    const auto stats = layer.forward(x, y);
+    CHECK(stats.traffic.inter_node_bytes == 0);
+    CHECK(stats.traffic.intra_node_bytes > 0);
+  }
   SECTION("ranks_per_node differing across ranks") {
     LayerOptions options;
     options.nodes.exchange = ExchangeKind::hierarchical;
