@@ -604,6 +604,9 @@ class MoELayer {
           require(!gradient_buckets_.pending(), where, "state", "gradient sync pending",
                   "apply the placement at a step boundary, after synchronize_gradients()");
           moves = placement_moves(options_.expert_placement, next);
+          // A node-limited router must be able to name the node of each expert of `next`.
+          if constexpr (detail::is_detected_v<detail::router_node_limited, Router>)
+            if (nodes_ && router_.node_limited()) node_of_expert(next);
         });
     Fingerprint print;
     for (std::size_t slot = 0; slot < next.logical.size(); ++slot)
@@ -853,15 +856,15 @@ class MoELayer {
     exchange_.set_route(ExchangeRoute<Communicator>(groups_.ep, nodes_, kind, traffic_));
     if constexpr (detail::is_detected_v<detail::router_node_limited, Router>)
       if (nodes_ && router_.node_limited())
-        router_.set_expert_nodes(node_of_expert(), nodes_->map.nodes());
+        router_.set_expert_nodes(node_of_expert(options_.expert_placement), nodes_->map.nodes());
   }
 
-  /// The node of each logical expert under the placement; a replicated expert must keep its
-  /// replicas on one node for the node limit to mean anything.
-  std::vector<int> node_of_expert() const {
+  /// The node of each logical expert under placement `p` (none: ParallelLayout::placement);
+  /// a replicated expert must keep its replicas on one node for the node limit to mean
+  /// anything.
+  std::vector<int> node_of_expert(const ExpertPlacement& p) const {
     const NodeMap& map = nodes_->map;
     std::vector<int> node(std::size_t(num_experts()), -1);
-    const ExpertPlacement& p = options_.expert_placement;
     if (p.ranks == 0) {
       for (int r = 0; r < groups_.layout.ep; ++r)
         for (int e : groups_.layout.local_experts(num_experts(), r))

@@ -291,6 +291,33 @@ TEST_CASE("node-limited routing: no token reaches more than M nodes; M above the
   }
 }
 
+TEST_CASE("node-limited routing refuses a placement whose replicas span nodes, on every rank",
+          "[mpi][nodes]") {
+  const auto world = MpiCommunicator::world();
+  if (world.size() != 4) return;
+  ParallelLayout layout;
+  layout.ep = 4;
+  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  LayerOptions options;
+  options.nodes.ranks_per_node = 2;
+  // Node 0 (ranks 0, 1) holds experts 0-3, node 1 (ranks 2, 3) experts 4-7, with replicas
+  // of 0, 1 and 4, 5 within their nodes.
+  options.expert_placement = {4, 3, 8, {0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 4, 5}};
+  SoftmaxTopKConfig config{hidden, 8, 2, true};
+  config.node_limit.max_nodes = 1;
+  Layer layer(Router(config), Experts({3, hidden, ffn}), options, std::nullopt, groups);
+  ExpertPlacement next = options.expert_placement;
+  next.logical[4] = 6;  // expert 6 on rank 1 (node 0) and rank 2 (node 1)
+  CHECK_THROWS_WITH(layer.apply_placement(next),
+                    Catch::Matchers::ContainsSubstring("expert 6 on nodes") &&
+                        Catch::Matchers::ContainsSubstring("replicas on one node"));
+  // Nothing moved: the layer still routes.
+  fill_normal(layer.parameters(), 0.5, 8);
+  Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
+  fill_normal(x, 1.0, 40 + world.rank());
+  CHECK_NOTHROW(layer.forward(x, y));
+}
+
 TEST_CASE("topology-aware placement lowers the inter-node bytes below the identity placement's",
           "[mpi][nodes]") {
   const auto world = MpiCommunicator::world();
