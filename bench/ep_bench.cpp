@@ -7,9 +7,15 @@
 // payload bytes both ways; the exchange object alone (ExpertParallelExchange: plan, counts,
 // payload out, arrival, combine back, on the layer's own routing with identity experts)
 // against the same raw MPI_Alltoallv; and the forward time with the shared experts
-// overlapped with the dispatch against run after it.
+// overlapped with the dispatch against run after it. With --ranks-per-node N (ranks grouped
+// into nodes of N consecutive ranks, docs/parallel.md "Nodes"), also the flat against the
+// hierarchical exchange in the same run: the forward time and the bytes and messages each
+// rank hands the communicators for peers on other nodes and on its own (ForwardStats::traffic).
+// --exchange chooses the exchange of the layer's figures above (flat by default; the
+// exchange-alone figure is always the flat ExpertParallelExchange).
 //
-//   mpiexec -n 2 ep_bench [--tokens T] [--repeats N]
+//   mpiexec -n 2 ep_bench [--tokens T] [--repeats N] [--exchange flat|hierarchical]
+//                         [--ranks-per-node N]
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/exchange/expert_parallel_exchange.hpp>
@@ -23,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -47,6 +54,66 @@ int arg(int argc, char** argv, const char* flag, int fallback) {
   return fallback;
 }
 
+/// The value after `flag`, or `fallback` when absent.
+const char* text_arg(int argc, char** argv, const char* flag, const char* fallback) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::strcmp(argv[i], flag) == 0) return argv[i + 1];
+  return fallback;
+}
+
+/// Flat against hierarchical exchange over nodes of `ranks_per_node` ranks: the layer's
+/// forward (shared experts overlapped), median of `repeats`, and the traffic of one forward
+/// by node class, summed over the ranks.
+void compare_exchanges(const kmoe::ParallelGroups<kmoe::MpiCommunicator>& groups,
+                       const kmoe::Matrix<S, X>& x, const kmoe::Matrix<S, X>& y, int ranks_per_node,
+                       int repeats) {
+  const auto& world = groups.world;
+  const int local = int(groups.layout.local_experts(experts, groups.ep_rank).size());
+  double forward_ms[2] = {0, 0};
+  std::vector<long long> traffic(8, 0);  // [kind * 4 + (inter bytes, inter msgs, intra ...)]
+  for (int kind = 0; kind < 2; ++kind) {
+    kmoe::LayerOptions options;
+    options.nodes.exchange =
+        kind == 0 ? kmoe::ExchangeKind::flat : kmoe::ExchangeKind::hierarchical;
+    options.nodes.ranks_per_node = ranks_per_node;
+    Layer layer(Router({hidden, experts, top_k, true}), Experts({local, hidden, ffn}), options,
+                Experts({1, hidden, shared_ffn}, "shared_experts"), groups);
+    kmoe::fill_normal(layer.parameters(), 0.02, 5);
+    const auto stats = layer.forward(x, y);  // warm-up, and the traffic (the same every forward)
+    traffic[std::size_t(kind) * 4 + 0] = stats.traffic.inter_node_bytes;
+    traffic[std::size_t(kind) * 4 + 1] = stats.traffic.inter_node_messages;
+    traffic[std::size_t(kind) * 4 + 2] = stats.traffic.intra_node_bytes;
+    traffic[std::size_t(kind) * 4 + 3] = stats.traffic.intra_node_messages;
+    std::vector<double> times;
+    for (int r = 0; r < repeats; ++r) {
+      MPI_Barrier(world.native());
+      const auto start = std::chrono::steady_clock::now();
+      layer.forward(x, y);
+      Kokkos::fence();
+      times.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count());
+    }
+    forward_ms[kind] = median(times);
+  }
+  std::vector<long long> total(traffic.size());
+  MPI_Allreduce(traffic.data(), total.data(), int(traffic.size()), MPI_LONG_LONG, MPI_SUM,
+                world.native());
+  double slowest[2];
+  MPI_Allreduce(forward_ms, slowest, 2, MPI_DOUBLE, MPI_MAX, world.native());
+  if (world.rank() != 0) return;
+  for (int kind = 0; kind < 2; ++kind)
+    std::printf(
+        "%s exchange, %d ranks per node: forward %.3f ms; per forward, all ranks: inter-node %.3f MB in %lld messages, intra-node %.3f MB in %lld messages\n",
+        kind == 0 ? "flat" : "hierarchical", ranks_per_node, slowest[kind],
+        double(total[std::size_t(kind) * 4]) / 1e6, total[std::size_t(kind) * 4 + 1],
+        double(total[std::size_t(kind) * 4 + 2]) / 1e6, total[std::size_t(kind) * 4 + 3]);
+  std::printf(
+      "hierarchical / flat: forward %.3f, inter-node bytes %.3f, inter-node messages %.3f\n",
+      slowest[1] / slowest[0], double(total[4]) / std::max(1.0, double(total[0])),
+      double(total[5]) / std::max(1.0, double(total[1])));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -54,6 +121,16 @@ int main(int argc, char** argv) {
   {
     Kokkos::ScopeGuard kokkos(argc, argv);
     const int tokens = arg(argc, argv, "--tokens", 2048), repeats = arg(argc, argv, "--repeats", 5);
+    const int ranks_per_node = arg(argc, argv, "--ranks-per-node", 0);
+    const std::string exchange_name = text_arg(argc, argv, "--exchange", "flat");
+    if (exchange_name != "flat" && exchange_name != "hierarchical") {
+      std::fprintf(stderr, "ep_bench: --exchange must be flat or hierarchical, not '%s'\n",
+                   exchange_name.c_str());
+      MPI_Finalize();
+      return 1;
+    }
+    const auto exchange_kind =
+        exchange_name == "flat" ? kmoe::ExchangeKind::flat : kmoe::ExchangeKind::hierarchical;
     const auto world = kmoe::MpiCommunicator::world();
     kmoe::ParallelLayout layout;
     layout.ep = world.size();
@@ -72,6 +149,8 @@ int main(int argc, char** argv) {
     for (int overlap = 1; overlap >= 0; --overlap) {
       kmoe::LayerOptions options;
       options.overlap_shared_experts = overlap == 1;
+      options.nodes.exchange = exchange_kind;
+      options.nodes.ranks_per_node = ranks_per_node;
       Layer layer(Router({hidden, experts, top_k, true}), Experts({local, hidden, ffn}), options,
                   Experts({1, hidden, shared_ffn}, "shared_experts"), groups);
       kmoe::fill_normal(layer.parameters(), 0.02, 5);
@@ -207,8 +286,9 @@ int main(int argc, char** argv) {
     MPI_Allreduce(worst, agreed, 9, MPI_DOUBLE, MPI_MAX, world.native());
     if (world.rank() == 0) {
       std::printf(
-          "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32\n",
-          world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn);
+          "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32, %s exchange, ranks per node %d\n",
+          world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn,
+          exchange_name.c_str(), ranks_per_node);
       std::printf("dispatch bytes sent by rank 0 (one way): %.1f MB\n",
                   4.0 * dispatch_totals.first / 1e6);
       std::printf(
@@ -231,6 +311,7 @@ int main(int argc, char** argv) {
           "forward with shared experts overlapped: %.3f ms; after the dispatch: %.3f ms; saved %.3f ms (shared experts %.3f ms)\n",
           agreed[2], agreed[3], agreed[3] - agreed[2], shared_ms);
     }
+    if (ranks_per_node > 0) compare_exchanges(groups, x, y, ranks_per_node, repeats);
   }
   MPI_Finalize();
   return 0;

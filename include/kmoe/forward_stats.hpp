@@ -4,6 +4,7 @@
 /// \brief kmoe::ForwardStats: what one MoELayer::forward reports (balance losses, load per
 /// expert, drops, capacity, rows sent per rank, time per phase).
 
+#include <kmoe/exchange/exchange_traffic.hpp>
 #include <kmoe/losses.hpp>
 
 #include <algorithm>
@@ -45,6 +46,10 @@ struct ForwardStats {
   /// Expert-output rows the combine received from each EP rank.
   std::vector<std::int64_t> combine_rows_received;
   PhaseTimes phase_ms;  ///< filled when LayerOptions::time_phases
+  /// Bytes and messages this rank's exchanges of this forward (counts, links, dispatch,
+  /// combine) handed to the communicators for other EP ranks, by node class
+  /// (LayerOptions::nodes; without a node map every peer counts as on this node).
+  ExchangeTraffic traffic;
   /// Failover (LayerOptions::failover): the failed physical expert slots every rank agreed
   /// on for this forward, and this rank's assignments rerouted to another expert because
   /// theirs had no healthy replica (degraded serving).

@@ -12,6 +12,7 @@
 #include <kmoe/detail/profiling.hpp>
 #include <kmoe/detail/row_major.hpp>
 #include <kmoe/exchange/expert_parallel_exchange.hpp>
+#include <kmoe/exchange/node_topology.hpp>
 #include <kmoe/exchange/replica_routing.hpp>
 #include <kmoe/expert.hpp>
 #include <kmoe/fingerprint.hpp>
@@ -24,11 +25,13 @@
 #include <kmoe/placement/failover.hpp>
 #include <kmoe/placement/placement_change.hpp>
 #include <kmoe/router.hpp>
+#include <kmoe/routers/node_limit.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <typeinfo>
 #include <vector>
@@ -107,6 +110,7 @@ class MoELayer {
     kmoe::agree_or_throw<memory_space>(groups_.world, where, calls_.enter(CallSequence::construct),
                                        [&] { check_arguments(); });
     check_configuration_agrees();
+    build_nodes();
     compare_replicas(where);
   }
 
@@ -124,6 +128,14 @@ class MoELayer {
   const ParallelGroups<Communicator>& groups() const { return groups_; }
   /// The routing decision of the last forward (expert indices, weights, logits).
   const RoutingPlan<X, S>& routing() const { return plan_; }
+  /// The node of each EP rank (LayerOptions::nodes); empty when no node map was built.
+  const NodeMap& node_map() const {
+    static const NodeMap none;
+    return nodes_ ? nodes_->map : none;
+  }
+  /// Bytes and messages every expert-parallel exchange of this layer (forward and backward)
+  /// has handed to the communicators since construction, by node class.
+  const ExchangeTraffic& exchange_traffic() const { return *traffic_; }
   /// Row of each (token, slot) in the permuted buffer of the last forward, -1 if dropped.
   const Matrix<int, X>& positions() const { return dispatch_.position; }
 
@@ -186,6 +198,7 @@ class MoELayer {
       agree_on_health();
       route_around_failures(where, stats);
     }
+    const ExchangeTraffic traffic_before = *traffic_;
     // From here on the ranks are inside the step's collectives: see agreement.hpp.
     abort_on_failure(groups_.world, where, [&] {
       if (!options_.failover.health_checks()) {
@@ -208,6 +221,7 @@ class MoELayer {
         forward_after_routing(x_, y_rows, stats, phase_clock);
       }
     });
+    stats.traffic = *traffic_ - traffic_before;
     if (copy_back) Kokkos::deep_copy(y, y_rows);
     // Finite inputs can still overflow inside the experts (3e38), and routers without
     // logits (hash routing) pass a NaN token straight through: under `raise`, the output
@@ -590,6 +604,9 @@ class MoELayer {
           require(!gradient_buckets_.pending(), where, "state", "gradient sync pending",
                   "apply the placement at a step boundary, after synchronize_gradients()");
           moves = placement_moves(options_.expert_placement, next);
+          // A node-limited router must be able to name the node of each expert of `next`.
+          if constexpr (detail::is_detected_v<detail::router_node_limited, Router>)
+            if (nodes_ && router_.node_limited()) node_of_expert(next);
         });
     Fingerprint print;
     for (std::size_t slot = 0; slot < next.logical.size(); ++slot)
@@ -805,6 +822,7 @@ class MoELayer {
     if (options_.expert_placement.ranks == 0) {
       exchange_ = Exchange(groups_, experts, hidden_size(), options_.capacity.alignment,
                            deduplicate_dispatch());
+      route_exchange();
       return;
     }
     // Physical slot i lives on EP rank i / slots_per_rank: block placement of the slots.
@@ -813,6 +831,56 @@ class MoELayer {
     slots.layout.placement = Placement::block;
     exchange_ = Exchange(slots, replicas_.physical_experts(), hidden_size(),
                          options_.capacity.alignment, deduplicate_dispatch());
+    route_exchange();
+  }
+
+  /// The node map (LayerOptions::nodes), built when a setting or the router's node limit
+  /// asks for one; collective over the world, after the fingerprints agree (so every rank
+  /// takes the same branch). A node map the exchange or the router cannot use raises on
+  /// every rank.
+  void build_nodes() {
+    bool wanted = options_.nodes.requested();
+    if constexpr (detail::is_detected_v<detail::router_node_limited, Router>)
+      wanted = wanted || router_.node_limited();
+    if (!wanted) return;
+    nodes_ = std::make_shared<const NodeTopology<Communicator>>(
+        NodeTopology<Communicator>::template create<memory_space>(groups_, options_.nodes));
+    kmoe::agree_or_throw(groups_.world, "kmoe::MoELayer", [&] { route_exchange(); });
+  }
+
+  /// Routes the exchange over the node map (flat or hierarchical, counting the traffic by
+  /// node class) and gives a node-limited router the node of each expert.
+  void route_exchange() {
+    // Before build_nodes (the constructor's first placement) there is no map: flat.
+    const ExchangeKind kind = nodes_ ? options_.nodes.exchange : ExchangeKind::flat;
+    exchange_.set_route(ExchangeRoute<Communicator>(groups_.ep, nodes_, kind, traffic_));
+    if constexpr (detail::is_detected_v<detail::router_node_limited, Router>)
+      if (nodes_ && router_.node_limited())
+        router_.set_expert_nodes(node_of_expert(options_.expert_placement), nodes_->map.nodes());
+  }
+
+  /// The node of each logical expert under placement `p` (none: ParallelLayout::placement);
+  /// a replicated expert must keep its replicas on one node for the node limit to mean
+  /// anything.
+  std::vector<int> node_of_expert(const ExpertPlacement& p) const {
+    const NodeMap& map = nodes_->map;
+    std::vector<int> node(std::size_t(num_experts()), -1);
+    if (p.ranks == 0) {
+      for (int r = 0; r < groups_.layout.ep; ++r)
+        for (int e : groups_.layout.local_experts(num_experts(), r))
+          node[std::size_t(e)] = map.node(r);
+      return node;
+    }
+    for (int slot = 0; slot < p.physical_experts(); ++slot) {
+      const int e = p.logical[std::size_t(slot)], n = map.node(p.rank_of_slot(slot));
+      require(node[std::size_t(e)] < 0 || node[std::size_t(e)] == n, "kmoe::MoELayer",
+              "options.expert_placement",
+              "expert " + std::to_string(e) + " on nodes " + std::to_string(node[std::size_t(e)]) +
+                  " and " + std::to_string(n),
+              "node-limited routing needs each expert's replicas on one node");
+      node[std::size_t(e)] = n;
+    }
+    return node;
   }
 
   /// A failed set over this placement's slots (none failed yet).
@@ -946,6 +1014,9 @@ class MoELayer {
   // Placement and the exchange plan of the last forward.
   using Exchange = ExpertParallelExchange<X, S, Communicator>;
   Exchange exchange_;
+  // The node map (null unless built) and the running total of the exchanges' traffic.
+  std::shared_ptr<const NodeTopology<Communicator>> nodes_;
+  std::shared_ptr<ExchangeTraffic> traffic_ = std::make_shared<ExchangeTraffic>();
   // Failover (LayerOptions::failover): the failed set, the EP rank of each world rank, the
   // last experts-phase time (microseconds, -1 when none) and the dead-expert flags.
   ExpertHealth health_;

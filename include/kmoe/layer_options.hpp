@@ -6,6 +6,7 @@
 /// them every rank must share (fingerprint()).
 
 #include <kmoe/capacity.hpp>
+#include <kmoe/exchange/node_options.hpp>
 #include <kmoe/experts/expert_mode.hpp>
 #include <kmoe/fingerprint.hpp>
 #include <kmoe/gradient_buckets.hpp>
@@ -57,6 +58,9 @@ struct LayerOptions {
   ExpertPlacement expert_placement = {};
   /// Failed experts and health checks (placement/failover.hpp); off by default.
   FailoverOptions failover = {};
+  /// The expert-parallel exchange (flat or hierarchical) and the grouping of ranks into
+  /// nodes (exchange/node_options.hpp, docs/parallel.md "Nodes").
+  NodeOptions nodes = {};
 
   /// The settings that change results or the collectives a step runs, which every rank
   /// must share. overlap_shared_experts changes neither; time_phases adds a synchronisation
@@ -86,6 +90,7 @@ struct LayerOptions {
       print.integer("expert_placement.logical[" + std::to_string(slot) + "]",
                     expert_placement.logical[slot]);
     print.choice("routing_weight", int(routing_weight), {"output", "input"});
+    nodes.fingerprint(print);
   }
 };
 

@@ -11,6 +11,7 @@
 #include <kmoe/error.hpp>
 #include <kmoe/exchange/deduplicated_dispatch.hpp>
 #include <kmoe/exchange/dispatch.hpp>
+#include <kmoe/exchange/hierarchical_exchange.hpp>
 #include <kmoe/exchange/input_weighting.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/segments.hpp>
@@ -152,6 +153,10 @@ class ExpertParallelExchange {
     Kokkos::deep_copy(expert_key_, key_mirror);
     Kokkos::deep_copy(expert_rank_, rank_mirror);
   }
+
+  /// Sends the rows over `route` (flat or hierarchical, exchange/hierarchical_exchange.hpp)
+  /// instead of the EP communicator's own all-to-all-v.
+  void set_route(ExchangeRoute<Communicator> route) { ep_ = std::move(route); }
 
   /// Sort key of each global expert (the Dispatch's keys), on the device and the host.
   const Vector<int, X>& expert_key() const { return expert_key_; }
@@ -297,10 +302,13 @@ class ExpertParallelExchange {
   /// Starts the payload exchange of the planned rows (after exchange_counts); the caller
   /// waits on the request (and may compute meanwhile) before arrive().
   Request dispatch_start() {
-    return deduplicated()
-               ? start_exchange(send_x_, deduplicated_.rows_per_rank, recv_x_, recv_token_rows_,
-                                "kmoe::MoELayer::recv_x")
-               : start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
+    if (!deduplicated())
+      return start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
+    // A token's rows for several ranks of one node cross nodes once (hierarchical route).
+    if (receive_in_place(send_x_, recv_x_, recv_token_rows_, "kmoe::MoELayer::recv_x")) return {};
+    return ep_.all_to_all_rows_start(flat(send_x_), elements(deduplicated_.rows_per_rank),
+                                     flat(recv_x_), elements(recv_token_rows_), hidden_,
+                                     deduplicated_.token);
   }
 
   /// The received rows in the expert order (segments()), after the dispatch's wait.
@@ -435,7 +443,7 @@ class ExpertParallelExchange {
     return ranks_ > 1 ? rows : none;
   }
 
-  Communicator ep_;
+  ExchangeRoute<Communicator> ep_;  ///< the EP group's all-to-all-v, flat unless set_route()
   int ranks_ = 1, local_ = 0, hidden_ = 0, alignment_ = 1;
   bool deduplicate_ = true;
 

@@ -9,6 +9,7 @@
 #include <kmoe/detail/topk.hpp>
 #include <kmoe/router.hpp>
 #include <kmoe/routers/gated_router.hpp>
+#include <kmoe/routers/node_limit.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
 #include <kmoe/routing_plan.hpp>
@@ -26,6 +27,8 @@ struct SigmoidBiasConfig {
   /// DeepSeek-V3 routed_scaling_factor.
   double scaling_factor = 1.0;
   GroupLimit group = {};
+  /// At most max_nodes nodes per token (routers/node_limit.hpp); off by default.
+  NodeLimit node_limit = {};
 };
 
 /// \brief DeepSeek-V3 sigmoid router with selection bias (e_score_correction_bias).
@@ -41,6 +44,7 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
   explicit SigmoidBiasRouter(const SigmoidBiasConfig& config)
       : Base("kmoe::SigmoidBiasRouter", config.hidden, config.experts, config.top_k),
         config_(validated(config)),
+        nodes_{config.node_limit, 0, 1, {}},
         bias_("router.expert_bias", config.experts) {}
 
   const SigmoidBiasConfig& config() const { return config_; }
@@ -73,6 +77,8 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     const auto weight = plan.weight;
     const auto bias = bias_;
     const GroupLimit group = config_.group;
+    nodes_.require_set("kmoe::SigmoidBiasRouter::forward");
+    const auto nodes = nodes_;
     const bool normalize = config_.normalize;
     const route_type scale = route_type(config_.scaling_factor);
     Kokkos::parallel_for(
@@ -89,8 +95,11 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
               group.enabled() ? detail::select_groups(experts, group.n_group, group.topk_group,
                                                       group.score_terms, score)
                               : ~std::uint64_t(0);
+          const std::uint64_t node_mask = nodes.eligible(experts, score);
           const int group_size = experts / group.n_group;
-          const auto eligible = [&](int e) { return ((groups >> (e / group_size)) & 1) != 0; };
+          const auto eligible = [&](int e) {
+            return ((groups >> (e / group_size)) & 1) != 0 && nodes.allows(node_mask, e);
+          };
           auto row = [&](int j) -> int& { return expert(t, j); };
           detail::select_top_k(0, experts, k, score, eligible, row);
           route_type z = route_type(1e-20);
@@ -127,9 +136,21 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     this->gate_backward(x, grad_logits, grad_x);
   }
 
+  /// Whether a token's experts are limited to config().node_limit.max_nodes nodes.
+  bool node_limited() const { return config_.node_limit.enabled(); }
+  /// The node (in [0, nodes)) of each expert, for the node limit: the MoELayer sets it from
+  /// its node map and placement. kmoe::invalid_argument naming both when max_nodes > nodes.
+  void set_expert_nodes(const std::vector<int>& node_of_expert, int nodes) {
+    constexpr const char* where = "kmoe::SigmoidBiasRouter::set_expert_nodes";
+    require(int(node_of_expert.size()) == config_.experts, where, "node_of_expert.size()",
+            node_of_expert.size(), "must equal the experts " + std::to_string(config_.experts));
+    nodes_.set(where, node_of_expert, nodes, config_.top_k);
+  }
+
   /// The settings every rank must share (MoELayer's configuration check).
   void fingerprint(Fingerprint& f) const {
     config_.group.fingerprint(f);
+    config_.node_limit.fingerprint(f);
     f.flag("normalize", config_.normalize);
     f.real("scaling_factor", config_.scaling_factor);
   }
@@ -139,10 +160,12 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     constexpr const char* where = "kmoe::SigmoidBiasRouter";
     detail::validate_router_shape(where, c.hidden, c.experts);
     detail::validate_top_k(where, c.experts, c.top_k, c.group);
+    detail::ExpertNodes<ExecSpace>::validate(where, c.node_limit, c.group.enabled());
     return c;
   }
 
   SigmoidBiasConfig config_;
+  detail::ExpertNodes<ExecSpace> nodes_;
   Vector<route_type, ExecSpace> bias_;
 };
 

@@ -9,6 +9,7 @@
 #include <kmoe/detail/topk.hpp>
 #include <kmoe/router.hpp>
 #include <kmoe/routers/gated_router.hpp>
+#include <kmoe/routers/node_limit.hpp>
 #include <kmoe/routers/row_ops.hpp>
 #include <kmoe/routers/validation.hpp>
 #include <kmoe/routing_plan.hpp>
@@ -26,6 +27,8 @@ struct SoftmaxTopKConfig {
   /// Multiplies every weight (DeepSeek-V2 routed_scaling_factor); 1 leaves them as is.
   double scaling_factor = 1.0;
   GroupLimit group = {};
+  /// At most max_nodes nodes per token (routers/node_limit.hpp); off by default.
+  NodeLimit node_limit = {};
   /// Router temperature tau: p = softmax(l / tau); 1 leaves the logits untouched.
   double temperature = 1.0;
   /// Choose the top-k of p + b, with a per-expert bias b [E] that gradients never touch
@@ -50,6 +53,7 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
   explicit SoftmaxTopKRouter(const SoftmaxTopKConfig& config)
       : Base("kmoe::SoftmaxTopKRouter", config.hidden, config.experts, config.top_k),
         config_(validated(config)),
+        nodes_{config.node_limit, 0, 1, {}},
         bias_("router.selection_bias", config.selection_bias ? config.experts : 0) {}
 
   const SoftmaxTopKConfig& config() const { return config_; }
@@ -70,6 +74,8 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     const auto bias = bias_;
     const bool biased = config_.selection_bias;
     const GroupLimit group = config_.group;
+    nodes_.require_set("kmoe::SoftmaxTopKRouter::forward");
+    const auto nodes = nodes_;
     const bool normalize = config_.normalize;
     const route_type scale = route_type(config_.scaling_factor);
     const route_type norm_min = route_type(config_.norm_min);
@@ -82,8 +88,11 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
               group.enabled() ? detail::select_groups(experts, group.n_group, group.topk_group,
                                                       group.score_terms, score)
                               : ~std::uint64_t(0);
+          const std::uint64_t node_mask = nodes.eligible(experts, score);
           const int group_size = experts / group.n_group;
-          const auto eligible = [&](int e) { return ((groups >> (e / group_size)) & 1) != 0; };
+          const auto eligible = [&](int e) {
+            return ((groups >> (e / group_size)) & 1) != 0 && nodes.allows(node_mask, e);
+          };
           auto row = [&](int j) -> int& { return expert(t, j); };
           detail::select_top_k(0, experts, k, score, eligible, row);
           route_type z = 0;
@@ -127,9 +136,21 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     this->gate_backward(x, grad_logits, grad_x);
   }
 
+  /// Whether a token's experts are limited to config().node_limit.max_nodes nodes.
+  bool node_limited() const { return config_.node_limit.enabled(); }
+  /// The node (in [0, nodes)) of each expert, for the node limit: the MoELayer sets it from
+  /// its node map and placement. kmoe::invalid_argument naming both when max_nodes > nodes.
+  void set_expert_nodes(const std::vector<int>& node_of_expert, int nodes) {
+    constexpr const char* where = "kmoe::SoftmaxTopKRouter::set_expert_nodes";
+    require(int(node_of_expert.size()) == config_.experts, where, "node_of_expert.size()",
+            node_of_expert.size(), "must equal the experts " + std::to_string(config_.experts));
+    nodes_.set(where, node_of_expert, nodes, config_.top_k);
+  }
+
   /// The settings every rank must share (MoELayer's configuration check).
   void fingerprint(Fingerprint& f) const {
     config_.group.fingerprint(f);
+    config_.node_limit.fingerprint(f);
     f.flag("normalize", config_.normalize);
     f.real("scaling_factor", config_.scaling_factor);
     f.real("temperature", config_.temperature);
@@ -143,6 +164,7 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
     constexpr const char* where = "kmoe::SoftmaxTopKRouter";
     detail::validate_router_shape(where, c.hidden, c.experts);
     detail::validate_top_k(where, c.experts, c.top_k, c.group);
+    detail::ExpertNodes<ExecSpace>::validate(where, c.node_limit, c.group.enabled());
     detail::validate_temperature(where, c.temperature);
     require(std::isfinite(c.norm_min) && c.norm_min >= 0, where, "norm_min", c.norm_min,
             "must be finite and >= 0");
@@ -150,6 +172,7 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
   }
 
   SoftmaxTopKConfig config_;
+  detail::ExpertNodes<ExecSpace> nodes_;
   Vector<route_type, ExecSpace> bias_;
 };
 

@@ -427,17 +427,28 @@ class MpiCommunicator {
   /// MPI_Comm_split has no non-blocking form.
   MpiCommunicator split(int color, int key) const {
     require(color >= 0, "kmoe::MpiCommunicator::split", "color", color, "must be >= 0");
-    if (watched()) {
-      const auto sequence = begin_collective();
-      MPI_Request request = MPI_REQUEST_NULL;
-      detail::mpi_check(MPI_Ibarrier(native(), &request), "MPI_Ibarrier");
-      wait_watched(*handle_, request, detail::MpiCollective::split, sequence);
-    }
+    arrive_before_split();
     MpiCommunicator sub;
     sub.handle_ = make_handle();
     sub.handle_->options = options();
     sub.handle_->name = name() + " split by color " + std::to_string(color);
     detail::mpi_check(MPI_Comm_split(native(), color, key, &sub.handle_->comm), "MPI_Comm_split");
+    sub.cache_rank_size();
+    return sub;
+  }
+
+  /// \brief The ranks of this group sharing memory with this process, ordered by rank
+  /// (MPI_Comm_split_type with MPI_COMM_TYPE_SHARED): this rank's node, which the layer's
+  /// node map (exchange/node_topology.hpp) uses unless told otherwise.
+  MpiCommunicator split_shared() const {
+    arrive_before_split();
+    MpiCommunicator sub;
+    sub.handle_ = make_handle();
+    sub.handle_->options = options();
+    sub.handle_->name = name() + " split by node";
+    detail::mpi_check(MPI_Comm_split_type(native(), MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL,
+                                          &sub.handle_->comm),
+                      "MPI_Comm_split_type");
     sub.cache_rank_size();
     return sub;
   }
@@ -461,6 +472,15 @@ class MpiCommunicator {
   [[noreturn]] void abort(const std::string& message) const { abort_with(native(), message); }
 
  private:
+  /// With the watchdog on, a watched barrier: the splits have no non-blocking form.
+  void arrive_before_split() const {
+    if (!watched()) return;
+    const auto sequence = begin_collective();
+    MPI_Request request = MPI_REQUEST_NULL;
+    detail::mpi_check(MPI_Ibarrier(native(), &request), "MPI_Ibarrier");
+    wait_watched(*handle_, request, detail::MpiCollective::split, sequence);
+  }
+
   /// Every rank must use the same timeout: with it off a rank makes MPI's blocking calls,
   /// which never match the non-blocking ones of a rank with it on. Raises on every rank
   /// with each rank's value otherwise (a non-blocking gather, matched whatever the values).
