@@ -225,7 +225,8 @@ class ShardedOptimizer {
       for (int p = 0; p < ranks; ++p) {
         std::size_t next = std::size_t(p) * most;
         for (const auto& s : group.shards[std::size_t(p)].segments)
-          for (std::size_t c = 0; c < (s.end - s.begin + detail::norm_chunk - 1) / detail::norm_chunk; ++c)
+          for (std::size_t c = 0;
+               c < (s.end - s.begin + detail::norm_chunk - 1) / detail::norm_chunk; ++c)
             partials[group.members[s.tensor]].push_back(all_host(next++));
       }
     }
@@ -300,7 +301,8 @@ class ShardedOptimizer {
         for (int p = 0; p < ranks; ++p)
           for (const auto& s : group.shards[std::size_t(p)].segments)
             Kokkos::deep_copy(
-                X(), detail::range_of(gathered_[group.members[s.tensor]][j], s.begin, s.end - s.begin),
+                X(),
+                detail::range_of(gathered_[group.members[s.tensor]][j], s.begin, s.end - s.begin),
                 detail::range_of(all, std::size_t(p) * longest + s.offset, s.end - s.begin));
       }
       first_segment += mine.segments.size();
@@ -334,9 +336,8 @@ class ShardedOptimizer {
   /// \brief The whole state of every parameter, named like the unsharded optimizer's
   /// ("router.weight.exp_avg"): valid between gather_state() and release_state().
   std::vector<OptimizerState<X, S>> state() const {
-    require(!gathered_.empty() || list_.empty(), "kmoe::ShardedOptimizer::state",
-            "gathered state", "none",
-            "call gather_state() (collective) first: each rank holds only its shards");
+    require(!gathered_.empty() || list_.empty(), "kmoe::ShardedOptimizer::state", "gathered state",
+            "none", "call gather_state() (collective) first: each rank holds only its shards");
     const auto suffixes = Optimizer::state_suffixes();
     std::vector<OptimizerState<X, S>> all;
     for (std::size_t i = 0; i < list_.size(); ++i)
@@ -401,8 +402,9 @@ class ShardedOptimizer {
         piece.shard = p.shard;
         piece.shape = {std::int64_t(s.end - s.begin)};
         piece.value = Flat(p.value.data() + s.begin, s.end - s.begin);
-        piece.grad = stage == ZeroStage::two ? Flat(group.reduced.data() + s.offset, s.end - s.begin)
-                                             : Flat(p.grad.data() + s.begin, s.end - s.begin);
+        piece.grad = stage == ZeroStage::two
+                         ? Flat(group.reduced.data() + s.offset, s.end - s.begin)
+                         : Flat(p.grad.data() + s.begin, s.end - s.begin);
         inner_list_.push_back(piece);
       }
     return inner_list_;
@@ -415,7 +417,8 @@ class ShardedOptimizer {
 
   static void ensure(Vector<S, X>& staging, std::size_t n, const char* label) {
     if (staging.extent(0) < n)
-      staging = Vector<S, X>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n);
+      staging =
+          Vector<S, X>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n);
   }
 
   /// Each rank receives every rank's gradient elements of its shard, window by window, and
@@ -428,18 +431,20 @@ class ShardedOptimizer {
     std::vector<std::int64_t> send_counts(static_cast<std::size_t>(ranks)),
         recv_counts(static_cast<std::size_t>(ranks));
     for (std::size_t first = 0; first < group.longest; first += step) {
-      const std::size_t mine = detail::window_count(group.shards[std::size_t(me)].length, first, step);
+      const std::size_t mine =
+          detail::window_count(group.shards[std::size_t(me)].length, first, step);
       std::size_t packed = 0;
       ensure(send_, step * std::size_t(ranks), "kmoe::ShardedOptimizer::send");
       ensure(receive_, step * std::size_t(ranks), "kmoe::ShardedOptimizer::receive");
       for (int p = 0; p < ranks; ++p) {
         const Shard& shard = group.shards[std::size_t(p)];
         const std::size_t count = detail::window_count(shard.length, first, step);
-        detail::for_each_run(shard, first, count, [&](std::size_t t, std::size_t element,
-                                                      std::size_t at, std::size_t n) {
-          Kokkos::deep_copy(X(), detail::range_of(send_, packed + at, n),
-                            detail::range_of(list_[group.members[t]].grad, element, n));
-        });
+        detail::for_each_run(
+            shard, first, count,
+            [&](std::size_t t, std::size_t element, std::size_t at, std::size_t n) {
+              Kokkos::deep_copy(X(), detail::range_of(send_, packed + at, n),
+                                detail::range_of(list_[group.members[t]].grad, element, n));
+            });
         send_counts[std::size_t(p)] = std::int64_t(count);
         recv_counts[std::size_t(p)] = std::int64_t(mine);
         packed += count;

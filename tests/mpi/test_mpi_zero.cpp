@@ -165,8 +165,9 @@ void compare_training(const ParallelGroups<MpiCommunicator>& groups, ZeroStage s
 }
 
 const AdamW<X, S>::Config adamw_config{
-    1e-2, 0.9, 0.99, 1e-8, 0.05,
-    {{"router", std::nullopt, 0.5, true}, {"shared_experts", std::nullopt, 1.0, false}}};
+    1e-2, 0.9,
+    0.99, 1e-8,
+    0.05, {{"router", std::nullopt, 0.5, true}, {"shared_experts", std::nullopt, 1.0, false}}};
 const SGD<X, S>::Config sgd_config{1e-2, 0.9, 1e-3, {{"router", std::nullopt, 2.0, true}}};
 
 std::string checkpoint_root() {
@@ -192,8 +193,7 @@ TEST_CASE("ZeRO-1 and ZeRO-2 train bitwise like the unsharded optimizer", "[mpi]
   }
 }
 
-TEST_CASE("ZeRO-2 at 4 ranks agrees with the layer's own all-reduce to rounding",
-          "[mpi][zero]") {
+TEST_CASE("ZeRO-2 at 4 ranks agrees with the layer's own all-reduce to rounding", "[mpi][zero]") {
   const MpiCommunicator world = MpiCommunicator::world();
   if (world.size() != 4) return;
   const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout_of(1, 4));
@@ -303,8 +303,7 @@ TEST_CASE("a sharded checkpoint has the unsharded form and restarts on another D
     AdamW<X, S> unsharded(plain.parameters(), adamw_config);
     io::load_checkpoint(dir, plain, unsharded);
     Layer again = make_layer(groups, false, 78);
-    ShardedOptimizer<AdamW<X, S>, MpiCommunicator> reloaded(again, adamw_config,
-                                                            {ZeroStage::one});
+    ShardedOptimizer<AdamW<X, S>, MpiCommunicator> reloaded(again, adamw_config, {ZeroStage::one});
     io::load_checkpoint(dir, again, reloaded);
     reloaded.gather_state();
     const auto whole = reloaded.state(), expected = unsharded.state();
@@ -324,7 +323,8 @@ TEST_CASE("a sharded checkpoint has the unsharded form and restarts on another D
   // Half the world (DP W/2), sharded and unsharded from the same checkpoint, step alike.
   const MpiCommunicator half = world.split(world.rank() / (W / 2), world.rank());
   const auto half_groups = ParallelGroups<MpiCommunicator>::create(half, layout_of(1, W / 2));
-  Layer sharded_half = make_layer(half_groups, false, 88), plain_half = make_layer(half_groups, false, 89);
+  Layer sharded_half = make_layer(half_groups, false, 88),
+        plain_half = make_layer(half_groups, false, 89);
   ShardedOptimizer<AdamW<X, S>, MpiCommunicator> zero_half(sharded_half, adamw_config,
                                                            {ZeroStage::two});
   AdamW<X, S> plain_optimizer(plain_half.parameters(), adamw_config);
