@@ -63,10 +63,10 @@ constexpr std::int64_t expert_weight_bytes = 3 * std::int64_t(experts) * ffn * h
 constexpr std::int64_t saved_by_experts = 3 * rows * ffn * s;
 /// The training copy of x [T, H], logits and probabilities [T, E], chosen experts and
 /// weights [T, k], dispatch positions [T, k], expert outputs [rows, H].
-constexpr std::int64_t kept_by_layer = std::int64_t(tokens) * hidden * s +
-                                       2 * std::int64_t(tokens) * experts * s +
-                                       std::int64_t(tokens) * top_k * (index_bytes + s) +
-                                       std::int64_t(tokens) * top_k * index_bytes + rows * hidden * s;
+constexpr std::int64_t kept_by_layer =
+    std::int64_t(tokens) * hidden * s + 2 * std::int64_t(tokens) * experts * s +
+    std::int64_t(tokens) * top_k * (index_bytes + s) + std::int64_t(tokens) * top_k * index_bytes +
+    rows * hidden * s;
 
 }  // namespace
 
