@@ -8,6 +8,7 @@
 #include <kmoe/expert.hpp>
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
+#include <kmoe/memory_accounting.hpp>
 #include <kmoe/monitoring/allocation_tracker.hpp>
 #include <kmoe/monitoring/stats_log.hpp>
 #include <kmoe/optimizer.hpp>
@@ -155,4 +156,24 @@ TEMPLATE_LIST_TEST_CASE("the stats log writes the memory figures", "[monitoring]
   CHECK(json["memory_bytes"]["exchange_buffers"] == rows * hidden * s);
   CHECK(json["memory_bytes"]["optimizer_state"] == std::int64_t(optimizer.state_bytes()));
   CHECK(json["peak_bytes"]["experts"] == -1);
+}
+
+namespace {
+/// SwiGLU experts that say how many of their weight bytes are resident, as an expert
+/// residency wrapper does: the accounting must take that figure, not the parameters' bytes.
+template <class X>
+struct PartlyResidentExperts : SwiGLUExperts<X, double> {
+  using SwiGLUExperts<X, double>::SwiGLUExperts;
+  std::size_t resident_bytes() const { return std::size_t(expert_weight_bytes / experts); }
+};
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("expert weights count what an Experts type says is resident",
+                        "[monitoring][memory]", ExecutionSpaces) {
+  using X = TestType;
+  const PartlyResidentExperts<X> partly({experts, hidden, ffn});
+  const SwiGLUExperts<X, double> whole({experts, hidden, ffn});
+  CHECK(detail::expert_weight_bytes(partly) == expert_weight_bytes / experts);
+  CHECK(detail::expert_weight_bytes(whole) == expert_weight_bytes);
+  CHECK(detail::expert_saved_bytes(whole) == 0);  // nothing kept before a forward
 }
