@@ -76,7 +76,7 @@ TEMPLATE_LIST_TEST_CASE("on one rank the sharded optimizer steps as the plain on
   using X = TestType;
   using Layer = MoELayer<SoftmaxTopKRouter<X, double>, SwiGLUExperts<X, double>>;
   const auto make_layer = [] {
-    Layer layer(SoftmaxTopKRouter<X, double>({16, 4, 2}), SwiGLUExperts<X, double>({4, 16, 96}));
+    Layer layer(SoftmaxTopKRouter<X, double>({16, 4, 2}), SwiGLUExperts<X, double>({4, 16, 32}));
     initialize(layer.parameters(), InitConfig{0.3, 0.3, 0.2, 0.0, 0.3}, 5);
     return layer;
   };
