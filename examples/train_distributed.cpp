@@ -8,9 +8,12 @@
 // computation on any layout: a run saved on 4 ranks continues on 2.
 //
 //   mpiexec -n N train_distributed [--ep E] [--dp D] [--tp T] [--steps S] [--warmup W]
-//       [--tokens T] [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
+//       [--tokens T] [--zero 0|1|2] [--checkpoint-dir DIR [--checkpoint-every K] [--resume]]
 //       [--kill-at-step K]
 //
+// --zero 1 or 2 shards AdamW's state over the data-parallel groups (ZeRO-1/2,
+// kmoe::ShardedOptimizer); checkpoints have the same form either way, so a run saved with
+// one setting resumes with another.
 // EP defaults to N / (TP x DP). --resume continues from the newest complete checkpoint
 // under DIR (from step 0 if there is none). --kill-at-step K makes the last rank die with
 // std::_Exit right after the forward of step K, as a crashing node would: no checkpoint of
@@ -20,6 +23,7 @@
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/io/checkpoint.hpp>
 #include <kmoe/kmoe.hpp>
+#include <kmoe/sharded_optimizer.hpp>
 
 #include <algorithm>
 #include <cerrno>
@@ -51,6 +55,7 @@ struct Options {
   long long checkpoint_every = 0;  ///< 0: no checkpoints
   bool resume = false;
   long long kill_at_step = -1;  ///< -1: no fault injected
+  long long zero = 0;           ///< 0: unsharded AdamW; 1, 2: ZeRO stage
 };
 
 /// Thrown for a bad command line; every rank parses the same arguments, so every rank
@@ -86,7 +91,8 @@ Options parse_options(int argc, char** argv, int world_size) {
                                    {"--warmup", &o.warmup, 0},
                                    {"--tokens", &o.tokens, 1},
                                    {"--checkpoint-every", &o.checkpoint_every, 1},
-                                   {"--kill-at-step", &o.kill_at_step, 0}};
+                                   {"--kill-at-step", &o.kill_at_step, 0},
+                                   {"--zero", &o.zero, 0}};
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--resume") {
@@ -134,6 +140,7 @@ Options parse_options(int argc, char** argv, int world_size) {
   if (o.kill_at_step >= o.steps)
     throw UsageError{"--kill-at-step " + std::to_string(o.kill_at_step) +
                      ": must be below --steps " + std::to_string(o.steps)};
+  if (o.zero > 2) throw UsageError{"--zero " + std::to_string(o.zero) + ": must be 0, 1 or 2"};
   if ((o.checkpoint_every > 0 || o.resume) && o.checkpoint_dir.empty())
     throw UsageError{std::string(o.resume ? "--resume" : "--checkpoint-every") +
                      " needs --checkpoint-dir"};
@@ -204,31 +211,63 @@ void check_same_run(const kmoe::io::TrainingProgress& progress, const Options& o
   }
 }
 
+using Sharded = kmoe::ShardedOptimizer<kmoe::AdamW<X, S>, kmoe::MpiCommunicator>;
+
+/// Averaged, clipped gradients for the optimizer: the layer's all-reduce and the global
+/// clip, or the sharded optimizer's own (ZeRO-2: a reduce-scatter; the clip from shards).
+void reduce_and_clip(Layer& layer, kmoe::AdamW<X, S>&) {
+  layer.synchronize_gradients();
+  kmoe::clip_grad_norm(layer, max_grad_norm);
+}
+void reduce_and_clip(Layer& layer, Sharded& optimizer) {
+  optimizer.reduce_gradients(layer);
+  optimizer.clip_grad_norm(max_grad_norm);
+}
+
+template <class Optimizer>
+int train_with(const Options& o, Layer& layer, Optimizer& optimizer);
+
 int train(const Options& o) {
   const auto world = kmoe::MpiCommunicator::world();
-  const int rank = world.rank();
   const auto groups = kmoe::ParallelGroups<kmoe::MpiCommunicator>::create(world, o.layout);
   const int owned = int(o.layout.local_experts(experts, groups.ep_rank).size());
 
   kmoe::LayerOptions options;
   options.losses.switch_aux = 1e-2;
   // Each group of gradients starts its bucketed all-reduce inside backward as soon as it
-  // exists; synchronize_gradients() then waits (one sync per backward, as here).
-  options.gradient_sync.overlap = true;
+  // exists; synchronize_gradients() then waits (one sync per backward, as here). ZeRO-2
+  // reduce-scatters instead, after backward.
+  options.gradient_sync.overlap = o.zero != 2;
   Layer layer(Router({hidden, experts, top_k, true, 1.0, {}}),
               Experts({owned, hidden, ffn / o.layout.tp}), options, std::nullopt, groups);
   // Keyed by each element's global identity: every layout starts from the same model.
   kmoe::InitConfig init;
   init.router_std = init.input_std = init.output_std = 0.2;
   kmoe::initialize(layer.parameters(), init, init_seed);
-  kmoe::AdamW<X, S> optimizer(layer.parameters(), {base_learning_rate, 0.9, 0.999, 1e-8, 0.01});
+  const kmoe::AdamW<X, S>::Config config{base_learning_rate, 0.9, 0.999, 1e-8, 0.01};
+  if (o.zero == 0) {
+    kmoe::AdamW<X, S> optimizer(layer.parameters(), config);
+    return train_with(o, layer, optimizer);
+  }
+  Sharded optimizer(layer, config, {o.zero == 1 ? kmoe::ZeroStage::one : kmoe::ZeroStage::two});
+  return train_with(o, layer, optimizer);
+}
+
+template <class Optimizer>
+int train_with(const Options& o, Layer& layer, Optimizer& optimizer) {
+  const auto& groups = layer.groups();
+  const auto& world = groups.world;
+  const int rank = world.rank();
   const kmoe::WarmupCosineSchedule schedule(o.warmup, o.steps, 0.1);
 
   if (rank == 0)
     std::printf("train_distributed: %d ranks, %s, H=%d F=%d E=%d top-%d, %lld tokens per step, "
-                "%lld steps\n",
+                "%lld steps, optimizer state %s\n",
                 world.size(), describe(o.layout).c_str(), hidden, ffn, experts, top_k, o.tokens,
-                o.steps);
+                o.steps,
+                o.zero == 0   ? "unsharded"
+                : o.zero == 1 ? "ZeRO-1"
+                              : "ZeRO-2");
 
   long long first_step = 0;
   if (o.resume) {
@@ -295,8 +334,7 @@ int train(const Options& o) {
 
     layer.zero_gradients();
     layer.backward(grad_y, grad_x);
-    layer.synchronize_gradients();
-    kmoe::clip_grad_norm(layer, max_grad_norm);
+    reduce_and_clip(layer, optimizer);
     optimizer.set_learning_rate(base_learning_rate * schedule(optimizer.steps()));
     optimizer.step();
     layer.apply_bias_update(bias_rate);

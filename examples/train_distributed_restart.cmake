@@ -9,7 +9,9 @@
 # the log (ctest -V).
 #
 # Inputs (-D): TRAIN (the executable), MPIEXEC_EXECUTABLE, MPIEXEC_NUMPROC_FLAG,
-# KMOE_MPIEXEC_EXTRA_FLAGS (space-separated), WORK_DIR (emptied first).
+# KMOE_MPIEXEC_EXTRA_FLAGS (space-separated), WORK_DIR (emptied first); optional
+# KILLED_FLAGS and RESTART_FLAGS (space-separated), more arguments of runs 2 and 3 (e.g.
+# "--zero 2": sharded optimizer state, compared with the unsharded run 1).
 cmake_minimum_required(VERSION 3.21)  # string(JSON)
 
 foreach(input TRAIN MPIEXEC_EXECUTABLE MPIEXEC_NUMPROC_FLAG WORK_DIR)
@@ -18,6 +20,8 @@ foreach(input TRAIN MPIEXEC_EXECUTABLE MPIEXEC_NUMPROC_FLAG WORK_DIR)
   endif()
 endforeach()
 separate_arguments(mpiexec_extra UNIX_COMMAND "${KMOE_MPIEXEC_EXTRA_FLAGS}")
+separate_arguments(killed_flags UNIX_COMMAND "${KILLED_FLAGS}")
+separate_arguments(restart_flags UNIX_COMMAND "${RESTART_FLAGS}")
 
 set(steps 40)
 set(every 10)
@@ -173,7 +177,8 @@ parse_losses(uninterrupted "${uninterrupted_output}")
 # 2. The same job, killed.
 set(checkpoints "${WORK_DIR}/killed")
 train(killed 4 --ep 2 --dp 2 --steps ${steps}
-      --checkpoint-dir "${checkpoints}" --checkpoint-every ${every} --kill-at-step ${kill_step})
+      --checkpoint-dir "${checkpoints}" --checkpoint-every ${every} --kill-at-step ${kill_step}
+      ${killed_flags})
 if(killed_rc EQUAL 0)
   list(APPEND failures "the run told to die at step ${kill_step} exited with status 0")
 endif()
@@ -198,7 +203,7 @@ endforeach()
 
 # 3. The restart on 2 ranks from the killed run's latest checkpoint.
 train(restarted 2 --ep 2 --steps ${steps}
-      --checkpoint-dir "${checkpoints}" --checkpoint-every ${every} --resume)
+      --checkpoint-dir "${checkpoints}" --checkpoint-every ${every} --resume ${restart_flags})
 if(NOT restarted_rc EQUAL 0)
   list(APPEND failures "the restart failed (exit status ${restarted_rc}); see ${WORK_DIR}/restarted.stderr.txt")
 endif()

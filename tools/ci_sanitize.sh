@@ -29,7 +29,7 @@ targets=(test_api_misuse test_validation test_optimizer_state test_losses test_b
          test_config_hazards kmoe-run compare_safetensors train_toy custom_router
          test_sparse_mixer test_clamped_swiglu test_input_weighting test_failover test_elastic
          kmoe-plan test_layout_planner test_node_limit test_topology_placement
-         test_packed_experts test_low_precision)
+         test_packed_experts test_low_precision test_sharded_optimizer test_memory_accounting)
 if [ "${KMOE_SANITIZE_ALL:-0}" = 1 ]; then
   target_args=()
   selection=(-E '^(consumer_project|compile_fail_.*)$')
@@ -57,7 +57,8 @@ echo "[sanitize] running ctest"
 # are caught by the single-process suite above, which runs the same layer code.
 mpi_build="${build}-mpi"
 configure "$mpi_build" ON OFF
-cmake --build "$mpi_build" -j "$(nproc)" --target test_mpi_layer test_mpi_placement test_mpi_nodes
+cmake --build "$mpi_build" -j "$(nproc)" --target test_mpi_layer test_mpi_placement test_mpi_nodes \
+  test_mpi_zero test_mpi_compressed_sync
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:strict_string_checks=1:check_initialization_order=1"
 echo "[sanitize] running the MPI tests"
-(cd "$mpi_build" && ctest --output-on-failure -j 1 -R '^test_mpi_(layer|placement|nodes)_np')
+(cd "$mpi_build" && ctest --output-on-failure -j 1 -R '^test_mpi_(layer|placement|nodes|zero|compressed_sync)_np')

@@ -2,7 +2,7 @@
 #pragma once
 /// \file forward_stats.hpp
 /// \brief kmoe::ForwardStats: what one MoELayer::forward reports (balance losses, load per
-/// expert, drops, capacity, rows sent per rank, time per phase).
+/// expert, drops, capacity, rows sent per rank, time per phase, bytes resident).
 
 #include <kmoe/exchange/exchange_traffic.hpp>
 #include <kmoe/losses.hpp>
@@ -22,6 +22,37 @@ struct PhaseTimes {
   double shared = 0;     ///< shared experts
   double experts = 0;    ///< arrangement into segments, expert GEMMs, TP reduction
   double combine = 0;    ///< weighted sum back to the tokens
+};
+
+/// \brief Peak bytes of live Kokkos allocations during each forward phase, the phases of
+/// PhaseTimes; -1 when not measured (no kmoe::AllocationTracker counting,
+/// monitoring/allocation_tracker.hpp). Process-wide figures: everything Kokkos allocated
+/// since the tracker started and not freed yet, this layer's or not.
+struct PhasePeakBytes {
+  std::int64_t route = -1;
+  std::int64_t dispatch = -1;
+  std::int64_t exchange = -1;  ///< the higher of the dispatch's and the combine's exchange
+  std::int64_t shared = -1;
+  std::int64_t experts = -1;
+  std::int64_t combine = -1;
+};
+
+/// \brief Bytes this rank's layer holds after a forward, by category (docs/training.md,
+/// "Memory accounting"), and the peak per phase.
+struct MemoryStats {
+  /// Routed experts' weights resident in compute memory: the Experts type's
+  /// resident_bytes() where it has one, else the bytes of its parameters.
+  std::int64_t expert_weights = 0;
+  /// Activations kept for backward (0 after an inference forward): the training copy of x,
+  /// the routing plan, the dispatch positions, the expert outputs and what the routed and
+  /// shared experts keep (their saved_bytes(); none under ExpertMode::recompute).
+  std::int64_t activations = 0;
+  /// The expert-parallel exchange's row buffers (which hold the experts' input rows).
+  std::int64_t exchange_buffers = 0;
+  /// Optimizer state: -1 until the caller sets it (stats.memory.optimizer_state =
+  /// optimizer.state_bytes(), sharded or not).
+  std::int64_t optimizer_state = -1;
+  PhasePeakBytes peak;
 };
 
 /// \brief Per-call report of a forward pass.
@@ -55,6 +86,7 @@ struct ForwardStats {
   /// theirs had no healthy replica (degraded serving).
   std::vector<int> failed_slots;
   std::int64_t rerouted = 0;
+  MemoryStats memory;  ///< bytes resident by category, peak per phase
   /// max / mean of tokens_per_expert (1 = perfectly balanced).
   double imbalance() const {
     if (tokens_per_expert.empty()) return 0.0;

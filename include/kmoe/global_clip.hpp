@@ -22,6 +22,20 @@ bool counts_toward_global_norm(const Parameter<ExecSpace, Scalar>& p,
   if (!p.shard.expert_parallel) return groups.world.rank() == 0;
   return groups.dp_rank == 0 && (p.shard.ffn_ranks > 1 || groups.tp_rank == 0);
 }
+
+/// sqrt of the sum over the world of each rank's `local` sum of squares (one all-reduce of
+/// one value): the same on every rank.
+template <class ExecSpace, class Communicator>
+double global_norm(double local, const ParallelGroups<Communicator>& groups) {
+  Vector<double, ExecSpace> total("kmoe::clip_grad_norm::total", 1);
+  auto host = Kokkos::create_mirror_view(total);
+  host(0) = local;
+  Kokkos::deep_copy(total, host);
+  Communicator world = groups.world;
+  if (world.size() > 1) world.all_reduce_sum(total);
+  Kokkos::deep_copy(host, total);
+  return std::sqrt(host(0));
+}
 }  // namespace detail
 
 /// \brief Scales the gradients of `list` (one rank's share of a layer's parameters, with
@@ -37,14 +51,7 @@ double clip_grad_norm(const ParameterList<ExecSpace, Scalar>& list, double max_n
   for (const auto& p : list)
     if (detail::counts_toward_global_norm(p, groups))
       local += detail::sum_of_squares<ExecSpace>(p.grad);
-  Vector<double, ExecSpace> total("kmoe::clip_grad_norm::total", 1);
-  auto host = Kokkos::create_mirror_view(total);
-  host(0) = local;
-  Kokkos::deep_copy(total, host);
-  Communicator world = groups.world;
-  if (world.size() > 1) world.all_reduce_sum(total);
-  Kokkos::deep_copy(host, total);
-  const double norm = std::sqrt(host(0));
+  const double norm = detail::global_norm<ExecSpace>(local, groups);
   detail::scale_gradients<ExecSpace>(list, norm, max_norm);
   return norm;
 }

@@ -20,6 +20,7 @@
 #include <kmoe/gradient_buckets.hpp>
 #include <kmoe/layer_options.hpp>
 #include <kmoe/losses.hpp>
+#include <kmoe/memory_accounting.hpp>
 #include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/placement/failover.hpp>
@@ -232,7 +233,28 @@ class MoELayer {
                            [&] { detail::raise_if_non_finite<X>(y_rows, where, "output y"); });
     has_forward_ = true;
     backward_done_ = false;
+    stats.memory = memory_stats();
     return stats;
+  }
+
+  /// \brief Bytes this rank's layer holds now, by category (ForwardStats::memory, which
+  /// forward fills), with the phase peaks of the last forward when an AllocationTracker
+  /// counts. Activations count after a training forward only.
+  MemoryStats memory_stats() const {
+    MemoryStats memory;
+    memory.expert_weights = detail::expert_weight_bytes(experts_);
+    if (training_ && has_forward_) {
+      memory.activations = detail::view_bytes(saved_x_) + detail::view_bytes(plan_.logits) +
+                           detail::view_bytes(plan_.probs) + detail::view_bytes(plan_.expert) +
+                           detail::view_bytes(plan_.weight) +
+                           detail::view_bytes(dispatch_.position) + detail::view_bytes(expert_y_) +
+                           detail::expert_saved_bytes(experts_);
+      if (shared_)
+        memory.activations += detail::view_bytes(shared_y_) + detail::expert_saved_bytes(*shared_);
+    }
+    memory.exchange_buffers = std::int64_t(exchange_.buffer_bytes(expert_y_.data()));
+    memory.peak = detail::phase_peak_bytes();
+    return memory;
   }
 
  private:

@@ -18,12 +18,15 @@
 namespace kmoe {
 
 namespace detail {
-/// Sum of g(i)^2 in an order fixed by the size alone: chunks summed in parallel, then the
-/// chunk sums in turn, so the norm (and the clipping scale) has the same bits for any
-/// thread count, unlike a parallel_reduce, whose order follows the threads.
+/// Elements per partial sum of the gradient norm: the norm adds g(i)^2 chunk by chunk, and a
+/// sharded optimizer (sharded_optimizer.hpp) cuts its shards at these chunk boundaries so
+/// that it adds the same partial sums in the same order.
+inline constexpr std::size_t norm_chunk = 4096;
+
+/// Sum of g(i)^2 of each chunk of norm_chunk elements (the last one shorter), on the host.
 template <class ExecSpace, class Flat>
-double sum_of_squares(const Flat& g) {
-  const std::size_t chunk = 4096;  // a plain local: captured by value in the kernel
+std::vector<double> chunk_sums_of_squares(const Flat& g) {
+  const std::size_t chunk = norm_chunk;  // a plain local: captured by value in the kernel
   const std::size_t n = g.size(), chunks = (n + chunk - 1) / chunk;
   Kokkos::View<double*, typename ExecSpace::memory_space> partial(
       Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::clip_grad_norm::partial"), chunks);
@@ -36,9 +39,22 @@ double sum_of_squares(const Flat& g) {
         partial(c) = sum;
       });
   const auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), partial);
+  return std::vector<double>(host.data(), host.data() + chunks);
+}
+
+/// The chunk sums added in chunk order.
+inline double add_in_order(const std::vector<double>& partials) {
   double total = 0;
-  for (std::size_t c = 0; c < chunks; ++c) total += host(c);
+  for (double p : partials) total += p;
   return total;
+}
+
+/// Sum of g(i)^2 in an order fixed by the size alone: chunks summed in parallel, then the
+/// chunk sums in turn, so the norm (and the clipping scale) has the same bits for any
+/// thread count, unlike a parallel_reduce, whose order follows the threads.
+template <class ExecSpace, class Flat>
+double sum_of_squares(const Flat& g) {
+  return add_in_order(chunk_sums_of_squares<ExecSpace>(g));
 }
 /// The clipping step shared by the local and the global clip: when norm > max_norm, every
 /// gradient times max_norm / (norm + 1e-6), as torch.nn.utils.clip_grad_norm_.
@@ -100,6 +116,17 @@ struct OptimizerState {
   Vector<Scalar, ExecSpace> value;
 };
 
+namespace detail {
+/// Bytes of the tensors in an optimizer's state() list.
+template <class State>
+std::size_t state_bytes_of(const std::vector<State>& state) {
+  std::size_t bytes = 0;
+  for (const auto& s : state)
+    bytes += s.value.size() * sizeof(typename decltype(s.value)::value_type);
+  return bytes;
+}
+}  // namespace detail
+
 /// \brief SGD with momentum (torch.optim.SGD): v = mu v + g (+ wd w); w -= lr v.
 template <class ExecSpace, class Scalar>
 class SGD {
@@ -135,13 +162,17 @@ class SGD {
     require(steps >= 0, "kmoe::SGD::set_steps", "steps", steps, "must be >= 0");
     steps_ = steps;
   }
+  /// What state() appends to a parameter's name, in the order it lists them per parameter.
+  static std::vector<std::string> state_suffixes() { return {".momentum_buffer"}; }
   /// The momentum buffers, one per parameter ("<name>.momentum_buffer").
   std::vector<OptimizerState<ExecSpace, Scalar>> state() const {
     std::vector<OptimizerState<ExecSpace, Scalar>> all;
     for (std::size_t i = 0; i < list_.size(); ++i)
-      all.push_back({list_[i].name + ".momentum_buffer", list_[i].name, velocity_[i]});
+      all.push_back({list_[i].name + state_suffixes()[0], list_[i].name, velocity_[i]});
     return all;
   }
+  /// Bytes of optimizer state this optimizer holds (the momentum buffers).
+  std::size_t state_bytes() const { return detail::state_bytes_of(state()); }
 
   void step() {
     const Scalar mu = Scalar(config_.momentum);
@@ -215,15 +246,20 @@ class AdamW {
     require(steps >= 0, "kmoe::AdamW::set_steps", "steps", steps, "must be >= 0");
     steps_ = steps;
   }
+  /// What state() appends to a parameter's name, in the order it lists them per parameter.
+  static std::vector<std::string> state_suffixes() { return {".exp_avg", ".exp_avg_sq"}; }
   /// The moments, two per parameter ("<name>.exp_avg", "<name>.exp_avg_sq", PyTorch's names).
   std::vector<OptimizerState<ExecSpace, Scalar>> state() const {
     std::vector<OptimizerState<ExecSpace, Scalar>> all;
+    const auto suffixes = state_suffixes();
     for (std::size_t i = 0; i < list_.size(); ++i) {
-      all.push_back({list_[i].name + ".exp_avg", list_[i].name, first_[i]});
-      all.push_back({list_[i].name + ".exp_avg_sq", list_[i].name, second_[i]});
+      all.push_back({list_[i].name + suffixes[0], list_[i].name, first_[i]});
+      all.push_back({list_[i].name + suffixes[1], list_[i].name, second_[i]});
     }
     return all;
   }
+  /// Bytes of optimizer state this optimizer holds (both moments).
+  std::size_t state_bytes() const { return detail::state_bytes_of(state()); }
 
   void step() {
     ++steps_;

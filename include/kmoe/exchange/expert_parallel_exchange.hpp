@@ -185,6 +185,21 @@ class ExpertParallelExchange {
   const Matrix<S, X>& expert_x() const { return expert_x_; }
   /// The expert outputs of the last forward in the send order (one row per kept assignment).
   const Matrix<S, X>& send_y() const { return send_y_; }
+  /// Bytes of the row buffers of both directions, each allocation once (on one EP rank
+  /// some of them alias), leaving out the one at `counted_elsewhere` (the caller's expert
+  /// outputs, which the combine's buffers alias on one EP rank).
+  std::size_t buffer_bytes(const S* counted_elsewhere) const {
+    std::vector<const Matrix<S, X>*> buffers = {&send_x_,        &recv_x_,      &expert_x_,
+                                                &recv_y_,        &send_y_,      &grad_recv_y_,
+                                                &grad_expert_y_, &grad_recv_x_, &grad_send_x_};
+    std::size_t bytes = 0;
+    for (std::size_t i = 0; i < buffers.size(); ++i) {
+      bool seen = buffers[i]->data() == counted_elsewhere;
+      for (std::size_t j = 0; j < i; ++j) seen = seen || buffers[j]->data() == buffers[i]->data();
+      if (!seen) bytes += buffers[i]->span() * sizeof(S);
+    }
+    return bytes;
+  }
 
   /// Plans the exchange of a forward from its dispatch and routing table (expert [T, S]),
   /// and gathers the rows to send from x: on one EP rank every kept assignment in key

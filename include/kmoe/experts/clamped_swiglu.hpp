@@ -170,6 +170,12 @@ class ClampedSwiGLUExperts {
                                      grad_x);
   }
 
+  /// Bytes it holds between forward and backward (pre-activations and hidden rows; none
+  /// after a forward under ExpertMode::recompute).
+  std::size_t saved_bytes() const {
+    return (gate_.span() + up_.span() + hidden_.span()) * sizeof(Scalar);
+  }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     w_gate_.collect(list);
     b_gate_.collect(list);

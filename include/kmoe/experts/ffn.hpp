@@ -106,6 +106,10 @@ class FFNExperts {
                                      grad_x);
   }
 
+  /// Bytes it holds between forward and backward (pre-activation and hidden rows; none
+  /// after a forward under ExpertMode::recompute).
+  std::size_t saved_bytes() const { return (pre_.span() + hidden_.span()) * sizeof(Scalar); }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     w1_.collect(list);
     b1_.collect(list);

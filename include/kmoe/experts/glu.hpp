@@ -204,6 +204,12 @@ class GLUExperts {
                                                              w_output_gate_.grad, grad_x);
   }
 
+  /// Bytes it holds between forward and backward (pre-activations and hidden rows; none
+  /// after a forward under ExpertMode::recompute).
+  std::size_t saved_bytes() const {
+    return (gate_.span() + up_.span() + hidden_.span() + gate_value_.span()) * sizeof(Scalar);
+  }
+
   void collect_parameters(ParameterList<ExecSpace, Scalar>& list) const {
     w_gate_.collect(list);
     w_up_.collect(list);

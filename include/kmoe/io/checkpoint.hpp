@@ -10,7 +10,8 @@
 /// tensor-parallel slice in the name ("experts.w_up.5@f6:12"), so a restart on any layout
 /// reads just the slices its ranks hold now. Each replica is written once (by the rank that
 /// counts it in the global norm). Optimizer state is stored like its parameter, under
-/// PyTorch's names ("router.weight.exp_avg").
+/// PyTorch's names ("router.weight.exp_avg"); a sharded optimizer (ZeRO) gathers its
+/// shards into that same form, so a checkpoint does not depend on the sharding either.
 ///
 /// Consistency: every file is staged under a temporary name and renamed when complete; the
 /// index appears only after every rank's file did, and is removed first when a directory is
@@ -49,6 +50,30 @@ struct TrainingProgress {
 namespace detail {
 template <class R>
 using router_bias_of = decltype(std::declval<const R&>().bias());
+
+template <class O>
+using optimizer_gather_state_of = decltype(std::declval<const O&>().gather_state());
+
+/// A sharded optimizer (sharded_optimizer.hpp) holds only its shards of the state: it
+/// assembles the whole state, which its state() then lists, for the checkpoint's lifetime
+/// (collective: made on every rank at the same point) and frees it afterwards. Other
+/// optimizers' state() aliases their storage already.
+template <class Optimizer>
+class WholeOptimizerState {
+ public:
+  static constexpr bool sharded = kmoe::detail::is_detected_v<optimizer_gather_state_of, Optimizer>;
+  explicit WholeOptimizerState(const Optimizer& optimizer) : optimizer_(optimizer) {
+    if constexpr (sharded) optimizer_.gather_state();
+  }
+  ~WholeOptimizerState() {
+    if constexpr (sharded) optimizer_.release_state();
+  }
+  WholeOptimizerState(const WholeOptimizerState&) = delete;
+  WholeOptimizerState& operator=(const WholeOptimizerState&) = delete;
+
+ private:
+  const Optimizer& optimizer_;
+};
 
 constexpr int checkpoint_format = 1;
 
@@ -207,6 +232,7 @@ void save_checkpoint(const std::string& directory, Layer& layer, const Optimizer
   // Each replica is written once, by one rank: they must all be equal for that to be the
   // model every rank trained (raises on every rank naming the tensor otherwise).
   layer.check_replicas();
+  const detail::WholeOptimizerState<Optimizer> whole_state(optimizer);
   // Rank 0 prepares the directory and withdraws any previous index before a shard changes.
   agree_or_throw(world, where, [&] {
     if (rank != 0) return;
@@ -338,6 +364,7 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
   using S = typename Layer::scalar_type;
   namespace fs = std::filesystem;
   auto world = layer.groups().world;
+  const detail::WholeOptimizerState<Optimizer> whole_state(optimizer);
   const auto tensors = detail::tensors_of(layer, optimizer);
   std::vector<std::vector<S>> staged(tensors.size());
   std::vector<double> bias;
@@ -492,6 +519,7 @@ TrainingProgress load_checkpoint(const std::string& directory, Layer& layer, Opt
         staged[t].data(), staged[t].size());
     Kokkos::deep_copy(tensors[t].value, host);
   }
+  if constexpr (detail::WholeOptimizerState<Optimizer>::sharded) optimizer.scatter_state();
   using RouterType = std::decay_t<decltype(layer.router())>;
   if constexpr (kmoe::detail::is_detected_v<detail::router_bias_of, RouterType>) {
     const auto view = layer.router().bias();

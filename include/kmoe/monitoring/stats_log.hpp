@@ -99,7 +99,8 @@ struct StatsLogContext {
 
 /// \brief Writes one JSON line per (step, layer): load per expert and its spread, drops,
 /// capacity padding, dead experts (this step, and over a load window if given), time per
-/// phase, payload bytes exchanged with each EP rank, and the process's peak resident memory.
+/// phase, payload bytes exchanged with each EP rank, the process's peak resident memory and
+/// the layer's bytes by category with the peak per phase (ForwardStats::memory).
 class StatsLog {
  public:
   /// Opens (truncates) `path`; kmoe::invalid_argument naming the path if it cannot.
@@ -154,6 +155,21 @@ class StatsLog {
     json.integers("combine_received", bytes(stats.combine_rows_received));
     json.end();
     json.integer("peak_resident_bytes", peak_resident_bytes());
+    // ForwardStats::memory: bytes by category, -1 where not measured.
+    json.begin("memory_bytes");
+    json.integer("expert_weights", stats.memory.expert_weights);
+    json.integer("activations", stats.memory.activations);
+    json.integer("exchange_buffers", stats.memory.exchange_buffers);
+    json.integer("optimizer_state", stats.memory.optimizer_state);
+    json.end();
+    json.begin("peak_bytes");
+    json.integer("route", stats.memory.peak.route);
+    json.integer("dispatch", stats.memory.peak.dispatch);
+    json.integer("exchange", stats.memory.peak.exchange);
+    json.integer("shared", stats.memory.peak.shared);
+    json.integer("experts", stats.memory.peak.experts);
+    json.integer("combine", stats.memory.peak.combine);
+    json.end();
     line << "}\n";
     out_ << line.str() << std::flush;
     if (!out_)
