@@ -137,8 +137,11 @@ void check_packed_layer(int tokens, bool with_shared, std::uint64_t seed, double
   CHECK(differ == 0);
   const std::size_t scale_bytes =
       std::is_same_v<Element, std::int8_t> ? sizeof(float) * experts * (2 * ffn + hidden) : 0;
-  CHECK(quantized.experts().weight_bytes() ==
+  CHECK(quantized.experts().resident_bytes() ==
         std::size_t(3) * experts * hidden * ffn * sizeof(Element) + scale_bytes);
+  // The layer's memory accounting reports the routed experts' packed bytes.
+  CHECK(quantized.memory_stats().expert_weights ==
+        std::int64_t(std::size_t(3) * experts * hidden * ffn * sizeof(Element) + scale_bytes));
 }
 
 }  // namespace

@@ -51,8 +51,12 @@ class PackedGLUExperts {
   const PackedWeight<ExecSpace, Element>& w_gate() const { return w_gate_; }
   const PackedWeight<ExecSpace, Element>& w_up() const { return w_up_; }
   const PackedWeight<ExecSpace, Element>& w_down() const { return w_down_; }
-  /// Bytes of the packed weights (and INT8's scales).
-  std::size_t weight_bytes() const { return w_gate_.bytes() + w_up_.bytes() + w_down_.bytes(); }
+  /// Bytes of the packed weights (and INT8's scales) and of the output gate: what
+  /// ForwardStats::memory reports as expert weights (memory_accounting.hpp).
+  std::size_t resident_bytes() const {
+    return w_gate_.bytes() + w_up_.bytes() + w_down_.bytes() +
+           w_output_gate_.size() * sizeof(Scalar);
+  }
 
   void forward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                const Matrix<Scalar, ExecSpace>& y, ExpertMode) {
