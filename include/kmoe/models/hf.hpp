@@ -18,6 +18,7 @@
 #include <kmoe/experts/glu.hpp>
 #include <kmoe/io/safetensors.hpp>
 #include <kmoe/layer.hpp>
+#include <kmoe/models/checkpoint_expert_store.hpp>
 #include <kmoe/models/config.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
@@ -94,19 +95,9 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
     bool mapped = false;
     for (const auto& t : tensors) {
       if (t.parameter != p.name) continue;
-      const std::size_t size = std::size_t(t.count);
-      S* slice = host.data() + size * std::size_t(std::max(t.expert, 0));
-      if (!t.transposed()) {
-        checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset), slice, size);
-      } else {
-        region.resize(std::size_t(t.region_count()));
-        checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset), region.data(),
-                                      region.size());
-        const std::int64_t rows = t.count / t.region_rows;
-        for (std::int64_t i = 0; i < rows; ++i)
-          for (std::int64_t j = 0; j < t.region_rows; ++j)
-            slice[i * t.region_rows + j] = region[std::size_t(t.region_index(i, j))];
-      }
+      read_checkpoint_slice(checkpoint, t,
+                            host.data() + std::size_t(t.count) * std::size_t(std::max(t.expert, 0)),
+                            region);
       mapped = true;
     }
     if (!mapped)
@@ -218,6 +209,23 @@ std::optional<Experts> block_shared_experts(const MoEBlockConfig& b) {
   }
 }
 
+/// The block's selection bias (a buffer, not a parameter) into the router, if it has one.
+template <class Router>
+void load_selection_bias(Router& router, const MoEBlockConfig& b,
+                         const io::ShardedCheckpoint& checkpoint, const std::string& model_dir,
+                         const char* where) {
+  if (!b.has_selection_bias()) return;
+  if constexpr (kmoe::detail::is_detected_v<selection_bias_of, Router>) {
+    const auto bias = router.bias();
+    auto host = Kokkos::create_mirror_view(bias);
+    checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
+    Kokkos::deep_copy(bias, host);
+  } else {
+    throw invalid_argument(where, "model_dir", model_dir,
+                           "the block has a selection bias, which this router cannot hold");
+  }
+}
+
 /// The block of `layer` with a `Router` (of kind `kind`) and `Experts` (of kind
 /// `expert_kind`), its weights read from the checkpoint; the selection bias too if the block
 /// has one. The routing weight's placement is the family's (Llama 4 scales the expert
@@ -238,17 +246,7 @@ MoELayer<Router, Experts> load_block(const std::string& model_dir, int layer,
   MoELayer<Router, Experts> moe(Router(router_config<Config>(b)), routed_experts<Experts>(b),
                                 block_options, block_shared_experts<Experts>(b));
   load_weights(moe, b, checkpoint);
-  if (b.has_selection_bias()) {
-    if constexpr (kmoe::detail::is_detected_v<selection_bias_of, Router>) {
-      const auto bias = moe.router().bias();
-      auto host = Kokkos::create_mirror_view(bias);
-      checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
-      Kokkos::deep_copy(bias, host);
-    } else {
-      throw invalid_argument(where, "model_dir", model_dir,
-                             "the block has a selection bias, which this router cannot hold");
-    }
-  }
+  load_selection_bias(moe.router(), b, checkpoint, model_dir, where);
   return moe;
 }
 
