@@ -82,8 +82,8 @@ void check_inference(Router router, ExpertShape shape, const Case& c, std::uint6
   ExpertShape slot_shape = shape;
   slot_shape.experts = c.slots;
   MoELayer<Router, Resident> resident(
-      router, Resident(Inner(slot_shape), Store::from_experts(reference.experts(), c.storage),
-                       c.eviction));
+      router,
+      Resident(Inner(slot_shape), Store::from_experts(reference.experts(), c.storage), c.eviction));
   const std::int64_t budget_bytes = std::int64_t(c.slots) * resident.experts().expert_bytes();
 
   std::vector<Matrix<S, X>> x, y_reference;

@@ -6,6 +6,8 @@
 
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
+#include <kmoe/models/hf_resident.hpp>
+#include <kmoe/monitoring/peak_memory.hpp>
 #include <kmoe/monitoring/stats_log.hpp>
 
 #if defined(KOKKOS_ENABLE_OPENMP)
@@ -36,6 +38,7 @@ const char* const usage_text =
     R"(usage: kmoe-run --model DIR --layer L --input X --output Y
                 [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
                 [--double] [--stats-jsonl FILE]
+                [--max-resident-experts N] [--memory-budget BYTES]
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
 model.safetensors or model.safetensors.index.json; a model_type docs/models.md lists:
@@ -66,6 +69,16 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
                      expert, load spread, drops, phase times, bytes per peer, peak memory;
                      docs/placement.md); with --bench every timed forward is logged too,
                      and phase timing adds a fence per phase to the timed runs
+  --max-resident-experts N
+                     keep at most N routed experts in memory: the others stay in the
+                     checkpoint and are read (one expert's tensors, not the file) when
+                     a batch chooses them, evicting the least recently used; the output
+                     is bit for bit the all-resident run's. Inference only. A batch
+                     choosing more than N distinct experts fails naming the budget
+  --memory-budget BYTES
+                     the same with a budget in bytes of resident expert weights (in the
+                     compute type); with both, the smaller count applies. Prints the
+                     hits, misses, bytes read and the peak resident memory (docs/memory.md)
   --help             this text
 
 Inputs are validated before anything is written: both files must be regular files holding
@@ -95,6 +108,7 @@ struct Options {
   int layer = -1;
   int threads = -1;
   int repeats = 20;
+  kmoe::ResidencyBudget budget;  ///< experts and bytes both 0: every expert resident
   bool bench = false;
   bool use_double = false;
 };
@@ -116,6 +130,21 @@ int parse_int(const std::string& flag, const std::string& text, int minimum) {
                      "'"};
   return int(value);
 }
+
+std::int64_t parse_bytes(const std::string& flag, const std::string& text) {
+  std::size_t used = 0;
+  long long value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || text.empty() || value < 1)
+    throw UsageError{flag + " needs a positive byte count, got '" + text + "'"};
+  return value;
+}
+
+bool residency(const Options& o) { return o.budget.experts > 0 || o.budget.bytes > 0; }
 
 bool same_file(const std::string& a, const std::string& b) {
   std::error_code ec_a, ec_b;
@@ -157,6 +186,10 @@ bool parse(int argc, char** argv, Options& o) {
       o.repeats = parse_int(flag, value, 1);
     else if (flag == "--stats-jsonl")
       o.stats_jsonl = value;
+    else if (flag == "--max-resident-experts")
+      o.budget.experts = parse_int(flag, value, 1);
+    else if (flag == "--memory-budget")
+      o.budget.bytes = parse_bytes(flag, value);
     else
       throw UsageError{"unknown argument '" + flag + "'"};
   }
@@ -166,6 +199,9 @@ bool parse(int argc, char** argv, Options& o) {
   if (o.output.empty()) throw UsageError{"--output is required"};
   if (o.grad_output.empty() != o.grads.empty())
     throw UsageError{"--grad-output and --grads go together"};
+  if (residency(o) && !o.grad_output.empty())
+    throw UsageError{"--max-resident-experts and --memory-budget are for inference: the "
+                     "checkpoint holds no optimizer state (drop --grad-output)"};
   if (!o.grads.empty() && same_file(o.output, o.grads))
     throw UsageError{"--output and --grads name the same file '" + o.output + "'"};
   return true;
@@ -269,6 +305,9 @@ double median_ms(int repeats, const Step& step) {
   return ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
 }
 
+template <class Experts>
+using residency_stats_of = decltype(std::declval<const Experts&>().residency_stats());
+
 template <class Layer>
 void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   using X = typename Layer::execution_space;
@@ -338,6 +377,17 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
   std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());
+  if constexpr (kmoe::detail::is_detected_v<residency_stats_of, decltype(layer.experts())>) {
+    const auto& experts = layer.experts();
+    const kmoe::ResidencyStats& r = experts.residency_stats();
+    std::printf("residency: %d of %d experts resident (%lld bytes each), hits %lld, misses %lld, "
+                "%lld bytes read from the checkpoint\n",
+                experts.slots(), experts.num_experts(),
+                static_cast<long long>(experts.expert_bytes()), static_cast<long long>(r.hits),
+                static_cast<long long>(r.misses), static_cast<long long>(r.store_bytes));
+  }
+  std::printf("peak resident memory: %lld bytes\n",
+              static_cast<long long>(kmoe::peak_resident_bytes()));
   if (training) std::printf("wrote %s\n", o.grads.c_str());
 
   if (o.bench) {
@@ -359,11 +409,41 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   }
 }
 
+/// The block with its routed experts left in the checkpoint, o.budget of them resident.
+template <class X, class S>
+void run_resident(const models::MoEBlockConfig& b, const Options& o) {
+  using SwiGLU = kmoe::SwiGLUExperts<X, S>;
+  if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
+    auto layer =
+        models::load_resident_block<kmoe::TopKSoftmaxRouter<X, S>,
+                                    kmoe::ClampedSwiGLUExperts<X, S>>(o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::softmax_topk) {
+    auto layer = models::load_resident_block<kmoe::SoftmaxTopKRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::topk_softmax) {
+    auto layer = models::load_resident_block<kmoe::TopKSoftmaxRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::sparse_mixer) {
+    auto layer = models::load_resident_block<kmoe::SparseMixerRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else {
+    auto layer = models::load_resident_block<kmoe::SigmoidBiasRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  }
+}
+
 template <class S>
 void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
-  if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
+  if (residency(o)) {
+    run_resident<X, S>(b, o);
+  } else if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
     auto layer = models::load_clamped_swiglu_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::softmax_topk) {

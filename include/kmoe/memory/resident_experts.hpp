@@ -128,8 +128,8 @@ class ResidentExperts {
     for (const auto& p : list) {
       require(!p.shape.empty() && p.shape[0] == k, where, "parameter", p.name,
               "must stack its experts first, " + std::to_string(k) + " of them");
-      SlotTensor t{p.name, p.value, p.grad, std::int64_t(p.value.size()) / k, p.shape, p.role,
-                   p.shard.ffn_axis};
+      SlotTensor t{p.name,  p.value, p.grad,          std::int64_t(p.value.size()) / k,
+                   p.shape, p.role,  p.shard.ffn_axis};
       require(store_.expert_elements(p.name) == t.elements, where, "parameter", p.name,
               "has " + std::to_string(t.elements) + " elements per expert, the store " +
                   std::to_string(store_.expert_elements(p.name)));
@@ -287,7 +287,8 @@ class ResidentExperts {
         p.shape = t.shape;
         p.shape[0] = num_experts();
         const std::size_t size = std::size_t(t.elements) * std::size_t(num_experts());
-        p.value = typename Parameter<X, S>::flat_view(store_.template master_values<S>(t.name), size);
+        p.value =
+            typename Parameter<X, S>::flat_view(store_.template master_values<S>(t.name), size);
         p.grad =
             typename Parameter<X, S>::flat_view(store_.template master_gradients<S>(t.name), size);
         p.role = t.role;
@@ -302,8 +303,8 @@ class ResidentExperts {
   using flat_view = typename Parameter<X, S>::flat_view;
   struct SlotTensor {
     std::string name;
-    flat_view value, grad;          ///< the slots' [K * elements] weights and gradients
-    std::int64_t elements = 0;      ///< per expert
+    flat_view value, grad;      ///< the slots' [K * elements] weights and gradients
+    std::int64_t elements = 0;  ///< per expert
     std::vector<std::int64_t> shape;
     ParameterRole role = ParameterRole::other;
     int ffn_axis = -1;
@@ -370,9 +371,10 @@ class ResidentExperts {
           std::memcpy(host_staging_.data(), hit->second.data() + offset, n * sizeof(S));
         else
           store_.read(t.name, e, host_staging_.data());
-        Kokkos::deep_copy(slice, Kokkos::View<const S*, Kokkos::HostSpace,
-                                              Kokkos::MemoryTraits<Kokkos::Unmanaged>>(
-                                     host_staging_.data(), n));
+        Kokkos::deep_copy(
+            slice,
+            Kokkos::View<const S*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(
+                host_staging_.data(), n));
       }
       offset += n;
     }
@@ -407,9 +409,10 @@ class ResidentExperts {
     slot_segments_.sync_from_host();
     if (in_place_) return;
     detail::ensure_extents(source_row_, "kmoe::ResidentExperts::source_row", source.size());
-    Kokkos::deep_copy(source_row_, Kokkos::View<const int*, Kokkos::HostSpace,
-                                                Kokkos::MemoryTraits<Kokkos::Unmanaged>>(
-                                       source.data(), source.size()));
+    Kokkos::deep_copy(
+        source_row_,
+        Kokkos::View<const int*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(
+            source.data(), source.size()));
   }
 
   /// master_grad[e] += slot_grad[slot of e] for each expert of the last forward; the slot

@@ -87,8 +87,8 @@ class CheckpointExpertStore {
 
   template <class S>
   void read(const std::string& parameter, int expert, S* dst) const {
-    require(expert >= 0 && expert < experts_, "kmoe::models::CheckpointExpertStore::read",
-            "expert", expert, "must lie in [0, " + std::to_string(experts_) + ")");
+    require(expert >= 0 && expert < experts_, "kmoe::models::CheckpointExpertStore::read", "expert",
+            expert, "must lie in [0, " + std::to_string(experts_) + ")");
     const CheckpointTensor& t = slices(parameter)[std::size_t(expert)];
     checkpoint_->require_unchanged(t.checkpoint);
     std::vector<S> region;

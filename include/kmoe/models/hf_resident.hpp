@@ -88,8 +88,8 @@ ResidentBlockLayer<Router, Inner> load_resident_block(const std::string& model_d
   std::optional<Experts> shared;
   if (auto one = detail::block_shared_experts<Inner>(b))
     shared.emplace(std::move(*one), CheckpointExpertStore(checkpoint, b, true));
-  ResidentBlockLayer<Router, Inner> moe(Router(detail::router_config<Config>(b)),
-                                        std::move(routed), block_options, std::move(shared));
+  ResidentBlockLayer<Router, Inner> moe(Router(detail::router_config<Config>(b)), std::move(routed),
+                                        block_options, std::move(shared));
   detail::load_weights(moe, b, *checkpoint);  // the router's: the experts' stay in the file
   detail::load_selection_bias(moe.router(), b, *checkpoint, model_dir, where);
   return moe;
