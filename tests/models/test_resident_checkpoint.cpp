@@ -69,8 +69,8 @@ void check_decode(Full& full, Resident& resident, const fs::path& input, int slo
 }
 
 fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() /
-                       ("kmoe_resident_" + name + "_" + std::to_string(::getpid()));
+  const fs::path dir =
+      fs::temp_directory_path() / ("kmoe_resident_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;
@@ -85,13 +85,13 @@ TEST_CASE("blocks with lazily read experts equal the all-resident blocks bit for
   using TopK = kmoe::TopKSoftmaxRouter<X, S>;
   using SwiGLU = kmoe::SwiGLUExperts<X, S>;
   for (const int slots : {2, 4}) {
-    for (const char* model : {"mixtral/model", "hf5/mixtral/model_fused", "qwen3_moe/model",
-                              "hf5/qwen2_moe/model"}) {
+    for (const char* model :
+         {"mixtral/model", "hf5/mixtral/model_fused", "qwen3_moe/model", "hf5/qwen2_moe/model"}) {
       CAPTURE(model);
       const fs::path dir = fixtures / model;
       auto full = models::load_softmax_block<X, S>(dir.string(), fixture_layer);
-      auto resident = models::load_resident_block<Softmax, SwiGLU>(dir.string(), fixture_layer,
-                                                                   {slots, 0});
+      auto resident =
+          models::load_resident_block<Softmax, SwiGLU>(dir.string(), fixture_layer, {slots, 0});
       check_decode(full, resident, dir.parent_path() / "input.safetensors", slots);
     }
   }
@@ -110,11 +110,10 @@ TEST_CASE("blocks with lazily read experts equal the all-resident blocks bit for
     // budget in bytes (4 experts' worth, 50%).
     const fs::path dir = fixtures / "hf5/gpt_oss/model";
     auto full = models::load_clamped_swiglu_block<X, S>(dir.string(), fixture_layer);
-    const std::int64_t bytes =
-        models::load_resident_block<TopK, kmoe::ClampedSwiGLUExperts<X, S>>(
-            dir.string(), fixture_layer, {1, 0})
-            .experts()
-            .expert_bytes();
+    const std::int64_t bytes = models::load_resident_block<TopK, kmoe::ClampedSwiGLUExperts<X, S>>(
+                                   dir.string(), fixture_layer, {1, 0})
+                                   .experts()
+                                   .expert_bytes();
     auto resident = models::load_resident_block<TopK, kmoe::ClampedSwiGLUExperts<X, S>>(
         dir.string(), fixture_layer, {0, 4 * bytes + bytes / 2});
     check_decode(full, resident, fixtures / "hf5/gpt_oss/input.safetensors", 4);
@@ -184,8 +183,7 @@ TEST_CASE("a sharded checkpoint reads its experts lazily; a missing shard is nam
   std::ofstream(dir / "model.safetensors.index.json") << nlohmann::json{{"weight_map", map}};
 
   auto full = models::load_softmax_block<X, S>(dir.string(), fixture_layer);
-  auto resident =
-      models::load_resident_block<Softmax, SwiGLU>(dir.string(), fixture_layer, {2, 0});
+  auto resident = models::load_resident_block<Softmax, SwiGLU>(dir.string(), fixture_layer, {2, 0});
   check_decode(full, resident, fixtures / "mixtral/input.safetensors", 2);
 
   fs::remove(dir / shard2);
