@@ -78,7 +78,7 @@ Router skewed_router(int hidden, int experts) {
   router.collect_parameters(list);
   kmoe::fill_normal(list, 0.02, 1);
   // Zipf-like popularity over a random order of the experts.
-  std::vector<int> rank(std::size_t(experts));
+  std::vector<int> rank(static_cast<std::size_t>(experts));
   for (int e = 0; e < experts; ++e) rank[std::size_t(e)] = e;
   std::shuffle(rank.begin(), rank.end(), std::mt19937(5));
   auto bias = Kokkos::create_mirror_view(router.bias());
@@ -117,8 +117,9 @@ struct Workload {
 void compare(kmoe::MoELayer<Router, Inner>& all, const Inner& inner_all, int experts, int hidden,
              int ffn, int slots, bool prefetch, const Workload& w) {
   const Store store = Store::from_experts(inner_all, kmoe::StorageType::bf16);
-  kmoe::MoELayer<Router, Resident> resident(all.router(),
-                                            Resident(Inner({slots, hidden, ffn}), store));
+  kmoe::ExpertShape slot_shape{slots, hidden, ffn};
+  slot_shape.gradients = false;  // inference: the slots hold weights only
+  kmoe::MoELayer<Router, Resident> resident(all.router(), Resident(Inner(slot_shape), store));
   std::vector<kmoe::Matrix<S, X>> xs;
   std::vector<std::vector<std::pair<int, int>>> chunks;
   std::vector<std::vector<std::vector<int>>> chosen;  // per batch, per chunk
@@ -171,14 +172,14 @@ void compare(kmoe::MoELayer<Router, Inner>& all, const Inner& inner_all, int exp
   }
   const kmoe::ResidencyStats& r = resident.experts().residency_stats();
   const double tokens = double(w.tokens) * w.batches;
-  std::printf(
-      "%-8s T=%-4d slots %3d/%d (%3.0f%%)%s  all-resident %8.3f ms  resident %8.3f ms  "
-      "(median per batch)  total %8.1f / %8.1f ms  slowdown %5.2fx  hit rate %5.1f%%  "
-      "%8.1f KB read per token  chunks/batch %.2f  load %4.1f%% of resident time\n",
-      w.name, w.tokens, slots, experts, 100.0 * slots / experts, prefetch ? " +prefetch" : "",
-      median(all_ms), median(resident_ms), all_total, resident_total, resident_total / all_total,
-      100 * r.hit_rate(), double(r.store_bytes) / tokens / 1024.0, double(chunk_count) / w.batches,
-      100 * r.load_ms / resident_total);
+  std::printf("%-7s T=%-3d %2d/%d resident (%2.0f%%)%-9s median per batch: all-resident %7.3f ms, "
+              "resident %7.3f ms, slowdown %5.2fx (totals %7.1f / %7.1f ms)  hit rate %5.1f%%  "
+              "%6.1f KB read per token  chunks/batch %.2f  loads %4.1f%% of resident time\n",
+              w.name, w.tokens, slots, experts, 100.0 * slots / experts,
+              prefetch ? " prefetch" : "", median(all_ms), median(resident_ms),
+              median(resident_ms) / median(all_ms), all_total, resident_total, 100 * r.hit_rate(),
+              double(r.store_bytes) / tokens / 1024.0, double(chunk_count) / w.batches,
+              100 * r.load_ms / resident_total);
 }
 
 /// Share of assignments taken by the most popular eighth of the experts.
@@ -228,7 +229,7 @@ std::int64_t write_checkpoint(const std::filesystem::path& dir, int experts, int
   }
   writer.write((dir / "model.safetensors").string());
   io::SafetensorsWriter input;
-  std::vector<float> x(std::size_t(hidden));
+  std::vector<float> x(static_cast<std::size_t>(hidden));
   for (auto& v : x) v = normal(rng) * 30;
   input.add("hidden_states", io::DType::F32, {1, hidden}, x);
   input.write((dir / "input.safetensors").string());
@@ -295,7 +296,8 @@ int main(int argc, char** argv) {
               "%d threads\n",
               experts, hidden, ffn, top_k, X().concurrency());
   {
-    kmoe::MoELayer<Router, Inner> all(skewed_router(hidden, experts), Inner({experts, hidden, ffn}));
+    kmoe::MoELayer<Router, Inner> all(skewed_router(hidden, experts),
+                                      Inner({experts, hidden, ffn}));
     kmoe::ParameterList<X, S> list;
     all.experts().collect_parameters(list);
     kmoe::fill_normal(list, 0.05, 2);
@@ -309,7 +311,6 @@ int main(int argc, char** argv) {
               {"prefill", prefill, std::max(4, steps / 20)});
   }
   const std::string kmoe_run = arg_text(argc, argv, "--kmoe-run");
-  if (!kmoe_run.empty())
-    startup(kmoe_run, arg(argc, argv, "--checkpoint-experts", 32), 1024, 1024);
+  if (!kmoe_run.empty()) startup(kmoe_run, arg(argc, argv, "--checkpoint-experts", 32), 1024, 1024);
   return 0;
 }

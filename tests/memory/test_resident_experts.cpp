@@ -81,6 +81,7 @@ void check_inference(Router router, ExpertShape shape, const Case& c, std::uint6
   if (c.storage == StorageType::bf16) round_to_bfloat16(expert_parameters);
   ExpertShape slot_shape = shape;
   slot_shape.experts = c.slots;
+  slot_shape.gradients = false;  // inference: the slots hold weights only
   MoELayer<Router, Resident> resident(
       router,
       Resident(Inner(slot_shape), Store::from_experts(reference.experts(), c.storage), c.eviction));
@@ -189,6 +190,12 @@ TEMPLATE_LIST_TEST_CASE("a batch choosing more experts than the budget is refuse
   training.training = true;
   Matrix<S, X> one("one", 1, hidden), y_one("y_one", 1, hidden);
   CHECK_THROWS_WITH(layer.forward(one, y_one, training), ContainsSubstring("master copies"));
+  // Experts built without gradient buffers refuse backward by name.
+  ExpertShape inference_only{experts, hidden, ffn};
+  inference_only.gradients = false;
+  MoELayer<R, Inner> plain(R({hidden, experts, top_k, true}), Inner(inference_only));
+  plain.forward(one, y_one, training);
+  CHECK_THROWS_WITH(plain.backward(y_one, one), ContainsSubstring("shape.gradients"));
   // Budgets that hold no expert, and slots that do not match the store.
   CHECK_THROWS_WITH((ResidencyBudget{0, 100}.slots(1000, 8)), ContainsSubstring("bytes = 100"));
   CHECK(ResidencyBudget{0, 4500}.slots(1000, 8) == 4);

@@ -162,42 +162,16 @@ class ResidentExperts {
     slots_.apply_output_bias(apply);
   }
 
-  /// \brief Starts reading `experts` (the next batch's choice, e.g. from its routing) from
-  /// the store on another thread into host staging, while the caller runs the current
-  /// batch; a later forward that misses one of them copies it from staging instead of
-  /// waiting on the store. At most slots() experts are staged; a new hint replaces the
-  /// unused ones of the previous.
+  /// \brief Hints the experts the next batch will choose (e.g. from its routing, computed
+  /// ahead). The next forward, once it has placed its own experts, reads the hinted ones
+  /// that are not resident from the store on another thread into host staging while it
+  /// computes; the forward after it copies a staged expert it misses instead of waiting on
+  /// the store. At most slots() experts are staged; a new hint replaces the previous one.
   void prefetch(const std::vector<int>& experts) {
-    settle_prefetch(true);
-    prefetch_->staged.clear();
-    std::vector<int> wanted;
-    for (int e : experts) {
+    for (int e : experts)
       require(e >= 0 && e < num_experts(), "kmoe::ResidentExperts::prefetch", "expert", e,
               "must lie in [0, " + std::to_string(num_experts()) + ")");
-      if (cache_.slot_of(e) < 0 && std::find(wanted.begin(), wanted.end(), e) == wanted.end() &&
-          int(wanted.size()) < slots())
-        wanted.push_back(e);
-    }
-    if (wanted.empty()) return;
-    std::vector<std::pair<std::string, std::int64_t>> layout;
-    for (const auto& t : tensors_) layout.emplace_back(t.name, t.elements);
-    const Store store = store_;
-    const std::int64_t total = expert_bytes_ / std::int64_t(sizeof(S));
-    prefetch_->experts = wanted;
-    prefetch_->pending = std::async(std::launch::async, [store, layout, wanted, total] {
-      std::map<int, std::vector<S>> staged;
-      for (int e : wanted) {
-        std::vector<S> values(std::size_t(total), S(0));
-        std::size_t offset = 0;
-        for (const auto& [name, elements] : layout) {
-          store.read(name, e, values.data() + offset);
-          offset += std::size_t(elements);
-        }
-        staged.emplace(e, std::move(values));
-      }
-      return staged;
-    });
-    stats_.store_bytes += std::int64_t(wanted.size()) * store_.expert_storage_bytes();
+    prefetch_->hint = experts;
   }
 
   /// \brief Forgets every resident expert and staged prefetch: call it after writing the
@@ -205,6 +179,7 @@ class ResidentExperts {
   void invalidate_resident() {
     settle_prefetch(true);
     prefetch_->staged.clear();
+    prefetch_->hint.clear();
     cache_.clear();
   }
 
@@ -237,6 +212,7 @@ class ResidentExperts {
     }
     stats_.load_ms +=
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    start_prefetch();
     map_rows(segments);
     if (in_place_) {
       slots_.forward(x, slot_segments_, y, mode);
@@ -310,6 +286,7 @@ class ResidentExperts {
     int ffn_axis = -1;
   };
   struct Prefetch {
+    std::vector<int> hint;     ///< the next batch's experts, read from the next forward on
     std::vector<int> experts;  ///< being read by `pending`
     std::future<std::map<int, std::vector<S>>> pending;
     std::map<int, std::vector<S>> staged;
@@ -330,6 +307,48 @@ class ResidentExperts {
             "needs a store holding master copies the optimizer steps on (HostExpertStore with "
             "gradients, in the scalar type, on a host execution space); this store serves "
             "inference only");
+    require(tensors_.front().grad.size() != 0, where, "mode", "training",
+            "needs slots built with gradient buffers (ExpertShape::gradients)");
+  }
+
+  /// Reads the hinted experts that are not resident (nor staged) on another thread; the
+  /// caller's batch computes meanwhile.
+  void start_prefetch() {
+    auto& state = *prefetch_;
+    if (state.hint.empty()) return;
+    settle_prefetch(true);
+    const std::vector<int> hint = std::move(state.hint);
+    state.hint.clear();
+    // Staged experts the hint no longer names are dropped: staging holds one hint's worth.
+    for (auto it = state.staged.begin(); it != state.staged.end();)
+      it = std::find(hint.begin(), hint.end(), it->first) == hint.end() ? state.staged.erase(it)
+                                                                        : std::next(it);
+    std::vector<int> wanted;
+    for (int e : hint)
+      if (cache_.slot_of(e) < 0 && state.staged.count(e) == 0 &&
+          std::find(wanted.begin(), wanted.end(), e) == wanted.end() &&
+          int(wanted.size() + state.staged.size()) < slots())
+        wanted.push_back(e);
+    if (wanted.empty()) return;
+    std::vector<std::pair<std::string, std::int64_t>> layout;
+    for (const auto& t : tensors_) layout.emplace_back(t.name, t.elements);
+    const Store store = store_;
+    const std::int64_t total = expert_bytes_ / std::int64_t(sizeof(S));
+    state.experts = wanted;
+    state.pending = std::async(std::launch::async, [store, layout, wanted, total] {
+      std::map<int, std::vector<S>> staged;
+      for (int e : wanted) {
+        std::vector<S> values(std::size_t(total), S(0));
+        std::size_t offset = 0;
+        for (const auto& [name, elements] : layout) {
+          store.read(name, e, values.data() + offset);
+          offset += std::size_t(elements);
+        }
+        staged.emplace(e, std::move(values));
+      }
+      return staged;
+    });
+    stats_.store_bytes += std::int64_t(wanted.size()) * store_.expert_storage_bytes();
   }
 
   /// Moves a finished prefetch into staging; with `wait`, or when a miss of this batch is

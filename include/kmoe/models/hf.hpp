@@ -185,14 +185,17 @@ using selection_bias_of = decltype(std::declval<const R&>().bias());
 /// The routed experts of block `b`: SwiGLU, or clamped SwiGLU (with biases if the block has
 /// them).
 template <class Experts>
-Experts routed_experts(const MoEBlockConfig& b) {
+Experts routed_experts(const MoEBlockConfig& b, bool gradients = true) {
   using X = typename Experts::execution_space;
   using S = typename Experts::scalar_type;
-  if constexpr (std::is_same_v<Experts, ClampedSwiGLUExperts<X, S>>)
-    return Experts(ExpertShape{b.experts, b.hidden, b.ffn, b.has_expert_bias()},
-                   ClampedSwiGLU{b.swiglu_alpha, b.swiglu_limit});
-  else
-    return Experts(ExpertShape{b.experts, b.hidden, b.ffn});
+  ExpertShape shape{b.experts, b.hidden, b.ffn};
+  shape.gradients = gradients;
+  if constexpr (std::is_same_v<Experts, ClampedSwiGLUExperts<X, S>>) {
+    shape.bias = b.has_expert_bias();
+    return Experts(shape, ClampedSwiGLU{b.swiglu_alpha, b.swiglu_limit});
+  } else {
+    return Experts(shape);
+  }
 }
 
 /// The shared expert of block `b`, if any (SwiGLU; no family with other experts has one).

@@ -47,7 +47,7 @@ std::int64_t slot_bytes(MoEBlockConfig b) {
   using S = typename Inner::scalar_type;
   b.experts = 1;
   ParameterList<X, S> list;
-  routed_experts<Inner>(b).collect_parameters(list);
+  routed_experts<Inner>(b, false).collect_parameters(list);
   std::int64_t bytes = 0;
   for (const auto& p : list) bytes += std::int64_t(p.value.size() * sizeof(S));
   return bytes;
@@ -83,7 +83,8 @@ ResidentBlockLayer<Router, Inner> load_resident_block(const std::string& model_d
       b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
   MoEBlockConfig slots = b;
   slots.experts = budget.slots(detail::slot_bytes<Inner>(b), b.experts);
-  Experts routed(detail::routed_experts<Inner>(slots), CheckpointExpertStore(checkpoint, b),
+  // Inference only: the slots need no gradient buffers.
+  Experts routed(detail::routed_experts<Inner>(slots, false), CheckpointExpertStore(checkpoint, b),
                  eviction);
   std::optional<Experts> shared;
   if (auto one = detail::block_shared_experts<Inner>(b))
