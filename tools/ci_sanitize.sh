@@ -27,7 +27,8 @@ configure "$build" OFF ON
 targets=(test_api_misuse test_validation test_optimizer_state test_losses test_backward
          test_forward_routers test_safetensors test_file_hazards test_hf_fixtures
          test_config_hazards kmoe-run compare_safetensors train_toy custom_router
-         test_sparse_mixer test_clamped_swiglu test_input_weighting test_failover test_elastic)
+         test_sparse_mixer test_clamped_swiglu test_input_weighting test_failover test_elastic
+         test_resident_experts test_resident_checkpoint)
 if [ "${KMOE_SANITIZE_ALL:-0}" = 1 ]; then
   target_args=()
   selection=(-E '^(consumer_project|compile_fail_.*)$')

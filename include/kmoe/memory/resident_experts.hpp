@@ -104,7 +104,8 @@ void scatter_rows(const ConstMatrix<S, X>& from, const Vector<int, X>& source,
 /// `Inner` (an Expert policy built with K experts, e.g. SwiGLUExperts({K, H, F})).
 ///
 /// A batch choosing more than K distinct experts raises kmoe::invalid_argument naming the
-/// budget and the count needed. Copies share the slots (as Kokkos views do) and the store.
+/// budget and the count needed. Copies share the slots (as Kokkos views do), the slot map,
+/// the prefetch staging and the store.
 template <class Inner, class Store>
 class ResidentExperts {
  public:
@@ -136,7 +137,7 @@ class ResidentExperts {
       expert_bytes_ += t.elements * std::int64_t(sizeof(S));
       tensors_.push_back(std::move(t));
     }
-    cache_ = SlotCache(k, e, eviction);
+    cache_ = std::make_shared<SlotCache>(k, e, eviction);
     slot_segments_.offsets_host =
         Kokkos::View<int*, Kokkos::HostSpace>("kmoe::ResidentExperts::offsets_host", k + 1);
   }
@@ -144,17 +145,17 @@ class ResidentExperts {
   int num_experts() const { return store_.num_experts(); }
   int hidden_size() const { return slots_.hidden_size(); }
   /// Resident slots K.
-  int slots() const { return cache_.slots(); }
+  int slots() const { return cache_->slots(); }
   /// Bytes of one expert's weights in the compute space (Scalar).
   std::int64_t expert_bytes() const { return expert_bytes_; }
   /// \brief Bytes of expert weights resident in the compute space now (filled slots;
   /// never more than slots() x expert_bytes()).
-  std::size_t resident_bytes() const { return std::size_t(cache_.resident()) * expert_bytes_; }
+  std::size_t resident_bytes() const { return std::size_t(cache_->resident()) * expert_bytes_; }
   const ResidencyStats& residency_stats() const { return stats_; }
   void reset_stats() { stats_ = {}; }
   const Store& store() const { return store_; }
   const Inner& resident_slots() const { return slots_; }
-  const SlotCache& slot_cache() const { return cache_; }
+  const SlotCache& slot_cache() const { return *cache_; }
 
   /// Tensor parallelism: passed on to the slots (FFNExperts' output bias).
   template <class I = Inner>
@@ -180,7 +181,7 @@ class ResidentExperts {
     settle_prefetch(true);
     prefetch_->staged.clear();
     prefetch_->hint.clear();
-    cache_.clear();
+    cache_->clear();
   }
 
   void forward(const ConstMatrix<S, X>& x, const Segments<X>& segments, const Matrix<S, X>& y,
@@ -200,7 +201,7 @@ class ResidentExperts {
                 std::to_string(chosen.size()));
     ++stats_.forwards;
     const auto start = std::chrono::steady_clock::now();
-    placed_ = cache_.place(chosen);
+    placed_ = cache_->place(chosen);
     settle_prefetch(false);
     for (const auto& p : placed_) {
       if (!p.load) {
@@ -325,7 +326,7 @@ class ResidentExperts {
                                                                         : std::next(it);
     std::vector<int> wanted;
     for (int e : hint)
-      if (cache_.slot_of(e) < 0 && state.staged.count(e) == 0 &&
+      if (cache_->slot_of(e) < 0 && state.staged.count(e) == 0 &&
           std::find(wanted.begin(), wanted.end(), e) == wanted.end() &&
           int(wanted.size() + state.staged.size()) < slots())
         wanted.push_back(e);
@@ -455,7 +456,7 @@ class ResidentExperts {
   Store store_;
   std::vector<SlotTensor> tensors_;
   std::int64_t expert_bytes_ = 0;
-  SlotCache cache_;
+  std::shared_ptr<SlotCache> cache_;  ///< shared by copies, as the slots are
   ResidencyStats stats_;
   std::shared_ptr<Prefetch> prefetch_ = std::make_shared<Prefetch>();
   std::vector<S> host_staging_;  ///< device compute spaces: one tensor slice on its way in
