@@ -3,9 +3,9 @@
 /// \file hf_resident.hpp
 /// \brief The MoE block of one decoder layer of a Hugging Face checkpoint with its experts
 /// left in the checkpoint: only a budget of them is resident at a time (kmoe::ResidentExperts
-/// over models::CheckpointExpertStore), read when a batch chooses them. The router, its
-/// selection bias and the shared expert's slot are read at load; the routed experts' bytes
-/// are not read until a forward needs them. docs/memory.md describes the policy.
+/// over models::CheckpointExpertStore), read when a batch chooses them. The router and its
+/// selection bias are read at load; the shared expert (one slot of its own) and the routed
+/// experts are read when a forward first needs them. docs/memory.md describes the policy.
 ///
 /// Inference only (the checkpoint is read-only and holds no optimizer state). Needs
 /// nlohmann-json (link kmoe::io).
