@@ -6,6 +6,8 @@
 
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
+#include <kmoe/models/hf_resident.hpp>
+#include <kmoe/monitoring/peak_memory.hpp>
 #include <kmoe/monitoring/stats_log.hpp>
 #include <kmoe/quantized_layer.hpp>
 
@@ -38,6 +40,7 @@ const char* const usage_text =
     R"(usage: kmoe-run --model DIR --layer L --input X --output Y
                 [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
                 [--dtype f32|f64|bf16|fp16|int8] [--stats-jsonl FILE]
+                [--max-resident-experts N] [--memory-budget BYTES]
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
 model.safetensors or model.safetensors.index.json; a model_type docs/models.md lists:
@@ -71,6 +74,16 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
                      expert, load spread, drops, phase times, bytes per peer, peak memory;
                      docs/placement.md); with --bench every timed forward is logged too,
                      and phase timing adds a fence per phase to the timed runs
+  --max-resident-experts N
+                     keep at most N routed experts in memory: the others stay in the
+                     checkpoint and are read (one expert's tensors, not the file) when
+                     a batch chooses them, evicting the least recently used; the output
+                     is bit for bit the all-resident run's. Inference only. A batch
+                     choosing more than N distinct experts fails naming the budget
+  --memory-budget BYTES
+                     the same with a budget in bytes of resident expert weights (in the
+                     compute type); with both, the smaller count applies. Prints the
+                     hits, misses, bytes read and the peak resident memory (docs/memory.md)
   --help             this text
 
 Inputs are validated before anything is written: both files must be regular files holding
@@ -100,8 +113,9 @@ struct Options {
   int layer = -1;
   int threads = -1;
   int repeats = 20;
+  kmoe::ResidencyBudget budget;  ///< experts and bytes both 0: every expert resident
   bool bench = false;
-  std::string dtype = "f32";  ///< f32, f64 or int8
+  std::string dtype = "f32";  ///< f32, f64, bf16, fp16 or int8
 };
 
 struct UsageError {
@@ -121,6 +135,21 @@ int parse_int(const std::string& flag, const std::string& text, int minimum) {
                      "'"};
   return int(value);
 }
+
+std::int64_t parse_bytes(const std::string& flag, const std::string& text) {
+  std::size_t used = 0;
+  long long value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || text.empty() || value < 1)
+    throw UsageError{flag + " needs a positive byte count, got '" + text + "'"};
+  return value;
+}
+
+bool residency(const Options& o) { return o.budget.experts > 0 || o.budget.bytes > 0; }
 
 bool same_file(const std::string& a, const std::string& b) {
   std::error_code ec_a, ec_b;
@@ -164,6 +193,10 @@ bool parse(int argc, char** argv, Options& o) {
       o.stats_jsonl = value;
     else if (flag == "--dtype")
       o.dtype = value;
+    else if (flag == "--max-resident-experts")
+      o.budget.experts = parse_int(flag, value, 1);
+    else if (flag == "--memory-budget")
+      o.budget.bytes = parse_bytes(flag, value);
     else
       throw UsageError{"unknown argument '" + flag + "'"};
   }
@@ -178,6 +211,13 @@ bool parse(int argc, char** argv, Options& o) {
     throw UsageError{"--dtype must be f32, f64, bf16, fp16 or int8, got '" + o.dtype + "'"};
   if (weight_only && !o.grad_output.empty())
     throw UsageError{"--dtype " + o.dtype + " is inference only: it does not take --grad-output"};
+  if (residency(o) && !o.grad_output.empty())
+    throw UsageError{"--max-resident-experts and --memory-budget are for inference: the "
+                     "checkpoint holds no optimizer state (drop --grad-output)"};
+  if (weight_only && residency(o))
+    throw UsageError{"--dtype " + o.dtype +
+                     " packs experts that are all resident; it does not combine with "
+                     "--max-resident-experts or --memory-budget"};
   if (!o.grads.empty() && same_file(o.output, o.grads))
     throw UsageError{"--output and --grads name the same file '" + o.output + "'"};
   return true;
@@ -287,6 +327,9 @@ constexpr bool trainable = true;
 template <class R, class X, class S, class P, class A, class G, class C, class M>
 constexpr bool trainable<kmoe::MoELayer<R, kmoe::PackedGLUExperts<X, S, P, A, G>, C, M>> = false;
 
+template <class Experts>
+using residency_stats_of = decltype(std::declval<const Experts&>().residency_stats());
+
 template <class Layer>
 void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   using X = typename Layer::execution_space;
@@ -359,6 +402,17 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
   std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());
+  if constexpr (kmoe::detail::is_detected_v<residency_stats_of, decltype(layer.experts())>) {
+    const auto& experts = layer.experts();
+    const kmoe::ResidencyStats& r = experts.residency_stats();
+    std::printf("residency: %d of %d experts resident (%lld bytes each), hits %lld, misses %lld, "
+                "%lld bytes read from the checkpoint\n",
+                experts.slots(), experts.num_experts(),
+                static_cast<long long>(experts.expert_bytes()), static_cast<long long>(r.hits),
+                static_cast<long long>(r.misses), static_cast<long long>(r.store_bytes));
+  }
+  std::printf("peak resident memory: %lld bytes\n",
+              static_cast<long long>(kmoe::peak_resident_bytes()));
   if (training) std::printf("wrote %s\n", o.grads.c_str());
 
   if (o.bench) {
@@ -398,11 +452,41 @@ void run_loaded(const Load& load, const models::MoEBlockConfig& b, const Options
   run(layer, b, o);
 }
 
+/// The block with its routed experts left in the checkpoint, o.budget of them resident.
+template <class X, class S>
+void run_resident(const models::MoEBlockConfig& b, const Options& o) {
+  using SwiGLU = kmoe::SwiGLUExperts<X, S>;
+  if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
+    auto layer =
+        models::load_resident_block<kmoe::TopKSoftmaxRouter<X, S>,
+                                    kmoe::ClampedSwiGLUExperts<X, S>>(o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::softmax_topk) {
+    auto layer = models::load_resident_block<kmoe::SoftmaxTopKRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::topk_softmax) {
+    auto layer = models::load_resident_block<kmoe::TopKSoftmaxRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::sparse_mixer) {
+    auto layer = models::load_resident_block<kmoe::SparseMixerRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  } else {
+    auto layer = models::load_resident_block<kmoe::SigmoidBiasRouter<X, S>, SwiGLU>(
+        o.model, o.layer, o.budget);
+    run(layer, b, o);
+  }
+}
+
 template <class S>
 void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
-  if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
+  if (residency(o)) {
+    run_resident<X, S>(b, o);
+  } else if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
     if (o.dtype != "f32" && o.dtype != "f64")
       throw kmoe::runtime_error("--dtype " + o.dtype + ": " + b.model_type +
                                 " has clamped SwiGLU experts (GPT-OSS); weight-only experts are "

@@ -98,14 +98,14 @@ class ClampedSwiGLUExperts {
       : shape_(validated(shape)),
         activation_(detail::validated_clamped_swiglu(where, activation)),
         w_gate_(name + ".w_gate", shape.experts, shape.ffn, shape.hidden,
-                ParameterRole::input_projection, 1),
+                ParameterRole::input_projection, 1, shape.gradients),
         w_up_(name + ".w_up", shape.experts, shape.ffn, shape.hidden,
-              ParameterRole::input_projection, 1),
+              ParameterRole::input_projection, 1, shape.gradients),
         w_down_(name + ".w_down", shape.experts, shape.hidden, shape.ffn,
-                ParameterRole::output_projection, 2),
-        b_gate_(name + ".b_gate", shape.experts, shape.ffn, shape.bias, 1),
-        b_up_(name + ".b_up", shape.experts, shape.ffn, shape.bias, 1),
-        b_down_(name + ".b_down", shape.experts, shape.hidden, shape.bias) {}
+                ParameterRole::output_projection, 2, shape.gradients),
+        b_gate_(name + ".b_gate", shape.experts, shape.ffn, shape.bias, 1, shape.gradients),
+        b_up_(name + ".b_up", shape.experts, shape.ffn, shape.bias, 1, shape.gradients),
+        b_down_(name + ".b_down", shape.experts, shape.hidden, shape.bias, -1, shape.gradients) {}
 
   int num_experts() const { return shape_.experts; }
   int hidden_size() const { return shape_.hidden; }
@@ -149,6 +149,7 @@ class ClampedSwiGLUExperts {
   void backward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                 const ConstMatrix<Scalar, ExecSpace>& grad_y,
                 const Matrix<Scalar, ExecSpace>& grad_x) {
+    detail::require_gradients("kmoe::ClampedSwiGLUExperts::backward", shape_);
     if (gate_.extent(0) != std::size_t(segments.rows())) project(x, segments);
     const std::size_t count = elements(segments);
     detail::clamped_swiglu_forward<ExecSpace, Scalar>(gate_, up_, hidden_, count, activation_);

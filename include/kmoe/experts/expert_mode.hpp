@@ -28,16 +28,17 @@ struct StackedWeight {
   int ffn_axis = -1;  ///< 1 when `out` is F (H -> F projections), 2 when `in` is F
 
   StackedWeight() = default;
+  /// `gradient` false: no gradient buffer (inference-only experts; `grad` stays empty).
   StackedWeight(const std::string& n, int experts, int out, int in,
-                ParameterRole r = ParameterRole::other, int f_axis = -1)
+                ParameterRole r = ParameterRole::other, int f_axis = -1, bool gradient = true)
       : value(Kokkos::view_alloc(n), experts, out, in),
-        grad(Kokkos::view_alloc(n + ".grad"), experts, out, in),
+        grad(Kokkos::view_alloc(n + ".grad"), gradient ? experts : 0, out, in),
         name(n),
         role(r),
         ffn_axis(f_axis) {
     const std::int64_t elements = std::int64_t(experts) * out * in;
     detail::require_allocated(value, "kmoe::StackedWeight", elements);
-    detail::require_allocated(grad, "kmoe::StackedWeight", elements);
+    detail::require_allocated(grad, "kmoe::StackedWeight", gradient ? elements : 0);
   }
   void collect(ParameterList<ExecSpace, Scalar>& list) const {
     list.push_back(make_parameter<ExecSpace>(name, value, grad, role, 0, ffn_axis));
@@ -53,9 +54,10 @@ struct StackedBias {
   int ffn_axis = -1;  ///< 1 when the width is F (b1); -1 when it is H (b2, whole on every TP rank)
 
   StackedBias() = default;
-  StackedBias(const std::string& n, int experts, int width, bool enabled, int f_axis = -1)
+  StackedBias(const std::string& n, int experts, int width, bool enabled, int f_axis = -1,
+              bool gradient = true)
       : value(Kokkos::view_alloc(n), enabled ? experts : 0, width),
-        grad(Kokkos::view_alloc(n + ".grad"), enabled ? experts : 0, width),
+        grad(Kokkos::view_alloc(n + ".grad"), enabled && gradient ? experts : 0, width),
         name(n),
         ffn_axis(f_axis) {}
   bool enabled() const { return value.extent(0) > 0; }

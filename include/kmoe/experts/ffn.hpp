@@ -39,11 +39,11 @@ class FFNExperts {
       : name_(name),
         shape_(detail::validated_expert_shape("kmoe::FFNExperts", shape)),
         w1_(name + ".w1", shape.experts, shape.ffn, shape.hidden, ParameterRole::input_projection,
-            1),
+            1, shape.gradients),
         w2_(name + ".w2", shape.experts, shape.hidden, shape.ffn, ParameterRole::output_projection,
-            2),
-        b1_(name + ".b1", shape.experts, shape.ffn, shape.bias, 1),
-        b2_(name + ".b2", shape.experts, shape.hidden, shape.bias) {}
+            2, shape.gradients),
+        b1_(name + ".b1", shape.experts, shape.ffn, shape.bias, 1, shape.gradients),
+        b2_(name + ".b2", shape.experts, shape.hidden, shape.bias, -1, shape.gradients) {}
 
   /// The shape and name it was built with (a layer of another expert count builds its
   /// experts from them: placement/elastic.hpp).
@@ -85,6 +85,7 @@ class FFNExperts {
   void backward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                 const ConstMatrix<Scalar, ExecSpace>& grad_y,
                 const Matrix<Scalar, ExecSpace>& grad_x) {
+    detail::require_gradients("kmoe::FFNExperts::backward", shape_);
     if (pre_.extent(0) != std::size_t(segments.rows())) project(x, segments);
     const std::size_t elements = std::size_t(segments.rows()) * shape_.ffn;
     const auto pre = pre_, hidden = hidden_;

@@ -22,6 +22,9 @@ struct ExpertShape {
   /// GLU experts, one expert only (a shared expert): scale each output row by
   /// sigmoid(x · w_output_gate), w_output_gate [1, 1, H] (Qwen2-MoE's shared_expert_gate).
   bool output_gate = false;
+  /// false: no gradient buffers, half the memory of the weights (inference-only experts,
+  /// e.g. the resident slots of memory/resident_experts.hpp); backward then throws.
+  bool gradients = true;
 };
 
 namespace detail {
@@ -36,6 +39,12 @@ inline ExpertShape validated_expert_shape(const char* where, const ExpertShape& 
   checked_mul(values, std::int64_t(sizeof(double)), where, "weight bytes");
   return s;
 }
+/// Backward needs the gradient buffers an ExpertShape with gradients = false leaves out.
+inline void require_gradients(const char* where, const ExpertShape& s) {
+  require(s.gradients, where, "shape.gradients", "false",
+          "these experts were built without gradient buffers (inference only)");
+}
+
 /// s[r] = sigmoid(x[r] · gate), and y[r] *= s[r] unless `y` is empty: the output gate's
 /// forward (backward recomputes s alone when the forward released it).
 template <class X, class Scalar>
@@ -112,11 +121,11 @@ class GLUExperts {
       : name_(name),
         shape_(validated(shape)),
         w_gate_(name + ".w_gate", shape.experts, shape.ffn, shape.hidden,
-                ParameterRole::input_projection, 1),
+                ParameterRole::input_projection, 1, shape.gradients),
         w_up_(name + ".w_up", shape.experts, shape.ffn, shape.hidden,
-              ParameterRole::input_projection, 1),
+              ParameterRole::input_projection, 1, shape.gradients),
         w_down_(name + ".w_down", shape.experts, shape.hidden, shape.ffn,
-                ParameterRole::output_projection, 2) {
+                ParameterRole::output_projection, 2, shape.gradients) {
     if (shape.output_gate) w_output_gate_ = {name + ".w_output_gate", 1, 1, shape.hidden};
   }
 
@@ -155,6 +164,7 @@ class GLUExperts {
   void backward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
                 const ConstMatrix<Scalar, ExecSpace>& grad_y,
                 const Matrix<Scalar, ExecSpace>& grad_x) {
+    detail::require_gradients("kmoe::GLUExperts::backward", shape_);
     if (gate_.extent(0) != std::size_t(segments.rows())) project(x, segments);
     const std::size_t elements = std::size_t(segments.rows()) * shape_.ffn;
     const auto gate = gate_, up = up_, hidden = hidden_;

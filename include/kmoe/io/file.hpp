@@ -76,18 +76,23 @@ class RegularFile {
                              "cannot clear O_NONBLOCK: " + detail::errno_text(err));
     }
     size_ = static_cast<std::uint64_t>(st.st_size);
+    identity_ = Identity::of(st);
   }
 
   RegularFile(const RegularFile&) = delete;
   RegularFile& operator=(const RegularFile&) = delete;
   RegularFile(RegularFile&& other) noexcept
-      : path_(std::move(other.path_)), fd_(std::exchange(other.fd_, -1)), size_(other.size_) {}
+      : path_(std::move(other.path_)),
+        fd_(std::exchange(other.fd_, -1)),
+        size_(other.size_),
+        identity_(other.identity_) {}
   RegularFile& operator=(RegularFile&& other) noexcept {
     if (this != &other) {
       close();
       path_ = std::move(other.path_);
       fd_ = std::exchange(other.fd_, -1);
       size_ = other.size_;
+      identity_ = other.identity_;
     }
     return *this;
   }
@@ -96,6 +101,27 @@ class RegularFile {
   const std::string& path() const { return path_; }
   /// \brief The size when the file was opened.
   std::uint64_t size() const { return size_; }
+
+  /// \brief Why the file is no longer the one opened, or "" if it still is: its size or
+  /// modification time changed (rewritten in place), or its path now names another file or
+  /// none (replaced or removed). Lazy readers call it before each read, so that a
+  /// checkpoint changed underneath a long run is reported rather than mixed into the
+  /// weights. Thread-safe.
+  std::string change_since_open() const {
+    struct stat now {};
+    if (::fstat(fd_, &now) != 0) return "cannot stat: " + detail::errno_text(errno);
+    if (std::uint64_t(now.st_size) != size_)
+      return "its size changed from " + std::to_string(size_) + " to " +
+             std::to_string(now.st_size) + " bytes since it was opened";
+    if (Identity::of(now).modified != identity_.modified)
+      return "it was modified since it was opened (modification time changed)";
+    struct stat named {};
+    if (::stat(path_.c_str(), &named) != 0) return "it was removed since it was opened";
+    const Identity current = Identity::of(named);
+    if (current.device != identity_.device || current.inode != identity_.inode)
+      return "the path names another file than the one opened (replaced since it was opened)";
+    return "";
+  }
 
   /// \brief Reads exactly `count` bytes at byte `offset` into `dst`; throws
   /// kmoe::runtime_error "<where>: <path>: ..." on a read error or if the file now ends
@@ -129,9 +155,20 @@ class RegularFile {
     fd_ = -1;
   }
 
+  /// What tells a file apart from its replacement or its rewritten self.
+  struct Identity {
+    std::uint64_t device = 0, inode = 0;
+    std::int64_t modified = 0;  ///< modification time, nanoseconds
+    static Identity of(const struct stat& st) {
+      return {std::uint64_t(st.st_dev), std::uint64_t(st.st_ino),
+              std::int64_t(st.st_mtim.tv_sec) * 1'000'000'000 + std::int64_t(st.st_mtim.tv_nsec)};
+    }
+  };
+
   std::string path_;
   int fd_ = -1;
   std::uint64_t size_ = 0;
+  Identity identity_;
 };
 
 /// \brief The whole content of the regular file `path`, at most `max_bytes` long; errors as

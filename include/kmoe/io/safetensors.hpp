@@ -314,6 +314,14 @@ class SafetensorsFile {
     return result;
   }
 
+  /// \brief Throws kmoe::runtime_error naming the file if it is no longer the file whose
+  /// header was validated (RegularFile::change_since_open): a lazy reader calls it before
+  /// each read, since offsets from the old header would read another file's bytes.
+  void require_unchanged() const {
+    const std::string change = file_.change_since_open();
+    if (!change.empty()) fail(change + "; reopen the checkpoint");
+  }
+
  private:
   [[noreturn]] void fail(const std::string& why) const {
     throw runtime_error("SafetensorsFile: " + path_ + ": " + why);
@@ -699,6 +707,10 @@ class ShardedCheckpoint {
   std::vector<T> read(const std::string& name) const {
     return file_for(name).template read<T>(name);
   }
+
+  /// \brief Throws kmoe::runtime_error naming the shard of tensor `name` if that file
+  /// changed since it was opened (SafetensorsFile::require_unchanged).
+  void require_unchanged(const std::string& name) const { file_for(name).require_unchanged(); }
 
  private:
   void read_index(const std::string& index_path) {

@@ -18,6 +18,7 @@
 #include <kmoe/experts/glu.hpp>
 #include <kmoe/io/safetensors.hpp>
 #include <kmoe/layer.hpp>
+#include <kmoe/models/checkpoint_expert_store.hpp>
 #include <kmoe/models/config.hpp>
 #include <kmoe/routers/sigmoid_bias.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
@@ -94,19 +95,9 @@ void load_weights(Layer& layer, const MoEBlockConfig& b, const io::ShardedCheckp
     bool mapped = false;
     for (const auto& t : tensors) {
       if (t.parameter != p.name) continue;
-      const std::size_t size = std::size_t(t.count);
-      S* slice = host.data() + size * std::size_t(std::max(t.expert, 0));
-      if (!t.transposed()) {
-        checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset), slice, size);
-      } else {
-        region.resize(std::size_t(t.region_count()));
-        checkpoint.read_range_into<S>(t.checkpoint, std::uint64_t(t.offset), region.data(),
-                                      region.size());
-        const std::int64_t rows = t.count / t.region_rows;
-        for (std::int64_t i = 0; i < rows; ++i)
-          for (std::int64_t j = 0; j < t.region_rows; ++j)
-            slice[i * t.region_rows + j] = region[std::size_t(t.region_index(i, j))];
-      }
+      read_checkpoint_slice(checkpoint, t,
+                            host.data() + std::size_t(t.count) * std::size_t(std::max(t.expert, 0)),
+                            region);
       mapped = true;
     }
     if (!mapped)
@@ -194,14 +185,17 @@ using selection_bias_of = decltype(std::declval<const R&>().bias());
 /// The routed experts of block `b`: SwiGLU, or clamped SwiGLU (with biases if the block has
 /// them).
 template <class Experts>
-Experts routed_experts(const MoEBlockConfig& b) {
+Experts routed_experts(const MoEBlockConfig& b, bool gradients = true) {
   using X = typename Experts::execution_space;
   using S = typename Experts::scalar_type;
-  if constexpr (std::is_same_v<Experts, ClampedSwiGLUExperts<X, S>>)
-    return Experts(ExpertShape{b.experts, b.hidden, b.ffn, b.has_expert_bias()},
-                   ClampedSwiGLU{b.swiglu_alpha, b.swiglu_limit});
-  else
-    return Experts(ExpertShape{b.experts, b.hidden, b.ffn});
+  ExpertShape shape{b.experts, b.hidden, b.ffn};
+  shape.gradients = gradients;
+  if constexpr (std::is_same_v<Experts, ClampedSwiGLUExperts<X, S>>) {
+    shape.bias = b.has_expert_bias();
+    return Experts(shape, ClampedSwiGLU{b.swiglu_alpha, b.swiglu_limit});
+  } else {
+    return Experts(shape);
+  }
 }
 
 /// The shared expert of block `b`, if any (SwiGLU; no family with other experts has one).
@@ -215,6 +209,23 @@ std::optional<Experts> block_shared_experts(const MoEBlockConfig& b) {
     require(b.shared_ffn == 0, "kmoe::models", "shared expert F", b.shared_ffn,
             "a shared expert is SwiGLU, built beside SwiGLU experts only");
     return std::nullopt;
+  }
+}
+
+/// The block's selection bias (a buffer, not a parameter) into the router, if it has one.
+template <class Router>
+void load_selection_bias(Router& router, const MoEBlockConfig& b,
+                         const io::ShardedCheckpoint& checkpoint, const std::string& model_dir,
+                         const char* where) {
+  if (!b.has_selection_bias()) return;
+  if constexpr (kmoe::detail::is_detected_v<selection_bias_of, Router>) {
+    const auto bias = router.bias();
+    auto host = Kokkos::create_mirror_view(bias);
+    checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
+    Kokkos::deep_copy(bias, host);
+  } else {
+    throw invalid_argument(where, "model_dir", model_dir,
+                           "the block has a selection bias, which this router cannot hold");
   }
 }
 
@@ -238,17 +249,7 @@ MoELayer<Router, Experts> load_block(const std::string& model_dir, int layer,
   MoELayer<Router, Experts> moe(Router(router_config<Config>(b)), routed_experts<Experts>(b),
                                 block_options, block_shared_experts<Experts>(b));
   load_weights(moe, b, checkpoint);
-  if (b.has_selection_bias()) {
-    if constexpr (kmoe::detail::is_detected_v<selection_bias_of, Router>) {
-      const auto bias = moe.router().bias();
-      auto host = Kokkos::create_mirror_view(bias);
-      checkpoint.read_into(b.selection_bias_name(), host.data(), host.size());
-      Kokkos::deep_copy(bias, host);
-    } else {
-      throw invalid_argument(where, "model_dir", model_dir,
-                             "the block has a selection bias, which this router cannot hold");
-    }
-  }
+  load_selection_bias(moe.router(), b, checkpoint, model_dir, where);
   return moe;
 }
 
