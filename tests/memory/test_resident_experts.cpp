@@ -101,9 +101,13 @@ void check_inference(Router router, ExpertShape shape, const Case& c, std::uint6
     CAPTURE(b, c.slots, c.tokens, int(c.storage), int(c.eviction), c.prefetch);
     // The hint for batch b + 1 is read while batch b computes.
     if (c.prefetch && b + 1 < batches) resident.experts().prefetch(chosen[b + 1]);
-    resident.forward(x[b], y);
+    const ForwardStats forward_stats = resident.forward(x[b], y);
     CHECK(bits_of(y) == bits_of(y_reference[b]));
     CHECK(std::int64_t(resident.experts().resident_bytes()) <= budget_bytes);
+    // The layer's memory accounting reports the slots, not the experts in the store.
+    CHECK(forward_stats.memory.expert_weights <= budget_bytes);
+    CHECK(forward_stats.memory.expert_weights ==
+          std::int64_t(resident.experts().resident_bytes()));
   }
   const ResidencyStats& stats = resident.experts().residency_stats();
   CHECK(stats.forwards == batches);
