@@ -124,13 +124,14 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
         std::vector<int> owner(experts);
         for (int r = 0; r < ranks; ++r)
           for (int e : layout.local_experts(experts, r)) owner[e] = r;
-        std::vector<std::int64_t> minimum(ranks, 0);
+        std::vector<std::int64_t> minimum(ranks, 0), links(ranks, 0);
         std::int64_t kept = 0;
         for (int t = 0; t < tokens; ++t) {
           std::vector<bool> reaches(ranks, false);
           for (int s = 0; s < top_k; ++s)
             if (position(t, s) >= 0) {
               reaches[owner[expert(t, s)]] = true;
+              ++links[owner[expert(t, s)]];
               ++kept;
             }
           for (int r = 0; r < ranks; ++r) minimum[r] += reaches[r];
@@ -140,10 +141,13 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
         if (capacity_factor == 0.0) CHECK(minimum_total < kept);
         if (capacity_factor > 0.0) CHECK(stats.dropped > 0);
 
-        // What went on the wire: the first hidden-state exchange of forward is the dispatch.
+        // What went on the wire: the first hidden-state exchange of forward is the dispatch,
+        // each peer's block the minimum rows after its links (one value per kept assignment
+        // sent there, in whole rows).
         REQUIRE(!log->empty());
         std::vector<std::int64_t> minimum_elements(minimum);
-        for (auto& m : minimum_elements) m *= hidden;
+        for (int r = 0; r < ranks; ++r)
+          minimum_elements[r] = (minimum[r] + (links[r] + hidden - 1) / hidden) * hidden;
         CHECK(log->front() == minimum_elements);
         CHECK(stats.dispatch_rows == minimum);
       }
