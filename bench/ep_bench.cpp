@@ -22,8 +22,11 @@
 //     link (dispatch payload, dispatch header, counts, combine, backward exchanges) and the
 //     gradient all-reduce's bytes per group (the planner's check, docs/performance.md).
 //
+// --exchange-only skips 2 (one forward gives the routing), for large T.
+//
 //   mpiexec -n 2 ep_bench [--tokens T] [--repeats N] [--chunks C] [--hidden H] [--ffn F]
-//                         [--shared-ffn F] [--experts E] [--json]
+//                         [--shared-ffn F] [--experts E] [--exchange-only] [--json]
+//                         [--watchdog-ms MS]
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/exchange/expert_parallel_exchange.hpp>
@@ -78,8 +81,7 @@ bool has_flag(int argc, char** argv, const char* flag) {
 /// The maximum over ranks of each value (every rank's median, the slowest one reported).
 std::vector<double> slowest(const kmoe::MpiCommunicator& world, std::vector<double> values) {
   std::vector<double> out(values.size());
-  MPI_Allreduce(values.data(), out.data(), int(values.size()), MPI_DOUBLE, MPI_MAX,
-                world.native());
+  MPI_Allreduce(values.data(), out.data(), int(values.size()), MPI_DOUBLE, MPI_MAX, world.native());
   return out;
 }
 
@@ -97,10 +99,15 @@ int main(int argc, char** argv) {
     Kokkos::ScopeGuard kokkos(argc, argv);
     const int tokens = arg(argc, argv, "--tokens", 2048), repeats = arg(argc, argv, "--repeats", 5);
     const int chunks = arg(argc, argv, "--chunks", 0), hidden = arg(argc, argv, "--hidden", 1024);
-    const int ffn = arg(argc, argv, "--ffn", 1024), shared_ffn = arg(argc, argv, "--shared-ffn", 2048);
+    const int ffn = arg(argc, argv, "--ffn", 1024),
+              shared_ffn = arg(argc, argv, "--shared-ffn", 2048);
     const int experts = arg(argc, argv, "--experts", 8);
     const bool json = has_flag(argc, argv, "--json");
-    const auto world = kmoe::MpiCommunicator::world();
+    const bool exchange_only = has_flag(argc, argv, "--exchange-only");
+    kmoe::MpiOptions mpi_options;  // --watchdog-ms 0: MPI's blocking calls, no polling
+    mpi_options.collective_timeout = std::chrono::milliseconds(
+        arg(argc, argv, "--watchdog-ms", int(mpi_options.collective_timeout.count())));
+    const auto world = kmoe::MpiCommunicator::world(mpi_options);
     const int ranks = world.size(), me = world.rank();
     kmoe::ParallelLayout layout;
     layout.ep = ranks;
@@ -141,7 +148,7 @@ int main(int argc, char** argv) {
       return ms_since(start);
     };
     std::vector<double> forward_times[2], step_times[2];
-    for (int r = 0; r <= repeats; ++r)  // the first of each allocates the workspace
+    for (int r = 0; r <= (exchange_only ? -1 : repeats); ++r)  // the first allocates
       for (int which = 0; which < 2; ++which) {
         Layer& layer = which == 0 ? sequential : pipelined;
         const double f = step(layer, false), fb = step(layer, true);
@@ -155,7 +162,7 @@ int main(int argc, char** argv) {
     // The exchange's share of a sequential forward: its phases timed alone.
     sequential.set_phase_timing(true);
     std::vector<double> exchange_phase, forward_phase;
-    for (int r = 0; r < repeats; ++r) {
+    for (int r = 0; r < (exchange_only ? 0 : repeats); ++r) {
       MPI_Barrier(world.native());
       const auto s = sequential.forward(x, y);
       exchange_phase.push_back(s.phase_ms.exchange);
@@ -164,7 +171,7 @@ int main(int argc, char** argv) {
                               s.phase_ms.combine);
     }
     sequential.set_phase_timing(false);
-    const kmoe::RoutingPlan<X, S> routing = sequential.routing();
+    const kmoe::RoutingPlan<X, S> routing = pipelined.routing();
 
     // 1. The exchange alone against raw MPI_Alltoallv of the same bytes, alternating.
     kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator> exchange(groups, experts, hidden, 1);
@@ -257,11 +264,10 @@ int main(int argc, char** argv) {
           "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, "
           "float32, %d repeats\n",
           ranks, X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn, repeats);
-      std::printf(
-          "rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; "
-          "minimum %lld (sent / minimum %.3f)\n",
-          remote_rows_sent, remote_assignments, remote_rows_minimum,
-          remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
+      std::printf("rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; "
+                  "minimum %lld (sent / minimum %.3f)\n",
+                  remote_rows_sent, remote_assignments, remote_rows_minimum,
+                  remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
       std::printf(
           "exchange on the wire (counts + payload with links' header + return): %.3f ms; raw "
           "MPI_Alltoallv of the same bytes: %.3f ms; ratio %.3f\n",
@@ -270,16 +276,16 @@ int main(int argc, char** argv) {
           "arrangement kernels around it (send gather, expansion into expert order, combine "
           "arrangement): %.3f ms\n",
           agreed[2]);
-      std::printf(
-          "sequential forward: exchange phase %.3f ms of %.3f ms phases (%.0f%%)\n", agreed[7],
-          agreed[8], 100.0 * agreed[7] / agreed[8]);
-      std::printf(
-          "forward: sequential %.3f ms, pipelined (C=%d, shared experts overlapped) %.3f ms, "
-          "ratio %.3f\n",
-          agreed[3], used_chunks, agreed[4], agreed[4] / agreed[3]);
-      std::printf(
-          "forward + backward: sequential %.3f ms, pipelined %.3f ms, ratio %.3f\n", agreed[5],
-          agreed[6], agreed[6] / agreed[5]);
+      if (!exchange_only) {
+        std::printf("sequential forward: exchange phase %.3f ms of %.3f ms phases (%.0f%%)\n",
+                    agreed[7], agreed[8], 100.0 * agreed[7] / agreed[8]);
+        std::printf(
+            "forward: sequential %.3f ms, pipelined (C=%d, shared experts overlapped) %.3f ms, "
+            "ratio %.3f\n",
+            agreed[3], used_chunks, agreed[4], agreed[4] / agreed[3]);
+        std::printf("forward + backward: sequential %.3f ms, pipelined %.3f ms, ratio %.3f\n",
+                    agreed[5], agreed[6], agreed[6] / agreed[5]);
+      }
     }
     if (json) {
       // Bytes this rank sends each peer in one training step (p == rank: a local copy).
@@ -297,14 +303,16 @@ int main(int argc, char** argv) {
       }
       long long world_bytes = 0, dp_bytes = 0;
       for (const auto& p : pipelined.parameters())
-        (p.shard.expert_parallel ? dp_bytes : world_bytes) += (long long)(p.grad.size() * sizeof(S));
+        (p.shard.expert_parallel ? dp_bytes : world_bytes) +=
+            (long long)(p.grad.size() * sizeof(S));
       const std::string line =
           "{\"bench\":\"ep_bench\",\"rank\":" + std::to_string(me) +
           ",\"ranks\":" + std::to_string(ranks) + ",\"tokens\":" + std::to_string(tokens) +
           ",\"hidden\":" + std::to_string(hidden) + ",\"ffn\":" + std::to_string(ffn) +
           ",\"experts\":" + std::to_string(experts) + ",\"top_k\":" + std::to_string(top_k) +
-          ",\"shared_ffn\":" + std::to_string(shared_ffn) + ",\"scalar_bytes\":" +
-          std::to_string(sizeof(S)) + ",\"chunks\":" + std::to_string(used_chunks) +
+          ",\"shared_ffn\":" + std::to_string(shared_ffn) +
+          ",\"scalar_bytes\":" + std::to_string(sizeof(S)) +
+          ",\"chunks\":" + std::to_string(used_chunks) +
           ",\"dispatch_payload_bytes\":" + json_list(payload) +
           ",\"dispatch_header_bytes\":" + json_list(header) +
           ",\"counts_bytes\":" + json_list(counts) + ",\"combine_bytes\":" + json_list(combine) +

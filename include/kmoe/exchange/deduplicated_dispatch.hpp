@@ -111,7 +111,8 @@ class DeduplicatedDispatch {
           if (pos(t, s) < 0) return;
           const int r = owner(expert(t, s));
           for (int c = 0; c < chunks; ++c)
-            if (row(r * chunks + c, t) >= 0) link_of(pos(t, s)) = row(r * chunks + c, t) - begin(r * chunks);
+            if (row(r * chunks + c, t) >= 0)
+              link_of(pos(t, s)) = row(r * chunks + c, t) - begin(r * chunks);
         });
   }
 

@@ -109,18 +109,26 @@ void pack_token_rows(const In& x, const Token& token, const Begin& begin, const 
       });
 }
 
-/// Each kept assignment's link (Dispatch key order; rank r's assignments from
-/// assignment_begin(r)) as a value in rank r's header, flat from element header_at(r).
-template <class X, class Link, class Begin, class Flat>
-void pack_links(const Link& link, const Begin& assignment_begin, const Begin& header_at,
-                const Flat& send) {
+/// Rank r's header, flat from element header_at(r): the kept assignments of each of r's
+/// experts (keys from key_begin(r); Dispatch kept_per_key), then each kept assignment's
+/// link (Dispatch key order; r's assignments from assignment_begin(r)), as values.
+template <class X, class Kept, class Link, class Begin, class Flat>
+void pack_header(const Kept& kept, const Link& link, const Begin& key_begin,
+                 const Begin& assignment_begin, const Begin& header_at, const Flat& send) {
   using S = typename Flat::non_const_value_type;
   const int ranks = int(header_at.extent(0));
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::pack_counts", Kokkos::RangePolicy<X>(0, kept.extent(0)),
+      KOKKOS_LAMBDA(int key) {
+        const int r = block_containing(key_begin, ranks, key);
+        send(header_at(r) + key - key_begin(r)) = S(kept(key));
+      });
   Kokkos::parallel_for(
       "kmoe::MoELayer::pack_links", Kokkos::RangePolicy<X>(0, link.extent(0)),
       KOKKOS_LAMBDA(int a) {
         const int r = block_containing(assignment_begin, ranks, a);
-        send(header_at(r) + a - assignment_begin(r)) = S(link(a));
+        const auto experts = key_begin(r + 1) - key_begin(r);
+        send(header_at(r) + experts + a - assignment_begin(r)) = S(link(a));
       });
 }
 
@@ -258,18 +266,20 @@ class ExpertParallelExchange {
     chunks_ = deduplicated() ? chunks : 1;
     const int experts = int(key_host_.size());
     auto chunk_mirror = Kokkos::create_mirror_view(
-        Kokkos::HostSpace(), detail::ensure_view(expert_chunk_, "kmoe::MoELayer::expert_chunk",
-                                                 std::size_t(experts)));
+        Kokkos::HostSpace(),
+        detail::ensure_view(expert_chunk_, "kmoe::MoELayer::expert_chunk", std::size_t(experts)));
     std::vector<int> chunk_of_key;
     for (int r = 0; r < ranks_; ++r)
       for (int j = 0; j < local_count_[r]; ++j) chunk_of_key.push_back(chunk_of(r, j));
-    for (int e = 0; e < experts; ++e) chunk_mirror(e) = key_host_[e] < 0 ? 0 : chunk_of_key[key_host_[e]];
+    for (int e = 0; e < experts; ++e)
+      chunk_mirror(e) = key_host_[e] < 0 ? 0 : chunk_of_key[key_host_[e]];
     Kokkos::deep_copy(expert_chunk_, chunk_mirror);
   }
   int chunks() const { return chunks_; }
   /// The fewest experts any EP rank holds (the most chunks that leave none empty).
   int fewest_local_experts() const {
-    return local_count_.empty() ? 0 : int(*std::min_element(local_count_.begin(), local_count_.end()));
+    return local_count_.empty() ? 0
+                                : int(*std::min_element(local_count_.begin(), local_count_.end()));
   }
 
   /// Hidden-state rows sent to each EP rank by the last exchange_counts() (one per token, or
@@ -366,12 +376,23 @@ class ExpertParallelExchange {
         send_host(at++) = deduplicate ? deduplicated_.rows_per_chunk[r * chunks + c]
                                       : (c == 0 ? send_rows_[r] : 0);
     }
-    Kokkos::deep_copy(count_send_, send_host);
-    if (ranks > 1) ep_.all_to_all_v(count_send_, count_send_counts_, count_recv_, count_recv_counts_);
-    else Kokkos::deep_copy(count_recv_, count_send_);
     auto recv_host = detail::ensure_view(count_recv_host_, "kmoe::MoELayer::count_recv_host",
                                          std::size_t(ranks) * per_peer);
-    Kokkos::deep_copy(recv_host, count_recv_);
+    payload_arrived_ = false;
+    if constexpr (detail::is_detected_v<detail::comm_sized_exchange, Communicator>) {
+      if (deduplicate && chunks == 1) {
+        receive_sized_by_sender(recv_host);
+        payload_arrived_ = true;
+      }
+    }
+    if (!payload_arrived_) {
+      Kokkos::deep_copy(count_send_, send_host);
+      if (ranks > 1)
+        ep_.all_to_all_v(count_send_, count_send_counts_, count_recv_, count_recv_counts_);
+      else
+        Kokkos::deep_copy(count_recv_, count_send_);
+      Kokkos::deep_copy(recv_host, count_recv_);
+    }
     const auto received = [&](int p, int j) { return recv_host(p * per_peer + j); };
 
     // Receive layout, chunk-major: chunk c holds, per source p, the links' header (chunk 0
@@ -384,11 +405,11 @@ class ExpertParallelExchange {
                                      std::size_t(ranks), std::size_t(chunks));
     auto token_at = detail::ensure_view(token_at_host_, "kmoe::MoELayer::token_at_host",
                                         std::size_t(ranks), std::size_t(chunks));
-    auto header_at = detail::ensure_view(header_at_host_, "kmoe::MoELayer::header_at_host",
-                                         std::size_t(ranks));
+    auto header_at =
+        detail::ensure_view(header_at_host_, "kmoe::MoELayer::header_at_host", std::size_t(ranks));
     for (int p = 0; p < ranks; ++p) {
       for (int j = 0; j < local; ++j) recv_rows_[p] += received(p, j);
-      header_recv_[p] = deduplicate ? header_rows_of(recv_rows_[p]) : 0;
+      header_recv_[p] = deduplicate ? header_rows_of(local + recv_rows_[p]) : 0;
       for (int c = 0, before = 0; c < chunks; ++c) {
         first(p, c) = before;
         before += int(received(p, local + c));
@@ -436,7 +457,7 @@ class ExpertParallelExchange {
         blocks(b, 1) = expert_row;
         blocks(b, 2) = int(received(p, j));
         blocks(b, 3) = int(return_begin[std::size_t(c) * ranks + p] + before_in_chunk);
-        blocks(b, 4) = int(before);
+        blocks(b, 4) = int(local + before);  // after the counts at the header's head
         expert_row += blocks(b, 2);
       }
       expert_row = (expert_row + alignment - 1) / alignment * alignment;
@@ -483,6 +504,7 @@ class ExpertParallelExchange {
     }
     if (!deduplicated())
       return start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
+    if (payload_arrived_) return {};  // with the counts, by all_to_all_v_sized_by_sender
     return dispatch_chunk_start(0);
   }
 
@@ -526,8 +548,8 @@ class ExpertParallelExchange {
   /// of expert_x(); its segments are chunk_segments(c).
   Matrix<S, X> arrive_chunk(int c) {
     if (c == 0) {
-      detail::ensure_rows(expert_x_, expert_x_buffer_, "kmoe::MoELayer::expert_x",
-                          segments_.rows(), hidden_);
+      detail::ensure_rows(expert_x_, expert_x_buffer_, "kmoe::MoELayer::expert_x", segments_.rows(),
+                          hidden_);
       arrive_links();
     }
     expand_to_experts(recv_x_, expert_x_, chunk_begin(c), chunk_begin(c + 1));
@@ -554,8 +576,8 @@ class ExpertParallelExchange {
       std::int64_t total = 0;
       for (auto rows : return_rows_) total += rows;
       detail::ensure_rows(recv_y_, recv_y_buffer_, "kmoe::MoELayer::recv_y", total, hidden_);
-      detail::ensure_rows(return_y_, return_y_buffer_, "kmoe::MoELayer::return_y",
-                          send_total(), hidden_);
+      detail::ensure_rows(return_y_, return_y_buffer_, "kmoe::MoELayer::return_y", send_total(),
+                          hidden_);
     }
     detail::scatter_mapped_rows<X>(
         Kokkos::subview(expert_return_row_, Kokkos::make_pair(chunk_begin(c), chunk_begin(c + 1))),
@@ -582,8 +604,7 @@ class ExpertParallelExchange {
   void return_chunk_finish(int c) {
     const int ranks = ranks_;
     if (c == 0)
-      detail::ensure_rows(send_y_, send_y_buffer_, "kmoe::MoELayer::send_y", send_total(),
-                          hidden_);
+      detail::ensure_rows(send_y_, send_y_buffer_, "kmoe::MoELayer::send_y", send_total(), hidden_);
     std::int64_t from = 0;
     for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) from += send_chunk_rows_[b];
     for (int r = 0; r < ranks; ++r) {
@@ -704,16 +725,18 @@ class ExpertParallelExchange {
   void pack_deduplicated(const ConstMatrix<S, X>& x) {
     const int ranks = ranks_, chunks = chunks_;
     header_send_.assign(ranks, 0);
-    for (int r = 0; r < ranks; ++r) header_send_[r] = header_rows_of(send_rows_[r]);
+    for (int r = 0; r < ranks; ++r)
+      header_send_[r] = header_rows_of(local_count_[r] + send_rows_[r]);
     send_block_rows_.assign(std::size_t(chunks) * ranks, 0);
     auto begin = detail::ensure_view(token_begin_host_, "kmoe::MoELayer::token_begin_host",
                                      std::size_t(ranks * chunks + 1));
     auto at = detail::ensure_view(token_to_host_, "kmoe::MoELayer::token_to_host",
                                   std::size_t(ranks * chunks));
-    auto header_at = detail::ensure_view(header_to_host_, "kmoe::MoELayer::header_to_host",
-                                         std::size_t(ranks));
-    auto assignment_begin = detail::ensure_view(
-        assignment_begin_host_view_, "kmoe::MoELayer::assignment_begin_host", std::size_t(ranks + 1));
+    auto header_at =
+        detail::ensure_view(header_to_host_, "kmoe::MoELayer::header_to_host", std::size_t(ranks));
+    auto assignment_begin =
+        detail::ensure_view(assignment_begin_host_view_, "kmoe::MoELayer::assignment_begin_host",
+                            std::size_t(ranks + 1));
     std::int64_t row = 0;
     for (int c = 0; c < chunks; ++c)
       for (int r = 0; r < ranks; ++r) {
@@ -745,7 +768,57 @@ class ExpertParallelExchange {
       if (header_send_[r] > 0)
         Kokkos::deep_copy(flat_rows(send_x_, header_at(r) / hidden_, header_send_[r]), S(0));
     detail::pack_token_rows<X>(x, deduplicated_.token, token_begin_, token_to_, send_x_);
-    detail::pack_links<X>(deduplicated_.link, assignment_begin_, header_to_, flat(send_x_));
+    auto kept = detail::ensure_view(kept_host_, "kmoe::MoELayer::kept_host", kept_per_key_.size());
+    auto key_begin =
+        detail::ensure_view(key_begin_host_, "kmoe::MoELayer::key_begin_host", std::size_t(ranks + 1));
+    for (std::size_t key = 0; key < kept_per_key_.size(); ++key) kept(key) = kept_per_key_[key];
+    key_begin(0) = 0;
+    for (int r = 0; r < ranks; ++r) key_begin(r + 1) = key_begin(r) + local_count_[r];
+    detail::ensure_extents(kept_, "kmoe::MoELayer::kept", kept_per_key_.size());
+    detail::ensure_extents(key_begin_, "kmoe::MoELayer::key_begin", std::size_t(ranks + 1));
+    Kokkos::deep_copy(kept_, kept);
+    Kokkos::deep_copy(key_begin_, key_begin);
+    detail::pack_header<X>(kept_, deduplicated_.link, key_begin_, assignment_begin_, header_to_,
+                           flat(send_x_));
+  }
+
+  /// The unchunked deduplicated dispatch through a communicator that sizes messages by
+  /// their sender: the payload arrives with its counts (its header's first values), so no
+  /// count all-to-all precedes it. Fills the counts as the all-to-all would have
+  /// (recv_host: per source, its experts' assignments, then its token rows).
+  template <class Host>
+  void receive_sized_by_sender(const Host& recv_host) {
+    const int ranks = ranks_, local = local_, per_peer = local + 1;
+    std::vector<std::int64_t> send_counts(send_block_rows_);
+    for (auto& c : send_counts) c *= hidden_;
+    const auto counts = ep_.all_to_all_v_sized_by_sender(
+        flat(send_x_), send_counts, [&](const std::vector<std::int64_t>& elements) {
+          std::int64_t total = 0;
+          for (auto e : elements) total += e;
+          detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x",
+                              total / hidden_, hidden_);
+          return flat(recv_x_);
+        });
+    // Each block's counts, from the head of its header, to the host.
+    auto head = detail::ensure_view(received_head_, "kmoe::MoELayer::received_head",
+                                    std::size_t(ranks) * std::max(local, 1));
+    std::int64_t at = 0;
+    for (int p = 0; p < ranks; ++p) {
+      if (local > 0 && counts[p] > 0)
+        Kokkos::deep_copy(Kokkos::subview(head, std::make_pair(std::size_t(p) * local,
+                                                                 std::size_t(p + 1) * local)),
+                          FlatView(recv_x_.data() + at, std::size_t(local)));
+      at += counts[p];
+    }
+    for (int p = 0; p < ranks; ++p) {
+      std::int64_t links = 0;
+      for (int j = 0; j < local; ++j) {
+        const auto kept = counts[p] > 0 ? std::int64_t(head(std::size_t(p) * local + j)) : 0;
+        recv_host(p * per_peer + j) = kept;
+        links += kept;
+      }
+      recv_host(p * per_peer + local) = counts[p] / hidden_ - header_rows_of(local + links);
+    }
   }
 
   /// Deduplicated dispatch, once its first chunk (the headers) has arrived: the received
@@ -898,7 +971,8 @@ class ExpertParallelExchange {
   // Send-side tables of the pack kernels and receive-side tables of the link decoding,
   // with their host copies (kept across steps).
   Vector<int, X> token_begin_, token_to_;
-  Vector<std::int64_t, X> header_to_, assignment_begin_, header_at_;
+  Vector<std::int64_t, X> header_to_, assignment_begin_, header_at_, kept_, key_begin_;
+  Kokkos::View<std::int64_t*, Kokkos::HostSpace> kept_host_, key_begin_host_;
   Kokkos::View<int*, Kokkos::HostSpace> token_begin_host_, token_to_host_;
   Kokkos::View<std::int64_t*, Kokkos::HostSpace> header_to_host_, assignment_begin_host_view_,
       header_at_host_;
@@ -912,6 +986,8 @@ class ExpertParallelExchange {
   Vector<int, X> expert_receive_row_, expert_return_row_, expert_token_row_;
   Vector<int, X> expert_receive_row_buffer_, expert_return_row_buffer_, expert_token_row_buffer_;
   bool identity_arrangement_ = true;
+  bool payload_arrived_ = false;  ///< the dispatch came with the counts (sized by sender)
+  Kokkos::View<S*, Kokkos::HostSpace> received_head_;  ///< each block's counts, on the host
   Segments<X> segments_;
   std::vector<Segments<X>> chunk_segments_;
   std::vector<int> chunk_row_begin_;
@@ -923,8 +999,7 @@ class ExpertParallelExchange {
   Matrix<S, X> grad_recv_y_, grad_expert_y_, grad_recv_x_, grad_send_x_;
   Matrix<S, X> send_x_buffer_, recv_x_buffer_, expert_x_buffer_, recv_y_buffer_, send_y_buffer_,
       return_y_buffer_;
-  Matrix<S, X> grad_recv_y_buffer_, grad_expert_y_buffer_, grad_recv_x_buffer_,
-      grad_send_x_buffer_;
+  Matrix<S, X> grad_recv_y_buffer_, grad_expert_y_buffer_, grad_recv_x_buffer_, grad_send_x_buffer_;
 };
 
 }  // namespace kmoe
