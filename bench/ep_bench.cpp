@@ -295,8 +295,12 @@ int main(int argc, char** argv) {
       for (int p = 0; p < ranks; ++p) {
         payload[p] = stats.dispatch_rows[p] * row;
         header[p] = stats.dispatch_header_rows[p] * row;
-        counts[p] = (long long)(layout.local_experts(experts, p).size() + used_chunks) *
-                    (long long)sizeof(std::int64_t);
+        // The count all-to-all runs only in the pipelined forward: unchunked, MPI carries
+        // the counts in the dispatch's header (dispatch_header_bytes).
+        counts[p] = used_chunks > 1
+                        ? (long long)(layout.local_experts(experts, p).size() + used_chunks) *
+                              (long long)sizeof(std::int64_t)
+                        : 0;
         combine[p] = stats.combine_rows_sent[p] * row;
         to_experts[p] = stats.combine_rows_received[p] * row;
         from_experts[p] = stats.combine_rows_sent[p] * row;

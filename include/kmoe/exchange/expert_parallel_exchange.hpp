@@ -769,8 +769,8 @@ class ExpertParallelExchange {
         Kokkos::deep_copy(flat_rows(send_x_, header_at(r) / hidden_, header_send_[r]), S(0));
     detail::pack_token_rows<X>(x, deduplicated_.token, token_begin_, token_to_, send_x_);
     auto kept = detail::ensure_view(kept_host_, "kmoe::MoELayer::kept_host", kept_per_key_.size());
-    auto key_begin =
-        detail::ensure_view(key_begin_host_, "kmoe::MoELayer::key_begin_host", std::size_t(ranks + 1));
+    auto key_begin = detail::ensure_view(key_begin_host_, "kmoe::MoELayer::key_begin_host",
+                                         std::size_t(ranks + 1));
     for (std::size_t key = 0; key < kept_per_key_.size(); ++key) kept(key) = kept_per_key_[key];
     key_begin(0) = 0;
     for (int r = 0; r < ranks; ++r) key_begin(r + 1) = key_begin(r) + local_count_[r];
@@ -795,8 +795,8 @@ class ExpertParallelExchange {
         flat(send_x_), send_counts, [&](const std::vector<std::int64_t>& elements) {
           std::int64_t total = 0;
           for (auto e : elements) total += e;
-          detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x",
-                              total / hidden_, hidden_);
+          detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total / hidden_,
+                              hidden_);
           return flat(recv_x_);
         });
     // Each block's counts, from the head of its header, to the host.
@@ -806,7 +806,7 @@ class ExpertParallelExchange {
     for (int p = 0; p < ranks; ++p) {
       if (local > 0 && counts[p] > 0)
         Kokkos::deep_copy(Kokkos::subview(head, std::make_pair(std::size_t(p) * local,
-                                                                 std::size_t(p + 1) * local)),
+                                                               std::size_t(p + 1) * local)),
                           FlatView(recv_x_.data() + at, std::size_t(local)));
       at += counts[p];
     }

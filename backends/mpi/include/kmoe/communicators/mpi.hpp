@@ -362,8 +362,8 @@ class MpiCommunicator {
                           "MPI_Improbe");
         if (found || !watched()) continue;
         int reported = 0;
-        detail::mpi_check(MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, native(),
-                                     &reported, MPI_STATUS_IGNORE),
+        detail::mpi_check(MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, native(), &reported,
+                                     MPI_STATUS_IGNORE),
                           "MPI_Iprobe");
         if (reported || clock::now() >= deadline)
           report_timeout(*handle_, detail::MpiCollective::sized_exchange, sequence);
