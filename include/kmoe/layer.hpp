@@ -289,17 +289,6 @@ class MoELayer {
       shared_->forward(x, shared_segments_, shared_y_, mode);
       phase_clock.lap(stats.phase_ms.shared);
     };
-    {
-      const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
-      wait_for_slowest_rank(phase_clock, stats.phase_ms);
-      exchange_.exchange_counts();
-      stats.dispatch_rows = exchange_.dispatch_rows();
-      stats.dispatch_rows_received = exchange_.dispatch_rows_received();
-      stats.combine_rows_sent = exchange_.combine_rows_sent();
-      stats.combine_rows_received = exchange_.combine_rows_received();
-      stats.dispatch_header_rows = exchange_.header_rows();
-      stats.exchange_chunks = exchange_.chunks();
-    }
     if (exchange_.chunks() > 1)
       forward_pipelined(mode, stats, phase_clock, run_shared);
     else
@@ -311,12 +300,25 @@ class MoELayer {
     phase_clock.lap(stats.phase_ms.combine);
   }
 
+  /// The counts of the exchange (through MPI, with the payload itself) and what they tell.
+  void exchange_counts(ForwardStats& stats, detail::PhaseClock<X>& phase_clock) {
+    wait_for_slowest_rank(phase_clock, stats.phase_ms);
+    exchange_.exchange_counts();
+    stats.dispatch_rows = exchange_.dispatch_rows();
+    stats.dispatch_rows_received = exchange_.dispatch_rows_received();
+    stats.combine_rows_sent = exchange_.combine_rows_sent();
+    stats.combine_rows_received = exchange_.combine_rows_received();
+    stats.dispatch_header_rows = exchange_.header_rows();
+    stats.exchange_chunks = exchange_.chunks();
+  }
+
   /// The dispatch, experts and combine of one forward, each waited for in turn (C = 1).
   template <class RunShared>
   void forward_sequential(ExpertMode mode, ForwardStats& stats, detail::PhaseClock<X>& phase_clock,
                           const RunShared& run_shared) {
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
+      exchange_counts(stats, phase_clock);
       auto request = exchange_.dispatch_start();
       if (options_.overlap_shared_experts && shared_) {
         run_shared();
@@ -367,6 +369,7 @@ class MoELayer {
     };
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
+      exchange_counts(stats, phase_clock);
       for (int c = 0; c < chunks; ++c) dispatched[c] = exchange_.dispatch_chunk_start(c);
       if (options_.overlap_shared_experts && shared_) {
         run_shared();
