@@ -1,20 +1,43 @@
 // SPDX-License-Identifier: BSD-3-Clause
-// Expert-parallel forward over MPI (`mpiexec -n P ep_bench`): EP = P ranks, a Mixtral-like
-// layer with a shared expert. Reports, in the same run, the rows the deduplicated dispatch
-// sends against one row per (token, expert) and against the minimum; the layer's exchange
-// time (counts, links and payload, both directions, from LayerOptions::time_phases, which
-// reports the wait for the slower rank apart) against a raw MPI_Alltoallv of the same
-// payload bytes both ways; the exchange object alone (ExpertParallelExchange: plan, counts,
-// payload out, arrival, combine back, on the layer's own routing with identity experts)
-// against the same raw MPI_Alltoallv; and the forward time with the shared experts
-// overlapped with the dispatch against run after it. With --ranks-per-node N (ranks grouped
-// into nodes of N consecutive ranks, docs/parallel.md "Nodes"), also the flat against the
-// hierarchical exchange in the same run: the forward time and the bytes and messages each
-// rank hands the communicators for peers on other nodes and on its own (ForwardStats::traffic).
-// --exchange chooses the exchange of the layer's figures above (flat by default; the
-// exchange-alone figure is always the flat ExpertParallelExchange).
+// Expert-parallel layer over MPI (`mpiexec -n P ep_bench`): EP = P ranks, a Mixtral-like
+// layer with a shared expert. Reports, in the same run:
+//  1. the exchange against raw MPI_Alltoallv of the same bytes. Exchange side: an
+//     ExpertParallelExchange on the layer's own routing (identity experts), timed from
+//     exchange_counts() to the dispatch's wait, plus the combine's transfer (from its
+//     before_exchange callback to its return): the counts all-to-all, the payload (links'
+//     header first) and the return, what crosses the wire. Raw side: one MPI_Alltoallv of
+//     the dispatch's exact per-peer element counts (header included) and one of the
+//     return's, on buffers of the same sizes. The two alternate repetition by repetition,
+//     each after an MPI_Barrier; the figure is the median per rank, the maximum over ranks.
+//     The arrangement kernels around the transfers (the send rows' gather, the expansion
+//     into expert order, the combine's arrangement) are reported apart: they are memory
+//     permutations a raw MPI_Alltoallv does not do;
+//  2. forward, and forward + backward (training_mode recompute), pipelined (LayerOptions::
+//     exchange_chunks, --chunks; 0 lets the layer choose) with the shared experts
+//     overlapped, against sequential (exchange_chunks = 1, shared experts after the
+//     dispatch), alternating step by step, each step after an MPI_Barrier;
+//  3. the rows of the deduplicated dispatch against one row per (token, expert) and the
+//     minimum;
+//  4. with --json, one line per rank: the bytes this rank sends each peer per step on each
+//     link (dispatch payload, dispatch header, counts, combine, backward exchanges) and the
+//     gradient all-reduce's bytes per group; the bytes the forward's exchange handed the
+//     communicators (traffic_bytes, ForwardStats::traffic) and kmoe-plan's layout model's
+//     prediction of the forward's rows and metadata from the gathered routing tables
+//     (model_rows_bytes, model_metadata_bytes; tests/planning/ep_bench_model.cmake
+//     checks them equal).
 //
-//   mpiexec -n 2 ep_bench [--tokens T] [--repeats N] [--exchange flat|hierarchical]
+// --exchange-only skips 2 (one forward gives the routing), for large T.
+// --exchange chooses the layers' exchange in 2 and 4 (flat by default; the hierarchical one
+// exchanges unchunked, so its "pipelined" layer is C = 1 with the shared experts
+// overlapped); the exchange alone in 1 is always the flat ExpertParallelExchange. With
+// --ranks-per-node N (ranks grouped into nodes of N consecutive ranks, docs/parallel.md
+// "Nodes"), also the flat against the hierarchical exchange in the same run: the forward
+// time and the bytes and messages each rank hands the communicators for peers on other
+// nodes and on its own (ForwardStats::traffic).
+//
+//   mpiexec -n 2 ep_bench [--tokens T] [--repeats N] [--chunks C] [--hidden H] [--ffn F]
+//                         [--shared-ffn F] [--experts E] [--exchange-only] [--json]
+//                         [--watchdog-ms MS] [--exchange flat|hierarchical]
 //                         [--ranks-per-node N]
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
@@ -22,6 +45,7 @@
 #include <kmoe/expert.hpp>
 #include <kmoe/init.hpp>
 #include <kmoe/layer.hpp>
+#include <kmoe/planning/layout_model.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 
 #include <algorithm>
@@ -29,6 +53,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,12 +66,17 @@ using Router = kmoe::SoftmaxTopKRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
 using Layer =
     kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
+using clock_type = std::chrono::steady_clock;
 
-constexpr int hidden = 1024, ffn = 1024, shared_ffn = 2048, experts = 8, top_k = 2;
+constexpr int top_k = 2;
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+double ms_since(clock_type::time_point start) {
+  return std::chrono::duration<double, std::milli>(clock_type::now() - start).count();
 }
 
 int arg(int argc, char** argv, const char* flag, int fallback) {
@@ -61,14 +92,32 @@ const char* text_arg(int argc, char** argv, const char* flag, const char* fallba
   return fallback;
 }
 
+bool has_flag(int argc, char** argv, const char* flag) {
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], flag) == 0) return true;
+  return false;
+}
+
+/// The maximum over ranks of each value (every rank's median, the slowest one reported).
+std::vector<double> slowest(const kmoe::MpiCommunicator& world, std::vector<double> values) {
+  std::vector<double> out(values.size());
+  MPI_Allreduce(values.data(), out.data(), int(values.size()), MPI_DOUBLE, MPI_MAX, world.native());
+  return out;
+}
+
+/// The layer shape of a run (the command line's).
+struct Shape {
+  int hidden, ffn, shared_ffn, experts;
+};
+
 /// Flat against hierarchical exchange over nodes of `ranks_per_node` ranks: the layer's
 /// forward (shared experts overlapped), median of `repeats`, and the traffic of one forward
 /// by node class, summed over the ranks.
 void compare_exchanges(const kmoe::ParallelGroups<kmoe::MpiCommunicator>& groups,
-                       const kmoe::Matrix<S, X>& x, const kmoe::Matrix<S, X>& y, int ranks_per_node,
-                       int repeats) {
+                       const kmoe::Matrix<S, X>& x, const kmoe::Matrix<S, X>& y, const Shape& shape,
+                       int ranks_per_node, int repeats) {
   const auto& world = groups.world;
-  const int local = int(groups.layout.local_experts(experts, groups.ep_rank).size());
+  const int local = int(groups.layout.local_experts(shape.experts, groups.ep_rank).size());
   double forward_ms[2] = {0, 0};
   std::vector<long long> traffic(8, 0);  // [kind * 4 + (inter bytes, inter msgs, intra ...)]
   for (int kind = 0; kind < 2; ++kind) {
@@ -76,8 +125,11 @@ void compare_exchanges(const kmoe::ParallelGroups<kmoe::MpiCommunicator>& groups
     options.nodes.exchange =
         kind == 0 ? kmoe::ExchangeKind::flat : kmoe::ExchangeKind::hierarchical;
     options.nodes.ranks_per_node = ranks_per_node;
-    Layer layer(Router({hidden, experts, top_k, true}), Experts({local, hidden, ffn}), options,
-                Experts({1, hidden, shared_ffn}, "shared_experts"), groups);
+    std::optional<Experts> shared;
+    if (shape.shared_ffn > 0)
+      shared = Experts({1, shape.hidden, shape.shared_ffn}, "shared_experts");
+    Layer layer(Router({shape.hidden, shape.experts, top_k, true}),
+                Experts({local, shape.hidden, shape.ffn}), options, shared, groups);
     kmoe::fill_normal(layer.parameters(), 0.02, 5);
     const auto stats = layer.forward(x, y);  // warm-up, and the traffic (the same every forward)
     traffic[std::size_t(kind) * 4 + 0] = stats.traffic.inter_node_bytes;
@@ -87,31 +139,80 @@ void compare_exchanges(const kmoe::ParallelGroups<kmoe::MpiCommunicator>& groups
     std::vector<double> times;
     for (int r = 0; r < repeats; ++r) {
       MPI_Barrier(world.native());
-      const auto start = std::chrono::steady_clock::now();
+      const auto start = clock_type::now();
       layer.forward(x, y);
       Kokkos::fence();
-      times.push_back(
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-              .count());
+      times.push_back(ms_since(start));
     }
     forward_ms[kind] = median(times);
   }
   std::vector<long long> total(traffic.size());
   MPI_Allreduce(traffic.data(), total.data(), int(traffic.size()), MPI_LONG_LONG, MPI_SUM,
                 world.native());
-  double slowest[2];
-  MPI_Allreduce(forward_ms, slowest, 2, MPI_DOUBLE, MPI_MAX, world.native());
+  const auto slowest_ms = slowest(world, {forward_ms[0], forward_ms[1]});
   if (world.rank() != 0) return;
   for (int kind = 0; kind < 2; ++kind)
     std::printf(
-        "%s exchange, %d ranks per node: forward %.3f ms; per forward, all ranks: inter-node %.3f MB in %lld messages, intra-node %.3f MB in %lld messages\n",
-        kind == 0 ? "flat" : "hierarchical", ranks_per_node, slowest[kind],
+        "%s exchange, %d ranks per node: forward %.3f ms; per forward, all ranks: inter-node "
+        "%.3f MB in %lld messages, intra-node %.3f MB in %lld messages\n",
+        kind == 0 ? "flat" : "hierarchical", ranks_per_node, slowest_ms[std::size_t(kind)],
         double(total[std::size_t(kind) * 4]) / 1e6, total[std::size_t(kind) * 4 + 1],
         double(total[std::size_t(kind) * 4 + 2]) / 1e6, total[std::size_t(kind) * 4 + 3]);
   std::printf(
       "hierarchical / flat: forward %.3f, inter-node bytes %.3f, inter-node messages %.3f\n",
-      slowest[1] / slowest[0], double(total[4]) / std::max(1.0, double(total[0])),
+      slowest_ms[1] / slowest_ms[0], double(total[4]) / std::max(1.0, double(total[0])),
       double(total[5]) / std::max(1.0, double(total[1])));
+}
+
+/// kmoe-plan's layout model's bytes this rank sends its EP peers in the forward of
+/// `layer` (the last one; its routing gathered from every rank), over the exchange path
+/// the layer took: dispatch + combine rows, and the metadata (header rows, counts).
+std::pair<double, double> predicted_forward_bytes(const Layer& layer, const Shape& shape,
+                                                  const kmoe::ParallelLayout& layout, int chunks,
+                                                  bool sender_sized) {
+  const auto expert =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
+  const auto position = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.positions());
+  const int tokens = int(expert.extent(0));
+  std::vector<int> mine(std::size_t(tokens) * top_k);
+  for (int t = 0; t < tokens; ++t)
+    for (int s = 0; s < top_k; ++s)
+      mine[std::size_t(t) * top_k + s] = position(t, s) >= 0 ? expert(t, s) : -1;
+  const int ranks = layout.world_size();
+  std::vector<int> all(mine.size() * ranks);
+  MPI_Allgather(mine.data(), int(mine.size()), MPI_INT, all.data(), int(mine.size()), MPI_INT,
+                layer.groups().world.native());
+  std::vector<std::vector<int>> routing(static_cast<std::size_t>(ranks));
+  for (int r = 0; r < ranks; ++r)
+    routing[std::size_t(r)].assign(all.begin() + std::ptrdiff_t(r * mine.size()),
+                                   all.begin() + std::ptrdiff_t((r + 1) * mine.size()));
+  kmoe::planning::ModelShape model_shape;
+  model_shape.hidden = shape.hidden;
+  model_shape.ffn = shape.ffn;
+  model_shape.experts = shape.experts;
+  model_shape.top_k = top_k;
+  model_shape.shared_experts = shape.shared_ffn > 0 ? 1 : 0;
+  model_shape.shared_ffn = shape.shared_ffn;
+  model_shape.dtype_bytes = sizeof(S);
+  kmoe::planning::Machine machine;  // one node: the totals do not depend on the links
+  machine.ranks = machine.ranks_per_node = ranks;
+  machine.memory_per_rank = machine.intra_node_bandwidth = machine.inter_node_bandwidth =
+      machine.flop_rate = 1;
+  const kmoe::planning::LayoutModel model(model_shape, machine);
+  kmoe::planning::ExchangePath path;
+  path.chunks = chunks;
+  path.sender_sized = sender_sized;
+  const auto counts = kmoe::planning::ExchangeCounts::from_routing(model_shape, layout, routing);
+  const auto traffic = model.traffic(layout, counts, layer.groups().world.rank(), false, path);
+  using kmoe::planning::Traffic;
+  return {traffic[Traffic::dispatch].total() + traffic[Traffic::combine].total(),
+          traffic[Traffic::exchange_metadata].total()};
+}
+
+std::string json_list(const std::vector<long long>& v) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s + "]";
 }
 
 }  // namespace
@@ -121,6 +222,12 @@ int main(int argc, char** argv) {
   {
     Kokkos::ScopeGuard kokkos(argc, argv);
     const int tokens = arg(argc, argv, "--tokens", 2048), repeats = arg(argc, argv, "--repeats", 5);
+    const int chunks = arg(argc, argv, "--chunks", 0), hidden = arg(argc, argv, "--hidden", 1024);
+    const int ffn = arg(argc, argv, "--ffn", 1024),
+              shared_ffn = arg(argc, argv, "--shared-ffn", 2048);
+    const int experts = arg(argc, argv, "--experts", 8);
+    const bool json = has_flag(argc, argv, "--json");
+    const bool exchange_only = has_flag(argc, argv, "--exchange-only");
     const int ranks_per_node = arg(argc, argv, "--ranks-per-node", 0);
     const std::string exchange_name = text_arg(argc, argv, "--exchange", "flat");
     if (exchange_name != "flat" && exchange_name != "hierarchical") {
@@ -131,187 +238,261 @@ int main(int argc, char** argv) {
     }
     const auto exchange_kind =
         exchange_name == "flat" ? kmoe::ExchangeKind::flat : kmoe::ExchangeKind::hierarchical;
-    const auto world = kmoe::MpiCommunicator::world();
+    kmoe::MpiOptions mpi_options;  // --watchdog-ms 0: MPI's blocking calls, no polling
+    mpi_options.collective_timeout = std::chrono::milliseconds(
+        arg(argc, argv, "--watchdog-ms", int(mpi_options.collective_timeout.count())));
+    const auto world = kmoe::MpiCommunicator::world(mpi_options);
+    const int ranks = world.size(), me = world.rank();
     kmoe::ParallelLayout layout;
-    layout.ep = world.size();
+    layout.ep = ranks;
     const auto groups = kmoe::ParallelGroups<kmoe::MpiCommunicator>::create(world, layout);
     const int local = int(layout.local_experts(experts, groups.ep_rank).size());
-    kmoe::Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden);
-    kmoe::fill_normal(x, 1.0, 100 + world.rank());
+    kmoe::Matrix<S, X> x("x", tokens, hidden), y("y", tokens, hidden), gy("gy", tokens, hidden),
+        gx("gx", tokens, hidden);
+    kmoe::fill_normal(x, 1.0, 100 + me);
+    kmoe::fill_normal(gy, 1.0, 200 + me);
 
-    // [1]: shared experts overlapped with the dispatch, [0]: run after it.
-    double overlap_ms[2] = {0, 0}, exchange_ms[2] = {0, 0}, imbalance_ms[2] = {0, 0}, shared_ms = 0;
-    // Elements this rank sends to each peer: dispatch (deduplicated rows) and per (token,
-    // expert) row, the size of the return.
-    std::vector<int> dispatch_counts(world.size(), 0), assignment_counts(world.size(), 0);
-    long long remote_rows_sent = 0, remote_assignments = 0, remote_rows_minimum = 0;
-    kmoe::RoutingPlan<X, S> routing;  // of the last forward, replayed by the exchange alone
-    for (int overlap = 1; overlap >= 0; --overlap) {
+    const auto make_layer = [&](int layer_chunks, bool overlap) {
       kmoe::LayerOptions options;
-      options.overlap_shared_experts = overlap == 1;
+      options.exchange_chunks = layer_chunks;
+      options.overlap_shared_experts = overlap;
+      options.training_mode = kmoe::ExpertMode::recompute;
       options.nodes.exchange = exchange_kind;
       options.nodes.ranks_per_node = ranks_per_node;
-      Layer layer(Router({hidden, experts, top_k, true}), Experts({local, hidden, ffn}), options,
-                  Experts({1, hidden, shared_ffn}, "shared_experts"), groups);
-      kmoe::fill_normal(layer.parameters(), 0.02, 5);
-      layer.forward(x, y);  // warm-up: allocates the workspace
-      std::vector<double> times;
-      for (int r = 0; r < repeats; ++r) {
-        MPI_Barrier(world.native());
-        const auto start = std::chrono::steady_clock::now();
-        layer.forward(x, y);
-        Kokkos::fence();
-        times.push_back(
-            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-                .count());
+      std::optional<Experts> shared;
+      if (shared_ffn > 0) shared = Experts({1, hidden, shared_ffn}, "shared_experts");
+      auto layer = std::make_unique<Layer>(Router({hidden, experts, top_k, true}),
+                                           Experts({local, hidden, ffn}), options, shared, groups);
+      kmoe::fill_normal(layer->parameters(), 0.02, 5);
+      return layer;
+    };
+    const auto sequential_layer = make_layer(1, false), pipelined_layer = make_layer(chunks, true);
+    Layer &sequential = *sequential_layer, &pipelined = *pipelined_layer;
+    kmoe::RouteContext<X> training;
+    training.training = true;
+
+    // 2. Forward and forward + backward, the two layers alternating step by step.
+    const auto step = [&](Layer& layer, bool backward) {
+      MPI_Barrier(world.native());
+      const auto start = clock_type::now();
+      layer.forward(x, y, backward ? training : kmoe::RouteContext<X>{});
+      if (backward) {
+        layer.backward(gy, gx);
+        layer.zero_gradients();
       }
-      overlap_ms[overlap] = median(times);
-      layer.set_phase_timing(true);
-      std::vector<double> exchange, imbalance, shared;
-      kmoe::ForwardStats stats;
-      for (int r = 0; r < repeats; ++r) {
-        MPI_Barrier(world.native());
-        stats = layer.forward(x, y);
-        exchange.push_back(stats.phase_ms.exchange);
-        imbalance.push_back(stats.phase_ms.imbalance);
-        shared.push_back(stats.phase_ms.shared);
-      }
-      exchange_ms[overlap] = median(exchange);
-      imbalance_ms[overlap] = median(imbalance);
-      if (overlap == 1) {
-        shared_ms = median(shared);
-        routing = layer.routing();
-        // The minimum (DeepEP) sends a token once per rank however many of its experts live
-        // there; counted here by a plain loop over the routing (dropless: every slot kept).
-        auto expert =
-            Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.routing().expert);
-        for (int p = 0; p < world.size(); ++p) {
-          const auto owned = layout.local_experts(experts, p);
-          for (std::size_t t = 0; t < expert.extent(0); ++t) {
-            int here = 0;
-            for (std::size_t s = 0; s < expert.extent(1); ++s)
-              here += std::find(owned.begin(), owned.end(), expert(t, s)) != owned.end();
-            assignment_counts[p] += here * hidden;
-            if (p != world.rank()) {
-              remote_assignments += here;
-              remote_rows_minimum += here > 0;
-            }
-          }
-          dispatch_counts[p] = int(stats.dispatch_rows[p]) * hidden;
-          if (p != world.rank()) remote_rows_sent += stats.dispatch_rows[p];
+      Kokkos::fence();
+      return ms_since(start);
+    };
+    std::vector<double> forward_times[2], step_times[2];
+    for (int r = 0; r <= (exchange_only ? -1 : repeats); ++r)  // the first allocates
+      for (int which = 0; which < 2; ++which) {
+        Layer& layer = which == 0 ? sequential : pipelined;
+        const double f = step(layer, false), fb = step(layer, true);
+        if (r > 0) {
+          forward_times[which].push_back(f);
+          step_times[which].push_back(fb);
         }
       }
-    }
-    // The exchange alone, timed from plan() to combine()'s return: what the layer's
-    // dispatch and combine phases cost without the router, the experts and the shared
-    // experts around them.
-    std::vector<double> alone;
-    {
-      kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator> exchange(groups, experts, hidden,
-                                                                         1);
-      kmoe::Dispatch<X> dispatch;
-      for (int r = 0; r <= repeats; ++r) {
-        MPI_Barrier(world.native());
-        const auto start = std::chrono::steady_clock::now();
-        dispatch.build(routing, exchange.expert_key(), experts, -1, kmoe::DropPolicy::by_position);
-        exchange.plan(dispatch, routing.expert, x);
-        exchange.exchange_counts();
-        exchange.dispatch_start().wait();
-        exchange.combine(exchange.arrive());
-        Kokkos::fence();
-        if (r > 0)  // the first allocates the buffers
-          alone.push_back(
-              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-                  .count());
-      }
-    }
-    // Raw MPI_Alltoallv of the same payload: the dispatch's rows out, one row per
-    // (token, expert) back.
-    const auto layout_of = [&](const std::vector<int>& send_counts, std::vector<int>& recv_counts,
-                               std::vector<int>& send_offsets, std::vector<int>& recv_offsets) {
-      recv_counts.resize(world.size());
-      send_offsets.resize(world.size());
-      recv_offsets.resize(world.size());
-      MPI_Alltoall(send_counts.data(), 1, MPI_INT, recv_counts.data(), 1, MPI_INT, world.native());
-      int send_total = 0, recv_total = 0;
-      for (int p = 0; p < world.size(); ++p) {
-        send_offsets[p] = send_total;
-        recv_offsets[p] = recv_total;
-        send_total += send_counts[p];
-        recv_total += recv_counts[p];
-      }
-      return std::make_pair(send_total, recv_total);
-    };
-    std::vector<int> dispatch_recv, dispatch_send_at, dispatch_recv_at;
-    std::vector<int> return_recv, return_send_at, return_recv_at;
-    const auto dispatch_totals =
-        layout_of(dispatch_counts, dispatch_recv, dispatch_send_at, dispatch_recv_at);
-    const auto return_totals =
-        layout_of(assignment_counts, return_recv, return_send_at, return_recv_at);
-    std::vector<float> dispatch_send(dispatch_totals.first, 1.0f),
-        dispatch_received(dispatch_totals.second);
-    std::vector<float> returned(return_totals.first), return_send(return_totals.second, 1.0f);
-    // Blocking dispatch, and the layer's own mix: non-blocking dispatch (MPI_Ialltoallv, then
-    // MPI_Wait), blocking return.
-    std::vector<double> raw, raw_mixed;
-    for (int r = 0; r <= 2 * repeats + 1; ++r) {
-      const bool mixed = r % 2 == 1;
+    const auto stats = pipelined.forward(x, y);
+    const int used_chunks = stats.exchange_chunks;
+    // The exchange's share of a sequential forward: its phases timed alone.
+    sequential.set_phase_timing(true);
+    std::vector<double> exchange_phase, forward_phase;
+    for (int r = 0; r < (exchange_only ? 0 : repeats); ++r) {
       MPI_Barrier(world.native());
-      const auto start = std::chrono::steady_clock::now();
-      if (mixed) {
-        MPI_Request request;
-        MPI_Ialltoallv(dispatch_send.data(), dispatch_counts.data(), dispatch_send_at.data(),
-                       MPI_FLOAT, dispatch_received.data(), dispatch_recv.data(),
-                       dispatch_recv_at.data(), MPI_FLOAT, world.native(), &request);
-        MPI_Wait(&request, MPI_STATUS_IGNORE);
-      } else {
-        MPI_Alltoallv(dispatch_send.data(), dispatch_counts.data(), dispatch_send_at.data(),
-                      MPI_FLOAT, dispatch_received.data(), dispatch_recv.data(),
-                      dispatch_recv_at.data(), MPI_FLOAT, world.native());
+      const auto s = sequential.forward(x, y);
+      exchange_phase.push_back(s.phase_ms.exchange);
+      forward_phase.push_back(s.phase_ms.route + s.phase_ms.dispatch + s.phase_ms.imbalance +
+                              s.phase_ms.exchange + s.phase_ms.shared + s.phase_ms.experts +
+                              s.phase_ms.combine);
+    }
+    sequential.set_phase_timing(false);
+    const kmoe::RoutingPlan<X, S> routing = pipelined.routing();
+
+    // 1. The exchange alone against raw MPI_Alltoallv of the same bytes, alternating.
+    kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator> exchange(groups, experts, hidden, 1);
+    kmoe::Dispatch<X> dispatch;
+    std::vector<double> wire, arrangement, raw;
+    std::vector<int> dispatch_send(ranks), dispatch_recv(ranks), return_send(ranks),
+        return_recv(ranks), dispatch_send_at(ranks), dispatch_recv_at(ranks), return_send_at(ranks),
+        return_recv_at(ranks);
+    std::vector<float> raw_dispatch_send, raw_dispatch_recv, raw_return_send, raw_return_recv;
+    for (int r = 0; r <= repeats; ++r) {
+      dispatch.build(routing, exchange.expert_key(), experts, -1, kmoe::DropPolicy::by_position);
+      MPI_Barrier(world.native());
+      auto start = clock_type::now();
+      exchange.plan(dispatch, routing.expert, x);
+      Kokkos::fence();
+      double arranged = ms_since(start);
+      start = clock_type::now();
+      exchange.exchange_counts();
+      exchange.dispatch_start().wait();
+      double wired = ms_since(start);
+      start = clock_type::now();
+      const auto& expert_x = exchange.arrive();
+      clock_type::time_point before_return;
+      exchange.combine(expert_x, [&] {
+        Kokkos::fence();
+        before_return = clock_type::now();
+      });
+      Kokkos::fence();
+      arranged += std::chrono::duration<double, std::milli>(before_return - start).count();
+      wired += ms_since(before_return);
+      if (r == 0) {
+        // The raw side's per-peer element counts: exactly what the exchange sent.
+        for (int p = 0; p < ranks; ++p) {
+          dispatch_send[p] =
+              int((exchange.dispatch_rows()[p] + exchange.header_rows()[p]) * hidden);
+          return_send[p] = int(exchange.combine_rows_sent()[p] * hidden);
+        }
+        MPI_Alltoall(dispatch_send.data(), 1, MPI_INT, dispatch_recv.data(), 1, MPI_INT,
+                     world.native());
+        MPI_Alltoall(return_send.data(), 1, MPI_INT, return_recv.data(), 1, MPI_INT,
+                     world.native());
+        const auto offsets = [&](const std::vector<int>& counts, std::vector<int>& at) {
+          int total = 0;
+          for (int p = 0; p < ranks; ++p) at[p] = total, total += counts[p];
+          return std::size_t(total);
+        };
+        raw_dispatch_send.assign(offsets(dispatch_send, dispatch_send_at), 1.0f);
+        raw_dispatch_recv.assign(offsets(dispatch_recv, dispatch_recv_at), 0.0f);
+        raw_return_send.assign(offsets(return_send, return_send_at), 1.0f);
+        raw_return_recv.assign(offsets(return_recv, return_recv_at), 0.0f);
+        continue;  // the first allocates the buffers
       }
-      MPI_Alltoallv(return_send.data(), return_recv.data(), return_recv_at.data(), MPI_FLOAT,
-                    returned.data(), assignment_counts.data(), return_send_at.data(), MPI_FLOAT,
+      wire.push_back(wired);
+      arrangement.push_back(arranged);
+      MPI_Barrier(world.native());
+      start = clock_type::now();
+      MPI_Alltoallv(raw_dispatch_send.data(), dispatch_send.data(), dispatch_send_at.data(),
+                    MPI_FLOAT, raw_dispatch_recv.data(), dispatch_recv.data(),
+                    dispatch_recv_at.data(), MPI_FLOAT, world.native());
+      MPI_Alltoallv(raw_return_send.data(), return_send.data(), return_send_at.data(), MPI_FLOAT,
+                    raw_return_recv.data(), return_recv.data(), return_recv_at.data(), MPI_FLOAT,
                     world.native());
-      if (r > 1)
-        (mixed ? raw_mixed : raw)
-            .push_back(
-                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-                    .count());
+      raw.push_back(ms_since(start));
     }
-    const double raw_ms = median(raw), raw_mixed_ms = median(raw_mixed);
-    double worst[9] = {exchange_ms[0],  raw_ms,          overlap_ms[1],
-                       overlap_ms[0],   imbalance_ms[0], exchange_ms[1],
-                       imbalance_ms[1], raw_mixed_ms,    median(alone)};
-    double agreed[9];
-    MPI_Allreduce(worst, agreed, 9, MPI_DOUBLE, MPI_MAX, world.native());
-    if (world.rank() == 0) {
+
+    // 3. Rows sent against one per (token, expert) and the minimum, by a plain loop.
+    long long remote_rows_sent = 0, remote_assignments = 0, remote_rows_minimum = 0;
+    {
+      auto expert = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), routing.expert);
+      for (int p = 0; p < ranks; ++p) {
+        if (p == me) continue;
+        const auto owned = layout.local_experts(experts, p);
+        for (std::size_t t = 0; t < expert.extent(0); ++t) {
+          int here = 0;
+          for (std::size_t s = 0; s < expert.extent(1); ++s)
+            here += std::find(owned.begin(), owned.end(), expert(t, s)) != owned.end();
+          remote_assignments += here;
+          remote_rows_minimum += here > 0;
+        }
+        remote_rows_sent += stats.dispatch_rows[p];
+      }
+    }
+
+    const auto agreed =
+        slowest(world, {median(wire), median(raw), median(arrangement), median(forward_times[0]),
+                        median(forward_times[1]), median(step_times[0]), median(step_times[1]),
+                        median(exchange_phase), median(forward_phase)});
+    if (me == 0) {
       std::printf(
-          "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, float32, %s exchange, ranks per node %d\n",
-          world.size(), X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn,
+          "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, "
+          "float32, %d repeats, %s exchange, ranks per node %d\n",
+          ranks, X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn, repeats,
           exchange_name.c_str(), ranks_per_node);
-      std::printf("dispatch bytes sent by rank 0 (one way): %.1f MB\n",
-                  4.0 * dispatch_totals.first / 1e6);
+      std::printf("rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; "
+                  "minimum %lld (sent / minimum %.3f)\n",
+                  remote_rows_sent, remote_assignments, remote_rows_minimum,
+                  remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
       std::printf(
-          "rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; minimum %lld (sent / minimum %.3f)\n",
-          remote_rows_sent, remote_assignments, remote_rows_minimum,
-          remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
+          "exchange on the wire (counts + payload with links' header + return): %.3f ms; raw "
+          "MPI_Alltoallv of the same bytes: %.3f ms; ratio %.3f\n",
+          agreed[0], agreed[1], agreed[0] / agreed[1]);
       std::printf(
-          "layer exchange (counts + links + payload, both ways; shared experts after the dispatch): %.3f ms; raw MPI_Alltoallv same payload: %.3f ms; ratio %.3f; wait for the slower rank (reported apart): %.3f ms\n",
-          agreed[0], agreed[1], agreed[0] / agreed[1], agreed[4]);
-      std::printf(
-          "raw with the layer's calls (MPI_Ialltoallv + MPI_Wait out, MPI_Alltoallv back): %.3f ms; layer / that %.3f\n",
-          agreed[7], agreed[0] / agreed[7]);
-      std::printf(
-          "exchange alone (ExpertParallelExchange: dispatch build, plan, counts, payload out, combine back; identity experts): %.3f ms; raw MPI_Alltoallv same payload %.3f ms; ratio %.3f\n",
-          agreed[8], agreed[1], agreed[8] / agreed[1]);
-      std::printf(
-          "with the shared experts overlapped: exchange %.3f ms (ratio %.3f; part of the dispatch completes during the wait for the slower rank, %.3f ms)\n",
-          agreed[5], agreed[5] / agreed[1], agreed[6]);
-      std::printf(
-          "forward with shared experts overlapped: %.3f ms; after the dispatch: %.3f ms; saved %.3f ms (shared experts %.3f ms)\n",
-          agreed[2], agreed[3], agreed[3] - agreed[2], shared_ms);
+          "arrangement kernels around it (send gather, expansion into expert order, combine "
+          "arrangement): %.3f ms\n",
+          agreed[2]);
+      if (!exchange_only) {
+        std::printf("sequential forward: exchange phase %.3f ms of %.3f ms phases (%.0f%%)\n",
+                    agreed[7], agreed[8], 100.0 * agreed[7] / agreed[8]);
+        std::printf(
+            "forward: sequential %.3f ms, pipelined (C=%d, shared experts overlapped) %.3f ms, "
+            "ratio %.3f\n",
+            agreed[3], used_chunks, agreed[4], agreed[4] / agreed[3]);
+        std::printf("forward + backward: sequential %.3f ms, pipelined %.3f ms, ratio %.3f\n",
+                    agreed[5], agreed[6], agreed[6] / agreed[5]);
+      }
     }
-    if (ranks_per_node > 0) compare_exchanges(groups, x, y, ranks_per_node, repeats);
+    if (ranks_per_node > 0)
+      compare_exchanges(groups, x, y, {hidden, ffn, shared_ffn, experts}, ranks_per_node, repeats);
+    if (json) {
+      // Bytes this rank sends each peer in one training step (p == rank: a local copy).
+      const long long row = hidden * (long long)sizeof(S);
+      // Over nodes of several ranks the hierarchical route sends the counts in their own
+      // all-to-all (over nodes of one rank it is the flat route).
+      const bool relayed = exchange_kind == kmoe::ExchangeKind::hierarchical &&
+                           pipelined.node_map().uniform_size() > 1;
+      std::vector<long long> payload(ranks), header(ranks), counts(ranks), combine(ranks),
+          to_experts(ranks), from_experts(ranks);
+      for (int p = 0; p < ranks; ++p) {
+        payload[p] = stats.dispatch_rows[p] * row;
+        header[p] = stats.dispatch_header_rows[p] * row;
+        // The count all-to-all runs only in the pipelined forward and over the hierarchical
+        // route: unchunked and flat, MPI carries the counts in the dispatch's header
+        // (dispatch_header_bytes).
+        counts[p] = used_chunks > 1 || relayed
+                        ? (long long)(layout.local_experts(experts, p).size() + used_chunks) *
+                              (long long)sizeof(std::int64_t)
+                        : 0;
+        combine[p] = stats.combine_rows_sent[p] * row;
+        to_experts[p] = stats.combine_rows_received[p] * row;
+        from_experts[p] = stats.combine_rows_sent[p] * row;
+      }
+      const auto [predicted_rows, predicted_metadata] = predicted_forward_bytes(
+          pipelined, {hidden, ffn, shared_ffn, experts}, layout, used_chunks, !relayed);
+      long long world_bytes = 0, dp_bytes = 0;
+      for (const auto& p : pipelined.parameters())
+        (p.shard.expert_parallel ? dp_bytes : world_bytes) +=
+            (long long)(p.grad.size() * sizeof(S));
+      const std::string line =
+          "{\"bench\":\"ep_bench\",\"rank\":" + std::to_string(me) +
+          ",\"ranks\":" + std::to_string(ranks) + ",\"tokens\":" + std::to_string(tokens) +
+          ",\"hidden\":" + std::to_string(hidden) + ",\"ffn\":" + std::to_string(ffn) +
+          ",\"experts\":" + std::to_string(experts) + ",\"top_k\":" + std::to_string(top_k) +
+          ",\"shared_ffn\":" + std::to_string(shared_ffn) +
+          ",\"scalar_bytes\":" + std::to_string(sizeof(S)) +
+          ",\"chunks\":" + std::to_string(used_chunks) + ",\"exchange\":\"" + exchange_name +
+          "\",\"ranks_per_node\":" + std::to_string(ranks_per_node) +
+          ",\"dispatch_payload_bytes\":" + json_list(payload) +
+          ",\"dispatch_header_bytes\":" + json_list(header) +
+          ",\"counts_bytes\":" + json_list(counts) + ",\"combine_bytes\":" + json_list(combine) +
+          ",\"backward_to_experts_bytes\":" + json_list(to_experts) +
+          ",\"backward_from_experts_bytes\":" + json_list(from_experts) +
+          ",\"allreduce_world_bytes\":" + std::to_string(world_bytes) +
+          ",\"allreduce_world_ranks\":" + std::to_string(ranks) +
+          ",\"allreduce_dp_bytes\":" + std::to_string(dp_bytes) +
+          ",\"allreduce_dp_ranks\":" + std::to_string(layout.dp) + ",\"traffic_bytes\":" +
+          std::to_string(stats.traffic.intra_node_bytes + stats.traffic.inter_node_bytes) +
+          ",\"model_rows_bytes\":" + std::to_string((long long)predicted_rows) +
+          ",\"model_metadata_bytes\":" + std::to_string((long long)predicted_metadata) + "}";
+      // Rank order on rank 0's stdout.
+      if (me == 0) {
+        std::printf("%s\n", line.c_str());
+        for (int p = 1; p < ranks; ++p) {
+          MPI_Status status;
+          MPI_Probe(p, 0, world.native(), &status);
+          int length = 0;
+          MPI_Get_count(&status, MPI_CHAR, &length);
+          std::string other(std::size_t(length), '\0');
+          MPI_Recv(other.data(), length, MPI_CHAR, p, 0, world.native(), MPI_STATUS_IGNORE);
+          std::printf("%s\n", other.c_str());
+        }
+        std::fflush(stdout);
+      } else {
+        MPI_Send(line.data(), int(line.size()), MPI_CHAR, 0, 0, world.native());
+      }
+    }
   }
   MPI_Finalize();
   return 0;

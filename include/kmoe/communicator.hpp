@@ -35,6 +35,12 @@
 ///  - `bool Request::test()`: advances a started operation and says whether it completed
 ///    (MPI progresses a non-blocking collective only inside MPI calls); polled between
 ///    the phases of an overlapped backward.
+///  - `template <class SendView, class Receive> std::vector<std::int64_t>
+///    all_to_all_v_sized_by_sender(const SendView& send, const std::vector<std::int64_t>&
+///    send_counts, const Receive& receive)`: an all-to-all-v whose receiver learns the
+///    counts from the messages, calling `receive(counts)` for the view to receive into; the
+///    expert-parallel exchange then sends its counts inside the payload instead of in an
+///    all-to-all of their own (one synchronisation fewer per forward).
 /// `kmoe::check_valid_communicator<C>()` asserts each rule with its own message.
 
 #include <kmoe/detail/detect.hpp>
@@ -91,6 +97,14 @@ using comm_all_gather =
 template <class C>
 using comm_split =
     std::enable_if_t<std::is_same_v<decltype(std::declval<const C&>().split(0, 0)), C>>;
+/// The receive callback of all_to_all_v_sized_by_sender (declared only: for detection).
+struct communicator_probe_receive {
+  communicator_probe_view operator()(const communicator_counts&) const;
+};
+template <class C>
+using comm_sized_exchange = decltype(std::declval<const C&>().all_to_all_v_sized_by_sender(
+    std::declval<const communicator_probe_view&>(), std::declval<const communicator_counts&>(),
+    std::declval<const communicator_probe_receive&>()));
 template <class C>
 using comm_any_error =
     std::enable_if_t<std::is_same_v<decltype(std::declval<C&>().any_error(true)), bool>>;

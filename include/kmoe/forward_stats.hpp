@@ -18,7 +18,7 @@ struct PhaseTimes {
   double route = 0;      ///< router, non-finite check
   double dispatch = 0;   ///< counting sort, capacity, counts, balance losses, gather of rows
   double imbalance = 0;  ///< wait for the slowest EP rank before each exchange (timed runs only)
-  double exchange = 0;   ///< count, link and payload all-to-all-v both ways
+  double exchange = 0;   ///< counts all-to-all, payload (links' header first) both ways
   double shared = 0;     ///< shared experts
   double experts = 0;    ///< arrangement into segments, expert GEMMs, TP reduction
   double combine = 0;    ///< weighted sum back to the tokens
@@ -76,6 +76,13 @@ struct ForwardStats {
   std::vector<std::int64_t> combine_rows_sent;
   /// Expert-output rows the combine received from each EP rank.
   std::vector<std::int64_t> combine_rows_received;
+  /// Rows of the links' header at the head of the dispatch to each EP rank (the links of
+  /// the deduplicated dispatch, one value per kept assignment, in whole rows). Empty on one
+  /// EP rank or without deduplication.
+  std::vector<std::int64_t> dispatch_header_rows;
+  /// Chunks of this forward's pipelined exchange (LayerOptions::exchange_chunks; 1:
+  /// sequential).
+  int exchange_chunks = 1;
   PhaseTimes phase_ms;  ///< filled when LayerOptions::time_phases
   /// Bytes and messages this rank's exchanges of this forward (counts, links, dispatch,
   /// combine) handed to the communicators for other EP ranks, by node class

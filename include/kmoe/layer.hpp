@@ -302,6 +302,7 @@ class MoELayer {
       // Gather the rows to send (on one EP rank: every kept assignment in key order; across
       // ranks: each token once per destination rank, or, with the weights on the expert
       // inputs, every kept assignment's scaled row).
+      exchange_.set_chunks(pipelined_chunks());
       if (input_weighted()) {
         exchange_.plan(dispatch_, routed.expert, x, plan_.weight);
         detail::ensure_extents(unit_weight_, "kmoe::MoELayer::unit_weight", tokens, slots);
@@ -324,14 +325,36 @@ class MoELayer {
       shared_->forward(x, shared_segments_, shared_y_, mode);
       phase_clock.lap(stats.phase_ms.shared);
     };
+    if (exchange_.chunks() > 1)
+      forward_pipelined(mode, stats, phase_clock, run_shared);
+    else
+      forward_sequential(mode, stats, phase_clock, run_shared);
+    const detail::ProfilingRegion combine_region("kmoe::MoELayer::combine");
+    // Input-weighted rows already carry their weight: the combine adds them with weight 1.
+    combiner_.combine(exchange_.send_y(), dispatch_.position, combine_weight(),
+                      shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
+    phase_clock.lap(stats.phase_ms.combine);
+  }
+
+  /// The counts of the exchange (through MPI, with the payload itself) and what they tell.
+  void exchange_counts(ForwardStats& stats, detail::PhaseClock<X>& phase_clock) {
+    wait_for_slowest_rank(phase_clock, stats.phase_ms);
+    exchange_.exchange_counts();
+    stats.dispatch_rows = exchange_.dispatch_rows();
+    stats.dispatch_rows_received = exchange_.dispatch_rows_received();
+    stats.combine_rows_sent = exchange_.combine_rows_sent();
+    stats.combine_rows_received = exchange_.combine_rows_received();
+    stats.dispatch_header_rows = exchange_.header_rows();
+    stats.exchange_chunks = exchange_.chunks();
+  }
+
+  /// The dispatch, experts and combine of one forward, each waited for in turn (C = 1).
+  template <class RunShared>
+  void forward_sequential(ExpertMode mode, ForwardStats& stats, detail::PhaseClock<X>& phase_clock,
+                          const RunShared& run_shared) {
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
-      wait_for_slowest_rank(phase_clock, stats.phase_ms);
-      exchange_.exchange_counts();
-      stats.dispatch_rows = exchange_.dispatch_rows();
-      stats.dispatch_rows_received = exchange_.dispatch_rows_received();
-      stats.combine_rows_sent = exchange_.combine_rows_sent();
-      stats.combine_rows_received = exchange_.combine_rows_received();
+      exchange_counts(stats, phase_clock);
       auto request = exchange_.dispatch_start();
       if (options_.overlap_shared_experts && shared_) {
         run_shared();
@@ -361,11 +384,74 @@ class MoELayer {
       exchange_.combine(expert_y_, [&] { wait_for_slowest_rank(phase_clock, stats.phase_ms); });
       phase_clock.lap(stats.phase_ms.exchange);
     }
-    const detail::ProfilingRegion combine_region("kmoe::MoELayer::combine");
-    // Input-weighted rows already carry their weight: the combine adds them with weight 1.
-    combiner_.combine(exchange_.send_y(), dispatch_.position, combine_weight(),
-                      shared_ ? ConstMatrix<S, X>(shared_y_) : ConstMatrix<S, X>(), y);
-    phase_clock.lap(stats.phase_ms.combine);
+  }
+
+  /// The pipelined forward (C > 1 chunks, docs/parallel.md): every chunk's dispatch starts
+  /// at once; the shared experts run while they travel; then each chunk's experts run as
+  /// soon as it has arrived and its outputs start back at once, while later chunks are
+  /// still in flight. MPI moves a started exchange on only inside MPI calls, so every
+  /// started request is tested between the pieces of work.
+  template <class RunShared>
+  void forward_pipelined(ExpertMode mode, ForwardStats& stats, detail::PhaseClock<X>& phase_clock,
+                         const RunShared& run_shared) {
+    using Request = typename Communicator::Request;
+    const int chunks = exchange_.chunks();
+    std::vector<Request> dispatched(chunks), returned(chunks);
+    const auto progress = [&] {
+      if constexpr (detail::is_detected_v<detail::request_test_of, Request>) {
+        for (auto& request : dispatched) request.test();
+        for (auto& request : returned) request.test();
+      }
+    };
+    {
+      const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
+      exchange_counts(stats, phase_clock);
+      for (int c = 0; c < chunks; ++c) dispatched[c] = exchange_.dispatch_chunk_start(c);
+      if (options_.overlap_shared_experts && shared_) {
+        run_shared();
+        progress();
+      }
+    }
+    const auto& segments = exchange_.segments();
+    detail::ensure_extents(expert_y_, "kmoe::MoELayer::expert_y", segments.rows(), hidden_size());
+    for (int c = 0; c < chunks; ++c) {
+      dispatched[c].wait();
+      phase_clock.lap(stats.phase_ms.exchange);
+      {
+        const detail::ProfilingRegion experts_region("kmoe::MoELayer::experts");
+        const Matrix<S, X> chunk_x = exchange_.arrive_chunk(c);
+        progress();
+        experts_.forward(chunk_x, exchange_.chunk_segments(c), exchange_.chunk_rows(expert_y_, c),
+                         mode);
+        phase_clock.lap(stats.phase_ms.experts);
+      }
+      returned[c] = exchange_.return_chunk_start(c, expert_y_);
+      progress();
+    }
+    if (!options_.overlap_shared_experts) run_shared();
+    const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
+    for (int c = 0; c < chunks; ++c) {
+      returned[c].wait();
+      exchange_.return_chunk_finish(c);
+    }
+    if (options_.failover.enabled && options_.failover.check_non_finite)
+      mark_non_finite_slots(segments);
+    phase_clock.lap(stats.phase_ms.exchange);
+  }
+
+  /// The chunks of this forward's pipelined exchange (LayerOptions::exchange_chunks): 1
+  /// where the pipeline would change results or has nothing to split (see the option);
+  /// the option's value where set; else (0) one chunk per local expert of the rank with
+  /// the fewest, at most 4: more chunks hide more of the exchange behind the experts, but
+  /// each adds two collectives and a pass over the chunk's rows.
+  int pipelined_chunks() const {
+    const ExpertMode mode = training_ ? options_.training_mode : ExpertMode::inference;
+    const bool pipelinable = groups_.layout.ep > 1 && groups_.layout.tp == 1 &&
+                             exchange_.deduplicated() && !options_.failover.health_checks() &&
+                             mode != ExpertMode::store;
+    if (!pipelinable) return 1;
+    if (options_.exchange_chunks > 0) return options_.exchange_chunks;
+    return std::max(1, std::min(4, exchange_.fewest_local_experts()));
   }
 
  public:
@@ -437,9 +523,19 @@ class MoELayer {
       combiner_.backward(grad_y, exchange_.send_y(), dispatch_.position, combine_weight(),
                          grad_send_y_, grad_weight_);
     }
+    // The shared experts' backward needs nothing from the exchanges: it runs while the
+    // output gradients travel to the experts (its input gradient is added to grad_x after
+    // the routed experts' sum, as without the overlap, so the bits are the same).
+    const bool shared_overlapped = options_.overlap_shared_experts && shared_;
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
-      exchange_.to_experts(grad_send_y_);
+      if (shared_overlapped) {
+        auto request = exchange_.to_experts_start(grad_send_y_);
+        backward_shared(grad_y);
+        request.wait();
+      } else {
+        exchange_.to_experts(grad_send_y_);
+      }
     }
     {
       const detail::ProfilingRegion experts_region("kmoe::MoELayer::backward::experts");
@@ -463,11 +559,7 @@ class MoELayer {
       gradient_buckets_.progress();  // overlap: let the expert gradients' sums advance
     }
     if (shared_) {
-      const detail::ProfilingRegion shared_region("kmoe::MoELayer::backward::shared_experts");
-      detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", tokens,
-                             hidden_size());
-      shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
-      gradients_produced(GradientGroup::shared);
+      if (!shared_overlapped) backward_shared(grad_y);
       detail::add_into<X>(shared_grad_x_, grad_x);
     }
     const detail::ProfilingRegion router_region("kmoe::MoELayer::backward::router");
@@ -476,6 +568,16 @@ class MoELayer {
     losses_.backward(plan_, Router::probability_kind, grad_logits_);
     router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
     gradients_produced(GradientGroup::router);
+  }
+
+  /// The shared experts' backward: their input gradient into shared_grad_x_, their
+  /// parameters' gradients accumulated (and, with gradient_sync.overlap, their sync started).
+  void backward_shared(const ConstMatrix<S, X>& grad_y) {
+    const detail::ProfilingRegion shared_region("kmoe::MoELayer::backward::shared_experts");
+    detail::ensure_extents(shared_grad_x_, "kmoe::MoELayer::shared_grad_x", x_.extent(0),
+                           hidden_size());
+    shared_->backward(x_, shared_segments_, grad_y, shared_grad_x_);
+    gradients_produced(GradientGroup::shared);
   }
 
   /// The three groups of gradients, in the order backward completes them; each is averaged
@@ -722,6 +824,8 @@ class MoELayer {
     options_.failover.validate(where);
     require(options_.training_mode != ExpertMode::inference, where, "options.training_mode",
             "inference", "must be store or recompute");
+    require(options_.exchange_chunks >= 0, where, "options.exchange_chunks",
+            options_.exchange_chunks, "must be >= 0 (0: the layer chooses, 1: sequential)");
     const ExpertPlacement& replicas = options_.expert_placement;
     if (replicas.ranks > 0) {
       replicas.validate(where);

@@ -150,8 +150,13 @@ TEST_CASE("the hierarchical exchange equals the flat one bitwise, in fewer inter
         const auto backward = [](const Step& s) { return s.total - s.forward; };
         CHECK(backward(two_level).inter_node_bytes == backward(flat).inter_node_bytes);
         const bool deduplicated = variants[v].routing_weight == RoutingWeightPlacement::output;
-        if (nodes > 1 && per_node > 1 && deduplicated)
+        // The rows saved must outweigh the hierarchical route's metadata (a count message and
+        // a mask per row; the flat dispatch folds its counts into its header): at top-2 of 8
+        // experts and rows of 8 elements they need not.
+        if (nodes > 1 && per_node > 1 && deduplicated && variants[v].top_k >= 3)
           CHECK(two_level.forward.inter_node_bytes < flat.forward.inter_node_bytes);
+        else if (nodes > 1 && per_node > 1 && deduplicated)
+          CHECK(two_level.forward.inter_node_bytes <= flat.forward.inter_node_bytes + 64);
         else if (deduplicated)
           CHECK(two_level.forward.inter_node_bytes >= flat.forward.inter_node_bytes);
         else
@@ -159,7 +164,13 @@ TEST_CASE("the hierarchical exchange equals the flat one bitwise, in fewer inter
         if (nodes > 1) CHECK(flat.total.inter_node_bytes > 0);
         if (nodes == 1) CHECK(flat.total.inter_node_bytes == 0);
         if (nodes > 1 && per_node > 1) {
-          CHECK(two_level.forward.inter_node_messages < flat.forward.inter_node_messages);
+          // Forward, per rank: flat, the dispatch (its counts in its header) and the return
+          // to each of the (N - 1) L remote ranks; hierarchical, the counts, the masks, the
+          // rows and the return once per remote node: 4 (N - 1), as many at L = 2.
+          if (per_node > 2)
+            CHECK(two_level.forward.inter_node_messages < flat.forward.inter_node_messages);
+          else
+            CHECK(two_level.forward.inter_node_messages <= flat.forward.inter_node_messages);
           CHECK(two_level.total.inter_node_messages < flat.total.inter_node_messages);
         } else {
           CHECK(two_level.total.inter_node_messages <= flat.total.inter_node_messages);

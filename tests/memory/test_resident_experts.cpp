@@ -106,8 +106,7 @@ void check_inference(Router router, ExpertShape shape, const Case& c, std::uint6
     CHECK(std::int64_t(resident.experts().resident_bytes()) <= budget_bytes);
     // The layer's memory accounting reports the slots, not the experts in the store.
     CHECK(forward_stats.memory.expert_weights <= budget_bytes);
-    CHECK(forward_stats.memory.expert_weights ==
-          std::int64_t(resident.experts().resident_bytes()));
+    CHECK(forward_stats.memory.expert_weights == std::int64_t(resident.experts().resident_bytes()));
   }
   const ResidencyStats& stats = resident.experts().residency_stats();
   CHECK(stats.forwards == batches);

@@ -122,15 +122,17 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
         const auto position =
             Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.positions());
         std::vector<int> owner(experts);
+        std::vector<std::int64_t> experts_of(ranks, 0);
         for (int r = 0; r < ranks; ++r)
-          for (int e : layout.local_experts(experts, r)) owner[e] = r;
-        std::vector<std::int64_t> minimum(ranks, 0);
+          for (int e : layout.local_experts(experts, r)) owner[e] = r, ++experts_of[r];
+        std::vector<std::int64_t> minimum(ranks, 0), links(ranks, 0);
         std::int64_t kept = 0;
         for (int t = 0; t < tokens; ++t) {
           std::vector<bool> reaches(ranks, false);
           for (int s = 0; s < top_k; ++s)
             if (position(t, s) >= 0) {
               reaches[owner[expert(t, s)]] = true;
+              ++links[owner[expert(t, s)]];
               ++kept;
             }
           for (int r = 0; r < ranks; ++r) minimum[r] += reaches[r];
@@ -140,10 +142,14 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
         if (capacity_factor == 0.0) CHECK(minimum_total < kept);
         if (capacity_factor > 0.0) CHECK(stats.dropped > 0);
 
-        // What went on the wire: the first hidden-state exchange of forward is the dispatch.
+        // What went on the wire: the first hidden-state exchange of forward is the dispatch,
+        // each peer's block the minimum rows after its header (one value per expert of the
+        // peer, its count, and one per kept assignment sent there, its link; whole rows).
         REQUIRE(!log->empty());
         std::vector<std::int64_t> minimum_elements(minimum);
-        for (auto& m : minimum_elements) m *= hidden;
+        for (int r = 0; r < ranks; ++r)
+          minimum_elements[r] =
+              (minimum[r] + (experts_of[r] + links[r] + hidden - 1) / hidden) * hidden;
         CHECK(log->front() == minimum_elements);
         CHECK(stats.dispatch_rows == minimum);
       }

@@ -189,6 +189,9 @@ void check_layout(const ParallelLayout& layout) {
   double peak = 0;
   Measured measured, measured_forward;
   double stats_payload = 0;
+  std::vector<double> header_bytes;  // the dispatch's header to each EP peer
+  std::vector<bool> header_inter;
+  planning::ExchangePath path;  // the exchange the layer chose (chunks of its forward)
   std::vector<std::vector<int>> routing;
   {
     const auto owned = layout.local_experts(experts, groups.ep_rank);
@@ -206,7 +209,16 @@ void check_layout(const ParallelLayout& layout) {
       const ForwardStats stats = layer.forward(x, y, context);
       forward = *ledger;
       // ForwardStats' rows to the other EP ranks (dispatch and return), as bytes.
+      path.chunks = stats.exchange_chunks;
       stats_payload = 0;
+      header_bytes.assign(stats.dispatch_header_rows.size(), 0);
+      header_inter.assign(stats.dispatch_header_rows.size(), false);
+      for (std::size_t q = 0; q < stats.dispatch_header_rows.size(); ++q)
+        if (int(q) != groups.ep_rank) {
+          header_bytes[q] = double(stats.dispatch_header_rows[q]) * hidden * sizeof(S);
+          header_inter[q] = machine.node_of(planning::LayoutRanks(layout, rank).ep_group()[q]) !=
+                            machine.node_of(rank);
+        }
       for (std::size_t q = 0; q < stats.dispatch_rows.size(); ++q)
         if (int(q) != groups.ep_rank)
           stats_payload +=
@@ -222,17 +234,24 @@ void check_layout(const ParallelLayout& layout) {
     peak = double(AllocationTracker::peak);
     measured = classify(step, sync, machine, rank);
     measured_forward = classify(forward, CommunicationLedger(), machine, rank);
+    // The dispatch's header rows travel inside its payload message (element type): the
+    // ledger counts them with the payload, the model with the metadata.
+    for (auto* m : {&measured, &measured_forward})
+      for (std::size_t q = 0; q < header_bytes.size(); ++q) {
+        add(m->payload, header_inter[q], -header_bytes[q]);
+        add(m->metadata, header_inter[q], header_bytes[q]);
+      }
     routing = gather_routing(layer, layout);
   }
   Kokkos::Tools::Experimental::set_allocate_data_callback(nullptr);
   Kokkos::Tools::Experimental::set_deallocate_data_callback(nullptr);
 
   const auto counts = planning::ExchangeCounts::from_routing(shape, layout, routing);
-  const auto predicted = model.traffic(layout, counts, rank);
+  const auto predicted = model.traffic(layout, counts, rank, true, path);
   INFO(describe(layout) << ", rank " << rank);
   check_bytes(measured, predicted);
   INFO("the forward alone");
-  const auto forward_only = model.traffic(layout, counts, rank, false);
+  const auto forward_only = model.traffic(layout, counts, rank, false, path);
   check_bytes(measured_forward, forward_only);
   CHECK(stats_payload == forward_only[planning::Traffic::dispatch].total() +
                              forward_only[planning::Traffic::combine].total());

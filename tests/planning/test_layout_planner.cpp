@@ -172,7 +172,13 @@ TEST_CASE("memory and bytes of a layout by hand", "[plan]") {
   const double row = 16 * 4;
   CHECK(traffic[Traffic::dispatch].inter == 2 * 50 * row);  // forward rows, backward dL/dy
   CHECK(traffic[Traffic::combine].inter == 2 * 50 * row);   // forward outputs, backward dL/dx
-  CHECK(traffic[Traffic::exchange_metadata].inter == 2 * 8 + 50 * 4);
+  // The dispatch's header: 1 count and 50 links in whole rows of 16 (MPI sizes the
+  // messages by their sender: no count all-to-all); with one it adds 2 int64 per peer.
+  CHECK(traffic[Traffic::exchange_metadata].inter == 4 * row);
+  ExchangePath counted;
+  counted.sender_sized = false;
+  CHECK(model.traffic(layout, counts, 0, true, counted)[Traffic::exchange_metadata].inter ==
+        4 * row + 2 * 8);
   CHECK(traffic[Traffic::tp_all_reduce].total() == 0);
   CHECK(traffic[Traffic::gradient_all_reduce].inter == 2 * 16 * 4);  // the router [E, H]
   CHECK(traffic.total().intra == 0);

@@ -8,6 +8,7 @@
 /// padding, every arrangement is an alias (no copy).
 
 #include <kmoe/communicator.hpp>
+#include <kmoe/detail/growing_buffer.hpp>
 #include <kmoe/error.hpp>
 #include <kmoe/exchange/deduplicated_dispatch.hpp>
 #include <kmoe/exchange/dispatch.hpp>
@@ -17,6 +18,9 @@
 #include <kmoe/segments.hpp>
 #include <kmoe/types.hpp>
 
+#include <algorithm>
+#include <limits>
+#include <string>
 #include <vector>
 
 namespace kmoe {
@@ -26,25 +30,106 @@ namespace detail {
 // lambda (KOKKOS_LAMBDA) whose enclosing function is private.
 
 /// Row maps of the expert order, from blocks b = (source p, local expert j) of blocks(b, 2)
-/// rows at row blocks(b, 0) of the receive order and blocks(b, 1) of the expert order: for
-/// each expert row (-1 for padding) the receive-order row it holds and, when `link` is not
-/// empty (deduplicated dispatch), the received row of its token, first(p) + link(receive row).
-template <class X, class Blocks, class Map, class Link, class First>
-void map_expert_rows(const Blocks& blocks, int local, const Map& receive_row, const Map& token_row,
-                     const Link& link, const First& first) {
+/// rows at row blocks(b, 1) of the expert order: for each expert row (-1 for padding) its
+/// row in the receive order (source, local expert, token), blocks(b, 0), and, when
+/// `return_row` is not empty (pipelined exchange), in the chunk-major return order,
+/// blocks(b, 3).
+template <class X, class Blocks, class Map>
+void map_expert_rows(const Blocks& blocks, const Map& receive_row, const Map& return_row) {
   using Team = typename Kokkos::TeamPolicy<X>::member_type;
-  const bool deduplicated = link.extent(0) > 0;
+  const bool chunked = return_row.extent(0) > 0;
   Kokkos::deep_copy(receive_row, -1);
-  if (deduplicated) Kokkos::deep_copy(token_row, -1);
+  if (chunked) Kokkos::deep_copy(return_row, -1);
   Kokkos::parallel_for(
       "kmoe::MoELayer::map_expert_rows", Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Team& team) {
         const int b = team.league_rank();
         const int recv_row = blocks(b, 0), expert_row = blocks(b, 1), rows = blocks(b, 2);
+        const int ret_row = blocks(b, 3);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows), [&](int i) {
           receive_row(expert_row + i) = recv_row + i;
-          if (deduplicated) token_row(expert_row + i) = first(b / local) + link(recv_row + i);
+          if (chunked) return_row(expert_row + i) = ret_row + i;
         });
+      });
+}
+
+/// Deduplicated dispatch: the received row of each expert row's token (-1 for padding).
+/// Source p's links arrived as values in the header of its first block, `received` flat
+/// from element header_at(p); the link of block b = (p, j)'s row i is header element
+/// blocks(b, 4) + i, a token row of p's block, which is chunk c's row link - first(p, c)
+/// at received row token_at(p, c) + link - first(p, c).
+template <class X, class Blocks, class Map, class Flat, class At, class Table>
+void map_expert_tokens(const Blocks& blocks, int local, const Map& token_row, const Flat& received,
+                       const At& header_at, const Table& first, const Table& token_at) {
+  using Team = typename Kokkos::TeamPolicy<X>::member_type;
+  const int chunks = int(token_at.extent(1));
+  Kokkos::deep_copy(token_row, -1);
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::map_expert_tokens",
+      Kokkos::TeamPolicy<X>(int(blocks.extent(0)), Kokkos::AUTO), KOKKOS_LAMBDA(const Team& team) {
+        const int b = team.league_rank(), p = b / local;
+        const int expert_row = blocks(b, 1), rows = blocks(b, 2), link_at = blocks(b, 4);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows), [&](int i) {
+          const int link = int(received(header_at(p) + link_at + i));
+          int c = 0;
+          while (c + 1 < chunks && link >= first(p, c + 1)) ++c;
+          token_row(expert_row + i) = token_at(p, c) + link - first(p, c);
+        });
+      });
+}
+
+/// The last b in [0, n) with begin(b) <= value (begin ascending, begin(0) <= value).
+template <class Begin, class I>
+KOKKOS_INLINE_FUNCTION int block_containing(const Begin& begin, int n, I value) {
+  int lo = 0, hi = n;  // invariant: begin(lo) <= value, answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (begin(mid) <= value)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+/// Deduplicated send rows into the exchange buffer: dispatch row i, of block b (rank, chunk)
+/// whose rows start at begin(b), holds x's row token(i) and goes to row at(b) + i - begin(b).
+template <class X, class In, class Token, class Begin, class Out>
+void pack_token_rows(const In& x, const Token& token, const Begin& begin, const Begin& at,
+                     const Out& send) {
+  using Team = typename Kokkos::TeamPolicy<X>::member_type;
+  const int width = int(send.extent(1)), blocks = int(at.extent(0));
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::pack_token_rows", Kokkos::TeamPolicy<X>(int(token.extent(0)), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Team& team) {
+        const int i = team.league_rank();
+        const int b = block_containing(begin, blocks, i);
+        const int to = at(b) + i - begin(b), from = token(i);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, width),
+                             [&](int h) { send(to, h) = x(from, h); });
+      });
+}
+
+/// Rank r's header, flat from element header_at(r): the kept assignments of each of r's
+/// experts (keys from key_begin(r); Dispatch kept_per_key), then each kept assignment's
+/// link (Dispatch key order; r's assignments from assignment_begin(r)), as values.
+template <class X, class Kept, class Link, class Begin, class Flat>
+void pack_header(const Kept& kept, const Link& link, const Begin& key_begin,
+                 const Begin& assignment_begin, const Begin& header_at, const Flat& send) {
+  using S = typename Flat::non_const_value_type;
+  const int ranks = int(header_at.extent(0));
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::pack_counts", Kokkos::RangePolicy<X>(0, kept.extent(0)),
+      KOKKOS_LAMBDA(int key) {
+        const int r = block_containing(key_begin, ranks, key);
+        send(header_at(r) + key - key_begin(r)) = S(kept(key));
+      });
+  Kokkos::parallel_for(
+      "kmoe::MoELayer::pack_links", Kokkos::RangePolicy<X>(0, link.extent(0)),
+      KOKKOS_LAMBDA(int a) {
+        const int r = block_containing(assignment_begin, ranks, a);
+        const auto experts = key_begin(r + 1) - key_begin(r);
+        send(header_at(r) + experts + a - assignment_begin(r)) = S(link(a));
       });
 }
 
@@ -108,11 +193,20 @@ void scatter_add_rows(const Position& position, const M& rows, const M& grad_x) 
 /// \brief The expert-parallel exchange of a layer: where each global expert lives and how
 /// the rows of one forward travel to the experts and back.
 ///
-/// Forward: plan() (the send rows), exchange_counts() (counts, links, expert segments),
+/// Forward: plan() (the send rows), exchange_counts() (counts; expert segments),
 /// dispatch_start() and its wait (the payload; the layer overlaps the shared experts with
 /// it), arrive() (expert-ordered rows), combine() (expert outputs back in the send order).
+/// Pipelined forward (set_chunks(C > 1), deduplicated only): dispatch_chunk_start(c) for
+/// every chunk, then per chunk arrive_chunk(c), the experts of chunk_segments(c), and
+/// return_chunk_start(c); return_chunk_finish(c) after each return's wait.
 /// Backward: to_experts() then arrive_gradient() (dL/d expert output in the expert order),
 /// from_experts() (dL/dx per token). Kernel and buffer labels keep the layer's names.
+///
+/// A forward makes two collectives before the return: the counts (one all-to-all of a few
+/// integers per peer) and the payload, whose block for each peer starts with the links of
+/// a deduplicated dispatch (one value per assignment, in whole rows: the "header"), so the
+/// receiver never waits for a separate link exchange. Buffers are kept across steps and
+/// grow only (no allocation per step once the largest step has run).
 template <class X, class S, class Communicator>
 class ExpertParallelExchange {
  public:
@@ -152,11 +246,18 @@ class ExpertParallelExchange {
     for (int e = 0; e < experts; ++e) key_mirror(e) = key_host_[e];
     Kokkos::deep_copy(expert_key_, key_mirror);
     Kokkos::deep_copy(expert_rank_, rank_mirror);
+    set_chunks(1);
   }
 
   /// Sends the rows over `route` (flat or hierarchical, exchange/hierarchical_exchange.hpp)
   /// instead of the EP communicator's own all-to-all-v.
-  void set_route(ExchangeRoute<Communicator> route) { ep_ = std::move(route); }
+  /// instead of the EP communicator's own all-to-all-v. The hierarchical route exchanges
+  /// unchunked (set_chunks(C) keeps chunks() at 1) and sends the counts in their own
+  /// all-to-all (its receivers must know what the relays forward).
+  void set_route(ExchangeRoute<Communicator> route) {
+    ep_ = std::move(route);
+    if (ep_.hierarchical()) set_chunks(1);
+  }
 
   /// Sort key of each global expert (the Dispatch's keys), on the device and the host.
   const Vector<int, X>& expert_key() const { return expert_key_; }
@@ -164,8 +265,39 @@ class ExpertParallelExchange {
   /// Whether the dispatch sends each token once per destination rank (EP > 1, unless built
   /// with deduplicate = false).
   bool deduplicated() const { return deduplicate_ && ranks_ > 1; }
+
+  /// Chunks of the pipelined forward from the next plan() on: each EP rank's local experts
+  /// split into `chunks` consecutive groups (some empty when a rank has fewer experts),
+  /// chunk c carrying the rows of group c of every rank. Every rank must use the same
+  /// number (it sets the number of collectives). Only a deduplicated exchange over the
+  /// flat route pipelines: elsewhere chunks() stays 1.
+  void set_chunks(int chunks) {
+    require(chunks >= 1, "kmoe::ExpertParallelExchange::set_chunks", "chunks", chunks,
+            "must be >= 1");
+    // The hierarchical route's start is blocking (its second level needs the first), so
+    // chunks could not overlap there: it exchanges unchunked.
+    chunks_ = deduplicated() && !ep_.hierarchical() ? chunks : 1;
+    const int experts = int(key_host_.size());
+    auto chunk_mirror = Kokkos::create_mirror_view(
+        Kokkos::HostSpace(),
+        detail::ensure_view(expert_chunk_, "kmoe::MoELayer::expert_chunk", std::size_t(experts)));
+    std::vector<int> chunk_of_key;
+    for (int r = 0; r < ranks_; ++r)
+      for (int j = 0; j < local_count_[r]; ++j) chunk_of_key.push_back(chunk_of(r, j));
+    for (int e = 0; e < experts; ++e)
+      chunk_mirror(e) = key_host_[e] < 0 ? 0 : chunk_of_key[key_host_[e]];
+    Kokkos::deep_copy(expert_chunk_, chunk_mirror);
+  }
+  int chunks() const { return chunks_; }
+  /// The fewest experts any EP rank holds (the most chunks that leave none empty).
+  int fewest_local_experts() const {
+    return local_count_.empty() ? 0
+                                : int(*std::min_element(local_count_.begin(), local_count_.end()));
+  }
+
   /// Hidden-state rows sent to each EP rank by the last exchange_counts() (one per token, or
-  /// one per kept assignment without deduplication); empty on one EP rank.
+  /// one per kept assignment without deduplication; the links' header rows not included);
+  /// empty on one EP rank.
   const std::vector<std::int64_t>& dispatch_rows() const {
     return across_ranks(deduplicated() ? deduplicated_.rows_per_rank : send_rows_);
   }
@@ -178,6 +310,13 @@ class ExpertParallelExchange {
   const std::vector<std::int64_t>& combine_rows_sent() const { return across_ranks(recv_rows_); }
   const std::vector<std::int64_t>& combine_rows_received() const {
     return across_ranks(send_rows_);
+  }
+  /// Rows of the links' header in the dispatch payload to each EP rank (the links of a
+  /// deduplicated dispatch, one value per assignment, rounded up to whole rows); empty on
+  /// one EP rank or without deduplication.
+  const std::vector<std::int64_t>& header_rows() const {
+    static const std::vector<std::int64_t> none;
+    return deduplicated() ? header_send_ : none;
   }
   /// This rank's expert segments of the last forward (padded to the alignment).
   const Segments<X>& segments() const { return segments_; }
@@ -203,25 +342,35 @@ class ExpertParallelExchange {
 
   /// Plans the exchange of a forward from its dispatch and routing table (expert [T, S]),
   /// and gathers the rows to send from x: on one EP rank every kept assignment in key
-  /// order; across ranks each token once per destination rank. A non-empty `input_weight`
-  /// [T, S] (RoutingWeightPlacement::input, never deduplicated) scales each assignment's row
-  /// by its slot's weight.
+  /// order; across ranks each token once per destination rank, after the links' header.
+  /// A non-empty `input_weight` [T, S] (RoutingWeightPlacement::input, never deduplicated)
+  /// scales each assignment's row by its slot's weight.
   template <class R>
   void plan(const Dispatch<X>& dispatch, const Matrix<int, X>& expert, const ConstMatrix<S, X>& x,
             const Matrix<R, X>& input_weight) {
     kept_per_key_ = dispatch.kept_per_key;
     position_ = dispatch.position;
+    plan_send_layout();
     if (input_weight.extent(0) > 0) {
       require(!deduplicated(), "kmoe::ExpertParallelExchange::plan", "input_weight",
               "per-slot scaled rows", "need an exchange built with deduplicate = false");
-      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch.kept_total, hidden_);
+      detail::ensure_rows(send_x_, send_x_buffer_, "kmoe::MoELayer::send_x", dispatch.kept_total,
+                          hidden_);
       detail::gather_weighted_rows<X>(x, dispatch.source, input_weight, send_x_);
     } else if (deduplicated()) {
-      deduplicated_.build(dispatch.position, expert, expert_rank_, ranks_, dispatch.kept_total);
-      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", deduplicated_.rows_total, hidden_);
-      detail::gather_mapped_rows<X>(deduplicated_.token, x, send_x_);
+      // Links travel as values of S: every row index of a rank's tokens must be exact.
+      constexpr int digits = std::numeric_limits<S>::digits;
+      require(digits >= 31 || x.extent(0) < (std::size_t(1) << digits),
+              "kmoe::ExpertParallelExchange::plan", "tokens", x.extent(0),
+              "must be below 2^" + std::to_string(std::numeric_limits<S>::digits) +
+                  " under expert parallelism (the dispatch's links travel as exact values of "
+                  "the scalar type)");
+      deduplicated_.build(dispatch.position, expert, expert_rank_, ranks_, dispatch.kept_total,
+                          expert_chunk_, chunks_);
+      pack_deduplicated(x);
     } else {
-      detail::ensure_extents(send_x_, "kmoe::MoELayer::send_x", dispatch.kept_total, hidden_);
+      detail::ensure_rows(send_x_, send_x_buffer_, "kmoe::MoELayer::send_x", dispatch.kept_total,
+                          hidden_);
       detail::gather_rows<X>(x, dispatch.source, int(expert.extent(1)), send_x_);
     }
   }
@@ -230,109 +379,275 @@ class ExpertParallelExchange {
     plan(dispatch, expert, x, Matrix<routing_t<S>, X>());
   }
 
-  /// Per-peer counts of the dispatch exchange: each destination gets its local experts'
-  /// assignment counts (which lay out its expert segments) and, last, the number of rows
-  /// sent to it. Builds the expert segments, padded to the capacity alignment; when the
-  /// dispatch is deduplicated, also sends each assignment's link (the row of its token in
-  /// the block sent to its rank) so that the receiver can expand the rows.
+  /// Per-peer counts of the dispatch exchange, in one all-to-all: each destination gets its
+  /// local experts' assignment counts (which lay out its expert segments) and, last, the
+  /// number of rows sent to it in each chunk. Builds the expert segments, padded to the
+  /// capacity alignment, and the receive layout (the links themselves arrive with the
+  /// payload).
   void exchange_counts() {
     const bool deduplicate = deduplicated();
-    const int ranks = ranks_;
-    const int local = local_;
-    const int per_peer = local + 1;
+    const int ranks = ranks_, local = local_, chunks = chunks_;
+    const int per_peer = local + chunks;
     const int experts = int(key_host_.size());
-    send_rows_.assign(ranks, 0);
-    std::vector<std::int64_t> send_counts(ranks), recv_counts(ranks, per_peer);
-    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send", std::size_t(experts + ranks));
+    count_send_counts_.assign(ranks, 0);
+    count_recv_counts_.assign(ranks, per_peer);
+    detail::ensure_extents(count_send_, "kmoe::MoELayer::count_send",
+                           std::size_t(experts + ranks * chunks));
     detail::ensure_extents(count_recv_, "kmoe::MoELayer::count_recv",
                            std::size_t(ranks) * per_peer);
-    auto send_host = Kokkos::create_mirror_view(count_send_);
+    auto send_host = detail::ensure_view(count_send_host_, "kmoe::MoELayer::count_send_host",
+                                         std::size_t(experts + ranks * chunks));
     for (int r = 0, key = 0, at = 0; r < ranks; ++r) {
-      send_counts[r] = local_count_[r] + 1;
-      for (int j = 0; j < local_count_[r]; ++j, ++key) {
-        send_rows_[r] += kept_per_key_[key];
-        send_host(at++) = kept_per_key_[key];
-      }
-      send_host(at++) = deduplicate ? deduplicated_.rows_per_rank[r] : send_rows_[r];
+      count_send_counts_[r] = local_count_[r] + chunks;
+      for (int j = 0; j < local_count_[r]; ++j, ++key) send_host(at++) = kept_per_key_[key];
+      for (int c = 0; c < chunks; ++c)
+        send_host(at++) = deduplicate ? deduplicated_.rows_per_chunk[r * chunks + c]
+                                      : (c == 0 ? send_rows_[r] : 0);
     }
-    Kokkos::deep_copy(count_send_, send_host);
-    ep_.all_to_all_v(count_send_, send_counts, count_recv_, recv_counts);
-    auto recv_host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), count_recv_);
+    auto recv_host = detail::ensure_view(count_recv_host_, "kmoe::MoELayer::count_recv_host",
+                                         std::size_t(ranks) * per_peer);
+    payload_arrived_ = false;
+    if constexpr (detail::is_detected_v<detail::comm_sized_exchange, Communicator>) {
+      if (deduplicate && chunks == 1 && !ep_.hierarchical()) {
+        receive_sized_by_sender(recv_host);
+        payload_arrived_ = true;
+      }
+    }
+    if (!payload_arrived_) {
+      Kokkos::deep_copy(count_send_, send_host);
+      if (ranks > 1)
+        ep_.all_to_all_v(count_send_, count_send_counts_, count_recv_, count_recv_counts_);
+      else
+        Kokkos::deep_copy(count_recv_, count_send_);
+      Kokkos::deep_copy(recv_host, count_recv_);
+    }
     const auto received = [&](int p, int j) { return recv_host(p * per_peer + j); };
 
-    // Blocks (source p, local expert j): rows recv_offset in the receive buffer, moved to
-    // expert_offset in the expert buffer, where expert j's segment is padded to alignment.
-    const int alignment = alignment_;
+    // Receive layout, chunk-major: chunk c holds, per source p, the links' header (chunk 0
+    // of a deduplicated dispatch) and p's token rows of chunk c.
     recv_rows_.assign(ranks, 0);
-    segments_.offsets_host =
-        Kokkos::View<int*, Kokkos::HostSpace>("kmoe::MoELayer::segments", local + 1);
-    auto blocks = Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace>(
-        "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
-    std::vector<std::int64_t> recv_begin(ranks + 1, 0);
     recv_token_rows_.assign(ranks, 0);
-    detail::ensure_extents(token_first_, "kmoe::MoELayer::token_first", std::size_t(ranks));
-    auto token_first = Kokkos::create_mirror_view(token_first_);
-    for (int p = 0, first = 0; p < ranks; ++p) {
+    header_recv_.assign(ranks, 0);
+    recv_block_rows_.assign(std::size_t(chunks) * ranks, 0);
+    auto first = detail::ensure_view(token_first_host_, "kmoe::MoELayer::token_first_host",
+                                     std::size_t(ranks), std::size_t(chunks));
+    auto token_at = detail::ensure_view(token_at_host_, "kmoe::MoELayer::token_at_host",
+                                        std::size_t(ranks), std::size_t(chunks));
+    auto header_at =
+        detail::ensure_view(header_at_host_, "kmoe::MoELayer::header_at_host", std::size_t(ranks));
+    for (int p = 0; p < ranks; ++p) {
       for (int j = 0; j < local; ++j) recv_rows_[p] += received(p, j);
-      recv_begin[p + 1] = recv_begin[p] + recv_rows_[p];
-      recv_token_rows_[p] = received(p, local);
-      token_first(p) = first;
-      first += int(recv_token_rows_[p]);
+      header_recv_[p] = deduplicate ? header_rows_of(local + recv_rows_[p]) : 0;
+      for (int c = 0, before = 0; c < chunks; ++c) {
+        first(p, c) = before;
+        before += int(received(p, local + c));
+        recv_token_rows_[p] += received(p, local + c);
+        recv_block_rows_[std::size_t(c) * ranks + p] =
+            (c == 0 ? header_recv_[p] : 0) + received(p, local + c);
+      }
     }
+    for (std::size_t b = 0, row = 0; b < recv_block_rows_.size(); ++b) {
+      const int c = int(b) / ranks, p = int(b) % ranks;
+      if (c == 0) header_at(p) = std::int64_t(row) * hidden_;
+      token_at(p, c) = int(row + (c == 0 ? header_recv_[p] : 0));
+      row += recv_block_rows_[b];
+    }
+
+    // Blocks (source p, local expert j): rows at recv_row of the receive order (p, j,
+    // token), moved to expert_row of the expert order, where expert j's segment is padded
+    // to the alignment; return_row in the chunk-major return order (chunk of j, p, j,
+    // token); the links of p's block from header element link_at.
+    const int alignment = alignment_;
+    auto blocks = detail::ensure_view(blocks_host_, "kmoe::MoELayer::blocks_host",
+                                      std::size_t(ranks) * local, std::size_t(5));
+    std::vector<std::int64_t> recv_begin(ranks + 1, 0);
+    for (int p = 0; p < ranks; ++p) recv_begin[p + 1] = recv_begin[p] + recv_rows_[p];
+    return_rows_.assign(std::size_t(chunks) * ranks, 0);
+    for (int p = 0; p < ranks; ++p)
+      for (int j = 0; j < local; ++j)
+        return_rows_[std::size_t(chunk_of(my_rank(), j)) * ranks + p] += received(p, j);
+    std::vector<std::int64_t> return_begin(return_rows_.size() + 1, 0);
+    for (std::size_t b = 0; b < return_rows_.size(); ++b)
+      return_begin[b + 1] = return_begin[b] + return_rows_[b];
+    detail::ensure_view(segments_.offsets_host, "kmoe::MoELayer::segments", std::size_t(local + 1));
     int expert_row = 0;
     for (int j = 0; j < local; ++j) {
       segments_.offsets_host(j) = expert_row;
+      const int c = chunk_of(my_rank(), j);
       for (int p = 0; p < ranks; ++p) {
-        std::int64_t before = 0;
-        for (int i = 0; i < j; ++i) before += received(p, i);
+        std::int64_t before = 0, before_in_chunk = 0;
+        for (int i = 0; i < j; ++i) {
+          before += received(p, i);
+          if (chunk_of(my_rank(), i) == c) before_in_chunk += received(p, i);
+        }
         const int b = p * local + j;
         blocks(b, 0) = int(recv_begin[p] + before);
         blocks(b, 1) = expert_row;
         blocks(b, 2) = int(received(p, j));
+        blocks(b, 3) = int(return_begin[std::size_t(c) * ranks + p] + before_in_chunk);
+        blocks(b, 4) = int(local + before);  // after the counts at the header's head
         expert_row += blocks(b, 2);
       }
       expert_row = (expert_row + alignment - 1) / alignment * alignment;
     }
     segments_.offsets_host(local) = expert_row;
     segments_.sync_from_host();
+    build_chunk_segments();
     identity_arrangement_ = ranks == 1 && alignment == 1;
     recv_total_ = recv_begin[ranks];
-    detail::ensure_extents(recv_link_, "kmoe::MoELayer::recv_link",
-                           deduplicate ? std::size_t(recv_total_) : 0);
-    if (deduplicate) {
-      Kokkos::deep_copy(token_first_, token_first);
-      ep_.all_to_all_v(deduplicated_.link, send_rows_, recv_link_, recv_rows_);
-    }
-    if (identity_arrangement_) return;
-    detail::ensure_extents(blocks_, "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 3);
+    if (identity_arrangement_ && !deduplicate) return;
+    detail::ensure_extents(blocks_, "kmoe::MoELayer::blocks", std::size_t(ranks) * local, 5);
     Kokkos::deep_copy(blocks_, blocks);
-    detail::ensure_extents(expert_receive_row_, "kmoe::MoELayer::expert_receive_row",
-                           std::size_t(expert_row));
-    detail::ensure_extents(expert_token_row_, "kmoe::MoELayer::expert_token_row",
-                           deduplicate ? std::size_t(expert_row) : 0);
-    detail::map_expert_rows<X>(blocks_, local, expert_receive_row_, expert_token_row_, recv_link_,
-                               token_first_);
+    detail::ensure_rows(expert_receive_row_, expert_receive_row_buffer_,
+                        "kmoe::MoELayer::expert_receive_row", expert_row);
+    detail::ensure_rows(expert_return_row_, expert_return_row_buffer_,
+                        "kmoe::MoELayer::expert_return_row", chunks > 1 ? expert_row : 0);
+    detail::map_expert_rows<X>(blocks_, expert_receive_row_, expert_return_row_);
+    if (!deduplicate) return;
+    detail::ensure_rows(expert_token_row_, expert_token_row_buffer_,
+                        "kmoe::MoELayer::expert_token_row", expert_row);
+    detail::ensure_extents(token_first_, "kmoe::MoELayer::token_first", std::size_t(ranks),
+                           std::size_t(chunks));
+    detail::ensure_extents(token_at_, "kmoe::MoELayer::token_at", std::size_t(ranks),
+                           std::size_t(chunks));
+    detail::ensure_extents(header_at_, "kmoe::MoELayer::header_at", std::size_t(ranks));
+    Kokkos::deep_copy(token_first_, first);
+    Kokkos::deep_copy(token_at_, token_at);
+    Kokkos::deep_copy(header_at_, header_at);
+    std::int64_t total = 0;
+    for (auto rows : recv_block_rows_) total += rows;
+    if (ranks > 1)
+      detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total, hidden_);
   }
 
   /// Starts the payload exchange of the planned rows (after exchange_counts); the caller
-  /// waits on the request (and may compute meanwhile) before arrive().
+  /// waits on the request (and may compute meanwhile) before arrive(). Unchunked only.
   Request dispatch_start() {
+    require(chunks_ == 1, "kmoe::ExpertParallelExchange::dispatch_start", "chunks()", chunks_,
+            "the unchunked dispatch needs set_chunks(1) before plan(); pipelined: "
+            "dispatch_chunk_start");
+    if (ranks_ == 1) {
+      recv_x_ = send_x_;
+      return {};
+    }
     if (!deduplicated())
       return start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
-    // A token's rows for several ranks of one node cross nodes once (hierarchical route).
-    if (receive_in_place(send_x_, recv_x_, recv_token_rows_, "kmoe::MoELayer::recv_x")) return {};
-    return ep_.all_to_all_rows_start(flat(send_x_), elements(deduplicated_.rows_per_rank),
-                                     flat(recv_x_), elements(recv_token_rows_), hidden_,
-                                     deduplicated_.token);
+    if (payload_arrived_) return {};  // with the counts, by all_to_all_v_sized_by_sender
+    if (!ep_.hierarchical()) return dispatch_chunk_start(0);
+    // Hierarchical route: a token's rows for several ranks of one node cross nodes once;
+    // the header rows (distinct keys below every token's) travel per rank, as rows.
+    return ep_.all_to_all_rows_start(flat(send_x_), elements(send_block_rows_), flat(recv_x_),
+                                     elements(recv_block_rows_), hidden_, route_keys());
   }
 
   /// The received rows in the expert order (segments()), after the dispatch's wait.
   const Matrix<S, X>& arrive() {
-    if (deduplicated())
-      expand_to_experts(recv_x_, expert_x_);
-    else
+    if (deduplicated()) {
+      arrive_links();
+      expand_to_experts(recv_x_, expert_x_, 0, segments_.rows());
+    } else {
       arrange_to_experts(recv_x_, expert_x_, "kmoe::MoELayer::expert_x");
+    }
     return expert_x_;
+  }
+
+  /// Pipelined forward: starts chunk c of the dispatch (every rank starts every chunk, in
+  /// order, after exchange_counts).
+  Request dispatch_chunk_start(int c) {
+    const int ranks = ranks_;
+    std::vector<std::int64_t>& send = chunk_counts_send_;
+    std::vector<std::int64_t>& recv = chunk_counts_recv_;
+    send.assign(ranks, 0);
+    recv.assign(ranks, 0);
+    std::int64_t send_first = 0, recv_first = 0;
+    for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) {
+      send_first += send_block_rows_[b];
+      recv_first += recv_block_rows_[b];
+    }
+    std::int64_t send_rows = 0, recv_rows = 0;
+    for (int p = 0; p < ranks; ++p) {
+      send[p] = send_block_rows_[std::size_t(c) * ranks + p] * hidden_;
+      recv[p] = recv_block_rows_[std::size_t(c) * ranks + p] * hidden_;
+      send_rows += send_block_rows_[std::size_t(c) * ranks + p];
+      recv_rows += recv_block_rows_[std::size_t(c) * ranks + p];
+    }
+    return ep_.all_to_all_v_start(flat_rows(send_x_, send_first, send_rows), send,
+                                  flat_rows(recv_x_, recv_first, recv_rows), recv);
+  }
+
+  /// Pipelined forward, after chunk c's dispatch (and every earlier chunk's) completed: the
+  /// expert-ordered input rows of chunk c's experts, rows [chunk_begin(c), chunk_begin(c + 1))
+  /// of expert_x(); its segments are chunk_segments(c).
+  Matrix<S, X> arrive_chunk(int c) {
+    if (c == 0) {
+      detail::ensure_rows(expert_x_, expert_x_buffer_, "kmoe::MoELayer::expert_x", segments_.rows(),
+                          hidden_);
+      arrive_links();
+    }
+    expand_to_experts(recv_x_, expert_x_, chunk_begin(c), chunk_begin(c + 1));
+    return chunk_rows(expert_x_, c);
+  }
+  /// First expert row of chunk c's experts (c = chunks(): the end).
+  int chunk_begin(int c) const { return chunk_row_begin_[c]; }
+  /// The segments of chunk c's experts, rows counted from chunk_begin(c); the other
+  /// experts' segments are empty.
+  const Segments<X>& chunk_segments(int c) const { return chunk_segments_[c]; }
+  /// Rows [chunk_begin(c), chunk_begin(c + 1)) of an expert-ordered matrix.
+  static Matrix<S, X> chunk_rows(const Matrix<S, X>& m, int c, const std::vector<int>& begin) {
+    return Kokkos::subview(m, Kokkos::make_pair(begin[c], begin[c + 1]), Kokkos::ALL);
+  }
+  Matrix<S, X> chunk_rows(const Matrix<S, X>& m, int c) const {
+    return chunk_rows(m, c, chunk_row_begin_);
+  }
+
+  /// Pipelined forward: chunk c's expert outputs (rows of chunk c in the expert-ordered
+  /// expert_y) back to the ranks that sent them.
+  Request return_chunk_start(int c, const Matrix<S, X>& expert_y) {
+    const int ranks = ranks_;
+    if (c == 0) {
+      std::int64_t total = 0;
+      for (auto rows : return_rows_) total += rows;
+      detail::ensure_rows(recv_y_, recv_y_buffer_, "kmoe::MoELayer::recv_y", total, hidden_);
+      detail::ensure_rows(return_y_, return_y_buffer_, "kmoe::MoELayer::return_y", send_total(),
+                          hidden_);
+    }
+    detail::scatter_mapped_rows<X>(
+        Kokkos::subview(expert_return_row_, Kokkos::make_pair(chunk_begin(c), chunk_begin(c + 1))),
+        chunk_rows(expert_y, c), recv_y_);
+    std::vector<std::int64_t>& send = chunk_counts_send_;
+    std::vector<std::int64_t>& recv = chunk_counts_recv_;
+    send.assign(ranks, 0);
+    recv.assign(ranks, 0);
+    std::int64_t send_first = 0, recv_first = 0, send_rows = 0, recv_rows = 0;
+    for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) {
+      send_first += return_rows_[b];
+      recv_first += send_chunk_rows_[b];
+    }
+    for (int p = 0; p < ranks; ++p) {
+      send_rows += return_rows_[std::size_t(c) * ranks + p];
+      recv_rows += send_chunk_rows_[std::size_t(c) * ranks + p];
+      send[p] = return_rows_[std::size_t(c) * ranks + p] * hidden_;
+      recv[p] = send_chunk_rows_[std::size_t(c) * ranks + p] * hidden_;
+    }
+    return ep_.all_to_all_v_start(flat_rows(recv_y_, send_first, send_rows), send,
+                                  flat_rows(return_y_, recv_first, recv_rows), recv);
+  }
+  /// Pipelined forward, after chunk c's return completed: its rows into the send order.
+  void return_chunk_finish(int c) {
+    const int ranks = ranks_;
+    if (c == 0)
+      detail::ensure_rows(send_y_, send_y_buffer_, "kmoe::MoELayer::send_y", send_total(), hidden_);
+    std::int64_t from = 0;
+    for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) from += send_chunk_rows_[b];
+    for (int r = 0; r < ranks; ++r) {
+      const std::int64_t rows = send_chunk_rows_[std::size_t(c) * ranks + r];
+      const std::int64_t to = send_chunk_begin_[std::size_t(c) * ranks + r];
+      if (rows > 0)
+        Kokkos::deep_copy(Kokkos::subview(send_y_, Kokkos::make_pair(to, to + rows), Kokkos::ALL),
+                          Kokkos::subview(return_y_, Kokkos::make_pair(from, from + rows),
+                                          Kokkos::ALL));
+      from += rows;
+    }
   }
 
   /// Expert outputs (expert order) back to the ranks that sent the rows, in the send order
@@ -342,7 +657,7 @@ class ExpertParallelExchange {
   const Matrix<S, X>& combine(const Matrix<S, X>& expert_y, BeforeExchange&& before_exchange) {
     arrange_from_experts(expert_y, recv_y_, "kmoe::MoELayer::recv_y");
     before_exchange();
-    exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y");
+    exchange(recv_y_, recv_rows_, send_y_, send_rows_, "kmoe::MoELayer::send_y", send_y_buffer_);
     return send_y_;
   }
   const Matrix<S, X>& combine(const Matrix<S, X>& expert_y) {
@@ -351,7 +666,14 @@ class ExpertParallelExchange {
 
   /// Backward of combine, its transfer: dL/d(send_y) to the expert ranks.
   void to_experts(const Matrix<S, X>& grad_send_y) {
-    exchange(grad_send_y, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y");
+    exchange(grad_send_y, send_rows_, grad_recv_y_, recv_rows_, "kmoe::MoELayer::grad_recv_y",
+             grad_recv_y_buffer_);
+  }
+  /// to_experts, started: the caller may compute (the shared experts' backward) before the
+  /// request's wait and arrive_gradient().
+  Request to_experts_start(const Matrix<S, X>& grad_send_y) {
+    return start_exchange(grad_send_y, send_rows_, grad_recv_y_, recv_rows_,
+                          "kmoe::MoELayer::grad_recv_y", grad_recv_y_buffer_);
   }
   /// Backward of combine, its arrangement: dL/d(expert_y) in the expert order.
   const Matrix<S, X>& arrive_gradient() {
@@ -362,7 +684,8 @@ class ExpertParallelExchange {
   /// t's kept slots, in slot order, of the returned rows.
   void from_experts(const Matrix<S, X>& grad_expert_x, const Matrix<S, X>& grad_x) {
     arrange_from_experts(grad_expert_x, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
-    exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
+    exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x",
+             grad_send_x_buffer_);
     detail::scatter_add_rows<X>(position_, grad_send_x_, grad_x);
   }
   /// from_experts for rows that were scaled by `input_weight` in plan(): grad_x(t) = the sum
@@ -373,7 +696,8 @@ class ExpertParallelExchange {
                     const ConstMatrix<S, X>& x, const Matrix<R, X>& input_weight,
                     const Matrix<R, X>& grad_weight) {
     arrange_from_experts(grad_expert_x, grad_recv_x_, "kmoe::MoELayer::grad_recv_x");
-    exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x");
+    exchange(grad_recv_x_, recv_rows_, grad_send_x_, send_rows_, "kmoe::MoELayer::grad_send_x",
+             grad_send_x_buffer_);
     detail::scatter_add_weighted_rows<X>(position_, input_weight, grad_send_x_, x, grad_x,
                                          grad_weight);
   }
@@ -386,34 +710,236 @@ class ExpertParallelExchange {
   static FlatView flat(const View& v) {
     return FlatView(v.data(), v.size());
   }
+  /// Rows [first, first + rows) of a row-major matrix, flat.
+  FlatView flat_rows(const Matrix<S, X>& m, std::int64_t first, std::int64_t rows) const {
+    return FlatView(m.data() + first * hidden_, std::size_t(rows * hidden_));
+  }
+
+  int my_rank() const { return ep_.rank(); }
+  /// Chunk of rank r's local expert j: consecutive groups of about local_count_[r] / chunks_.
+  int chunk_of(int r, int j) const {
+    const std::int64_t n = local_count_[r];
+    int c = 0;
+    while (c + 1 < chunks_ && j >= n * (c + 1) / chunks_) ++c;
+    return c;
+  }
+  /// Rows of the links' header for `links` links (one value each, whole rows).
+  std::int64_t header_rows_of(std::int64_t links) const { return (links + hidden_ - 1) / hidden_; }
+  std::int64_t send_total() const {
+    std::int64_t total = 0;
+    for (auto rows : send_rows_) total += rows;
+    return total;
+  }
+
+  /// The send side of the plan: assignments to each rank (in total and per chunk) and
+  /// where each (chunk, rank) block of the send order starts.
+  void plan_send_layout() {
+    const int ranks = ranks_, chunks = chunks_;
+    send_rows_.assign(ranks, 0);
+    send_chunk_rows_.assign(std::size_t(chunks) * ranks, 0);
+    send_chunk_begin_.assign(std::size_t(chunks) * ranks, 0);
+    assignment_begin_host_.assign(ranks + 1, 0);
+    for (int r = 0, key = 0; r < ranks; ++r) {
+      std::int64_t row = assignment_begin_host_[r];
+      for (int j = 0; j < local_count_[r]; ++j, ++key) {
+        const std::size_t b = std::size_t(chunk_of(r, j)) * ranks + r;
+        if (send_chunk_rows_[b] == 0 && kept_per_key_[key] > 0) send_chunk_begin_[b] = row;
+        send_chunk_rows_[b] += kept_per_key_[key];
+        send_rows_[r] += kept_per_key_[key];
+        row += kept_per_key_[key];
+      }
+      assignment_begin_host_[r + 1] = row;
+    }
+  }
+
+  /// Deduplicated send buffer, chunk-major: chunk c holds per destination r the links'
+  /// header (c = 0) and r's token rows of chunk c.
+  void pack_deduplicated(const ConstMatrix<S, X>& x) {
+    const int ranks = ranks_, chunks = chunks_;
+    header_send_.assign(ranks, 0);
+    for (int r = 0; r < ranks; ++r)
+      header_send_[r] = header_rows_of(local_count_[r] + send_rows_[r]);
+    send_block_rows_.assign(std::size_t(chunks) * ranks, 0);
+    auto begin = detail::ensure_view(token_begin_host_, "kmoe::MoELayer::token_begin_host",
+                                     std::size_t(ranks * chunks + 1));
+    auto at = detail::ensure_view(token_to_host_, "kmoe::MoELayer::token_to_host",
+                                  std::size_t(ranks * chunks));
+    auto header_at =
+        detail::ensure_view(header_to_host_, "kmoe::MoELayer::header_to_host", std::size_t(ranks));
+    auto assignment_begin =
+        detail::ensure_view(assignment_begin_host_view_, "kmoe::MoELayer::assignment_begin_host",
+                            std::size_t(ranks + 1));
+    std::int64_t row = 0;
+    for (int c = 0; c < chunks; ++c)
+      for (int r = 0; r < ranks; ++r) {
+        const std::size_t b = std::size_t(c) * ranks + r;
+        const std::int64_t header = c == 0 ? header_send_[r] : 0;
+        const std::int64_t tokens = deduplicated_.rows_per_chunk[std::size_t(r) * chunks + c];
+        if (c == 0) header_at(r) = row * hidden_;
+        at(r * chunks + c) = row + header;
+        send_block_rows_[b] = header + tokens;
+        row += header + tokens;
+      }
+    begin(0) = 0;
+    for (int b = 0; b < ranks * chunks; ++b)
+      begin(b + 1) = begin(b) + deduplicated_.rows_per_chunk[std::size_t(b)];
+    for (int r = 0; r <= ranks; ++r) assignment_begin(r) = assignment_begin_host_[r];
+    detail::ensure_rows(send_x_, send_x_buffer_, "kmoe::MoELayer::send_x", row, hidden_);
+    detail::ensure_extents(token_begin_, "kmoe::MoELayer::token_begin",
+                           std::size_t(ranks * chunks + 1));
+    detail::ensure_extents(token_to_, "kmoe::MoELayer::token_to", std::size_t(ranks * chunks));
+    detail::ensure_extents(header_to_, "kmoe::MoELayer::header_to", std::size_t(ranks));
+    detail::ensure_extents(assignment_begin_, "kmoe::MoELayer::assignment_begin",
+                           std::size_t(ranks + 1));
+    Kokkos::deep_copy(token_begin_, begin);
+    Kokkos::deep_copy(token_to_, at);
+    Kokkos::deep_copy(header_to_, header_at);
+    Kokkos::deep_copy(assignment_begin_, assignment_begin);
+    // Header rows are zero past their links, so that the payload is deterministic.
+    for (int r = 0; r < ranks; ++r)
+      if (header_send_[r] > 0)
+        Kokkos::deep_copy(flat_rows(send_x_, header_at(r) / hidden_, header_send_[r]), S(0));
+    detail::pack_token_rows<X>(x, deduplicated_.token, token_begin_, token_to_, send_x_);
+    auto kept = detail::ensure_view(kept_host_, "kmoe::MoELayer::kept_host", kept_per_key_.size());
+    auto key_begin = detail::ensure_view(key_begin_host_, "kmoe::MoELayer::key_begin_host",
+                                         std::size_t(ranks + 1));
+    for (std::size_t key = 0; key < kept_per_key_.size(); ++key) kept(key) = kept_per_key_[key];
+    key_begin(0) = 0;
+    for (int r = 0; r < ranks; ++r) key_begin(r + 1) = key_begin(r) + local_count_[r];
+    detail::ensure_extents(kept_, "kmoe::MoELayer::kept", kept_per_key_.size());
+    detail::ensure_extents(key_begin_, "kmoe::MoELayer::key_begin", std::size_t(ranks + 1));
+    Kokkos::deep_copy(kept_, kept);
+    Kokkos::deep_copy(key_begin_, key_begin);
+    detail::pack_header<X>(kept_, deduplicated_.link, key_begin_, assignment_begin_, header_to_,
+                           flat(send_x_));
+  }
+
+  /// The unchunked deduplicated dispatch through a communicator that sizes messages by
+  /// their sender: the payload arrives with its counts (its header's first values), so no
+  /// count all-to-all precedes it. Fills the counts as the all-to-all would have
+  /// (recv_host: per source, its experts' assignments, then its token rows).
+  template <class Host>
+  void receive_sized_by_sender(const Host& recv_host) {
+    const int ranks = ranks_, local = local_, per_peer = local + 1;
+    std::vector<std::int64_t> send_counts(send_block_rows_);
+    for (auto& c : send_counts) c *= hidden_;
+    const auto counts = ep_.all_to_all_v_sized_by_sender(
+        flat(send_x_), send_counts, [&](const std::vector<std::int64_t>& elements) {
+          std::int64_t total = 0;
+          for (auto e : elements) total += e;
+          detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total / hidden_,
+                              hidden_);
+          return flat(recv_x_);
+        });
+    // Each block's counts, from the head of its header, to the host.
+    auto head = detail::ensure_view(received_head_, "kmoe::MoELayer::received_head",
+                                    std::size_t(ranks) * std::max(local, 1));
+    std::int64_t at = 0;
+    for (int p = 0; p < ranks; ++p) {
+      if (local > 0 && counts[p] > 0)
+        Kokkos::deep_copy(Kokkos::subview(head, std::make_pair(std::size_t(p) * local,
+                                                               std::size_t(p + 1) * local)),
+                          FlatView(recv_x_.data() + at, std::size_t(local)));
+      at += counts[p];
+    }
+    for (int p = 0; p < ranks; ++p) {
+      std::int64_t links = 0;
+      for (int j = 0; j < local; ++j) {
+        const auto kept = counts[p] > 0 ? std::int64_t(head(std::size_t(p) * local + j)) : 0;
+        recv_host(p * per_peer + j) = kept;
+        links += kept;
+      }
+      recv_host(p * per_peer + local) = counts[p] / hidden_ - header_rows_of(local + links);
+    }
+  }
+
+  /// The hierarchical route's key of each send row of the unchunked deduplicated dispatch
+  /// (rows of equal keys hold equal values, ascending within each destination's block):
+  /// the token of a token row; a header row, whose values are its destination's own, a
+  /// distinct key below every token's.
+  const Vector<int, X>& route_keys() {
+    const int ranks = ranks_;
+    const auto token =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), deduplicated_.token);
+    std::int64_t total = 0;
+    for (auto rows : send_block_rows_) total += rows;
+    auto keys =
+        detail::ensure_view(route_key_host_, "kmoe::MoELayer::route_key_host", std::size_t(total));
+    std::int64_t row = 0, token_row = 0;
+    int header_key = std::numeric_limits<int>::min();
+    for (int r = 0; r < ranks; ++r) {
+      for (std::int64_t i = 0; i < header_send_[r]; ++i) keys(row++) = header_key++;
+      for (std::int64_t i = 0; i < deduplicated_.rows_per_rank[r]; ++i)
+        keys(row++) = token(token_row++);
+    }
+    detail::ensure_extents(route_key_, "kmoe::MoELayer::route_key", std::size_t(total));
+    Kokkos::deep_copy(route_key_, keys);
+    return route_key_;
+  }
+
+  /// Deduplicated dispatch, once its first chunk (the headers) has arrived: the received
+  /// row of each expert row's token.
+  void arrive_links() {
+    detail::map_expert_tokens<X>(blocks_, local_, expert_token_row_, flat(recv_x_), header_at_,
+                                 token_first_, token_at_);
+  }
+
+  /// Each chunk's first expert row and segments (from the expert segments).
+  void build_chunk_segments() {
+    const int chunks = chunks_, local = local_;
+    chunk_row_begin_.assign(chunks + 1, 0);
+    for (int j = 0; j < local; ++j) chunk_row_begin_[chunk_of(my_rank(), j) + 1] = segments_.end(j);
+    for (int c = 1; c <= chunks; ++c)
+      chunk_row_begin_[c] = std::max(chunk_row_begin_[c], chunk_row_begin_[c - 1]);
+    if (chunks == 1) return;
+    chunk_segments_.resize(chunks);
+    for (int c = 0; c < chunks; ++c) {
+      auto& segments = chunk_segments_[c];
+      detail::ensure_view(segments.offsets_host, "kmoe::MoELayer::chunk_segments",
+                          std::size_t(local + 1));
+      const int first = chunk_row_begin_[c], last = chunk_row_begin_[c + 1];
+      for (int j = 0; j <= local; ++j) {
+        const int at = j < local ? segments_.begin(j) : segments_.rows();
+        segments.offsets_host(j) = std::min(std::max(at, first), last) - first;
+      }
+      segments.sync_from_host();
+    }
+  }
 
   /// Starts sending rows per peer and receiving rows per peer (EP group); on one EP rank
   /// the receive buffer is the send buffer itself.
   Request start_exchange(const Matrix<S, X>& send, const std::vector<std::int64_t>& send_rows,
                          Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows,
-                         const char* label) {
-    if (receive_in_place(send, recv, recv_rows, label)) return {};
+                         const char* label, Matrix<S, X>& buffer) {
+    if (receive_in_place(send, recv, recv_rows, label, buffer)) return {};
     return ep_.all_to_all_v_start(flat(send), elements(send_rows), flat(recv), elements(recv_rows));
+  }
+  Request start_exchange(const Matrix<S, X>& send, const std::vector<std::int64_t>& send_rows,
+                         Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows,
+                         const char* label) {
+    return start_exchange(send, send_rows, recv, recv_rows, label, recv_x_buffer_);
   }
 
   /// start_exchange and wait, through the communicator's blocking form (nothing to overlap,
   /// so no request to keep).
   void exchange(const Matrix<S, X>& send, const std::vector<std::int64_t>& send_rows,
-                Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows, const char* label) {
-    if (receive_in_place(send, recv, recv_rows, label)) return;
+                Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows, const char* label,
+                Matrix<S, X>& buffer) {
+    if (receive_in_place(send, recv, recv_rows, label, buffer)) return;
     ep_.all_to_all_v(flat(send), elements(send_rows), flat(recv), elements(recv_rows));
   }
 
   /// Sizes the receive buffer; on one EP rank aliases it to the send buffer and returns true.
   bool receive_in_place(const Matrix<S, X>& send, Matrix<S, X>& recv,
-                        const std::vector<std::int64_t>& recv_rows, const char* label) const {
+                        const std::vector<std::int64_t>& recv_rows, const char* label,
+                        Matrix<S, X>& buffer) const {
     if (ranks_ == 1) {
       recv = send;
       return true;
     }
     std::int64_t total = 0;
     for (auto r : recv_rows) total += r;
-    detail::ensure_extents(recv, label, std::size_t(total), std::size_t(hidden_));
+    detail::ensure_rows(recv, buffer, label, total, hidden_);
     return false;
   }
 
@@ -430,16 +956,20 @@ class ExpertParallelExchange {
       out = in;
       return;
     }
-    detail::ensure_extents(out, label, std::size_t(segments_.rows()), std::size_t(hidden_));
+    detail::ensure_rows(out, buffer_of(out), label, segments_.rows(), hidden_);
     detail::gather_mapped_rows<X>(expert_receive_row_, in, out);
   }
 
-  /// Deduplicated receive rows -> expert order (local expert, source rank, token), each
-  /// assignment taking its token's row, with zero padding rows.
-  void expand_to_experts(const Matrix<S, X>& in, Matrix<S, X>& out) {
-    detail::ensure_extents(out, "kmoe::MoELayer::expert_x", std::size_t(segments_.rows()),
-                           std::size_t(hidden_));
-    detail::gather_mapped_rows<X>(expert_token_row_, in, out);
+  /// Deduplicated receive rows -> expert rows [first, last) of the expert order (local
+  /// expert, source rank, token), each assignment taking its token's row, with zero
+  /// padding rows.
+  void expand_to_experts(const Matrix<S, X>& in, Matrix<S, X>& out, int first, int last) {
+    if (first == 0 && last == segments_.rows())
+      detail::ensure_rows(out, expert_x_buffer_, "kmoe::MoELayer::expert_x", segments_.rows(),
+                          hidden_);
+    const auto rows = Kokkos::make_pair(first, last);
+    detail::gather_mapped_rows<X>(Kokkos::subview(expert_token_row_, rows), in,
+                                  Kokkos::subview(out, rows, Kokkos::ALL));
   }
 
   /// Inverse of arrange_to_experts (padding rows are dropped).
@@ -448,8 +978,16 @@ class ExpertParallelExchange {
       out = in;
       return;
     }
-    detail::ensure_extents(out, label, std::size_t(recv_total_), std::size_t(hidden_));
+    detail::ensure_rows(out, buffer_of(out), label, recv_total_, hidden_);
     detail::scatter_mapped_rows<X>(expert_receive_row_, in, out);
+  }
+
+  /// The growing buffer behind each arranged matrix.
+  Matrix<S, X>& buffer_of(const Matrix<S, X>& view) {
+    if (&view == &expert_x_) return expert_x_buffer_;
+    if (&view == &grad_expert_y_) return grad_expert_y_buffer_;
+    if (&view == &recv_y_) return recv_y_buffer_;
+    return grad_recv_x_buffer_;
   }
 
   /// Per-peer row counts are reported only across ranks (one EP rank exchanges nothing).
@@ -459,39 +997,67 @@ class ExpertParallelExchange {
   }
 
   ExchangeRoute<Communicator> ep_;  ///< the EP group's all-to-all-v, flat unless set_route()
-  int ranks_ = 1, local_ = 0, hidden_ = 0, alignment_ = 1;
+  int ranks_ = 1, local_ = 0, hidden_ = 0, alignment_ = 1, chunks_ = 1;
   bool deduplicate_ = true;
 
-  // Placement: sort key of each global expert, experts per EP rank.
+  // Placement: sort key of each global expert, experts per EP rank, chunk of each expert.
   std::vector<int> key_host_;
   std::vector<std::int64_t> local_count_;
   Vector<int, X> expert_key_;
-  Vector<int, X> expert_rank_;  ///< EP rank owning each global expert
+  Vector<int, X> expert_rank_;   ///< EP rank owning each global expert
+  Vector<int, X> expert_chunk_;  ///< pipeline chunk of each global expert
 
   // The dispatch of the last forward: kept assignments per key, row of each (token, slot).
   std::vector<std::int64_t> kept_per_key_;
   Matrix<int, X> position_;
 
-  // Exchange layout of the last forward.
-  std::vector<std::int64_t> send_rows_, recv_rows_;
+  // Send side of the last forward: assignments per rank, per (chunk, rank) block and where
+  // those start in the send order; header rows and exchange rows per (chunk, rank) block.
+  std::vector<std::int64_t> send_rows_, send_chunk_rows_, send_chunk_begin_;
+  std::vector<std::int64_t> assignment_begin_host_, header_send_, send_block_rows_;
+  // Receive side: assignments and token rows per source, header rows per source, exchange
+  // rows per (chunk, source) block, return rows per (chunk, source) block.
+  std::vector<std::int64_t> recv_rows_, recv_token_rows_, header_recv_, recv_block_rows_;
+  std::vector<std::int64_t> return_rows_;
+  std::vector<std::int64_t> count_send_counts_, count_recv_counts_;
+  std::vector<std::int64_t> chunk_counts_send_, chunk_counts_recv_;
   std::int64_t recv_total_ = 0;
   Vector<std::int64_t, X> count_send_, count_recv_;
+  Kokkos::View<std::int64_t*, Kokkos::HostSpace> count_send_host_, count_recv_host_;
+  // Send-side tables of the pack kernels and receive-side tables of the link decoding,
+  // with their host copies (kept across steps).
+  Vector<int, X> token_begin_, token_to_;
+  Vector<std::int64_t, X> header_to_, assignment_begin_, header_at_, kept_, key_begin_;
+  Kokkos::View<std::int64_t*, Kokkos::HostSpace> kept_host_, key_begin_host_;
+  Kokkos::View<int*, Kokkos::HostSpace> token_begin_host_, token_to_host_;
+  Kokkos::View<std::int64_t*, Kokkos::HostSpace> header_to_host_, assignment_begin_host_view_,
+      header_at_host_;
+  Kokkos::View<int**, Kokkos::LayoutRight, typename X::memory_space> token_first_, token_at_;
+  Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace> token_first_host_, token_at_host_;
   Kokkos::View<int**, Kokkos::LayoutRight, typename X::memory_space> blocks_;
-  // Deduplicated dispatch (EP > 1): this rank's send rows and links, the rows received from
-  // each peer, where each peer's rows start, and the received links.
+  Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace> blocks_host_;
   DeduplicatedDispatch<X> deduplicated_;
-  std::vector<std::int64_t> recv_token_rows_;
-  Vector<int, X> token_first_, recv_link_;
-  // For each row of the expert order (-1: padding): its row in the receive order and, when
-  // deduplicated, its token's row among the received rows.
-  Vector<int, X> expert_receive_row_, expert_token_row_;
+  // For each row of the expert order (-1: padding): its row in the receive order, in the
+  // chunk-major return order (pipelined), and, when deduplicated, its token's received row.
+  Vector<int, X> expert_receive_row_, expert_return_row_, expert_token_row_;
+  Vector<int, X> expert_receive_row_buffer_, expert_return_row_buffer_, expert_token_row_buffer_;
   bool identity_arrangement_ = true;
+  bool payload_arrived_ = false;  ///< the dispatch came with the counts (sized by sender)
+  Vector<int, X> route_key_;      ///< the hierarchical route's key of each send row
+  Kokkos::View<int*, Kokkos::HostSpace> route_key_host_;
+  Kokkos::View<S*, Kokkos::HostSpace> received_head_;  ///< each block's counts, on the host
   Segments<X> segments_;
+  std::vector<Segments<X>> chunk_segments_;
+  std::vector<int> chunk_row_begin_;
 
   // Forward rows (expert_x_ and send_y_ are kept for backward) and backward rows; on one
-  // rank without padding the exchange/arrange steps alias them.
-  Matrix<S, X> send_x_, recv_x_, expert_x_, recv_y_, send_y_;
+  // rank without padding the exchange/arrange steps alias them. Each is a view of the
+  // first rows of its growing buffer.
+  Matrix<S, X> send_x_, recv_x_, expert_x_, recv_y_, send_y_, return_y_;
   Matrix<S, X> grad_recv_y_, grad_expert_y_, grad_recv_x_, grad_send_x_;
+  Matrix<S, X> send_x_buffer_, recv_x_buffer_, expert_x_buffer_, recv_y_buffer_, send_y_buffer_,
+      return_y_buffer_;
+  Matrix<S, X> grad_recv_y_buffer_, grad_expert_y_buffer_, grad_recv_x_buffer_, grad_send_x_buffer_;
 };
 
 }  // namespace kmoe

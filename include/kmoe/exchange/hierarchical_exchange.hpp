@@ -82,7 +82,15 @@ class ExchangeRoute {
   }
 
   ExchangeKind kind() const { return kind_; }
-  bool hierarchical() const { return kind_ == ExchangeKind::hierarchical && ep_.size() > 1; }
+  /// This rank and the size of the EP group.
+  int rank() const { return ep_.rank(); }
+  int size() const { return ep_.size(); }
+  /// Whether the rows go two levels. Over nodes of one rank the rail is the whole exchange,
+  /// which is the flat one (the same messages): such a route is flat, and keeps the flat
+  /// route's header-carrying dispatch and pipeline (expert_parallel_exchange.hpp).
+  bool hierarchical() const {
+    return kind_ == ExchangeKind::hierarchical && ep_.size() > 1 && per_node() > 1;
+  }
   /// Running total of what this route handed to the communicators.
   const ExchangeTraffic& traffic() const {
     static const ExchangeTraffic none;
@@ -113,6 +121,18 @@ class ExchangeRoute {
     return ep_.all_to_all_v_start(send, send_counts, recv, recv_counts);
   }
 
+  /// The wrapped communicator's all_to_all_v_sized_by_sender (an optional Communicator
+  /// member: call it only where Communicator has it), over the flat route only: the
+  /// hierarchical relays must know what they forward before it arrives.
+  template <class SendView, class Receive>
+  std::vector<std::int64_t> all_to_all_v_sized_by_sender(
+      const SendView& send, const std::vector<std::int64_t>& send_counts, const Receive& receive) {
+    require(!hierarchical(), "kmoe::ExchangeRoute::all_to_all_v_sized_by_sender", "kind",
+            "hierarchical", "a receiver sized by its senders needs the flat route");
+    count_flat<SendView>(send_counts);
+    return ep_.all_to_all_v_sized_by_sender(send, send_counts, receive);
+  }
+
   /// all_to_all_v_start of rows of `width` elements in which rows with equal `row_key` (a
   /// rank-1 int view, one key per send row, ascending within each destination's block) hold
   /// equal values, as the deduplicated dispatch's rows of one token do. The hierarchical
@@ -122,10 +142,9 @@ class ExchangeRoute {
   Request all_to_all_rows_start(const SendView& send, const std::vector<std::int64_t>& send_counts,
                                 const RecvView& recv, const std::vector<std::int64_t>& recv_counts,
                                 int width, const Keys& row_key) {
-    // With one rank per node the rows are already once per node (the masks would only add a
-    // message); the mask of a row's ranks is an int: nodes of more than 31 ranks send rows
-    // per rank.
-    if (!hierarchical() || per_node() == 1 || per_node() > 31)
+    // With one rank per node (a flat route) the rows are already once per node; the mask of
+    // a row's ranks is an int: nodes of more than 31 ranks send rows per rank.
+    if (!hierarchical() || per_node() > 31)
       return all_to_all_v_start(send, send_counts, recv, recv_counts);
     two_level_deduplicated(send, send_counts, recv, recv_counts, width, row_key);
     return Request{};

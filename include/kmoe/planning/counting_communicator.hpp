@@ -144,6 +144,18 @@ class CountingCommunicator {
     return inner_.all_to_all_v_start(send, send_counts, recv, recv_counts);
   }
 
+  /// Present where the inner communicator has it (the expert-parallel exchange detects it
+  /// and then sends its counts inside the payload): counted as the all-to-all-v it is.
+  template <class SendView, class Receive, class I = Inner>
+  auto all_to_all_v_sized_by_sender(const SendView& send,
+                                    const std::vector<std::int64_t>& send_counts,
+                                    const Receive& receive) const
+      -> decltype(std::declval<const I&>().all_to_all_v_sized_by_sender(send, send_counts,
+                                                                        receive)) {
+    count_exchange<typename SendView::value_type>(send_counts);
+    return inner_.all_to_all_v_sized_by_sender(send, send_counts, receive);
+  }
+
   template <class View>
   void all_reduce_sum(const View& data) const {
     count<typename View::value_type>(CollectiveKind::all_reduce_sum, data.size());

@@ -188,11 +188,29 @@ struct LinkBytes {
 enum class Traffic {
   dispatch,             ///< hidden-state rows to the experts: forward dispatch, backward dL/dy
   combine,              ///< rows back to the tokens: forward expert outputs, backward dL/dx
-  exchange_metadata,    ///< per-peer counts (int64) and deduplication links (int)
+  exchange_metadata,    ///< the dispatch's header rows (counts and links as values of the
+                        ///< element type, whole rows) and, where it runs, the counts' own
+                        ///< all-to-all (int64)
   tp_all_reduce,        ///< expert outputs (forward) and input gradients (backward) over tp
   gradient_all_reduce,  ///< routed experts over dp; router and shared experts over world
 };
 constexpr int traffic_kinds = 5;
+
+/// \brief How the layer's expert-parallel exchange carries its metadata (MoELayer's
+/// choice, expert_parallel_exchange.hpp): the deduplicated dispatch's block for each peer
+/// starts with a header of whole rows (the peer's experts' assignment counts, then one link
+/// per assignment, as values of the element type); the counts also travel in an all-to-all
+/// of their own (int64: the peer's experts' counts, then its token rows per chunk) unless
+/// the communicator sizes messages by their sender (MpiCommunicator) and the forward is
+/// unchunked on the flat route.
+struct ExchangePath {
+  /// Chunks of the pipelined forward (ForwardStats::exchange_chunks): 1 for a training
+  /// forward under ExpertMode::store, under TP, or with LayerOptions::exchange_chunks = 1.
+  int chunks = 1;
+  /// Whether the communicator has all_to_all_v_sized_by_sender and the route is flat.
+  bool sender_sized = true;
+  bool counts_exchanged() const { return chunks > 1 || !sender_sized; }
+};
 
 /// \brief Bytes one rank hands its communicators in one training step, by traffic class and
 /// link class: for an all-to-all-v the blocks sent to other ranks (by where each peer
@@ -279,9 +297,9 @@ class LayoutModel {
 
   /// The bytes `world_rank` hands its communicators in one training step (forward,
   /// backward, gradient sync), or in a forward alone (`training` false: inference, or
-  /// ep_bench's forward).
+  /// ep_bench's forward), over the exchange `path`.
   RankTraffic traffic(const ParallelLayout& layout, const ExchangeCounts& counts, int world_rank,
-                      bool training = true) const {
+                      bool training = true, const ExchangePath& path = {}) const {
     const LayoutRanks at(layout, world_rank);
     RankTraffic out;
     const double row = double(shape_.hidden) * shape_.dtype_bytes;
@@ -299,10 +317,13 @@ class LayoutModel {
             (counts.row(g, q) + (passes - 1) * counts.assigned(g, q)) * row);
         // Forward return and backward dL/dx: one row per assignment of q's tokens here.
         add(out[Traffic::combine], inter, passes * counts.assigned(peer_group, at.ep_rank) * row);
-        // Counts: q's local experts' assignment counts and the row count (int64); links:
-        // one int per kept assignment sent to q.
+        // The header of the dispatch's block for q: q's local experts' assignment counts and
+        // one link per kept assignment sent to q, one element each, in whole rows; the
+        // counts' all-to-all: the same counts and the token rows per chunk (int64).
+        const double header_rows =
+            std::ceil((local_of_q + counts.assigned(g, q)) / double(shape_.hidden));
         add(out[Traffic::exchange_metadata], inter,
-            (local_of_q + 1) * 8 + counts.assigned(g, q) * 4);
+            header_rows * row + (path.counts_exchanged() ? (local_of_q + path.chunks) * 8.0 : 0.0));
       }
     }
     if (layout.tp > 1) {

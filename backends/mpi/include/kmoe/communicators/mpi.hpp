@@ -62,6 +62,7 @@ enum class MpiCollective : long long {
   all_reduce,
   all_gather,
   any_error,
+  sized_exchange,
   count
 };
 
@@ -70,7 +71,7 @@ inline const char* mpi_collective_name(long long what) {
       "MPI_Comm_idup (constructor)",     "split (MPI_Ibarrier before MPI_Comm_split)",
       "exchange_counts (MPI_Ialltoall)", "all_to_all_v (MPI_Ialltoallv)",
       "all_reduce (MPI_Iallreduce)",     "all_gather (MPI_Iallgather)",
-      "any_error (MPI_Iallreduce)"};
+      "any_error (MPI_Iallreduce)",      "all_to_all_v_sized_by_sender (MPI_Isend, MPI_Improbe)"};
   return what >= 0 && what < (long long)(MpiCollective::count) ? names[what]
                                                                : "an unknown collective";
 }
@@ -86,6 +87,9 @@ inline std::string& mpi_current_step() {
 /// (each is a duplicate the application never sees), and MPI never matches collective
 /// traffic with point-to-point messages on the same communicator.
 constexpr int mpi_watchdog_tag = 27181;
+/// Tag of all_to_all_v_sized_by_sender's messages (MPI keeps the messages of one sender,
+/// tag and communicator in order, so successive exchanges never mix).
+constexpr int mpi_sized_exchange_tag = 27182;
 
 /// MPI datatype of a view's value type; a static_assert names the unsupported ones. The
 /// 16-bit floats (kmoe::bfloat16, kmoe::float16) travel as MPI_UINT16_T: MPI only moves
@@ -335,6 +339,71 @@ class MpiCommunicator {
                                      native(), &request),
                       "MPI_Ialltoallv");
     wait_watched(*handle_, request, detail::MpiCollective::all_to_all_v, sequence);
+  }
+
+  /// \brief An all-to-all-v whose receiver learns each block's size from the message itself
+  /// (MPI_Isend to every rank, MPI_Improbe per sender, MPI_Mrecv), so that no count
+  /// exchange has to precede it: one synchronisation instead of two. `receive(counts)` is
+  /// called once every block's element count is known (counts[p] from rank p) and returns
+  /// the rank-1 view to receive into, blocks in rank order. Returns the counts. With the
+  /// watchdog on, every probe and send is polled against its deadline.
+  template <class SendView, class Receive>
+  std::vector<std::int64_t> all_to_all_v_sized_by_sender(
+      const SendView& send, const std::vector<std::int64_t>& send_counts,
+      const Receive& receive) const {
+    detail::require_host_view<SendView>();
+    constexpr const char* where = "kmoe::MpiCommunicator::all_to_all_v_sized_by_sender";
+    std::vector<int> send_displs;
+    const auto send_ints = to_int(send_counts, send.size(), where, "send_counts", send_displs);
+    using T = typename SendView::non_const_value_type;
+    const auto type = detail::mpi_datatype<T>();
+    Kokkos::fence();
+    const auto sequence = begin_collective();
+    std::vector<MPI_Request> sends(std::size_t(size_), MPI_REQUEST_NULL);
+    for (int p = 0; p < size_; ++p)
+      detail::mpi_check(MPI_Isend(send.data() + send_displs[p], send_ints[p], type, p,
+                                  detail::mpi_sized_exchange_tag, native(), &sends[p]),
+                        "MPI_Isend");
+    std::vector<MPI_Message> messages(std::size_t(size_), MPI_MESSAGE_NULL);
+    std::vector<std::int64_t> recv_counts(std::size_t(size_), 0);
+    const auto deadline = clock::now() + options().collective_timeout;
+    for (int p = 0; p < size_; ++p) {
+      MPI_Status status;
+      for (int found = 0; !found;) {
+        detail::mpi_check(MPI_Improbe(p, detail::mpi_sized_exchange_tag, native(), &found,
+                                      &messages[p], &status),
+                          "MPI_Improbe");
+        if (found || !watched()) continue;
+        int reported = 0;
+        detail::mpi_check(MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, native(), &reported,
+                                     MPI_STATUS_IGNORE),
+                          "MPI_Iprobe");
+        if (reported || clock::now() >= deadline)
+          report_timeout(*handle_, detail::MpiCollective::sized_exchange, sequence);
+      }
+      int count = 0;
+      detail::mpi_check(MPI_Get_count(&status, type, &count), "MPI_Get_count");
+      recv_counts[p] = count;
+    }
+    const auto recv = receive(recv_counts);
+    detail::require_host_view<std::remove_cv_t<std::remove_reference_t<decltype(recv)>>>();
+    std::int64_t total = 0;
+    for (auto c : recv_counts) total += c;
+    require(std::size_t(total) <= recv.size(), where, "receive view", recv.size(),
+            "must hold the " + std::to_string(total) + " elements received");
+    std::int64_t offset = 0;
+    for (int p = 0; p < size_; ++p) {
+      detail::mpi_check(MPI_Mrecv(recv.data() + offset, int(recv_counts[p]), type, &messages[p],
+                                  MPI_STATUS_IGNORE),
+                        "MPI_Mrecv");
+      offset += recv_counts[p];
+    }
+    for (auto& request : sends)
+      if (watched())
+        wait_watched(*handle_, request, detail::MpiCollective::sized_exchange, sequence);
+      else
+        detail::mpi_check(MPI_Wait(&request, MPI_STATUS_IGNORE), "MPI_Wait");
+    return recv_counts;
   }
 
   template <class SendView, class RecvView>
