@@ -19,15 +19,15 @@ endforeach()
 separate_arguments(extra UNIX_COMMAND "${EXTRA}")
 
 set(common --hidden 32 --ffn 32 --shared-ffn 32 --repeats 1 --exchange-only --json)
-# name | ranks | arguments
+# name | ranks | arguments (separated by commas)
 set(runs
-    "np2_T32_E8|2|--tokens;32;--experts;8"
-    "np2_T48_E4_C1|2|--tokens;48;--experts;4;--chunks;1"
-    "np2_T40_E6_C2|2|--tokens;40;--experts;6;--chunks;2"
-    "np4_T32_E8|4|--tokens;32;--experts;8"
-    "np4_T24_E4_C1|4|--tokens;24;--experts;4;--chunks;1"
-    "np4_T56_E12_C3|4|--tokens;56;--experts;12;--chunks;3"
-    "np4_T32_E8_hierarchical|4|--tokens;32;--experts;8;--exchange;hierarchical;--ranks-per-node;2")
+    "np2_T32_E8|2|--tokens,32,--experts,8"
+    "np2_T48_E4_C1|2|--tokens,48,--experts,4,--chunks,1"
+    "np2_T40_E6_C2|2|--tokens,40,--experts,6,--chunks,2"
+    "np4_T32_E8|4|--tokens,32,--experts,8"
+    "np4_T24_E4_C1|4|--tokens,24,--experts,4,--chunks,1"
+    "np4_T56_E12_C3|4|--tokens,56,--experts,12,--chunks,3"
+    "np4_T32_E8_hierarchical|4|--tokens,32,--experts,8,--exchange,hierarchical,--ranks-per-node,2")
 
 # Sum of a JSON list's entries except index `skip`.
 function(sum_except json key skip out)
@@ -49,7 +49,8 @@ foreach(run IN LISTS runs)
   string(REPLACE "|" ";" fields "${run}")
   list(GET fields 0 name)
   list(GET fields 1 ranks)
-  list(SUBLIST fields 2 -1 args)
+  list(GET fields 2 args)
+  string(REPLACE "," ";" args "${args}")
   execute_process(
     COMMAND ${MPIEXEC} ${NP_FLAG} ${ranks} ${extra} ${BENCH} ${common} ${args}
     OUTPUT_VARIABLE output ERROR_VARIABLE errors RESULT_VARIABLE status TIMEOUT 120)
