@@ -101,6 +101,7 @@ DEB_PACKAGES=(
   libopenmpi-dev openmpi-bin libopenblas-openmp-dev nlohmann-json3-dev
   libbenchmark-dev ccache dpkg-dev ninja-build cmake g++ python3
   ca-certificates xz-utils
+  iproute2  # ip netns / veth for the multi-host tests (tests/multihost)
 )
 
 DL="$KMOE_DEPS/downloads"
