@@ -30,6 +30,10 @@
 #include <string>
 #include <vector>
 
+#include "support/flags.hpp"
+#include "support/largest_over_ranks.hpp"
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
@@ -38,45 +42,12 @@ using Router = kmoe::SoftmaxTopKRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
 using Layer =
     kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
-using clock_type = std::chrono::steady_clock;
+using kmoe::bench::clock_type;
 
 struct Shape {
   int ep = 1, tokens = 256, hidden = 256, ffn = 512, experts = 8, repeats = 20;
   double bucket_mib = 25;
 };
-
-/// Parses a positive integer flag; exits 1 naming the flag and the value otherwise.
-int positive_flag(int argc, char** argv, const char* flag, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], flag) == 0) {
-      char* end = nullptr;
-      const long value = std::strtol(argv[i + 1], &end, 10);
-      if (end == argv[i + 1] || *end != '\0' || value < 1 || value > 1 << 20) {
-        std::fprintf(stderr, "gradient_sync_bench: %s %s: expected an integer in [1, 2^20]\n", flag,
-                     argv[i + 1]);
-        std::exit(1);
-      }
-      return int(value);
-    }
-  return fallback;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-double seconds_since(clock_type::time_point start) {
-  return std::chrono::duration<double>(clock_type::now() - start).count();
-}
-
-/// The slowest rank's value.
-double slowest(const kmoe::MpiCommunicator& world, double mine) {
-  Kokkos::View<double*, X::memory_space> value("value", 1);
-  value(0) = mine;
-  world.all_reduce_max(value);
-  return value(0);
-}
 
 Layer make_layer(const kmoe::ParallelGroups<kmoe::MpiCommunicator>& groups, const Shape& shape,
                  bool overlap) {
@@ -118,8 +89,10 @@ void run(const kmoe::MpiCommunicator& world, const Shape& shape) {
       layer->backward(grad_y, grad_x);
       const auto synced = clock_type::now();
       layer->synchronize_gradients();
-      const double total = slowest(world, seconds_since(start));
-      const double sync = slowest(world, seconds_since(synced));
+      const double total =
+          kmoe::bench::largest_over_ranks(world, kmoe::bench::seconds_since(start));
+      const double sync =
+          kmoe::bench::largest_over_ranks(world, kmoe::bench::seconds_since(synced));
       if (r < 0) continue;
       if (layer == &blocking) {
         blocked.push_back(total);
@@ -136,7 +109,8 @@ void run(const kmoe::MpiCommunicator& world, const Shape& shape) {
       return std::to_string(1e3 * *std::min_element(v.begin(), v.end())).substr(0, 6) + " - " +
              std::to_string(1e3 * *std::max_element(v.begin(), v.end())).substr(0, 6);
     };
-    const double b = median(blocked), o = median(overlaps), s = median(syncs);
+    const double b = kmoe::bench::median(blocked), o = kmoe::bench::median(overlaps),
+                 s = kmoe::bench::median(syncs);
     std::printf(
         "gradient_sync_bench: %d ranks EP%d x DP%d, T=%d per rank, H=%d, F=%d, E=%d + 1 shared, "
         "%.1f MiB of gradients per rank, buckets %.0f MiB, %d repeats (median, range in ms)\n",
@@ -159,13 +133,13 @@ int main(int argc, char** argv) {
     Kokkos::ScopeGuard kokkos(argc, argv);
     const auto world = kmoe::MpiCommunicator::world();
     Shape shape;
-    shape.ep = positive_flag(argc, argv, "--ep", 1);
-    shape.tokens = positive_flag(argc, argv, "--tokens", shape.tokens);
-    shape.hidden = positive_flag(argc, argv, "--hidden", shape.hidden);
-    shape.ffn = positive_flag(argc, argv, "--ffn", shape.ffn);
-    shape.experts = positive_flag(argc, argv, "--experts", shape.experts);
-    shape.repeats = positive_flag(argc, argv, "--repeats", shape.repeats);
-    shape.bucket_mib = positive_flag(argc, argv, "--bucket-mib", 25);
+    shape.ep = kmoe::bench::integer_flag(argc, argv, "--ep", 1);
+    shape.tokens = kmoe::bench::integer_flag(argc, argv, "--tokens", shape.tokens);
+    shape.hidden = kmoe::bench::integer_flag(argc, argv, "--hidden", shape.hidden);
+    shape.ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", shape.ffn);
+    shape.experts = kmoe::bench::integer_flag(argc, argv, "--experts", shape.experts);
+    shape.repeats = kmoe::bench::integer_flag(argc, argv, "--repeats", shape.repeats);
+    shape.bucket_mib = kmoe::bench::integer_flag(argc, argv, "--bucket-mib", 25);
     if (world.size() % shape.ep != 0 || shape.experts % shape.ep != 0) {
       if (world.rank() == 0)
         std::fprintf(stderr,

@@ -30,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
@@ -52,11 +54,6 @@ const char* flag_value(int argc, char** argv, const char* flag) {
 struct Result {
   double seconds = 0, first_loss = 0, final_loss = 0;
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 /// Trains on `workers` (every rank of it); with `server`, through it, else by all-reduce.
 Result train(const kmoe::MpiCommunicator& workers, Server* server, int steps, int shared_ffn) {
@@ -186,7 +183,7 @@ int main(int argc, char** argv) {
       }
       if (world.rank() == 0) {
         const Result& sync = results[1];
-        const double sync_seconds = median(seconds[1]);
+        const double sync_seconds = kmoe::bench::median(seconds[1]);
         std::printf(
             "parameter_server_bench: %d workers (EP%d, %d tokens each) + 1 server, %d steps, "
             "H %d F %d E %d, shared F %d, %d rounds\n",
@@ -195,7 +192,8 @@ int main(int argc, char** argv) {
                     "vs sync", "first loss", "final loss", "drop", "final vs sync");
         for (std::size_t m = 0; m < results.size(); ++m) {
           const Result& r = results[m];
-          const double drop = r.first_loss / r.final_loss, typical = median(seconds[m]);
+          const double drop = r.first_loss / r.final_loss,
+                       typical = kmoe::bench::median(seconds[m]);
           const auto [fastest, slowest] = std::minmax_element(seconds[m].begin(), seconds[m].end());
           std::printf("%-12s %10.1f   (%5.1f - %5.1f) %9.3fx %11.5f %11.5f %7.1fx %13.3fx\n",
                       names[m].c_str(), steps / typical, steps / *slowest, steps / *fastest,

@@ -27,6 +27,9 @@
 #include <cstring>
 #include <vector>
 
+#include "support/flags.hpp"
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
@@ -38,30 +41,17 @@ using Layer =
 
 constexpr int experts = 8, top_k = 2;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-int arg(int argc, char** argv, const char* flag, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], flag) == 0) return std::atoi(argv[i + 1]);
-  return fallback;
-}
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   {
     Kokkos::ScopeGuard kokkos(argc, argv);
-    const int tokens = arg(argc, argv, "--tokens", 512), hidden = arg(argc, argv, "--hidden", 256);
-    const int ffn = arg(argc, argv, "--ffn", 512), steps = arg(argc, argv, "--steps", 5);
-    const int rounds = arg(argc, argv, "--rounds", 3);
+    const int tokens = kmoe::bench::integer_flag(argc, argv, "--tokens", 512),
+              hidden = kmoe::bench::integer_flag(argc, argv, "--hidden", 256);
+    const int ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", 512),
+              steps = kmoe::bench::integer_flag(argc, argv, "--steps", 5);
+    const int rounds = kmoe::bench::integer_flag(argc, argv, "--rounds", 3);
     const auto world = kmoe::MpiCommunicator::world();
     const int ranks = world.size(), rank = world.rank();
     kmoe::ParallelLayout layout;
@@ -113,7 +103,7 @@ int main(int argc, char** argv) {
       layer.backward(gy, gx);
       layer.synchronize_gradients();
       optimizer.step();
-      double seconds = seconds_since(start), slowest = 0;
+      double seconds = kmoe::bench::seconds_since(start), slowest = 0;
       MPI_Allreduce(&seconds, &slowest, 1, MPI_DOUBLE, MPI_MAX, world.native());
       window.record(stats.tokens_per_expert);
       double mine = 0, largest = 0, total = 0;
@@ -144,7 +134,7 @@ int main(int argc, char** argv) {
           const auto start = std::chrono::steady_clock::now();
           const auto change = layer.apply_placement(*placements[side], optimizer.state());
           MPI_Barrier(world.native());
-          move_seconds.push_back(seconds_since(start));
+          move_seconds.push_back(kmoe::bench::seconds_since(start));
           long long bytes = change.bytes_sent, all = 0;
           MPI_Allreduce(&bytes, &all, 1, MPI_LONG_LONG, MPI_SUM, world.native());
           move_bytes.push_back(all);
@@ -160,14 +150,16 @@ int main(int argc, char** argv) {
       const char* names[2] = {"yesterday's placement", "rebalanced (EPLB)  "};
       for (int side = 0; side < 2; ++side)
         std::printf("%s: step median %.2f ms, max/mean rank load %.3f (policy model %.3f)\n",
-                    names[side], 1e3 * median(times[side]), median(ratios[side]),
+                    names[side], 1e3 * kmoe::bench::median(times[side]),
+                    kmoe::bench::median(ratios[side]),
                     placements[side]->max_over_mean(window.totals()));
       std::printf("step time rebalanced / yesterday's: %.3f\n",
-                  median(times[1]) / median(times[0]));
+                  kmoe::bench::median(times[1]) / kmoe::bench::median(times[0]));
       std::printf("each move: %d slots, %.2f MB over all ranks (weights + AdamW moments), median "
                   "%.1f ms over %zu moves\n",
                   moved_slots, move_bytes.empty() ? 0.0 : move_bytes.front() / 1e6,
-                  move_seconds.empty() ? 0.0 : 1e3 * median(move_seconds), move_seconds.size());
+                  move_seconds.empty() ? 0.0 : 1e3 * kmoe::bench::median(move_seconds),
+                  move_seconds.size());
     }
   }
   MPI_Finalize();

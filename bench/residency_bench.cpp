@@ -38,6 +38,9 @@
 #include <string>
 #include <vector>
 
+#include "support/flags.hpp"
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
@@ -49,20 +52,10 @@ using Resident = kmoe::ResidentExperts<Inner, Store>;
 
 constexpr int top_k = 4;
 
-int arg(int argc, char** argv, const char* flag, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], flag) == 0) return std::atoi(argv[i + 1]);
-  return fallback;
-}
 std::string arg_text(int argc, char** argv, const char* flag) {
   for (int i = 1; i + 1 < argc; ++i)
     if (std::strcmp(argv[i], flag) == 0) return argv[i + 1];
   return "";
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 double ms_since(std::chrono::steady_clock::time_point start) {
@@ -176,10 +169,11 @@ void compare(kmoe::MoELayer<Router, Inner>& all, const Inner& inner_all, int exp
               "resident %7.3f ms, slowdown %5.2fx (totals %7.1f / %7.1f ms)  hit rate %5.1f%%  "
               "%6.1f KB read per token  chunks/batch %.2f  loads %4.1f%% of resident time\n",
               w.name, w.tokens, slots, experts, 100.0 * slots / experts,
-              prefetch ? " prefetch" : "", median(all_ms), median(resident_ms),
-              median(resident_ms) / median(all_ms), all_total, resident_total, 100 * r.hit_rate(),
-              double(r.store_bytes) / tokens / 1024.0, double(chunk_count) / w.batches,
-              100 * r.load_ms / resident_total);
+              prefetch ? " prefetch" : "", kmoe::bench::median(all_ms),
+              kmoe::bench::median(resident_ms),
+              kmoe::bench::median(resident_ms) / kmoe::bench::median(all_ms), all_total,
+              resident_total, 100 * r.hit_rate(), double(r.store_bytes) / tokens / 1024.0,
+              double(chunk_count) / w.batches, 100 * r.load_ms / resident_total);
 }
 
 /// Share of assignments taken by the most popular eighth of the experts.
@@ -287,11 +281,11 @@ void startup(const std::string& kmoe_run, int experts, int hidden, int ffn) {
 
 int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
-  const int experts = arg(argc, argv, "--experts", 64);
-  const int hidden = arg(argc, argv, "--hidden", 512);
-  const int ffn = arg(argc, argv, "--ffn", 256);
-  const int steps = arg(argc, argv, "--steps", 200);
-  const int prefill = arg(argc, argv, "--prefill", 64);
+  const int experts = kmoe::bench::integer_flag(argc, argv, "--experts", 64);
+  const int hidden = kmoe::bench::integer_flag(argc, argv, "--hidden", 512);
+  const int ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", 256);
+  const int steps = kmoe::bench::integer_flag(argc, argv, "--steps", 200);
+  const int prefill = kmoe::bench::integer_flag(argc, argv, "--prefill", 64);
   std::printf("residency_bench: %d experts, H=%d, F=%d, top-%d, float compute, BF16 store, "
               "%d threads\n",
               experts, hidden, ffn, top_k, X().concurrency());
@@ -311,6 +305,8 @@ int main(int argc, char** argv) {
               {"prefill", prefill, std::max(4, steps / 20)});
   }
   const std::string kmoe_run = arg_text(argc, argv, "--kmoe-run");
-  if (!kmoe_run.empty()) startup(kmoe_run, arg(argc, argv, "--checkpoint-experts", 32), 1024, 1024);
+  if (!kmoe_run.empty())
+    startup(kmoe_run, kmoe::bench::integer_flag(argc, argv, "--checkpoint-experts", 32), 1024,
+            1024);
   return 0;
 }

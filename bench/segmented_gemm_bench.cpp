@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultExecutionSpace;
@@ -29,11 +31,6 @@ struct Shape {
   const char* name;
   int rows, experts, inner, outer;  // rows split evenly over the experts
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 template <class F>
 double time_ms(const F& f) {
@@ -80,8 +77,9 @@ void run(const Shape& s, int repeats) {
     dg.push_back(time_ms(dense_gradient));
   }
   std::printf("%-18s %6d %4d %5d %5d | %9.3f %9.3f %6.3f | %9.3f %9.3f %6.3f\n", s.name, s.rows,
-              s.experts, s.inner, s.outer, median(sf), median(df), median(sf) / median(df),
-              median(sg), median(dg), median(sg) / median(dg));
+              s.experts, s.inner, s.outer, kmoe::bench::median(sf), kmoe::bench::median(df),
+              kmoe::bench::median(sf) / kmoe::bench::median(df), kmoe::bench::median(sg),
+              kmoe::bench::median(dg), kmoe::bench::median(sg) / kmoe::bench::median(dg));
 }
 
 }  // namespace

@@ -23,6 +23,9 @@
 #include <cstring>
 #include <vector>
 
+#include "support/flags.hpp"
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
@@ -33,17 +36,6 @@ using Layer =
     kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 
 constexpr int hidden = 1024, experts = 8, top_k = 2;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-int arg(int argc, char** argv, const char* flag, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], flag) == 0) return std::atoi(argv[i + 1]);
-  return fallback;
-}
 
 Layer make_layer(const kmoe::MpiCommunicator& world, int ffn) {
   kmoe::ParallelLayout layout;
@@ -77,9 +69,9 @@ int main(int argc, char** argv) {
     int size = 1, rank = 0;
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    const int pairs = arg(argc, argv, "--pairs", 7);
-    const int tokens = arg(argc, argv, "--tokens", 4096) / size;
-    const int ffn = arg(argc, argv, "--ffn", 3584);
+    const int pairs = kmoe::bench::integer_flag(argc, argv, "--pairs", 7);
+    const int tokens = kmoe::bench::integer_flag(argc, argv, "--tokens", 4096) / size;
+    const int ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", 3584);
     kmoe::MpiOptions off;
     off.collective_timeout = std::chrono::milliseconds(0);
     Layer watched = make_layer(kmoe::MpiCommunicator::world(), ffn);
@@ -101,14 +93,14 @@ int main(int argc, char** argv) {
       }
     }
     if (rank == 0) {
-      const double m_on = median(on), m_off = median(off_ms);
+      const double m_on = kmoe::bench::median(on), m_off = kmoe::bench::median(off_ms);
       std::printf("watchdog_bench: EP=%d, %d tokens per rank, H=%d F=%d E=%d k=%d, %d pairs\n",
                   size, tokens, hidden, ffn, experts, top_k, pairs);
       std::printf("forward median: watchdog on %.2f ms, off %.2f ms, difference %+.2f%%\n", m_on,
                   m_off, 100.0 * (m_on - m_off) / m_off);
       std::vector<double> ratios;
       for (int p = 0; p < pairs; ++p) ratios.push_back(on[p] / off_ms[p]);
-      std::printf("median of per-pair on/off ratios: %.4f\n", median(ratios));
+      std::printf("median of per-pair on/off ratios: %.4f\n", kmoe::bench::median(ratios));
       std::printf("per pair (on/off ms):");
       for (int p = 0; p < pairs; ++p) std::printf(" %.1f/%.1f", on[p], off_ms[p]);
       std::printf("\n");

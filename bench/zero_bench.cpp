@@ -32,6 +32,10 @@
 #include <string>
 #include <vector>
 
+#include "support/flags.hpp"
+#include "support/largest_over_ranks.hpp"
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
@@ -42,36 +46,12 @@ using Layer =
     kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 using AdamW = kmoe::AdamW<X, S>;
 using Sharded = kmoe::ShardedOptimizer<AdamW, kmoe::MpiCommunicator>;
-using clock_type = std::chrono::steady_clock;
+using kmoe::bench::clock_type;
 constexpr double max_norm = 1.0;
 
 struct Shape {
   int ep = 1, tokens = 128, hidden = 256, ffn = 512, experts = 8, repeats = 10;
 };
-
-/// The value of `flag`, a positive integer, or `fallback`; exits 1 naming the flag otherwise.
-int flag_value(int argc, char** argv, const char* flag, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::strcmp(argv[i], flag) != 0) continue;
-    char* end = nullptr;
-    const long value = std::strtol(argv[i + 1], &end, 10);
-    if (end == argv[i + 1] || *end != '\0' || value < 1 || value > 1 << 20) {
-      std::fprintf(stderr, "zero_bench: %s %s: expected an integer in [1, 2^20]\n", flag,
-                   argv[i + 1]);
-      std::exit(1);
-    }
-    return int(value);
-  }
-  return fallback;
-}
-
-/// The largest of the ranks' values (the slowest rank's time, the fullest rank's bytes).
-double world_max(const kmoe::MpiCommunicator& world, double mine) {
-  Kokkos::View<double*, X::memory_space> value("value", 1);
-  value(0) = mine;
-  world.all_reduce_max(value);
-  return value(0);
-}
 
 /// One optimizer side: its layer, and the step after backward for it.
 struct Side {
@@ -124,14 +104,14 @@ void run(const kmoe::MpiCommunicator& world, const Shape& shape) {
         zero.clip_grad_norm(max_norm);
         zero.step();
       }
-      const double mine = std::chrono::duration<double>(clock_type::now() - start).count();
-      const double slowest = world_max(world, mine);
+      const double mine = kmoe::bench::seconds_since(start);
+      const double slowest = kmoe::bench::largest_over_ranks(world, mine);
       if (r >= 0) sides[s].seconds.push_back(slowest);
     }
   }
-  const double state[3] = {world_max(world, double(plain.state_bytes())),
-                           world_max(world, double(zero1.state_bytes())),
-                           world_max(world, double(zero2.state_bytes()))};
+  const double state[3] = {kmoe::bench::largest_over_ranks(world, double(plain.state_bytes())),
+                           kmoe::bench::largest_over_ranks(world, double(zero1.state_bytes())),
+                           kmoe::bench::largest_over_ranks(world, double(zero2.state_bytes()))};
   // Weights against the unsharded run's: the elements that differ (on the rank with the
   // most) and the largest difference relative to the largest weight.
   double differing[3] = {0, 0, 0}, relative[3] = {0, 0, 0};
@@ -145,8 +125,8 @@ void run(const kmoe::MpiCommunicator& world, const Shape& shape) {
         worst = std::max(worst, double(std::abs(mine[p].value(i) - reference[p].value(i))));
         largest = std::max(largest, double(std::abs(reference[p].value(i))));
       }
-    differing[s] = world_max(world, count);
-    relative[s] = world_max(world, worst / largest);
+    differing[s] = kmoe::bench::largest_over_ranks(world, count);
+    relative[s] = kmoe::bench::largest_over_ranks(world, worst / largest);
   }
   if (world.rank() != 0) return;
   std::size_t parameter_bytes = 0;
@@ -178,12 +158,12 @@ int main(int argc, char** argv) {
     Kokkos::ScopeGuard kokkos(argc, argv);
     const auto world = kmoe::MpiCommunicator::world();
     Shape shape;
-    shape.ep = flag_value(argc, argv, "--ep", 1);
-    shape.tokens = flag_value(argc, argv, "--tokens", shape.tokens);
-    shape.hidden = flag_value(argc, argv, "--hidden", shape.hidden);
-    shape.ffn = flag_value(argc, argv, "--ffn", shape.ffn);
-    shape.experts = flag_value(argc, argv, "--experts", shape.experts);
-    shape.repeats = flag_value(argc, argv, "--repeats", shape.repeats);
+    shape.ep = kmoe::bench::integer_flag(argc, argv, "--ep", 1);
+    shape.tokens = kmoe::bench::integer_flag(argc, argv, "--tokens", shape.tokens);
+    shape.hidden = kmoe::bench::integer_flag(argc, argv, "--hidden", shape.hidden);
+    shape.ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", shape.ffn);
+    shape.experts = kmoe::bench::integer_flag(argc, argv, "--experts", shape.experts);
+    shape.repeats = kmoe::bench::integer_flag(argc, argv, "--repeats", shape.repeats);
     if (world.size() % shape.ep != 0 || shape.experts % shape.ep != 0) {
       if (world.rank() == 0)
         std::fprintf(stderr, "zero_bench: --ep %d must divide the %d ranks and the %d experts\n",

@@ -14,6 +14,8 @@
 #include <kmoe/parallel.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 
+#include "training_step.hpp"
+
 #include <catch2/catch_template_test_macros.hpp>
 #include <catch2/catch_test_macros.hpp>
 
@@ -84,7 +86,9 @@ void check_sum(const MpiCommunicator& world, std::size_t n) {
   ByteCountingCommunicator counting(world);
   CompressedAllReduce<X, Scalar, Wire> sum;
   sum.sum(counting, data);
-  sum.sum(counting, data = Kokkos::View<Scalar*, X::memory_space>("again", n));  // buffers reused
+  // A second view of the same size reuses the buffers the first call sized.
+  Kokkos::View<Scalar*, X::memory_space> zeros("zeros", n);
+  sum.sum(counting, zeros);
   Kokkos::deep_copy(data, input);
   const std::int64_t before = counting.sent();
   sum.sum(counting, data);
@@ -150,19 +154,6 @@ Layer make_layer(const ParallelGroups<MpiCommunicator>& groups, GradientCompress
   return layer;
 }
 
-void backward_step(Layer& layer, const ParallelGroups<MpiCommunicator>& groups) {
-  const int token_group = groups.ep_rank + groups.layout.ep * groups.dp_rank;
-  Matrix<S, X> x("x", tokens, hidden), grad_y("grad_y", tokens, hidden);
-  fill_normal(x, 1.0, 100 + token_group);
-  fill_normal(grad_y, 0.1, 200 + token_group);
-  RouteContext<X> training;
-  training.training = true;
-  Matrix<S, X> y("y", tokens, hidden), grad_x("grad_x", tokens, hidden);
-  layer.zero_gradients();
-  layer.forward(x, y, training);
-  layer.backward(grad_y, grad_x);
-}
-
 }  // namespace
 
 TEST_CASE("Gradient sync with bf16 compression: each gradient is the compressed mean of the "
@@ -177,9 +168,9 @@ TEST_CASE("Gradient sync with bf16 compression: each gradient is the compressed 
     const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
     Layer local = make_layer(groups, GradientCompression::none);
     Layer compressed = make_layer(groups, GradientCompression::bf16);
-    backward_step(local, groups);  // not synchronised: this rank's own gradients
-    backward_step(compressed, groups);
-    compressed.synchronize_gradients();
+    test::training_step(local, groups, tokens, hidden,
+                        false);  // not synchronised: this rank's own gradients
+    test::training_step(compressed, groups, tokens, hidden, true);
     const auto local_parameters = local.parameters();
     const auto synced = compressed.parameters();
     std::size_t not_bitwise = 0;

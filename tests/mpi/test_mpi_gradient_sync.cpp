@@ -11,6 +11,8 @@
 #include <kmoe/parallel.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 
+#include "training_step.hpp"
+
 #include <catch2/catch_test_macros.hpp>
 
 #include <algorithm>
@@ -68,19 +70,8 @@ Layer make_layer(const ParallelGroups<MpiCommunicator>& groups, const ParallelLa
   return layer;
 }
 
-/// One training step on this rank's tokens (distinct per token group), synchronised or not.
 void step(Layer& layer, const ParallelGroups<MpiCommunicator>& groups, bool synchronise) {
-  const int token_group = groups.ep_rank + groups.layout.ep * groups.dp_rank;
-  Matrix<S, X> x("x", tokens, hidden), grad_y("grad_y", tokens, hidden);
-  fill_normal(x, 1.0, 100 + token_group);
-  fill_normal(grad_y, 0.1, 200 + token_group);
-  RouteContext<X> training;
-  training.training = true;
-  Matrix<S, X> y("y", tokens, hidden), grad_x("grad_x", tokens, hidden);
-  layer.zero_gradients();
-  layer.forward(x, y, training);
-  layer.backward(grad_y, grad_x);
-  if (synchronise) layer.synchronize_gradients();
+  test::training_step(layer, groups, tokens, hidden, synchronise);
 }
 
 std::vector<std::vector<S>> gradients(const Layer& layer) {
