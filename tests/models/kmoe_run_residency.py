@@ -4,7 +4,8 @@
 all-resident run: the outputs equal bit for bit on the Hugging Face fixtures and on a
 synthetic Mixtral block whose experts (50 MB of BF16, 100 MB as float) are 4x the budget;
 the budgeted run's peak RSS stays within the budget plus the overhead docs/memory.md
-documents, and far below the all-resident run's; a budget below a batch's experts, a
+documents, and far below the all-resident run's; --dtype bf16's peak holds the packed
+experts and one float expert, not a float copy of all of them; a budget below a batch's experts, a
 missing shard and a truncated shard exit 1 naming the budget or the file.
 
 usage: kmoe_run_residency.py KMOE_RUN FIXTURES WORK
@@ -166,6 +167,21 @@ def main():
         check(peak + 12 * expert_bytes <= peak_full,
               f"synthetic {args}: peak RSS {peak} not below the all-resident {peak_full} "
               f"by the 12 experts left out")
+
+    # --dtype bf16 packs each expert as it is read: the peak holds the 16 packed experts and
+    # one float expert, never the float copy of all of them (100 MB here) that loading in
+    # float and packing afterwards needs.
+    packed_bytes = 16 * expert_bytes // 2
+    rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x, "--output",
+                                  os.path.join(work, "synthetic_bf16.safetensors"),
+                                  "--dtype", "bf16"])
+    peak = peak_of(out)
+    print(f"synthetic --dtype bf16: peak RSS {peak / 2**20:.1f} MiB, packed experts "
+          f"{packed_bytes / 2**20:.1f} MiB, float experts {16 * expert_bytes / 2**20:.1f} MiB")
+    check(rc == 0, f"synthetic --dtype bf16: exit {rc}: {err}")
+    check(0 < peak <= packed_bytes + expert_bytes + OVERHEAD_BYTES,
+          f"synthetic --dtype bf16: peak RSS {peak} exceeds the packed experts {packed_bytes} + "
+          f"one float expert {expert_bytes} + overhead {OVERHEAD_BYTES}")
 
     # Hostile: a budget below the batch's experts, a missing shard, a truncated shard.
     rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x,

@@ -7,9 +7,9 @@
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
 #include <kmoe/models/hf_resident.hpp>
+#include <kmoe/models/hf_weight_only.hpp>
 #include <kmoe/monitoring/peak_memory.hpp>
 #include <kmoe/monitoring/stats_log.hpp>
-#include <kmoe/quantized_layer.hpp>
 
 #if defined(KOKKOS_ENABLE_OPENMP)
 #include <omp.h>
@@ -435,21 +435,28 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   }
 }
 
-/// Runs the layer `load` returns, or for --dtype bf16/fp16/int8 its weight-only copy: the
-/// float experts are freed once packed, so only the packed weights stay resident.
-template <class S, class Load>
-void run_loaded(const Load& load, const models::MoEBlockConfig& b, const Options& o) {
-  if constexpr (std::is_same_v<S, float>) {
-    const auto run_packed = [&](auto element) {
-      auto packed = kmoe::weight_only_layer<decltype(element)>(load());
-      run(packed, b, o);
-    };
-    if (o.dtype == "int8") return run_packed(std::int8_t{});
-    if (o.dtype == "bf16") return run_packed(kmoe::bfloat16{});
-    if (o.dtype == "fp16") return run_packed(kmoe::float16{});
+/// The block with its experts packed to `Element` as they are read (--dtype bf16, fp16,
+/// int8): no float copy of the experts is ever held.
+template <class X, class Element>
+void run_weight_only(const models::MoEBlockConfig& b, const Options& o) {
+  using S = float;
+  if (b.router == models::BlockRouter::softmax_topk) {
+    auto layer =
+        models::load_weight_only_block<Element, kmoe::SoftmaxTopKRouter<X, S>>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::topk_softmax) {
+    auto layer =
+        models::load_weight_only_block<Element, kmoe::TopKSoftmaxRouter<X, S>>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::sparse_mixer) {
+    auto layer =
+        models::load_weight_only_block<Element, kmoe::SparseMixerRouter<X, S>>(o.model, o.layer);
+    run(layer, b, o);
+  } else {
+    auto layer =
+        models::load_weight_only_block<Element, kmoe::SigmoidBiasRouter<X, S>>(o.model, o.layer);
+    run(layer, b, o);
   }
-  auto layer = load();
-  run(layer, b, o);
 }
 
 /// The block with its routed experts left in the checkpoint, o.budget of them resident.
@@ -484,23 +491,32 @@ template <class S>
 void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
+  const bool weight_only = o.dtype != "f32" && o.dtype != "f64";
+  if (weight_only && b.expert_kind == models::BlockExperts::clamped_swiglu)
+    throw kmoe::runtime_error("--dtype " + o.dtype + ": " + b.model_type +
+                              " has clamped SwiGLU experts (GPT-OSS); weight-only experts are "
+                              "GLU experts (SwiGLU) only");
   if (residency(o)) {
     run_resident<X, S>(b, o);
+  } else if (weight_only) {
+    if (o.dtype == "int8") run_weight_only<X, std::int8_t>(b, o);
+    if (o.dtype == "bf16") run_weight_only<X, kmoe::bfloat16>(b, o);
+    if (o.dtype == "fp16") run_weight_only<X, kmoe::float16>(b, o);
   } else if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
-    if (o.dtype != "f32" && o.dtype != "f64")
-      throw kmoe::runtime_error("--dtype " + o.dtype + ": " + b.model_type +
-                                " has clamped SwiGLU experts (GPT-OSS); weight-only experts are "
-                                "GLU experts (SwiGLU) only");
     auto layer = models::load_clamped_swiglu_block<X, S>(o.model, o.layer);
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::softmax_topk) {
-    run_loaded<S>([&] { return models::load_softmax_block<X, S>(o.model, o.layer); }, b, o);
+    auto layer = models::load_softmax_block<X, S>(o.model, o.layer);
+    run(layer, b, o);
   } else if (b.router == models::BlockRouter::topk_softmax) {
-    run_loaded<S>([&] { return models::load_topk_softmax_block<X, S>(o.model, o.layer); }, b, o);
+    auto layer = models::load_topk_softmax_block<X, S>(o.model, o.layer);
+    run(layer, b, o);
   } else if (b.router == models::BlockRouter::sparse_mixer) {
-    run_loaded<S>([&] { return models::load_sparse_mixer_block<X, S>(o.model, o.layer); }, b, o);
+    auto layer = models::load_sparse_mixer_block<X, S>(o.model, o.layer);
+    run(layer, b, o);
   } else {
-    run_loaded<S>([&] { return models::load_sigmoid_bias_block<X, S>(o.model, o.layer); }, b, o);
+    auto layer = models::load_sigmoid_bias_block<X, S>(o.model, o.layer);
+    run(layer, b, o);
   }
 }
 

@@ -35,12 +35,33 @@ class PackedGLUExperts {
         w_up_(pack_weight<Element, ExecSpace, Scalar>(experts.w_up().value, name_ + ".w_up")),
         w_down_(
             pack_weight<Element, ExecSpace, Scalar>(experts.w_down().value, name_ + ".w_down")) {
-    if (shape_.output_gate) {
-      ParameterList<ExecSpace, Scalar> list;
-      experts.collect_parameters(list);
-      w_output_gate_ = Tensor3<Scalar, ExecSpace>(name_ + ".w_output_gate", 1, 1, shape_.hidden);
-      Kokkos::deep_copy(Kokkos::subview(w_output_gate_, 0, 0, Kokkos::ALL), list.back().value);
+    if (shape_.output_gate) keep_output_gate(experts);
+  }
+
+  /// Packs `experts` experts one at a time: `fill(e, one)` writes expert e's weights into
+  /// `one`, float experts of a single expert, which is packed into slot e before the next is
+  /// filled; only one expert is ever held in float (models/hf_weight_only.hpp fills it from
+  /// a checkpoint). `one`'s output gate, if any, is kept (a shared expert: experts == 1).
+  template <class FillExpert>
+  PackedGLUExperts(GLUExperts<ExecSpace, Scalar, Activation, Gemm> one, int experts,
+                   FillExpert&& fill)
+      : name_(one.name()), shape_(one.shape()) {
+    require(one.num_experts() == 1, "kmoe::PackedGLUExperts", "one.num_experts()",
+            one.num_experts(), "must be 1 (the experts are packed one at a time)");
+    require(experts >= 1, "kmoe::PackedGLUExperts", "experts", experts, "must be >= 1");
+    require(!one.shape().output_gate || experts == 1, "kmoe::PackedGLUExperts", "experts", experts,
+            "an output gate belongs to a single (shared) expert");
+    shape_.experts = experts;
+    for (int e = 0; e < experts; ++e) {
+      fill(e, one);
+      place_expert(w_gate_, e,
+                   pack_weight<Element, ExecSpace, Scalar>(one.w_gate().value, name_ + ".w_gate"));
+      place_expert(w_up_, e,
+                   pack_weight<Element, ExecSpace, Scalar>(one.w_up().value, name_ + ".w_up"));
+      place_expert(w_down_, e,
+                   pack_weight<Element, ExecSpace, Scalar>(one.w_down().value, name_ + ".w_down"));
     }
+    if (shape_.output_gate) keep_output_gate(one);
   }
 
   const ExpertShape& shape() const { return shape_; }
@@ -92,6 +113,33 @@ class PackedGLUExperts {
   void collect_parameters(ParameterList<ExecSpace, Scalar>&) const {}
 
  private:
+  /// Copies the output gate [1, 1, H] (the last parameter `experts` collects).
+  void keep_output_gate(const GLUExperts<ExecSpace, Scalar, Activation, Gemm>& experts) {
+    ParameterList<ExecSpace, Scalar> list;
+    experts.collect_parameters(list);
+    w_output_gate_ = Tensor3<Scalar, ExecSpace>(name_ + ".w_output_gate", 1, 1, shape_.hidden);
+    Kokkos::deep_copy(Kokkos::subview(w_output_gate_, 0, 0, Kokkos::ALL), list.back().value);
+  }
+
+  /// Copies the single expert `one` into slot e of `all`, allocating `all` for
+  /// shape_.experts experts of one's shape on slot 0.
+  void place_expert(PackedWeight<ExecSpace, Element>& all, int e,
+                    const PackedWeight<ExecSpace, Element>& one) const {
+    const std::size_t outputs = one.values.extent(1), inputs = one.values.extent(2);
+    if (e == 0) {
+      all.values =
+          decltype(all.values)(Kokkos::view_alloc(Kokkos::WithoutInitializing, one.values.label()),
+                               shape_.experts, outputs, inputs);
+      if constexpr (PackedWeight<ExecSpace, Element>::scaled)
+        all.scales = decltype(all.scales)(one.scales.label(), shape_.experts, outputs);
+    }
+    Kokkos::deep_copy(Kokkos::subview(all.values, e, Kokkos::ALL, Kokkos::ALL),
+                      Kokkos::subview(one.values, 0, Kokkos::ALL, Kokkos::ALL));
+    if constexpr (PackedWeight<ExecSpace, Element>::scaled)
+      Kokkos::deep_copy(Kokkos::subview(all.scales, e, Kokkos::ALL),
+                        Kokkos::subview(one.scales, 0, Kokkos::ALL));
+  }
+
   std::string name_;
   ExpertShape shape_;
   PackedWeight<ExecSpace, Element> w_gate_, w_up_, w_down_;
