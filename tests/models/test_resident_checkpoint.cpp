@@ -3,11 +3,14 @@
 // the checkpoint, 25% and 50% of them resident, against the all-resident loaders bit for
 // bit on the Hugging Face fixtures (per-expert, fused and transposed layouts, shared experts
 // with and without an output gate); a checkpoint changed underneath, and a missing shard,
-// give errors naming the file.
+// give errors naming the file. Blocks packed expert by expert as they are read
+// (models/hf_weight_only.hpp) against the float blocks packed whole.
 
 #include <kmoe/kmoe.hpp>
 #include <kmoe/models/hf.hpp>
 #include <kmoe/models/hf_resident.hpp>
+#include <kmoe/models/hf_weight_only.hpp>
+#include <kmoe/quantized_layer.hpp>
 
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
@@ -118,6 +121,56 @@ TEST_CASE("blocks with lazily read experts equal the all-resident blocks bit for
         dir.string(), fixture_layer, {0, 4 * bytes + bytes / 2});
     check_decode(full, resident, fixtures / "hf5/gpt_oss/input.safetensors", 4);
   }
+}
+
+/// The packed weights of two weight-only layers, every byte (values and INT8's scales).
+template <class Experts>
+std::vector<unsigned char> packed_bits(const Experts& experts) {
+  std::vector<unsigned char> bits;
+  for (const auto* w : {&experts.w_gate(), &experts.w_up(), &experts.w_down()}) {
+    const auto values = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), w->values);
+    const auto* v = reinterpret_cast<const unsigned char*>(values.data());
+    bits.insert(bits.end(), v, v + values.span() * sizeof(values(0, 0, 0)));
+    const auto scales = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), w->scales);
+    const auto* s = reinterpret_cast<const unsigned char*>(scales.data());
+    bits.insert(bits.end(), s, s + scales.span() * sizeof(float));
+  }
+  return bits;
+}
+
+/// A block packed expert by expert from the checkpoint against the float block packed as a
+/// whole (kmoe::weight_only_layer): the same packed bytes and the same outputs, bit for bit.
+template <class Element, class Router, class Full>
+void check_weight_only(const Full& full, const fs::path& dir) {
+  auto whole = kmoe::weight_only_layer<Element>(full);
+  auto streamed = models::load_weight_only_block<Element, Router>(dir.string(), fixture_layer);
+  CHECK(packed_bits(streamed.experts()) == packed_bits(whole.experts()));
+  REQUIRE(bool(streamed.shared_experts()) == bool(whole.shared_experts()));
+  if (whole.shared_experts())
+    CHECK(packed_bits(*streamed.shared_experts()) == packed_bits(*whole.shared_experts()));
+  const auto x = read_input(dir.parent_path() / "input.safetensors");
+  kmoe::Matrix<S, X> y_whole("y_whole", x.extent(0), x.extent(1)), y("y", x.extent(0), x.extent(1));
+  whole.forward(x, y_whole);
+  streamed.forward(x, y);
+  CHECK(bits_of(y) == bits_of(y_whole));
+}
+
+TEST_CASE("blocks packed expert by expert from the checkpoint equal the float blocks packed "
+          "whole",
+          "[models][precision]") {
+  using Softmax = kmoe::SoftmaxTopKRouter<X, S>;
+  using Sigmoid = kmoe::SigmoidBiasRouter<X, S>;
+  // Per-expert and fused layouts, a shared expert with an output gate, DeepSeek-V3's
+  // sigmoid router with its shared expert.
+  for (const char* model : {"mixtral/model", "hf5/mixtral/model_fused", "hf5/qwen2_moe/model"}) {
+    CAPTURE(model);
+    const auto full = models::load_softmax_block<X, S>((fixtures / model).string(), fixture_layer);
+    check_weight_only<std::int8_t, Softmax>(full, fixtures / model);
+    check_weight_only<kmoe::bfloat16, Softmax>(full, fixtures / model);
+  }
+  const fs::path deepseek = fixtures / "deepseek_v3/model";
+  const auto full = models::load_sigmoid_bias_block<X, S>(deepseek.string(), fixture_layer);
+  check_weight_only<kmoe::float16, Sigmoid>(full, deepseek);
 }
 
 TEST_CASE("a checkpoint changed underneath a lazy read is reported by name", "[models][memory]") {
