@@ -91,6 +91,18 @@ endforeach()
 function(check_weight_only dtype tolerance name dir)
   expect_exit(0 --model ${dir}/model --layer 1 --input ${dir}/input.safetensors
               --output ${WORK}/${name}_${dtype}.safetensors --dtype ${dtype})
+  # The output's hidden states are in the storage dtype (int8: F32, its activations').
+  set(stored "F32")
+  if(dtype STREQUAL "bf16")
+    set(stored "BF16")
+  elseif(dtype STREQUAL "fp16")
+    set(stored "F16")
+  endif()
+  file(READ ${WORK}/${name}_${dtype}.safetensors header OFFSET 8 LIMIT 1024)
+  if(NOT header MATCHES "\"hidden_states\":{\"dtype\":\"${stored}\"")
+    message(FATAL_ERROR "kmoe-run --dtype ${dtype} ${name}: hidden_states not written as "
+                        "${stored}:\n${header}")
+  endif()
   execute_process(COMMAND ${COMPARE} ${dir}/output.safetensors ${WORK}/${name}_${dtype}.safetensors
                           ${tolerance}
                   RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
@@ -125,3 +137,31 @@ expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safete
             --grads ${WORK}/g.safetensors)
 expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
             --output ${WORK}/y.safetensors --dtype f8)
+expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
+            --output ${WORK}/y.safetensors --output-dtype f8)
+# bf16 expert weights with the output kept in F32: the fixture's own values (the weights are
+# bf16 in the checkpoint), to the order of the sums.
+expect_exit(0 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
+            --output ${WORK}/bf16_f32.safetensors --dtype bf16 --output-dtype f32)
+execute_process(COMMAND ${COMPARE} ${FIXTURE}/output.safetensors ${WORK}/bf16_f32.safetensors 1e-5
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "--dtype bf16 --output-dtype f32 is not the fixture to 1e-5:\n${out}")
+endif()
+# Against transformers running the block in bf16 (tests/fixtures/README.md, "bf16 outputs"):
+# within 1% of the output's scale; transformers' own bf16 output is 0.35-0.77% from its
+# float32 output, so this bounds the rounding of a bf16 computation, not exactness.
+foreach(family mixtral deepseek_v3 qwen3_moe)
+  set(dir ${FIXTURES}/hf5/${family})
+  expect_exit(0 --model ${dir}/model --layer 1 --input ${dir}/input.safetensors
+              --output ${WORK}/hf5_${family}_bf16.safetensors --dtype bf16)
+  execute_process(COMMAND ${COMPARE} ${dir}/output_bf16.safetensors
+                          ${WORK}/hf5_${family}_bf16.safetensors 0.01
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "--dtype bf16 ${family} is not within 1% of transformers' bf16 "
+                        "output:\n${out}")
+  endif()
+  string(REGEX MATCH "hidden_states[^\n]*" line "${out}")
+  message(STATUS "bf16 ${family} against transformers' bf16: ${line}")
+endforeach()

@@ -39,7 +39,8 @@ namespace models = kmoe::models;
 const char* const usage_text =
     R"(usage: kmoe-run --model DIR --layer L --input X --output Y
                 [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
-                [--dtype f32|f64|bf16|fp16|int8] [--stats-jsonl FILE]
+                [--dtype f32|f64|bf16|fp16|int8] [--output-dtype f32|bf16|fp16]
+                [--stats-jsonl FILE]
                 [--max-resident-experts N] [--memory-budget BYTES]
 
 Runs the MoE block of decoder layer L of the Hugging Face model in DIR (config.json and
@@ -50,9 +51,9 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
   --model DIR        model directory
   --layer L          decoder layer index (must be an MoE layer)
   --input X          safetensors file with "hidden_states" [T, H] (F16, BF16, F32 or F64)
-  --output Y         written: "hidden_states" [T, H], "router_logits" [T, E] (F32),
-                     "topk_indices" [T, k] (I64), "topk_weights" [T, k] (F32); each top-k
-                     row is ordered by decreasing weight, ties by increasing index (the
+  --output Y         written: "hidden_states" [T, H] (--output-dtype), "router_logits"
+                     [T, E] (F32), "topk_indices" [T, k] (I64), "topk_weights" [T, k]
+                     (F32); each top-k row is ordered by decreasing weight, ties by increasing index (the
                      Hugging Face fixtures' order; for DeepSeek-V3 the biased selection
                      order can differ from the weight order)
   --grad-output G    safetensors file with "hidden_states" [T, H] = dLoss/dOutput; runs a
@@ -70,6 +71,9 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
                      f32 activations with the routed and shared experts' weights stored
                      as bf16, fp16 or INT8 (per output channel) from load on (inference
                      only: not with --grad-output; GLU experts only); --double is f64
+  --output-dtype D   the dtype of the output's "hidden_states": f32, bf16 or fp16 (rounded
+                     to nearest even); default the storage dtype of --dtype (bf16 for
+                     bf16, fp16 for fp16, else f32)
   --stats-jsonl FILE write one monitoring line per forward (kmoe::StatsLog: tokens per
                      expert, load spread, drops, phase times, bytes per peer, peak memory;
                      docs/placement.md); with --bench every timed forward is logged too,
@@ -116,6 +120,7 @@ struct Options {
   kmoe::ResidencyBudget budget;  ///< experts and bytes both 0: every expert resident
   bool bench = false;
   std::string dtype = "f32";  ///< f32, f64, bf16, fp16 or int8
+  std::string output_dtype;   ///< f32, bf16 or fp16; empty: the storage dtype of `dtype`
 };
 
 struct UsageError {
@@ -193,6 +198,8 @@ bool parse(int argc, char** argv, Options& o) {
       o.stats_jsonl = value;
     else if (flag == "--dtype")
       o.dtype = value;
+    else if (flag == "--output-dtype")
+      o.output_dtype = value;
     else if (flag == "--max-resident-experts")
       o.budget.experts = parse_int(flag, value, 1);
     else if (flag == "--memory-budget")
@@ -209,6 +216,10 @@ bool parse(int argc, char** argv, Options& o) {
   const bool weight_only = o.dtype == "bf16" || o.dtype == "fp16" || o.dtype == "int8";
   if (o.dtype != "f32" && o.dtype != "f64" && !weight_only)
     throw UsageError{"--dtype must be f32, f64, bf16, fp16 or int8, got '" + o.dtype + "'"};
+  if (o.output_dtype.empty())
+    o.output_dtype = o.dtype == "bf16" || o.dtype == "fp16" ? o.dtype : "f32";
+  if (o.output_dtype != "f32" && o.output_dtype != "bf16" && o.output_dtype != "fp16")
+    throw UsageError{"--output-dtype must be f32, bf16 or fp16, got '" + o.output_dtype + "'"};
   if (weight_only && !o.grad_output.empty())
     throw UsageError{"--dtype " + o.dtype + " is inference only: it does not take --grad-output"};
   if (residency(o) && !o.grad_output.empty())
@@ -252,17 +263,25 @@ kmoe::Matrix<S, X> read_hidden(const std::string& path, const models::MoEBlockCo
   return m;
 }
 
-/// Raises unless each of the `count` results at `data` is finite and within float's range
-/// (the files hold F32): a run whose inputs overflow must fail rather than write
-/// non-finite results with exit 0.
+/// The largest finite value of a file dtype (F16: 65504; BF16: 0x7F7F, just below float's).
+inline double largest_finite(io::DType dtype) {
+  if (dtype == io::DType::F16) return 65504.0;
+  if (dtype == io::DType::BF16) return double(io::bfloat16_bits_to_float(0x7F7F));
+  return double(std::numeric_limits<float>::max());
+}
+
+/// Raises unless each of the `count` results at `data` is finite and within the range of
+/// `dtype` (the file's): a run whose inputs overflow must fail rather than write non-finite
+/// results with exit 0.
 template <class S>
-void require_finite_f32(const S* data, std::size_t count, const std::string& what) {
+void require_finite(const S* data, std::size_t count, const std::string& what,
+                    io::DType dtype = io::DType::F32) {
   for (std::size_t i = 0; i < count; ++i)
-    if (!std::isfinite(data[i]) ||
-        std::abs(double(data[i])) > double(std::numeric_limits<float>::max()))
+    if (!std::isfinite(data[i]) || std::abs(double(data[i])) > largest_finite(dtype))
       throw kmoe::runtime_error("kmoe-run: " + what + " element " + std::to_string(i) + " = " +
-                                std::to_string(double(data[i])) +
-                                " is not finite in F32 (inputs too large?); nothing was written");
+                                std::to_string(double(data[i])) + " is not finite in " +
+                                io::dtype_name(dtype) +
+                                " (inputs too large?); nothing was written");
 }
 
 template <class View>
@@ -270,12 +289,18 @@ std::vector<std::int64_t> shape_of(const View& v) {
   return {std::int64_t(v.extent(0)), std::int64_t(v.extent(1))};
 }
 
+/// Adds `v` in `dtype` (rounded to nearest even for BF16 and F16).
 template <class View>
-void add_f32(io::SafetensorsWriter& writer, const std::string& name, const View& v,
-             const std::string& what) {
+void add_values(io::SafetensorsWriter& writer, const std::string& name, const View& v,
+                const std::string& what, io::DType dtype = io::DType::F32) {
   const auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
-  require_finite_f32(host.data(), host.size(), what);
-  writer.add(name, io::DType::F32, shape_of(v), host.data());
+  require_finite(host.data(), host.size(), what, dtype);
+  writer.add(name, dtype, shape_of(v), host.data());
+}
+
+inline io::DType file_dtype(const std::string& output_dtype) {
+  return output_dtype == "bf16" ? io::DType::BF16
+                                : (output_dtype == "fp16" ? io::DType::F16 : io::DType::F32);
 }
 
 /// The plan's slots are in selection order (decreasing selection score); the files use the
@@ -365,8 +390,8 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
   const std::string source = "kmoe-run " + b.model_type + " layer " + std::to_string(b.layer);
   io::SafetensorsWriter output;
   output.set_metadata("source", source);
-  add_f32(output, "hidden_states", y, "the block's output");
-  add_f32(output, "router_logits", layer.routing().logits, "the router logits");
+  add_values(output, "hidden_states", y, "the block's output", file_dtype(o.output_dtype));
+  add_values(output, "router_logits", layer.routing().logits, "the router logits");
   add_topk(output, layer.routing());
 
   std::optional<io::SafetensorsWriter> grads;
@@ -376,13 +401,13 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
       layer.backward(grad_y, grad_x);
       grads.emplace();
       grads->set_metadata("source", source);
-      add_f32(*grads, "hidden_states", grad_x, "the input gradient");
+      add_values(*grads, "hidden_states", grad_x, "the input gradient");
       models::visit_checkpoint_tensors(
           layer, b, true,
           [&](const std::string& name, const std::vector<std::int64_t>& shape, const S* data) {
             const auto count = std::accumulate(shape.begin(), shape.end(), std::int64_t(1),
                                                std::multiplies<std::int64_t>());
-            require_finite_f32(data, std::size_t(count), "the gradient of " + name);
+            require_finite(data, std::size_t(count), "the gradient of " + name);
             grads->add(name, io::DType::F32, shape, data);
           });
     }

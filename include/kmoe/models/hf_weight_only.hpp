@@ -31,16 +31,16 @@ namespace detail {
 template <class Element, class X, class S>
 PackedGLUExperts<X, S, Element> pack_from_store(SwiGLUExperts<X, S> one,
                                                 const CheckpointExpertStore& store) {
-  return PackedGLUExperts<X, S, Element>(
-      std::move(one), store.num_experts(), [&](int e, SwiGLUExperts<X, S>& expert) {
-        ParameterList<X, S> list;
-        expert.collect_parameters(list);
-        for (const auto& p : list) {
-          auto host = Kokkos::create_mirror_view(p.value);
-          store.read(p.name, e, host.data());
-          Kokkos::deep_copy(p.value, host);
-        }
-      });
+  return PackedGLUExperts<X, S, Element>(std::move(one), store.num_experts(),
+                                         [&](int e, SwiGLUExperts<X, S>& expert) {
+                                           ParameterList<X, S> list;
+                                           expert.collect_parameters(list);
+                                           for (const auto& p : list) {
+                                             auto host = Kokkos::create_mirror_view(p.value);
+                                             store.read(p.name, e, host.data());
+                                             Kokkos::deep_copy(p.value, host);
+                                           }
+                                         });
 }
 }  // namespace detail
 
@@ -67,12 +67,13 @@ WeightOnlyBlockLayer<Router, Element> load_weight_only_block(const std::string& 
       b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
   MoEBlockConfig one = b;
   one.experts = 1;
-  Packed routed = detail::pack_from_store<Element>(
-      detail::routed_experts<SwiGLUExperts<X, S>>(one, false), CheckpointExpertStore(checkpoint, b));
+  Packed routed =
+      detail::pack_from_store<Element>(detail::routed_experts<SwiGLUExperts<X, S>>(one, false),
+                                       CheckpointExpertStore(checkpoint, b));
   std::optional<Packed> shared;
   if (auto expert = detail::shared_experts<X, S>(b))
-    shared.emplace(
-        detail::pack_from_store<Element>(std::move(*expert), CheckpointExpertStore(checkpoint, b, true)));
+    shared.emplace(detail::pack_from_store<Element>(std::move(*expert),
+                                                    CheckpointExpertStore(checkpoint, b, true)));
   WeightOnlyBlockLayer<Router, Element> moe(Router(detail::router_config<Config>(b)),
                                             std::move(routed), block_options, std::move(shared));
   detail::load_weights(moe, b, *checkpoint);  // the router's: the experts are packed
