@@ -183,10 +183,10 @@ std::unique_ptr<L> make(const ParallelGroups<MpiCommunicator>& groups, const Var
   const auto owned = groups.layout.local_experts(experts, groups.ep_rank);
   std::optional<E> shared;
   if (v.shared) shared = wrap(GLU({1, hidden, 10}, "shared_experts"), true);
-  auto layer = std::make_unique<L>(Router({hidden, experts, top_k}),
-                                   wrap(GLU({int(owned.size()), hidden, ffn / groups.layout.tp}),
-                                        false),
-                                   options, shared, groups);
+  auto layer =
+      std::make_unique<L>(Router({hidden, experts, top_k}),
+                          wrap(GLU({int(owned.size()), hidden, ffn / groups.layout.tp}), false),
+                          options, shared, groups);
   initialize(layer->parameters(), init_config(), 7);
   return layer;
 }

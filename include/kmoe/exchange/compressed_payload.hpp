@@ -134,7 +134,8 @@ class CompressedPayload {
     const auto at = blocks.begin(false), wire_at = blocks.begin(true);
     const std::size_t last = count == 0 ? blocks.elements.size() : first + count;
     auto& buffer = lane_of(lane).send;
-    if (first == 0) detail::ensure_rows(buffer, storage(lane, true), label(lane, true), wire_at.back());
+    if (first == 0)
+      detail::ensure_rows(buffer, storage(lane, true), label(lane, true), wire_at.back());
     with_wire([&](auto tag) {
       using Wire = decltype(tag);
       const auto out = typed<Wire>(buffer);
