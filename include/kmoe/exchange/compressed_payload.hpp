@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace kmoe {
@@ -34,31 +36,85 @@ namespace detail {
 template <class S>
 inline constexpr int wire_pieces_v = int(sizeof(S) / sizeof(std::uint16_t));
 
-/// out = in through Wire, except in's first `exact` values, which go bit for bit (pieces
-/// of 16 bits each, at out's head). Returns the finite values that became infinite (a
-/// float16 beyond 65504). A free function: nvcc refuses an extended lambda in a private
+/// out's first `pieces` x n elements = in's n values bit for bit, each in 16-bit pieces. A
+/// free function, like the kernels below: nvcc refuses an extended lambda in a private
 /// member.
 template <class X, class Wire, class In, class Out>
-std::int64_t narrow_values(const In& in, std::int64_t exact, const Out& out) {
+void split_exact_values(const In& in, const Out& out) {
   using S = typename In::non_const_value_type;
   constexpr int pieces = wire_pieces_v<S>;
+  Kokkos::parallel_for(
+      "kmoe::CompressedPayload::split_exact", Kokkos::RangePolicy<X>(0, std::int64_t(in.size())),
+      KOKKOS_LAMBDA(std::int64_t i) {
+        const S value = in(i);
+        std::uint16_t bits[pieces];
+        std::memcpy(bits, &value, sizeof(S));
+        for (int k = 0; k < pieces; ++k) out(i * pieces + k) = Wire::from_bits(bits[k]);
+      });
+}
+
+/// The inverse of split_exact_values.
+template <class X, class Wire, class In, class Out>
+void join_exact_values(const In& in, const Out& out) {
+  using S = typename Out::non_const_value_type;
+  constexpr int pieces = wire_pieces_v<S>;
+  Kokkos::parallel_for(
+      "kmoe::CompressedPayload::join_exact", Kokkos::RangePolicy<X>(0, std::int64_t(out.size())),
+      KOKKOS_LAMBDA(std::int64_t i) {
+        std::uint16_t bits[pieces];
+        for (int k = 0; k < pieces; ++k) bits[k] = in(i * pieces + k).bits();
+        S value;
+        std::memcpy(&value, bits, sizeof(S));
+        out(i) = value;
+      });
+}
+
+/// out = in rounded to Wire (nearest, ties to even).
+template <class X, class Wire, class In, class Out>
+void round_values(const In& in, const Out& out) {
+  Kokkos::parallel_for(
+      "kmoe::CompressedPayload::narrow", Kokkos::RangePolicy<X>(0, std::int64_t(in.size())),
+      KOKKOS_LAMBDA(std::int64_t i) { out(i) = Wire(float(in(i))); });
+}
+
+/// round_values, returning how many finite values became infinite (beyond the format's
+/// largest finite value).
+template <class X, class Wire, class In, class Out>
+std::int64_t round_values_counting_overflow(const In& in, const Out& out) {
   std::int64_t overflowed = 0;
   Kokkos::parallel_reduce(
       "kmoe::CompressedPayload::narrow", Kokkos::RangePolicy<X>(0, std::int64_t(in.size())),
       KOKKOS_LAMBDA(std::int64_t i, std::int64_t & count) {
-        const S value = in(i);
-        if (i < exact) {
-          std::uint16_t bits[pieces];
-          std::memcpy(bits, &value, sizeof(S));
-          for (int k = 0; k < pieces; ++k) out(i * pieces + k) = Wire::from_bits(bits[k]);
-          return;
-        }
-        const Wire narrow = Wire(float(value));
-        out(exact * pieces + i - exact) = narrow;
+        const float value = float(in(i));
+        const Wire narrow = Wire(value);
+        out(i) = narrow;
         if (detail::isfinite(value) && !detail::isfinite(float(narrow))) ++count;
       },
       overflowed);
   return overflowed;
+}
+
+/// out = in through Wire, except in's first `exact` values, which go bit for bit at out's
+/// head (wire_pieces_v<S> elements each). Returns the finite values that became infinite
+/// on the way: counted for float16 (finite up to 65504); bfloat16 has float's range (only
+/// values within half a bf16 unit of FLT_MAX round to infinity) and skips the count, the
+/// reduction costing more than its rounding.
+template <class X, class Wire, class In, class Out>
+std::int64_t narrow_values(const In& in, std::int64_t exact, const Out& out) {
+  using S = typename In::non_const_value_type;
+  const std::int64_t n = std::int64_t(in.size()), head = exact * wire_pieces_v<S>;
+  const auto values = std::make_pair(exact, n);
+  const auto wire = std::make_pair(head, head + n - exact);
+  if (exact > 0)
+    split_exact_values<X, Wire>(Kokkos::subview(in, std::make_pair(std::int64_t(0), exact)),
+                                Kokkos::subview(out, std::make_pair(std::int64_t(0), head)));
+  if constexpr (std::is_same_v<Wire, float16>) {
+    return round_values_counting_overflow<X, Wire>(Kokkos::subview(in, values),
+                                                   Kokkos::subview(out, wire));
+  } else {
+    round_values<X, Wire>(Kokkos::subview(in, values), Kokkos::subview(out, wire));
+    return 0;
+  }
 }
 
 /// The inverse of narrow_values: out's first `exact` values from their pieces, the others
@@ -66,20 +122,15 @@ std::int64_t narrow_values(const In& in, std::int64_t exact, const Out& out) {
 template <class X, class Wire, class In, class Out>
 void widen_values(const In& in, std::int64_t exact, const Out& out) {
   using S = typename Out::non_const_value_type;
-  constexpr int pieces = wire_pieces_v<S>;
+  const std::int64_t n = std::int64_t(out.size()), head = exact * wire_pieces_v<S>;
+  if (exact > 0)
+    join_exact_values<X, Wire>(Kokkos::subview(in, std::make_pair(std::int64_t(0), head)),
+                               Kokkos::subview(out, std::make_pair(std::int64_t(0), exact)));
+  const auto wire = Kokkos::subview(in, std::make_pair(head, head + n - exact));
+  const auto values = Kokkos::subview(out, std::make_pair(exact, n));
   Kokkos::parallel_for(
-      "kmoe::CompressedPayload::widen", Kokkos::RangePolicy<X>(0, std::int64_t(out.size())),
-      KOKKOS_LAMBDA(std::int64_t i) {
-        if (i < exact) {
-          std::uint16_t bits[pieces];
-          for (int k = 0; k < pieces; ++k) bits[k] = in(i * pieces + k).bits();
-          S value;
-          std::memcpy(&value, bits, sizeof(S));
-          out(i) = value;
-          return;
-        }
-        out(i) = S(float(in(exact * pieces + i - exact)));
-      });
+      "kmoe::CompressedPayload::widen", Kokkos::RangePolicy<X>(0, n - exact),
+      KOKKOS_LAMBDA(std::int64_t i) { values(i) = S(float(wire(i))); });
 }
 
 }  // namespace detail
@@ -247,8 +298,10 @@ class CompressedPayload {
     return recv.elements;
   }
 
-  /// The lane's send buffer as Wire values of `blocks` (for a route that takes the rows
-  /// itself, the hierarchical one), and its receive buffer sized for `recv`.
+  /// Starts the route's all_to_all_rows_start (the hierarchical route's deduplicated rows)
+  /// of every packed block of `send` into the lane's receive buffer, laid out as `recv`:
+  /// rows of `width` wire elements, `row_key` one key per wire row (an exact row of S is
+  /// `pieces` wire rows).
   template <class Route, class Keys>
   auto start_rows(Route& route, Lane lane, const Blocks& send, const Blocks& recv, int width,
                   const Keys& row_key) {
