@@ -15,7 +15,7 @@
 //      recompute), the hierarchical route, input-weighted rows (no deduplication), capacity
 //      with shared experts;
 //  (c) the output and gradients within a documented tolerance of the uncompressed layer;
-//  and the refusals: a double layer, fp16 values beyond 65504.
+//  and the refusals: a double layer, ranks that disagree, fp16 values beyond 65504.
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/expert.hpp>
@@ -434,7 +434,8 @@ TEST_CASE("compressed dispatch and return: output and gradients within the wire 
   }
 }
 
-TEST_CASE("compressed dispatch and return: refused for double layers, fp16 overflow raises",
+TEST_CASE("compressed dispatch and return: refused for double layers and when ranks disagree, "
+          "fp16 overflow raises",
           "[mpi][compressed]") {
   const auto world = MpiCommunicator::world();
   ParallelLayout layout;
@@ -451,6 +452,16 @@ TEST_CASE("compressed dispatch and return: refused for double layers, fp16 overf
                              std::nullopt, groups),
                       Catch::Matchers::ContainsSubstring("options.exchange_compression") &&
                           Catch::Matchers::ContainsSubstring("double"));
+  }
+  SECTION("ranks that disagree") {
+    LayerOptions options;
+    options.exchange_compression =
+        world.rank() == 1 ? WireCompression::bf16 : WireCompression::none;
+    const std::string rest = world.size() == 2 ? "rank 0 has " : "ranks 0, 2, 3 have ";
+    CHECK_THROWS_WITH(Layer(Router({hidden, experts, top_k}), GLU({int(owned.size()), hidden, ffn}),
+                            options, std::nullopt, groups),
+                      Catch::Matchers::ContainsSubstring("exchange_compression: " + rest +
+                                                         "none, rank 1 has bf16"));
   }
   SECTION("fp16 values beyond 65504") {
     const Variant v{"sender-sized dispatch"};
