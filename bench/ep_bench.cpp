@@ -26,6 +26,14 @@
 //     (model_rows_bytes, model_metadata_bytes; tests/planning/ep_bench_model.cmake
 //     checks them equal).
 //
+//  5. with --compression bf16|fp16 (LayerOptions::exchange_compression), the exchange with
+//     16-bit rows against the same exchange in float, alternating repetition by repetition
+//     after an MPI_Barrier, on the layer's routing (identity experts): each side timed from
+//     plan() (the send rows' gather, and the narrowing where compressed) to the combine's
+//     return (the widening included), so the conversions are part of the figure; and a
+//     training step (forward + backward, training_mode recompute) of the layer with and
+//     without the option, alternating likewise. Median per rank, maximum over ranks.
+//
 // --exchange-only skips 2 (one forward gives the routing), for large T.
 // --exchange chooses the layers' exchange in 2 and 4 (flat by default; the hierarchical one
 // exchanges unchunked, so its "pipelined" layer is C = 1 with the shared experts
@@ -38,7 +46,7 @@
 //   mpiexec -n 2 ep_bench [--tokens T] [--repeats N] [--chunks C] [--hidden H] [--ffn F]
 //                         [--shared-ffn F] [--experts E] [--exchange-only] [--json]
 //                         [--watchdog-ms MS] [--exchange flat|hierarchical]
-//                         [--ranks-per-node N]
+//                         [--ranks-per-node N] [--compression bf16|fp16]
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/exchange/expert_parallel_exchange.hpp>
@@ -164,6 +172,78 @@ void compare_exchanges(const kmoe::ParallelGroups<kmoe::MpiCommunicator>& groups
       double(total[5]) / std::max(1.0, double(total[1])));
 }
 
+/// 5. The exchange and a training step with 16-bit rows against float ones, alternating.
+void compare_compression(const kmoe::ParallelGroups<kmoe::MpiCommunicator>& groups,
+                         const kmoe::RoutingPlan<X, S>& routing, const kmoe::Matrix<S, X>& x,
+                         const kmoe::Matrix<S, X>& gy, const Shape& shape,
+                         kmoe::WireCompression format, int repeats) {
+  const auto& world = groups.world;
+  using Exchange = kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator>;
+  Exchange exchanges[2] = {Exchange(groups, shape.experts, shape.hidden, 1),
+                           Exchange(groups, shape.experts, shape.hidden, 1)};
+  exchanges[1].set_compression(format);
+  kmoe::Dispatch<X> dispatch;  // the two exchanges' keys are the same
+  dispatch.build(routing, exchanges[0].expert_key(), shape.experts, -1,
+                 kmoe::DropPolicy::by_position);
+  const int local = int(groups.layout.local_experts(shape.experts, groups.ep_rank).size());
+  std::unique_ptr<Layer> layers[2];
+  for (int which = 0; which < 2; ++which) {
+    kmoe::LayerOptions options;
+    options.training_mode = kmoe::ExpertMode::recompute;
+    options.exchange_compression = which == 0 ? kmoe::WireCompression::none : format;
+    std::optional<Experts> shared;
+    if (shape.shared_ffn > 0)
+      shared = Experts({1, shape.hidden, shape.shared_ffn}, "shared_experts");
+    layers[which] =
+        std::make_unique<Layer>(Router({shape.hidden, shape.experts, top_k, true}),
+                                Experts({local, shape.hidden, shape.ffn}), options, shared, groups);
+    kmoe::fill_normal(layers[which]->parameters(), 0.02, 5);
+  }
+  kmoe::Matrix<S, X> y("y", x.extent(0), x.extent(1)), gx("gx", x.extent(0), x.extent(1));
+  kmoe::RouteContext<X> training;
+  training.training = true;
+  std::vector<double> exchange_ms[2], step_ms[2];
+  long long traffic[2] = {0, 0};      // bytes one forward's exchange hands the communicators
+  for (int r = 0; r <= repeats; ++r)  // the first allocates
+    for (int which = 0; which < 2; ++which) {
+      Exchange& exchange = exchanges[which];
+      MPI_Barrier(world.native());
+      auto start = clock_type::now();
+      exchange.plan(dispatch, routing.expert, x);
+      exchange.exchange_counts();
+      exchange.dispatch_start().wait();
+      exchange.combine(exchange.arrive());
+      Kokkos::fence();
+      const double exchanged = ms_since(start);
+      MPI_Barrier(world.native());
+      start = clock_type::now();
+      const auto stats = layers[which]->forward(x, y, training);
+      traffic[which] = stats.traffic.intra_node_bytes + stats.traffic.inter_node_bytes;
+      layers[which]->backward(gy, gx);
+      layers[which]->zero_gradients();
+      Kokkos::fence();
+      const double stepped = ms_since(start);
+      if (r == 0) continue;
+      exchange_ms[which].push_back(exchanged);
+      step_ms[which].push_back(stepped);
+    }
+  const auto agreed = slowest(world, {median(exchange_ms[0]), median(exchange_ms[1]),
+                                      median(step_ms[0]), median(step_ms[1])});
+  long long total[2];
+  MPI_Allreduce(traffic, total, 2, MPI_LONG_LONG, MPI_SUM, world.native());
+  if (world.rank() != 0) return;
+  const std::string name = kmoe::wire_compression_name(format);
+  std::printf("forward exchange bytes handed to the communicators, all ranks: float %.3f MB, %s "
+              "%.3f MB, ratio %.3f\n",
+              double(total[0]) / 1e6, name.c_str(), double(total[1]) / 1e6,
+              double(total[1]) / double(std::max(1LL, total[0])));
+  std::printf("exchange (plan to combine, conversions included): float %.3f ms, %s %.3f ms, ratio "
+              "%.3f\n",
+              agreed[0], name.c_str(), agreed[1], agreed[1] / agreed[0]);
+  std::printf("training step (forward + backward): float %.3f ms, %s %.3f ms, ratio %.3f\n",
+              agreed[2], name.c_str(), agreed[3], agreed[3] / agreed[2]);
+}
+
 /// kmoe-plan's layout model's bytes this rank sends its EP peers in the forward of
 /// `layer` (the last one; its routing gathered from every rank), over the exchange path
 /// the layer took: dispatch + combine rows, and the metadata (header rows, counts).
@@ -230,6 +310,16 @@ int main(int argc, char** argv) {
     const bool exchange_only = has_flag(argc, argv, "--exchange-only");
     const int ranks_per_node = arg(argc, argv, "--ranks-per-node", 0);
     const std::string exchange_name = text_arg(argc, argv, "--exchange", "flat");
+    const std::string compression_name = text_arg(argc, argv, "--compression", "none");
+    if (compression_name != "none" && compression_name != "bf16" && compression_name != "fp16") {
+      std::fprintf(stderr, "ep_bench: --compression must be none, bf16 or fp16, not '%s'\n",
+                   compression_name.c_str());
+      MPI_Finalize();
+      return 1;
+    }
+    const auto compression = compression_name == "bf16"   ? kmoe::WireCompression::bf16
+                             : compression_name == "fp16" ? kmoe::WireCompression::fp16
+                                                          : kmoe::WireCompression::none;
     if (exchange_name != "flat" && exchange_name != "hierarchical") {
       std::fprintf(stderr, "ep_bench: --exchange must be flat or hierarchical, not '%s'\n",
                    exchange_name.c_str());
@@ -424,6 +514,9 @@ int main(int argc, char** argv) {
                     agreed[5], agreed[6], agreed[6] / agreed[5]);
       }
     }
+    if (compression != kmoe::WireCompression::none)
+      compare_compression(groups, routing, x, gy, {hidden, ffn, shared_ffn, experts}, compression,
+                          repeats);
     if (ranks_per_node > 0)
       compare_exchanges(groups, x, y, {hidden, ffn, shared_ffn, experts}, ranks_per_node, repeats);
     if (json) {

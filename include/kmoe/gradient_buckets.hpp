@@ -19,6 +19,7 @@
 #include <kmoe/exchange/compressed_all_reduce.hpp>
 #include <kmoe/parameters.hpp>
 #include <kmoe/types.hpp>
+#include <kmoe/wire_compression.hpp>
 
 #include <cstddef>
 #include <string>
@@ -27,7 +28,7 @@
 namespace kmoe {
 
 /// \brief What gradient sums put on the wire: the gradients' own type, or 16 bits.
-enum class GradientCompression { none, bf16, fp16 };
+using GradientCompression = WireCompression;
 
 /// \brief How MoELayer synchronises gradients (LayerOptions::gradient_sync).
 struct GradientSyncOptions {

@@ -229,8 +229,10 @@ class MoELayer {
     // itself is checked, and every rank agrees so none is left in the next step's
     // collectives.
     if (options_.non_finite == NonFinitePolicy::raise)
-      kmoe::agree_or_throw(groups_.world, where,
-                           [&] { detail::raise_if_non_finite<X>(y_rows, where, "output y"); });
+      kmoe::agree_or_throw(groups_.world, where, [&] {
+        raise_if_wire_overflow(where);
+        detail::raise_if_non_finite<X>(y_rows, where, "output y");
+      });
     has_forward_ = true;
     backward_done_ = false;
     stats.memory = memory_stats();
@@ -505,6 +507,7 @@ class MoELayer {
     // Finite grad_y can overflow on the way back, like the forward output (see forward).
     if (raise)
       kmoe::agree_or_throw(groups_.world, where, [&] {
+        raise_if_wire_overflow(where);
         detail::raise_if_non_finite<X>(grad_x, where, "input gradient grad_x");
         if (non_finite_gradient_) std::rethrow_exception(non_finite_gradient_);
       });
@@ -826,6 +829,11 @@ class MoELayer {
             "inference", "must be store or recompute");
     require(options_.exchange_chunks >= 0, where, "options.exchange_chunks",
             options_.exchange_chunks, "must be >= 0 (0: the layer chooses, 1: sequential)");
+    require(options_.exchange_compression == WireCompression::none || std::is_same_v<S, float>,
+            where, "options.exchange_compression",
+            wire_compression_name(options_.exchange_compression),
+            "needs a float layer (this one's scalar type is double, whose rows would lose 37 "
+            "of their 53 bits): set it to none");
     const ExpertPlacement& replicas = options_.expert_placement;
     if (replicas.ranks > 0) {
       replicas.validate(where);
@@ -860,6 +868,19 @@ class MoELayer {
                 "is used twice; give the shared experts their own name (e.g. \"shared_experts\")");
     bias_counts_.assign(std::size_t(router_.num_experts()), 0);
     build_placement();
+  }
+
+  /// LayerOptions::exchange_compression: finite values this rank's rows could not hold in
+  /// 16 bits (fp16 beyond 65504) travelled as infinities; raised with the agreed checks.
+  void raise_if_wire_overflow(const char* where) {
+    const std::int64_t overflows = exchange_.take_wire_overflows();
+    if (overflows > 0)
+      throw runtime_error(std::string(where) + ": options.exchange_compression " +
+                          wire_compression_name(options_.exchange_compression) + ": " +
+                          std::to_string(overflows) +
+                          " values this rank sent exceed the format's largest finite value "
+                          "(fp16: 65504) and travelled as infinities; use bf16 (float's range) "
+                          "or none");
   }
 
   void require_failover(const char* where) const {
@@ -980,6 +1001,7 @@ class MoELayer {
     // Before build_nodes (the constructor's first placement) there is no map: flat.
     const ExchangeKind kind = nodes_ ? options_.nodes.exchange : ExchangeKind::flat;
     exchange_.set_route(ExchangeRoute<Communicator>(groups_.ep, nodes_, kind, traffic_));
+    exchange_.set_compression(options_.exchange_compression);
     if constexpr (detail::is_detected_v<detail::router_node_limited, Router>)
       if (nodes_ && router_.node_limited())
         router_.set_expert_nodes(node_of_expert(options_.expert_placement), nodes_->map.nodes());

@@ -13,6 +13,7 @@
 #include <kmoe/losses.hpp>
 #include <kmoe/placement/expert_placement.hpp>
 #include <kmoe/placement/failover.hpp>
+#include <kmoe/wire_compression.hpp>
 
 #include <cstdint>
 #include <string>
@@ -70,6 +71,14 @@ struct LayerOptions {
   /// The expert-parallel exchange (flat or hierarchical) and the grouping of ranks into
   /// nodes (exchange/node_options.hpp, docs/parallel.md "Nodes").
   NodeOptions nodes = {};
+  /// The expert-parallel exchange's hidden-state rows in 16 bits (docs/precision.md,
+  /// "Compressed dispatch and return"): tokens to the experts, expert outputs back, and
+  /// both backward exchanges carry bf16 or fp16, rounded to nearest even as they are
+  /// packed, widened as they are unpacked; the dispatch's counts and links stay exact.
+  /// Half the bytes of a float layer's rows. For float layers (a double layer refuses it);
+  /// with one EP rank nothing is exchanged and nothing rounded. fp16 holds values up to
+  /// 65504: under NonFinitePolicy::raise a larger one raises (after the step, on every rank).
+  WireCompression exchange_compression = WireCompression::none;
 
   /// The settings that change results or the collectives a step runs, which every rank
   /// must share. overlap_shared_experts changes neither; time_phases adds a synchronisation
@@ -101,6 +110,7 @@ struct LayerOptions {
     print.choice("routing_weight", int(routing_weight), {"output", "input"});
     nodes.fingerprint(print);
     print.integer("exchange_chunks", exchange_chunks);
+    print.choice("exchange_compression", int(exchange_compression), {"none", "bf16", "fp16"});
   }
 };
 

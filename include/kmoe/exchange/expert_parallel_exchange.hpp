@@ -10,6 +10,7 @@
 #include <kmoe/communicator.hpp>
 #include <kmoe/detail/growing_buffer.hpp>
 #include <kmoe/error.hpp>
+#include <kmoe/exchange/compressed_payload.hpp>
 #include <kmoe/exchange/deduplicated_dispatch.hpp>
 #include <kmoe/exchange/dispatch.hpp>
 #include <kmoe/exchange/hierarchical_exchange.hpp>
@@ -259,6 +260,17 @@ class ExpertParallelExchange {
     if (ep_.hierarchical()) set_chunks(1);
   }
 
+  /// Sends the hidden-state rows of every exchange across EP ranks in 16 bits from the next
+  /// plan() on (exchange/compressed_payload.hpp): the dispatch's rows and the return's,
+  /// and both backward exchanges; the dispatch's header (counts, links) stays exact. Every
+  /// row, this rank's own block included, is rounded once on its way; one EP rank
+  /// exchanges nothing and rounds nothing.
+  void set_compression(WireCompression format) { compression_ = Payload(format); }
+  WireCompression compression() const { return compression_.format(); }
+  /// Finite values the 16-bit rows could not hold (float16 beyond 65504: they travelled
+  /// as infinities) since the last call.
+  std::int64_t take_wire_overflows() { return compression_.take_overflows(); }
+
   /// Sort key of each global expert (the Dispatch's keys), on the device and the host.
   const Vector<int, X>& expert_key() const { return expert_key_; }
   int key(int expert) const { return key_host_[expert]; }
@@ -337,7 +349,7 @@ class ExpertParallelExchange {
       for (std::size_t j = 0; j < i; ++j) seen = seen || buffers[j]->data() == buffers[i]->data();
       if (!seen) bytes += buffers[i]->span() * sizeof(S);
     }
-    return bytes;
+    return bytes + compression_.buffer_bytes();
   }
 
   /// Plans the exchange of a forward from its dispatch and routing table (expert [T, S]),
@@ -534,6 +546,12 @@ class ExpertParallelExchange {
       return start_exchange(send_x_, send_rows_, recv_x_, recv_rows_, "kmoe::MoELayer::recv_x");
     if (payload_arrived_) return {};  // with the counts, by all_to_all_v_sized_by_sender
     if (!ep_.hierarchical()) return dispatch_chunk_start(0);
+    if (compressing()) {
+      compression_.pack(Lane::dispatch, flat(send_x_), dispatch_blocks(true));
+      dispatch_pending_ = true;
+      return compression_.start_rows(ep_, Lane::dispatch, dispatch_blocks(true),
+                                     dispatch_blocks(false), hidden_, route_keys(Payload::pieces));
+    }
     // Hierarchical route: a token's rows for several ranks of one node cross nodes once;
     // the header rows (distinct keys below every token's) travel per rank, as rows.
     return ep_.all_to_all_rows_start(flat(send_x_), elements(send_block_rows_), flat(recv_x_),
@@ -542,6 +560,15 @@ class ExpertParallelExchange {
 
   /// The received rows in the expert order (segments()), after the dispatch's wait.
   const Matrix<S, X>& arrive() {
+    if (dispatch_pending_) {
+      dispatch_pending_ = false;
+      if (deduplicated())
+        compression_.unpack(Lane::dispatch, dispatch_blocks(false), 0, std::size_t(ranks_),
+                            flat(recv_x_));
+      else
+        compression_.unpack(Lane::dispatch, Blocks::plain(elements(recv_rows_)), 0,
+                            std::size_t(ranks_), flat(recv_x_));
+    }
     if (deduplicated()) {
       arrive_links();
       expand_to_experts(recv_x_, expert_x_, 0, segments_.rows());
@@ -571,6 +598,12 @@ class ExpertParallelExchange {
       send_rows += send_block_rows_[std::size_t(c) * ranks + p];
       recv_rows += recv_block_rows_[std::size_t(c) * ranks + p];
     }
+    if (compressing()) {
+      if (c == 0) compression_.pack(Lane::dispatch, flat(send_x_), dispatch_blocks(true));
+      dispatch_pending_ = chunks_ == 1;  // arrive() unpacks; pipelined: arrive_chunk(c)
+      return compression_.start(ep_, Lane::dispatch, dispatch_blocks(true), dispatch_blocks(false),
+                                std::size_t(c) * ranks, std::size_t(ranks));
+    }
     return ep_.all_to_all_v_start(flat_rows(send_x_, send_first, send_rows), send,
                                   flat_rows(recv_x_, recv_first, recv_rows), recv);
   }
@@ -579,6 +612,9 @@ class ExpertParallelExchange {
   /// expert-ordered input rows of chunk c's experts, rows [chunk_begin(c), chunk_begin(c + 1))
   /// of expert_x(); its segments are chunk_segments(c).
   Matrix<S, X> arrive_chunk(int c) {
+    if (compressing())
+      compression_.unpack(Lane::dispatch, dispatch_blocks(false), std::size_t(c) * ranks_,
+                          std::size_t(ranks_), flat(recv_x_));
     if (c == 0) {
       detail::ensure_rows(expert_x_, expert_x_buffer_, "kmoe::MoELayer::expert_x", segments_.rows(),
                           hidden_);
@@ -629,6 +665,14 @@ class ExpertParallelExchange {
       send[p] = return_rows_[std::size_t(c) * ranks + p] * hidden_;
       recv[p] = send_chunk_rows_[std::size_t(c) * ranks + p] * hidden_;
     }
+    if (compressing()) {
+      const auto returned = Blocks::plain(elements(return_rows_));
+      compression_.pack(Lane::rows, flat(recv_y_), returned, std::size_t(c) * ranks,
+                        std::size_t(ranks));
+      return compression_.start(ep_, Lane::rows, returned,
+                                Blocks::plain(elements(send_chunk_rows_)), std::size_t(c) * ranks,
+                                std::size_t(ranks));
+    }
     return ep_.all_to_all_v_start(flat_rows(recv_y_, send_first, send_rows), send,
                                   flat_rows(return_y_, recv_first, recv_rows), recv);
   }
@@ -637,6 +681,9 @@ class ExpertParallelExchange {
     const int ranks = ranks_;
     if (c == 0)
       detail::ensure_rows(send_y_, send_y_buffer_, "kmoe::MoELayer::send_y", send_total(), hidden_);
+    if (compressing())
+      compression_.unpack(Lane::rows, Blocks::plain(elements(send_chunk_rows_)),
+                          std::size_t(c) * ranks, std::size_t(ranks), flat(return_y_));
     std::int64_t from = 0;
     for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) from += send_chunk_rows_[b];
     for (int r = 0; r < ranks; ++r) {
@@ -677,6 +724,11 @@ class ExpertParallelExchange {
   }
   /// Backward of combine, its arrangement: dL/d(expert_y) in the expert order.
   const Matrix<S, X>& arrive_gradient() {
+    if (gradient_pending_) {
+      gradient_pending_ = false;
+      compression_.unpack(Lane::rows, Blocks::plain(elements(recv_rows_)), 0, std::size_t(ranks_),
+                          flat(grad_recv_y_));
+    }
     arrange_to_experts(grad_recv_y_, grad_expert_y_, "kmoe::MoELayer::grad_expert_y");
     return grad_expert_y_;
   }
@@ -705,6 +757,22 @@ class ExpertParallelExchange {
  private:
   using FlatView =
       Kokkos::View<S*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  using Payload = CompressedPayload<X, S>;
+  using Lane = typename Payload::Lane;
+  using Blocks = typename Payload::Blocks;
+
+  /// Whether rows cross EP ranks in 16 bits.
+  bool compressing() const { return compression_.active() && ranks_ > 1; }
+  /// The deduplicated dispatch's (chunk, rank) blocks, chunk-major, on the send side or
+  /// the receive side: each block's values, led in chunk 0 by its exact header rows.
+  Blocks dispatch_blocks(bool send) const {
+    const auto& rows = send ? send_block_rows_ : recv_block_rows_;
+    const auto& header = send ? header_send_ : header_recv_;
+    Blocks blocks = Blocks::plain(elements(rows));
+    for (int r = 0; r < ranks_; ++r)
+      blocks.exact[std::size_t(r)] = header[std::size_t(r)] * hidden_;
+    return blocks;
+  }
 
   template <class View>
   static FlatView flat(const View& v) {
@@ -821,16 +889,25 @@ class ExpertParallelExchange {
   template <class Host>
   void receive_sized_by_sender(const Host& recv_host) {
     const int ranks = ranks_, local = local_, per_peer = local + 1;
-    std::vector<std::int64_t> send_counts(send_block_rows_);
-    for (auto& c : send_counts) c *= hidden_;
-    const auto counts = ep_.all_to_all_v_sized_by_sender(
-        flat(send_x_), send_counts, [&](const std::vector<std::int64_t>& elements) {
-          std::int64_t total = 0;
-          for (auto e : elements) total += e;
-          detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total / hidden_,
-                              hidden_);
-          return flat(recv_x_);
-        });
+    const auto size_recv_x = [&](const std::vector<std::int64_t>& elements) {
+      std::int64_t total = 0;
+      for (auto e : elements) total += e;
+      detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total / hidden_,
+                          hidden_);
+      return flat(recv_x_);
+    };
+    // Compressed, a block's exact header (its rows) follows from its head: the counts.
+    const auto header_of = [&](const std::vector<S>& head) {
+      std::int64_t links = 0;
+      for (const S kept : head) links += std::int64_t(kept);
+      return header_rows_of(local + links) * hidden_;
+    };
+    const auto counts =
+        compressing()
+            ? compression_.exchange_sized_by_sender(ep_, flat(send_x_), dispatch_blocks(true),
+                                                    std::size_t(local), header_of, size_recv_x)
+            : ep_.all_to_all_v_sized_by_sender(flat(send_x_), elements(send_block_rows_),
+                                               size_recv_x);
     // Each block's counts, from the head of its header, to the host.
     auto head = detail::ensure_view(received_head_, "kmoe::MoELayer::received_head",
                                     std::size_t(ranks) * std::max(local, 1));
@@ -857,18 +934,20 @@ class ExpertParallelExchange {
   /// (rows of equal keys hold equal values, ascending within each destination's block):
   /// the token of a token row; a header row, whose values are its destination's own, a
   /// distinct key below every token's.
-  const Vector<int, X>& route_keys() {
+  /// Compressed, each header row travels as `header_pieces` wire rows, each with a key.
+  const Vector<int, X>& route_keys(int header_pieces = 1) {
     const int ranks = ranks_;
     const auto token =
         Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), deduplicated_.token);
     std::int64_t total = 0;
     for (auto rows : send_block_rows_) total += rows;
+    for (auto rows : header_send_) total += rows * (header_pieces - 1);
     auto keys =
         detail::ensure_view(route_key_host_, "kmoe::MoELayer::route_key_host", std::size_t(total));
     std::int64_t row = 0, token_row = 0;
     int header_key = std::numeric_limits<int>::min();
     for (int r = 0; r < ranks; ++r) {
-      for (std::int64_t i = 0; i < header_send_[r]; ++i) keys(row++) = header_key++;
+      for (std::int64_t i = 0; i < header_send_[r] * header_pieces; ++i) keys(row++) = header_key++;
       for (std::int64_t i = 0; i < deduplicated_.rows_per_rank[r]; ++i)
         keys(row++) = token(token_row++);
     }
@@ -912,6 +991,15 @@ class ExpertParallelExchange {
                          Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows,
                          const char* label, Matrix<S, X>& buffer) {
     if (receive_in_place(send, recv, recv_rows, label, buffer)) return {};
+    if (compressing()) {
+      // The dispatch's rows in its lane; the output gradients (to_experts_start) in the other.
+      const Lane lane = &recv == &recv_x_ ? Lane::dispatch : Lane::rows;
+      const auto send_blocks = Blocks::plain(elements(send_rows));
+      compression_.pack(lane, flat(send), send_blocks);
+      (lane == Lane::dispatch ? dispatch_pending_ : gradient_pending_) = true;
+      return compression_.start(ep_, lane, send_blocks, Blocks::plain(elements(recv_rows)), 0,
+                                std::size_t(ranks_));
+    }
     return ep_.all_to_all_v_start(flat(send), elements(send_rows), flat(recv), elements(recv_rows));
   }
   Request start_exchange(const Matrix<S, X>& send, const std::vector<std::int64_t>& send_rows,
@@ -926,6 +1014,10 @@ class ExpertParallelExchange {
                 Matrix<S, X>& recv, const std::vector<std::int64_t>& recv_rows, const char* label,
                 Matrix<S, X>& buffer) {
     if (receive_in_place(send, recv, recv_rows, label, buffer)) return;
+    if (compressing()) {
+      compression_.exchange(ep_, flat(send), elements(send_rows), flat(recv), elements(recv_rows));
+      return;
+    }
     ep_.all_to_all_v(flat(send), elements(send_rows), flat(recv), elements(recv_rows));
   }
 
@@ -1043,7 +1135,11 @@ class ExpertParallelExchange {
   Vector<int, X> expert_receive_row_buffer_, expert_return_row_buffer_, expert_token_row_buffer_;
   bool identity_arrangement_ = true;
   bool payload_arrived_ = false;  ///< the dispatch came with the counts (sized by sender)
-  Vector<int, X> route_key_;      ///< the hierarchical route's key of each send row
+  // Compressed rows (set_compression): the wire buffers, and the started receives that
+  // arrive() and arrive_gradient() still have to widen.
+  Payload compression_;
+  bool dispatch_pending_ = false, gradient_pending_ = false;
+  Vector<int, X> route_key_;  ///< the hierarchical route's key of each send row
   Kokkos::View<int*, Kokkos::HostSpace> route_key_host_;
   Kokkos::View<S*, Kokkos::HostSpace> received_head_;  ///< each block's counts, on the host
   Segments<X> segments_;
