@@ -48,9 +48,13 @@ KOKKOS_INLINE_FUNCTION std::uint32_t shift_right_to_nearest_even(std::uint32_t m
 /// exponent, which is how the largest values round to infinity.
 KOKKOS_INLINE_FUNCTION std::uint16_t bfloat16_bits_from_float(float value) {
   const std::uint32_t bits = float_bits(value);
-  const std::uint32_t sign = bits & 0x80000000u, magnitude = bits & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return std::uint16_t((sign | magnitude | 0x00400000u) >> 16);
-  return std::uint16_t((sign >> 16) | shift_right_to_nearest_even(magnitude, 16));
+  // Adding 0x7fff plus the kept part's lowest bit carries into bit 16 exactly when the
+  // dropped half rounds up to nearest even; the magnitude is at most infinity's 0x7f800000,
+  // so the carry never reaches the sign. A select, not a branch, so that loops vectorise
+  // (the exchanges narrow whole payloads with it).
+  const std::uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  return std::uint16_t((nan ? bits | 0x00400000u : rounded) >> 16);
 }
 
 KOKKOS_INLINE_FUNCTION float float_from_bfloat16_bits(std::uint16_t bits) {
