@@ -29,6 +29,8 @@
 # (a token bucket, `tc qdisc ... tbf`, on every host's egress: MBIT Mbit/s each way), so
 # that the wire, not the machine's memory, sets the exchange's time while the kernel moves
 # the bytes and the ranks' CPUs are free; the other steps run unshaped.
+# MULTIHOST_KEEP_LOG=FILE in the environment keeps the full log of each step there (every
+# step overwrites it; the printed summary keeps only its last lines).
 # --extra-host adds a host by address only (no namespace holds it unless it is one of ours):
 # the reachability check names it and exits 1 within about 10 s.
 set -u
@@ -233,6 +235,7 @@ run_step() {
   status=$?
   end=$(date +%s%N)
   after=$(tx_total)
+  [ -n "${MULTIHOST_KEEP_LOG:-}" ] && cp "$workdir/$name.log" "$MULTIHOST_KEEP_LOG"
   grep -v -e "^Kokkos::OpenMP::initialize WARNING" -e "^  " -e "Detected:" -e "Requested:" \
     "$workdir/$name.log" | tail -n 25
   printf 'multihost: %s (%d hosts x %d ranks): %s s, %d bytes across the hosts'"'"' links (veth tx, all hosts, with TCP/IP headers and launch traffic), exit %d\n' \
