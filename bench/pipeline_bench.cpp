@@ -157,8 +157,10 @@ int main(int argc, char** argv) {
     const int ranks = world.size(), me = world.rank();
     MPI_Comm comm = world.native();
     if (ranks < 2) {
-      std::fprintf(stderr, "pipeline_bench: needs at least 2 MPI ranks (expert parallelism), "
-                           "not %d\n", ranks);
+      std::fprintf(stderr,
+                   "pipeline_bench: needs at least 2 MPI ranks (expert parallelism), "
+                   "not %d\n",
+                   ranks);
       MPI_Abort(comm, 1);
     }
     kmoe::ParallelLayout layout;
@@ -177,9 +179,9 @@ int main(int argc, char** argv) {
       options.training_mode = kmoe::ExpertMode::recompute;  // the pipeline stores nothing
       std::optional<Experts> shared;
       if (shared_ffn > 0) shared = Experts({1, hidden, shared_ffn}, "shared_experts");
-      layers.push_back(std::make_unique<Layer>(
-          Router({hidden, experts, top_k, true}), Experts({local, hidden, ffn}), options, shared,
-          groups));
+      layers.push_back(std::make_unique<Layer>(Router({hidden, experts, top_k, true}),
+                                               Experts({local, hidden, ffn}), options, shared,
+                                               groups));
       kmoe::fill_normal(layers.back()->parameters(), 0.02, 5);
     }
     kmoe::RouteContext<X> training;
@@ -194,8 +196,7 @@ int main(int argc, char** argv) {
     for (int p = 0; p < ranks; ++p)
       dispatch_send[p] = stats.dispatch_rows[p] + stats.dispatch_header_rows[p];
     std::vector<std::int64_t> dispatch_recv(std::size_t(ranks), 0);
-    MPI_Alltoall(dispatch_send.data(), 1, MPI_INT64_T, dispatch_recv.data(), 1, MPI_INT64_T,
-                 comm);
+    MPI_Alltoall(dispatch_send.data(), 1, MPI_INT64_T, dispatch_recv.data(), 1, MPI_INT64_T, comm);
     // Dispatch out; return (expert rank -> token rank): each rank sends combine_rows_sent.
     RawExchange dispatch(elements(dispatch_send, hidden), elements(dispatch_recv, hidden));
     RawExchange give_back(elements(stats.combine_rows_sent, hidden),
@@ -257,11 +258,10 @@ int main(int argc, char** argv) {
     if (me == 0) {
       const double raw_f = slowest[2 * n], raw_s = slowest[2 * n + 1];
       const double seq_f = slowest[0], seq_s = slowest[1];
-      std::printf(
-          "pipeline_bench: %d ranks, T=%d per rank, H=%d, F=%d, E=%d, top-%d, shared F=%d, "
-          "%d repeats, %d OpenMP thread(s) per rank\n",
-          ranks, tokens, hidden, ffn, experts, top_k, shared_ffn, repeats,
-          X().concurrency());
+      std::printf("pipeline_bench: %d ranks, T=%d per rank, H=%d, F=%d, E=%d, top-%d, shared F=%d, "
+                  "%d repeats, %d OpenMP thread(s) per rank\n",
+                  ranks, tokens, hidden, ffn, experts, top_k, shared_ffn, repeats,
+                  X().concurrency());
       std::printf("load average: before %s, after %s\n", load_before.c_str(), load_after.c_str());
       std::printf("raw wire time of the step's exchanges: forward %.2f ms, forward+backward "
                   "%.2f ms\n",
@@ -275,8 +275,7 @@ int main(int argc, char** argv) {
             "C=1, %+.1f%%)\n",
             used_chunks[std::size_t(i)], chunks[std::size_t(i)] == 0 ? " (layer's choice)" : "",
             slowest[2 * i], slowest[2 * i] / seq_f, 100 * (slowest[2 * i] / seq_f - 1),
-            slowest[2 * i + 1], slowest[2 * i + 1] / seq_s,
-            100 * (slowest[2 * i + 1] / seq_s - 1));
+            slowest[2 * i + 1], slowest[2 * i + 1] / seq_s, 100 * (slowest[2 * i + 1] / seq_s - 1));
     }
   }
   MPI_Finalize();
