@@ -18,6 +18,9 @@
 /// TP rank 0 only, since the TP all-reduce sums the shards' outputs) and
 /// `void collect_unsplit_parameters(ParameterList<X,S>&) const` (whose replicas the layer
 /// compares over the TP group).
+/// Optional (detected): `void release_saved()`, dropping what forward kept for backward so
+/// that the next backward recomputes it; the layer's pipelined backward (one backward call
+/// per chunk of experts) needs it, and without it runs the backward unchunked.
 /// Shipped: GLUExperts (SwiGLU, GeGLU), FFNExperts (relu, gelu, silu; optional biases) and
 /// ClampedSwiGLUExperts (GPT-OSS's clamped, alpha-scaled SwiGLU; optional biases).
 
@@ -47,6 +50,8 @@ using expert_backward = decltype(std::declval<T&>().backward(
 template <class T, class X, class S>
 using expert_parameters =
     decltype(std::declval<const T&>().collect_parameters(std::declval<ParameterList<X, S>&>()));
+template <class E>
+using expert_release_saved = decltype(std::declval<E&>().release_saved());
 template <class E>
 using expert_output_bias = decltype(std::declval<E&>().apply_output_bias(true));
 template <class E>

@@ -48,6 +48,16 @@ void add_into(const M& from, const M& to) {
       "kmoe::MoELayer::add", Kokkos::RangePolicy<X>(0, to.size()),
       KOKKOS_LAMBDA(std::size_t i) { to.data()[i] += from.data()[i]; });
 }
+
+/// Lets every started request of a pipeline advance (Request::test() where the
+/// communicator has it): MPI moves a started exchange on only inside MPI calls.
+template <class Request>
+void test_requests(std::vector<Request>& dispatched, std::vector<Request>& returned) {
+  if constexpr (is_detected_v<request_test_of, Request>) {
+    for (auto& request : dispatched) request.test();
+    for (auto& request : returned) request.test();
+  }
+}
 }  // namespace detail
 
 /// \brief Mixture-of-Experts layer y = sum_{kept e} w_{t,e} Expert_e(x_t) (+ shared(x_t)).
@@ -399,12 +409,7 @@ class MoELayer {
     using Request = typename Communicator::Request;
     const int chunks = exchange_.chunks();
     std::vector<Request> dispatched(chunks), returned(chunks);
-    const auto progress = [&] {
-      if constexpr (detail::is_detected_v<detail::request_test_of, Request>) {
-        for (auto& request : dispatched) request.test();
-        for (auto& request : returned) request.test();
-      }
-    };
+    const auto progress = [&] { detail::test_requests(dispatched, returned); };
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::exchange");
       exchange_counts(stats, phase_clock);
@@ -530,6 +535,26 @@ class MoELayer {
     // output gradients travel to the experts (its input gradient is added to grad_x after
     // the routed experts' sum, as without the overlap, so the bits are the same).
     const bool shared_overlapped = options_.overlap_shared_experts && shared_;
+    if (backward_pipelines())
+      backward_exchange_pipelined(grad_y, grad_x, shared_overlapped);
+    else
+      backward_exchange_sequential(grad_y, grad_x, shared_overlapped);
+    if (shared_) {
+      if (!shared_overlapped) backward_shared(grad_y);
+      detail::add_into<X>(shared_grad_x_, grad_x);
+    }
+    const detail::ProfilingRegion router_region("kmoe::MoELayer::backward::router");
+    detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
+                           std::size_t(num_experts()));
+    losses_.backward(plan_, Router::probability_kind, grad_logits_);
+    router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
+    gradients_produced(GradientGroup::router);
+  }
+
+  /// The backward's exchanges and experts, each waited for in turn: the output gradients
+  /// to the experts, their backward, the input gradients home and summed per token.
+  void backward_exchange_sequential(const ConstMatrix<S, X>& grad_y, const Matrix<S, X>& grad_x,
+                                    bool shared_overlapped) {
     {
       const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
       if (shared_overlapped) {
@@ -561,16 +586,64 @@ class MoELayer {
         exchange_.from_experts(grad_expert_x_, grad_x);
       gradient_buckets_.progress();  // overlap: let the expert gradients' sums advance
     }
-    if (shared_) {
-      if (!shared_overlapped) backward_shared(grad_y);
-      detail::add_into<X>(shared_grad_x_, grad_x);
+  }
+
+  /// Whether backward runs the forward's chunks (docs/parallel.md, "Pipelined exchange"):
+  /// after a pipelined forward, with experts that can drop one chunk's saved rows before the
+  /// next chunk's backward recomputes its own.
+  bool backward_pipelines() const {
+    return exchange_.chunks() > 1 && detail::is_detected_v<detail::expert_release_saved, Expert>;
+  }
+
+  /// The pipelined backward: the forward's schedule reversed. Every chunk's output
+  /// gradients start towards the experts at once; the shared experts' backward runs while
+  /// they travel; each chunk's experts run their backward as soon as it has arrived (each
+  /// expert's GEMMs whole, as in the forward) and its input gradients start home at once;
+  /// the routed experts' gradient sync starts (with gradient_sync.overlap) while the last
+  /// returns travel. Every started request is tested between the pieces of work.
+  void backward_exchange_pipelined(const ConstMatrix<S, X>& grad_y, const Matrix<S, X>& grad_x,
+                                   bool shared_overlapped) {
+    using Request = typename Communicator::Request;
+    const int chunks = exchange_.chunks();
+    std::vector<Request> dispatched(chunks), returned(chunks);
+    const auto progress = [&] {
+      detail::test_requests(dispatched, returned);
+      gradient_buckets_.progress();
+    };
+    {
+      const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
+      for (int c = 0; c < chunks; ++c)
+        dispatched[c] = exchange_.to_experts_chunk_start(c, grad_send_y_);
+      if (shared_overlapped) {
+        backward_shared(grad_y);
+        progress();
+      }
     }
-    const detail::ProfilingRegion router_region("kmoe::MoELayer::backward::router");
-    detail::ensure_extents(grad_logits_, "kmoe::MoELayer::grad_logits", tokens,
-                           std::size_t(num_experts()));
-    losses_.backward(plan_, Router::probability_kind, grad_logits_);
-    router_.backward(x_, plan_, grad_weight_, grad_logits_, grad_x);
-    gradients_produced(GradientGroup::router);
+    detail::ensure_extents(grad_expert_x_, "kmoe::MoELayer::grad_expert_x",
+                           exchange_.segments().rows(), hidden_size());
+    for (int c = 0; c < chunks; ++c) {
+      dispatched[c].wait();
+      const detail::ProfilingRegion experts_region("kmoe::MoELayer::backward::experts");
+      const Matrix<S, X> grad_expert_y = exchange_.arrive_gradient_chunk(c);
+      progress();
+      // The experts keep one call's rows: the previous chunk's must not pass for this one's.
+      if constexpr (detail::is_detected_v<detail::expert_release_saved, Expert>)
+        experts_.release_saved();
+      experts_.backward(exchange_.chunk_rows(exchange_.expert_x(), c), exchange_.chunk_segments(c),
+                        grad_expert_y, exchange_.chunk_rows(grad_expert_x_, c));
+      returned[c] = exchange_.from_experts_chunk_start(c, grad_expert_x_);
+      progress();
+    }
+    if (replicas_.active())
+      replicas_.sum_replica_gradients(groups_.ep, gradient_group(GradientGroup::experts));
+    gradients_produced(GradientGroup::experts);
+    const detail::ProfilingRegion exchange_region("kmoe::MoELayer::backward::exchange");
+    for (int c = 0; c < chunks; ++c) {
+      returned[c].wait();
+      exchange_.from_experts_chunk_finish(c);
+    }
+    exchange_.sum_returned_gradients(grad_x);
+    gradient_buckets_.progress();
   }
 
   /// The shared experts' backward: their input gradient into shared_grad_x_, their

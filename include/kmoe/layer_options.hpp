@@ -46,10 +46,10 @@ struct LayerOptions {
   /// Compute the shared experts while the dispatch exchange is in flight (DeepSeek's
   /// overlap); false runs them after it, for measuring what the overlap saves.
   bool overlap_shared_experts = true;
-  /// Chunks C of the pipelined forward (docs/parallel.md, "Pipelined exchange"): each EP
-  /// rank's experts in C groups whose rows travel, compute and return one after another,
-  /// so that the experts of chunk i run while later chunks are in flight and earlier ones
-  /// return. 0 lets the layer choose (pipelined_chunks()), 1 is the sequential exchange.
+  /// Chunks C of the pipelined forward and backward (docs/parallel.md, "Pipelined
+  /// exchange"): each EP rank's experts in C groups whose rows (forward) or gradients
+  /// (backward) travel, compute and return one after another, so that the experts of chunk
+  /// i run while later chunks are in flight and earlier ones return. 0 lets the layer choose (pipelined_chunks()), 1 is the sequential exchange.
   /// Results are bitwise those of C = 1. The pipeline runs where it keeps them so: expert
   /// parallelism with the deduplicated dispatch, TP = 1, no failover health checks, and
   /// no activations stored for backward (inference, or training_mode recompute);

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: BSD-3-Clause
 // The pipelined exchange (LayerOptions::exchange_chunks > 1) against the sequential one
-// (exchange_chunks = 1) of the same layer: forward outputs, input gradients and every
-// parameter gradient compared with ==, on every layout of the world size, for several
-// routers, expert kinds, capacities and placements. The sequential path is itself checked
-// against the single-rank layer by test_mpi_layer.cpp.
+// (exchange_chunks = 1) of the same layer, forward and backward (which runs the forward's
+// chunks): forward outputs, input gradients and every parameter gradient compared with ==,
+// on every layout of the world size, for several routers, expert kinds, capacities,
+// placements and gradient syncs. The sequential path is itself checked against the
+// single-rank layer by test_mpi_layer.cpp.
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/expert.hpp>
@@ -41,6 +42,7 @@ struct PipelineCase {
   double capacity_factor = 0.0;  // 0: dropless
   int alignment = 1;
   Placement placement = Placement::block;
+  bool overlap_gradient_sync = false;  // start the sums inside backward (gradient_buckets.hpp)
 };
 
 std::vector<ParallelLayout> layouts_of_world(int world) {
@@ -71,6 +73,7 @@ E make_experts(int count, int f, const std::string& name = "experts") {
 struct Result {
   std::vector<S> y, grad_x, grads;
   int chunks = 0;
+  ExchangeTraffic backward_traffic;  ///< what backward's exchanges handed to MPI
 };
 
 template <class R, class E>
@@ -85,6 +88,7 @@ Result run(const PipelineCase& c, const ParallelLayout& base, int chunks, bool t
   options.capacity.alignment = c.alignment;
   options.training_mode = ExpertMode::recompute;  // the pipeline keeps no stored activations
   options.exchange_chunks = chunks;
+  options.gradient_sync.overlap = c.overlap_gradient_sync;
   std::optional<E> shared;
   if (c.shared) shared = make_experts<E>(1, 2 * ffn, "shared_experts");
   MoELayer<R, E, WeightedSumCombiner<X, S>, MpiCommunicator> layer(
@@ -103,7 +107,9 @@ Result run(const PipelineCase& c, const ParallelLayout& base, int chunks, bool t
   result.chunks = layer.forward(x, y, context).exchange_chunks;
   result.y.assign(y.data(), y.data() + y.size());
   if (!training) return result;
+  const ExchangeTraffic before_backward = layer.exchange_traffic();
   layer.backward(gy, gx);
+  result.backward_traffic = layer.exchange_traffic() - before_backward;
   layer.synchronize_gradients();
   result.grad_x.assign(gx.data(), gx.data() + gx.size());
   for (const auto& p : layer.parameters())
@@ -126,6 +132,19 @@ void check_case(const PipelineCase& c) {
           CHECK(pipelined.chunks == (chunks == 0 ? std::min(4, experts / layout.ep) : chunks));
         else
           CHECK(pipelined.chunks == 1);
+        // The backward runs the forward's chunks: the same bytes in more messages (one
+        // per peer and chunk), which shows that it pipelined.
+        const auto messages = [](const ExchangeTraffic& t) {
+          return t.intra_node_messages + t.inter_node_messages;
+        };
+        const auto bytes = [](const ExchangeTraffic& t) {
+          return t.intra_node_bytes + t.inter_node_bytes;
+        };
+        CHECK(bytes(pipelined.backward_traffic) == bytes(sequential.backward_traffic));
+        if (training && pipelined.chunks > 1)
+          CHECK(messages(pipelined.backward_traffic) > messages(sequential.backward_traffic));
+        else
+          CHECK(messages(pipelined.backward_traffic) == messages(sequential.backward_traffic));
         CHECK(pipelined.y == sequential.y);
         CHECK(pipelined.grad_x == sequential.grad_x);
         CHECK(pipelined.grads == sequential.grads);
@@ -146,6 +165,12 @@ TEST_CASE("pipelined exchange: sigmoid router, FFN experts with biases, capacity
 
 TEST_CASE("pipelined exchange: padded segments, round-robin placement", "[mpi][pipeline]") {
   check_case<SoftmaxRouter, GLU>({"softmax-swiglu-aligned", true, 0.0, 4, Placement::round_robin});
+}
+
+TEST_CASE("pipelined exchange: FFN experts, shared expert, gradient sync inside backward",
+          "[mpi][pipeline]") {
+  check_case<SoftmaxRouter, FFN>(
+      {"softmax-ffn-overlapped-sync", true, 0.0, 1, Placement::block, true});
 }
 
 TEST_CASE("pipelined exchange: a negative chunk count raises on every rank", "[mpi][pipeline]") {

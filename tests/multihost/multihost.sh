@@ -13,6 +13,8 @@
 #                [--exchange flat|hierarchical] [--hosts N] [--ranks-per-host R]
 #                [--layer-ranks-per-host R] [--bench-tokens T] [--extra-host ADDRESS]
 #                [--step-timeout SECONDS]
+#                [--pipeline-bench PATH] [--pipeline-ranks-per-host "R ..."]
+#                [--pipeline-args "ARGS"] [--rate MBIT]
 #
 # The layer tests run with --layer-ranks-per-host ranks per host (1: every EP/TP/DP layout
 # of --hosts ranks, each rank alone on its host so that every exchange crosses a link),
@@ -21,6 +23,14 @@
 # Exit status: 0 every step passed; 1 a step failed, timed out, or a host is unreachable
 # (named on stderr); 77 this machine cannot make network namespaces (not root, no `ip` or
 # `unshare`).
+# --pipeline-bench runs bench/pipeline_bench (pipelined against sequential exchange) once per
+# value of --pipeline-ranks-per-host (default "1": one rank per host, every exchange across
+# a link), with --pipeline-args. --rate MBIT shapes each host's link for that step alone
+# (a token bucket, `tc qdisc ... tbf`, on every host's egress: MBIT Mbit/s each way), so
+# that the wire, not the machine's memory, sets the exchange's time while the kernel moves
+# the bytes and the ranks' CPUs are free; the other steps run unshaped.
+# MULTIHOST_KEEP_LOG=FILE in the environment keeps the full log of each step there (every
+# step overwrites it; the printed summary keeps only its last lines).
 # --extra-host adds a host by address only (no namespace holds it unless it is one of ours):
 # the reachability check names it and exits 1 within about 10 s.
 set -u
@@ -37,6 +47,10 @@ layer_ranks_per_host=1
 bench_tokens=64
 extra_host=""
 step_timeout=60
+pipeline_bench=""
+pipeline_ranks_per_host="1"
+pipeline_args=""
+rate=""
 
 die() {
   echo "multihost: $*" >&2
@@ -57,6 +71,10 @@ while [ $# -gt 0 ]; do
     --bench-tokens) bench_tokens=$2 ;;
     --extra-host) extra_host=$2 ;;
     --step-timeout) step_timeout=$2 ;;
+    --pipeline-bench) pipeline_bench=$2 ;;
+    --pipeline-ranks-per-host) pipeline_ranks_per_host=$2 ;;
+    --pipeline-args) pipeline_args=$2 ;;
+    --rate) rate=$2 ;;
     *) die "unknown argument '$1'" ;;
   esac
   shift 2 || die "argument '$1' needs a value"
@@ -68,6 +86,11 @@ case "$hosts" in '' | *[!0-9]*) die "--hosts must be a positive integer, not '$h
 case "$ranks_per_host" in '' | *[!0-9]*) die "--ranks-per-host must be a positive integer, not '$ranks_per_host'" ;; esac
 { [ "$hosts" -ge 2 ] && [ "$hosts" -le 200 ]; } || die "--hosts must be in [2, 200], not $hosts"
 [ "$ranks_per_host" -ge 1 ] || die "--ranks-per-host must be >= 1, not $ranks_per_host"
+case "$rate" in *[!0-9]*) die "--rate must be a positive integer (Mbit/s), not '$rate'" ;; esac
+[ "$rate" != 0 ] || die "--rate must be a positive integer (Mbit/s), not 0"
+for r in $pipeline_ranks_per_host; do
+  case "$r" in '' | *[!0-9]* | 0) die "--pipeline-ranks-per-host must list positive integers, not '$pipeline_ranks_per_host'" ;; esac
+done
 case "$layer_ranks_per_host" in '' | *[!0-9]* | 0) die "--layer-ranks-per-host must be a positive integer, not '$layer_ranks_per_host'" ;; esac
 
 if [ "$(id -u)" != 0 ] || ! command -v ip > /dev/null || ! command -v unshare > /dev/null; then
@@ -212,6 +235,7 @@ run_step() {
   status=$?
   end=$(date +%s%N)
   after=$(tx_total)
+  [ -n "${MULTIHOST_KEEP_LOG:-}" ] && cp "$workdir/$name.log" "$MULTIHOST_KEEP_LOG"
   grep -v -e "^Kokkos::OpenMP::initialize WARNING" -e "^  " -e "Detected:" -e "Requested:" \
     "$workdir/$name.log" | tail -n 25
   printf 'multihost: %s (%d hosts x %d ranks): %s s, %d bytes across the hosts'"'"' links (veth tx, all hosts, with TCP/IP headers and launch traffic), exit %d\n' \
@@ -224,6 +248,21 @@ run_step() {
     echo "multihost: $name failed (exit $status)" >&2
     failed=1
   fi
+}
+
+# shape_links on|off: the token bucket of --rate on every host's egress, or none. The bucket
+# holds 10 ms of the rate (at least 256 KiB: veth hands the qdisc segments of up to 64 KiB).
+shape_links() {
+  local burst=$((rate * 1250)) i
+  [ $burst -ge 262144 ] || burst=262144
+  for ((i = 0; i < hosts; ++i)); do
+    if [ "$1" = on ]; then
+      run_ip netns exec "${prefix}_h$i" tc qdisc replace dev kmoe0 root tbf rate "${rate}mbit" \
+        burst "$burst" latency 200ms
+    else
+      run_ip netns exec "${prefix}_h$i" tc qdisc del dev kmoe0 root
+    fi
+  done
 }
 
 # MPI must see the hosts as nodes (node_probe.cpp), as a hierarchical exchange needs.
@@ -251,6 +290,19 @@ if [ -n "$bench" ]; then
   fi
 else
   echo "multihost: no --bench given: ep_bench skipped"
+fi
+
+if [ -n "$pipeline_bench" ]; then
+  if [ -n "$rate" ]; then
+    command -v tc > /dev/null || die "--rate needs iproute2's tc"
+    shape_links on
+    echo "multihost: links shaped to $rate Mbit/s each way (tc tbf on every host's egress)"
+  fi
+  for per_host in $pipeline_ranks_per_host; do
+    # shellcheck disable=SC2086 # the bench's arguments are split on purpose.
+    run_step "pipeline_bench_${per_host}_per_host" "$per_host" "$pipeline_bench" $pipeline_args
+  done
+  [ -n "$rate" ] && shape_links off
 fi
 
 exit $failed

@@ -201,7 +201,11 @@ void scatter_add_rows(const Position& position, const M& rows, const M& grad_x) 
 /// every chunk, then per chunk arrive_chunk(c), the experts of chunk_segments(c), and
 /// return_chunk_start(c); return_chunk_finish(c) after each return's wait.
 /// Backward: to_experts() then arrive_gradient() (dL/d expert output in the expert order),
-/// from_experts() (dL/dx per token). Kernel and buffer labels keep the layer's names.
+/// from_experts() (dL/dx per token). Pipelined backward (after a pipelined forward):
+/// to_experts_chunk_start(c) for every chunk, then per chunk arrive_gradient_chunk(c), the
+/// experts' backward of chunk_segments(c), from_experts_chunk_start(c);
+/// from_experts_chunk_finish(c) after each wait, then sum_returned_gradients(). Kernel and
+/// buffer labels keep the layer's names.
 ///
 /// A forward makes two collectives before the return: the counts (one all-to-all of a few
 /// integers per peer) and the payload, whose block for each peer starts with the links of
@@ -340,9 +344,10 @@ class ExpertParallelExchange {
   /// some of them alias), leaving out the one at `counted_elsewhere` (the caller's expert
   /// outputs, which the combine's buffers alias on one EP rank).
   std::size_t buffer_bytes(const S* counted_elsewhere) const {
-    std::vector<const Matrix<S, X>*> buffers = {&send_x_,        &recv_x_,      &expert_x_,
-                                                &recv_y_,        &send_y_,      &grad_recv_y_,
-                                                &grad_expert_y_, &grad_recv_x_, &grad_send_x_};
+    std::vector<const Matrix<S, X>*> buffers = {&send_x_,        &recv_x_,         &expert_x_,
+                                                &recv_y_,        &send_y_,         &grad_recv_y_,
+                                                &grad_expert_y_, &grad_recv_x_,    &grad_send_x_,
+                                                &grad_staged_y_, &grad_returned_x_};
     std::size_t bytes = 0;
     for (std::size_t i = 0; i < buffers.size(); ++i) {
       bool seen = buffers[i]->data() == counted_elsewhere;
@@ -639,7 +644,6 @@ class ExpertParallelExchange {
   /// Pipelined forward: chunk c's expert outputs (rows of chunk c in the expert-ordered
   /// expert_y) back to the ranks that sent them.
   Request return_chunk_start(int c, const Matrix<S, X>& expert_y) {
-    const int ranks = ranks_;
     if (c == 0) {
       std::int64_t total = 0;
       for (auto rows : return_rows_) total += rows;
@@ -647,54 +651,69 @@ class ExpertParallelExchange {
       detail::ensure_rows(return_y_, return_y_buffer_, "kmoe::MoELayer::return_y", send_total(),
                           hidden_);
     }
-    detail::scatter_mapped_rows<X>(
-        Kokkos::subview(expert_return_row_, Kokkos::make_pair(chunk_begin(c), chunk_begin(c + 1))),
-        chunk_rows(expert_y, c), recv_y_);
-    std::vector<std::int64_t>& send = chunk_counts_send_;
-    std::vector<std::int64_t>& recv = chunk_counts_recv_;
-    send.assign(ranks, 0);
-    recv.assign(ranks, 0);
-    std::int64_t send_first = 0, recv_first = 0, send_rows = 0, recv_rows = 0;
-    for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) {
-      send_first += return_rows_[b];
-      recv_first += send_chunk_rows_[b];
-    }
-    for (int p = 0; p < ranks; ++p) {
-      send_rows += return_rows_[std::size_t(c) * ranks + p];
-      recv_rows += send_chunk_rows_[std::size_t(c) * ranks + p];
-      send[p] = return_rows_[std::size_t(c) * ranks + p] * hidden_;
-      recv[p] = send_chunk_rows_[std::size_t(c) * ranks + p] * hidden_;
-    }
-    if (compressing()) {
-      const auto returned = Blocks::plain(elements(return_rows_));
-      compression_.pack(Lane::rows, flat(recv_y_), returned, std::size_t(c) * ranks,
-                        std::size_t(ranks));
-      return compression_.start(ep_, Lane::rows, returned,
-                                Blocks::plain(elements(send_chunk_rows_)), std::size_t(c) * ranks,
-                                std::size_t(ranks));
-    }
-    return ep_.all_to_all_v_start(flat_rows(recv_y_, send_first, send_rows), send,
-                                  flat_rows(return_y_, recv_first, recv_rows), recv);
+    detail::scatter_mapped_rows<X>(chunk_return_rows(c), chunk_rows(expert_y, c), recv_y_);
+    return chunk_exchange(c, Lane::rows, recv_y_, return_rows_, return_y_, send_chunk_rows_);
   }
   /// Pipelined forward, after chunk c's return completed: its rows into the send order.
   void return_chunk_finish(int c) {
-    const int ranks = ranks_;
     if (c == 0)
       detail::ensure_rows(send_y_, send_y_buffer_, "kmoe::MoELayer::send_y", send_total(), hidden_);
-    if (compressing())
-      compression_.unpack(Lane::rows, Blocks::plain(elements(send_chunk_rows_)),
-                          std::size_t(c) * ranks, std::size_t(ranks), flat(return_y_));
-    std::int64_t from = 0;
-    for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) from += send_chunk_rows_[b];
-    for (int r = 0; r < ranks; ++r) {
-      const std::int64_t rows = send_chunk_rows_[std::size_t(c) * ranks + r];
-      const std::int64_t to = send_chunk_begin_[std::size_t(c) * ranks + r];
-      if (rows > 0)
-        Kokkos::deep_copy(Kokkos::subview(send_y_, Kokkos::make_pair(to, to + rows), Kokkos::ALL),
-                          Kokkos::subview(return_y_, Kokkos::make_pair(from, from + rows),
-                                          Kokkos::ALL));
-      from += rows;
+    chunk_unpack(c, Lane::rows, send_chunk_rows_, return_y_);
+    copy_chunk_blocks(c, return_y_, send_y_, true);
+  }
+
+  /// Pipelined backward (the forward's chunks, the forward's return reversed): stages the
+  /// output gradients (send order, one row per kept assignment) chunk-major, then starts
+  /// chunk c's way to the experts (every rank starts every chunk, in order).
+  Request to_experts_chunk_start(int c, const Matrix<S, X>& grad_send_y) {
+    if (c == 0) {
+      detail::ensure_rows(grad_staged_y_, grad_staged_y_buffer_, "kmoe::MoELayer::grad_staged_y",
+                          send_total(), hidden_);
+      detail::ensure_rows(grad_recv_y_, grad_recv_y_buffer_, "kmoe::MoELayer::grad_recv_y",
+                          recv_total_, hidden_);
     }
+    copy_chunk_blocks(c, grad_staged_y_, grad_send_y, false);
+    return chunk_exchange(c, Lane::dispatch, grad_staged_y_, send_chunk_rows_, grad_recv_y_,
+                          return_rows_);
+  }
+  /// Pipelined backward, after chunk c's gradients arrived: dL/d(expert_y) of chunk c's
+  /// experts, rows [chunk_begin(c), chunk_begin(c + 1)) of the expert order (zero padding).
+  Matrix<S, X> arrive_gradient_chunk(int c) {
+    if (c == 0)
+      detail::ensure_rows(grad_expert_y_, grad_expert_y_buffer_, "kmoe::MoELayer::grad_expert_y",
+                          segments_.rows(), hidden_);
+    chunk_unpack(c, Lane::dispatch, return_rows_, grad_recv_y_);
+    detail::gather_mapped_rows<X>(chunk_return_rows(c), grad_recv_y_,
+                                  chunk_rows(grad_expert_y_, c));
+    return chunk_rows(grad_expert_y_, c);
+  }
+  /// Pipelined backward: chunk c's input gradients (rows of chunk c in the expert-ordered
+  /// grad_expert_x) back to the ranks that sent the rows.
+  Request from_experts_chunk_start(int c, const Matrix<S, X>& grad_expert_x) {
+    if (c == 0) {
+      detail::ensure_rows(grad_recv_x_, grad_recv_x_buffer_, "kmoe::MoELayer::grad_recv_x",
+                          recv_total_, hidden_);
+      detail::ensure_rows(grad_returned_x_, grad_returned_x_buffer_,
+                          "kmoe::MoELayer::grad_returned_x", send_total(), hidden_);
+    }
+    detail::scatter_mapped_rows<X>(chunk_return_rows(c), chunk_rows(grad_expert_x, c),
+                                   grad_recv_x_);
+    return chunk_exchange(c, Lane::rows, grad_recv_x_, return_rows_, grad_returned_x_,
+                          send_chunk_rows_);
+  }
+  /// Pipelined backward, after chunk c's input gradients returned: its rows into the send
+  /// order.
+  void from_experts_chunk_finish(int c) {
+    if (c == 0)
+      detail::ensure_rows(grad_send_x_, grad_send_x_buffer_, "kmoe::MoELayer::grad_send_x",
+                          send_total(), hidden_);
+    chunk_unpack(c, Lane::rows, send_chunk_rows_, grad_returned_x_);
+    copy_chunk_blocks(c, grad_returned_x_, grad_send_x_, true);
+  }
+  /// Pipelined backward, after every chunk's from_experts_chunk_finish: grad_x(t) = the sum
+  /// over t's kept slots, in slot order, of the returned rows (as from_experts).
+  void sum_returned_gradients(const Matrix<S, X>& grad_x) {
+    detail::scatter_add_rows<X>(position_, grad_send_x_, grad_x);
   }
 
   /// Expert outputs (expert order) back to the ranks that sent the rows, in the send order
@@ -784,6 +803,75 @@ class ExpertParallelExchange {
   }
 
   int my_rank() const { return ep_.rank(); }
+  /// Row of each of chunk c's expert rows in the chunk-major return order (-1: padding).
+  Kokkos::View<int*, typename X::memory_space> chunk_return_rows(int c) const {
+    return Kokkos::subview(expert_return_row_,
+                           Kokkos::make_pair(chunk_begin(c), chunk_begin(c + 1)));
+  }
+  /// Starts chunk c of a chunk-major exchange: `from` and `to` hold rows per (chunk, peer)
+  /// block, `from_blocks` and `to_blocks` rows (block c * ranks + p), chunk c's blocks
+  /// after those of earlier chunks. Compressed, chunk c's rows are narrowed into `lane`'s
+  /// wire buffer (chunk_unpack widens them into `to` once the chunk arrived).
+  Request chunk_exchange(int c, Lane lane, const Matrix<S, X>& from,
+                         const std::vector<std::int64_t>& from_blocks, const Matrix<S, X>& to,
+                         const std::vector<std::int64_t>& to_blocks) {
+    const int ranks = ranks_;
+    if (compressing()) {
+      const auto sent = Blocks::plain(elements(from_blocks));
+      compression_.pack(lane, flat(from), sent, std::size_t(c) * ranks, std::size_t(ranks));
+      return compression_.start(ep_, lane, sent, Blocks::plain(elements(to_blocks)),
+                                std::size_t(c) * ranks, std::size_t(ranks));
+    }
+    std::vector<std::int64_t>& send = chunk_counts_send_;
+    std::vector<std::int64_t>& recv = chunk_counts_recv_;
+    send.assign(ranks, 0);
+    recv.assign(ranks, 0);
+    std::int64_t send_first = 0, recv_first = 0, send_rows = 0, recv_rows = 0;
+    for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) {
+      send_first += from_blocks[b];
+      recv_first += to_blocks[b];
+    }
+    for (int p = 0; p < ranks; ++p) {
+      const std::size_t b = std::size_t(c) * ranks + p;
+      send_rows += from_blocks[b];
+      recv_rows += to_blocks[b];
+      send[p] = from_blocks[b] * hidden_;
+      recv[p] = to_blocks[b] * hidden_;
+    }
+    return ep_.all_to_all_v_start(flat_rows(from, send_first, send_rows), send,
+                                  flat_rows(to, recv_first, recv_rows), recv);
+  }
+  /// Compressed: widens chunk c's arrived rows (blocks of `to_blocks` rows) into `to`.
+  void chunk_unpack(int c, Lane lane, const std::vector<std::int64_t>& to_blocks,
+                    const Matrix<S, X>& to) {
+    if (compressing())
+      compression_.unpack(lane, Blocks::plain(elements(to_blocks)), std::size_t(c) * ranks_,
+                          std::size_t(ranks_), flat(to));
+  }
+  /// Chunk c's blocks between a token-side chunk-major matrix (blocks (c, r) in order) and
+  /// the send order (block (c, r) at send_chunk_begin_): one block copy per rank, into the
+  /// send order or out of it.
+  void copy_chunk_blocks(int c, const Matrix<S, X>& chunk_major, const Matrix<S, X>& send_order,
+                         bool to_send_order) {
+    const int ranks = ranks_;
+    std::int64_t at = 0;
+    for (std::size_t b = 0; b < std::size_t(c) * ranks; ++b) at += send_chunk_rows_[b];
+    for (int r = 0; r < ranks; ++r) {
+      const std::int64_t rows = send_chunk_rows_[std::size_t(c) * ranks + r];
+      const std::int64_t to = send_chunk_begin_[std::size_t(c) * ranks + r];
+      const auto block =
+          Kokkos::subview(chunk_major, Kokkos::make_pair(at, at + rows), Kokkos::ALL);
+      const auto sent = Kokkos::subview(send_order, Kokkos::make_pair(to, to + rows), Kokkos::ALL);
+      if (rows > 0) {
+        if (to_send_order)
+          Kokkos::deep_copy(sent, block);
+        else
+          Kokkos::deep_copy(block, sent);
+      }
+      at += rows;
+    }
+  }
+
   /// Chunk of rank r's local expert j: consecutive groups of about local_count_[r] / chunks_.
   int chunk_of(int r, int j) const {
     const std::int64_t n = local_count_[r];
@@ -1154,6 +1242,9 @@ class ExpertParallelExchange {
   Matrix<S, X> send_x_buffer_, recv_x_buffer_, expert_x_buffer_, recv_y_buffer_, send_y_buffer_,
       return_y_buffer_;
   Matrix<S, X> grad_recv_y_buffer_, grad_expert_y_buffer_, grad_recv_x_buffer_, grad_send_x_buffer_;
+  // Pipelined backward, token side, chunk-major: the output gradients staged for the
+  // experts and the input gradients they return.
+  Matrix<S, X> grad_staged_y_, grad_returned_x_, grad_staged_y_buffer_, grad_returned_x_buffer_;
 };
 
 }  // namespace kmoe

@@ -139,11 +139,7 @@ class ClampedSwiGLUExperts {
     gemm::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1), Scalar(0),
                                      y);
     if (apply_output_bias_) add_bias(segments, b_down_, y);
-    if (mode == ExpertMode::recompute) {
-      gate_ = {};
-      up_ = {};
-      hidden_ = {};
-    }
+    if (mode == ExpertMode::recompute) release_saved();
   }
 
   void backward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
@@ -169,6 +165,14 @@ class ClampedSwiGLUExperts {
                                      grad_x);
     gemm::segment_times_weight<Gemm>(segments, up_, w_up_.value, false, Scalar(1), Scalar(1),
                                      grad_x);
+  }
+
+  /// Drops what forward kept for backward, so that the next backward recomputes it from
+  /// its own x (the layer's pipelined backward runs one backward per chunk of experts).
+  void release_saved() {
+    gate_ = {};
+    up_ = {};
+    hidden_ = {};
   }
 
   /// Bytes it holds between forward and backward (pre-activations and hidden rows; none

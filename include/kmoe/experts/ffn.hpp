@@ -76,10 +76,7 @@ class FFNExperts {
         KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
     gemm::segment_times_weight<Gemm>(segments, hidden_, w2_.value, true, Scalar(1), Scalar(0), y);
     if (apply_output_bias_) add_bias(segments, b2_, y);
-    if (mode == ExpertMode::recompute) {
-      pre_ = {};
-      hidden_ = {};
-    }
+    if (mode == ExpertMode::recompute) release_saved();
   }
 
   void backward(const ConstMatrix<Scalar, ExecSpace>& x, const Segments<ExecSpace>& segments,
@@ -105,6 +102,13 @@ class FFNExperts {
     if (b1_.enabled()) gemm::segment_bias_gradient(segments, pre_, b1_.grad);
     gemm::segment_times_weight<Gemm>(segments, pre_, w1_.value, false, Scalar(1), Scalar(0),
                                      grad_x);
+  }
+
+  /// Drops what forward kept for backward, so that the next backward recomputes it from
+  /// its own x (the layer's pipelined backward runs one backward per chunk of experts).
+  void release_saved() {
+    pre_ = {};
+    hidden_ = {};
   }
 
   /// Bytes it holds between forward and backward (pre-activation and hidden rows; none

@@ -214,6 +214,15 @@ class GLUExperts {
                                                              w_output_gate_.grad, grad_x);
   }
 
+  /// Drops what forward kept for backward, so that the next backward recomputes it from
+  /// its own x (the layer's pipelined backward runs one backward per chunk of experts).
+  void release_saved() {
+    gate_ = {};
+    up_ = {};
+    hidden_ = {};
+    gate_value_ = {};
+  }
+
   /// Bytes it holds between forward and backward (pre-activations and hidden rows; none
   /// after a forward under ExpertMode::recompute).
   std::size_t saved_bytes() const {
@@ -239,13 +248,6 @@ class GLUExperts {
     detail::ensure_extents(hidden_, "kmoe::GLUExperts::hidden", rows, shape_.ffn);
     gemm::segment_times_weight<Gemm>(segments, x, w_gate_.value, true, Scalar(1), Scalar(0), gate_);
     gemm::segment_times_weight<Gemm>(segments, x, w_up_.value, true, Scalar(1), Scalar(0), up_);
-  }
-
-  void release_saved() {
-    gate_ = {};
-    up_ = {};
-    hidden_ = {};
-    gate_value_ = {};
   }
 
   std::string name_;
