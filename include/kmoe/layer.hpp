@@ -1164,7 +1164,7 @@ class MoELayer {
   CallSequence calls_;
   bool replicas_compared_ = false;
   // Gradient sync in flight (overlap), and the first non-finite gradient backward found.
-  GradientBuckets<X, S, Communicator> gradient_buckets_;
+  GradientBuckets<X, accumulation_t<S>, Communicator> gradient_buckets_;
   std::exception_ptr non_finite_gradient_;
   // The training copy of x, and row-major copies of strided arguments.
   Matrix<S, X> saved_x_, x_rows_, y_rows_, grad_y_rows_, grad_x_rows_;
