@@ -17,6 +17,7 @@
 #include <kmoe/expert.hpp>
 #include <kmoe/fingerprint.hpp>
 #include <kmoe/forward_stats.hpp>
+#include <kmoe/gemm/widened.hpp>
 #include <kmoe/gradient_buckets.hpp>
 #include <kmoe/layer_options.hpp>
 #include <kmoe/losses.hpp>
@@ -47,6 +48,26 @@ void add_into(const M& from, const M& to) {
   Kokkos::parallel_for(
       "kmoe::MoELayer::add", Kokkos::RangePolicy<X>(0, to.size()),
       KOKKOS_LAMBDA(std::size_t i) { to.data()[i] += from.data()[i]; });
+}
+
+/// Sums the matrix `m` over `comm` (the TP group's partial expert outputs and input
+/// gradients). A 16-bit matrix is summed in its accumulation type: MPI and NCCL add no
+/// bf16 sums kmoe can order, and each rank's sum is then rounded once.
+template <class X, class Communicator, class M>
+void all_reduce_sum_matrix(const Communicator& comm, const M& m) {
+  using S = typename M::non_const_value_type;
+  using Flat = Kokkos::View<accumulation_t<S>*, typename X::memory_space,
+                            Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  if constexpr (is_packed_float_v<S>) {
+    Matrix<accumulation_t<S>, X> wide(Kokkos::view_alloc(Kokkos::WithoutInitializing,
+                                                         "kmoe::MoELayer::widened_sum"),
+                                      m.extent(0), m.extent(1));
+    gemm::detail::convert_matrix<X>(m, wide);
+    comm.all_reduce_sum(Flat(wide.data(), wide.size()));
+    gemm::detail::convert_matrix<X>(wide, m);
+  } else {
+    comm.all_reduce_sum(Flat(m.data(), m.size()));
+  }
 }
 }  // namespace detail
 
@@ -374,7 +395,7 @@ class MoELayer {
         run_experts_checked(expert_x, segments, mode);
       else
         experts_.forward(expert_x, segments, expert_y_, mode);
-      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
+      if (groups_.tp.size() > 1) detail::all_reduce_sum_matrix<X>(groups_.tp, expert_y_);
       if (options_.failover.enabled && options_.failover.check_non_finite)
         mark_non_finite_slots(segments);
       phase_clock.lap(stats.phase_ms.experts);
@@ -547,7 +568,7 @@ class MoELayer {
       if (replicas_.active())
         replicas_.sum_replica_gradients(groups_.ep, gradient_group(GradientGroup::experts));
       gradients_produced(GradientGroup::experts);
-      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
+      if (groups_.tp.size() > 1) detail::all_reduce_sum_matrix<X>(groups_.tp, grad_expert_x_);
     }
     {
       // Back to the tokens: the rows' way home and their sum per token.
@@ -793,13 +814,6 @@ class MoELayer {
   }
 
  private:
-  using FlatView = Kokkos::View<S*, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
-
-  template <class View>
-  static FlatView flat(const View& v) {
-    return FlatView(v.data(), v.size());
-  }
-
   /// Every row count of a step (assignments, padded expert segments, rows received from the
   /// EP group) is an `int` and, times H, an element count: bound them before any collective.
   /// Each rank checks its own T against the whole EP group's worst case (every rank sending

@@ -12,8 +12,10 @@
 // output the combined bound is 5 * sqrt(F) u forward and 10 * sqrt(F) u for gradients
 // (F = 16 here, so 20u and 40u).
 #include <catch2/catch_template_test_macros.hpp>
+#include <catch2/generators/catch_generators.hpp>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "support/layer_check.hpp"
@@ -86,13 +88,22 @@ void compare_layers(Wide& wide, Narrow& narrow, std::uint64_t seed) {
   round_into<Storage>(x, x16);
   round_into<Storage>(g, g16);
 
+  Vector<std::int64_t, X> ids("ids", tokens);
+  auto ids_host = Kokkos::create_mirror_view(ids);
+  for (int t = 0; t < tokens; ++t) ids_host(t) = 17 * t + 3;
+  Kokkos::deep_copy(ids, ids_host);
   RouteContext<X> context;
   context.training = true;
+  context.token_ids = ids;
+  context.step = 5;
   const auto wide_stats = wide.forward(x, y, context);
   const auto narrow_stats = narrow.forward(x16, y16, context);
   // The same routing decision: the logits come from the same values through fp32 sums.
   CHECK(host_values(wide.routing().expert) == host_values(narrow.routing().expert));
   CHECK(wide_stats.tokens_per_expert == narrow_stats.tokens_per_expert);
+  CHECK(wide_stats.dropped == narrow_stats.dropped);
+  // The balance losses are computed from the same fp32 routing tables.
+  CHECK(wide_stats.losses.total() == narrow_stats.losses.total());
   const double output_error = relative_difference(host_values(y16), host_values(y));
   CAPTURE(output_error, forward_bound);
   CHECK(output_error < forward_bound);
@@ -115,17 +126,60 @@ void compare_layers(Wide& wide, Narrow& narrow, std::uint64_t seed) {
   }
 }
 
-template <class X, class Storage>
-void softmax_swiglu() {
-  using RW = SoftmaxTopKRouter<X, float>;
-  using RN = SoftmaxTopKRouter<X, Storage>;
-  using EW = SwiGLUExperts<X, float>;
-  using EN = SwiGLUExperts<X, Storage>;
-  const SoftmaxTopKConfig config{hidden, experts, top_k};
-  const ExpertShape shape{experts, hidden, ffn};
-  MoELayer<RW, EW> wide{RW(config), EW(shape)};
-  MoELayer<RN, EN> narrow{RN(config), EN(shape)};
-  compare_layers<Storage>(wide, narrow, 11);
+/// Builds the fp32 and the 16-bit layer of one router and expert kind (GLU shared experts
+/// with Qwen2-MoE's output gate, FFN ones with biases) and compares them.
+template <class X, class Storage, template <class, class> class Router,
+          template <class, class> class Experts, class Config>
+void check_case(const Config& config, const LayerOptions& options, bool shared,
+                std::uint64_t seed) {
+  using EW = Experts<X, float>;
+  using EN = Experts<X, Storage>;
+  constexpr bool ffn_kind = std::is_same_v<EW, FFNExperts<X, float>>;
+  const ExpertShape shape{experts, hidden, ffn, ffn_kind};
+  const ExpertShape shared_shape{1, hidden, ffn, ffn_kind, !ffn_kind};
+  const auto shared_of = [&](auto kind) {
+    using E = decltype(kind);
+    return shared ? std::optional<E>(E(shared_shape, "shared_experts")) : std::nullopt;
+  };
+  MoELayer<Router<X, float>, EW> wide{Router<X, float>(config), EW(shape), options,
+                                      shared_of(EW(shape))};
+  MoELayer<Router<X, Storage>, EN> narrow{Router<X, Storage>(config), EN(shape), options,
+                                          shared_of(EN(shape))};
+  compare_layers<Storage>(wide, narrow, seed);
+}
+
+template <class X, class S>
+using FFNGelu = FFNExperts<X, S>;
+
+LayerOptions with_losses(int capacity_case) {
+  LayerOptions o;
+  o.losses.switch_aux = 1e-2;
+  o.losses.z_loss = 1e-4;
+  o.losses.kl_uniform = 1e-3;
+  if (capacity_case == 1) o.capacity = {1.0, 0, DropPolicy::by_probability, 1};
+  if (capacity_case == 2) o.capacity = {0.75, 2, DropPolicy::by_position, 4};
+  o.training_mode = capacity_case == 2 ? ExpertMode::recompute : ExpertMode::store;
+  return o;
+}
+
+template <class X, class S>
+void every_router_and_expert_kind(int capacity_case) {
+  const LayerOptions o = with_losses(capacity_case);
+  check_case<X, S, SoftmaxTopKRouter, SwiGLUExperts>(SoftmaxTopKConfig{hidden, experts, top_k}, o,
+                                                     false, 1);
+  check_case<X, S, SoftmaxTopKRouter, SwiGLUExperts>(
+      SoftmaxTopKConfig{hidden, experts, 3, false, 2.0, {3, 2, 2}}, o, true, 2);
+  check_case<X, S, TopKSoftmaxRouter, GeGLUExperts>(TopKSoftmaxConfig{hidden, experts, top_k}, o,
+                                                    false, 3);
+  check_case<X, S, SigmoidBiasRouter, SwiGLUExperts>(
+      SigmoidBiasConfig{hidden, experts, top_k, true, 2.5, {3, 2, 2}}, o, true, 4);
+  check_case<X, S, NoisyTopKRouter, FFNGelu>(NoisyTopKConfig{hidden, experts, top_k, 77}, o, false,
+                                             5);
+  check_case<X, S, ExpertChoiceRouter, FFNGelu>(ExpertChoiceConfig{hidden, experts, 1.5}, o, true,
+                                                6);
+  check_case<X, S, HashRouter, SwiGLUExperts>(HashConfig{hidden, experts, 9}, o, false, 7);
+  check_case<X, S, SparseMixerRouter, SwiGLUExperts>(SparseMixerConfig{hidden, experts}, o, false,
+                                                     8);
 }
 
 }  // namespace
@@ -133,6 +187,8 @@ void softmax_swiglu() {
 TEMPLATE_LIST_TEST_CASE("bf16 and fp16 layers match the fp32 layer on rounded values",
                         "[precision][layer]", ExecutionSpaces) {
   using X = TestType;
-  SECTION("bf16") { softmax_swiglu<X, bfloat16>(); }
-  SECTION("fp16") { softmax_swiglu<X, float16>(); }
+  const int capacity_case = GENERATE(0, 1, 2);
+  CAPTURE(capacity_case);
+  SECTION("bf16") { every_router_and_expert_kind<X, bfloat16>(capacity_case); }
+  SECTION("fp16") { every_router_and_expert_kind<X, float16>(capacity_case); }
 }

@@ -115,14 +115,15 @@ void widened_segment_times_weight(const Segments<ExecSpace>& segments, const In&
   static_assert(check_valid_gemm<Gemm, ExecSpace, Accumulation>());
   Matrix<Accumulation, ExecSpace> in_panel, weight_panel, out_panel;
   const auto in_wide = as_accumulation<ExecSpace>(in, in_panel, "kmoe::gemm::widened_in");
-  // Rows outside every segment keep their values: the whole output is widened first.
   Matrix<Accumulation, ExecSpace> out_wide;
   if constexpr (std::is_same_v<value_of<Out>, Accumulation>) {
     out_wide = Matrix<Accumulation, ExecSpace>(out.data(), out.extent(0), out.extent(1));
   } else {
     kmoe::detail::ensure_extents(out_panel, "kmoe::gemm::widened_out", out.extent(0),
                                  out.extent(1));
-    convert_matrix<ExecSpace>(out, out_panel);
+    // The old values are read where beta != 0, and rows outside every segment keep theirs.
+    if (float(beta) != 0 || std::size_t(segments.rows()) < out.extent(0))
+      convert_matrix<ExecSpace>(out, out_panel);
     out_wide = out_panel;
   }
   const Accumulation alpha_wide = Accumulation(float(alpha)), beta_wide = Accumulation(float(beta));

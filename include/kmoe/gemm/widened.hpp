@@ -11,6 +11,7 @@
 /// rounding. When every operand has one type (float or double layers) kmoe::gemm::multiply
 /// calls the policy directly: the same call, and the same bits, as before this header.
 
+#include <kmoe/error.hpp>
 #include <kmoe/gemm/policy.hpp>
 #include <kmoe/precision.hpp>
 #include <kmoe/types.hpp>
@@ -35,8 +36,8 @@ void convert_matrix(const From& from, const To& to) {
   using Via = std::conditional_t<is_packed_float_v<value_of<From>>, float, value_of<From>>;
   Kokkos::parallel_for(
       "kmoe::gemm::convert",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(
-          {0, 0}, {std::int64_t(from.extent(0)), std::int64_t(from.extent(1))}),
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {std::int64_t(from.extent(0)),
+                                                                 std::int64_t(from.extent(1))}),
       KOKKOS_LAMBDA(std::int64_t i, std::int64_t j) { to(i, j) = Target(Via(from(i, j))); });
 }
 
@@ -47,6 +48,8 @@ ConstMatrix<value_of<Panel>, ExecSpace> as_accumulation(const View& v, Panel& pa
                                                         const char* label) {
   using Accumulation = value_of<Panel>;
   if constexpr (std::is_same_v<value_of<View>, Accumulation>) {
+    require(v.span_is_contiguous(), "kmoe::gemm::multiply", "operand layout", "strided",
+            "operands must be contiguous row-major blocks");
     return ConstMatrix<Accumulation, ExecSpace>(v.data(), v.extent(0), v.extent(1));
   } else {
     kmoe::detail::ensure_extents(panel, label, v.extent(0), v.extent(1));
@@ -77,7 +80,8 @@ void multiply(const ExecSpace& space, bool transpose_a, bool transpose_b,
     Matrix<Accumulation, ExecSpace> a_panel, b_panel, c_panel;
     const auto a_wide = as_accumulation<ExecSpace>(a, a_panel, "kmoe::gemm::widened_a");
     const auto b_wide = as_accumulation<ExecSpace>(b, b_panel, "kmoe::gemm::widened_b");
-    const Accumulation alpha_wide = Accumulation(float(alpha)), beta_wide = Accumulation(float(beta));
+    const Accumulation alpha_wide = Accumulation(float(alpha)),
+                       beta_wide = Accumulation(float(beta));
     if constexpr (std::is_same_v<value_of<CView>, Accumulation>) {
       Gemm::gemm(space, transpose_a, transpose_b, alpha_wide, a_wide, b_wide, beta_wide, c);
     } else {
