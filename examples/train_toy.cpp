@@ -71,7 +71,8 @@ Outcome train(int steps, int print_every, const char* stats_path) {
   // storage) once more to S.
   kmoe::fill_normal(layer.parameters(), 0.2, 1);
   // fp32 masters for 16-bit storage; a float layer is its own master.
-  std::optional<kmoe::MasterWeights<X, S>> masters;
+  // (A float run names a 16-bit type here only to have a type; it never constructs one.)
+  std::optional<kmoe::MasterWeights<X, std::conditional_t<half, S, kmoe::bfloat16>>> masters;
   kmoe::ParameterList<X, F> trained;
   if constexpr (half) {
     masters.emplace(layer.parameters());
