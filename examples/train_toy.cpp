@@ -128,6 +128,7 @@ Outcome train(int steps, int print_every, const char* stats_path) {
       }
     Kokkos::deep_copy(grad_y, grad_host);
     layer.zero_gradients();
+    if (scaled) layer.set_loss_scale(scaler.scale());
     layer.backward(grad_y, grad_x);
     const bool take_step = !scaled || scaler.unscale(trained, layer.groups().world);
     if (take_step) {

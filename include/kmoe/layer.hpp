@@ -147,6 +147,9 @@ class MoELayer {
   const LayerOptions& options() const { return options_; }
   /// Turns the per-phase timing of forward (ForwardStats::phase_ms) on or off.
   void set_phase_timing(bool enabled) { options_.time_phases = enabled; }
+  /// The loss scale of mixed-precision training (kmoe::DynamicLossScaler::scale()): the
+  /// balance losses' gradients are multiplied by it, as the caller multiplies grad_y.
+  void set_loss_scale(double scale) { losses_.set_gradient_scale(scale); }
   const ParallelGroups<Communicator>& groups() const { return groups_; }
   /// The routing decision of the last forward (expert indices, weights, logits).
   const RoutingPlan<X, S>& routing() const { return plan_; }
