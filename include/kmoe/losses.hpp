@@ -199,18 +199,19 @@ class BalanceLoss {
     const auto logits = plan.logits;
     const auto fraction = fraction_;
     const auto seq_fraction = sequence_fraction_;
-    const route_type switch_scale = route_type(gradient_scale_ * config_.switch_aux * experts / tokens);
+    const route_type switch_scale =
+        route_type(gradient_scale_ * config_.switch_aux * experts / tokens);
     const int seq_len = sequence_length(tokens);
     const bool use_seq = config_.sequence_aux != 0;
-    const route_type seq_scale =
-        use_seq
-            ? route_type(gradient_scale_ * config_.sequence_aux * experts /
-                         (double(seq_len) * (tokens / seq_len)))
-            : route_type(0);
+    const route_type seq_scale = use_seq
+                                     ? route_type(gradient_scale_ * config_.sequence_aux * experts /
+                                                  (double(seq_len) * (tokens / seq_len)))
+                                     : route_type(0);
     const route_type z_scale = route_type(gradient_scale_ * 2 * config_.z_loss / tokens);
     const bool use_global_batch = config_.global_batch_aux != 0;
     const auto global_batch_fraction = global_batch_fraction_;
-    const route_type global_batch_scale = route_type(gradient_scale_ * config_.global_batch_aux * experts / tokens);
+    const route_type global_batch_scale =
+        route_type(gradient_scale_ * config_.global_batch_aux * experts / tokens);
     const bool use_kl = config_.kl_uniform != 0;
     const auto kl_grad = kl_grad_;
     const route_type kl_scale = route_type(gradient_scale_ * config_.kl_uniform / tokens);

@@ -50,8 +50,7 @@ class MasterWeights {
 
  public:
   /// Copies (widens, exactly) the current 16-bit values into new float masters.
-  explicit MasterWeights(ParameterList<ExecSpace, Storage> storage)
-      : storage_(std::move(storage)) {
+  explicit MasterWeights(ParameterList<ExecSpace, Storage> storage) : storage_(std::move(storage)) {
     for (const auto& p : storage_) {
       Vector<float, ExecSpace> master(
           Kokkos::view_alloc(Kokkos::WithoutInitializing, p.name + ".master"), p.value.size());
@@ -140,10 +139,10 @@ class DynamicLossScaler {
  public:
   explicit DynamicLossScaler(const LossScaleConfig& config = {}) : config_(config) {
     constexpr const char* where = "kmoe::DynamicLossScaler";
-    require(std::isfinite(config.initial_scale) && config.initial_scale > 0, where,
-            "initial_scale", config.initial_scale, "must be positive and finite");
-    require(std::isfinite(config.growth_factor) && config.growth_factor > 1, where,
-            "growth_factor", config.growth_factor, "must be finite and > 1");
+    require(std::isfinite(config.initial_scale) && config.initial_scale > 0, where, "initial_scale",
+            config.initial_scale, "must be positive and finite");
+    require(std::isfinite(config.growth_factor) && config.growth_factor > 1, where, "growth_factor",
+            config.growth_factor, "must be finite and > 1");
     require(config.backoff_factor > 0 && config.backoff_factor < 1, where, "backoff_factor",
             config.backoff_factor, "must be in (0, 1)");
     require(config.growth_interval >= 1, where, "growth_interval", config.growth_interval,

@@ -122,8 +122,8 @@ void run_layout(ParallelLayout layout) {
   fill_normal(ref.parameters(), 0.3, 1234);
   for (const auto& p : ref.parameters()) round_in_place<Storage>(p.value);
   MoELayer<RN, EN, WeightedSumCombiner<X, Storage>, MpiCommunicator> layer{
-      RN(config), EN({int(owned.size()), hidden, ffn / layout.tp}), LayerOptions{},
-      std::nullopt, groups};
+      RN(config), EN({int(owned.size()), hidden, ffn / layout.tp}), LayerOptions{}, std::nullopt,
+      groups};
   {
     ParameterList<X, float> from;
     ParameterList<X, Storage> to;

@@ -191,5 +191,7 @@ TEMPLATE_LIST_TEST_CASE("bf16 and fp16 layers match the fp32 layer on rounded va
   CAPTURE(capacity_case);
   SECTION("bf16") { every_router_and_expert_kind<X, bfloat16>(capacity_case); }
   // fp16 differs from bf16 only in its conversions: dropless suffices to keep the test fast.
-  if (capacity_case == 0) SECTION("fp16") { every_router_and_expert_kind<X, float16>(0); }
+  if (capacity_case == 0) SECTION("fp16") {
+      every_router_and_expert_kind<X, float16>(0);
+    }
 }
