@@ -26,6 +26,7 @@ class WeightedSumCombiner {
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
   using route_type = routing_t<Scalar>;
+  using Accumulation = accumulation_t<Scalar>;  ///< each token's sum, rounded once to Scalar
 
   void combine(const ConstMatrix<Scalar, ExecSpace>& rows,
                const ConstMatrix<int, ExecSpace>& position,
@@ -38,12 +39,12 @@ class WeightedSumCombiner {
         "kmoe::WeightedSumCombiner::combine",
         Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {tokens, width}),
         KOKKOS_LAMBDA(int t, int h) {
-          Scalar sum = 0;
+          Accumulation sum = 0;
           for (int s = 0; s < slots; ++s) {
             const int row = position(t, s);
-            if (row >= 0) sum += Scalar(weight(t, s)) * rows(row, h);
+            if (row >= 0) sum += Accumulation(weight(t, s)) * Accumulation(rows(row, h));
           }
-          y(t, h) = has_base ? sum + base(t, h) : sum;
+          y(t, h) = Scalar(has_base ? sum + Accumulation(base(t, h)) : sum);
         });
   }
 
@@ -62,10 +63,10 @@ class WeightedSumCombiner {
             const int row = position(t, s);
             route_type dot = 0;
             if (row >= 0) {
-              const Scalar w = Scalar(weight(t, s));
+              const Accumulation w = Accumulation(weight(t, s));
               for (int h = 0; h < width; ++h) {
-                grad_rows(row, h) = w * grad_y(t, h);
-                dot += route_type(grad_y(t, h) * rows(row, h));
+                grad_rows(row, h) = Scalar(w * Accumulation(grad_y(t, h)));
+                dot += route_type(Accumulation(grad_y(t, h)) * Accumulation(rows(row, h)));
               }
             }
             grad_weight(t, s) = dot;

@@ -69,9 +69,10 @@ constexpr bool check_valid_expert() {
                 "kmoe Expert: missing member type 'execution_space'");
   static_assert(detail::is_detected_v<detail::scalar_type_of, T>,
                 "kmoe Expert: missing member type 'scalar_type'");
-  static_assert(!detail::is_detected_v<detail::scalar_type_of, T> ||
-                    is_supported_scalar_v<detail::detected_or_t<float, detail::scalar_type_of, T>>,
-                "kmoe Expert: 'scalar_type' must be float or double");
+  static_assert(
+      !detail::is_detected_v<detail::scalar_type_of, T> ||
+          is_supported_scalar_v<detail::detected_or_t<float, detail::scalar_type_of, T>>,
+      "kmoe Expert: 'scalar_type' must be float, double, kmoe::bfloat16 or kmoe::float16");
   static_assert(detail::is_detected_v<detail::expert_num_experts, T>,
                 "kmoe Expert: missing 'int num_experts() const'");
   static_assert(detail::is_detected_v<detail::expert_hidden_size, T>,

@@ -63,9 +63,11 @@ void scale_in_place(const Flat& grad, S factor) {
 }
 }  // namespace detail
 
+/// Scalar is the gradients' type: a layer stored in 16 bits keeps its gradients, and so
+/// sums them, in accumulation_t (float).
 template <class ExecSpace, class Scalar, class Communicator>
 class GradientBuckets {
-  using Flat = typename Parameter<ExecSpace, Scalar>::flat_view;
+  using Flat = typename Parameter<ExecSpace, Scalar>::grad_view;
   using Staging = Kokkos::View<Scalar*, typename ExecSpace::memory_space>;
   using Request = typename Communicator::Request;
 
@@ -79,8 +81,11 @@ class GradientBuckets {
   /// \brief Packs the gradients of `parameters` into buckets and starts their sums over
   /// `comm` (collective: every rank of comm starts the same groups in the same order);
   /// finish() divides them by `divisor`.
-  void start(const Communicator& comm, const ParameterList<ExecSpace, Scalar>& parameters,
+  template <class ParameterScalar>
+  void start(const Communicator& comm, const ParameterList<ExecSpace, ParameterScalar>& parameters,
              int divisor) {
+    static_assert(std::is_same_v<accumulation_t<ParameterScalar>, Scalar>,
+                  "kmoe::GradientBuckets: the parameters' gradients must be of its Scalar");
     require(divisor >= 1, "kmoe::GradientBuckets::start", "divisor", divisor, "must be >= 1");
     if (comm.size() == 1) {
       // Nothing to sum: each tensor is only scaled, in place.

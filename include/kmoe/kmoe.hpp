@@ -14,6 +14,7 @@
 #include <kmoe/layer.hpp>
 #include <kmoe/losses.hpp>
 #include <kmoe/lr_schedule.hpp>
+#include <kmoe/mixed_precision.hpp>
 #include <kmoe/optimizer.hpp>
 #include <kmoe/parallel.hpp>
 #include <kmoe/parameter_groups.hpp>

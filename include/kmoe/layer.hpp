@@ -17,6 +17,7 @@
 #include <kmoe/expert.hpp>
 #include <kmoe/fingerprint.hpp>
 #include <kmoe/forward_stats.hpp>
+#include <kmoe/gemm/widened.hpp>
 #include <kmoe/gradient_buckets.hpp>
 #include <kmoe/layer_options.hpp>
 #include <kmoe/losses.hpp>
@@ -56,6 +57,26 @@ void test_requests(std::vector<Request>& dispatched, std::vector<Request>& retur
   if constexpr (is_detected_v<request_test_of, Request>) {
     for (auto& request : dispatched) request.test();
     for (auto& request : returned) request.test();
+  }
+}
+
+/// Sums the matrix `m` over `comm` (the TP group's partial expert outputs and input
+/// gradients). A 16-bit matrix is summed in its accumulation type: MPI and NCCL add no
+/// bf16 sums kmoe can order, and each rank's sum is then rounded once.
+template <class X, class Communicator, class M>
+void all_reduce_sum_matrix(const Communicator& comm, const M& m) {
+  using S = typename M::non_const_value_type;
+  using Flat = Kokkos::View<accumulation_t<S>*, typename X::memory_space,
+                            Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  if constexpr (is_packed_float_v<S>) {
+    Matrix<accumulation_t<S>, X> wide(Kokkos::view_alloc(Kokkos::WithoutInitializing,
+                                                         "kmoe::MoELayer::widened_sum"),
+                                      m.extent(0), m.extent(1));
+    gemm::detail::convert_matrix<X>(m, wide);
+    comm.all_reduce_sum(Flat(wide.data(), wide.size()));
+    gemm::detail::convert_matrix<X>(wide, m);
+  } else {
+    comm.all_reduce_sum(Flat(m.data(), m.size()));
   }
 }
 }  // namespace detail
@@ -136,6 +157,9 @@ class MoELayer {
   const LayerOptions& options() const { return options_; }
   /// Turns the per-phase timing of forward (ForwardStats::phase_ms) on or off.
   void set_phase_timing(bool enabled) { options_.time_phases = enabled; }
+  /// The loss scale of mixed-precision training (kmoe::DynamicLossScaler::scale()): the
+  /// balance losses' gradients are multiplied by it, as the caller multiplies grad_y.
+  void set_loss_scale(double scale) { losses_.set_gradient_scale(scale); }
   const ParallelGroups<Communicator>& groups() const { return groups_; }
   /// The routing decision of the last forward (expert indices, weights, logits).
   const RoutingPlan<X, S>& routing() const { return plan_; }
@@ -386,7 +410,7 @@ class MoELayer {
         run_experts_checked(expert_x, segments, mode);
       else
         experts_.forward(expert_x, segments, expert_y_, mode);
-      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(expert_y_));
+      if (groups_.tp.size() > 1) detail::all_reduce_sum_matrix<X>(groups_.tp, expert_y_);
       if (options_.failover.enabled && options_.failover.check_non_finite)
         mark_non_finite_slots(segments);
       phase_clock.lap(stats.phase_ms.experts);
@@ -575,7 +599,7 @@ class MoELayer {
       if (replicas_.active())
         replicas_.sum_replica_gradients(groups_.ep, gradient_group(GradientGroup::experts));
       gradients_produced(GradientGroup::experts);
-      if (groups_.tp.size() > 1) groups_.tp.all_reduce_sum(flat(grad_expert_x_));
+      if (groups_.tp.size() > 1) detail::all_reduce_sum_matrix<X>(groups_.tp, grad_expert_x_);
     }
     {
       // Back to the tokens: the rows' way home and their sum per token.
@@ -869,13 +893,6 @@ class MoELayer {
   }
 
  private:
-  using FlatView = Kokkos::View<S*, memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
-
-  template <class View>
-  static FlatView flat(const View& v) {
-    return FlatView(v.data(), v.size());
-  }
-
   /// Every row count of a step (assignments, padded expert segments, rows received from the
   /// EP group) is an `int` and, times H, an element count: bound them before any collective.
   /// Each rank checks its own T against the whole EP group's worst case (every rank sending
@@ -1147,8 +1164,9 @@ class MoELayer {
   }
 
   bool input_weighted() const { return options_.routing_weight == RoutingWeightPlacement::input; }
-  /// Rows scaled per slot cannot be shared by a token's slots on one rank.
-  bool deduplicate_dispatch() const { return !input_weighted(); }
+  /// Rows scaled per slot cannot be shared by a token's slots on one rank; the links of a
+  /// deduplicated dispatch travel as exact values of S, which 16-bit storage cannot hold.
+  bool deduplicate_dispatch() const { return !input_weighted() && !is_packed_float_v<S>; }
   /// The weights the Combiner applies to the expert outputs: the routing weights, or 1 when
   /// they scaled the expert inputs instead.
   ConstMatrix<route_type, X> combine_weight() const {
@@ -1259,7 +1277,7 @@ class MoELayer {
   CallSequence calls_;
   bool replicas_compared_ = false;
   // Gradient sync in flight (overlap), and the first non-finite gradient backward found.
-  GradientBuckets<X, S, Communicator> gradient_buckets_;
+  GradientBuckets<X, accumulation_t<S>, Communicator> gradient_buckets_;
   std::exception_ptr non_finite_gradient_;
   // The training copy of x, and row-major copies of strided arguments.
   Matrix<S, X> saved_x_, x_rows_, y_rows_, grad_y_rows_, grad_x_rows_;

@@ -105,6 +105,13 @@ class BalanceLoss {
 
   explicit BalanceLoss(const BalanceLossConfig& config = {}) : config_(validated(config)) {}
   const BalanceLossConfig& config() const { return config_; }
+  /// Multiplies the gradients backward adds (fp16 loss scaling: the caller scales the
+  /// gradient of its own loss by the same factor, and kmoe::DynamicLossScaler divides all).
+  void set_gradient_scale(double scale) {
+    require(std::isfinite(scale) && scale > 0, "kmoe::BalanceLoss::set_gradient_scale", "scale",
+            scale, "must be positive and finite");
+    gradient_scale_ = scale;
+  }
 
   /// Checks what forward would reject for `tokens` local tokens, so that the layer can
   /// agree on it across ranks before the step's first collective.
@@ -192,20 +199,22 @@ class BalanceLoss {
     const auto logits = plan.logits;
     const auto fraction = fraction_;
     const auto seq_fraction = sequence_fraction_;
-    const route_type switch_scale = route_type(config_.switch_aux * experts / tokens);
+    const route_type switch_scale =
+        route_type(gradient_scale_ * config_.switch_aux * experts / tokens);
     const int seq_len = sequence_length(tokens);
     const bool use_seq = config_.sequence_aux != 0;
-    const route_type seq_scale =
-        use_seq
-            ? route_type(config_.sequence_aux * experts / (double(seq_len) * (tokens / seq_len)))
-            : route_type(0);
-    const route_type z_scale = route_type(2 * config_.z_loss / tokens);
+    const route_type seq_scale = use_seq
+                                     ? route_type(gradient_scale_ * config_.sequence_aux * experts /
+                                                  (double(seq_len) * (tokens / seq_len)))
+                                     : route_type(0);
+    const route_type z_scale = route_type(gradient_scale_ * 2 * config_.z_loss / tokens);
     const bool use_global_batch = config_.global_batch_aux != 0;
     const auto global_batch_fraction = global_batch_fraction_;
-    const route_type global_batch_scale = route_type(config_.global_batch_aux * experts / tokens);
+    const route_type global_batch_scale =
+        route_type(gradient_scale_ * config_.global_batch_aux * experts / tokens);
     const bool use_kl = config_.kl_uniform != 0;
     const auto kl_grad = kl_grad_;
-    const route_type kl_scale = route_type(config_.kl_uniform / tokens);
+    const route_type kl_scale = route_type(gradient_scale_ * config_.kl_uniform / tokens);
     const auto lse = lse_;
     const bool sigmoid = kind == ProbabilityKind::normalized_sigmoid;
     Kokkos::parallel_for(
@@ -345,6 +354,7 @@ class BalanceLoss {
   }
 
   BalanceLossConfig config_;
+  double gradient_scale_ = 1.0;  ///< the loss scale of mixed-precision training
   Vector<route_type, ExecSpace> fraction_, mean_prob_, lse_, global_batch_fraction_, kl_grad_;
   typename Vector<route_type, ExecSpace>::host_mirror_type fraction_host_,
       global_batch_fraction_host_;

@@ -14,15 +14,19 @@
 namespace kmoe {
 
 /// \brief One trainable tensor: its flat value and gradient (aliases of the policy's own
-/// storage, valid while the layer lives) and its logical shape.
+/// storage, valid while the layer lives) and its logical shape. The gradient is kept in
+/// the accumulation type (accumulation_t: float for 16-bit storage, the Scalar otherwise).
 template <class ExecSpace, class Scalar>
 struct Parameter {
+  using grad_type = accumulation_t<Scalar>;
   using flat_view = Kokkos::View<Scalar*, typename ExecSpace::memory_space,
+                                 Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  using grad_view = Kokkos::View<grad_type*, typename ExecSpace::memory_space,
                                  Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
   std::string name;                 ///< e.g. "router.weight", "experts.w_gate"
   std::vector<std::int64_t> shape;  ///< logical extents, row-major
   flat_view value;
-  flat_view grad;
+  grad_view grad;
   ParameterRole role = ParameterRole::other;
   ShardMap shard;  ///< where its elements sit in the unsharded model (sharding.hpp)
 };
@@ -38,7 +42,7 @@ auto make_parameter(const std::string& name, const ValueView& value, const GradV
   p.name = name;
   for (unsigned r = 0; r < ValueView::rank; ++r) p.shape.push_back(std::int64_t(value.extent(r)));
   p.value = typename Parameter<ExecSpace, Scalar>::flat_view(value.data(), value.size());
-  p.grad = typename Parameter<ExecSpace, Scalar>::flat_view(grad.data(), grad.size());
+  p.grad = typename Parameter<ExecSpace, Scalar>::grad_view(grad.data(), grad.size());
   return p;
 }
 
@@ -56,7 +60,8 @@ auto make_parameter(const std::string& name, const ValueView& value, const GradV
 /// \brief Sets every gradient in the list to zero.
 template <class ExecSpace, class Scalar>
 void zero_gradients(const ParameterList<ExecSpace, Scalar>& list) {
-  for (const auto& p : list) Kokkos::deep_copy(ExecSpace(), p.grad, Scalar(0));
+  using Grad = typename Parameter<ExecSpace, Scalar>::grad_type;
+  for (const auto& p : list) Kokkos::deep_copy(ExecSpace(), p.grad, Grad(0));
   ExecSpace().fence();
 }
 

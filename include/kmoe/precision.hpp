@@ -76,4 +76,10 @@ struct precision_of<Precision<S, A, R, C>> {
 template <class T>
 using precision_of_t = typename precision_of<T>::type;
 
+/// \brief What a policy instantiated with storage Scalar adds its products and sums in, and
+/// keeps its gradients in: float for bfloat16 / float16, the Scalar itself for float and
+/// double (so their arithmetic is today's, bit for bit).
+template <class Scalar>
+using accumulation_t = typename Precision<std::remove_cv_t<Scalar>>::accumulation_type;
+
 }  // namespace kmoe

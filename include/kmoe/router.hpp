@@ -69,9 +69,10 @@ constexpr bool check_valid_router() {
                 "kmoe Router: 'execution_space' must be a Kokkos execution space");
   static_assert(detail::is_detected_v<detail::scalar_type_of, R>,
                 "kmoe Router: missing member type 'scalar_type'");
-  static_assert(!detail::is_detected_v<detail::scalar_type_of, R> ||
-                    is_supported_scalar_v<detail::detected_or_t<float, detail::scalar_type_of, R>>,
-                "kmoe Router: 'scalar_type' must be float or double");
+  static_assert(
+      !detail::is_detected_v<detail::scalar_type_of, R> ||
+          is_supported_scalar_v<detail::detected_or_t<float, detail::scalar_type_of, R>>,
+      "kmoe Router: 'scalar_type' must be float, double, kmoe::bfloat16 or kmoe::float16");
   static_assert(detail::is_detected_v<detail::router_probability_kind, R>,
                 "kmoe Router: missing 'static constexpr kmoe::ProbabilityKind probability_kind'");
   static_assert(detail::is_detected_v<detail::router_num_experts, R>,

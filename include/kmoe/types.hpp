@@ -4,6 +4,7 @@
 /// \brief View aliases shared by every policy, and the routing precision rule.
 
 #include <kmoe/detail/checked.hpp>
+#include <kmoe/precision.hpp>
 
 #include <Kokkos_Core.hpp>
 
@@ -36,10 +37,11 @@ using Vector = Kokkos::View<T*, typename ExecSpace::memory_space>;
 template <class Scalar>
 using routing_t = std::conditional_t<(sizeof(Scalar) < sizeof(float)), float, Scalar>;
 
-/// \brief Scalars the shipped policies are instantiated for.
+/// \brief Scalars the shipped policies are instantiated for: float and double, and the 16-bit
+/// storage types kmoe::bfloat16 and kmoe::float16, which accumulate in accumulation_t (float).
 template <class Scalar>
 inline constexpr bool is_supported_scalar_v =
-    std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
+    std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double> || is_packed_float_v<Scalar>;
 
 namespace detail {
 

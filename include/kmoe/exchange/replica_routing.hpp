@@ -112,9 +112,9 @@ class ReplicaRouting {
       // One buffer, grown to the largest tensor, serves every tensor of every backward.
       detail::ensure_extents(sum_, "kmoe::ReplicaRouting::sum",
                              std::max(sum_.extent(0), rows * width));
-      const Kokkos::View<Scalar*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>
+      const Kokkos::View<Grad*, typename X::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>
           sum(sum_.data(), rows * width);
-      Kokkos::deep_copy(sum, Scalar(0));
+      Kokkos::deep_copy(sum, Grad(0));
       const auto grad = p.grad;
       const auto local_rows = local_rows_;
       Kokkos::parallel_for(
@@ -143,7 +143,9 @@ class ReplicaRouting {
   std::vector<int> local_logical_;  ///< logical expert of each local slot
   std::vector<char> failed_;        ///< the failed set the tables were built for
   std::vector<int> dead_;           ///< its logical experts without a healthy replica
-  Vector<Scalar, X> sum_;           ///< the replica-gradient sum's buffer
+  /// Gradients are kept, and summed, in the accumulation type (float for 16-bit storage).
+  using Grad = accumulation_t<Scalar>;
+  Vector<Grad, X> sum_;  ///< the replica-gradient sum's buffer
 };
 
 }  // namespace kmoe

@@ -18,11 +18,12 @@ enum class ExpertMode {
               ///< GEMM per projection, no [rows, F] buffers held between the passes)
 };
 
-/// \brief A stacked per-expert weight [E, out, in] (torch.nn.Linear layout) with its gradient.
+/// \brief A stacked per-expert weight [E, out, in] (torch.nn.Linear layout) with its gradient
+/// (in the accumulation type: float for 16-bit storage).
 template <class ExecSpace, class Scalar>
 struct StackedWeight {
   Tensor3<Scalar, ExecSpace> value;
-  Tensor3<Scalar, ExecSpace> grad;
+  Tensor3<accumulation_t<Scalar>, ExecSpace> grad;
   std::string name;
   ParameterRole role = ParameterRole::other;
   int ffn_axis = -1;  ///< 1 when `out` is F (H -> F projections), 2 when `in` is F
@@ -49,7 +50,7 @@ struct StackedWeight {
 template <class ExecSpace, class Scalar>
 struct StackedBias {
   Matrix<Scalar, ExecSpace> value;
-  Matrix<Scalar, ExecSpace> grad;
+  Matrix<accumulation_t<Scalar>, ExecSpace> grad;
   std::string name;
   int ffn_axis = -1;  ///< 1 when the width is F (b1); -1 when it is H (b2, whole on every TP rank)
 

@@ -27,6 +27,8 @@ void add_row_bias(const Owner& owner, const Bias& bias, int rows, const Out& out
 }  // namespace detail
 
 /// \brief E FFN experts with w1 [E, F, H], w2 [E, H, F] and, if shape.bias, b1 [E, F], b2 [E, H].
+/// As GLUExperts, Scalar is the storage type and arithmetic runs in accumulation_t<Scalar>;
+/// with 16-bit storage a bias is added to the rounded GEMM output (a second rounding).
 template <class ExecSpace, class Scalar, class Activation = activation::GeluErf,
           class Gemm = DefaultGemm>
 class FFNExperts {
@@ -34,6 +36,7 @@ class FFNExperts {
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
   using activation_type = Activation;
+  using A = accumulation_t<Scalar>;  ///< what products, sums and the activation run in
 
   explicit FFNExperts(const ExpertShape& shape, const std::string& name = "experts")
       : name_(name),
@@ -73,7 +76,9 @@ class FFNExperts {
     Kokkos::parallel_for(
         "kmoe::FFNExperts::activation",
         Kokkos::RangePolicy<ExecSpace>(0, std::size_t(segments.rows()) * shape_.ffn),
-        KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
+        KOKKOS_LAMBDA(std::size_t i) {
+          hidden.data()[i] = Scalar(Activation::value(A(pre.data()[i])));
+        });
     gemm::segment_times_weight<Gemm>(segments, hidden_, w2_.value, true, Scalar(1), Scalar(0), y);
     if (apply_output_bias_) add_bias(segments, b2_, y);
     if (mode == ExpertMode::recompute) release_saved();
@@ -88,7 +93,9 @@ class FFNExperts {
     const auto pre = pre_, hidden = hidden_;
     Kokkos::parallel_for(
         "kmoe::FFNExperts::recompute_hidden", Kokkos::RangePolicy<ExecSpace>(0, elements),
-        KOKKOS_LAMBDA(std::size_t i) { hidden.data()[i] = Activation::value(pre.data()[i]); });
+        KOKKOS_LAMBDA(std::size_t i) {
+          hidden.data()[i] = Scalar(Activation::value(A(pre.data()[i])));
+        });
     gemm::segment_weight_gradient<Gemm>(segments, grad_y, hidden_, w2_.grad);
     if (b2_.enabled()) gemm::segment_bias_gradient(segments, grad_y, b2_.grad);
     gemm::segment_times_weight<Gemm>(segments, grad_y, w2_.value, false, Scalar(1), Scalar(0),
@@ -96,7 +103,7 @@ class FFNExperts {
     Kokkos::parallel_for(
         "kmoe::FFNExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
         KOKKOS_LAMBDA(std::size_t i) {
-          pre.data()[i] = hidden.data()[i] * Activation::derivative(pre.data()[i]);
+          pre.data()[i] = Scalar(A(hidden.data()[i]) * Activation::derivative(A(pre.data()[i])));
         });
     gemm::segment_weight_gradient<Gemm>(segments, pre_, x, w1_.grad);
     if (b1_.enabled()) gemm::segment_bias_gradient(segments, pre_, b1_.grad);

@@ -56,12 +56,13 @@ void output_gate_forward(const ConstMatrix<Scalar, X>& x, const Tensor3<Scalar, 
   Kokkos::parallel_for(
       "kmoe::GLUExperts::output_gate", Kokkos::RangePolicy<X>(0, int(s.extent(0))),
       KOKKOS_LAMBDA(int r) {
-        Scalar logit = 0;
-        for (int h = 0; h < hidden; ++h) logit += x(r, h) * gate(0, 0, h);
-        const Scalar sr = detail::sigmoid(logit);
+        using A = accumulation_t<Scalar>;
+        A logit = 0;
+        for (int h = 0; h < hidden; ++h) logit += A(x(r, h)) * A(gate(0, 0, h));
+        const Scalar sr = Scalar(detail::sigmoid(logit));
         s(r) = sr;
         if (scale)
-          for (int h = 0; h < hidden; ++h) y(r, h) *= sr;
+          for (int h = 0; h < hidden; ++h) y(r, h) = Scalar(A(y(r, h)) * A(sr));
       });
 }
 
@@ -76,12 +77,14 @@ void output_gate_backward(const ConstMatrix<Scalar, X>& grad_z, const Matrix<Sca
   Kokkos::parallel_for(
       "kmoe::GLUExperts::output_gate_backward", Kokkos::RangePolicy<X>(0, int(s.extent(0))),
       KOKKOS_LAMBDA(int r) {
-        Scalar dot = 0;
+        using A = accumulation_t<Scalar>;
+        const A sr = s(r);
+        A dot = 0;
         for (int h = 0; h < hidden; ++h) {
-          dot += grad_z(r, h) * u(r, h);
-          scaled(r, h) = s(r) * grad_z(r, h);
+          dot += A(grad_z(r, h)) * A(u(r, h));
+          scaled(r, h) = Scalar(sr * A(grad_z(r, h)));
         }
-        grad_logit(r) = s(r) * (Scalar(1) - s(r)) * dot;
+        grad_logit(r) = Scalar(sr * (A(1) - sr) * dot);
       });
 }
 
@@ -89,26 +92,32 @@ void output_gate_backward(const ConstMatrix<Scalar, X>& grad_z, const Matrix<Sca
 template <class X, class Scalar>
 void output_gate_input_gradients(const ConstMatrix<Scalar, X>& x, const Tensor3<Scalar, X>& gate,
                                  const Kokkos::View<Scalar*, typename X::memory_space>& grad_logit,
-                                 const Tensor3<Scalar, X>& grad_gate,
+                                 const Tensor3<accumulation_t<Scalar>, X>& grad_gate,
                                  const Matrix<Scalar, X>& grad_x) {
+  using A = accumulation_t<Scalar>;
   const int rows = int(grad_logit.extent(0)), hidden = int(x.extent(1));
   Kokkos::parallel_for(
       "kmoe::GLUExperts::output_gate_weight_gradient", Kokkos::RangePolicy<X>(0, hidden),
       KOKKOS_LAMBDA(int h) {
-        Scalar sum = 0;
-        for (int r = 0; r < rows; ++r) sum += grad_logit(r) * x(r, h);
+        A sum = 0;
+        for (int r = 0; r < rows; ++r) sum += A(grad_logit(r)) * A(x(r, h));
         grad_gate(0, 0, h) += sum;
       });
   Kokkos::parallel_for(
       "kmoe::GLUExperts::output_gate_input_gradient", Kokkos::RangePolicy<X>(0, rows),
       KOKKOS_LAMBDA(int r) {
-        for (int h = 0; h < hidden; ++h) grad_x(r, h) += grad_logit(r) * gate(0, 0, h);
+        for (int h = 0; h < hidden; ++h)
+          grad_x(r, h) = Scalar(A(grad_x(r, h)) + A(grad_logit(r)) * A(gate(0, 0, h)));
       });
 }
 
 }  // namespace detail
 
 /// \brief E gated experts with weights w_gate [E, F, H], w_up [E, F, H], w_down [E, H, F].
+///
+/// Scalar is the storage type of weights and activations; products, sums and the activation
+/// are computed in accumulation_t<Scalar> (float for bf16 / fp16) and each stored value is
+/// rounded once.
 template <class ExecSpace, class Scalar, class Activation = activation::Silu,
           class Gemm = DefaultGemm>
 class GLUExperts {
@@ -116,6 +125,7 @@ class GLUExperts {
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
   using activation_type = Activation;
+  using A = accumulation_t<Scalar>;  ///< what products, sums and the activation run in
 
   explicit GLUExperts(const ExpertShape& shape, const std::string& name = "experts")
       : name_(name),
@@ -149,7 +159,7 @@ class GLUExperts {
         "kmoe::GLUExperts::activation",
         Kokkos::RangePolicy<ExecSpace>(0, std::size_t(segments.rows()) * shape_.ffn),
         KOKKOS_LAMBDA(std::size_t i) {
-          hidden.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
+          hidden.data()[i] = Scalar(Activation::value(A(gate.data()[i])) * A(up.data()[i]));
         });
     gemm::segment_times_weight<Gemm>(segments, hidden_, w_down_.value, true, Scalar(1), Scalar(0),
                                      y);
@@ -171,7 +181,7 @@ class GLUExperts {
     Kokkos::parallel_for(
         "kmoe::GLUExperts::recompute_hidden", Kokkos::RangePolicy<ExecSpace>(0, elements),
         KOKKOS_LAMBDA(std::size_t i) {
-          hidden.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
+          hidden.data()[i] = Scalar(Activation::value(A(gate.data()[i])) * A(up.data()[i]));
         });
     // With the output gate, the rest of the backward sees dL/du = s · grad_y (u the ungated
     // output, recomputed from hidden; its saved gate values are recomputed with it).
@@ -199,9 +209,9 @@ class GLUExperts {
     Kokkos::parallel_for(
         "kmoe::GLUExperts::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, elements),
         KOKKOS_LAMBDA(std::size_t i) {
-          const Scalar g = gate.data()[i], u = up.data()[i], dh = hidden.data()[i];
-          gate.data()[i] = dh * u * Activation::derivative(g);
-          up.data()[i] = dh * Activation::value(g);
+          const A g = gate.data()[i], u = up.data()[i], dh = hidden.data()[i];
+          gate.data()[i] = Scalar(dh * u * Activation::derivative(g));
+          up.data()[i] = Scalar(dh * Activation::value(g));
         });
     gemm::segment_weight_gradient<Gemm>(segments, gate_, x, w_gate_.grad);
     gemm::segment_weight_gradient<Gemm>(segments, up_, x, w_up_.grad);

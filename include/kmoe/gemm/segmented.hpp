@@ -9,8 +9,14 @@
 /// `G::segment_weight_gradient`, detected) gets every segment in one call; otherwise the
 /// segments run as a loop over `G::gemm`, concurrently on host spaces when they are many
 /// and small and G can compute on the calling thread (for_each_segment below).
+///
+/// Operands stored in 16 bits (kmoe::bfloat16, kmoe::float16) take the widened path of
+/// gemm/widened.hpp: the activations are widened once, each busy expert's weight slice is
+/// widened into a float panel, the policy multiplies float panels, and a 16-bit output is
+/// rounded once per value; weight gradients are kept in the accumulation type (float).
 
 #include <kmoe/gemm/policy.hpp>
+#include <kmoe/gemm/widened.hpp>
 #include <kmoe/segments.hpp>
 
 #include <type_traits>
@@ -97,16 +103,48 @@ using grouped_weight_gradient = decltype(G::segment_weight_gradient(
     std::declval<const X&>(), std::declval<const Segments<X>&>(), std::declval<const Left&>(),
     std::declval<const Right&>(), std::declval<const GradWeight&>()));
 
-}  // namespace detail
-
-/// out[seg e] = alpha * in[seg e] * op(weight[e]) + beta * out[seg e] for every non-empty e;
-/// op transposes when `transpose_weight` (weights stored [out, in] as torch.nn.Linear).
+/// segment_times_weight with some operand in 16 bits: the input is widened once, each busy
+/// expert's weight slice into one reused float panel, and a 16-bit output is written back
+/// once, rounded, after every segment's product.
 template <class Gemm, class ExecSpace, class In, class Weight, class Out>
-void segment_times_weight(const Segments<ExecSpace>& segments, const In& in, const Weight& weight,
-                          bool transpose_weight, typename Out::const_value_type alpha,
-                          typename Out::const_value_type beta, const Out& out) {
+void widened_segment_times_weight(const Segments<ExecSpace>& segments, const In& in,
+                                  const Weight& weight, bool transpose_weight,
+                                  typename Out::const_value_type alpha,
+                                  typename Out::const_value_type beta, const Out& out) {
+  using Accumulation = accumulation_t<value_of<Out>>;
+  static_assert(check_valid_gemm<Gemm, ExecSpace, Accumulation>());
+  Matrix<Accumulation, ExecSpace> in_panel, weight_panel, out_panel;
+  const auto in_wide = as_accumulation<ExecSpace>(in, in_panel, "kmoe::gemm::widened_in");
+  Matrix<Accumulation, ExecSpace> out_wide;
+  if constexpr (std::is_same_v<value_of<Out>, Accumulation>) {
+    out_wide = Matrix<Accumulation, ExecSpace>(out.data(), out.extent(0), out.extent(1));
+  } else {
+    kmoe::detail::ensure_extents(out_panel, "kmoe::gemm::widened_out", out.extent(0),
+                                 out.extent(1));
+    // The old values are read where beta != 0, and rows outside every segment keep theirs.
+    if (float(beta) != 0 || std::size_t(segments.rows()) < out.extent(0))
+      convert_matrix<ExecSpace>(out, out_panel);
+    out_wide = out_panel;
+  }
+  const Accumulation alpha_wide = Accumulation(float(alpha)), beta_wide = Accumulation(float(beta));
+  for_each_segment<ExecSpace, false>(segments, [&](int e, auto) {
+    const int b = segments.begin(e), n = segments.end(e) - b;
+    const auto slice =
+        as_accumulation<ExecSpace>(slice_of(weight, e), weight_panel, "kmoe::gemm::widened_weight");
+    Gemm::gemm(ExecSpace(), false, transpose_weight, alpha_wide, rows_of(in_wide, b, b + n), slice,
+               beta_wide, rows_of(out_wide, b, b + n));
+  });
+  if constexpr (!std::is_same_v<value_of<Out>, Accumulation>)
+    convert_matrix<ExecSpace>(out_panel, out);
+}
+
+/// segment_times_weight with every operand of one type.
+template <class Gemm, class ExecSpace, class In, class Weight, class Out>
+void uniform_segment_times_weight(const Segments<ExecSpace>& segments, const In& in,
+                                  const Weight& weight, bool transpose_weight,
+                                  typename Out::const_value_type alpha,
+                                  typename Out::const_value_type beta, const Out& out) {
   static_assert(check_valid_gemm<Gemm, ExecSpace, typename Out::non_const_value_type>());
-  using namespace detail;
   if constexpr (kmoe::detail::is_detected_v<grouped_times_weight, Gemm, ExecSpace, In, Weight,
                                             Out>) {
     Gemm::segment_times_weight(ExecSpace(), segments, in, weight, transpose_weight, alpha, beta,
@@ -126,14 +164,28 @@ void segment_times_weight(const Segments<ExecSpace>& segments, const In& in, con
   });
 }
 
-/// grad_weight[e] += left[seg e]^T * right[seg e] for every non-empty e: the weight
-/// gradient of a per-expert linear map (left = output gradient, right = its input).
-template <class Gemm, class ExecSpace, class Left, class Right, class GradWeight>
-void segment_weight_gradient(const Segments<ExecSpace>& segments, const Left& left,
-                             const Right& right, const GradWeight& grad_weight) {
-  using Scalar = typename GradWeight::non_const_value_type;
-  static_assert(check_valid_gemm<Gemm, ExecSpace, Scalar>());
+}  // namespace detail
+
+/// out[seg e] = alpha * in[seg e] * op(weight[e]) + beta * out[seg e] for every non-empty e;
+/// op transposes when `transpose_weight` (weights stored [out, in] as torch.nn.Linear).
+template <class Gemm, class ExecSpace, class In, class Weight, class Out>
+void segment_times_weight(const Segments<ExecSpace>& segments, const In& in, const Weight& weight,
+                          bool transpose_weight, typename Out::const_value_type alpha,
+                          typename Out::const_value_type beta, const Out& out) {
   using namespace detail;
+  if constexpr (widened_operands_v<In, Weight, Out>) {
+    widened_segment_times_weight<Gemm>(segments, in, weight, transpose_weight, alpha, beta, out);
+  } else {
+    uniform_segment_times_weight<Gemm>(segments, in, weight, transpose_weight, alpha, beta, out);
+  }
+}
+
+namespace detail {
+/// segment_weight_gradient with every operand of one type.
+template <class Gemm, class ExecSpace, class Left, class Right, class GradWeight>
+void uniform_segment_weight_gradient(const Segments<ExecSpace>& segments, const Left& left,
+                                     const Right& right, const GradWeight& grad_weight) {
+  using Scalar = typename GradWeight::non_const_value_type;
   if constexpr (kmoe::detail::is_detected_v<grouped_weight_gradient, Gemm, ExecSpace, Left, Right,
                                             GradWeight>) {
     Gemm::segment_weight_gradient(ExecSpace(), segments, left, right, grad_weight);
@@ -150,6 +202,30 @@ void segment_weight_gradient(const Segments<ExecSpace>& segments, const Left& le
                                   rows_of(left, b, b + n), rows_of(right, b, b + n), Scalar(1),
                                   slice_of(grad_weight, e));
   });
+}
+}  // namespace detail
+
+/// grad_weight[e] += left[seg e]^T * right[seg e] for every non-empty e: the weight
+/// gradient of a per-expert linear map (left = output gradient, right = its input).
+template <class Gemm, class ExecSpace, class Left, class Right, class GradWeight>
+void segment_weight_gradient(const Segments<ExecSpace>& segments, const Left& left,
+                             const Right& right, const GradWeight& grad_weight) {
+  using Scalar = typename GradWeight::non_const_value_type;
+  static_assert(check_valid_gemm<Gemm, ExecSpace, Scalar>());
+  using namespace detail;
+  if constexpr (widened_operands_v<Left, Right, GradWeight>) {
+    // 16-bit activations: widened once each; the gradient is kept in the accumulation type.
+    static_assert(std::is_same_v<Scalar, accumulation_t<value_of<Left>>>,
+                  "kmoe::gemm::segment_weight_gradient: gradients of 16-bit weights are kept in "
+                  "their accumulation type (float)");
+    Matrix<Scalar, ExecSpace> left_panel, right_panel;
+    const auto left_wide = as_accumulation<ExecSpace>(left, left_panel, "kmoe::gemm::widened_left");
+    const auto right_wide =
+        as_accumulation<ExecSpace>(right, right_panel, "kmoe::gemm::widened_right");
+    segment_weight_gradient<Gemm>(segments, left_wide, right_wide, grad_weight);
+  } else {
+    uniform_segment_weight_gradient<Gemm>(segments, left, right, grad_weight);
+  }
 }
 
 /// grad_bias(e, j) += sum over rows r of segment e of grad(r, j), in row order.

@@ -32,7 +32,6 @@ class ExpertChoiceRouter {
   using scalar_type = Scalar;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
-  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit ExpertChoiceRouter(const ExpertChoiceConfig& config)
       : config_(validated(config)), gate_("router", config.hidden, config.experts) {}

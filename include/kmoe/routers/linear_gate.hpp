@@ -5,6 +5,7 @@
 
 #include <kmoe/error.hpp>
 #include <kmoe/gemm.hpp>
+#include <kmoe/gemm/widened.hpp>
 #include <kmoe/parameters.hpp>
 #include <kmoe/types.hpp>
 
@@ -15,12 +16,18 @@ namespace kmoe {
 /// \brief Weight [E, H] stored as torch.nn.Linear stores it (out features first), so a
 /// checkpoint's `gate.weight` is copied as is; logits = x W^T, plus a learned bias b [E] if
 /// built with one (GPT-OSS's router.bias: torch.nn.Linear with bias=True).
+///
+/// With 16-bit storage the weight is stored in 16 bits, the logits are written in the
+/// routing type (float) straight from the widened GEMM, and the gradients are kept in the
+/// accumulation type (float).
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
 class LinearGate {
-  static_assert(check_valid_gemm<Gemm, ExecSpace, Scalar>());
+  static_assert(check_valid_gemm<Gemm, ExecSpace, accumulation_t<Scalar>>());
 
  public:
   using Vector = Kokkos::View<Scalar*, typename ExecSpace::memory_space>;
+  using Accumulation = accumulation_t<Scalar>;
+  using GradVector = Kokkos::View<Accumulation*, typename ExecSpace::memory_space>;
 
   LinearGate() = default;
   LinearGate(const std::string& name, int hidden, int experts, bool bias = false)
@@ -29,23 +36,23 @@ class LinearGate {
         grad_(Kokkos::view_alloc(name + ".weight.grad"), experts, hidden) {
     if (bias) {
       bias_ = Vector(Kokkos::view_alloc(name + ".bias"), experts);
-      bias_grad_ = Vector(Kokkos::view_alloc(name + ".bias.grad"), experts);
+      bias_grad_ = GradVector(Kokkos::view_alloc(name + ".bias.grad"), experts);
     }
   }
 
   int experts() const { return int(weight_.extent(0)); }
   int hidden() const { return int(weight_.extent(1)); }
   const Matrix<Scalar, ExecSpace>& weight() const { return weight_; }
-  const Matrix<Scalar, ExecSpace>& grad() const { return grad_; }
+  const Matrix<Accumulation, ExecSpace>& grad() const { return grad_; }
   bool has_bias() const { return bias_.extent(0) != 0; }
   /// The bias [E] and its gradient; empty views without a bias.
   const Vector& bias() const { return bias_; }
-  const Vector& bias_grad() const { return bias_grad_; }
+  const GradVector& bias_grad() const { return bias_grad_; }
 
   /// logits[T, E] = x[T, H] W^T (+ b).
   template <class XView, class LogitView>
   void forward(const XView& x, const LogitView& logits) const {
-    Gemm::gemm(ExecSpace(), false, true, Scalar(1), x, weight_, Scalar(0), logits);
+    gemm::multiply<Gemm>(ExecSpace(), false, true, 1, x, weight_, 0, logits);
     if (!has_bias()) return;
     const auto bias = bias_;
     Kokkos::parallel_for(
@@ -59,15 +66,15 @@ class LinearGate {
   /// g = dLoss/dlogits [T, E].
   template <class XView, class GradLogitView, class GradXView>
   void backward(const XView& x, const GradLogitView& grad_logits, const GradXView& grad_x) const {
-    Gemm::gemm(ExecSpace(), true, false, Scalar(1), grad_logits, x, Scalar(1), grad_);
-    Gemm::gemm(ExecSpace(), false, false, Scalar(1), grad_logits, weight_, Scalar(1), grad_x);
+    gemm::multiply<Gemm>(ExecSpace(), true, false, 1, grad_logits, x, 1, grad_);
+    gemm::multiply<Gemm>(ExecSpace(), false, false, 1, grad_logits, weight_, 1, grad_x);
     if (!has_bias()) return;
     const auto bias_grad = bias_grad_;
     const int tokens = int(grad_logits.extent(0));
     Kokkos::parallel_for(
         "kmoe::LinearGate::bias_gradient",
         Kokkos::RangePolicy<ExecSpace>(0, int(grad_logits.extent(1))), KOKKOS_LAMBDA(int e) {
-          Scalar sum = 0;
+          Accumulation sum = 0;
           for (int t = 0; t < tokens; ++t) sum += grad_logits(t, e);
           bias_grad(e) += sum;
         });
@@ -84,8 +91,9 @@ class LinearGate {
  private:
   std::string name_;
   Matrix<Scalar, ExecSpace> weight_;
-  Matrix<Scalar, ExecSpace> grad_;
-  Vector bias_, bias_grad_;  ///< [E], or empty without a bias
+  Matrix<Accumulation, ExecSpace> grad_;
+  Vector bias_;           ///< [E], or empty without a bias
+  GradVector bias_grad_;  ///< [E], or empty without a bias
 };
 
 }  // namespace kmoe

@@ -32,7 +32,6 @@ class NoisyTopKRouter {
   using scalar_type = Scalar;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
-  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit NoisyTopKRouter(const NoisyTopKConfig& config)
       : config_(validated(config)),
@@ -151,8 +150,8 @@ class NoisyTopKRouter {
   LinearGate<ExecSpace, Scalar, Gemm> gate_;
   LinearGate<ExecSpace, Scalar, Gemm> noise_gate_;
   // Saved by forward for backward: the noise is recomputed from (seed, step, token).
-  Matrix<Scalar, ExecSpace> noise_logits_;
-  Matrix<Scalar, ExecSpace> grad_noise_logits_;
+  Matrix<route_type, ExecSpace> noise_logits_;
+  Matrix<route_type, ExecSpace> grad_noise_logits_;
   bool training_ = false;
   std::uint64_t step_ = 0;
   std::int64_t token_offset_ = 0;

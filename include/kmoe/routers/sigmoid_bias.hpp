@@ -39,7 +39,6 @@ class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
  public:
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::normalized_sigmoid;
-  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit SigmoidBiasRouter(const SigmoidBiasConfig& config)
       : Base("kmoe::SigmoidBiasRouter", config.hidden, config.experts, config.top_k),

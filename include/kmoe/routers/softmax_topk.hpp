@@ -48,7 +48,6 @@ class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
  public:
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
-  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit SoftmaxTopKRouter(const SoftmaxTopKConfig& config)
       : Base("kmoe::SoftmaxTopKRouter", config.hidden, config.experts, config.top_k),

@@ -33,7 +33,6 @@ class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
  public:
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
-  static_assert(std::is_same_v<route_type, Scalar>, "logits are produced in the storage type");
 
   explicit TopKSoftmaxRouter(const TopKSoftmaxConfig& config)
       : Base("kmoe::TopKSoftmaxRouter", config.hidden, config.experts, config.top_k, config.bias),
