@@ -46,15 +46,17 @@ namespace detail {
 /// of fp32's bytes once for all the rows).
 inline constexpr int packed_panel_rows = 64;
 
-/// Whether the GEMM policy multiplies by packed Element weights itself on ExecSpace: a
-/// policy opts in with `template <class X, class E> static constexpr bool multiplies_packed`
-/// and a static `segment_times_packed(space, segments, in, values, out, narrow_in)`.
-template <class Gemm, class ExecSpace, class Element, class = void>
+/// Whether the GEMM policy multiplies Scalar activations by packed Element weights itself
+/// on ExecSpace: a policy opts in with `template <class X, class E, class S> static
+/// constexpr bool multiplies_packed` and a static
+/// `segment_times_packed(space, segments, in, values, out, narrow_in)`.
+template <class Gemm, class ExecSpace, class Element, class Scalar, class = void>
 struct gemm_multiplies_packed : std::false_type {};
-template <class Gemm, class ExecSpace, class Element>
+template <class Gemm, class ExecSpace, class Element, class Scalar>
 struct gemm_multiplies_packed<
-    Gemm, ExecSpace, Element,
-    std::enable_if_t<Gemm::template multiplies_packed<ExecSpace, Element>>> : std::true_type {};
+    Gemm, ExecSpace, Element, Scalar,
+    std::enable_if_t<Gemm::template multiplies_packed<ExecSpace, Element, Scalar>>>
+    : std::true_type {};
 
 /// Lists the experts with 1 to packed_panel_rows - 1 rows in ws.streamed; returns how many.
 template <class ExecSpace, class Scalar>
@@ -101,7 +103,7 @@ void segment_times_packed_weight(const Segments<ExecSpace>& segments, const In& 
                                  PackedProductWorkspace<ExecSpace, Scalar>& ws) {
   static_assert(std::is_same_v<typename Out::non_const_value_type, Scalar>,
                 "kmoe::segment_times_packed_weight: out and the workspace differ in Scalar");
-  if constexpr (detail::gemm_multiplies_packed<Gemm, ExecSpace, Element>::value) {
+  if constexpr (detail::gemm_multiplies_packed<Gemm, ExecSpace, Element, Scalar>::value) {
     Gemm::segment_times_packed(ExecSpace(), segments, in, w.values, out, ws.narrow_in);
   } else {
     const int count = detail::list_streamed_experts(segments, ws);
@@ -126,7 +128,7 @@ void segment_glu_packed(const Segments<ExecSpace>& segments, const In& x,
   // Rows left for the activation pass: every row where the policy does the products,
   // else the rows of segments that took the panel path.
   bool all_rows = true;
-  if constexpr (detail::gemm_multiplies_packed<Gemm, ExecSpace, Element>::value) {
+  if constexpr (detail::gemm_multiplies_packed<Gemm, ExecSpace, Element, Scalar>::value) {
     Gemm::segment_times_packed(ExecSpace(), segments, x, w_gate.values, hidden, ws.narrow_in);
     Gemm::segment_times_packed(ExecSpace(), segments, x, w_up.values, up, ws.narrow_in);
   } else {
