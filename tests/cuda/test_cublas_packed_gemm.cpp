@@ -20,10 +20,10 @@ namespace {
 
 using X = Kokkos::Cuda;
 
-static_assert(kmoe::detail::gemm_multiplies_packed<kmoe::gemm::CublasMixed, X, kmoe::bfloat16,
-                                                   float>::value);
-static_assert(!kmoe::detail::gemm_multiplies_packed<kmoe::gemm::CublasMixed, X, std::int8_t,
-                                                    float>::value);
+static_assert(
+    kmoe::detail::gemm_multiplies_packed<kmoe::gemm::CublasMixed, X, kmoe::bfloat16, float>::value);
+static_assert(
+    !kmoe::detail::gemm_multiplies_packed<kmoe::gemm::CublasMixed, X, std::int8_t, float>::value);
 static_assert(!kmoe::detail::gemm_multiplies_packed<kmoe::gemm::CublasMixed, X, kmoe::bfloat16,
                                                     double>::value);
 
@@ -106,8 +106,8 @@ TEST_CASE("PackedGLUExperts on CublasMixed: close to the default policy's kernel
   Mixed mixed(mixed_float);
   Plain plain(plain_float);
   const auto segments = segments_of({5, 0, 90, 2});
-  kmoe::Matrix<float, X> x("x", segments.rows(), hidden), y_mixed("y_mixed", segments.rows(), hidden),
-      y_plain("y_plain", segments.rows(), hidden);
+  kmoe::Matrix<float, X> x("x", segments.rows(), hidden),
+      y_mixed("y_mixed", segments.rows(), hidden), y_plain("y_plain", segments.rows(), hidden);
   kmoe::fill_normal(x, 1.0, 30);
   mixed.forward(x, segments, y_mixed, kmoe::ExpertMode::inference);
   plain.forward(x, segments, y_plain, kmoe::ExpertMode::inference);

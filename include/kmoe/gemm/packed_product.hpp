@@ -34,8 +34,7 @@ struct PackedProductWorkspace {
   typename Vector<int, ExecSpace>::HostMirror streamed_host;
   /// Activations rounded to the weights' 16-bit type, for a GEMM policy whose packed
   /// product takes both operands in it (cuBLAS).
-  Kokkos::View<std::uint16_t**, Kokkos::LayoutRight, typename ExecSpace::memory_space>
-      narrow_in;
+  Kokkos::View<std::uint16_t**, Kokkos::LayoutRight, typename ExecSpace::memory_space> narrow_in;
 };
 
 namespace detail {
@@ -87,8 +86,8 @@ void packed_panel_segments(const Segments<ExecSpace>& segments, const In& in,
     if (n < packed_panel_rows) continue;
     ensure_extents(ws.panel, "kmoe::packed_panel", w.values.extent(1), w.values.extent(2));
     unpack_expert(w, e, ws.panel);
-    Gemm::gemm(ExecSpace(), false, true, Scalar(1), gemm::detail::rows_of(in, b, b + n),
-               ws.panel, Scalar(0), gemm::detail::rows_of(out, b, b + n));
+    Gemm::gemm(ExecSpace(), false, true, Scalar(1), gemm::detail::rows_of(in, b, b + n), ws.panel,
+               Scalar(0), gemm::detail::rows_of(out, b, b + n));
   }
 }
 
@@ -133,8 +132,8 @@ void segment_glu_packed(const Segments<ExecSpace>& segments, const In& x,
     Gemm::segment_times_packed(ExecSpace(), segments, x, w_up.values, up, ws.narrow_in);
   } else {
     const int count = detail::list_streamed_experts(segments, ws);
-    detail::packed_stream<detail::GluPairs<Activation>>(segments, ws.streamed, count, x,
-                                                        w_gate, w_up, hidden);
+    detail::packed_stream<detail::GluPairs<Activation>>(segments, ws.streamed, count, x, w_gate,
+                                                        w_up, hidden);
     detail::packed_panel_segments<Gemm>(segments, x, w_gate, hidden, ws);
     detail::packed_panel_segments<Gemm>(segments, x, w_up, up, ws);
     all_rows = false;

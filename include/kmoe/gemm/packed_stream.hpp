@@ -163,9 +163,11 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void packed_pair_
 /// The AVX2 + FMA form, 1 to packed_block_rows rows (double: the portable form compiled
 /// for the target, fused).
 template <class Scalar, class Element>
-__attribute__((target("avx2,fma,f16c"))) void packed_pair_dot_avx2(
-    const Element* q0, const Element* q1, const Scalar* x, std::size_t stride, int rows,
-    int inputs, Scalar (*acc)[2]) {
+__attribute__((target("avx2,fma,f16c"))) void packed_pair_dot_avx2(const Element* q0,
+                                                                   const Element* q1,
+                                                                   const Scalar* x,
+                                                                   std::size_t stride, int rows,
+                                                                   int inputs, Scalar (*acc)[2]) {
   if constexpr (std::is_same_v<Scalar, float>) {
     switch (rows) {
       case 4:
@@ -265,8 +267,7 @@ void packed_stream(const Segments<ExecSpace>& segments, const Vector<int, ExecSp
           const Element* q1 = glu ? &q_second(e, n1, 0) : &q_first(e, n1, 0);
           // Ternaries, not `if constexpr`: nvcc rejects a lambda's first capture inside one.
           const Scalar scale0 = scaled ? Scalar(s_first(e, n0)) : Scalar(1);
-          const Scalar scale1 =
-              scaled ? Scalar(glu ? s_second(e, n1) : s_first(e, n1)) : Scalar(1);
+          const Scalar scale1 = scaled ? Scalar(glu ? s_second(e, n1) : s_first(e, n1)) : Scalar(1);
           for (int r = begin; r < end; r += packed_block_rows) {
             const int rows = end - r < packed_block_rows ? end - r : packed_block_rows;
             Scalar acc[packed_block_rows][2];

@@ -50,7 +50,7 @@ void round_rows(const ExecSpace& space, const In& in, const Narrow& narrow) {
   Kokkos::parallel_for(
       "kmoe::gemm::CublasMixed::round_rows",
       Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>(space, {0, 0},
-                                                         {int(in.extent(0)), int(in.extent(1))}),
+                                                        {int(in.extent(0)), int(in.extent(1))}),
       KOKKOS_LAMBDA(int r, int k) { narrow(r, k) = Element(float(in(r, k))).bits(); });
 }
 
@@ -63,9 +63,8 @@ struct CublasMixed : CublasGrouped {
 
   /// The packed products this policy does itself (gemm/packed_product.hpp).
   template <class ExecSpace, class Element, class Scalar>
-  static constexpr bool multiplies_packed = cublas_detail::is_cuda_v<ExecSpace> &&
-                                            is_packed_float_v<Element> &&
-                                            std::is_same_v<Scalar, float>;
+  static constexpr bool multiplies_packed = cublas_detail::is_cuda_v<ExecSpace>&&
+      is_packed_float_v<Element>&& std::is_same_v<Scalar, float>;
 
   /// out[seg e] = round(in[seg e]) * values[e]^T for every non-empty segment, values [E, N, K]
   /// stored in Element, out overwritten; `narrow_in` is the caller's buffer for the rounded
@@ -115,9 +114,8 @@ struct CublasMixed : CublasGrouped {
       const int b = segments.begin(e), rows = segments.end(e) - b;
       if (rows == 0) continue;
       check(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n_out, rows, k, &one,
-                         values.data() + std::size_t(e) * expert_stride,
-                         packed_type<Element>::data, k,
-                         narrow_in.data() + std::size_t(b) * narrow_in.stride(0),
+                         values.data() + std::size_t(e) * expert_stride, packed_type<Element>::data,
+                         k, narrow_in.data() + std::size_t(b) * narrow_in.stride(0),
                          packed_type<Element>::data, k, &zero,
                          out.data() + std::size_t(b) * out.stride(0), CUDA_R_32F, ld_out,
                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
