@@ -65,7 +65,7 @@ TEMPLATE_TEST_CASE("cuBLAS bf16 / fp16 packed products match a host loop", "[cud
   const int rows = segments.rows();
   kmoe::Tensor3<float, X> w_float("w", experts, outputs, inputs);
   kmoe::fill_normal(w_float, 0.5, 7);
-  const auto w = kmoe::pack_weight<Element>(w_float, "w");
+  const auto w = kmoe::pack_weight<Element, X, float>(w_float, "w");
   kmoe::Matrix<float, X> in("in", rows, inputs), out("out", rows, outputs);
   kmoe::fill_normal(in, 1.0, 8);
   kmoe::PackedProductWorkspace<X, float> ws;

@@ -102,9 +102,28 @@ KOKKOS_FORCEINLINE_FUNCTION Scalar widen_weight(Element value) {
     return Scalar(float(value));
 }
 
-/// panel = expert e of w as Scalar, its scale applied.
+/// panel = expert e of w as Scalar, its scale applied, on a host space: a thread per output
+/// row, the row's conversion a loop the compiler vectorises.
 template <class ExecSpace, class Element, class Panel>
-void unpack_expert(const PackedWeight<ExecSpace, Element>& w, int e, const Panel& panel) {
+void unpack_expert_by_rows(const PackedWeight<ExecSpace, Element>& w, int e, const Panel& panel) {
+  using Scalar = typename Panel::non_const_value_type;
+  constexpr bool scaled = PackedWeight<ExecSpace, Element>::scaled;
+  const auto values = w.values;
+  const auto scales = w.scales;
+  const int inputs = int(values.extent(2));
+  Kokkos::parallel_for(
+      "kmoe::unpack_expert", Kokkos::RangePolicy<ExecSpace>(0, int(values.extent(1))),
+      KOKKOS_LAMBDA(int o) {
+        const Scalar scale = scaled ? Scalar(scales(e, o)) : Scalar(1);
+        for (int k = 0; k < inputs; ++k)
+          panel(o, k) = scale * widen_weight<Scalar>(values(e, o, k));
+      });
+}
+
+/// The same on a device: a thread per element, neighbouring threads on neighbouring k.
+template <class ExecSpace, class Element, class Panel>
+void unpack_expert_by_elements(const PackedWeight<ExecSpace, Element>& w, int e,
+                               const Panel& panel) {
   using Scalar = typename Panel::non_const_value_type;
   constexpr bool scaled = PackedWeight<ExecSpace, Element>::scaled;
   const auto values = w.values;
@@ -117,6 +136,16 @@ void unpack_expert(const PackedWeight<ExecSpace, Element>& w, int e, const Panel
         const Scalar scale = scaled ? Scalar(scales(e, o)) : Scalar(1);
         panel(o, k) = scale * widen_weight<Scalar>(values(e, o, k));
       });
+}
+
+/// panel = expert e of w as Scalar, its scale applied.
+template <class ExecSpace, class Element, class Panel>
+void unpack_expert(const PackedWeight<ExecSpace, Element>& w, int e, const Panel& panel) {
+  if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace,
+                                           typename ExecSpace::memory_space>::accessible)
+    unpack_expert_by_rows(w, e, panel);
+  else
+    unpack_expert_by_elements(w, e, panel);
 }
 
 }  // namespace detail
