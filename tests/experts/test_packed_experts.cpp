@@ -206,6 +206,13 @@ void check_packed_products() {
   segment_times_packed_weight<DefaultGemm>(segments, x, w, out, ws);
   CHECK(ws.panel.data() == panel);
   CHECK(ws.streamed.data() == streamed);
+  // A projection of the transposed shape (a GLU's down after its gate) shares the panel.
+  Tensor3<S, X> down_float("down", experts, inputs, outputs);
+  fill_normal(down_float, 0.5, 104);
+  Matrix<S, X> back("back", total, inputs);
+  segment_times_packed_weight<DefaultGemm>(
+      segments, out, pack_weight<Element, X, S>(down_float, "down"), back, ws);
+  CHECK(ws.panel.data() == panel);
 
   const auto xh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), x);
   const auto oh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), out);

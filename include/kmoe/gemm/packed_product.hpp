@@ -29,7 +29,10 @@ namespace kmoe {
 /// \brief Buffers of the packed products, kept between calls by the caller.
 template <class ExecSpace, class Scalar>
 struct PackedProductWorkspace {
-  Matrix<Scalar, ExecSpace> panel;  ///< one expert's weight as Scalar [N, K] (prefill)
+  /// One expert's weight as Scalar (prefill): storage for the largest N * K seen, viewed
+  /// [N, K] per projection, so projections of transposed shapes (gate [F, H], down [H, F])
+  /// share it without reallocating.
+  Vector<Scalar, ExecSpace> panel;
   Vector<int, ExecSpace> streamed;  ///< the experts whose segments stream (decode)
   typename Vector<int, ExecSpace>::HostMirror streamed_host;
   /// Activations rounded to the weights' 16-bit type, for a GEMM policy whose packed
@@ -84,9 +87,15 @@ void packed_panel_segments(const Segments<ExecSpace>& segments, const In& in,
   for (int e = 0; e < segments.experts(); ++e) {
     const int b = segments.begin(e), n = segments.end(e) - b;
     if (n < packed_panel_rows) continue;
-    ensure_extents(ws.panel, "kmoe::packed_panel", w.values.extent(1), w.values.extent(2));
-    unpack_expert(w, e, ws.panel);
-    Gemm::gemm(ExecSpace(), false, true, Scalar(1), gemm::detail::rows_of(in, b, b + n), ws.panel,
+    const std::size_t outputs = w.values.extent(1), inputs = w.values.extent(2);
+    if (ws.panel.extent(0) < outputs * inputs)
+      ws.panel = Vector<Scalar, ExecSpace>(
+          Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::packed_panel"), outputs * inputs);
+    const Kokkos::View<Scalar**, Kokkos::LayoutRight, typename ExecSpace::memory_space,
+                       Kokkos::MemoryTraits<Kokkos::Unmanaged>>
+        panel(ws.panel.data(), outputs, inputs);
+    unpack_expert(w, e, panel);
+    Gemm::gemm(ExecSpace(), false, true, Scalar(1), gemm::detail::rows_of(in, b, b + n), panel,
                Scalar(0), gemm::detail::rows_of(out, b, b + n));
   }
 }
