@@ -4,7 +4,8 @@
 // GEMM backend), timed in turn with the layer so that the machine's drift cancels in the
 // ratio; with a phase breakdown and, for decode, the weight-streaming floor and the same
 // layer with weight-only bf16 and INT8 experts (each timed in turn with the fp32 layer, and
-// against its own floor: one read of the packed weights of the experts the batch chose).
+// against its own floor: one read of the packed weights of the experts the batch chose), and
+// for prefill-bf16 the layer with bf16 experts timed in turn with the fp32 layer.
 // Usage: kmoe_bench [--config NAME]... [--repeats N] [--quick] [--json FILE]
 #include <kmoe/kmoe.hpp>
 #include <kmoe/quantized_layer.hpp>
@@ -38,8 +39,9 @@ struct Config {
   int T = 0, H = 0, F = 0, E = 0, k = 0;
   int shared_F = 0;  // 0: no shared expert
   int n_group = 1, topk_group = 1;
-  bool backward = true;       // also time backward and fwd+bwd
-  bool decode_floor = false;  // also time the weight-streaming floor
+  bool backward = true;         // also time backward and fwd+bwd
+  bool decode_floor = false;    // also time the weight-streaming floor
+  bool packed_prefill = false;  // also time the layer with bf16 experts (no floor)
   int repeats = 3;
 };
 
@@ -196,18 +198,19 @@ std::pair<double, double> interleaved_ms(int repeats, const std::function<void()
 }
 
 // The layer with weight-only experts in Element, timed in turn with the float layer, and
-// its floor: the packed weights of the experts the batch chose, read once (Sum: the type
-// the floor's lanes add in). INT8's scales (one float per output channel) add under 0.1%
-// at these shapes and are not in the floor.
+// (with_floor) its floor: the packed weights of the experts the batch chose, read once (Sum:
+// the type the floor's lanes add in). INT8's scales (one float per output channel) add
+// under 0.1% at these shapes and are not in the floor.
 template <class Element, class Sum, class Layer>
 void measure_packed(Layer& layer, const Record& r, const kmoe::Matrix<S, X>& x,
-                    const kmoe::ForwardStats& stats, Record::Packed& out) {
+                    const kmoe::ForwardStats& stats, Record::Packed& out, bool with_floor) {
   const Config& c = r.c;
   auto packed = kmoe::weight_only_layer<Element>(layer);
   kmoe::Matrix<S, X> y("bench::y", c.T, c.H), y_packed("bench::y_packed", c.T, c.H);
   kmoe::RouteContext<X> infer;
   std::tie(out.fp32_ms, out.ms) = interleaved_ms(
       c.repeats, [&] { layer.forward(x, y, infer); }, [&] { packed.forward(x, y_packed, infer); });
+  if (!with_floor) return;
   std::vector<const Element*> blocks;
   const std::size_t block = std::size_t(c.F) * c.H;
   const auto& experts = packed.experts();
@@ -279,9 +282,10 @@ void measure_layer(Layer& layer, Record& r, const kmoe::Matrix<S, X>& x, DenseEq
     r.floor_bytes = double(blocks.size()) * double(block) * sizeof(S);
     r.floor_ms = stream_ms<S, S>(std::max(c.repeats, 5), blocks, block);
 
-    measure_packed<kmoe::bfloat16, float>(layer, r, x, stats, r.bf16);
-    measure_packed<std::int8_t, int>(layer, r, x, stats, r.int8);
+    measure_packed<kmoe::bfloat16, float>(layer, r, x, stats, r.bf16, true);
+    measure_packed<std::int8_t, int>(layer, r, x, stats, r.int8, true);
   }
+  if (c.packed_prefill) measure_packed<kmoe::bfloat16, float>(layer, r, x, stats, r.bf16, false);
 }
 
 Record run(const Config& c) {
@@ -358,6 +362,11 @@ std::vector<Config> all_configs() {
   decode_64.decode_floor = true;
   decode_64.backward = false;
   list.push_back(decode_64);
+  // Prefill with bf16 experts against fp32 (every segment takes the unpacked-panel GEMM).
+  Config prefill_bf16 = mixtral("prefill-bf16", 2048, 3);
+  prefill_bf16.packed_prefill = true;
+  prefill_bf16.backward = false;
+  list.push_back(prefill_bf16);
   // Token sweep on Mixtral shapes, forward only (fwd+bwd at T = 16384 would take minutes).
   for (int T : {64, 256, 1024, 4096, 16384}) {
     Config c = mixtral("sweep-T-" + std::to_string(T), T, T >= 16384 ? 2 : 3);
@@ -383,6 +392,7 @@ std::vector<Config> quick_configs() {
   Config m = mixtral("mixtral-quick", 64, 2);
   m.H = 64;
   m.F = 96;
+  m.packed_prefill = true;
   list.push_back(m);
   list.push_back(deepseek("deepseek-quick", 64, 64, 32, 16, 64, 2));
   Config d = m;

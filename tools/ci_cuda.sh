@@ -52,9 +52,10 @@ cmake --preset cuda -B "$build" "${launcher[@]}"
 # balance loss, forward and backward; test_forward_experts: FFN/GLU activations and
 # capacity; test_optimizer_state: the optimizers; custom_router: a user router on the
 # public base; nccl_compile: the NCCL communicator; test_cublas_grouped_gemm: the cuBLAS
-# grouped GEMM backend (kmoe::cublas) against a host loop (exit 77, skipped, without a GPU).
+# grouped GEMM backend (kmoe::cublas) against a host loop (exit 77, skipped, without a GPU);
+# test_cublas_packed_gemm: gemm::CublasMixed's bf16 / fp16 GEMMs for weight-only experts.
 device_targets=(kmoe-run test_backward test_forward_experts test_optimizer_state custom_router
-                nccl_compile test_cublas_grouped_gemm)
+                nccl_compile test_cublas_grouped_gemm test_cublas_packed_gemm)
 if [ "${KMOE_CUDA_ALL:-0}" = 1 ]; then
   log "building every target with -j$jobs"
   target_args=()

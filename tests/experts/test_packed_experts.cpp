@@ -14,6 +14,7 @@
 #include "support/spaces.hpp"
 
 #include <cmath>
+#include <vector>
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -162,4 +163,112 @@ TEMPLATE_LIST_TEST_CASE("Weight-only experts: prefill unpacks panels, close to t
   check_packed_layer<TestType, float, std::int8_t>(512, false, 44, 0.02);
   check_packed_layer<TestType, float, std::int8_t>(300, true, 45, 0.02);
   check_packed_layer<TestType, float, bfloat16>(400, false, 48, 0.01);
+}
+
+namespace {
+
+/// Segments with the given rows per expert.
+template <class X>
+Segments<X> segments_of(const std::vector<int>& rows) {
+  Segments<X> s;
+  s.offsets_host = Kokkos::View<int*, Kokkos::HostSpace>("offsets", rows.size() + 1);
+  for (std::size_t e = 0; e < rows.size(); ++e) s.offsets_host(e + 1) = s.offsets_host(e) + rows[e];
+  s.sync_from_host();
+  return s;
+}
+
+/// The packed products (segment_times_packed_weight, segment_glu_packed) against plain loops
+/// in double over the stored values and scales: segments of 0 to 9 rows (streamed, every
+/// register block size) and 70 (panel), K = 37 (a tail after the 8-lane body), N = 11 (an
+/// odd output left over by the pairs); bound: float rounding of the sums, 1e-5 of
+/// sum_k |x q| (double: 1e-12), so a wrong lane, row, pair, scale or tail shows.
+template <class X, class S, class Element>
+void check_packed_products() {
+  const std::vector<int> rows = {3, 0, 1, 70, 2, 9, 4, 5};
+  const int experts = int(rows.size()), inputs = 37, outputs = 11;
+  const Segments<X> segments = segments_of<X>(rows);
+  const int total = segments.rows();
+  Tensor3<S, X> w_float("w", experts, outputs, inputs), u_float("u", experts, outputs, inputs);
+  fill_normal(w_float, 0.5, 101);
+  fill_normal(u_float, 0.5, 102);
+  const auto w = pack_weight<Element, X, S>(w_float, "w");
+  const auto u = pack_weight<Element, X, S>(u_float, "u");
+  Matrix<S, X> x("x", total, inputs), out("out", total, outputs), hidden("hidden", total, outputs),
+      up("up", total, outputs);
+  fill_normal(x, 1.0, 103);
+  PackedProductWorkspace<X, S> ws;
+  segment_times_packed_weight<DefaultGemm>(segments, x, w, out, ws);
+  segment_glu_packed<activation::Silu, DefaultGemm>(segments, x, w, u, hidden, up, ws);
+  // A second call reuses the workspace: nothing is allocated per call.
+  const S* panel = ws.panel.data();
+  const int* streamed = ws.streamed.data();
+  CHECK(panel != nullptr);
+  segment_times_packed_weight<DefaultGemm>(segments, x, w, out, ws);
+  CHECK(ws.panel.data() == panel);
+  CHECK(ws.streamed.data() == streamed);
+  // A projection of the transposed shape (a GLU's down after its gate) shares the panel.
+  Tensor3<S, X> down_float("down", experts, inputs, outputs);
+  fill_normal(down_float, 0.5, 104);
+  Matrix<S, X> back("back", total, inputs);
+  segment_times_packed_weight<DefaultGemm>(
+      segments, out, pack_weight<Element, X, S>(down_float, "down"), back, ws);
+  CHECK(ws.panel.data() == panel);
+
+  const auto xh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), x);
+  const auto oh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), out);
+  const auto hh = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), hidden);
+  const auto wq = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), w.values);
+  const auto uq = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), u.values);
+  const auto ws_h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), w.scales);
+  const auto us_h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), u.scales);
+  const double eps = std::is_same_v<S, float> ? 1e-5 : 1e-12;
+  std::size_t bad_out = 0, bad_hidden = 0;
+  for (int e = 0; e < experts; ++e)
+    for (int r = segments.begin(e); r < segments.end(e); ++r)
+      for (int n = 0; n < outputs; ++n) {
+        double g = 0, v = 0, g_abs = 0, v_abs = 0;
+        for (int k = 0; k < inputs; ++k) {
+          const double gw = double(float(wq(e, n, k))), vw = double(float(uq(e, n, k)));
+          g += double(xh(r, k)) * gw;
+          v += double(xh(r, k)) * vw;
+          g_abs += std::abs(double(xh(r, k)) * gw);
+          v_abs += std::abs(double(xh(r, k)) * vw);
+        }
+        const double gs = ws_h.size() ? double(ws_h(e, n)) : 1.0;
+        const double vs = us_h.size() ? double(us_h(e, n)) : 1.0;
+        g *= gs, v *= vs, g_abs *= gs, v_abs *= vs;
+        const double g_bound = eps * g_abs + 1e-30, v_bound = eps * v_abs + 1e-30;
+        bad_out += std::abs(double(oh(r, n)) - g) > g_bound;
+        const double silu = g / (1 + std::exp(-g));
+        // silu' lies in [-0.1, 1.1]: the hidden's error from each sum's.
+        const double h_bound = 1.1 * g_bound * (std::abs(v) + v_bound) +
+                               (std::abs(silu) + 1.1 * g_bound) * v_bound +
+                               eps * std::abs(silu * v);
+        bad_hidden += std::abs(double(hh(r, n)) - silu * v) > h_bound;
+      }
+  CHECK(bad_out == 0);
+  CHECK(bad_hidden == 0);
+}
+
+template <class X>
+void check_packed_products_all_types() {
+  check_packed_products<X, float, std::int8_t>();
+  check_packed_products<X, float, bfloat16>();
+  check_packed_products<X, float, float16>();
+  check_packed_products<X, double, std::int8_t>();
+  check_packed_products<X, double, bfloat16>();
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("Weight-only products: streamed and panel segments against plain loops",
+                        "[packed]", ExecutionSpaces) {
+  SECTION("the run-time choice (AVX2 + FMA where the host has it)") {
+    check_packed_products_all_types<TestType>();
+  }
+  SECTION("the portable form") {
+    detail::packed_stream_portable_only() = true;
+    check_packed_products_all_types<TestType>();
+    detail::packed_stream_portable_only() = false;
+  }
 }

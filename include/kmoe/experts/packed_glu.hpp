@@ -2,7 +2,9 @@
 #pragma once
 /// \file packed_glu.hpp
 /// \brief PackedGLUExperts: GLU experts (SwiGLU, GeGLU) with weight-only INT8, bf16 or fp16
-/// weights for inference, packed from a float GLUExperts (gemm/packed_weight.hpp).
+/// weights for inference, packed from a float GLUExperts (gemm/packed_weight.hpp), their
+/// products in gemm/packed_product.hpp (the gate and up projections and the activation in
+/// one streaming pass at decode).
 ///
 /// Activations, the activation function and the accumulation stay in Scalar; only the three
 /// projection weights are packed (a quarter (INT8) or half (16-bit) of fp32's bytes, which is
@@ -12,7 +14,7 @@
 /// on them does not compile.
 
 #include <kmoe/experts/glu.hpp>
-#include <kmoe/gemm/packed_weight.hpp>
+#include <kmoe/gemm/packed_product.hpp>
 
 #include <type_traits>
 
@@ -84,15 +86,8 @@ class PackedGLUExperts {
     const std::size_t rows = std::size_t(segments.rows());
     detail::ensure_extents(gate_, "kmoe::PackedGLUExperts::gate", rows, shape_.ffn);
     detail::ensure_extents(up_, "kmoe::PackedGLUExperts::up", rows, shape_.ffn);
-    segment_times_packed_weight<Gemm>(segments, x, w_gate_, Scalar(1), Scalar(0), gate_);
-    segment_times_packed_weight<Gemm>(segments, x, w_up_, Scalar(1), Scalar(0), up_);
-    const auto gate = gate_, up = up_;
-    Kokkos::parallel_for(
-        "kmoe::PackedGLUExperts::activation", Kokkos::RangePolicy<ExecSpace>(0, rows * shape_.ffn),
-        KOKKOS_LAMBDA(std::size_t i) {
-          gate.data()[i] = Activation::value(gate.data()[i]) * up.data()[i];
-        });
-    segment_times_packed_weight<Gemm>(segments, gate_, w_down_, Scalar(1), Scalar(0), y);
+    segment_glu_packed<Activation, Gemm>(segments, x, w_gate_, w_up_, gate_, up_, workspace_);
+    segment_times_packed_weight<Gemm>(segments, gate_, w_down_, y, workspace_);
     if (shape_.output_gate) {
       detail::ensure_extents(gate_value_, "kmoe::PackedGLUExperts::output_gate_value", rows);
       detail::output_gate_forward<ExecSpace, Scalar>(x, w_output_gate_, gate_value_, y);
@@ -144,7 +139,8 @@ class PackedGLUExperts {
   ExpertShape shape_;
   PackedWeight<ExecSpace, Element> w_gate_, w_up_, w_down_;
   Tensor3<Scalar, ExecSpace> w_output_gate_;  ///< [1, 1, H] with output_gate, else empty
-  Matrix<Scalar, ExecSpace> gate_, up_;       ///< projections; gate_ then holds the hidden
+  Matrix<Scalar, ExecSpace> gate_, up_;       ///< the hidden (gate_), up's projection (panel path)
+  PackedProductWorkspace<ExecSpace, Scalar> workspace_;
   Kokkos::View<Scalar*, typename ExecSpace::memory_space> gate_value_;
 };
 
