@@ -342,11 +342,19 @@ class MpiCommunicator {
   }
 
   /// \brief An all-to-all-v whose receiver learns each block's size from the message itself
-  /// (MPI_Isend to every rank, MPI_Improbe per sender, MPI_Mrecv), so that no count
+  /// (MPI_Isend to every other rank, MPI_Improbe per sender, MPI_Mrecv), so that no count
   /// exchange has to precede it: one synchronisation instead of two. `receive(counts)` is
   /// called once every block's element count is known (counts[p] from rank p) and returns
   /// the rank-1 view to receive into, blocks in rank order. Returns the counts. With the
   /// watchdog on, every probe and send is polled against its deadline.
+  ///
+  /// Like MPI_Alltoallv's own algorithms, the block a rank sends itself is copied in
+  /// memory, not passed through MPI; the send and receive views must not overlap. Peers
+  /// are visited in rotated order (sends to rank + 1, rank + 2, ...; probes from rank - 1,
+  /// rank - 2, ...), so that no rank is every sender's first destination, and each
+  /// round of probes is non-blocking over every sender not yet found, so that a late
+  /// sender does not hold up finding the others; the blocks are then received in the
+  /// order their envelopes arrived.
   template <class SendView, class Receive>
   std::vector<std::int64_t> all_to_all_v_sized_by_sender(
       const SendView& send, const std::vector<std::int64_t>& send_counts,
@@ -357,49 +365,62 @@ class MpiCommunicator {
     const auto send_ints = to_int(send_counts, send.size(), where, "send_counts", send_displs);
     using T = typename SendView::non_const_value_type;
     const auto type = detail::mpi_datatype<T>();
+    const int me = rank_, ranks = size_;
     Kokkos::fence();
     const auto sequence = begin_collective();
-    std::vector<MPI_Request> sends(std::size_t(size_), MPI_REQUEST_NULL);
-    for (int p = 0; p < size_; ++p)
+    std::vector<MPI_Request> sends(std::size_t(ranks), MPI_REQUEST_NULL);
+    for (int i = 1; i < ranks; ++i) {
+      const int p = (me + i) % ranks;
       detail::mpi_check(MPI_Isend(send.data() + send_displs[p], send_ints[p], type, p,
                                   detail::mpi_sized_exchange_tag, native(), &sends[p]),
                         "MPI_Isend");
-    std::vector<MPI_Message> messages(std::size_t(size_), MPI_MESSAGE_NULL);
-    std::vector<std::int64_t> recv_counts(std::size_t(size_), 0);
+    }
+    std::vector<MPI_Message> messages(std::size_t(ranks), MPI_MESSAGE_NULL);
+    std::vector<std::int64_t> recv_counts(std::size_t(ranks), 0);
+    recv_counts[me] = send_ints[me];
+    std::vector<int> arrival;  // the senders in the order their envelopes were found
+    arrival.reserve(std::size_t(ranks));
+    std::vector<char> found(std::size_t(ranks), 0);
     const auto deadline = clock::now() + options().collective_timeout;
-    for (int p = 0; p < size_; ++p) {
-      MPI_Status status;
-      for (int found = 0; !found;) {
-        detail::mpi_check(MPI_Improbe(p, detail::mpi_sized_exchange_tag, native(), &found,
+    while (int(arrival.size()) < ranks - 1) {
+      for (int i = 1; i < ranks; ++i) {
+        const int p = (me - i + ranks) % ranks;
+        if (found[p]) continue;
+        int flag = 0;
+        MPI_Status status;
+        detail::mpi_check(MPI_Improbe(p, detail::mpi_sized_exchange_tag, native(), &flag,
                                       &messages[p], &status),
                           "MPI_Improbe");
-        if (found || !watched()) continue;
-        int reported = 0;
-        detail::mpi_check(MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, native(), &reported,
-                                     MPI_STATUS_IGNORE),
-                          "MPI_Iprobe");
-        if (reported || clock::now() >= deadline)
-          report_timeout(*handle_, detail::MpiCollective::sized_exchange, sequence);
+        if (!flag) continue;
+        int count = 0;
+        detail::mpi_check(MPI_Get_count(&status, type, &count), "MPI_Get_count");
+        recv_counts[p] = count;
+        found[p] = 1;
+        arrival.push_back(p);
       }
-      int count = 0;
-      detail::mpi_check(MPI_Get_count(&status, type, &count), "MPI_Get_count");
-      recv_counts[p] = count;
+      if (int(arrival.size()) == ranks - 1 || !watched()) continue;
+      int reported = 0;
+      detail::mpi_check(MPI_Iprobe(MPI_ANY_SOURCE, detail::mpi_watchdog_tag, native(), &reported,
+                                   MPI_STATUS_IGNORE),
+                        "MPI_Iprobe");
+      if (reported || clock::now() >= deadline)
+        report_timeout(*handle_, detail::MpiCollective::sized_exchange, sequence);
     }
     const auto recv = receive(recv_counts);
     detail::require_host_view<std::remove_cv_t<std::remove_reference_t<decltype(recv)>>>();
-    std::int64_t total = 0;
-    for (auto c : recv_counts) total += c;
-    require(std::size_t(total) <= recv.size(), where, "receive view", recv.size(),
-            "must hold the " + std::to_string(total) + " elements received");
-    std::int64_t offset = 0;
-    for (int p = 0; p < size_; ++p) {
-      detail::mpi_check(MPI_Mrecv(recv.data() + offset, int(recv_counts[p]), type, &messages[p],
+    std::vector<std::int64_t> offset(std::size_t(ranks) + 1, 0);
+    for (int p = 0; p < ranks; ++p) offset[p + 1] = offset[p] + recv_counts[p];
+    require(std::size_t(offset[ranks]) <= recv.size(), where, "receive view", recv.size(),
+            "must hold the " + std::to_string(offset[ranks]) + " elements received");
+    std::copy_n(send.data() + send_displs[me], send_ints[me], recv.data() + offset[me]);
+    for (int p : arrival)
+      detail::mpi_check(MPI_Mrecv(recv.data() + offset[p], int(recv_counts[p]), type, &messages[p],
                                   MPI_STATUS_IGNORE),
                         "MPI_Mrecv");
-      offset += recv_counts[p];
-    }
     for (auto& request : sends)
-      if (watched())
+      if (request == MPI_REQUEST_NULL)
+        continue;
+      else if (watched())
         wait_watched(*handle_, request, detail::MpiCollective::sized_exchange, sequence);
       else
         detail::mpi_check(MPI_Wait(&request, MPI_STATUS_IGNORE), "MPI_Wait");
