@@ -58,7 +58,9 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -360,11 +362,17 @@ int main(int argc, char** argv) {
       return raw_alltoallv(raw_return_send, return_send, return_send_at, raw_return_recv,
                            return_recv, return_recv_at);
     };
+    // A random pause (0 to 4 ms, per rank) before each repetition: on a loaded machine a
+    // loop of steady period can lock onto the scheduler's time slices, so that one side
+    // is descheduled in most repetitions of a run and the other in none.
+    std::mt19937 jitter_source(unsigned(1000 + me));
+    std::uniform_int_distribution<int> jitter_us(0, 4000);
     for (int r = 0; r <= repeats; ++r) {
       const bool timed = r > 0;  // the first sizes the raw side's buffers
       const bool raw_first = timed && r % 2 == 0;
       double raw_ms = 0;
       dispatch.build(routing, exchange.expert_key(), experts, -1, kmoe::DropPolicy::by_position);
+      std::this_thread::sleep_for(std::chrono::microseconds(jitter_us(jitter_source)));
       MPI_Barrier(world.native());
       auto start = clock_type::now();
       exchange.plan(dispatch, routing.expert, x);
