@@ -10,11 +10,11 @@
 //     included) and one of the return's, on buffers of the same sizes. Each of the four
 //     transfers starts right after an MPI_Barrier, so that neither side holds the wait for
 //     the slowest rank's kernels before it (reported apart as the arrival skew); the sides
-//     alternate which goes first, repetition by repetition. Figures: the median per rank,
-//     the maximum over ranks, and the fastest repetition likewise. The arrangement
-//     kernels around the transfers (the send rows' gather, the expansion into expert
-//     order, the combine's arrangement) are reported apart: they are memory permutations
-//     a raw MPI_Alltoallv does not do;
+//     alternate which goes first, repetition by repetition, each repetition after a random
+//     pause of 0 to 4 ms per rank. Figures: the median per rank, the maximum over ranks,
+//     and the fastest repetition likewise. The arrangement kernels around the transfers
+//     (the send rows' gather, the expansion into expert order, the combine's arrangement)
+//     are reported apart: they are memory permutations a raw MPI_Alltoallv does not do;
 //  2. forward, and forward + backward (training_mode recompute), pipelined (LayerOptions::
 //     exchange_chunks, --chunks; 0 lets the layer choose) with the shared experts
 //     overlapped, against sequential (exchange_chunks = 1, shared experts after the
