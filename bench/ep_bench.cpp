@@ -80,6 +80,11 @@ double median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
+/// The smallest value (0 for none: --repeats 0).
+double fastest(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end());
+}
+
 double ms_since(clock_type::time_point start) {
   return std::chrono::duration<double, std::milli>(clock_type::now() - start).count();
 }
@@ -453,9 +458,8 @@ int main(int argc, char** argv) {
     const auto agreed =
         slowest(world, {median(wire), median(raw), median(arrangement), median(forward_times[0]),
                         median(forward_times[1]), median(step_times[0]), median(step_times[1]),
-                        median(exchange_phase), median(forward_phase), median(skew),
-                        *std::min_element(wire.begin(), wire.end()),
-                        *std::min_element(raw.begin(), raw.end())});
+                        median(exchange_phase), median(forward_phase), median(skew), fastest(wire),
+                        fastest(raw)});
     if (me == 0) {
       std::printf(
           "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, "
