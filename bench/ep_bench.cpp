@@ -3,15 +3,18 @@
 // layer with a shared expert. Reports, in the same run:
 //  1. the exchange against raw MPI_Alltoallv of the same bytes. Exchange side: an
 //     ExpertParallelExchange on the layer's own routing (identity experts), timed from
-//     exchange_counts() to the dispatch's wait, plus the combine's transfer (from its
-//     before_exchange callback to its return): the counts all-to-all, the payload (links'
-//     header first) and the return, what crosses the wire. Raw side: one MPI_Alltoallv of
-//     the dispatch's exact per-peer element counts (header included) and one of the
-//     return's, on buffers of the same sizes. The two alternate repetition by repetition,
-//     each after an MPI_Barrier; the figure is the median per rank, the maximum over ranks.
-//     The arrangement kernels around the transfers (the send rows' gather, the expansion
-//     into expert order, the combine's arrangement) are reported apart: they are memory
-//     permutations a raw MPI_Alltoallv does not do;
+//     exchange_counts() to the dispatch's wait (the payload, its counts and links in the
+//     header of each block, and the receive layout they give), plus the combine's
+//     transfer (from its before_exchange callback to its return): what crosses the wire.
+//     Raw side: one MPI_Alltoallv of the dispatch's exact per-peer element counts (header
+//     included) and one of the return's, on buffers of the same sizes. Each of the four
+//     transfers starts right after an MPI_Barrier, so that neither side holds the wait for
+//     the slowest rank's kernels before it (reported apart as the arrival skew); the sides
+//     alternate which goes first, repetition by repetition, each repetition after a random
+//     pause of 0 to 4 ms per rank. Figures: the median per rank, the maximum over ranks,
+//     and the fastest repetition likewise. The arrangement kernels around the transfers
+//     (the send rows' gather, the expansion into expert order, the combine's arrangement)
+//     are reported apart: they are memory permutations a raw MPI_Alltoallv does not do;
 //  2. forward, and forward + backward (training_mode recompute), pipelined (LayerOptions::
 //     exchange_chunks, --chunks; 0 lets the layer choose) with the shared experts
 //     overlapped, against sequential (exchange_chunks = 1, shared experts after the
@@ -63,7 +66,9 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -81,6 +86,11 @@ constexpr int top_k = 2;
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+/// The smallest value (0 for none: --repeats 0).
+double fastest(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end());
 }
 
 double ms_since(clock_type::time_point start) {
@@ -289,6 +299,19 @@ std::pair<double, double> predicted_forward_bytes(const Layer& layer, const Shap
           traffic[Traffic::exchange_metadata].total()};
 }
 
+/// The 1-minute load average (/proc/loadavg; "n/a" where there is none): the machine is
+/// shared, and the figures mean little without it.
+std::string load_average() {
+  std::FILE* file = std::fopen("/proc/loadavg", "r");
+  double load = 0;
+  const bool read = file && std::fscanf(file, "%lf", &load) == 1;
+  if (file) std::fclose(file);
+  if (!read) return "n/a";
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.2f", load);
+  return text;
+}
+
 std::string json_list(const std::vector<long long>& v) {
   std::string s = "[";
   for (std::size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
@@ -331,6 +354,7 @@ int main(int argc, char** argv) {
     kmoe::MpiOptions mpi_options;  // --watchdog-ms 0: MPI's blocking calls, no polling
     mpi_options.collective_timeout = std::chrono::milliseconds(
         arg(argc, argv, "--watchdog-ms", int(mpi_options.collective_timeout.count())));
+    const std::string load_at_start = load_average();
     const auto world = kmoe::MpiCommunicator::world(mpi_options);
     const int ranks = world.size(), me = world.rank();
     kmoe::ParallelLayout layout;
@@ -399,36 +423,83 @@ int main(int argc, char** argv) {
     sequential.set_phase_timing(false);
     const kmoe::RoutingPlan<X, S> routing = pipelined.routing();
 
-    // 1. The exchange alone against raw MPI_Alltoallv of the same bytes, alternating.
+    // 1. The exchange alone against raw MPI_Alltoallv of the same bytes. Every transfer of
+    // either side starts right after an MPI_Barrier, so that neither side's figure holds
+    // the wait for the slowest rank's kernels before it (timed apart as skew, as the
+    // layer's phase timing books it as imbalance); the sides alternate which goes first.
     kmoe::ExpertParallelExchange<X, S, kmoe::MpiCommunicator> exchange(groups, experts, hidden, 1);
     kmoe::Dispatch<X> dispatch;
-    std::vector<double> wire, arrangement, raw;
+    std::vector<double> wire, raw, arrangement, skew;
     std::vector<int> dispatch_send(ranks), dispatch_recv(ranks), return_send(ranks),
         return_recv(ranks), dispatch_send_at(ranks), dispatch_recv_at(ranks), return_send_at(ranks),
         return_recv_at(ranks);
     std::vector<float> raw_dispatch_send, raw_dispatch_recv, raw_return_send, raw_return_recv;
+    const auto barrier_ms = [&] {
+      const auto start = clock_type::now();
+      MPI_Barrier(world.native());
+      return ms_since(start);
+    };
+    const auto raw_alltoallv = [&](const std::vector<float>& send, const std::vector<int>& counts,
+                                   const std::vector<int>& at, std::vector<float>& recv,
+                                   const std::vector<int>& recv_counts,
+                                   const std::vector<int>& recv_at) {
+      MPI_Barrier(world.native());
+      const auto start = clock_type::now();
+      MPI_Alltoallv(send.data(), counts.data(), at.data(), MPI_FLOAT, recv.data(),
+                    recv_counts.data(), recv_at.data(), MPI_FLOAT, world.native());
+      return ms_since(start);
+    };
+    const auto raw_dispatch = [&] {
+      return raw_alltoallv(raw_dispatch_send, dispatch_send, dispatch_send_at, raw_dispatch_recv,
+                           dispatch_recv, dispatch_recv_at);
+    };
+    const auto raw_return = [&] {
+      return raw_alltoallv(raw_return_send, return_send, return_send_at, raw_return_recv,
+                           return_recv, return_recv_at);
+    };
+    // A random pause (0 to 4 ms, per rank) before each repetition: on a loaded machine a
+    // loop of steady period can lock onto the scheduler's time slices, so that one side
+    // is descheduled in most repetitions of a run and the other in none.
+    std::mt19937 jitter_source(unsigned(1000 + me));
+    std::uniform_int_distribution<int> jitter_us(0, 4000);
     for (int r = 0; r <= repeats; ++r) {
+      const bool timed = r > 0;  // the first sizes the raw side's buffers
+      const bool raw_first = timed && r % 2 == 0;
+      double raw_ms = 0;
       dispatch.build(routing, exchange.expert_key(), experts, -1, kmoe::DropPolicy::by_position);
+      std::this_thread::sleep_for(std::chrono::microseconds(jitter_us(jitter_source)));
       MPI_Barrier(world.native());
       auto start = clock_type::now();
       exchange.plan(dispatch, routing.expert, x);
       Kokkos::fence();
       double arranged = ms_since(start);
+      double skewed = barrier_ms();
+      if (raw_first) {
+        raw_ms += raw_dispatch();
+        MPI_Barrier(world.native());
+      }
       start = clock_type::now();
       exchange.exchange_counts();
       exchange.dispatch_start().wait();
       double wired = ms_since(start);
+      if (timed && !raw_first) raw_ms += raw_dispatch();
       start = clock_type::now();
       const auto& expert_x = exchange.arrive();
       clock_type::time_point before_return;
       exchange.combine(expert_x, [&] {
         Kokkos::fence();
+        arranged += ms_since(start);
+        skewed += barrier_ms();
+        if (raw_first) {
+          raw_ms += raw_return();
+          MPI_Barrier(world.native());
+        }
         before_return = clock_type::now();
       });
       Kokkos::fence();
-      arranged += std::chrono::duration<double, std::milli>(before_return - start).count();
       wired += ms_since(before_return);
-      if (r == 0) {
+      if (timed && !raw_first) raw_ms += raw_return();
+      if (!timed) {
         // The raw side's per-peer element counts: exactly what the exchange sent.
         for (int p = 0; p < ranks; ++p) {
           dispatch_send[p] =
@@ -448,19 +519,12 @@ int main(int argc, char** argv) {
         raw_dispatch_recv.assign(offsets(dispatch_recv, dispatch_recv_at), 0.0f);
         raw_return_send.assign(offsets(return_send, return_send_at), 1.0f);
         raw_return_recv.assign(offsets(return_recv, return_recv_at), 0.0f);
-        continue;  // the first allocates the buffers
+        continue;
       }
       wire.push_back(wired);
+      raw.push_back(raw_ms);
       arrangement.push_back(arranged);
-      MPI_Barrier(world.native());
-      start = clock_type::now();
-      MPI_Alltoallv(raw_dispatch_send.data(), dispatch_send.data(), dispatch_send_at.data(),
-                    MPI_FLOAT, raw_dispatch_recv.data(), dispatch_recv.data(),
-                    dispatch_recv_at.data(), MPI_FLOAT, world.native());
-      MPI_Alltoallv(raw_return_send.data(), return_send.data(), return_send_at.data(), MPI_FLOAT,
-                    raw_return_recv.data(), return_recv.data(), return_recv_at.data(), MPI_FLOAT,
-                    world.native());
-      raw.push_back(ms_since(start));
+      skew.push_back(skewed);
     }
 
     // 3. Rows sent against one per (token, expert) and the minimum, by a plain loop.
@@ -484,25 +548,29 @@ int main(int argc, char** argv) {
     const auto agreed =
         slowest(world, {median(wire), median(raw), median(arrangement), median(forward_times[0]),
                         median(forward_times[1]), median(step_times[0]), median(step_times[1]),
-                        median(exchange_phase), median(forward_phase)});
+                        median(exchange_phase), median(forward_phase), median(skew), fastest(wire),
+                        fastest(raw)});
     if (me == 0) {
       std::printf(
           "ep_bench: %d ranks x %d threads, T=%d per rank, H=%d F=%d E=%d k=%d, shared F=%d, "
-          "float32, %d repeats, %s exchange, ranks per node %d\n",
+          "float32, %d repeats, %s exchange, ranks per node %d; load average %s at the start, "
+          "%s at the end\n",
           ranks, X().concurrency(), tokens, hidden, ffn, experts, top_k, shared_ffn, repeats,
-          exchange_name.c_str(), ranks_per_node);
+          exchange_name.c_str(), ranks_per_node, load_at_start.c_str(), load_average().c_str());
       std::printf("rows rank 0 sends to other ranks: %lld; one per (token, expert) would be %lld; "
                   "minimum %lld (sent / minimum %.3f)\n",
                   remote_rows_sent, remote_assignments, remote_rows_minimum,
                   remote_rows_minimum ? double(remote_rows_sent) / remote_rows_minimum : 1.0);
       std::printf(
-          "exchange on the wire (counts + payload with links' header + return): %.3f ms; raw "
-          "MPI_Alltoallv of the same bytes: %.3f ms; ratio %.3f\n",
+          "exchange on the wire (payload with counts and links' header + return), median: %.3f "
+          "ms; raw MPI_Alltoallv of the same bytes: %.3f ms; ratio %.3f\n",
           agreed[0], agreed[1], agreed[0] / agreed[1]);
+      std::printf("fastest repetition: exchange %.3f ms, raw %.3f ms, ratio %.3f\n", agreed[10],
+                  agreed[11], agreed[10] / agreed[11]);
       std::printf(
           "arrangement kernels around it (send gather, expansion into expert order, combine "
-          "arrangement): %.3f ms\n",
-          agreed[2]);
+          "arrangement): %.3f ms; ranks' arrival skew before the two transfers: %.3f ms\n",
+          agreed[2], agreed[9]);
       if (!exchange_only) {
         std::printf("sequential forward: exchange phase %.3f ms of %.3f ms phases (%.0f%%)\n",
                     agreed[7], agreed[8], 100.0 * agreed[7] / agreed[8]);

@@ -38,9 +38,11 @@
 ///  - `template <class SendView, class Receive> std::vector<std::int64_t>
 ///    all_to_all_v_sized_by_sender(const SendView& send, const std::vector<std::int64_t>&
 ///    send_counts, const Receive& receive)`: an all-to-all-v whose receiver learns the
-///    counts from the messages, calling `receive(counts)` for the view to receive into; the
-///    expert-parallel exchange then sends its counts inside the payload instead of in an
-///    all-to-all of their own (one synchronisation fewer per forward).
+///    counts from the messages, calling `receive(source, count)` once per source rank for
+///    where to receive that block (a pointer to host-accessible room for `count` values),
+///    and returning the counts; the expert-parallel exchange then sends its counts inside
+///    the payload instead of in an all-to-all of their own (one synchronisation fewer per
+///    forward).
 /// `kmoe::check_valid_communicator<C>()` asserts each rule with its own message.
 
 #include <kmoe/detail/detect.hpp>
@@ -99,7 +101,7 @@ using comm_split =
     std::enable_if_t<std::is_same_v<decltype(std::declval<const C&>().split(0, 0)), C>>;
 /// The receive callback of all_to_all_v_sized_by_sender (declared only: for detection).
 struct communicator_probe_receive {
-  communicator_probe_view operator()(const communicator_counts&) const;
+  double* operator()(int source, std::int64_t count) const;
 };
 template <class C>
 using comm_sized_exchange = decltype(std::declval<const C&>().all_to_all_v_sized_by_sender(

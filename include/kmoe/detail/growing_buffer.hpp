@@ -40,4 +40,19 @@ void ensure_rows(Kokkos::View<T*, Space>& view, Kokkos::View<T*, Space>& buffer,
   view = Kokkos::subview(buffer, Kokkos::make_pair(std::int64_t(0), n));
 }
 
+/// Room for `n` elements in a growing rank-1 `buffer` whose first `kept` elements are kept
+/// (a receive buffer filling block by block): a larger one, an eighth more, only when too
+/// small.
+template <class T, class Space>
+void grow_keeping(Kokkos::View<T*, Space>& buffer, const char* label, std::int64_t n,
+                  std::int64_t kept) {
+  if (buffer.extent(0) >= std::size_t(n) && buffer.label() == label) return;
+  Kokkos::View<T*, Space> larger(Kokkos::view_alloc(Kokkos::WithoutInitializing, label),
+                                 std::size_t(n + n / 8));
+  if (kept > 0)
+    Kokkos::deep_copy(Kokkos::subview(larger, Kokkos::make_pair(std::int64_t(0), kept)),
+                      Kokkos::subview(buffer, Kokkos::make_pair(std::int64_t(0), kept)));
+  buffer = larger;
+}
+
 }  // namespace kmoe::detail

@@ -253,49 +253,69 @@ class CompressedPayload {
 
   /// The dispatch through a communicator that sizes messages by their sender
   /// (Communicator::all_to_all_v_sized_by_sender): packs `send` (blocks `blocks`, one per
-  /// peer), exchanges it, reads the first `head` exact values of each block that arrived
-  /// (they must be exact), asks `exact_of(values)` how many exact values that block starts
-  /// with, and widens the blocks into `receive(counts of S)`. Returns those counts.
+  /// peer), exchanges it (each block received as it arrives, after those before it), reads
+  /// the first `head` exact values of each block that arrived (they must be exact), asks
+  /// `exact_of(values)` how many exact values that block starts with, and widens the
+  /// blocks, in the order they arrived, into `receive(total elements of S)`. Returns each
+  /// source's count of S; `received_at[p]` is where source p's block starts there.
   template <class Route, class ExactOf, class Receive>
   std::vector<std::int64_t> exchange_sized_by_sender(Route& route, const FlatView& send,
                                                      const Blocks& blocks, std::size_t head,
                                                      const ExactOf& exact_of,
-                                                     const Receive& receive) {
+                                                     const Receive& receive,
+                                                     std::vector<std::int64_t>& received_at) {
     pack(Lane::dispatch, send, blocks);
     const auto wire_at = blocks.begin(true);
-    std::vector<std::int64_t> wire_counts(blocks.elements.size());
-    for (std::size_t p = 0; p < wire_counts.size(); ++p) wire_counts[p] = blocks.wire(p);
+    const std::size_t peers = blocks.elements.size();
+    std::vector<std::int64_t> wire_counts(peers);
+    for (std::size_t p = 0; p < peers; ++p) wire_counts[p] = blocks.wire(p);
     auto& buffers = lane_of(Lane::dispatch);
+    std::vector<int> arrival;  // the sources in the order their blocks arrived
+    std::vector<std::int64_t> wire_from(peers, 0);
+    std::int64_t wire_received = 0;
     const auto arrived = with_wire([&](auto tag) {
       using Wire = decltype(tag);
       return route.all_to_all_v_sized_by_sender(
           Kokkos::subview(typed<Wire>(buffers.send), std::make_pair(wire_at[0], wire_at.back())),
-          wire_counts, [&](const std::vector<std::int64_t>& counts) {
-            std::int64_t total = 0;
-            for (auto c : counts) total += c;
-            detail::ensure_rows(buffers.recv, storage(Lane::dispatch, false),
-                                label(Lane::dispatch, false), total);
-            return typed<Wire>(buffers.recv);
+          wire_counts, [&](int source, std::int64_t count) {
+            detail::grow_keeping(storage(Lane::dispatch, false), label(Lane::dispatch, false),
+                                 wire_received + count, wire_received);
+            wire_from[std::size_t(source)] = wire_received;
+            wire_received += count;
+            arrival.push_back(source);
+            return typed<Wire>(storage(Lane::dispatch, false)).data() + wire_from[source];
           });
     });
-    Blocks recv;
-    recv.elements.assign(arrived.size(), 0);
-    recv.exact.assign(arrived.size(), 0);
+    buffers.recv = Kokkos::subview(storage(Lane::dispatch, false),
+                                   std::make_pair(std::int64_t(0), wire_received));
+    Blocks recv;  // in arrival order, as the wire buffer holds them
+    recv.elements.assign(arrival.size(), 0);
+    recv.exact.assign(arrival.size(), 0);
+    std::vector<std::int64_t> elements(peers, 0);
     std::vector<S> values(head);
     std::vector<std::uint16_t> bits(head * pieces);
-    for (std::size_t p = 0, at = 0; p < arrived.size(); at += std::size_t(arrived[p]), ++p) {
+    for (std::size_t i = 0; i < arrival.size(); ++i) {
+      const std::size_t p = std::size_t(arrival[i]);
       if (arrived[p] == 0) continue;
       require(arrived[p] >= std::int64_t(head * pieces),
               "kmoe::CompressedPayload::exchange_sized_by_sender", "block", arrived[p],
               "must hold its " + std::to_string(head) + " exact head values");
+      const auto at = std::size_t(wire_from[p]);
       Kokkos::deep_copy(Kokkos::View<std::uint16_t*, Kokkos::HostSpace>(bits.data(), bits.size()),
                         Kokkos::subview(buffers.recv, std::make_pair(at, at + bits.size())));
       if (head > 0) std::memcpy(values.data(), bits.data(), head * sizeof(S));
-      recv.exact[p] = exact_of(values);
-      recv.elements[p] = arrived[p] - recv.exact[p] * (pieces - 1);
+      recv.exact[i] = exact_of(values);
+      recv.elements[i] = arrived[p] - recv.exact[i] * (pieces - 1);
+      elements[p] = recv.elements[i];
     }
-    unpack(Lane::dispatch, recv, 0, arrived.size(), receive(recv.elements));
-    return recv.elements;
+    received_at.assign(peers, 0);
+    std::int64_t total = 0;
+    for (std::size_t i = 0; i < arrival.size(); ++i) {
+      received_at[std::size_t(arrival[i])] = total;
+      total += recv.elements[i];
+    }
+    unpack(Lane::dispatch, recv, 0, arrival.size(), receive(total));
+    return elements;
   }
 
   /// Starts the route's all_to_all_rows_start (the hierarchical route's deduplicated rows)

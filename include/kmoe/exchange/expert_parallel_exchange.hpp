@@ -465,6 +465,8 @@ class ExpertParallelExchange {
     }
     for (std::size_t b = 0, row = 0; b < recv_block_rows_.size(); ++b) {
       const int c = int(b) / ranks, p = int(b) % ranks;
+      // Sized by the sender, the blocks lie in the order they arrived (received_at_).
+      if (payload_arrived_) row = std::size_t(received_at_[p] / hidden_);
       if (c == 0) header_at(p) = std::int64_t(row) * hidden_;
       token_at(p, c) = int(row + (c == 0 ? header_recv_[p] : 0));
       row += recv_block_rows_[b];
@@ -972,41 +974,50 @@ class ExpertParallelExchange {
 
   /// The unchunked deduplicated dispatch through a communicator that sizes messages by
   /// their sender: the payload arrives with its counts (its header's first values), so no
-  /// count all-to-all precedes it. Fills the counts as the all-to-all would have
-  /// (recv_host: per source, its experts' assignments, then its token rows).
+  /// count all-to-all precedes it. Each block is received, as soon as its envelope is
+  /// found, after those received before it (received_at_: where each source's block
+  /// starts). Fills the counts as the all-to-all would have (recv_host: per source, its
+  /// experts' assignments, then its token rows).
   template <class Host>
   void receive_sized_by_sender(const Host& recv_host) {
     const int ranks = ranks_, local = local_, per_peer = local + 1;
-    const auto size_recv_x = [&](const std::vector<std::int64_t>& elements) {
-      std::int64_t total = 0;
-      for (auto e : elements) total += e;
-      detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total / hidden_,
+    received_at_.assign(ranks, 0);
+    std::vector<std::int64_t> counts;
+    if (compressing()) {
+      // A block's exact header (its rows) follows from its head: the counts.
+      const auto header_of = [&](const std::vector<S>& head) {
+        std::int64_t links = 0;
+        for (const S kept : head) links += std::int64_t(kept);
+        return header_rows_of(local + links) * hidden_;
+      };
+      counts = compression_.exchange_sized_by_sender(
+          ep_, flat(send_x_), dispatch_blocks(true), std::size_t(local), header_of,
+          [&](std::int64_t total) {
+            detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total / hidden_,
+                                hidden_);
+            return flat(recv_x_);
+          },
+          received_at_);
+    } else {
+      std::int64_t received = 0;
+      counts = ep_.all_to_all_v_sized_by_sender(
+          flat(send_x_), elements(send_block_rows_), [&](int source, std::int64_t elements) {
+            grow_receive_buffer(received + elements, received);
+            received_at_[source] = received;
+            received += elements;
+            return recv_x_buffer_.data() + received_at_[source];
+          });
+      detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", received / hidden_,
                           hidden_);
-      return flat(recv_x_);
-    };
-    // Compressed, a block's exact header (its rows) follows from its head: the counts.
-    const auto header_of = [&](const std::vector<S>& head) {
-      std::int64_t links = 0;
-      for (const S kept : head) links += std::int64_t(kept);
-      return header_rows_of(local + links) * hidden_;
-    };
-    const auto counts =
-        compressing()
-            ? compression_.exchange_sized_by_sender(ep_, flat(send_x_), dispatch_blocks(true),
-                                                    std::size_t(local), header_of, size_recv_x)
-            : ep_.all_to_all_v_sized_by_sender(flat(send_x_), elements(send_block_rows_),
-                                               size_recv_x);
+    }
     // Each block's counts, from the head of its header, to the host.
     auto head = detail::ensure_view(received_head_, "kmoe::MoELayer::received_head",
                                     std::size_t(ranks) * std::max(local, 1));
-    std::int64_t at = 0;
-    for (int p = 0; p < ranks; ++p) {
+    for (int p = 0; p < ranks; ++p)
       if (local > 0 && counts[p] > 0)
         Kokkos::deep_copy(Kokkos::subview(head, std::make_pair(std::size_t(p) * local,
                                                                std::size_t(p + 1) * local)),
-                          FlatView(recv_x_.data() + at, std::size_t(local)));
-      at += counts[p];
-    }
+                          FlatView(recv_x_.data() + received_at_[p], std::size_t(local)));
     for (int p = 0; p < ranks; ++p) {
       std::int64_t links = 0;
       for (int j = 0; j < local; ++j) {
@@ -1016,6 +1027,22 @@ class ExpertParallelExchange {
       }
       recv_host(p * per_peer + local) = counts[p] / hidden_ - header_rows_of(local + links);
     }
+  }
+
+  /// Room for `elements` values in the dispatch's receive buffer, keeping its first `kept`
+  /// (the blocks already received): a larger buffer, an eighth more, only when too small.
+  void grow_receive_buffer(std::int64_t elements, std::int64_t kept) {
+    if (recv_x_buffer_.extent(1) == std::size_t(hidden_) &&
+        std::int64_t(recv_x_buffer_.size()) >= elements)
+      return;
+    const std::int64_t rows = (elements + hidden_ - 1) / hidden_;
+    Matrix<S, X> larger;
+    detail::ensure_extents(larger, "kmoe::MoELayer::recv_x", std::size_t(rows + rows / 8),
+                           std::size_t(hidden_));
+    if (kept > 0)
+      Kokkos::deep_copy(FlatView(larger.data(), std::size_t(kept)),
+                        FlatView(recv_x_buffer_.data(), std::size_t(kept)));
+    recv_x_buffer_ = larger;
   }
 
   /// The hierarchical route's key of each send row of the unchunked deduplicated dispatch
@@ -1230,6 +1257,7 @@ class ExpertParallelExchange {
   Vector<int, X> route_key_;  ///< the hierarchical route's key of each send row
   Kokkos::View<int*, Kokkos::HostSpace> route_key_host_;
   Kokkos::View<S*, Kokkos::HostSpace> received_head_;  ///< each block's counts, on the host
+  std::vector<std::int64_t> received_at_;  ///< sized by the sender: each source's first element
   Segments<X> segments_;
   std::vector<Segments<X>> chunk_segments_;
   std::vector<int> chunk_row_begin_;
