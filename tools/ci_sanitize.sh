@@ -30,7 +30,7 @@ targets=(test_api_misuse test_validation test_optimizer_state test_losses test_b
          test_sparse_mixer test_clamped_swiglu test_input_weighting test_failover test_elastic
          kmoe-plan test_layout_planner test_node_limit test_topology_placement
          test_packed_experts test_low_precision test_sharded_optimizer test_memory_accounting
-         test_resident_experts test_resident_checkpoint)
+         test_resident_experts test_resident_checkpoint test_low_precision_layer)
 if [ "${KMOE_SANITIZE_ALL:-0}" = 1 ]; then
   target_args=()
   selection=(-E '^(consumer_project|compile_fail_.*)$')
