@@ -9,6 +9,7 @@
 #include <kmoe/types.hpp>
 
 #include <cstddef>
+#include <string>
 
 namespace kmoe::detail {
 
@@ -47,8 +48,8 @@ template <class T, class Space>
 void grow_keeping(Kokkos::View<T*, Space>& buffer, const char* label, std::int64_t n,
                   std::int64_t kept) {
   if (buffer.extent(0) >= std::size_t(n) && buffer.label() == label) return;
-  Kokkos::View<T*, Space> larger(Kokkos::view_alloc(Kokkos::WithoutInitializing, label),
-                                 std::size_t(n + n / 8));
+  Kokkos::View<T*, Space> larger(
+      Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), std::size_t(n + n / 8));
   if (kept > 0)
     Kokkos::deep_copy(Kokkos::subview(larger, Kokkos::make_pair(std::int64_t(0), kept)),
                       Kokkos::subview(buffer, Kokkos::make_pair(std::int64_t(0), kept)));
