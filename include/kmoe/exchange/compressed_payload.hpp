@@ -303,7 +303,8 @@ class CompressedPayload {
       const auto at = std::size_t(wire_from[p]);
       Kokkos::deep_copy(Kokkos::View<std::uint16_t*, Kokkos::HostSpace>(bits.data(), bits.size()),
                         Kokkos::subview(buffers.recv, std::make_pair(at, at + bits.size())));
-      if (head > 0) std::memcpy(values.data(), bits.data(), head * sizeof(S));
+      // The exact values travel as their bytes (S may be a 16-bit class type).
+      if (head > 0) std::memcpy(static_cast<void*>(values.data()), bits.data(), head * sizeof(S));
       recv.exact[i] = exact_of(values);
       recv.elements[i] = arrived[p] - recv.exact[i] * (pieces - 1);
       elements[p] = recv.elements[i];
