@@ -38,6 +38,9 @@
 #include <string>
 #include <vector>
 
+#include "support/flags.hpp"
+#include "support/timing.hpp"
+
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
@@ -46,35 +49,9 @@ using Router = kmoe::SoftmaxTopKRouter<X, S>;
 using Experts = kmoe::SwiGLUExperts<X, S>;
 using Layer =
     kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
-using clock_type = std::chrono::steady_clock;
+using kmoe::bench::clock_type;
 
 constexpr int top_k = 2;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-double ms_since(clock_type::time_point start) {
-  return std::chrono::duration<double, std::milli>(clock_type::now() - start).count();
-}
-
-/// The value after `flag`, or `fallback`; a value that is not a positive integer ends the
-/// run naming the flag.
-int int_arg(int argc, char** argv, const char* flag, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], flag) == 0) {
-      char* end = nullptr;
-      const long value = std::strtol(argv[i + 1], &end, 10);
-      if (*end != '\0' || value <= 0 || value > (1L << 30)) {
-        std::fprintf(stderr, "pipeline_bench: %s must be a positive integer, not '%s'\n", flag,
-                     argv[i + 1]);
-        std::exit(1);
-      }
-      return int(value);
-    }
-  return fallback;
-}
 
 /// --chunks: comma-separated counts, each >= 0 (0: the layer's choice); 1 is put first
 /// (the baseline) if absent.
@@ -142,11 +119,11 @@ int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   {
     Kokkos::ScopeGuard kokkos(argc, argv);
-    const int tokens = int_arg(argc, argv, "--tokens", 2048);
-    const int hidden = int_arg(argc, argv, "--hidden", 1024);
-    const int ffn = int_arg(argc, argv, "--ffn", 1024);
-    const int experts = int_arg(argc, argv, "--experts", 8);
-    const int repeats = int_arg(argc, argv, "--repeats", 7);
+    const int tokens = kmoe::bench::integer_flag(argc, argv, "--tokens", 2048);
+    const int hidden = kmoe::bench::integer_flag(argc, argv, "--hidden", 1024);
+    const int ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", 1024);
+    const int experts = kmoe::bench::integer_flag(argc, argv, "--experts", 8);
+    const int repeats = kmoe::bench::integer_flag(argc, argv, "--repeats", 7);
     int shared_ffn = 0;
     for (int i = 1; i + 1 < argc; ++i)
       if (std::strcmp(argv[i], "--shared-ffn") == 0) shared_ffn = std::atoi(argv[i + 1]);
@@ -209,7 +186,7 @@ int main(int argc, char** argv) {
       const auto start = clock_type::now();
       work();
       Kokkos::fence();
-      return ms_since(start);
+      return 1e3 * kmoe::bench::seconds_since(start);
     };
     const int n = int(layers.size());
     std::vector<std::vector<double>> forward_ms(n), step_ms(n);
@@ -247,11 +224,11 @@ int main(int argc, char** argv) {
     }
     std::vector<double> medians;
     for (int i = 0; i < n; ++i) {
-      medians.push_back(median(forward_ms[i]));
-      medians.push_back(median(step_ms[i]));
+      medians.push_back(kmoe::bench::median(forward_ms[i]));
+      medians.push_back(kmoe::bench::median(step_ms[i]));
     }
-    medians.push_back(median(raw_forward_ms));
-    medians.push_back(median(raw_step_ms));
+    medians.push_back(kmoe::bench::median(raw_forward_ms));
+    medians.push_back(kmoe::bench::median(raw_step_ms));
     std::vector<double> slowest(medians.size());
     MPI_Allreduce(medians.data(), slowest.data(), int(medians.size()), MPI_DOUBLE, MPI_MAX, comm);
     const std::string load_after = load_average();
