@@ -20,11 +20,14 @@ namespace kmoe {
 /// \brief y_t = base_t + sum over kept slots s, in slot order, of w_{t,s} * rows(position(t,s)).
 /// Each token sums its own slots in a fixed order, so the result has the same bits for any
 /// thread count and backend.
-template <class ExecSpace, class Scalar>
+template <class ExecSpace, class ScalarOrPrecision>
 class WeightedSumCombiner {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   using Accumulation = accumulation_t<Scalar>;  ///< each token's sum, rounded once to Scalar
 

@@ -89,10 +89,15 @@ void all_reduce_sum_matrix(const Communicator& comm, const M& m) {
 /// \tparam Combiner     returns expert outputs to their tokens (kmoe/combiner.hpp)
 /// \tparam Communicator moves tokens between ranks (kmoe/communicator.hpp)
 ///
-/// The execution space and scalar come from the Router; every policy must agree.
+/// The execution space and the precision (kmoe/precision.hpp: a bare Scalar or a Precision
+/// bundle; a policy without precision_type holds Precision<scalar_type>) come from the
+/// Router; every policy must agree. A Precision whose communication type is 16 bits over
+/// float storage turns LayerOptions::exchange_compression on.
 template <class Router, class Expert,
           class Combiner =
-              WeightedSumCombiner<typename Router::execution_space, typename Router::scalar_type>,
+              WeightedSumCombiner<typename Router::execution_space,
+                                  detail::detected_or_t<Precision<typename Router::scalar_type>,
+                                                        detail::precision_type_of, Router>>,
           class Communicator = SingleProcessCommunicator>
 class MoELayer {
   static_assert(check_valid_router<Router>());
@@ -103,6 +108,8 @@ class MoELayer {
  public:
   using execution_space = typename Router::execution_space;
   using scalar_type = typename Router::scalar_type;
+  using precision_type =
+      detail::detected_or_t<Precision<scalar_type>, detail::precision_type_of, Router>;
   using route_type = routing_t<scalar_type>;
   using memory_space = typename execution_space::memory_space;
   using X = execution_space;
@@ -116,6 +123,19 @@ class MoELayer {
                 "kmoe::MoELayer: Combiner::execution_space must equal Router::execution_space");
   static_assert(std::is_same_v<typename Combiner::scalar_type, S>,
                 "kmoe::MoELayer: Combiner::scalar_type must equal Router::scalar_type");
+  static_assert(
+      std::is_same_v<detail::detected_or_t<precision_type, detail::precision_type_of, Expert>,
+                     precision_type> &&
+          std::is_same_v<detail::detected_or_t<precision_type, detail::precision_type_of, Combiner>,
+                         precision_type>,
+      "kmoe::MoELayer: the Expert's and Combiner's Precision must equal the Router's "
+      "(give every policy the same Precision, or the same bare Scalar)");
+  using communication_type = typename precision_type::communication_type;
+  static_assert(!precision_type::compresses_communication ||
+                    (std::is_same_v<S, float> && is_packed_float_v<communication_type>),
+                "kmoe::MoELayer: a Precision's communication type differs from its storage only "
+                "as bfloat16 or float16 over float storage (Precision<float, float, float, "
+                "bfloat16>); double rows would lose 37 of their 53 bits");
 
   /// \param router   [in] the router (its expert count E is the global one)
   /// \param experts  [in] the routed experts this rank holds (all E on one rank)
@@ -128,7 +148,7 @@ class MoELayer {
       : router_(std::move(router)),
         experts_(std::move(experts)),
         shared_(std::move(shared)),
-        options_(options),
+        options_(with_precision_compression(options)),
         groups_(std::move(groups)),
         losses_(options.losses),
         gradient_buckets_(options.gradient_sync.bucket_bytes, options.gradient_sync.compression) {
@@ -910,6 +930,24 @@ class MoELayer {
     detail::checked_mul(rows, hidden_size(), where, "expert rows x hidden size");
   }
 
+  /// `options` with the exchange compression the Precision's communication type names; an
+  /// explicit LayerOptions::exchange_compression must be none or that same format.
+  static LayerOptions with_precision_compression(LayerOptions options) {
+    if constexpr (precision_type::compresses_communication) {
+      constexpr WireCompression wire = std::is_same_v<communication_type, bfloat16>
+                                           ? WireCompression::bf16
+                                           : WireCompression::fp16;
+      require(options.exchange_compression == WireCompression::none ||
+                  options.exchange_compression == wire,
+              "kmoe::MoELayer", "options.exchange_compression",
+              wire_compression_name(options.exchange_compression),
+              "differs from the layer's Precision, whose communication type is " +
+                  wire_compression_name(wire));
+      options.exchange_compression = wire;
+    }
+    return options;
+  }
+
   /// The constructor's local checks (they differ by rank: each rank holds its own experts).
   void check_arguments() {
     constexpr const char* where = "kmoe::MoELayer";
@@ -922,8 +960,11 @@ class MoELayer {
     require(options_.exchange_compression == WireCompression::none || std::is_same_v<S, float>,
             where, "options.exchange_compression",
             wire_compression_name(options_.exchange_compression),
-            "needs a float layer (this one's scalar type is double, whose rows would lose 37 "
-            "of their 53 bits): set it to none");
+            is_packed_float_v<S>
+                ? "needs a float layer (this one stores bfloat16/float16: its rows already "
+                  "travel in 16 bits): set it to none"
+                : "needs a float layer (this one's scalar type is double, whose rows would lose "
+                  "37 of their 53 bits): set it to none");
     const ExpertPlacement& replicas = options_.expert_placement;
     if (replicas.ranks > 0) {
       replicas.validate(where);

@@ -76,6 +76,34 @@ struct precision_of<Precision<S, A, R, C>> {
 template <class T>
 using precision_of_t = typename precision_of<T>::type;
 
+/// \brief The storage type a policy's ScalarOrPrecision parameter names: a bare Scalar
+/// itself, or a Precision's storage.
+///
+/// Every router, expert and combiner takes either spelling (SoftmaxTopKRouter<X, float> and
+/// SoftmaxTopKRouter<X, Precision<float>> compute the same bits). The policies add in their
+/// storage's default accumulation type and route in it: a Precision asking for another
+/// accumulation or routing type fails here, with the combination named.
+template <class T>
+struct storage_of {
+  using type = T;
+};
+template <class S, class A, class R, class C>
+struct storage_of<Precision<S, A, R, C>> {
+  static_assert(!(is_packed_float_v<S> && std::is_same_v<A, double>),
+                "kmoe policies: Precision<bfloat16/float16, double> (16-bit storage with double "
+                "accumulation) is not supported: 16-bit storage accumulates in float");
+  static_assert(!(std::is_same_v<S, float> && std::is_same_v<A, double>),
+                "kmoe policies: Precision<float, double> (float storage with double "
+                "accumulation) is not supported: use Precision<double>");
+  static_assert(std::is_same_v<R, A>,
+                "kmoe policies: Precision<Storage, Accumulation, Routing> with routing wider than "
+                "the accumulation (e.g. Precision<float, float, double>) is not supported: "
+                "routing runs in the accumulation type");
+  using type = S;
+};
+template <class T>
+using storage_t = typename storage_of<T>::type;
+
 /// \brief What a policy instantiated with storage Scalar adds its products and sums in, and
 /// keeps its gradients in: float for bfloat16 / float16, the Scalar itself for float and
 /// double (so their arithmetic is today's, bit for bit).

@@ -473,3 +473,40 @@ TEST_CASE("compressed dispatch and return: refused for double layers and when ra
     CHECK_NOTHROW(run(*layer, groups, v));
   }
 }
+
+TEST_CASE("compressed dispatch and return: a Precision whose communication type is bf16 is the "
+          "option, bit for bit",
+          "[mpi][compressed][precision]") {
+  using Wire = Precision<float, float, float, bfloat16>;
+  using WireLayer = MoELayer<SoftmaxTopKRouter<X, Wire>, SwiGLUExperts<X, Wire>,
+                             WeightedSumCombiner<X, Wire>, MpiCommunicator>;
+  const auto world = MpiCommunicator::world();
+  ParallelLayout layout;
+  layout.ep = world.size();
+  const auto groups = ParallelGroups<MpiCommunicator>::create(world, layout);
+  const auto owned = layout.local_experts(experts, groups.ep_rank);
+  const Variant v{"sender-sized dispatch"};
+  LayerOptions options;
+  options.exchange_compression = WireCompression::bf16;
+  const auto by_option =
+      make<Layer, GLU>(groups, v, options, [](GLU inner, bool) { return inner; });
+  WireLayer by_precision(SoftmaxTopKRouter<X, Wire>({hidden, experts, top_k}),
+                         SwiGLUExperts<X, Wire>({int(owned.size()), hidden, ffn}), {}, std::nullopt,
+                         groups);
+  CHECK(by_precision.options().exchange_compression == WireCompression::bf16);
+  initialize(by_precision.parameters(), init_config(), 7);
+  const Step want = run(*by_option, groups, v), got = run(by_precision, groups, v);
+  CHECK(differing(got.y, want.y) == 0);
+  CHECK(differing(got.grad_x, want.grad_x) == 0);
+  for (std::size_t p = 0; p < want.grads.size(); ++p) {
+    CAPTURE(want.names[p]);
+    CHECK(differing(got.grads[p], want.grads[p]) == 0);
+  }
+  // An option naming another format contradicts the Precision.
+  options.exchange_compression = WireCompression::fp16;
+  CHECK_THROWS_WITH(WireLayer(SoftmaxTopKRouter<X, Wire>({hidden, experts, top_k}),
+                              SwiGLUExperts<X, Wire>({int(owned.size()), hidden, ffn}), options,
+                              std::nullopt, groups),
+                    Catch::Matchers::ContainsSubstring("options.exchange_compression") &&
+                        Catch::Matchers::ContainsSubstring("fp16"));
+}

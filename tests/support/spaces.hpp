@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: BSD-3-Clause
 #pragma once
-// The execution spaces every templated test runs on: each one Kokkos was built with.
+// The execution spaces every templated test runs on: each one Kokkos was built with, or
+// Serial alone where KMOE_TEST_SERIAL_ONLY is defined (the sanitizer build: ASan and UBSan
+// see the same kmoe kernels under Serial as under OpenMP, and one space halves its compile
+// time).
 #include <Kokkos_Core.hpp>
 
 #include <tuple>
@@ -21,13 +24,13 @@ using SerialSpaces =
     std::tuple<>;
 #endif
 using OpenMPSpaces =
-#ifdef KOKKOS_ENABLE_OPENMP
+#if defined(KOKKOS_ENABLE_OPENMP) && !defined(KMOE_TEST_SERIAL_ONLY)
     std::tuple<Kokkos::OpenMP>;
 #else
     std::tuple<>;
 #endif
 using CudaSpaces =
-#ifdef KOKKOS_ENABLE_CUDA
+#if defined(KOKKOS_ENABLE_CUDA) && !defined(KMOE_TEST_SERIAL_ONLY)
     std::tuple<Kokkos::Cuda>;
 #else
     std::tuple<>;

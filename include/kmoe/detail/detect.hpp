@@ -41,6 +41,8 @@ template <class T>
 using execution_space_of = typename T::execution_space;
 template <class T>
 using scalar_type_of = typename T::scalar_type;
+template <class T>
+using precision_type_of = typename T::precision_type;
 
 template <class T, class = void>
 struct space_or_fallback {

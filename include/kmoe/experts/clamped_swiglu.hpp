@@ -87,11 +87,14 @@ void clamped_swiglu_backward(const Matrix<Scalar, X>& gate, const Matrix<Scalar,
 
 /// \brief E experts with w_gate [E, F, H], w_up [E, F, H], w_down [E, H, F], the clamped
 /// SwiGLU, and, if shape.bias, b_gate [E, F], b_up [E, F], b_down [E, H].
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
 class ClampedSwiGLUExperts {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
 
   ClampedSwiGLUExperts(const ExpertShape& shape, const ClampedSwiGLU& activation,
                        const std::string& name = "experts")

@@ -29,12 +29,15 @@ void add_row_bias(const Owner& owner, const Bias& bias, int rows, const Out& out
 /// \brief E FFN experts with w1 [E, F, H], w2 [E, H, F] and, if shape.bias, b1 [E, F], b2 [E, H].
 /// As GLUExperts, Scalar is the storage type and arithmetic runs in accumulation_t<Scalar>;
 /// with 16-bit storage a bias is added to the rounded GEMM output (a second rounding).
-template <class ExecSpace, class Scalar, class Activation = activation::GeluErf,
+template <class ExecSpace, class ScalarOrPrecision, class Activation = activation::GeluErf,
           class Gemm = DefaultGemm>
 class FFNExperts {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using activation_type = Activation;
   using A = accumulation_t<Scalar>;  ///< what products, sums and the activation run in
 

@@ -118,12 +118,15 @@ void output_gate_input_gradients(const ConstMatrix<Scalar, X>& x, const Tensor3<
 /// Scalar is the storage type of weights and activations; products, sums and the activation
 /// are computed in accumulation_t<Scalar> (float for bf16 / fp16) and each stored value is
 /// rounded once.
-template <class ExecSpace, class Scalar, class Activation = activation::Silu,
+template <class ExecSpace, class ScalarOrPrecision, class Activation = activation::Silu,
           class Gemm = DefaultGemm>
 class GLUExperts {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using activation_type = Activation;
   using A = accumulation_t<Scalar>;  ///< what products, sums and the activation run in
 

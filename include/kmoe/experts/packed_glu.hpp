@@ -20,12 +20,15 @@
 
 namespace kmoe {
 
-template <class ExecSpace, class Scalar, class Element, class Activation = activation::Silu,
-          class Gemm = DefaultGemm>
+template <class ExecSpace, class ScalarOrPrecision, class Element,
+          class Activation = activation::Silu, class Gemm = DefaultGemm>
 class PackedGLUExperts {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using activation_type = Activation;
   using element_type = Element;
 

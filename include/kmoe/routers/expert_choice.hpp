@@ -25,11 +25,14 @@ struct ExpertChoiceConfig {
 };
 
 /// \brief Expert-choice router with a learned gate weight [E, H].
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
 class ExpertChoiceRouter {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
 

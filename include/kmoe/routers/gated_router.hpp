@@ -16,11 +16,14 @@
 
 namespace kmoe {
 
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
 class GatedRouter {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
 
   int num_experts() const { return gate_.experts(); }

@@ -19,11 +19,14 @@ struct HashConfig {
 };
 
 /// \brief Fixed hash router; it has no parameters and passes no gradient.
-template <class ExecSpace, class Scalar>
+template <class ExecSpace, class ScalarOrPrecision>
 class HashRouter {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::none;
 

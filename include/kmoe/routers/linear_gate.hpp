@@ -20,8 +20,9 @@ namespace kmoe {
 /// With 16-bit storage the weight is stored in 16 bits, the logits are written in the
 /// routing type (float) straight from the widened GEMM, and the gradients are kept in the
 /// accumulation type (float).
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
 class LinearGate {
+  using Scalar = storage_t<ScalarOrPrecision>;
   static_assert(check_valid_gemm<Gemm, ExecSpace, accumulation_t<Scalar>>());
 
  public:

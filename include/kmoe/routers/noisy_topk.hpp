@@ -25,11 +25,14 @@ struct NoisyTopKConfig {
 };
 
 /// \brief Noisy top-k router with learned gate [E, H] and noise gate [E, H].
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
 class NoisyTopKRouter {
+  using Scalar = storage_t<ScalarOrPrecision>;
+
  public:
   using execution_space = ExecSpace;
   using scalar_type = Scalar;
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
 

@@ -32,11 +32,13 @@ struct SigmoidBiasConfig {
 };
 
 /// \brief DeepSeek-V3 sigmoid router with selection bias (e_score_correction_bias).
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-class SigmoidBiasRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
+class SigmoidBiasRouter : public GatedRouter<ExecSpace, storage_t<ScalarOrPrecision>, Gemm> {
+  using Scalar = storage_t<ScalarOrPrecision>;
   using Base = GatedRouter<ExecSpace, Scalar, Gemm>;
 
  public:
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::normalized_sigmoid;
 

@@ -41,11 +41,13 @@ struct SoftmaxTopKConfig {
 };
 
 /// \brief Softmax-then-top-k router with a learned gate weight [E, H].
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-class SoftmaxTopKRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
+class SoftmaxTopKRouter : public GatedRouter<ExecSpace, storage_t<ScalarOrPrecision>, Gemm> {
+  using Scalar = storage_t<ScalarOrPrecision>;
   using Base = GatedRouter<ExecSpace, Scalar, Gemm>;
 
  public:
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
 

@@ -83,11 +83,13 @@ struct SparseMixerConfig {
 };
 
 /// \brief SparseMixer router (always two slots) with a learned gate weight [E, H].
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-class SparseMixerRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
+class SparseMixerRouter : public GatedRouter<ExecSpace, storage_t<ScalarOrPrecision>, Gemm> {
+  using Scalar = storage_t<ScalarOrPrecision>;
   using Base = GatedRouter<ExecSpace, Scalar, Gemm>;
 
  public:
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   /// plan.probs is the softmax over all experts, which the balance losses read (as
   /// transformers' load_balancing_loss_func does from Phi-MoE's router logits).

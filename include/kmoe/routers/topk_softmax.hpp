@@ -26,11 +26,13 @@ struct TopKSoftmaxConfig {
 };
 
 /// \brief Top-k-then-softmax router with a learned gate weight [E, H].
-template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
-class TopKSoftmaxRouter : public GatedRouter<ExecSpace, Scalar, Gemm> {
+template <class ExecSpace, class ScalarOrPrecision, class Gemm = DefaultGemm>
+class TopKSoftmaxRouter : public GatedRouter<ExecSpace, storage_t<ScalarOrPrecision>, Gemm> {
+  using Scalar = storage_t<ScalarOrPrecision>;
   using Base = GatedRouter<ExecSpace, Scalar, Gemm>;
 
  public:
+  using precision_type = precision_of_t<ScalarOrPrecision>;
   using route_type = routing_t<Scalar>;
   static constexpr ProbabilityKind probability_kind = ProbabilityKind::softmax;
 
