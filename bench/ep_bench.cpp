@@ -59,6 +59,9 @@
 #include <kmoe/planning/layout_model.hpp>
 #include <kmoe/routers/softmax_topk.hpp>
 
+#include "support/flags.hpp"
+#include "support/timing.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -82,25 +85,15 @@ using Layer =
 using clock_type = std::chrono::steady_clock;
 
 constexpr int top_k = 2;
+using kmoe::bench::integer_flag;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
+using kmoe::bench::median;
 
-/// The smallest value (0 for none: --repeats 0).
-double fastest(const std::vector<double>& v) {
-  return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end());
-}
+/// The smallest value.
+double fastest(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
 double ms_since(clock_type::time_point start) {
   return std::chrono::duration<double, std::milli>(clock_type::now() - start).count();
-}
-
-int arg(int argc, char** argv, const char* flag, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], flag) == 0) return std::atoi(argv[i + 1]);
-  return fallback;
 }
 
 /// The value after `flag`, or `fallback` when absent.
@@ -324,14 +317,16 @@ int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   {
     Kokkos::ScopeGuard kokkos(argc, argv);
-    const int tokens = arg(argc, argv, "--tokens", 2048), repeats = arg(argc, argv, "--repeats", 5);
-    const int chunks = arg(argc, argv, "--chunks", 0), hidden = arg(argc, argv, "--hidden", 1024);
-    const int ffn = arg(argc, argv, "--ffn", 1024),
-              shared_ffn = arg(argc, argv, "--shared-ffn", 2048);
-    const int experts = arg(argc, argv, "--experts", 8);
+    const int tokens = integer_flag(argc, argv, "--tokens", 2048),
+              repeats = integer_flag(argc, argv, "--repeats", 5);
+    const int chunks = integer_flag(argc, argv, "--chunks", 0, 0),
+              hidden = integer_flag(argc, argv, "--hidden", 1024);
+    const int ffn = integer_flag(argc, argv, "--ffn", 1024),
+              shared_ffn = integer_flag(argc, argv, "--shared-ffn", 2048, 0);
+    const int experts = integer_flag(argc, argv, "--experts", 8);
     const bool json = has_flag(argc, argv, "--json");
     const bool exchange_only = has_flag(argc, argv, "--exchange-only");
-    const int ranks_per_node = arg(argc, argv, "--ranks-per-node", 0);
+    const int ranks_per_node = integer_flag(argc, argv, "--ranks-per-node", 0, 0);
     const std::string exchange_name = text_arg(argc, argv, "--exchange", "flat");
     const std::string compression_name = text_arg(argc, argv, "--compression", "none");
     if (compression_name != "none" && compression_name != "bf16" && compression_name != "fp16") {
@@ -353,7 +348,7 @@ int main(int argc, char** argv) {
         exchange_name == "flat" ? kmoe::ExchangeKind::flat : kmoe::ExchangeKind::hierarchical;
     kmoe::MpiOptions mpi_options;  // --watchdog-ms 0: MPI's blocking calls, no polling
     mpi_options.collective_timeout = std::chrono::milliseconds(
-        arg(argc, argv, "--watchdog-ms", int(mpi_options.collective_timeout.count())));
+        integer_flag(argc, argv, "--watchdog-ms", int(mpi_options.collective_timeout.count())));
     const std::string load_at_start = load_average();
     const auto world = kmoe::MpiCommunicator::world(mpi_options);
     const int ranks = world.size(), me = world.rank();

@@ -32,6 +32,7 @@
 
 #include "support/flags.hpp"
 #include "support/largest_over_ranks.hpp"
+#include "support/layer_shape.hpp"
 #include "support/timing.hpp"
 
 namespace {
@@ -44,8 +45,7 @@ using Layer =
     kmoe::MoELayer<Router, Experts, kmoe::WeightedSumCombiner<X, S>, kmoe::MpiCommunicator>;
 using kmoe::bench::clock_type;
 
-struct Shape {
-  int ep = 1, tokens = 256, hidden = 256, ffn = 512, experts = 8, repeats = 20;
+struct Shape : kmoe::bench::LayerShape {
   double bucket_mib = 25;
 };
 
@@ -133,18 +133,8 @@ int main(int argc, char** argv) {
     Kokkos::ScopeGuard kokkos(argc, argv);
     const auto world = kmoe::MpiCommunicator::world();
     Shape shape;
-    shape.ep = kmoe::bench::integer_flag(argc, argv, "--ep", 1);
-    shape.tokens = kmoe::bench::integer_flag(argc, argv, "--tokens", shape.tokens);
-    shape.hidden = kmoe::bench::integer_flag(argc, argv, "--hidden", shape.hidden);
-    shape.ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", shape.ffn);
-    shape.experts = kmoe::bench::integer_flag(argc, argv, "--experts", shape.experts);
-    shape.repeats = kmoe::bench::integer_flag(argc, argv, "--repeats", shape.repeats);
     shape.bucket_mib = kmoe::bench::integer_flag(argc, argv, "--bucket-mib", 25);
-    if (world.size() % shape.ep != 0 || shape.experts % shape.ep != 0) {
-      if (world.rank() == 0)
-        std::fprintf(stderr,
-                     "gradient_sync_bench: --ep %d must divide the %d ranks and the %d experts\n",
-                     shape.ep, world.size(), shape.experts);
+    if (!kmoe::bench::read_layer_shape(argc, argv, world, shape)) {
       status = 1;
     } else {
       run(world, shape);

@@ -10,6 +10,9 @@
 #include <kmoe/kmoe.hpp>
 #include <kmoe/quantized_layer.hpp>
 
+#include "support/flags.hpp"
+#include "support/timing.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -64,11 +67,7 @@ struct Record {
   double gflop = 0;  // expert (+ shared) GEMM FLOPs of one forward
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+using kmoe::bench::median;
 
 double now_ms() {
   return std::chrono::duration<double, std::milli>(
@@ -496,7 +495,8 @@ int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
   std::vector<std::string> wanted;
   std::string json;
-  int repeats = 0;
+  // 0: each configuration's own count.
+  int repeats = kmoe::bench::integer_flag(argc, argv, "--repeats", 0, 0);
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -504,7 +504,7 @@ int main(int argc, char** argv) {
     if (a == "--config" && has_value)
       wanted.push_back(argv[++i]);
     else if (a == "--repeats" && has_value)
-      repeats = std::atoi(argv[++i]);
+      ++i;  // read above
     else if (a == "--json" && has_value)
       json = argv[++i];
     else if (a == "--quick")

@@ -32,8 +32,8 @@
 #include <string>
 #include <vector>
 
-#include "support/flags.hpp"
 #include "support/largest_over_ranks.hpp"
+#include "support/layer_shape.hpp"
 #include "support/timing.hpp"
 
 namespace {
@@ -49,9 +49,7 @@ using Sharded = kmoe::ShardedOptimizer<AdamW, kmoe::MpiCommunicator>;
 using kmoe::bench::clock_type;
 constexpr double max_norm = 1.0;
 
-struct Shape {
-  int ep = 1, tokens = 128, hidden = 256, ffn = 512, experts = 8, repeats = 10;
-};
+using Shape = kmoe::bench::LayerShape;
 
 /// One optimizer side: its layer, and the step after backward for it.
 struct Side {
@@ -158,16 +156,8 @@ int main(int argc, char** argv) {
     Kokkos::ScopeGuard kokkos(argc, argv);
     const auto world = kmoe::MpiCommunicator::world();
     Shape shape;
-    shape.ep = kmoe::bench::integer_flag(argc, argv, "--ep", 1);
-    shape.tokens = kmoe::bench::integer_flag(argc, argv, "--tokens", shape.tokens);
-    shape.hidden = kmoe::bench::integer_flag(argc, argv, "--hidden", shape.hidden);
-    shape.ffn = kmoe::bench::integer_flag(argc, argv, "--ffn", shape.ffn);
-    shape.experts = kmoe::bench::integer_flag(argc, argv, "--experts", shape.experts);
-    shape.repeats = kmoe::bench::integer_flag(argc, argv, "--repeats", shape.repeats);
-    if (world.size() % shape.ep != 0 || shape.experts % shape.ep != 0) {
-      if (world.rank() == 0)
-        std::fprintf(stderr, "zero_bench: --ep %d must divide the %d ranks and the %d experts\n",
-                     shape.ep, world.size(), shape.experts);
+    shape.tokens = 128, shape.repeats = 10;  // this benchmark's defaults
+    if (!kmoe::bench::read_layer_shape(argc, argv, world, shape)) {
       status = 1;
     } else {
       run(world, shape);

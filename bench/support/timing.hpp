@@ -14,10 +14,11 @@ inline double seconds_since(clock_type::time_point start) {
   return std::chrono::duration<double>(clock_type::now() - start).count();
 }
 
-/// The upper median of `values` (taken by value: sorted in place).
+/// The upper median of `values` (taken by value: sorted in place); 0 for none (a phase the
+/// run's flags skipped).
 inline double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
-  return values[values.size() / 2];
+  return values.empty() ? 0.0 : values[values.size() / 2];
 }
 
 }  // namespace kmoe::bench

@@ -29,8 +29,8 @@ using H = Kokkos::DefaultHostExecutionSpace;
 using Bf16 = Precision<bfloat16>;
 
 template <class Policy, class Storage, class Bundle>
-constexpr bool names_bundle_v = std::is_same_v<typename Policy::scalar_type, Storage> &&
-                                std::is_same_v<typename Policy::precision_type, Bundle>;
+constexpr bool names_bundle_v = std::is_same_v<typename Policy::scalar_type, Storage>&&
+    std::is_same_v<typename Policy::precision_type, Bundle>;
 
 static_assert(names_bundle_v<SoftmaxTopKRouter<H, Bf16>, bfloat16, Bf16>);
 static_assert(names_bundle_v<TopKSoftmaxRouter<H, Bf16>, bfloat16, Bf16>);
@@ -42,8 +42,8 @@ static_assert(names_bundle_v<SparseMixerRouter<H, Bf16>, bfloat16, Bf16>);
 static_assert(names_bundle_v<SwiGLUExperts<H, Bf16>, bfloat16, Bf16>);
 static_assert(names_bundle_v<FFNExperts<H, Bf16>, bfloat16, Bf16>);
 static_assert(names_bundle_v<ClampedSwiGLUExperts<H, Precision<float>>, float, Precision<float>>);
-static_assert(names_bundle_v<PackedGLUExperts<H, Precision<float>, bfloat16>, float,
-                             Precision<float>>);
+static_assert(
+    names_bundle_v<PackedGLUExperts<H, Precision<float>, bfloat16>, float, Precision<float>>);
 static_assert(names_bundle_v<WeightedSumCombiner<H, Bf16>, bfloat16, Bf16>);
 // A bare Scalar is Precision<Scalar>, and the layer takes its router's bundle.
 static_assert(names_bundle_v<SoftmaxTopKRouter<H, double>, double, Precision<double>>);
@@ -98,11 +98,11 @@ void bare_and_bundle_agree() {
   {
     using P = Precision<S>;
     MoELayer<SoftmaxTopKRouter<X, S>, SwiGLUExperts<X, S>> bare(
-        SoftmaxTopKRouter<X, S>({hidden, experts, top_k}), SwiGLUExperts<X, S>({experts, hidden, ffn}),
-        options);
+        SoftmaxTopKRouter<X, S>({hidden, experts, top_k}),
+        SwiGLUExperts<X, S>({experts, hidden, ffn}), options);
     MoELayer<SoftmaxTopKRouter<X, P>, SwiGLUExperts<X, P>> bundle(
-        SoftmaxTopKRouter<X, P>({hidden, experts, top_k}), SwiGLUExperts<X, P>({experts, hidden, ffn}),
-        options);
+        SoftmaxTopKRouter<X, P>({hidden, experts, top_k}),
+        SwiGLUExperts<X, P>({experts, hidden, ffn}), options);
     check_same_bits(bare, bundle, 11);
   }
   {
