@@ -653,6 +653,25 @@ TEST_CASE("BF16 checkpoints load into bf16 and fp16 layers without a float copy"
     const std::string phi = (fixtures / "hf5" / "phimoe" / model).string();
     check_sixteen_bit_load<kmoe::bfloat16, kmoe::SparseMixerRouter>(phi, true);
   }
+  // The named loaders build the same 16-bit block with fp32 gradient buffers, for training.
+  const std::string mixtral = (fixtures / "hf5" / "mixtral" / "model").string();
+  auto trainable = models::load_mixtral<X, kmoe::bfloat16>(mixtral, fixture_layer);
+  auto inference = models::load_inference_block<kmoe::SoftmaxTopKRouter<X, kmoe::bfloat16>>(
+      mixtral, fixture_layer);
+  const auto trainable_params = trainable.parameters();
+  const auto inference_params = inference.parameters();
+  REQUIRE(trainable_params.size() == inference_params.size());
+  for (std::size_t i = 0; i < trainable_params.size(); ++i) {
+    INFO(trainable_params[i].name);
+    const auto a =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), trainable_params[i].value);
+    const auto b =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), inference_params[i].value);
+    std::size_t differ = 0;
+    for (std::size_t j = 0; j < a.size(); ++j) differ += a(j).bits() != b(j).bits();
+    CHECK(differ == 0);
+    CHECK(trainable_params[i].grad.size() == a.size());
+  }
   // The block's router must be the one asked for.
   CHECK_THROWS_MATCHES((models::load_inference_block<kmoe::SigmoidBiasRouter<X, kmoe::bfloat16>>(
                            (fixtures / "hf5" / "mixtral" / "model").string(), fixture_layer)),
