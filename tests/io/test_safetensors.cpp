@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "kmoe/error.hpp"
 #include "kmoe/io/float16.hpp"
 #include "kmoe/io/safetensors.hpp"
+#include "kmoe/low_precision.hpp"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::ContainsSubstring;
@@ -68,6 +70,28 @@ std::string le64(std::uint64_t value) {
 // A hand-made file: `header` as the JSON text, `data_bytes` zero bytes of data.
 std::string raw_file(const std::string& header, std::size_t data_bytes) {
   return le64(header.size()) + header + std::string(data_bytes, '\0');
+}
+
+// A hand-made file holding one tensor `name` of 16-bit `dtype` with the given bit patterns.
+std::string sixteen_bit_file(const std::string& name, const char* dtype,
+                             const std::vector<std::uint16_t>& bits) {
+  std::string header = "{\"" + name + "\": {\"dtype\": \"" + dtype + "\", \"shape\": [" +
+                       std::to_string(bits.size()) + "], \"data_offsets\": [0, " +
+                       std::to_string(2 * bits.size()) + "]}}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::string data(2 * bits.size(), '\0');
+  for (std::size_t i = 0; i < bits.size(); ++i) {
+    data[2 * i] = static_cast<char>(bits[i] & 0xff);
+    data[2 * i + 1] = static_cast<char>(bits[i] >> 8);
+  }
+  return le64(header.size()) + header + data;
+}
+
+template <class T>
+std::vector<std::uint16_t> bits_of(const std::vector<T>& values) {
+  std::vector<std::uint16_t> bits;
+  for (const T& v : values) bits.push_back(v.bits());
+  return bits;
 }
 
 float pow2f(int e) { return std::ldexp(1.0f, e); }
@@ -617,4 +641,122 @@ TEST_CASE("Hugging Face fixtures load and follow the documented conventions",
   }
   const ShardedCheckpoint deepseek((fixtures / "deepseek_v3" / "model").string());
   CHECK(deepseek.info("model.layers.1.mlp.gate.e_score_correction_bias").dtype == DType::F32);
+}
+
+TEST_CASE("16-bit elements: their own dtype bit for bit, others rounded once",
+          "[io][safetensors]") {
+  TempDir dir;
+  using kmoe::bfloat16;
+  using kmoe::float16;
+  // Own dtype: every pattern comes back as stored, signalling NaNs and payloads included.
+  const std::vector<std::uint16_t> patterns{0x3f80, 0xc000, 0x7f7f, 0x0001, 0x8000,
+                                            0x7fc1, 0x7f81, 0xff80, 0x1234, 0xfbff};
+  write_bytes(dir.file("bf16.safetensors"), sixteen_bit_file("w", "BF16", patterns));
+  write_bytes(dir.file("f16.safetensors"), sixteen_bit_file("w", "F16", patterns));
+  const SafetensorsFile bf16_file(dir.file("bf16.safetensors"));
+  const SafetensorsFile f16_file(dir.file("f16.safetensors"));
+  CHECK(bits_of(bf16_file.read<bfloat16>("w")) == patterns);
+  CHECK(bits_of(f16_file.read<float16>("w")) == patterns);
+  std::vector<bfloat16> middle(3);
+  bf16_file.read_range_into("w", 4, middle.data(), middle.size());
+  CHECK(bits_of(middle) == std::vector<std::uint16_t>(patterns.begin() + 4, patterns.begin() + 7));
+
+  // F16 into bfloat16: all 65536 patterns against io/float16.hpp's exact rounding of the
+  // (exactly widened) value; every half value lies in bfloat16's range.
+  std::vector<std::uint16_t> every(65536);
+  for (std::size_t i = 0; i < every.size(); ++i) every[i] = static_cast<std::uint16_t>(i);
+  write_bytes(dir.file("every_f16.safetensors"), sixteen_bit_file("w", "F16", every));
+  const auto from_half = SafetensorsFile(dir.file("every_f16.safetensors")).read<bfloat16>("w");
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < every.size(); ++i)
+    wrong +=
+        from_half[i].bits() != kmoe::io::to_bfloat16_bits(kmoe::io::half_bits_to_float(every[i]));
+  CHECK(wrong == 0);
+  // BF16 into float16: every pattern whose value float16 holds (below 65520 in magnitude,
+  // or not finite); one beyond is an error naming the tensor, the element and the type.
+  std::vector<std::uint16_t> holdable;
+  for (std::uint16_t b : every) {
+    const float v = kmoe::io::bfloat16_bits_to_float(b);
+    if (!std::isfinite(v) || std::abs(v) < 65520.0f) holdable.push_back(b);
+  }
+  write_bytes(dir.file("holdable.safetensors"), sixteen_bit_file("w", "BF16", holdable));
+  const auto from_bf16 = SafetensorsFile(dir.file("holdable.safetensors")).read<float16>("w");
+  wrong = 0;
+  for (std::size_t i = 0; i < holdable.size(); ++i)
+    wrong += from_bf16[i].bits() !=
+             kmoe::io::to_half_bits(kmoe::io::bfloat16_bits_to_float(holdable[i]));
+  CHECK(wrong == 0);
+  write_bytes(dir.file("big.safetensors"), sixteen_bit_file("big", "BF16", {0x3f80, 0x4780}));
+  CHECK_THROWS_MATCHES(
+      SafetensorsFile(dir.file("big.safetensors")).read<float16>("big"), kmoe::runtime_error,
+      MessageMatches(ContainsSubstring("'big'") && ContainsSubstring("element 1") &&
+                     ContainsSubstring("float16")));
+
+  // F32 and F64 into 16 bits: ties to even, and a double rounded in one step.
+  SafetensorsWriter writer;
+  const std::vector<float> singles{1.0f + pow2f(-8), 1.0f + 3 * pow2f(-8),
+                                   1.0f + pow2f(-8) + pow2f(-20), -0.0f, 1.0f + pow2f(-11)};
+  writer.add("f32", DType::F32, {5}, singles);
+  // 1 + 2^-8 + 2^-30 lies above the tie between bfloat16's 1 and 1 + 2^-7; through float
+  // (which drops 2^-30) it would be the tie, and round down to 1. Likewise for half at 2^-11.
+  writer.add("f64", DType::F64, {2},
+             std::vector<double>{1.0 + pow2(-8) + pow2(-30), 1.0 + pow2(-11) + pow2(-40)});
+  writer.add("max", DType::F32, {1}, std::vector<float>{std::numeric_limits<float>::max()});
+  writer.add("index", DType::I64, {1}, std::vector<std::int64_t>{3});
+  writer.write(dir.file("wide.safetensors"));
+  const SafetensorsFile wide(dir.file("wide.safetensors"));
+  CHECK(bits_of(wide.read<bfloat16>("f32")) ==
+        std::vector<std::uint16_t>{0x3f80, 0x3f82, 0x3f81, 0x8000, 0x3f80});
+  CHECK(bits_of(wide.read<float16>("f32")) ==
+        std::vector<std::uint16_t>{0x3c04, 0x3c0c, 0x3c04, 0x8000, 0x3c00});
+  CHECK(wide.read<bfloat16>("f64")[0].bits() == 0x3f81);
+  CHECK(wide.read<float16>("f64")[1].bits() == 0x3c01);
+  // FLT_MAX is beyond bfloat16's largest finite value by more than half a unit.
+  CHECK_THROWS_MATCHES(wide.read<bfloat16>("max"), kmoe::runtime_error,
+                       MessageMatches(ContainsSubstring("'max'") && ContainsSubstring("bfloat16")));
+  CHECK_THROWS_MATCHES(wide.read<bfloat16>("index"), kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring("index") && ContainsSubstring("I64")));
+}
+
+TEST_CASE("writer stores 16-bit data exactly in its own dtype", "[io][safetensors]") {
+  TempDir dir;
+  std::vector<kmoe::bfloat16> values;
+  for (std::uint16_t b : {0x3f80, 0xc0a0, 0x7fc1, 0x0001, 0x3f81, 0x4780})
+    values.push_back(kmoe::bfloat16::from_bits(b));
+  const auto bits = bits_of(values);
+  SafetensorsWriter own;
+  own.add("w", DType::BF16, {2, 3}, values);
+  own.write(dir.file("own.safetensors"));
+  // One tensor: the data section is the file's last bytes, little-endian.
+  std::ifstream in(dir.file("own.safetensors"), std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  REQUIRE(bytes.size() >= 2 * bits.size());
+  const std::string tail = bytes.substr(bytes.size() - 2 * bits.size());
+  for (std::size_t i = 0; i < bits.size(); ++i) {
+    INFO(i);
+    CHECK(static_cast<unsigned char>(tail[2 * i]) == (bits[i] & 0xff));
+    CHECK(static_cast<unsigned char>(tail[2 * i + 1]) == (bits[i] >> 8));
+  }
+  // Other dtypes: exact widening to F32 and F64, one rounding to F16 (65536 overflows).
+  SafetensorsWriter other;
+  other.add("f32", DType::F32, {6}, values);
+  other.add("f64", DType::F64, {6}, values);
+  other.add("f16", DType::F16, {6}, values);
+  CHECK_THROWS_AS(other.add("i32", DType::I32, {6}, values), kmoe::invalid_argument);
+  other.write(dir.file("other.safetensors"));
+  const SafetensorsFile file(dir.file("other.safetensors"));
+  const auto f32 = file.read<float>("f32");
+  const auto f64 = file.read<double>("f64");
+  const auto f16 = SafetensorsFile(dir.file("other.safetensors")).read<double>("f16");
+  for (std::size_t i = 0; i < bits.size(); ++i) {
+    INFO(i);
+    const float exact = kmoe::io::bfloat16_bits_to_float(bits[i]);
+    if (std::isnan(exact)) {
+      CHECK((std::isnan(f32[i]) && std::isnan(f64[i]) && std::isnan(f16[i])));
+      continue;
+    }
+    CHECK(f32[i] == exact);
+    CHECK(f64[i] == double(exact));
+    CHECK(f16[i] == double(kmoe::io::half_bits_to_float(kmoe::io::to_half_bits(exact))));
+  }
 }

@@ -5,7 +5,8 @@ all-resident run: the outputs equal bit for bit on the Hugging Face fixtures and
 synthetic Mixtral block whose experts (50 MB of BF16, 100 MB as float) are 4x the budget;
 the budgeted run's peak RSS stays within the budget plus the overhead docs/memory.md
 documents, and far below the all-resident run's; --dtype bf16's peak holds the packed
-experts and one float expert, not a float copy of all of them; a budget below a batch's experts, a
+experts and one float expert, not a float copy of all of them, and so does --activations
+bf16's (the whole block in bf16); a budget below a batch's experts, a
 missing shard and a truncated shard exit 1 naming the budget or the file.
 
 usage: kmoe_run_residency.py KMOE_RUN FIXTURES WORK
@@ -182,6 +183,20 @@ def main():
     check(0 < peak <= packed_bytes + expert_bytes + OVERHEAD_BYTES,
           f"synthetic --dtype bf16: peak RSS {peak} exceeds the packed experts {packed_bytes} + "
           f"one float expert {expert_bytes} + overhead {OVERHEAD_BYTES}")
+
+    # --activations bf16 reads every tensor straight into the bf16 block, and allocates no
+    # gradients: the peak holds the 16 bf16 experts, the float panel one expert's product
+    # widens into (docs/precision.md) and the runtime, never a float copy of the experts.
+    rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x, "--output",
+                                  os.path.join(work, "synthetic_bf16_block.safetensors"),
+                                  "--dtype", "bf16", "--activations", "bf16"])
+    peak = peak_of(out)
+    print(f"synthetic --dtype bf16 --activations bf16: peak RSS {peak / 2**20:.1f} MiB, bf16 "
+          f"experts {packed_bytes / 2**20:.1f} MiB")
+    check(rc == 0, f"synthetic --activations bf16: exit {rc}: {err}")
+    check(0 < peak <= packed_bytes + expert_bytes + OVERHEAD_BYTES,
+          f"synthetic --activations bf16: peak RSS {peak} exceeds the bf16 experts "
+          f"{packed_bytes} + one float expert {expert_bytes} + overhead {OVERHEAD_BYTES}")
 
     # Hostile: a budget below the batch's experts, a missing shard, a truncated shard.
     rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x,

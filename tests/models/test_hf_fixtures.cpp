@@ -587,3 +587,95 @@ TEST_CASE("Llama 4: MoE layers by moe_layers or the interleave step, weights on 
       models::read_block_config(multimodal.path(), 1), kmoe::runtime_error,
       MessageMatches(ContainsSubstring("missing field \"text_config.num_local_experts\"")));
 }
+
+namespace {
+
+/// The block of `model_dir` loaded in 16 bits (`Half`: kmoe::bfloat16 or kmoe::float16) by
+/// load_inference_block holds, parameter by parameter, the float loader's values rounded
+/// once to nearest even by io/float16.hpp (for a BF16 checkpoint into bf16: the file's own
+/// bits, the float values being exactly the file's); the selection bias stays float, equal;
+/// the experts hold no gradient buffers.
+template <class Half, template <class, class> class Router>
+void check_sixteen_bit_load(const std::string& model_dir, bool file_bits) {
+  auto half = models::load_inference_block<Router<X, Half>>(model_dir, fixture_layer);
+  auto full = models::load_inference_block<Router<X, float>>(model_dir, fixture_layer);
+  const auto half_params = half.parameters();
+  const auto full_params = full.parameters();
+  REQUIRE(half_params.size() == full_params.size());
+  for (std::size_t i = 0; i < half_params.size(); ++i) {
+    const auto& p = half_params[i];
+    INFO(p.name);
+    REQUIRE(p.name == full_params[i].name);
+    const auto got = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p.value);
+    const auto want =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), full_params[i].value);
+    REQUIRE(got.size() == want.size());
+    std::size_t wrong = 0, inexact = 0;
+    for (std::size_t j = 0; j < got.size(); ++j) {
+      const std::uint16_t reference = std::is_same_v<Half, kmoe::bfloat16>
+                                          ? kmoe::io::to_bfloat16_bits(want(j))
+                                          : kmoe::io::to_half_bits(want(j));
+      wrong += got(j).bits() != reference;
+      inexact += float(got(j)) != want(j);
+    }
+    CHECK(wrong == 0);
+    if (file_bits) CHECK(inexact == 0);
+    // The router's gradient (E x H) and a shared expert's output gate's (H; experts/glu.hpp
+    // keeps it whatever ExpertShape::gradients says) are small; the experts' are absent.
+    if (p.name.rfind("router", 0) != 0 && p.name != "shared.w_output_gate")
+      CHECK(p.grad.size() == 0);
+  }
+  if constexpr (kmoe::detail::is_detected_v<models::detail::selection_bias_of, Router<X, Half>>) {
+    const auto got = to_vector(half.router().bias());
+    CHECK(got == to_vector(full.router().bias()));
+    static_assert(
+        std::is_same_v<typename std::decay_t<decltype(half.router().bias())>::value_type, float>);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("BF16 checkpoints load into bf16 and fp16 layers without a float copy",
+          "[models][hf][hf5][low_precision]") {
+  for (const char* model : {"model", "model_fused"}) {
+    INFO(model);
+    for (const char* family : {"mixtral", "qwen3_moe", "qwen2_moe"}) {
+      INFO(family);
+      const std::string dir = (fixtures / "hf5" / family / model).string();
+      check_sixteen_bit_load<kmoe::bfloat16, kmoe::SoftmaxTopKRouter>(dir, true);
+      check_sixteen_bit_load<kmoe::float16, kmoe::SoftmaxTopKRouter>(dir, false);
+    }
+    const std::string deepseek = (fixtures / "hf5" / "deepseek_v3" / model).string();
+    check_sixteen_bit_load<kmoe::bfloat16, kmoe::SigmoidBiasRouter>(deepseek, true);
+    check_sixteen_bit_load<kmoe::float16, kmoe::SigmoidBiasRouter>(deepseek, false);
+    const std::string granite = (fixtures / "hf5" / "granitemoeshared" / model).string();
+    check_sixteen_bit_load<kmoe::bfloat16, kmoe::TopKSoftmaxRouter>(granite, true);
+    const std::string phi = (fixtures / "hf5" / "phimoe" / model).string();
+    check_sixteen_bit_load<kmoe::bfloat16, kmoe::SparseMixerRouter>(phi, true);
+  }
+  // The named loaders build the same 16-bit block with fp32 gradient buffers, for training.
+  const std::string mixtral = (fixtures / "hf5" / "mixtral" / "model").string();
+  auto trainable = models::load_mixtral<X, kmoe::bfloat16>(mixtral, fixture_layer);
+  auto inference = models::load_inference_block<kmoe::SoftmaxTopKRouter<X, kmoe::bfloat16>>(
+      mixtral, fixture_layer);
+  const auto trainable_params = trainable.parameters();
+  const auto inference_params = inference.parameters();
+  REQUIRE(trainable_params.size() == inference_params.size());
+  for (std::size_t i = 0; i < trainable_params.size(); ++i) {
+    INFO(trainable_params[i].name);
+    const auto a =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), trainable_params[i].value);
+    const auto b =
+        Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), inference_params[i].value);
+    std::size_t differ = 0;
+    for (std::size_t j = 0; j < a.size(); ++j) differ += a(j).bits() != b(j).bits();
+    CHECK(differ == 0);
+    CHECK(trainable_params[i].grad.size() == a.size());
+  }
+  // The block's router must be the one asked for.
+  CHECK_THROWS_MATCHES((models::load_inference_block<kmoe::SigmoidBiasRouter<X, kmoe::bfloat16>>(
+                           (fixtures / "hf5" / "mixtral" / "model").string(), fixture_layer)),
+                       kmoe::invalid_argument,
+                       MessageMatches(ContainsSubstring("load_inference_block") &&
+                                      ContainsSubstring("router")));
+}

@@ -39,7 +39,8 @@ namespace models = kmoe::models;
 const char* const usage_text =
     R"(usage: kmoe-run --model DIR --layer L --input X --output Y
                 [--grad-output G --grads GRADS] [--threads N] [--bench [--repeats R]]
-                [--dtype f32|f64|bf16|fp16|int8] [--output-dtype f32|bf16|fp16]
+                [--dtype f32|f64|bf16|fp16|int8] [--activations f32|bf16|fp16]
+                [--output-dtype f32|bf16|fp16]
                 [--stats-jsonl FILE]
                 [--max-resident-experts N] [--memory-budget BYTES]
 
@@ -71,9 +72,17 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
                      f32 activations with the routed and shared experts' weights stored
                      as bf16, fp16 or INT8 (per output channel) from load on (inference
                      only: not with --grad-output; GLU experts only); --double is f64
+  --activations A    f32 (default with f32, bf16, fp16, int8): float activations, the
+                     experts' weights in --dtype; bf16 or fp16 (with --dtype of the same
+                     name): the whole block stored in 16 bits, weights, router weight,
+                     activations and exchanges, read straight from the checkpoint (a BF16
+                     checkpoint bit for bit) with no float copy of any tensor; products and
+                     routing accumulate in float (docs/precision.md). Inference only: not
+                     with --grad-output, --max-resident-experts or --memory-budget; SwiGLU
+                     experts only
   --output-dtype D   the dtype of the output's "hidden_states": f32, bf16 or fp16 (rounded
-                     to nearest even); default the storage dtype of --dtype (bf16 for
-                     bf16, fp16 for fp16, else f32)
+                     to nearest even; from a 16-bit block, f32 is exact); default the
+                     storage dtype of --dtype (bf16 for bf16, fp16 for fp16, else f32)
   --stats-jsonl FILE write one monitoring line per forward (kmoe::StatsLog: tokens per
                      expert, load spread, drops, phase times, bytes per peer, peak memory;
                      docs/placement.md); with --bench every timed forward is logged too,
@@ -120,6 +129,7 @@ struct Options {
   kmoe::ResidencyBudget budget;  ///< experts and bytes both 0: every expert resident
   bool bench = false;
   std::string dtype = "f32";  ///< f32, f64, bf16, fp16 or int8
+  std::string activations;    ///< f32, bf16 or fp16; empty: f32 (f64 with --dtype f64)
   std::string output_dtype;   ///< f32, bf16 or fp16; empty: the storage dtype of `dtype`
 };
 
@@ -155,6 +165,11 @@ std::int64_t parse_bytes(const std::string& flag, const std::string& text) {
 }
 
 bool residency(const Options& o) { return o.budget.experts > 0 || o.budget.bytes > 0; }
+
+/// --activations bf16 or fp16: the whole block in 16 bits (not weight-only experts).
+bool sixteen_bit_block(const Options& o) {
+  return o.activations == "bf16" || o.activations == "fp16";
+}
 
 bool same_file(const std::string& a, const std::string& b) {
   std::error_code ec_a, ec_b;
@@ -200,6 +215,8 @@ bool parse(int argc, char** argv, Options& o) {
       o.dtype = value;
     else if (flag == "--output-dtype")
       o.output_dtype = value;
+    else if (flag == "--activations")
+      o.activations = value;
     else if (flag == "--max-resident-experts")
       o.budget.experts = parse_int(flag, value, 1);
     else if (flag == "--memory-budget")
@@ -220,6 +237,24 @@ bool parse(int argc, char** argv, Options& o) {
     o.output_dtype = o.dtype == "bf16" || o.dtype == "fp16" ? o.dtype : "f32";
   if (o.output_dtype != "f32" && o.output_dtype != "bf16" && o.output_dtype != "fp16")
     throw UsageError{"--output-dtype must be f32, bf16 or fp16, got '" + o.output_dtype + "'"};
+  if (!o.activations.empty() && o.activations != "f32" && o.activations != "bf16" &&
+      o.activations != "fp16")
+    throw UsageError{"--activations must be f32, bf16 or fp16, got '" + o.activations + "'"};
+  if (o.activations == "f32" && o.dtype == "f64")
+    throw UsageError{"--activations f32 does not go with --dtype f64, whose layer computes in "
+                     "double"};
+  const bool sixteen_bit = sixteen_bit_block(o);
+  if (sixteen_bit && o.dtype != o.activations)
+    throw UsageError{"--activations " + o.activations + " needs --dtype " + o.activations +
+                     " (the whole block is stored in " + o.activations + "), got --dtype " +
+                     o.dtype};
+  if (sixteen_bit && !o.grad_output.empty())
+    throw UsageError{"--activations " + o.activations +
+                     " is inference only: it does not take --grad-output"};
+  if (sixteen_bit && residency(o))
+    throw UsageError{"--activations " + o.activations +
+                     " loads every expert; it does not combine with --max-resident-experts or "
+                     "--memory-budget"};
   if (weight_only && !o.grad_output.empty())
     throw UsageError{"--dtype " + o.dtype + " is inference only: it does not take --grad-output"};
   if (residency(o) && !o.grad_output.empty())
@@ -346,9 +381,10 @@ double median_ms(int repeats, const Step& step) {
   return ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
 }
 
-/// Whether the layer has a backward pass: weight-only experts are inference only.
+/// Whether the layer has a backward pass here: weight-only experts are inference only, and
+/// a 16-bit block is loaded for inference (no gradient buffers).
 template <class Layer>
-constexpr bool trainable = true;
+constexpr bool trainable = !kmoe::is_packed_float_v<typename Layer::scalar_type>;
 template <class R, class X, class S, class P, class A, class G, class C, class M>
 constexpr bool trainable<kmoe::MoELayer<R, kmoe::PackedGLUExperts<X, S, P, A, G>, C, M>> = false;
 
@@ -423,7 +459,11 @@ void run(Layer& layer, const models::MoEBlockConfig& b, const Options& o) {
               b.experts, b.top_k, b.shared_ffn > 0 ? " +shared" : "",
               o.dtype == "f64"
                   ? "double"
-                  : (o.dtype == "f32" ? "float" : (o.dtype + " expert weights").c_str()));
+                  : (o.dtype == "f32"
+                         ? "float"
+                         : (o.dtype +
+                            (sixteen_bit_block(o) ? " weights and activations" : " expert weights"))
+                               .c_str()));
   std::printf("tokens per expert:");
   for (auto c : stats.tokens_per_expert) std::printf(" %lld", static_cast<long long>(c));
   std::printf(" (imbalance %.3f)\nwrote %s\n", stats.imbalance(), o.output.c_str());
@@ -484,6 +524,29 @@ void run_weight_only(const models::MoEBlockConfig& b, const Options& o) {
   }
 }
 
+/// The whole block in 16 bits (--activations bf16, fp16): every tensor read straight into
+/// `Half` storage, no gradient buffers.
+template <class X, class Half>
+void run_sixteen_bit(const models::MoEBlockConfig& b, const Options& o) {
+  if (b.expert_kind == models::BlockExperts::clamped_swiglu)
+    throw kmoe::runtime_error("--activations " + o.activations + ": " + b.model_type +
+                              " has clamped SwiGLU experts (GPT-OSS), which have no 16-bit "
+                              "layer yet; use --activations f32");
+  if (b.router == models::BlockRouter::softmax_topk) {
+    auto layer = models::load_inference_block<kmoe::SoftmaxTopKRouter<X, Half>>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::topk_softmax) {
+    auto layer = models::load_inference_block<kmoe::TopKSoftmaxRouter<X, Half>>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::sparse_mixer) {
+    auto layer = models::load_inference_block<kmoe::SparseMixerRouter<X, Half>>(o.model, o.layer);
+    run(layer, b, o);
+  } else {
+    auto layer = models::load_inference_block<kmoe::SigmoidBiasRouter<X, Half>>(o.model, o.layer);
+    run(layer, b, o);
+  }
+}
+
 /// The block with its routed experts left in the checkpoint, o.budget of them resident.
 template <class X, class S>
 void run_resident(const models::MoEBlockConfig& b, const Options& o) {
@@ -516,13 +579,16 @@ template <class S>
 void dispatch(const Options& o) {
   using X = Kokkos::DefaultExecutionSpace;
   const models::MoEBlockConfig b = models::read_block(o.model, o.layer);
-  const bool weight_only = o.dtype != "f32" && o.dtype != "f64";
+  const bool weight_only = o.dtype != "f32" && o.dtype != "f64" && !sixteen_bit_block(o);
   if (weight_only && b.expert_kind == models::BlockExperts::clamped_swiglu)
     throw kmoe::runtime_error("--dtype " + o.dtype + ": " + b.model_type +
                               " has clamped SwiGLU experts (GPT-OSS); weight-only experts are "
                               "GLU experts (SwiGLU) only");
   if (residency(o)) {
     run_resident<X, S>(b, o);
+  } else if (sixteen_bit_block(o)) {
+    if (o.activations == "bf16") run_sixteen_bit<X, kmoe::bfloat16>(b, o);
+    if (o.activations == "fp16") run_sixteen_bit<X, kmoe::float16>(b, o);
   } else if (weight_only) {
     if (o.dtype == "int8") run_weight_only<X, std::int8_t>(b, o);
     if (o.dtype == "bf16") run_weight_only<X, kmoe::bfloat16>(b, o);

@@ -10,12 +10,15 @@
 /// from the first byte after the header; tensors are stored row-major, little-endian.
 ///
 /// Nothing here depends on Kokkos: tensors are read into caller memory (`read_into`) or
-/// std::vector, so a layer can fill a Kokkos host view directly. Files are read with pread,
+/// std::vector, so a layer can fill a Kokkos host view directly. Elements may be float,
+/// double, integers, or kmoe::bfloat16 / kmoe::float16 (kmoe/low_precision.hpp, declared
+/// here only by name), so a 16-bit layer reads a 16-bit checkpoint without a float copy. Files are read with pread,
 /// not mapped, so a file truncated or replaced while open gives an error rather than SIGBUS
 /// (kmoe/io/file.hpp); the whole header is validated when a file is opened, so a malformed
 /// file is reported up front with its path rather than on some later read.
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -39,6 +42,16 @@
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "kmoe/io/safetensors.hpp reads little-endian data in place and needs a little-endian host"
 #endif
+
+namespace kmoe::detail {
+// kmoe::bfloat16 and kmoe::float16 (kmoe/low_precision.hpp, which needs Kokkos): named
+// here so that the reader and writer accept them; only a caller holding such values, and
+// so having included low_precision.hpp, instantiates the code that uses them.
+template <class Format>
+class PackedFloat;
+struct BFloat16Format;
+struct Float16Format;
+}  // namespace kmoe::detail
 
 namespace kmoe::io {
 
@@ -135,6 +148,52 @@ constexpr bool is_float_element = std::is_same_v<T, float> || std::is_same_v<T, 
 template <class T>
 constexpr bool is_int_element = std::is_integral_v<T> && !std::is_same_v<T, bool>;
 
+/// kmoe::bfloat16 and kmoe::float16: read and written as their bit patterns.
+template <class T>
+constexpr bool is_bfloat16_element =
+    std::is_same_v<T, kmoe::detail::PackedFloat<kmoe::detail::BFloat16Format>>;
+template <class T>
+constexpr bool is_float16_element =
+    std::is_same_v<T, kmoe::detail::PackedFloat<kmoe::detail::Float16Format>>;
+template <class T>
+constexpr bool is_half_element = is_bfloat16_element<T> || is_float16_element<T>;
+
+/// Any floating element type: read from F16/BF16/F32/F64, written to them.
+template <class T>
+constexpr bool is_floating_element = is_float_element<T> || is_half_element<T>;
+
+/// The file dtype whose elements are T's own bytes, if any (read with no conversion).
+template <class T>
+constexpr bool has_own_dtype = is_half_element<T> || is_float_element<T>;
+template <class T>
+constexpr DType own_dtype() {
+  if constexpr (is_bfloat16_element<T>) return DType::BF16;
+  if constexpr (is_float16_element<T>) return DType::F16;
+  if constexpr (std::is_same_v<T, double>) return DType::F64;
+  return DType::F32;
+}
+
+/// What T is called in an error message about a value it cannot hold.
+template <class T>
+const char* element_type_name() {
+  if constexpr (is_bfloat16_element<T>) return "bfloat16";
+  if constexpr (is_float16_element<T>) return "float16 (largest finite value 65504)";
+  return "the requested integer type";
+}
+
+/// Sets `result` to the 16-bit T nearest to `value` (to nearest, ties to even); returns
+/// false if a finite `value` lies beyond T's range (the result is then infinite). A float rounds with T's own conversion; a double
+/// rounds once with io/float16.hpp's (converting it to float first could round twice).
+template <class T, class Source>
+bool narrow_to(Source value, T& result) {
+  if constexpr (std::is_same_v<Source, double>) {
+    result = T::from_bits(is_bfloat16_element<T> ? to_bfloat16_bits(value) : to_half_bits(value));
+  } else {
+    result = T(value);
+  }
+  return !(std::isfinite(value) && !std::isfinite(float(result)));
+}
+
 /// Range check for I32/I64 <-> integer T; `value` already widened to int64.
 template <class T>
 bool fits(std::int64_t value) {
@@ -155,13 +214,26 @@ S load(const unsigned char* bytes) {
 }
 
 /// Converts `count` elements of `dtype` at `src` (possibly unaligned) into `dst`.
-/// Returns the index of the first integer that does not fit T, or `count` on success.
+/// Returns the index of the first value that does not fit T (an integer out of range, a
+/// finite value beyond a 16-bit T's range), or `count` on success.
 template <class T>
 std::size_t convert_from(DType dtype, const unsigned char* src, T* dst, std::size_t count) {
   const std::size_t size = dtype_size(dtype);
   for (std::size_t i = 0; i < count; ++i) {
     const unsigned char* p = src + i * size;
-    if constexpr (is_float_element<T>) {
+    if constexpr (is_half_element<T>) {
+      // The other 16-bit format widens to float exactly, so every path rounds once.
+      bool fits = true;
+      if (dtype == DType::F16)
+        fits = narrow_to(half_bits_to_float(load<std::uint16_t>(p)), dst[i]);
+      else if (dtype == DType::BF16)
+        fits = narrow_to(bfloat16_bits_to_float(load<std::uint16_t>(p)), dst[i]);
+      else if (dtype == DType::F32)
+        fits = narrow_to(load<float>(p), dst[i]);
+      else if (dtype == DType::F64)
+        fits = narrow_to(load<double>(p), dst[i]);
+      if (!fits) return i;
+    } else if constexpr (is_float_element<T>) {
       switch (dtype) {
         case DType::F16:
           dst[i] = static_cast<T>(half_bits_to_float(load<std::uint16_t>(p)));
@@ -247,8 +319,14 @@ class SafetensorsFile {
 
   /// \brief Copies tensor `name` into `dst`, which must hold exactly `count` elements.
   ///
-  /// Floating tensors (F16/BF16/F32/F64) convert to T = float or double; I32/I64 tensors
-  /// to any integer T, with a kmoe::runtime_error if a value does not fit.
+  /// Floating tensors (F16/BF16/F32/F64) convert to T = float, double, kmoe::bfloat16 or
+  /// kmoe::float16; I32/I64 tensors to any integer T, with a kmoe::runtime_error if a value
+  /// does not fit. A tensor whose dtype is T's own (BF16 into kmoe::bfloat16, F16 into
+  /// kmoe::float16, F32 into float, F64 into double) is copied bit for bit. Into a 16-bit T,
+  /// every other floating dtype rounds once to nearest, ties to even: F16/BF16/F32 with T's
+  /// own conversion from float (the 16-bit dtypes widen to float exactly), F64 in one step
+  /// from the double (io/float16.hpp; through float it could round twice); a finite value
+  /// beyond T's range (float16: 65520 and above) is a kmoe::runtime_error naming it.
   template <class T>
   void read_into(const std::string& name, T* dst, std::size_t count) const {
     const std::uint64_t elements = info(name).element_count();
@@ -266,8 +344,9 @@ class SafetensorsFile {
   template <class T>
   void read_range_into(const std::string& name, std::uint64_t first_element, T* dst,
                        std::size_t count) const {
-    static_assert(detail::is_float_element<T> || detail::is_int_element<T>,
-                  "read_into: T must be float, double or an integer type");
+    static_assert(detail::is_floating_element<T> || detail::is_int_element<T>,
+                  "read_into: T must be float, double, kmoe::bfloat16, kmoe::float16 or an "
+                  "integer type");
     const TensorInfo& tensor = info(name);
     const std::uint64_t elements = tensor.element_count();
     if (first_element > elements || count > elements - first_element) {
@@ -277,12 +356,12 @@ class SafetensorsFile {
                                  " in " + path_ + ", which has " + std::to_string(elements) +
                                  " elements");
     }
-    if (detail::is_float_element<T> != is_floating(tensor.dtype)) {
-      throw invalid_argument("SafetensorsFile::read_into", "name", name,
-                             std::string("tensor in ") + path_ + " has dtype " +
-                                 dtype_name(tensor.dtype) + ", which cannot be read as " +
-                                 (detail::is_float_element<T> ? "a floating-point" : "an integer") +
-                                 " type");
+    if (detail::is_floating_element<T> != is_floating(tensor.dtype)) {
+      throw invalid_argument(
+          "SafetensorsFile::read_into", "name", name,
+          std::string("tensor in ") + path_ + " has dtype " + dtype_name(tensor.dtype) +
+              ", which cannot be read as " +
+              (detail::is_floating_element<T> ? "a floating-point" : "an integer") + " type");
     }
     if (count == 0) return;
     if (dst == nullptr) {
@@ -290,18 +369,25 @@ class SafetensorsFile {
                              "destination for " + detail::quoted(name) + " is null");
     }
     const std::size_t size = dtype_size(tensor.dtype);
+    const std::uint64_t offset = data_offset_ + tensor.begin + first_element * size;
+    if constexpr (detail::has_own_dtype<T>) {
+      if (tensor.dtype == detail::own_dtype<T>()) {  // T's own bytes: no staging
+        file_.read_exact(dst, count * size, offset,
+                         "SafetensorsFile: tensor " + detail::quoted(name));
+        return;
+      }
+    }
     const std::size_t chunk_elements = detail::read_chunk_bytes / size;
     std::vector<unsigned char> staging(std::min(count, chunk_elements) * size);
     for (std::size_t first = 0; first < count; first += chunk_elements) {
       const std::size_t n = std::min(chunk_elements, count - first);
-      file_.read_exact(staging.data(), n * size,
-                       data_offset_ + tensor.begin + (first_element + first) * size,
+      file_.read_exact(staging.data(), n * size, offset + first * size,
                        "SafetensorsFile: tensor " + detail::quoted(name));
       const std::size_t bad = detail::convert_from(tensor.dtype, staging.data(), dst + first, n);
       if (bad != n) {
         throw runtime_error("SafetensorsFile: " + path_ + ": tensor " + detail::quoted(name) +
                             ": element " + std::to_string(first_element + first + bad) +
-                            " does not fit the requested integer type");
+                            " does not fit " + detail::element_type_name<T>());
       }
     }
   }
@@ -467,19 +553,22 @@ class SafetensorsFile {
 /// \brief Builds a safetensors file in memory and writes it out.
 ///
 /// Data is converted to the requested dtype when added (round to nearest even for F16/BF16
-/// and F32-from-double; I32 from wider integers is range-checked). The layout follows the
+/// and F32-from-double; I32 from wider integers is range-checked). kmoe::bfloat16 and
+/// kmoe::float16 data keep their exact bits in their own dtype (BF16, F16), widen exactly
+/// to F32/F64, and round once (through the exact float) to the other 16-bit dtype. The layout follows the
 /// reference implementation: tensors ordered by decreasing element size, then name, so each
 /// is aligned to its element size; header padded with spaces to a multiple of 8 bytes.
 class SafetensorsWriter {
  public:
   /// \brief Adds tensor `name` of the given dtype and row-major `shape`, copying
-  /// product(shape) elements from `data`. Floating T (float, double) goes to F16/BF16/F32/F64,
-  /// integer T to I32/I64.
+  /// product(shape) elements from `data`. Floating T (float, double, kmoe::bfloat16,
+  /// kmoe::float16) goes to F16/BF16/F32/F64, integer T to I32/I64.
   template <class T>
   void add(const std::string& name, DType dtype, const std::vector<std::int64_t>& shape,
            const T* data) {
-    static_assert(detail::is_float_element<T> || detail::is_int_element<T>,
-                  "add: T must be float, double or an integer type");
+    static_assert(detail::is_floating_element<T> || detail::is_int_element<T>,
+                  "add: T must be float, double, kmoe::bfloat16, kmoe::float16 or an integer "
+                  "type");
     constexpr const char* where = "SafetensorsWriter::add";
     if (name.empty() || name == "__metadata__") {
       throw invalid_argument(where, "name", detail::quoted(name), "reserved or empty tensor name");
@@ -488,10 +577,10 @@ class SafetensorsWriter {
                     [&](const Entry& e) { return e.info.name == name; })) {
       throw invalid_argument(where, "name", name, "tensor already added");
     }
-    if (detail::is_float_element<T> != is_floating(dtype)) {
+    if (detail::is_floating_element<T> != is_floating(dtype)) {
       throw invalid_argument(where, "dtype", dtype_name(dtype),
                              "tensor " + detail::quoted(name) + " is given " +
-                                 (detail::is_float_element<T> ? "floating-point" : "integer") +
+                                 (detail::is_floating_element<T> ? "floating-point" : "integer") +
                                  " data");
     }
     Entry entry;
@@ -588,7 +677,12 @@ class SafetensorsWriter {
 
   template <class T>
   static void store(Entry& entry, std::size_t at, T value) {
-    if constexpr (detail::is_float_element<T>) {
+    if constexpr (detail::is_half_element<T>) {
+      if (entry.info.dtype == detail::own_dtype<T>())
+        put(entry, at, value.bits());
+      else
+        store(entry, at, float(value));  // exact; the other 16-bit dtype rounds once
+    } else if constexpr (detail::is_float_element<T>) {
       switch (entry.info.dtype) {
         case DType::F16:
           put(entry, at, to_half_bits(value));

@@ -140,10 +140,10 @@ inline MoEBlockConfig family_block(const std::string& model_dir, int layer, cons
 }
 
 template <class X, class S>
-std::optional<SwiGLUExperts<X, S>> shared_experts(const MoEBlockConfig& b) {
+std::optional<SwiGLUExperts<X, S>> shared_experts(const MoEBlockConfig& b, bool gradients = true) {
   if (b.shared_ffn == 0) return std::nullopt;
-  return SwiGLUExperts<X, S>(ExpertShape{1, b.hidden, b.shared_ffn, false, !b.shared_gate.empty()},
-                             "shared");
+  return SwiGLUExperts<X, S>(
+      ExpertShape{1, b.hidden, b.shared_ffn, false, !b.shared_gate.empty(), gradients}, "shared");
 }
 
 /// The router settings of block `b` (TopKSoftmaxConfig has no renormalisation, scaling
@@ -200,11 +200,11 @@ Experts routed_experts(const MoEBlockConfig& b, bool gradients = true) {
 
 /// The shared expert of block `b`, if any (SwiGLU; no family with other experts has one).
 template <class Experts>
-std::optional<Experts> block_shared_experts(const MoEBlockConfig& b) {
+std::optional<Experts> block_shared_experts(const MoEBlockConfig& b, bool gradients = true) {
   using X = typename Experts::execution_space;
   using S = typename Experts::scalar_type;
   if constexpr (std::is_same_v<Experts, SwiGLUExperts<X, S>>) {
-    return shared_experts<X, S>(b);
+    return shared_experts<X, S>(b, gradients);
   } else {
     require(b.shared_ffn == 0, "kmoe::models", "shared expert F", b.shared_ffn,
             "a shared expert is SwiGLU, built beside SwiGLU experts only");
@@ -229,15 +229,41 @@ void load_selection_bias(Router& router, const MoEBlockConfig& b,
   }
 }
 
+/// The kind of router `Router` is (for family_block's check).
+template <class Router>
+constexpr BlockRouter router_kind() {
+  using X = typename Router::execution_space;
+  using S = typename Router::scalar_type;
+  if constexpr (std::is_same_v<Router, SoftmaxTopKRouter<X, S>>) return BlockRouter::softmax_topk;
+  if constexpr (std::is_same_v<Router, SigmoidBiasRouter<X, S>>) return BlockRouter::sigmoid_bias;
+  if constexpr (std::is_same_v<Router, TopKSoftmaxRouter<X, S>>) return BlockRouter::topk_softmax;
+  if constexpr (std::is_same_v<Router, SparseMixerRouter<X, S>>) return BlockRouter::sparse_mixer;
+}
+
+/// The kind of experts `Experts` are (for family_block's check).
+template <class Experts>
+constexpr BlockExperts expert_kind() {
+  using X = typename Experts::execution_space;
+  using S = typename Experts::scalar_type;
+  return std::is_same_v<Experts, ClampedSwiGLUExperts<X, S>> ? BlockExperts::clamped_swiglu
+                                                             : BlockExperts::swiglu;
+}
+
 /// The block of `layer` with a `Router` (of kind `kind`) and `Experts` (of kind
 /// `expert_kind`), its weights read from the checkpoint; the selection bias too if the block
 /// has one. The routing weight's placement is the family's (Llama 4 scales the expert
-/// inputs), whatever `options` says.
+/// inputs), whatever `options` says. Without `gradients` the experts hold no gradient
+/// buffers (inference).
+///
+/// Each slice is read straight into the parameter's Scalar (io::SafetensorsFile::
+/// read_range_into): a BF16 checkpoint into a kmoe::bfloat16 layer is copied bit for bit,
+/// with no float copy of any tensor (a transposed slice goes through one expert's region,
+/// in Scalar too).
 template <class Router, class Experts>
 MoELayer<Router, Experts> load_block(const std::string& model_dir, int layer,
                                      const LayerOptions& options, const char* family,
-                                     BlockRouter kind, BlockExperts expert_kind,
-                                     const char* where) {
+                                     BlockRouter kind, BlockExperts expert_kind, const char* where,
+                                     bool gradients = true) {
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
   const MoEBlockConfig config = family_block(model_dir, layer, family, kind, expert_kind, where);
   // Opened after config.json, whose errors come first.
@@ -246,8 +272,9 @@ MoELayer<Router, Experts> load_block(const std::string& model_dir, int layer,
   LayerOptions block_options = options;
   block_options.routing_weight =
       b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
-  MoELayer<Router, Experts> moe(Router(router_config<Config>(b)), routed_experts<Experts>(b),
-                                block_options, block_shared_experts<Experts>(b));
+  MoELayer<Router, Experts> moe(Router(router_config<Config>(b)),
+                                routed_experts<Experts>(b, gradients), block_options,
+                                block_shared_experts<Experts>(b, gradients));
   load_weights(moe, b, checkpoint);
   load_selection_bias(moe.router(), b, checkpoint, model_dir, where);
   return moe;
@@ -326,6 +353,24 @@ SigmoidBiasBlockLayer<ExecSpace, Scalar> load_sigmoid_bias_block(const std::stri
                                                                  const LayerOptions& options = {}) {
   return detail::load_sigmoid_bias<ExecSpace, Scalar>(model_dir, layer, options, nullptr,
                                                       "kmoe::models::load_sigmoid_bias_block");
+}
+
+/// \brief The MoE block of decoder layer `layer` of any model in `model_dir` whose router
+/// is `Router` (SoftmaxTopKRouter for Mixtral, Qwen3-MoE; SigmoidBiasRouter for
+/// DeepSeek-V3; ...) and experts `Experts`, for inference: no gradient buffers. With
+/// Scalar = kmoe::bfloat16 or kmoe::float16 this is the block stored in 16 bits: each
+/// tensor is read straight into 16-bit storage (a BF16 checkpoint into a bf16 layer bit for
+/// bit, other dtypes rounded once to nearest even), so neither a float copy of the weights
+/// nor float gradients are ever allocated; the router's weight is in Scalar as well, its
+/// selection bias (DeepSeek-V3's e_score_correction_bias) in float (routing_t<Scalar>).
+template <class Router, class Experts = SwiGLUExperts<typename Router::execution_space,
+                                                      typename Router::scalar_type>>
+MoELayer<Router, Experts> load_inference_block(const std::string& model_dir, int layer,
+                                               const LayerOptions& options = {}) {
+  return detail::load_block<Router, Experts>(model_dir, layer, options, nullptr,
+                                             detail::router_kind<Router>(),
+                                             detail::expert_kind<Experts>(),
+                                             "kmoe::models::load_inference_block", false);
 }
 
 /// \brief The MoE block (`block_sparse_moe`) of decoder layer `layer` of the Mixtral model

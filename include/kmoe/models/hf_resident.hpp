@@ -30,16 +30,6 @@ template <class Router, class Inner>
 using ResidentBlockLayer = MoELayer<Router, CheckpointResidentExperts<Inner>>;
 
 namespace detail {
-template <class Router>
-constexpr BlockRouter router_kind() {
-  using X = typename Router::execution_space;
-  using S = typename Router::scalar_type;
-  if constexpr (std::is_same_v<Router, SoftmaxTopKRouter<X, S>>) return BlockRouter::softmax_topk;
-  if constexpr (std::is_same_v<Router, SigmoidBiasRouter<X, S>>) return BlockRouter::sigmoid_bias;
-  if constexpr (std::is_same_v<Router, TopKSoftmaxRouter<X, S>>) return BlockRouter::topk_softmax;
-  if constexpr (std::is_same_v<Router, SparseMixerRouter<X, S>>) return BlockRouter::sparse_mixer;
-}
-
 /// Bytes of one expert of block `b` in the compute scalar (what a resident slot holds).
 template <class Inner>
 std::int64_t slot_bytes(MoEBlockConfig b) {
@@ -67,15 +57,11 @@ ResidentBlockLayer<Router, Inner> load_resident_block(const std::string& model_d
                                                       Eviction eviction = Eviction::lru,
                                                       const LayerOptions& options = {}) {
   constexpr const char* where = "kmoe::models::load_resident_block";
-  using X = typename Router::execution_space;
-  using S = typename Router::scalar_type;
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
   using Experts = CheckpointResidentExperts<Inner>;
-  constexpr BlockExperts expert_kind = std::is_same_v<Inner, ClampedSwiGLUExperts<X, S>>
-                                           ? BlockExperts::clamped_swiglu
-                                           : BlockExperts::swiglu;
-  const MoEBlockConfig config = detail::family_block(
-      model_dir, layer, nullptr, detail::router_kind<Router>(), expert_kind, where);
+  const MoEBlockConfig config =
+      detail::family_block(model_dir, layer, nullptr, detail::router_kind<Router>(),
+                           detail::expert_kind<Inner>(), where);
   const auto checkpoint = std::make_shared<const io::ShardedCheckpoint>(model_dir);
   const MoEBlockConfig b = resolve_naming(config, *checkpoint);
   LayerOptions block_options = options;
