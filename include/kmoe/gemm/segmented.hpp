@@ -13,7 +13,9 @@
 /// Operands stored in 16 bits (kmoe::bfloat16, kmoe::float16) take the widened path of
 /// gemm/widened.hpp: the activations are widened once, each busy expert's weight slice is
 /// widened into a float panel, the policy multiplies float panels, and a 16-bit output is
-/// rounded once per value; weight gradients are kept in the accumulation type (float).
+/// rounded once per value; weight gradients are kept in the accumulation type (float). A
+/// policy that multiplies 16-bit operands itself (multiplies_sixteen_bit: gemm::CublasMixed
+/// on CUDA) gets each segment unwidened instead.
 
 #include <kmoe/gemm/policy.hpp>
 #include <kmoe/gemm/widened.hpp>
@@ -173,7 +175,16 @@ void segment_times_weight(const Segments<ExecSpace>& segments, const In& in, con
                           bool transpose_weight, typename Out::const_value_type alpha,
                           typename Out::const_value_type beta, const Out& out) {
   using namespace detail;
-  if constexpr (widened_operands_v<In, Weight, Out>) {
+  if constexpr (gemm_multiplies_sixteen_bit<Gemm, ExecSpace, value_of<In>, value_of<Weight>,
+                                            value_of<Out>>::value) {
+    // The policy multiplies 16-bit operands itself (cuBLAS bf16 GEMMs on CUDA): no panels.
+    for_each_segment<ExecSpace, false>(segments, [&](int e, auto) {
+      const int b = segments.begin(e), n = segments.end(e) - b;
+      Gemm::gemm_sixteen_bit(ExecSpace(), false, transpose_weight, float(alpha),
+                             rows_of(in, b, b + n), slice_of(weight, e), float(beta),
+                             rows_of(out, b, b + n));
+    });
+  } else if constexpr (widened_operands_v<In, Weight, Out>) {
     widened_segment_times_weight<Gemm>(segments, in, weight, transpose_weight, alpha, beta, out);
   } else {
     uniform_segment_times_weight<Gemm>(segments, in, weight, transpose_weight, alpha, beta, out);
@@ -214,10 +225,21 @@ void segment_weight_gradient(const Segments<ExecSpace>& segments, const Left& le
   static_assert(check_valid_gemm<Gemm, ExecSpace, Scalar>());
   using namespace detail;
   if constexpr (widened_operands_v<Left, Right, GradWeight>) {
-    // 16-bit activations: widened once each; the gradient is kept in the accumulation type.
+    // 16-bit activations; the gradient is kept in the accumulation type.
     static_assert(std::is_same_v<Scalar, accumulation_t<value_of<Left>>>,
                   "kmoe::gemm::segment_weight_gradient: gradients of 16-bit weights are kept in "
                   "their accumulation type (float)");
+    if constexpr (gemm_multiplies_sixteen_bit<Gemm, ExecSpace, value_of<Left>, value_of<Right>,
+                                              Scalar>::value) {
+      // The policy multiplies them itself (cuBLAS bf16 GEMMs on CUDA).
+      for_each_segment<ExecSpace, false>(segments, [&](int e, auto) {
+        const int b = segments.begin(e), n = segments.end(e) - b;
+        Gemm::gemm_sixteen_bit(ExecSpace(), true, false, 1.0f, rows_of(left, b, b + n),
+                               rows_of(right, b, b + n), 1.0f, slice_of(grad_weight, e));
+      });
+      return;
+    }
+    // Else widened once each.
     Matrix<Scalar, ExecSpace> left_panel, right_panel;
     const auto left_wide = as_accumulation<ExecSpace>(left, left_panel, "kmoe::gemm::widened_left");
     const auto right_wide =

@@ -9,7 +9,9 @@
 /// Operands already in the accumulation type are used in place, so a bf16 activation times
 /// a bf16 weight may write a float result (router logits, weight gradients) without any
 /// rounding. When every operand has one type (float or double layers) kmoe::gemm::multiply
-/// calls the policy directly: the same call, and the same bits, as before this header.
+/// calls the policy directly: the same call, and the same bits, as before this header. A
+/// policy that multiplies 16-bit operands itself (multiplies_sixteen_bit, e.g. cuBLAS bf16
+/// GEMMs with fp32 compute on CUDA) is handed them unwidened.
 
 #include <kmoe/error.hpp>
 #include <kmoe/gemm/policy.hpp>
@@ -41,6 +43,17 @@ void convert_matrix(const From& from, const To& to) {
       KOKKOS_LAMBDA(std::int64_t i, std::int64_t j) { to(i, j) = Target(Via(from(i, j))); });
 }
 
+/// Whether the GEMM policy multiplies these 16-bit operands itself (a policy's
+/// `multiplies_sixteen_bit<ExecSpace, A, B, C>`, e.g. gemm::CublasMixed's cuBLAS bf16 / fp16
+/// GEMMs on CUDA) instead of taking widened float panels.
+template <class Gemm, class ExecSpace, class A, class B, class C, class = void>
+struct gemm_multiplies_sixteen_bit : std::false_type {};
+template <class Gemm, class ExecSpace, class A, class B, class C>
+struct gemm_multiplies_sixteen_bit<
+    Gemm, ExecSpace, A, B, C,
+    std::enable_if_t<Gemm::template multiplies_sixteen_bit<ExecSpace, A, B, C>>> : std::true_type {
+};
+
 /// `v` as a contiguous matrix of Accumulation: itself when it already is one (the policy
 /// requires contiguous operands anyway), else a widened copy in `panel`.
 template <class ExecSpace, class View, class Panel>
@@ -70,6 +83,9 @@ void multiply(const ExecSpace& space, bool transpose_a, bool transpose_b,
   using namespace detail;
   if constexpr (!widened_operands_v<AView, BView, CView>) {
     Gemm::gemm(space, transpose_a, transpose_b, alpha, a, b, beta, c);
+  } else if constexpr (gemm_multiplies_sixteen_bit<Gemm, ExecSpace, value_of<AView>,
+                                                   value_of<BView>, value_of<CView>>::value) {
+    Gemm::gemm_sixteen_bit(space, transpose_a, transpose_b, float(alpha), a, b, float(beta), c);
   } else {
     using Accumulation = accumulation_t<value_of<CView>>;
     static_assert(std::is_same_v<accumulation_t<value_of<AView>>, Accumulation> &&

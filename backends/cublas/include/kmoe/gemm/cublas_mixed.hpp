@@ -26,6 +26,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <type_traits>
@@ -57,7 +58,8 @@ void round_rows(const ExecSpace& space, const In& in, const Narrow& narrow) {
 }  // namespace cublas_detail
 
 /// \brief GEMM policy: gemm::CublasGrouped, and cuBLAS bf16 / fp16 GEMMs (fp32 compute) for
-/// packed 16-bit expert weights with float activations on Kokkos::Cuda.
+/// packed 16-bit expert weights with float activations and for the GEMMs of a layer stored
+/// in 16 bits (gemm::multiply), on Kokkos::Cuda.
 struct CublasMixed : CublasGrouped {
   static constexpr const char* name = "cublas-mixed";
 
@@ -65,6 +67,56 @@ struct CublasMixed : CublasGrouped {
   template <class ExecSpace, class Element, class Scalar>
   static constexpr bool multiplies_packed = cublas_detail::is_cuda_v<ExecSpace>&&
       is_packed_float_v<Element>&& std::is_same_v<Scalar, float>;
+
+  /// The GEMMs of 16-bit storage this policy does itself (gemm::multiply): both inputs in
+  /// one 16-bit type, the result in float or that type.
+  template <class ExecSpace, class A, class B, class C>
+  static constexpr bool multiplies_sixteen_bit =
+      cublas_detail::is_cuda_v<ExecSpace>&& is_packed_float_v<A>&& std::is_same_v<A, B> &&
+      (std::is_same_v<C, float> || std::is_same_v<C, A>);
+
+  /// Row-major c = alpha op(a) op(b) + beta c as one cublasGemmEx with fp32 compute: a
+  /// 16-bit c is rounded once from the fp32 sum (and read in 16 bits where beta != 0).
+  template <class ExecSpace, class AView, class BView, class CView>
+  static void gemm_sixteen_bit(const ExecSpace& space, bool transpose_a, bool transpose_b,
+                               float alpha, const AView& a, const BView& b, float beta,
+                               const CView& c) {
+    using namespace cublas_detail;
+    using Element = typename AView::non_const_value_type;
+    using Result = typename CView::non_const_value_type;
+    constexpr const char* where = "kmoe::gemm::CublasMixed::gemm_sixteen_bit";
+    const std::size_t m = c.extent(0), n = c.extent(1);
+    const std::size_t k = transpose_a ? a.extent(0) : a.extent(1);
+    require((transpose_a ? a.extent(1) : a.extent(0)) == m &&
+                (transpose_b ? b.extent(1) : b.extent(0)) == k &&
+                (transpose_b ? b.extent(0) : b.extent(1)) == n,
+            where, "operand extents", k, "op(a) [m, k] times op(b) [k, n] must give c [m, n]");
+    if (m == 0 || n == 0) return;
+    require_rows_contiguous(a, "a");
+    require_rows_contiguous(b, "b");
+    require_rows_contiguous(c, "c");
+    constexpr cudaDataType_t result_type =
+        std::is_same_v<Result, float> ? CUDA_R_32F : packed_type<Element>::data;
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    State& state = State::instance();
+    const std::lock_guard<std::mutex> lock(state.mutex);
+    const cublasHandle_t handle = state.handle(device);
+    check(cublasSetStream(handle, space.cuda_stream()), "cublasSetStream");
+    check(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    // A row-major matrix is its transpose in column-major, so c^T = op(b)^T op(a)^T: b and
+    // a swap places and keep their own transposition flags.
+    check(cublasGemmEx(handle, transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                       transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, as_int(n, "n"), as_int(m, "m"),
+                       as_int(k, "k"), &alpha, b.data(), packed_type<Element>::data,
+                       as_int(std::max<std::size_t>(b.stride(0), 1), "b row stride"), a.data(),
+                       packed_type<Element>::data,
+                       as_int(std::max<std::size_t>(a.stride(0), 1), "a row stride"), &beta,
+                       c.data(), result_type,
+                       as_int(std::max<std::size_t>(c.stride(0), 1), "c row stride"),
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx");
+  }
 
   /// out[seg e] = round(in[seg e]) * values[e]^T for every non-empty segment, values [E, N, K]
   /// stored in Element, out overwritten; `narrow_in` is the caller's buffer for the rounded
