@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 
 namespace kmoe::gemm {
 namespace cublas_detail {
@@ -44,6 +45,23 @@ template <>
 struct packed_type<float16> {
   static constexpr cudaDataType_t data = CUDA_R_16F;
 };
+
+/// The process's cuBLAS handle for the current device, set to `stream` with host pointer
+/// mode; usable while `lock` (State's mutex) is held, i.e. while this object lives.
+struct StreamHandle {
+  std::unique_lock<std::mutex> lock;
+  cublasHandle_t handle;
+};
+inline StreamHandle handle_on(cudaStream_t stream) {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  State& state = State::instance();
+  std::unique_lock<std::mutex> lock(state.mutex);
+  const cublasHandle_t handle = state.handle(device);
+  check(cublasSetStream(handle, stream), "cublasSetStream");
+  check(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  return {std::move(lock), handle};
+}
 
 /// narrow = in rounded to Element (nearest even), as bit patterns.
 template <class Element, class ExecSpace, class In, class Narrow>
@@ -97,13 +115,8 @@ struct CublasMixed : CublasGrouped {
     require_rows_contiguous(c, "c");
     constexpr cudaDataType_t result_type =
         std::is_same_v<Result, float> ? CUDA_R_32F : packed_type<Element>::data;
-    int device = 0;
-    check(cudaGetDevice(&device), "cudaGetDevice");
-    State& state = State::instance();
-    const std::lock_guard<std::mutex> lock(state.mutex);
-    const cublasHandle_t handle = state.handle(device);
-    check(cublasSetStream(handle, space.cuda_stream()), "cublasSetStream");
-    check(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    const StreamHandle cublas = handle_on(space.cuda_stream());
+    const cublasHandle_t handle = cublas.handle;
     // A row-major matrix is its transpose in column-major, so c^T = op(b)^T op(a)^T: b and
     // a swap places and keep their own transposition flags.
     check(cublasGemmEx(handle, transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -153,13 +166,8 @@ struct CublasMixed : CublasGrouped {
     const int ld_out = as_int(out.stride(0), "out row stride");
     const std::size_t expert_stride = values.stride(0);
     const float one = 1, zero = 0;
-    int device = 0;
-    check(cudaGetDevice(&device), "cudaGetDevice");
-    State& state = State::instance();
-    const std::lock_guard<std::mutex> lock(state.mutex);
-    const cublasHandle_t handle = state.handle(device);
-    check(cublasSetStream(handle, space.cuda_stream()), "cublasSetStream");
-    check(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    const StreamHandle cublas = handle_on(space.cuda_stream());
+    const cublasHandle_t handle = cublas.handle;
     // Column-major view of the row-major operands: out_e^T (N x n_e) = W_e^T-as-stored
     // (transposed: W_e is [N, K] row-major, i.e. K x N column-major) times in_e^T (K x n_e).
     for (int e = 0; e < experts; ++e) {
