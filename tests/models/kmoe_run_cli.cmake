@@ -18,6 +18,18 @@ function(expect_exit code)
   set(last_err "${err}" PARENT_SCOPE)
 endfunction()
 
+# expect_within(REFERENCE CANDIDATE TOLERANCE WHAT): compare_safetensors within TOLERANCE of
+# the reference's scale (integers exact), or fail naming WHAT; prints the hidden states' line.
+function(expect_within reference candidate tolerance what)
+  execute_process(COMMAND ${COMPARE} ${reference} ${candidate} ${tolerance}
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${what} is not within ${tolerance} of ${reference}:\n${out}${err}")
+  endif()
+  string(REGEX MATCH "hidden_states[^\n]*" line "${out}")
+  message(STATUS "${what}: ${line}")
+endfunction()
+
 expect_exit(0 --help)
 if(NOT last_out MATCHES "--grad-output")
   message(FATAL_ERROR "--help does not document --grad-output:\n${last_out}")
@@ -60,12 +72,8 @@ function(check_model name dir model grads_reference)
     list(GET pair 0 reference)
     list(GET pair 1 kind)
     list(GET pair 2 tolerance)
-    execute_process(COMMAND ${COMPARE} ${dir}/${reference} ${WORK}/${name}_${kind}.safetensors
-                            ${tolerance}
-                    RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-    if(NOT rc EQUAL 0)
-      message(FATAL_ERROR "kmoe-run ${name} ${kind} differs from the fixture:\n${out}${err}")
-    endif()
+    expect_within(${dir}/${reference} ${WORK}/${name}_${kind}.safetensors ${tolerance}
+                  "kmoe-run ${name} ${kind}")
   endforeach()
 endfunction()
 foreach(model mixtral deepseek_v3 qwen3_moe)
@@ -103,15 +111,8 @@ function(check_weight_only dtype tolerance name dir)
     message(FATAL_ERROR "kmoe-run --dtype ${dtype} ${name}: hidden_states not written as "
                         "${stored}:\n${header}")
   endif()
-  execute_process(COMMAND ${COMPARE} ${dir}/output.safetensors ${WORK}/${name}_${dtype}.safetensors
-                          ${tolerance}
-                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "kmoe-run --dtype ${dtype} ${name} is not within ${tolerance} of the "
-                        "fixture:\n${out}${err}")
-  endif()
-  string(REGEX MATCH "hidden_states[^\n]*" line "${out}")
-  message(STATUS "${dtype} ${name}: ${line}")
+  expect_within(${dir}/output.safetensors ${WORK}/${name}_${dtype}.safetensors ${tolerance}
+                "kmoe-run --dtype ${dtype} ${name}")
 endfunction()
 foreach(model mixtral deepseek_v3 qwen3_moe)
   foreach(pair "int8;0.02" "bf16;0.01" "fp16;0.01")
@@ -143,11 +144,8 @@ expect_exit(2 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safete
 # bf16 in the checkpoint), to the order of the sums.
 expect_exit(0 --model ${FIXTURE}/model --layer 1 --input ${FIXTURE}/input.safetensors
             --output ${WORK}/bf16_f32.safetensors --dtype bf16 --output-dtype f32)
-execute_process(COMMAND ${COMPARE} ${FIXTURE}/output.safetensors ${WORK}/bf16_f32.safetensors 1e-5
-                RESULT_VARIABLE rc OUTPUT_VARIABLE out)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "--dtype bf16 --output-dtype f32 is not the fixture to 1e-5:\n${out}")
-endif()
+expect_within(${FIXTURE}/output.safetensors ${WORK}/bf16_f32.safetensors 1e-5
+              "--dtype bf16 --output-dtype f32")
 # Against transformers running the block in bf16 (tests/fixtures/README.md, "bf16 outputs"):
 # within 1% of the output's scale; transformers' own bf16 output is 0.35-0.77% from its
 # float32 output, so this bounds the rounding of a bf16 computation, not exactness.
@@ -155,15 +153,8 @@ foreach(family mixtral deepseek_v3 qwen3_moe)
   set(dir ${FIXTURES}/hf5/${family})
   expect_exit(0 --model ${dir}/model --layer 1 --input ${dir}/input.safetensors
               --output ${WORK}/hf5_${family}_bf16.safetensors --dtype bf16)
-  execute_process(COMMAND ${COMPARE} ${dir}/output_bf16.safetensors
-                          ${WORK}/hf5_${family}_bf16.safetensors 0.01
-                  RESULT_VARIABLE rc OUTPUT_VARIABLE out)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "--dtype bf16 ${family} is not within 1% of transformers' bf16 "
-                        "output:\n${out}")
-  endif()
-  string(REGEX MATCH "hidden_states[^\n]*" line "${out}")
-  message(STATUS "bf16 ${family} against transformers' bf16: ${line}")
+  expect_within(${dir}/output_bf16.safetensors ${WORK}/hf5_${family}_bf16.safetensors 0.01
+                "--dtype bf16 ${family} against transformers' bf16")
 endforeach()
 
 # The whole block in 16 bits (--activations bf16 / fp16: weights, router weight and
@@ -187,14 +178,8 @@ foreach(family mixtral deepseek_v3 qwen3_moe)
     if(NOT header MATCHES "\"hidden_states\":{\"dtype\":\"BF16\"")
       message(FATAL_ERROR "--activations bf16 ${family}: hidden_states not BF16:\n${header}")
     endif()
-    execute_process(COMMAND ${COMPARE} ${dir}/output_bf16.safetensors ${out} 0.01
-                    RESULT_VARIABLE rc OUTPUT_VARIABLE out_text)
-    if(NOT rc EQUAL 0)
-      message(FATAL_ERROR "--activations bf16 ${family} ${model} is not within 1% of "
-                          "transformers' bf16 output:\n${out_text}")
-    endif()
-    string(REGEX MATCH "hidden_states[^\n]*" line "${out_text}")
-    message(STATUS "bf16 block ${family} ${model} against transformers' bf16: ${line}")
+    expect_within(${dir}/output_bf16.safetensors ${out} 0.01
+                  "--activations bf16 ${family} ${model} against transformers' bf16")
   endforeach()
   # fp16 holds the bf16 weights exactly and rounds activations by u = 2^-11 (0.05%): against
   # transformers' float32 output within 0.5% (10 u: a few roundings on each path plus the
@@ -202,14 +187,8 @@ foreach(family mixtral deepseek_v3 qwen3_moe)
   set(out ${WORK}/hf5_${family}_fp16_block.safetensors)
   expect_exit(0 --model ${dir}/model --layer 1 --input ${dir}/input.safetensors --output ${out}
               --dtype fp16 --activations fp16)
-  execute_process(COMMAND ${COMPARE} ${dir}/output.safetensors ${out} 0.005
-                  RESULT_VARIABLE rc OUTPUT_VARIABLE out_text)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "--activations fp16 ${family} is not within 0.5% of transformers' "
-                        "float32 output:\n${out_text}")
-  endif()
-  string(REGEX MATCH "hidden_states[^\n]*" line "${out_text}")
-  message(STATUS "fp16 block ${family} against transformers' float32: ${line}")
+  expect_within(${dir}/output.safetensors ${out} 0.005
+                "--activations fp16 ${family} against transformers' float32")
 endforeach()
 # --output-dtype f32 widens the bf16 output exactly: equal to the BF16 file's values.
 set(dir ${FIXTURES}/hf5/mixtral)
@@ -220,12 +199,8 @@ file(READ ${WORK}/bf16_block_f32.safetensors header OFFSET 8 LIMIT 1024)
 if(NOT header MATCHES "\"hidden_states\":{\"dtype\":\"F32\"")
   message(FATAL_ERROR "--output-dtype f32: hidden_states not F32:\n${header}")
 endif()
-execute_process(COMMAND ${COMPARE} ${WORK}/hf5_mixtral_model_bf16_block.safetensors
-                        ${WORK}/bf16_block_f32.safetensors 0
-                RESULT_VARIABLE rc OUTPUT_VARIABLE out_text)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "--output-dtype f32 is not the BF16 output widened:\n${out_text}")
-endif()
+expect_within(${WORK}/hf5_mixtral_model_bf16_block.safetensors ${WORK}/bf16_block_f32.safetensors 0
+              "--output-dtype f32 of the BF16 output")
 # Combinations that do not exist: a usage error (exit 2) naming the flag and the value.
 set(run_args --model ${dir}/model --layer 1 --input ${dir}/input.safetensors
              --output ${WORK}/y.safetensors)
