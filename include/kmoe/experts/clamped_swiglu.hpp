@@ -92,11 +92,6 @@ void clamped_swiglu_backward(const Matrix<Scalar, X>& gate, const Matrix<Scalar,
 
 /// \brief E experts with w_gate [E, F, H], w_up [E, F, H], w_down [E, H, F], the clamped
 /// SwiGLU, and, if shape.bias, b_gate [E, F], b_up [E, F], b_down [E, H].
-///
-/// As GLUExperts, Scalar is the storage type (float, double, bfloat16, float16): products,
-/// sums and the activation run in accumulation_t<Scalar> and each stored value is rounded
-/// once; with 16-bit storage a bias is added to the rounded GEMM output (a second rounding,
-/// as FFNExperts').
 template <class ExecSpace, class Scalar, class Gemm = DefaultGemm>
 class ClampedSwiGLUExperts {
  public:
@@ -223,6 +218,10 @@ class ClampedSwiGLUExperts {
     add_bias(segments, b_up_, up_);
   }
 
+  /// As GLUExperts, Scalar is the storage type (float, double, bfloat16, float16): products,
+  /// sums and the activation run in accumulation_t<Scalar>, each stored value rounded once;
+  /// with 16-bit storage a bias is added to the rounded GEMM output (a second rounding, as
+  /// FFNExperts').
   static void add_bias(const Segments<ExecSpace>& segments,
                        const StackedBias<ExecSpace, Scalar>& bias,
                        const Matrix<Scalar, ExecSpace>& out) {
