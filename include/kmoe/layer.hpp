@@ -1205,9 +1205,9 @@ class MoELayer {
   }
 
   bool input_weighted() const { return options_.routing_weight == RoutingWeightPlacement::input; }
-  /// Rows scaled per slot cannot be shared by a token's slots on one rank; the links of a
-  /// deduplicated dispatch travel as exact values of S, which 16-bit storage cannot hold.
-  bool deduplicate_dispatch() const { return !input_weighted() && !is_packed_float_v<S>; }
+  /// Rows scaled per slot cannot be shared by a token's slots on one rank. (16-bit storage
+  /// deduplicates too: its header travels as exact floats, exchange/expert_parallel_exchange.hpp.)
+  bool deduplicate_dispatch() const { return !input_weighted(); }
   /// The weights the Combiner applies to the expert outputs: the routing weights, or 1 when
   /// they scaled the expert inputs instead.
   ConstMatrix<route_type, X> combine_weight() const {

@@ -2,7 +2,10 @@
 // What the expert-parallel dispatch puts on the wire: the layer runs over a communicator
 // that records every hidden-state all-to-all-v it is asked to make, and the dispatch's
 // send counts must equal the deduplicated minimum (one row per token and destination rank
-// holding any of its kept experts), computed here by a plain loop over the routing.
+// holding any of its kept experts), computed here by a plain loop over the routing. For a
+// double layer and for a bf16 layer (whose header values take two elements each, and with
+// more tokens than bf16 counts exactly), whose dispatch must also send fewer rows than the
+// undeduplicated one (rows scaled per slot: one row per kept assignment).
 #include <kmoe/combiner.hpp>
 #include <kmoe/communicators/mpi.hpp>
 #include <kmoe/expert.hpp>
@@ -23,10 +26,10 @@ using namespace kmoe;
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
-using S = double;
 
 /// MpiCommunicator that logs the per-peer element counts of every all-to-all-v of S
 /// (hidden-state rows) before making it. Copies and splits share the log.
+template <class S>
 class CountingCommunicator {
  public:
   using Request = MpiCommunicator::Request;
@@ -78,17 +81,21 @@ class CountingCommunicator {
   std::shared_ptr<Log> log_;
 };
 
-using Router = SoftmaxTopKRouter<X, S>;
-using Experts = SwiGLUExperts<X, S>;
-using Layer = MoELayer<Router, Experts, WeightedSumCombiner<X, S>, CountingCommunicator>;
+constexpr int hidden = 8, ffn = 12;
 
-constexpr int hidden = 8, ffn = 12, tokens = 37;
+/// Elements of S a header value of the dispatch takes (a float's two halves in 16 bits).
+template <class S>
+constexpr std::int64_t header_value_elements() {
+  return is_packed_float_v<S> ? 2 : 1;
+}
 
-}  // namespace
-
-TEST_CASE("the dispatch sends each token once per destination rank, the deduplicated minimum",
-          "[mpi][dispatch]") {
-  static_assert(check_valid_communicator<CountingCommunicator>());
+template <class S>
+void check_deduplicated_dispatch(int tokens) {
+  using Router = SoftmaxTopKRouter<X, S>;
+  using Experts = SwiGLUExperts<X, S>;
+  using Comm = CountingCommunicator<S>;
+  using Layer = MoELayer<Router, Experts, WeightedSumCombiner<X, S>, Comm>;
+  static_assert(check_valid_communicator<Comm>());
   const auto world = MpiCommunicator::world();
   const int ranks = world.size();
   // k = ranks + 1 experts per token over `ranks` ranks: every token has two experts on some
@@ -97,12 +104,11 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
   for (const auto placement : {Placement::block, Placement::round_robin}) {
     for (const double capacity_factor : {0.0, 0.5}) {
       DYNAMIC_SECTION("placement " << int(placement) << ", capacity factor " << capacity_factor) {
-        auto log = std::make_shared<CountingCommunicator::Log>();
+        auto log = std::make_shared<typename Comm::Log>();
         ParallelLayout layout;
         layout.ep = ranks;
         layout.placement = placement;
-        const auto groups =
-            ParallelGroups<CountingCommunicator>::create(CountingCommunicator(world, log), layout);
+        const auto groups = ParallelGroups<Comm>::create(Comm(world, log), layout);
         const auto owned = layout.local_experts(experts, groups.ep_rank);
         LayerOptions options;
         options.capacity.factor = capacity_factor;
@@ -149,10 +155,43 @@ TEST_CASE("the dispatch sends each token once per destination rank, the deduplic
         std::vector<std::int64_t> minimum_elements(minimum);
         for (int r = 0; r < ranks; ++r)
           minimum_elements[r] =
-              (minimum[r] + (experts_of[r] + links[r] + hidden - 1) / hidden) * hidden;
+              (minimum[r] +
+               ((experts_of[r] + links[r]) * header_value_elements<S>() + hidden - 1) / hidden) *
+              hidden;
         CHECK(log->front() == minimum_elements);
         CHECK(stats.dispatch_rows == minimum);
+
+        // The undeduplicated dispatch of the same routing (rows scaled per slot) sends one
+        // row per kept assignment and no header: more elements than the deduplicated one.
+        options.routing_weight = RoutingWeightPlacement::input;
+        Layer undeduplicated(Router({hidden, experts, top_k, true}),
+                             Experts({int(owned.size()), hidden, ffn}), options, std::nullopt,
+                             groups);
+        fill_normal(undeduplicated.parameters(), 0.5, 11);
+        log->clear();
+        const auto undeduplicated_stats = undeduplicated.forward(x, y, context);
+        CHECK(undeduplicated_stats.dispatch_rows == links);
+        REQUIRE(!log->empty());
+        std::int64_t deduplicated_total = 0, undeduplicated_total = 0;
+        for (int r = 0; r < ranks; ++r) {
+          CHECK(log->front()[r] == links[r] * hidden);
+          deduplicated_total += minimum_elements[r];
+          undeduplicated_total += log->front()[r];
+        }
+        if (capacity_factor == 0.0) CHECK(deduplicated_total < undeduplicated_total);
       }
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("the dispatch sends each token once per destination rank, the deduplicated minimum",
+          "[mpi][dispatch]") {
+  check_deduplicated_dispatch<double>(37);
+}
+
+TEST_CASE("a bf16 layer's dispatch is deduplicated, its header exact past 256 tokens",
+          "[mpi][dispatch][precision]") {
+  check_deduplicated_dispatch<bfloat16>(300);
 }

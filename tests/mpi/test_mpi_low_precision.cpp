@@ -8,6 +8,8 @@
 //    reference's divided by the number of token groups). The tolerances are
 //    test_low_precision_layer.cpp's, from the storage's unit roundoff u: 5 sqrt(F) u forward,
 //    10 sqrt(F) u for gradients (TP's partial outputs are summed in float and rounded once).
+//    Across EP ranks the dispatch is deduplicated; with 300 (bf16) and 2100 (fp16) tokens
+//    per rank its header values pass what the storage type holds exactly.
 // 2. kmoe::DynamicLossScaler with an overflow injected on one rank only: every rank skips
 //    the step (its gradients zeroed, the scale backed off), then grows the scale after the
 //    configured run of good steps; finite gradients are divided by the scale exactly.
@@ -30,7 +32,7 @@ using namespace kmoe;
 namespace {
 
 using X = Kokkos::DefaultHostExecutionSpace;
-constexpr int hidden = 8, ffn = 12, experts = 5, tokens_per_rank = 11;
+constexpr int hidden = 8, ffn = 12, experts = 5;
 
 template <class Storage>
 constexpr double unit_roundoff() {
@@ -100,8 +102,9 @@ double rows_error(const Got& got, const Matrix<float, X>& full, int first) {
   return error / scale;
 }
 
+/// One layout, `tokens_per_rank` tokens per token group.
 template <class Storage>
-void run_layout(ParallelLayout layout) {
+void run_layout(ParallelLayout layout, int tokens_per_rank = 11) {
   using RW = SoftmaxTopKRouter<X, float>;
   using RN = SoftmaxTopKRouter<X, Storage>;
   using EW = SwiGLUExperts<X, float>;
@@ -157,7 +160,9 @@ void run_layout(ParallelLayout layout) {
       g_local(t, h) = Storage(grad_y(g * tokens_per_rank + t, h));
     }
   layer.zero_gradients();
-  layer.forward(x_local, y, context);
+  const auto stats = layer.forward(x_local, y, context);
+  // Across EP ranks the dispatch is deduplicated: each peer's block starts with the header.
+  CHECK(stats.dispatch_header_rows.size() == std::size_t(layout.ep > 1 ? layout.ep : 0));
   layer.backward(g_local, gx);
   layer.synchronize_gradients();
 
@@ -187,6 +192,17 @@ TEST_CASE("bf16 and fp16 layers on every layout match the fp32 single-rank layer
     run_layout<bfloat16>(layout);
     run_layout<float16>(layout);
   }
+}
+
+TEST_CASE("deduplicated bf16 and fp16 dispatch with more tokens than 16 bits count exactly",
+          "[mpi][precision]") {
+  // The dispatch's header (counts, and links: token rows within a rank's block, up to
+  // tokens_per_rank - 1) must travel exactly: bf16 holds integers exactly only to 256 and
+  // fp16 to 2048, so a link spelt in the storage type would gather the wrong token rows.
+  ParallelLayout layout;
+  layout.ep = MpiCommunicator::world().size();
+  run_layout<bfloat16>(layout, 300);
+  run_layout<float16>(layout, 2100);
 }
 
 TEST_CASE("every rank skips the step when one rank's gradients overflow", "[mpi][precision]") {

@@ -36,6 +36,27 @@ namespace detail {
 template <class S>
 inline constexpr int wire_pieces_v = int(sizeof(S) / sizeof(std::uint16_t));
 
+/// out(at + k), k < wire_pieces_v<Value> = value's bits in 16-bit pieces, as elements of the
+/// 16-bit type Wire (the bits as they are, whatever value they spell there).
+template <class Wire, class Value, class Out>
+KOKKOS_INLINE_FUNCTION void store_exact_pieces(const Value value, const Out& out, std::int64_t at) {
+  constexpr int pieces = wire_pieces_v<Value>;
+  std::uint16_t bits[pieces];
+  std::memcpy(bits, &value, sizeof(Value));
+  for (int k = 0; k < pieces; ++k) out(at + k) = Wire::from_bits(bits[k]);
+}
+
+/// The Value store_exact_pieces wrote from out(at).
+template <class Value, class In>
+KOKKOS_INLINE_FUNCTION Value load_exact_pieces(const In& in, std::int64_t at) {
+  constexpr int pieces = wire_pieces_v<Value>;
+  std::uint16_t bits[pieces];
+  for (int k = 0; k < pieces; ++k) bits[k] = in(at + k).bits();
+  Value value;
+  std::memcpy(&value, bits, sizeof(Value));
+  return value;
+}
+
 /// out's first `pieces` x n elements = in's n values bit for bit, each in 16-bit pieces. A
 /// free function, like the kernels below: nvcc refuses an extended lambda in a private
 /// member.
@@ -45,12 +66,7 @@ void split_exact_values(const In& in, const Out& out) {
   constexpr int pieces = wire_pieces_v<S>;
   Kokkos::parallel_for(
       "kmoe::CompressedPayload::split_exact", Kokkos::RangePolicy<X>(0, std::int64_t(in.size())),
-      KOKKOS_LAMBDA(std::int64_t i) {
-        const S value = in(i);
-        std::uint16_t bits[pieces];
-        std::memcpy(bits, &value, sizeof(S));
-        for (int k = 0; k < pieces; ++k) out(i * pieces + k) = Wire::from_bits(bits[k]);
-      });
+      KOKKOS_LAMBDA(std::int64_t i) { store_exact_pieces<Wire>(in(i), out, i * pieces); });
 }
 
 /// The inverse of split_exact_values.
@@ -60,13 +76,7 @@ void join_exact_values(const In& in, const Out& out) {
   constexpr int pieces = wire_pieces_v<S>;
   Kokkos::parallel_for(
       "kmoe::CompressedPayload::join_exact", Kokkos::RangePolicy<X>(0, std::int64_t(out.size())),
-      KOKKOS_LAMBDA(std::int64_t i) {
-        std::uint16_t bits[pieces];
-        for (int k = 0; k < pieces; ++k) bits[k] = in(i * pieces + k).bits();
-        S value;
-        std::memcpy(&value, bits, sizeof(S));
-        out(i) = value;
-      });
+      KOKKOS_LAMBDA(std::int64_t i) { out(i) = load_exact_pieces<S>(in, i * pieces); });
 }
 
 /// out = in rounded to Wire (nearest, ties to even).

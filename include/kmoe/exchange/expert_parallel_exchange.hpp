@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kmoe {
@@ -29,6 +30,37 @@ namespace kmoe {
 namespace detail {
 // Free functions, not private members: nvcc rejects an extended __host__ __device__
 // lambda (KOKKOS_LAMBDA) whose enclosing function is private.
+
+/// What the deduplicated dispatch's header values (counts and links, integers) are written
+/// as in a payload of S: values of S, exact to 2^digits (float 2^24); for 16-bit S, which
+/// holds integers exactly only to 256 (bf16) or 2048 (fp16), a float's bits in two
+/// elements of S (compressed_payload.hpp's exact pieces), which MPI and NCCL move as they are.
+template <class S>
+using header_value_t = std::conditional_t<is_packed_float_v<S>, float, S>;
+/// Elements of S one header value takes.
+template <class S>
+inline constexpr int header_elements_v = int(sizeof(header_value_t<S>) / sizeof(S));
+
+/// Header value `index` of the header that starts at element `header` of `payload` = value.
+template <class Flat>
+KOKKOS_INLINE_FUNCTION void store_header_value(const Flat& payload, std::int64_t header,
+                                               std::int64_t index, std::int64_t value) {
+  using S = typename Flat::non_const_value_type;
+  if constexpr (is_packed_float_v<S>)
+    store_exact_pieces<S>(float(value), payload, header + index * header_elements_v<S>);
+  else
+    payload(header + index) = S(value);
+}
+/// The value store_header_value wrote.
+template <class Flat>
+KOKKOS_INLINE_FUNCTION std::int64_t load_header_value(const Flat& payload, std::int64_t header,
+                                                      std::int64_t index) {
+  using S = typename Flat::non_const_value_type;
+  if constexpr (is_packed_float_v<S>)
+    return std::int64_t(load_exact_pieces<float>(payload, header + index * header_elements_v<S>));
+  else
+    return std::int64_t(payload(header + index));
+}
 
 /// Row maps of the expert order, from blocks b = (source p, local expert j) of blocks(b, 2)
 /// rows at row blocks(b, 1) of the expert order: for each expert row (-1 for padding) its
@@ -71,7 +103,7 @@ void map_expert_tokens(const Blocks& blocks, int local, const Map& token_row, co
         const int b = team.league_rank(), p = b / local;
         const int expert_row = blocks(b, 1), rows = blocks(b, 2), link_at = blocks(b, 4);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, rows), [&](int i) {
-          const int link = int(received(header_at(p) + link_at + i));
+          const int link = int(load_header_value(received, header_at(p), link_at + i));
           int c = 0;
           while (c + 1 < chunks && link >= first(p, c + 1)) ++c;
           token_row(expert_row + i) = token_at(p, c) + link - first(p, c);
@@ -113,24 +145,24 @@ void pack_token_rows(const In& x, const Token& token, const Begin& begin, const 
 
 /// Rank r's header, flat from element header_at(r): the kept assignments of each of r's
 /// experts (keys from key_begin(r); Dispatch kept_per_key), then each kept assignment's
-/// link (Dispatch key order; r's assignments from assignment_begin(r)), as values.
+/// link (Dispatch key order; r's assignments from assignment_begin(r)), as header values
+/// (store_header_value).
 template <class X, class Kept, class Link, class Begin, class Flat>
 void pack_header(const Kept& kept, const Link& link, const Begin& key_begin,
                  const Begin& assignment_begin, const Begin& header_at, const Flat& send) {
-  using S = typename Flat::non_const_value_type;
   const int ranks = int(header_at.extent(0));
   Kokkos::parallel_for(
       "kmoe::MoELayer::pack_counts", Kokkos::RangePolicy<X>(0, kept.extent(0)),
       KOKKOS_LAMBDA(int key) {
         const int r = block_containing(key_begin, ranks, key);
-        send(header_at(r) + key - key_begin(r)) = S(kept(key));
+        store_header_value(send, header_at(r), key - key_begin(r), kept(key));
       });
   Kokkos::parallel_for(
       "kmoe::MoELayer::pack_links", Kokkos::RangePolicy<X>(0, link.extent(0)),
       KOKKOS_LAMBDA(int a) {
         const int r = block_containing(assignment_begin, ranks, a);
         const auto experts = key_begin(r + 1) - key_begin(r);
-        send(header_at(r) + experts + a - assignment_begin(r)) = S(link(a));
+        store_header_value(send, header_at(r), experts + a - assignment_begin(r), link(a));
       });
 }
 
@@ -209,7 +241,8 @@ void scatter_add_rows(const Position& position, const M& rows, const M& grad_x) 
 ///
 /// A forward makes two collectives before the return: the counts (one all-to-all of a few
 /// integers per peer) and the payload, whose block for each peer starts with the links of
-/// a deduplicated dispatch (one value per assignment, in whole rows: the "header"), so the
+/// a deduplicated dispatch (one value per assignment, in whole rows: the "header";
+/// detail::header_value_t), so the
 /// receiver never waits for a separate link exchange. Buffers are kept across steps and
 /// grow only (no allocation per step once the largest step has run).
 template <class X, class S, class Communicator>
@@ -375,13 +408,13 @@ class ExpertParallelExchange {
                           hidden_);
       detail::gather_weighted_rows<X>(x, dispatch.source, input_weight, send_x_);
     } else if (deduplicated()) {
-      // Links travel as values of S: every row index of a rank's tokens must be exact.
-      constexpr int digits = std::numeric_limits<S>::digits;
+      // Links travel as header values: every row index of a rank's tokens must be exact.
+      constexpr int digits = std::numeric_limits<detail::header_value_t<S>>::digits;
       require(digits >= 31 || x.extent(0) < (std::size_t(1) << digits),
               "kmoe::ExpertParallelExchange::plan", "tokens", x.extent(0),
-              "must be below 2^" + std::to_string(std::numeric_limits<S>::digits) +
+              "must be below 2^" + std::to_string(digits) +
                   " under expert parallelism (the dispatch's links travel as exact values of "
-                  "the scalar type)");
+                  "the scalar type, float for 16-bit storage)");
       deduplicated_.build(dispatch.position, expert, expert_rank_, ranks_, dispatch.kept_total,
                           expert_chunk_, chunks_);
       pack_deduplicated(x);
@@ -881,8 +914,11 @@ class ExpertParallelExchange {
     while (c + 1 < chunks_ && j >= n * (c + 1) / chunks_) ++c;
     return c;
   }
-  /// Rows of the links' header for `links` links (one value each, whole rows).
-  std::int64_t header_rows_of(std::int64_t links) const { return (links + hidden_ - 1) / hidden_; }
+  /// Rows of the header for `values` header values (header_elements_v<S> elements each,
+  /// whole rows).
+  std::int64_t header_rows_of(std::int64_t values) const {
+    return (values * detail::header_elements_v<S> + hidden_ - 1) / hidden_;
+  }
   std::int64_t send_total() const {
     std::int64_t total = 0;
     for (auto rows : send_rows_) total += rows;
@@ -981,17 +1017,22 @@ class ExpertParallelExchange {
   template <class Host>
   void receive_sized_by_sender(const Host& recv_host) {
     const int ranks = ranks_, local = local_, per_peer = local + 1;
+    // Elements of S at the head of each block that hold its counts (header values).
+    const int head_elements = local * detail::header_elements_v<S>;
+    using HostFlat =
+        Kokkos::View<const S*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
     received_at_.assign(ranks, 0);
     std::vector<std::int64_t> counts;
     if (compressing()) {
       // A block's exact header (its rows) follows from its head: the counts.
       const auto header_of = [&](const std::vector<S>& head) {
+        const HostFlat values(head.data(), head.size());
         std::int64_t links = 0;
-        for (const S kept : head) links += std::int64_t(kept);
+        for (int j = 0; j < local; ++j) links += detail::load_header_value(values, 0, j);
         return header_rows_of(local + links) * hidden_;
       };
       counts = compression_.exchange_sized_by_sender(
-          ep_, flat(send_x_), dispatch_blocks(true), std::size_t(local), header_of,
+          ep_, flat(send_x_), dispatch_blocks(true), std::size_t(head_elements), header_of,
           [&](std::int64_t total) {
             detail::ensure_rows(recv_x_, recv_x_buffer_, "kmoe::MoELayer::recv_x", total / hidden_,
                                 hidden_);
@@ -1012,16 +1053,17 @@ class ExpertParallelExchange {
     }
     // Each block's counts, from the head of its header, to the host.
     auto head = detail::ensure_view(received_head_, "kmoe::MoELayer::received_head",
-                                    std::size_t(ranks) * std::max(local, 1));
+                                    std::size_t(ranks) * std::max(head_elements, 1));
     for (int p = 0; p < ranks; ++p)
       if (local > 0 && counts[p] > 0)
-        Kokkos::deep_copy(Kokkos::subview(head, std::make_pair(std::size_t(p) * local,
-                                                               std::size_t(p + 1) * local)),
-                          FlatView(recv_x_.data() + received_at_[p], std::size_t(local)));
+        Kokkos::deep_copy(Kokkos::subview(head, std::make_pair(std::size_t(p) * head_elements,
+                                                               std::size_t(p + 1) * head_elements)),
+                          FlatView(recv_x_.data() + received_at_[p], std::size_t(head_elements)));
     for (int p = 0; p < ranks; ++p) {
       std::int64_t links = 0;
       for (int j = 0; j < local; ++j) {
-        const auto kept = counts[p] > 0 ? std::int64_t(head(std::size_t(p) * local + j)) : 0;
+        const auto kept =
+            counts[p] > 0 ? detail::load_header_value(head, std::int64_t(p) * head_elements, j) : 0;
         recv_host(p * per_peer + j) = kept;
         links += kept;
       }

@@ -55,32 +55,37 @@ inline ClampedSwiGLU validated_clamped_swiglu(const char* where, const ClampedSw
 }
 
 /// hidden[i] = h(gate[i], up[i]) over `count` elements (ClampedSwiGLU::value).
+/// Computed in accumulation_t<Scalar> (alpha and limit too), h rounded once to Scalar.
 template <class X, class Scalar>
 void clamped_swiglu_forward(const Matrix<Scalar, X>& gate, const Matrix<Scalar, X>& up,
                             const Matrix<Scalar, X>& hidden, std::size_t count,
                             const ClampedSwiGLU& a) {
-  const Scalar alpha = Scalar(a.alpha), limit = Scalar(a.limit);
+  using A = accumulation_t<Scalar>;
+  const A alpha = A(a.alpha), limit = A(a.limit);
   Kokkos::parallel_for(
       "kmoe::ClampedSwiGLUExperts::activation", Kokkos::RangePolicy<X>(0, count),
       KOKKOS_LAMBDA(std::size_t i) {
-        hidden.data()[i] = ClampedSwiGLU::value(gate.data()[i], up.data()[i], alpha, limit);
+        hidden.data()[i] =
+            Scalar(ClampedSwiGLU::value(A(gate.data()[i]), A(up.data()[i]), alpha, limit));
       });
 }
 
 /// gate[i], up[i] <- dL/dg, dL/du from dL/dh = hidden[i] (ClampedSwiGLU::backward).
+/// Computed in accumulation_t<Scalar>, each gradient rounded once to Scalar.
 template <class X, class Scalar>
 void clamped_swiglu_backward(const Matrix<Scalar, X>& gate, const Matrix<Scalar, X>& up,
                              const Matrix<Scalar, X>& hidden, std::size_t count,
                              const ClampedSwiGLU& a) {
-  const Scalar alpha = Scalar(a.alpha), limit = Scalar(a.limit);
+  using A = accumulation_t<Scalar>;
+  const A alpha = A(a.alpha), limit = A(a.limit);
   Kokkos::parallel_for(
       "kmoe::ClampedSwiGLUExperts::activation_backward", Kokkos::RangePolicy<X>(0, count),
       KOKKOS_LAMBDA(std::size_t i) {
-        Scalar dg = 0, du = 0;
-        ClampedSwiGLU::backward(gate.data()[i], up.data()[i], alpha, limit, hidden.data()[i], dg,
-                                du);
-        gate.data()[i] = dg;
-        up.data()[i] = du;
+        A dg = 0, du = 0;
+        ClampedSwiGLU::backward(A(gate.data()[i]), A(up.data()[i]), alpha, limit,
+                                A(hidden.data()[i]), dg, du);
+        gate.data()[i] = Scalar(dg);
+        up.data()[i] = Scalar(du);
       });
 }
 }  // namespace detail
@@ -216,6 +221,10 @@ class ClampedSwiGLUExperts {
     add_bias(segments, b_up_, up_);
   }
 
+  /// As GLUExperts, Scalar is the storage type (float, double, bfloat16, float16): products,
+  /// sums and the activation run in accumulation_t<Scalar>, each stored value rounded once;
+  /// with 16-bit storage a bias is added to the rounded GEMM output (a second rounding, as
+  /// FFNExperts').
   static void add_bias(const Segments<ExecSpace>& segments,
                        const StackedBias<ExecSpace, Scalar>& bias,
                        const Matrix<Scalar, ExecSpace>& out) {
