@@ -528,11 +528,11 @@ void run_weight_only(const models::MoEBlockConfig& b, const Options& o) {
 /// `Half` storage, no gradient buffers.
 template <class X, class Half>
 void run_sixteen_bit(const models::MoEBlockConfig& b, const Options& o) {
-  if (b.expert_kind == models::BlockExperts::clamped_swiglu)
-    throw kmoe::runtime_error("--activations " + o.activations + ": " + b.model_type +
-                              " has clamped SwiGLU experts (GPT-OSS), which have no 16-bit "
-                              "layer yet; use --activations f32");
-  if (b.router == models::BlockRouter::softmax_topk) {
+  if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
+    auto layer = models::load_inference_block<kmoe::TopKSoftmaxRouter<X, Half>,
+                                              kmoe::ClampedSwiGLUExperts<X, Half>>(o.model, o.layer);
+    run(layer, b, o);
+  } else if (b.router == models::BlockRouter::softmax_topk) {
     auto layer = models::load_inference_block<kmoe::SoftmaxTopKRouter<X, Half>>(o.model, o.layer);
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::topk_softmax) {
