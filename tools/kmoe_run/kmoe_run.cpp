@@ -529,8 +529,9 @@ void run_weight_only(const models::MoEBlockConfig& b, const Options& o) {
 template <class X, class Half>
 void run_sixteen_bit(const models::MoEBlockConfig& b, const Options& o) {
   if (b.expert_kind == models::BlockExperts::clamped_swiglu) {
-    auto layer = models::load_inference_block<kmoe::TopKSoftmaxRouter<X, Half>,
-                                              kmoe::ClampedSwiGLUExperts<X, Half>>(o.model, o.layer);
+    auto layer =
+        models::load_inference_block<kmoe::TopKSoftmaxRouter<X, Half>,
+                                     kmoe::ClampedSwiGLUExperts<X, Half>>(o.model, o.layer);
     run(layer, b, o);
   } else if (b.router == models::BlockRouter::softmax_topk) {
     auto layer = models::load_inference_block<kmoe::SoftmaxTopKRouter<X, Half>>(o.model, o.layer);

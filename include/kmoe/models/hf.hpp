@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -249,6 +250,28 @@ constexpr BlockExperts expert_kind() {
                                                              : BlockExperts::swiglu;
 }
 
+/// A block's checkpoint opened for loading: the block as config.json describes it and the
+/// checkpoint names its tensors, the checkpoint (shared: resident experts keep reading it),
+/// and `options` with the block's routing-weight placement (on the experts' inputs or
+/// outputs, as the family computes it), whatever they said.
+struct OpenedBlock {
+  MoEBlockConfig block;
+  std::shared_ptr<const io::ShardedCheckpoint> checkpoint;
+  LayerOptions options;
+};
+
+inline OpenedBlock open_block(const std::string& model_dir, int layer, const char* family,
+                              BlockRouter router, BlockExperts experts, const LayerOptions& options,
+                              const char* where) {
+  const MoEBlockConfig config = family_block(model_dir, layer, family, router, experts, where);
+  // Opened after config.json, whose errors come first.
+  auto checkpoint = std::make_shared<const io::ShardedCheckpoint>(model_dir);
+  OpenedBlock opened{resolve_naming(config, *checkpoint), checkpoint, options};
+  opened.options.routing_weight =
+      opened.block.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
+  return opened;
+}
+
 /// The block of `layer` with a `Router` (of kind `kind`) and `Experts` (of kind
 /// `expert_kind`), its weights read from the checkpoint; the selection bias too if the block
 /// has one. The routing weight's placement is the family's (Llama 4 scales the expert
@@ -265,18 +288,14 @@ MoELayer<Router, Experts> load_block(const std::string& model_dir, int layer,
                                      BlockRouter kind, BlockExperts expert_kind, const char* where,
                                      bool gradients = true) {
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
-  const MoEBlockConfig config = family_block(model_dir, layer, family, kind, expert_kind, where);
-  // Opened after config.json, whose errors come first.
-  const io::ShardedCheckpoint checkpoint(model_dir);
-  const MoEBlockConfig b = resolve_naming(config, checkpoint);
-  LayerOptions block_options = options;
-  block_options.routing_weight =
-      b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
+  const OpenedBlock opened =
+      open_block(model_dir, layer, family, kind, expert_kind, options, where);
+  const MoEBlockConfig& b = opened.block;
   MoELayer<Router, Experts> moe(Router(router_config<Config>(b)),
-                                routed_experts<Experts>(b, gradients), block_options,
+                                routed_experts<Experts>(b, gradients), opened.options,
                                 block_shared_experts<Experts>(b, gradients));
-  load_weights(moe, b, checkpoint);
-  load_selection_bias(moe.router(), b, checkpoint, model_dir, where);
+  load_weights(moe, b, *opened.checkpoint);
+  load_selection_bias(moe.router(), b, *opened.checkpoint, model_dir, where);
   return moe;
 }
 

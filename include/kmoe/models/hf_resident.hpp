@@ -59,14 +59,11 @@ ResidentBlockLayer<Router, Inner> load_resident_block(const std::string& model_d
   constexpr const char* where = "kmoe::models::load_resident_block";
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
   using Experts = CheckpointResidentExperts<Inner>;
-  const MoEBlockConfig config =
-      detail::family_block(model_dir, layer, nullptr, detail::router_kind<Router>(),
-                           detail::expert_kind<Inner>(), where);
-  const auto checkpoint = std::make_shared<const io::ShardedCheckpoint>(model_dir);
-  const MoEBlockConfig b = resolve_naming(config, *checkpoint);
-  LayerOptions block_options = options;
-  block_options.routing_weight =
-      b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
+  const detail::OpenedBlock opened =
+      detail::open_block(model_dir, layer, nullptr, detail::router_kind<Router>(),
+                         detail::expert_kind<Inner>(), options, where);
+  const MoEBlockConfig& b = opened.block;
+  const auto& checkpoint = opened.checkpoint;
   MoEBlockConfig slots = b;
   slots.experts = budget.slots(detail::slot_bytes<Inner>(b), b.experts);
   // Inference only: the slots need no gradient buffers.
@@ -76,7 +73,7 @@ ResidentBlockLayer<Router, Inner> load_resident_block(const std::string& model_d
   if (auto one = detail::block_shared_experts<Inner>(b))
     shared.emplace(std::move(*one), CheckpointExpertStore(checkpoint, b, true));
   ResidentBlockLayer<Router, Inner> moe(Router(detail::router_config<Config>(b)), std::move(routed),
-                                        block_options, std::move(shared));
+                                        opened.options, std::move(shared));
   detail::load_weights(moe, b, *checkpoint);  // the router's: the experts' stay in the file
   detail::load_selection_bias(moe.router(), b, *checkpoint, model_dir, where);
   return moe;

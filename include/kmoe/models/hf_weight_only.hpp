@@ -58,13 +58,11 @@ WeightOnlyBlockLayer<Router, Element> load_weight_only_block(const std::string& 
   using S = typename Router::scalar_type;
   using Config = std::decay_t<decltype(std::declval<const Router&>().config())>;
   using Packed = PackedGLUExperts<X, S, Element>;
-  const MoEBlockConfig config = detail::family_block(
-      model_dir, layer, nullptr, detail::router_kind<Router>(), BlockExperts::swiglu, where);
-  const auto checkpoint = std::make_shared<const io::ShardedCheckpoint>(model_dir);
-  const MoEBlockConfig b = resolve_naming(config, *checkpoint);
-  LayerOptions block_options = options;
-  block_options.routing_weight =
-      b.weight_on_input ? RoutingWeightPlacement::input : RoutingWeightPlacement::output;
+  const detail::OpenedBlock opened =
+      detail::open_block(model_dir, layer, nullptr, detail::router_kind<Router>(),
+                         BlockExperts::swiglu, options, where);
+  const MoEBlockConfig& b = opened.block;
+  const auto& checkpoint = opened.checkpoint;
   MoEBlockConfig one = b;
   one.experts = 1;
   Packed routed =
@@ -75,7 +73,7 @@ WeightOnlyBlockLayer<Router, Element> load_weight_only_block(const std::string& 
     shared.emplace(detail::pack_from_store<Element>(std::move(*expert),
                                                     CheckpointExpertStore(checkpoint, b, true)));
   WeightOnlyBlockLayer<Router, Element> moe(Router(detail::router_config<Config>(b)),
-                                            std::move(routed), block_options, std::move(shared));
+                                            std::move(routed), opened.options, std::move(shared));
   detail::load_weights(moe, b, *checkpoint);  // the router's: the experts are packed
   detail::load_selection_bias(moe.router(), b, *checkpoint, model_dir, where);
   return moe;
