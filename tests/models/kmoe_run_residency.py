@@ -173,30 +173,23 @@ def main():
     # one float expert, never the float copy of all of them (100 MB here) that loading in
     # float and packing afterwards needs.
     packed_bytes = 16 * expert_bytes // 2
-    rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x, "--output",
-                                  os.path.join(work, "synthetic_bf16.safetensors"),
-                                  "--dtype", "bf16"])
-    peak = peak_of(out)
-    print(f"synthetic --dtype bf16: peak RSS {peak / 2**20:.1f} MiB, packed experts "
-          f"{packed_bytes / 2**20:.1f} MiB, float experts {16 * expert_bytes / 2**20:.1f} MiB")
-    check(rc == 0, f"synthetic --dtype bf16: exit {rc}: {err}")
-    check(0 < peak <= packed_bytes + expert_bytes + OVERHEAD_BYTES,
-          f"synthetic --dtype bf16: peak RSS {peak} exceeds the packed experts {packed_bytes} + "
-          f"one float expert {expert_bytes} + overhead {OVERHEAD_BYTES}")
-
     # --activations bf16 reads every tensor straight into the bf16 block, and allocates no
     # gradients: the peak holds the 16 bf16 experts, the float panel one expert's product
     # widens into (docs/precision.md) and the runtime, never a float copy of the experts.
-    rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x, "--output",
-                                  os.path.join(work, "synthetic_bf16_block.safetensors"),
-                                  "--dtype", "bf16", "--activations", "bf16"])
-    peak = peak_of(out)
-    print(f"synthetic --dtype bf16 --activations bf16: peak RSS {peak / 2**20:.1f} MiB, bf16 "
-          f"experts {packed_bytes / 2**20:.1f} MiB")
-    check(rc == 0, f"synthetic --activations bf16: exit {rc}: {err}")
-    check(0 < peak <= packed_bytes + expert_bytes + OVERHEAD_BYTES,
-          f"synthetic --activations bf16: peak RSS {peak} exceeds the bf16 experts "
-          f"{packed_bytes} + one float expert {expert_bytes} + overhead {OVERHEAD_BYTES}")
+    # Both runs are bounded by the 16 experts in bf16 + one float expert + overhead.
+    for name, args in (("synthetic_bf16", ["--dtype", "bf16"]),
+                       ("synthetic_bf16_block", ["--dtype", "bf16", "--activations", "bf16"])):
+        what = f"synthetic {' '.join(args)}"
+        rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x, "--output",
+                                      os.path.join(work, name + ".safetensors")] + args)
+        peak = peak_of(out)
+        print(f"{what}: peak RSS {peak / 2**20:.1f} MiB, bf16 experts "
+              f"{packed_bytes / 2**20:.1f} MiB, float experts "
+              f"{16 * expert_bytes / 2**20:.1f} MiB")
+        check(rc == 0, f"{what}: exit {rc}: {err}")
+        check(0 < peak <= packed_bytes + expert_bytes + OVERHEAD_BYTES,
+              f"{what}: peak RSS {peak} exceeds the bf16 experts {packed_bytes} + one float "
+              f"expert {expert_bytes} + overhead {OVERHEAD_BYTES}")
 
     # Hostile: a budget below the batch's experts, a missing shard, a truncated shard.
     rc, out, err = run(kmoe_run, ["--model", model, "--layer", "1", "--input", x,

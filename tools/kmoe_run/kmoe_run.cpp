@@ -78,8 +78,8 @@ per expert or fused, as transformers 4.x and 5.x write them) on the hidden state
                      activations and exchanges, read straight from the checkpoint (a BF16
                      checkpoint bit for bit) with no float copy of any tensor; products and
                      routing accumulate in float (docs/precision.md). Inference only: not
-                     with --grad-output, --max-resident-experts or --memory-budget; SwiGLU
-                     experts only
+                     with --grad-output, --max-resident-experts or --memory-budget (GPT-OSS's
+                     clamped SwiGLU experts too)
   --output-dtype D   the dtype of the output's "hidden_states": f32, bf16 or fp16 (rounded
                      to nearest even; from a 16-bit block, f32 is exact); default the
                      storage dtype of --dtype (bf16 for bf16, fp16 for fp16, else f32)
